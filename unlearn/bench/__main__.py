@@ -1,0 +1,81 @@
+"""``python -m unlearn.bench --method NAME --scenario NAME --seed N [--json]``
+
+With ``--json`` the last line of stdout is one JSON object: the run's result, or for a sweep
+(``--seeds``, ``--all-classes``) a summary holding every result and the means.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+
+from unlearn import registry
+from unlearn.bench import SCENARIOS, run_benchmark
+from unlearn.device import resolve_device
+from unlearn.errors import UnlearnError
+
+SUMMARY_KEYS = ("avg_gap", "unlearn_seconds", "retrain_seconds", "speedup", "cost_vs_fwd_bwd")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m unlearn.bench", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--method", required=True, help=f"one of: {', '.join(registry.names())}")
+    parser.add_argument("--scenario", required=True, choices=SCENARIOS)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seeds", help="comma-separated seeds to sweep, e.g. 0,1,2")
+    parser.add_argument("--forget-class", type=int, default=3)
+    parser.add_argument("--all-classes", action="store_true", help="sweep forget classes 0-9 (digits-class)")
+    parser.add_argument("--params", default="{}", help="method parameters as a JSON object")
+    parser.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
+    parser.add_argument("--json", action="store_true", help="print JSON lines; the last is the result")
+    args = parser.parse_args(argv)
+
+    try:
+        params = json.loads(args.params)
+        device = resolve_device(args.device)
+        seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else [args.seed]
+        classes = list(range(10)) if args.all_classes else [args.forget_class]
+        results = []
+        for seed in seeds:
+            for forget_class in classes:
+                result = run_benchmark(args.method, args.scenario, seed, forget_class, params, device)
+                results.append(result)
+                print(json.dumps(result) if args.json else _human(result), flush=True)
+    except (UnlearnError, json.JSONDecodeError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    if len(results) > 1:
+        summary = {
+            "scenario": args.scenario, "method": args.method, "runs": len(results),
+            "mean": {k: statistics.fmean(r[k] for r in results) for k in SUMMARY_KEYS},
+            "mean_unlearned": {k: statistics.fmean(r["unlearned"][k] for r in results) for k in results[0]["unlearned"]},
+            "mean_original": {k: statistics.fmean(r["original"][k] for r in results) for k in results[0]["original"]},
+            "mean_retrained": {k: statistics.fmean(r["retrained"][k] for r in results) for k in results[0]["retrained"]},
+            "results": results,
+        }
+        print(json.dumps(summary) if args.json else _human_summary(summary))
+    return 0
+
+
+def _human(result: dict) -> str:
+    rows = [f"{result['method']} on {result['scenario']} seed {result['seed']}"
+            + (f" class {result['forget_class']}" if result["forget_class"] is not None else "")]
+    for name in ("original", "retrained", "unlearned"):
+        metrics = result[name]
+        rows.append(f"  {name:10s} " + "  ".join(f"{k}={v:.3f}" for k, v in metrics.items()))
+    rows.append(f"  avg_gap={result['avg_gap']:.4f} unlearn={result['unlearn_seconds']:.3f}s "
+                f"retrain={result['retrain_seconds']:.2f}s speedup={result['speedup']:.1f} "
+                f"cost_vs_fwd_bwd={result['cost_vs_fwd_bwd']:.2f} target_reached={result['target_reached']}")
+    return "\n".join(rows)
+
+
+def _human_summary(summary: dict) -> str:
+    mean = summary["mean"]
+    return (f"mean over {summary['runs']} runs: " + "  ".join(f"{k}={v:.4f}" for k, v in mean.items()))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,131 @@
+"""Task adapters: the one place that knows how a model's outputs become losses and predictions.
+
+Every method is written against :class:`TaskAdapter`, so the same SSD or gradient-ascent code runs on a
+classifier today and on a causal language model (answer-token losses, prompt masked) later.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from unlearn.data import Batch, ExampleSet
+from unlearn.errors import InvalidDataError
+
+
+class TaskAdapter(Protocol):
+    """What a method may ask of a model, whatever the task."""
+
+    name: str
+
+    def outputs(self, model: nn.Module, batch: Batch) -> Tensor:
+        """Raw model outputs (logits) for a batch."""
+
+    def losses_from_outputs(self, outputs: Tensor, batch: Batch) -> Tensor:
+        """Loss of each example from already computed outputs, shape [batch]."""
+
+    def per_example_loss(self, model: nn.Module, batch: Batch) -> Tensor:
+        """Loss of each example, shape [batch]."""
+
+    def batch_loss(self, model: nn.Module, batch: Batch) -> Tensor:
+        """Mean loss over the batch (scalar), the quantity SSD's Fisher differentiates."""
+
+    def output_energy(self, model: nn.Module, batch: Batch) -> Tensor:
+        """Mean over the batch of the squared L2 norm of the outputs (LF-SSD's label-free objective)."""
+
+    def correct(self, model: nn.Module, batch: Batch) -> Tensor:
+        """Boolean per example: is the prediction right?"""
+
+    def validate(self, model: nn.Module, examples: ExampleSet, field: str) -> None:
+        """Raise :class:`InvalidDataError` naming ``field`` when the examples cannot feed the model."""
+
+
+class ClassificationTask:
+    """Any ``nn.Module`` mapping a float tensor batch ``inputs`` to logits; integer ``labels``."""
+
+    name = "classification"
+
+    def __init__(self, num_classes: int):
+        if num_classes < 2:
+            raise InvalidDataError("num_classes", f"a classifier needs at least 2 classes, got {num_classes}")
+        self.num_classes = num_classes
+
+    def outputs(self, model: nn.Module, batch: Batch) -> Tensor:
+        return model(batch["inputs"])
+
+    def losses_from_outputs(self, outputs: Tensor, batch: Batch) -> Tensor:
+        return F.cross_entropy(outputs, batch["labels"], reduction="none")
+
+    def per_example_loss(self, model: nn.Module, batch: Batch) -> Tensor:
+        return self.losses_from_outputs(self.outputs(model, batch), batch)
+
+    def batch_loss(self, model: nn.Module, batch: Batch) -> Tensor:
+        return F.cross_entropy(self.outputs(model, batch), batch["labels"])
+
+    def output_energy(self, model: nn.Module, batch: Batch) -> Tensor:
+        return self.outputs(model, batch).pow(2).sum(dim=1).mean()
+
+    def correct(self, model: nn.Module, batch: Batch) -> Tensor:
+        return self.outputs(model, batch).argmax(dim=1) == batch["labels"]
+
+    def validate(self, model: nn.Module, examples: ExampleSet, field: str) -> None:
+        if len(examples) == 0:
+            raise InvalidDataError(field, "is empty")
+        for name in ("inputs", "labels"):
+            if name not in examples.tensors:
+                raise InvalidDataError(field, f"missing tensor {name!r}")
+        inputs, labels = examples["inputs"], examples["labels"]
+        if not inputs.is_floating_point():
+            raise InvalidDataError(field, f"inputs must be floating point, got {inputs.dtype}")
+        if not torch.isfinite(inputs).all():
+            raise InvalidDataError(field, "inputs contain NaN or inf")
+        if labels.dim() != 1 or labels.dtype != torch.long:
+            raise InvalidDataError(field, "labels must be a 1-D int64 tensor")
+        if labels.min() < 0 or labels.max() >= self.num_classes:
+            raise InvalidDataError(field, f"labels must lie in [0, {self.num_classes})")
+        device = next(iter(model.parameters())).device
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.no_grad():
+                logits = model(inputs[:1].to(device))
+        except RuntimeError as error:  # the model's own shape check is the authority
+            raise InvalidDataError(field, f"inputs of shape {tuple(inputs.shape[1:])} do not fit the model: {error}")
+        finally:
+            model.train(was_training)
+        if logits.dim() != 2 or logits.shape[1] != self.num_classes:
+            raise InvalidDataError(field, f"model gives outputs of shape {tuple(logits.shape)}, "
+                                   f"expected [batch, {self.num_classes}]")
+
+
+@torch.no_grad()
+def accuracy(task: TaskAdapter, model: nn.Module, examples: ExampleSet, batch_size: int = 256) -> float:
+    """Fraction of examples the model gets right, in eval mode; the model's mode is restored."""
+    if len(examples) == 0:
+        raise InvalidDataError("examples", "accuracy of an empty set is undefined")
+    device = next(iter(model.parameters())).device
+    was_training = model.training
+    model.eval()
+    right = 0
+    for batch in examples.batches(batch_size, device):
+        right += int(task.correct(model, batch).sum())
+    model.train(was_training)
+    return right / len(examples)
+
+
+@torch.no_grad()
+def collect(task: TaskAdapter, model: nn.Module, examples: ExampleSet, batch_size: int = 256) -> tuple[Tensor, Tensor]:
+    """Per-example outputs and losses over a set, in eval mode, on the CPU."""
+    device = next(iter(model.parameters())).device
+    was_training = model.training
+    model.eval()
+    outputs, losses = [], []
+    for batch in examples.batches(batch_size, device):
+        logits = task.outputs(model, batch)
+        outputs.append(logits.cpu())
+        losses.append(task.losses_from_outputs(logits, batch).cpu())
+    model.train(was_training)
+    return torch.cat(outputs), torch.cat(losses)
