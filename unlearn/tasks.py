@@ -28,10 +28,18 @@ class TaskAdapter(Protocol):
         """Loss of each example from already computed outputs, shape [batch]."""
 
     def per_example_loss(self, model: nn.Module, batch: Batch) -> Tensor:
-        """Loss of each example, shape [batch]."""
+        """Negative log-likelihood of each example's target, shape [batch].
+
+        Classification: the cross-entropy of the label, -log p(y|x). Causal LM: the NLL SUMMED over the
+        answer tokens (prompt masked), i.e. -log pi(y|x) of the whole answer, as NPO needs it.
+        """
+
+    def target_lengths(self, batch: Batch) -> Tensor:
+        """Number of target tokens per example (ones for classification), for length-normalised losses."""
 
     def batch_loss(self, model: nn.Module, batch: Batch) -> Tensor:
-        """Mean loss over the batch (scalar), the quantity SSD's Fisher differentiates."""
+        """The training objective on a batch (scalar): mean CE for classification, mean over answer tokens
+        for causal LMs. SSD's Fisher differentiates this."""
 
     def output_energy(self, model: nn.Module, batch: Batch) -> Tensor:
         """Mean over the batch of the squared L2 norm of the outputs (LF-SSD's label-free objective)."""
@@ -61,6 +69,9 @@ class ClassificationTask:
 
     def per_example_loss(self, model: nn.Module, batch: Batch) -> Tensor:
         return self.losses_from_outputs(self.outputs(model, batch), batch)
+
+    def target_lengths(self, batch: Batch) -> Tensor:
+        return torch.ones(batch["labels"].shape[0], device=batch["labels"].device)
 
     def batch_loss(self, model: nn.Module, batch: Batch) -> Tensor:
         return F.cross_entropy(self.outputs(model, batch), batch["labels"])

@@ -1,0 +1,234 @@
+"""The contract between the gRPC front (``service.api``) and the engine (``service.engine``).
+
+Plain dataclasses and typed errors, no gRPC or MLflow types: the front converts protobuf messages to
+these, calls :class:`EngineProtocol`, and converts back; every :class:`ServiceError` is mapped to a gRPC
+status in ONE place (``service.api.errors``). Subject ids never appear in clear in any of these types once
+they leave the request: the engine stores keyed hashes.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, Protocol
+
+
+# --------------------------------------------------------------------------------------------- errors
+@dataclass(frozen=True)
+class FieldViolation:
+    field: str  # dotted path in the request, e.g. "erasure.subject_ids[3]" or "method_params.alpha"
+    description: str
+
+
+class ServiceError(Exception):
+    """Base of the errors the front maps to gRPC status codes."""
+
+    def __init__(self, message: str, violations: tuple[FieldViolation, ...] = ()):
+        super().__init__(message)
+        self.message = message
+        self.violations = violations
+
+
+class InvalidArgument(ServiceError):
+    """Bad input (INVALID_ARGUMENT); nothing was written."""
+
+
+class NotFound(ServiceError):
+    """Unknown model, job, request or certificate (NOT_FOUND)."""
+
+
+class AlreadyExists(ServiceError):
+    """A request_id reused with a different payload (ALREADY_EXISTS); nothing changed."""
+
+
+class FailedPrecondition(ServiceError):
+    """E.g. the model exists in MLflow but is not registered as unlearnable (FAILED_PRECONDITION)."""
+
+
+class DeadlineExceeded(ServiceError):
+    """The request's deadline has already passed (DEADLINE_EXCEEDED); nothing was written."""
+
+
+class Unimplemented(ServiceError):
+    """A feature not built yet (UNIMPLEMENTED), e.g. rectification before continual learning lands."""
+
+
+class Unauthenticated(ServiceError):
+    """Missing or wrong credentials (UNAUTHENTICATED)."""
+
+
+# --------------------------------------------------------------------------------------------- requests
+class TaskType(str, enum.Enum):
+    CLASSIFICATION = "classification"
+    CAUSAL_LM = "causal_lm"
+
+
+@dataclass(frozen=True)
+class VerificationPolicy:
+    """How a model's unlearning results are judged (per model; overridable per request within limits).
+
+    max_utility_drop: largest accepted fall in holdout accuracy (fraction, e.g. 0.02).
+    record_forget_margin: record erasure passes when forget accuracy <= holdout accuracy + margin.
+    class_forget_max_accuracy: class erasure passes when forget accuracy <= this (near chance or below).
+    onnx_tolerance: max absolute difference between PyTorch and onnxruntime outputs.
+    default_method: method used when a request names none; method_params: its parameters.
+    """
+
+    max_utility_drop: float = 0.02
+    record_forget_margin: float = 0.02
+    class_forget_max_accuracy: float = 0.05
+    onnx_tolerance: float = 1e-4
+    default_method: str = "ssd-auto"
+    method_params: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ModelRegistration:
+    """Makes an MLflow model version unlearnable."""
+
+    model_name: str
+    version: str | None  # one of version / alias
+    alias: str | None
+    task_type: TaskType
+    dataset_uri: str  # Parquet: record_id, subject_id, split, and the task's columns
+    policy: VerificationPolicy
+    num_classes: int | None = None  # classification
+
+
+@dataclass(frozen=True)
+class RegisteredModel:
+    model_name: str
+    version: str
+    serving_alias: str
+    task_type: TaskType
+    dataset_digest: str
+    records: int
+    policy: VerificationPolicy
+
+
+@dataclass(frozen=True)
+class ErasureRequest:
+    """What a data-governance system asks to erase. At least one of the three selectors is non-empty."""
+
+    request_id: str
+    subject_ids: tuple[str, ...] = ()
+    record_ids: tuple[str, ...] = ()
+    classes: tuple[int, ...] = ()
+    model_names: tuple[str, ...] = ()  # empty: every unlearnable model whose data holds the records
+    method: str | None = None  # None: the model policy's default
+    method_params: dict[str, Any] = field(default_factory=dict)
+    deadline: datetime | None = None
+    policy_overrides: dict[str, float] = field(default_factory=dict)
+
+
+class JobState(str, enum.Enum):
+    QUEUED = "QUEUED"
+    RUNNING = "RUNNING"
+    SUCCEEDED = "SUCCEEDED"
+    REJECTED_BY_VERIFICATION = "REJECTED_BY_VERIFICATION"
+    FAILED = "FAILED"
+    CANCELLED = "CANCELLED"
+
+    @property
+    def terminal(self) -> bool:
+        return self not in (JobState.QUEUED, JobState.RUNNING)
+
+
+class EventKind(str, enum.Enum):
+    ACCEPTED = "ACCEPTED"  # the request is durably stored; carries the job ids
+    PROGRESS = "PROGRESS"  # stage and fraction
+    TERMINAL = "TERMINAL"  # final state, with the certificate when there is one
+
+
+@dataclass(frozen=True)
+class SubmitOutcome:
+    request_id: str
+    job_ids: tuple[str, ...]
+    created: bool  # False: an idempotent replay of an identical earlier request
+    first_event_seq: int  # watch from here to see everything about this request
+
+
+@dataclass(frozen=True)
+class JobView:
+    job_id: str
+    model_name: str
+    base_version: str
+    state: JobState
+    stage: str
+    progress: float
+    method: str
+    request_ids: tuple[str, ...]
+    records: int
+    created_at: datetime
+    updated_at: datetime
+    result_version: str | None
+    message: str
+    evidence: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class JobEvent:
+    seq: int  # global, strictly increasing; a client resumes with after_seq = last seq seen
+    job_id: str
+    request_ids: tuple[str, ...]
+    kind: EventKind
+    state: JobState
+    stage: str
+    fraction: float
+    message: str
+    time: datetime
+    certificate: Certificate | None = None
+
+
+@dataclass(frozen=True)
+class Certificate:
+    """A signed statement of what was done for one request (canonical JSON + HMAC-SHA256 hex)."""
+
+    request_id: str
+    body_json: str
+    signature: str
+
+
+@dataclass(frozen=True)
+class CertificateCheck:
+    valid: bool
+    reason: str
+
+
+@dataclass(frozen=True)
+class JobFilter:
+    states: tuple[JobState, ...] = ()
+    model_name: str | None = None
+    min_age_s: float | None = None
+    limit: int = 100
+
+
+# --------------------------------------------------------------------------------------------- engine
+class EngineProtocol(Protocol):
+    """What the gRPC front may call. Implemented by ``service.engine.Engine``."""
+
+    def register_model(self, registration: ModelRegistration) -> RegisteredModel: ...
+
+    def submit_erasure(self, request: ErasureRequest) -> SubmitOutcome:
+        """Validate, then durably commit the request (and its job, or coalesce it into a queued one),
+        and only then return. Same request_id + same payload returns the earlier outcome with
+        created=False; a different payload raises AlreadyExists. Nothing is written on error."""
+
+    def get_job(self, job_id: str) -> JobView: ...
+
+    def list_jobs(self, job_filter: JobFilter) -> list[JobView]: ...
+
+    def events(self, after_seq: int = 0, job_ids: tuple[str, ...] = (), request_ids: tuple[str, ...] = (),
+               wait_s: float = 0.0) -> list[JobEvent]:
+        """Stored events with seq > after_seq (filtered when ids are given), oldest first; waits up to
+        wait_s for new ones when there are none yet (so streams need not busy-poll)."""
+
+    def get_certificate(self, request_id: str) -> list[Certificate]:
+        """One certificate per (request, model) the request touched; NotFound while none is issued."""
+
+    def verify_certificate(self, body_json: str, signature: str) -> CertificateCheck: ...
+
+    def pending_requests(self) -> list[tuple[str, datetime]]:
+        """(request_id, received_at) of requests with no terminal certificate yet (the GDPR clock)."""
