@@ -166,12 +166,12 @@ def validate_request(spec: MethodSpec, model: nn.Module, request: UnlearnRequest
     """Checks shared by every method, before any weight is touched."""
     task = request.task
     task.validate(model, request.forget, "forget")
-    if spec.needs_retain:
-        request.require_retain(spec.name)
     if request.retain is not None:
         if len(request.retain) == 0:
             raise InvalidDataError("forget", "the forget set covers the whole training set; nothing would remain")
         task.validate(model, request.retain, "retain")
+    if spec.needs_retain:
+        request.require_retain(spec.name)
     if request.holdout is not None and len(request.holdout) > 0:
         task.validate(model, request.holdout, "holdout")
     if request.train_importance is not None and len(request.forget) >= len(request.train_importance):
