@@ -95,6 +95,10 @@ class ModelRegistration:
     dataset_uri: str  # Parquet: record_id, subject_id, split, and the task's columns
     policy: VerificationPolicy
     num_classes: int | None = None  # classification
+    # How the model was trained, for exact unlearning (the ``retrain`` method): an importable
+    # "module:function" taking a seed and returning a fresh model, and unlearn.training.TrainRecipe fields.
+    model_factory: str | None = None
+    train_recipe: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

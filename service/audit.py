@@ -1,0 +1,206 @@
+"""Tamper-evident audit log, signed certificates, keyed hashes, and their offline verification.
+
+The log is append-only and hash-chained (DESIGN.md, pipeline step "audit"): entry ``n`` stores
+``prev_hash`` (entry ``n-1``'s hash, 64 zeros for the first), its body as canonical JSON (sorted keys, no
+whitespace, UTF-8), ``entry_hash = SHA-256(seq \\n prev_hash \\n body)`` and an HMAC-SHA256 signature of that
+hash with the audit key. Changing, removing or reordering any entry breaks every later hash; forging a
+consistent chain needs the key.
+
+A certificate is the canonical JSON of what was done for one (request, model), signed with the same key,
+and recorded in the chain (its body's SHA-256), so a certificate cannot silently be replaced either.
+Approximate unlearning cannot be proven from weights (Thudi et al., USENIX Security 2022): the certificate
+attests the process and its measured evidence, labelled ``approximate``, ``exact`` (retrain) or
+``no records found``.
+
+Subject ids never appear in clear: :func:`keyed_hash` (HMAC-SHA256 with the subject hash key) is used
+for subjects, payload digests and record tombstones.
+
+Offline check: ``python -m service.audit verify --state-dir .lethe`` (or ``--store-url`` and
+``--key-file``), which is what ``lethe audit verify`` calls through :func:`verify_audit`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import hmac
+import json
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy.engine import Connection
+
+from service import store as db
+from service.domain import Certificate, CertificateCheck
+
+GENESIS_HASH = "0" * 64
+CERTIFICATE_SCHEMA = "lethe.certificate/v1"
+
+
+def canonical_json(value: Any) -> str:
+    """The one serialisation that is hashed and signed: sorted keys, no whitespace, UTF-8 kept."""
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+
+
+def keyed_hash(key: bytes, kind: str, value: str) -> str:
+    """HMAC-SHA256 of ``kind:value``; the kind separates subject hashes from record hashes."""
+    return hmac.new(key, f"{kind}:{value}".encode(), hashlib.sha256).hexdigest()
+
+
+def sha256_hex(text: str | bytes) -> str:
+    return hashlib.sha256(text.encode() if isinstance(text, str) else text).hexdigest()
+
+
+def _sign(key: bytes, material: str) -> str:
+    return hmac.new(key, material.encode(), hashlib.sha256).hexdigest()
+
+
+def _entry_hash(seq: int, prev_hash: str, body_json: str) -> str:
+    return sha256_hex(f"{seq}\n{prev_hash}\n{body_json}")
+
+
+class AuditLog:
+    """Appends signed, chained entries inside the caller's store transaction (so an entry is written
+    exactly when the state change it describes is)."""
+
+    def __init__(self, key: bytes):
+        self.key = key
+
+    def append(self, conn: Connection, kind: str, body: dict[str, Any]) -> tuple[int, str]:
+        tail = db.audit_tail(conn)
+        seq, prev_hash = (tail[0] + 1, tail[1]) if tail else (1, GENESIS_HASH)
+        body_json = canonical_json({"kind": kind, "time": db.utcnow().isoformat(), **body})
+        entry_hash = _entry_hash(seq, prev_hash, body_json)
+        db.insert_audit(conn, seq, prev_hash, body_json, entry_hash, _sign(self.key, entry_hash))
+        return seq, entry_hash
+
+    def sign_certificate(self, body: dict[str, Any]) -> Certificate:
+        body_json = canonical_json({"schema": CERTIFICATE_SCHEMA, **body})
+        return Certificate(request_id=body["request_id"], body_json=body_json, signature=_sign(self.key, body_json))
+
+    def check_certificate(self, body_json: str, signature: str) -> CertificateCheck:
+        return check_certificate(self.key, body_json, signature)
+
+
+def check_certificate(key: bytes, body_json: str, signature: str) -> CertificateCheck:
+    """Signature and form of one certificate (not whether the chain records it: see verify_audit)."""
+    if not hmac.compare_digest(_sign(key, body_json), signature or ""):
+        return CertificateCheck(False, "signature does not match the body (altered, or another key)")
+    try:
+        body = json.loads(body_json)
+    except json.JSONDecodeError as error:
+        return CertificateCheck(False, f"body is not JSON: {error}")
+    if not isinstance(body, dict) or body.get("schema") != CERTIFICATE_SCHEMA:
+        return CertificateCheck(False, f"not a {CERTIFICATE_SCHEMA} document")
+    if canonical_json(body) != body_json:
+        return CertificateCheck(False, "body is not in canonical form")
+    return CertificateCheck(True, f"valid signature; {body.get('label', '?')} unlearning of request "
+                                  f"{body.get('request_id')!r} on model {body.get('model_name')!r}")
+
+
+@dataclass
+class AuditReport:
+    """Result of checking the whole chain and every stored certificate."""
+
+    valid: bool
+    entries: int
+    certificates: int
+    last_hash: str
+    errors: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def verify_chain(conn: Connection, key: bytes, max_errors: int = 50) -> AuditReport:
+    """Walk the chain from seq 1 and every certificate; report every inconsistency found (bounded)."""
+    errors: list[str] = []
+    expected_seq, prev_hash = 1, GENESIS_HASH
+    certified: set[str] = set()
+    count = 0
+    for entry in db.audit_entries(conn):
+        count += 1
+        if entry.seq != expected_seq:
+            errors.append(f"entry {entry.seq}: expected sequence {expected_seq} (entries missing or reordered)")
+        if entry.prev_hash != prev_hash:
+            errors.append(f"entry {entry.seq}: previous hash does not match entry {entry.seq - 1}")
+        recomputed = _entry_hash(entry.seq, entry.prev_hash, entry.body_json)
+        if recomputed != entry.entry_hash:
+            errors.append(f"entry {entry.seq}: body does not match its hash (altered)")
+        if not hmac.compare_digest(_sign(key, entry.entry_hash), entry.signature):
+            errors.append(f"entry {entry.seq}: bad signature")
+        try:
+            body = json.loads(entry.body_json)
+            if body.get("kind") == "certificate_issued":
+                certified.add(body["certificate_sha256"])
+        except (json.JSONDecodeError, KeyError, AttributeError):
+            errors.append(f"entry {entry.seq}: body is not a Lethe audit record")
+        expected_seq, prev_hash = entry.seq + 1, entry.entry_hash
+        if len(errors) >= max_errors:
+            break
+    certificate_rows = db.all_certificates(conn)
+    for row in certificate_rows:
+        check = check_certificate(key, row.body_json, row.signature)
+        if not check.valid:
+            errors.append(f"certificate {row.certificate_id} (request {row.request_id}): {check.reason}")
+        elif sha256_hex(row.body_json) not in certified:
+            errors.append(f"certificate {row.certificate_id} (request {row.request_id}) is not recorded in the chain")
+    return AuditReport(not errors, count, len(certificate_rows), prev_hash, errors[:max_errors])
+
+
+def verify_audit(state_dir_or_store_url: str | Path, key: bytes | None = None) -> AuditReport:
+    """Offline verification of a Lethe store: a state directory (embedded) or a SQLAlchemy URL.
+
+    ``key`` defaults to the embedded key file ``<state_dir>/keys/audit.key``; with a URL it is required.
+    Opens the store read-only in spirit: nothing is written.
+    """
+    target = str(state_dir_or_store_url)
+    if "://" in target:
+        url = target
+        if key is None:
+            raise ValueError("verifying a store URL needs the audit key")
+    else:
+        state_dir = Path(target)
+        url = f"sqlite:///{(state_dir / 'lethe.db').absolute()}"
+        if not (state_dir / "lethe.db").exists():
+            raise FileNotFoundError(f"no Lethe job store at {state_dir / 'lethe.db'}")
+        if key is None:
+            key = bytes.fromhex((state_dir / "keys" / "audit.key").read_text().strip())
+    store = db.Store(url)
+    try:
+        with store.read() as conn:
+            return verify_chain(conn, key)
+    finally:
+        store.dispose()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m service.audit verify [--state-dir DIR | --store-url URL --key-file F] [--certificate F]``."""
+    parser = argparse.ArgumentParser(prog="python -m service.audit", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    verify = commands.add_parser("verify", help="check the audit chain and every certificate offline")
+    verify.add_argument("--state-dir", default=".lethe", help="embedded state directory (default .lethe)")
+    verify.add_argument("--store-url", help="SQLAlchemy URL of the job store (instead of --state-dir)")
+    verify.add_argument("--key-file", help="hex audit key file (default <state-dir>/keys/audit.key)")
+    verify.add_argument("--certificate", help="also check one certificate: a JSON file with body_json and signature")
+    args = parser.parse_args(argv)
+    key = bytes.fromhex(Path(args.key_file).read_text().strip()) if args.key_file else None
+    if key is None and not args.store_url:
+        key_path = Path(args.state_dir) / "keys" / "audit.key"
+        key = bytes.fromhex(key_path.read_text().strip()) if key_path.exists() else None
+    report = verify_audit(args.store_url or args.state_dir, key)
+    result: dict[str, Any] = {"chain": report.as_dict()}
+    ok = report.valid
+    if args.certificate:
+        document = json.loads(Path(args.certificate).read_text())
+        check = check_certificate(key or b"", document["body_json"], document["signature"])
+        result["certificate"] = asdict(check)
+        ok = ok and check.valid
+    print(json.dumps(result, indent=2))
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

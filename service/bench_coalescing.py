@@ -1,0 +1,102 @@
+"""Coalescing benchmark: N erasure requests for one model inside one window versus one request, and versus
+the same N requests without coalescing (every request its own job).
+
+``nice python -m service.bench_coalescing --requests 50 --window-s 2 --seed 0 [--uncoalesced 50] [--json]``
+
+Each scenario runs on a fresh embedded state directory (its own MLflow and job store) with the digits demo
+model, and measures wall seconds from the first submission until every request holds its certificate.
+Subjects are drawn with the seed. The uncoalesced run is the expensive one (one full pipeline per
+request); ``--uncoalesced K`` runs K requests and the report says when it extrapolates to N.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from service.demo_data import build_digits_demo
+from service.domain import ErasureRequest
+from service.engine import Engine
+from service.settings import Settings
+from unlearn.digits import load_digits_records
+
+
+def _subjects(count: int, seed: int) -> list[str]:
+    records = load_digits_records()
+    train_subjects = np.unique(records.subject_ids[records.indices("train")])
+    return [str(s) for s in np.random.default_rng(seed).choice(train_subjects, count, replace=False)]
+
+
+def run_scenario(subjects: list[str], window_s: float) -> dict:
+    """Seconds from the first submission until every request has a certificate, and the job count."""
+    with tempfile.TemporaryDirectory(prefix="lethe-bench-") as state:
+        settings = Settings(state_dir=Path(state), coalescing_window_s=window_s, metrics_port=0, device="cpu")
+        engine = Engine(settings)
+        build_digits_demo(settings, engine)
+        engine.start()
+        try:
+            started = time.perf_counter()
+            outcomes = [engine.submit_erasure(ErasureRequest(request_id=f"bench-{i}", subject_ids=(subject,)))
+                        for i, subject in enumerate(subjects)]
+            submitted = time.perf_counter() - started
+            # Done when every request has its certificate or its job ended without one (a rejection is
+            # timed too: the pipeline ran up to the gate, and the outcome is reported next to the seconds).
+            pending = {o.request_id for o in outcomes}
+            ended: dict[str, str] = {}
+            seq = 0
+            while pending:
+                for event in engine.events(after_seq=seq, wait_s=5.0):
+                    seq = event.seq
+                    if event.certificate is not None:
+                        pending.discard(event.request_ids[0])
+                    elif event.kind.value == "TERMINAL":
+                        ended[event.job_id] = event.state.value
+                        pending -= set(event.request_ids)
+            seconds = time.perf_counter() - started
+            jobs = {job_id for o in outcomes for job_id in o.job_ids}
+            states = [engine.get_job(job_id).state.value for job_id in sorted(jobs)]
+        finally:
+            engine.stop(30)
+            engine.store.dispose()
+    return {"requests": len(subjects), "window_s": window_s, "jobs": len(jobs), "seconds": round(seconds, 2),
+            "submit_seconds": round(submitted, 3), "job_states": {s: states.count(s) for s in sorted(set(states))}}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m service.bench_coalescing", description=__doc__.splitlines()[0])
+    parser.add_argument("--requests", type=int, default=50, help="requests in the coalesced burst")
+    parser.add_argument("--window-s", type=float, default=2.0, help="coalescing window for the first two runs")
+    parser.add_argument("--uncoalesced", type=int, default=50, help="requests run without coalescing (0: skip)")
+    parser.add_argument("--seed", type=int, default=0, help="seed drawing the subjects")
+    parser.add_argument("--json", action="store_true", help="print one JSON object as the last line")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    subjects = _subjects(args.requests + 1, args.seed)
+    run_scenario(subjects[-1:], args.window_s)  # warm-up (imports, first ONNX export), not reported
+    subjects = subjects[:-1]
+    single = run_scenario(subjects[:1], args.window_s)
+    burst = run_scenario(subjects, args.window_s)
+    result = {"seed": args.seed, "machine": f"{platform.machine()} {os.cpu_count()} cpu(s)",
+              "single": single, "coalesced": burst, "coalesced_over_single": round(burst["seconds"] / single["seconds"], 2)}
+    if args.uncoalesced:
+        alone = run_scenario(subjects[:args.uncoalesced], 0.0)
+        per_request = alone["seconds"] / alone["requests"]
+        result["uncoalesced"] = alone
+        result["uncoalesced_over_single_extrapolated_to_burst"] = round(per_request * args.requests / single["seconds"], 2)
+    text = json.dumps(result)
+    if not args.json:
+        print(json.dumps(result, indent=2))
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

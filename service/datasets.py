@@ -1,0 +1,230 @@
+"""Dataset catalog: validated Parquet training data, its versions, purges and tombstones.
+
+A registered model points to the dataset version it was trained on (DESIGN.md, "Concepts": lineage).
+Lethe keeps its own copy of each version under ``<state_dir>/datasets/<model>/`` and one in MLflow (next
+to the model version), because resolving a subject to records needs the data and an auditor needs to see
+what a version was trained on. A purge writes a new version without the erased records; once the new model
+version is registered, every older copy of that lineage (they all contain the erased records) is deleted,
+locally and in MLflow. Keyed hashes of erased record ids stay behind as tombstones, and registration
+refuses any dataset that contains one, so erased records are never re-ingested.
+
+Schema (classification): ``record_id`` (string), ``subject_id`` (string), ``split`` (``train`` /
+``holdout`` / ``test``; train and holdout must be non-empty), ``features`` (list<float>, one length),
+``label`` (int in [0, num_classes)).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import shutil
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from service.audit import keyed_hash
+from service.domain import FieldViolation, InvalidArgument, TaskType
+from unlearn.data import ExampleSet, classification_examples
+
+SPLITS = ("train", "holdout", "test")
+REQUIRED_SPLITS = ("train", "holdout")
+BASE_COLUMNS = ("record_id", "subject_id", "split")
+TASK_COLUMNS = {TaskType.CLASSIFICATION: ("features", "label")}
+MAX_VIOLATIONS = 20  # enough to point a data engineer at the problem without flooding the status
+
+
+@dataclass(frozen=True)
+class LoadedDataset:
+    """A dataset version in memory, with keyed subject hashes computed once (never the clear ids)."""
+
+    path: str
+    digest: str
+    record_ids: np.ndarray  # str [N]
+    subject_hashes: np.ndarray  # str [N], keyed hashes
+    splits: np.ndarray  # str [N]
+    features: np.ndarray  # float32 [N, D]
+    labels: np.ndarray  # int64 [N]
+
+    def __len__(self) -> int:
+        return len(self.record_ids)
+
+    def examples(self, mask: np.ndarray) -> ExampleSet:
+        index = np.flatnonzero(mask)
+        return classification_examples(torch.from_numpy(self.features[index]), torch.from_numpy(self.labels[index]))
+
+    def split_mask(self, split: str) -> np.ndarray:
+        return self.splits == split
+
+    def match(self, subject_hashes: set[str], record_ids: set[str], classes: set[int]) -> np.ndarray:
+        """Boolean mask of the records a request names: its subjects' records, its record ids, its classes."""
+        mask = np.zeros(len(self), dtype=bool)
+        if subject_hashes:
+            mask |= np.isin(self.subject_hashes, list(subject_hashes))
+        if record_ids:
+            mask |= np.isin(self.record_ids, list(record_ids))
+        if classes:
+            mask |= np.isin(self.labels, list(classes))
+        return mask
+
+
+def safe_name(model_name: str) -> str:
+    """A directory name for a model (MLflow names may hold '/', spaces...), unique via a short hash."""
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "_", model_name)[:64]
+    return f"{slug}-{hashlib.sha256(model_name.encode()).hexdigest()[:8]}"
+
+
+def read_parquet(uri: str) -> pd.DataFrame:
+    path = uri[len("file://"):] if uri.startswith("file://") else uri
+    try:
+        return pq.read_table(path).to_pandas()
+    except (OSError, pa.ArrowException) as error:
+        raise InvalidArgument(f"cannot read the dataset at {uri!r}: {error}",
+                              (FieldViolation("dataset_uri", f"not a readable Parquet file: {error}"),)) from error
+
+
+def validate_frame(frame: pd.DataFrame, task_type: TaskType, num_classes: int | None) -> list[FieldViolation]:
+    """Every problem of a dataset, as field violations (empty list = valid)."""
+    if task_type not in TASK_COLUMNS:
+        return [FieldViolation("task_type", f"datasets of task {task_type.value!r} are not supported yet")]
+    violations: list[FieldViolation] = []
+    missing = [c for c in (*BASE_COLUMNS, *TASK_COLUMNS[task_type]) if c not in frame.columns]
+    for column in missing:
+        violations.append(FieldViolation(f"dataset.columns.{column}", "required column is missing"))
+    if missing:
+        return violations
+    record_ids = frame["record_id"]
+    if record_ids.isna().any() or not all(isinstance(r, str) and r for r in record_ids):
+        violations.append(FieldViolation("dataset.record_id", "every record needs a non-empty string id"))
+    duplicated = record_ids[record_ids.duplicated()].unique()
+    if len(duplicated):
+        shown = ", ".join(map(str, duplicated[:5]))
+        violations.append(FieldViolation("dataset.record_id", f"{len(duplicated)} duplicate record ids (e.g. {shown})"))
+    if frame["subject_id"].isna().any() or not all(isinstance(s, str) and s for s in frame["subject_id"]):
+        violations.append(FieldViolation("dataset.subject_id", "every record needs a non-empty string subject id"))
+    splits = frame["split"].astype(str)
+    unknown = sorted(set(splits) - set(SPLITS))
+    if unknown:
+        violations.append(FieldViolation("dataset.split", f"unknown split values {unknown[:5]}; allowed {list(SPLITS)}"))
+    for split in REQUIRED_SPLITS:
+        if not (splits == split).any():
+            violations.append(FieldViolation("dataset.split", f"the {split!r} split is empty"))
+    lengths = set()
+    bad_features = 0
+    for value in frame["features"]:
+        try:
+            array = np.asarray(value, dtype=np.float64)
+        except (TypeError, ValueError):
+            bad_features += 1
+            continue
+        if array.ndim != 1 or not np.isfinite(array).all():
+            bad_features += 1
+        lengths.add(array.shape[0] if array.ndim == 1 else -1)
+    if bad_features:
+        violations.append(FieldViolation("dataset.features", f"{bad_features} records have non-numeric, NaN or "
+                                                             "infinite features"))
+    if len(lengths) > 1:
+        violations.append(FieldViolation("dataset.features", f"feature vectors differ in length: {sorted(lengths)[:5]}"))
+    labels = frame["label"]
+    if not pd.api.types.is_integer_dtype(labels):
+        violations.append(FieldViolation("dataset.label", f"labels must be integers, got {labels.dtype}"))
+    elif num_classes is not None and len(labels) and (labels.min() < 0 or labels.max() >= num_classes):
+        violations.append(FieldViolation("dataset.label", f"labels must lie in [0, {num_classes}), found "
+                                                          f"[{labels.min()}, {labels.max()}]"))
+    return violations[:MAX_VIOLATIONS]
+
+
+def content_digest(frame: pd.DataFrame) -> str:
+    """SHA-256 over the records' content in record-id order: the same data gives the same digest whatever
+    the file's row order or Parquet writer version."""
+    ordered = frame.sort_values("record_id", kind="stable")
+    digest = hashlib.sha256()
+    for column in ("record_id", "subject_id", "split"):
+        digest.update("\x1f".join(ordered[column].astype(str)).encode())
+        digest.update(b"\x1e")
+    digest.update(np.stack([np.asarray(v, dtype=np.float32) for v in ordered["features"]]).tobytes())
+    digest.update(ordered["label"].to_numpy(dtype=np.int64).tobytes())
+    return digest.hexdigest()
+
+
+def record_tombstone(key: bytes, record_id: str) -> str:
+    return keyed_hash(key, "record", record_id)
+
+
+class DatasetCatalog:
+    """Reads, writes and deletes dataset versions; loaded versions are cached in memory by path."""
+
+    def __init__(self, datasets_dir: Path, subject_key: bytes, cache_size: int = 8):
+        self.datasets_dir = datasets_dir
+        self.subject_key = subject_key
+        self._cache: OrderedDict[str, LoadedDataset] = OrderedDict()
+        self._cache_size = cache_size
+        self._lock = threading.Lock()
+
+    def subject_hash(self, subject_id: str) -> str:
+        return keyed_hash(self.subject_key, "subject", subject_id)
+
+    def tombstone(self, record_id: str) -> str:
+        return record_tombstone(self.subject_key, record_id)
+
+    def write_version(self, model_name: str, frame: pd.DataFrame, name: str) -> tuple[Path, str]:
+        """Write ``frame`` as ``<datasets_dir>/<model>/<name>.parquet`` atomically; returns (path, digest).
+
+        Idempotent: a resumed job rewrites the same file name with the same content.
+        """
+        directory = self.datasets_dir / safe_name(model_name)
+        directory.mkdir(parents=True, exist_ok=True)
+        path = directory / f"{name}.parquet"
+        frame = frame[[*BASE_COLUMNS, "features", "label"]].reset_index(drop=True)
+        table = pa.Table.from_pandas(frame.assign(features=[np.asarray(v, dtype=np.float32).tolist()
+                                                            for v in frame["features"]]),
+                                     schema=pa.schema([("record_id", pa.string()), ("subject_id", pa.string()),
+                                                       ("split", pa.string()), ("features", pa.list_(pa.float32())),
+                                                       ("label", pa.int64())]), preserve_index=False)
+        partial = path.with_suffix(".partial")
+        pq.write_table(table, partial)
+        partial.replace(path)
+        return path, content_digest(frame)
+
+    def frame(self, path: str | Path) -> pd.DataFrame:
+        return pq.read_table(str(path)).to_pandas()
+
+    def load(self, path: str | Path, digest: str) -> LoadedDataset:
+        key = str(path)
+        with self._lock:
+            if key in self._cache:
+                self._cache.move_to_end(key)
+                return self._cache[key]
+        frame = self.frame(path)
+        loaded = LoadedDataset(
+            path=key, digest=digest,
+            record_ids=frame["record_id"].astype(str).to_numpy(),
+            subject_hashes=np.array([self.subject_hash(s) for s in frame["subject_id"].astype(str)]),
+            splits=frame["split"].astype(str).to_numpy(),
+            features=np.stack([np.asarray(v, dtype=np.float32) for v in frame["features"]]),
+            labels=frame["label"].to_numpy(dtype=np.int64))
+        with self._lock:
+            self._cache[key] = loaded
+            while len(self._cache) > self._cache_size:
+                self._cache.popitem(last=False)
+        return loaded
+
+    def forget_cached(self, path: str | Path) -> None:
+        with self._lock:
+            self._cache.pop(str(path), None)
+
+    def delete_local(self, path: str | Path) -> None:
+        """Remove a dataset version's local copy (missing is fine: a resumed purge repeats this)."""
+        self.forget_cached(path)
+        Path(path).unlink(missing_ok=True)
+
+
+def remove_tree(path: Path) -> None:
+    """Delete a derived-state directory (caches computed from data that was erased)."""
+    shutil.rmtree(path, ignore_errors=True)

@@ -1,0 +1,55 @@
+"""Prometheus metrics of the engine, on their own registry (so tests and several engines never collide).
+
+Naming follows Prometheus conventions (``lethe_`` prefix, base units, ``_total`` for counters) and every
+label has a bounded set of values: request kinds, outcomes, method names from the registry, pipeline
+stages. Subject ids, request ids and model names never become labels (unbounded, and subject ids are
+personal data). The front adds its own RPC metrics to :attr:`Metrics.registry`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+# Job stages take from milliseconds (audit) to hours (an exact retrain of a large model on a busy GPU).
+DURATION_BUCKETS_S = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600, 7200, 14400)
+BATCH_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000)
+
+REQUEST_OUTCOMES = ("accepted", "replayed", "invalid_argument", "already_exists", "not_found",
+                    "failed_precondition", "deadline_exceeded", "unimplemented", "error")
+
+
+class Metrics:
+    """The engine's metrics. ``oldest_pending_age`` is computed at scrape time from the job store."""
+
+    def __init__(self, oldest_pending_age_s: Callable[[], float] | None = None):
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.requests = Counter("lethe_requests_total", "Requests received, by kind and outcome.",
+                                ["kind", "outcome"], registry=self.registry)
+        self.jobs_in_flight = Gauge("lethe_jobs_in_flight", "Jobs currently running in this process.",
+                                    registry=self.registry)
+        self.job_duration = Histogram("lethe_job_duration_seconds", "Wall time of each pipeline stage of a job.",
+                                      ["method", "stage"], buckets=DURATION_BUCKETS_S, registry=self.registry)
+        self.records_erased = Counter("lethe_records_erased_total",
+                                      "Training records whose influence was removed and that were purged.",
+                                      registry=self.registry)
+        self.verification = Counter("lethe_verification_total", "Verification gate outcomes.", ["outcome"],
+                                    registry=self.registry)
+        self.coalesced_batch_size = Histogram("lethe_coalesced_batch_size", "Requests served by one job.",
+                                              buckets=BATCH_BUCKETS, registry=self.registry)
+        self.oldest_pending_age = Gauge(
+            "lethe_oldest_pending_request_age_seconds",
+            "Age of the oldest request without a final certificate (GDPR Art. 12(3): one month).",
+            registry=self.registry)
+        if oldest_pending_age_s is not None:
+            self.oldest_pending_age.set_function(oldest_pending_age_s)
+
+
+def start_metrics_server(metrics: Metrics, port: int, host: str = "127.0.0.1"):
+    """Serve ``/metrics`` on ``host:port`` in a daemon thread; returns the server (``.shutdown()`` stops
+    it), or None when ``port`` is 0 (the exporter is off)."""
+    if port == 0:
+        return None
+    server, _thread = start_http_server(port, addr=host, registry=metrics.registry)
+    return server

@@ -1,0 +1,208 @@
+"""MLflow glue: resolve, load and register model versions; lineage lives in version tags and artifacts.
+
+Embedded mode uses a SQLite tracking/registry backend and a local artifact directory (DESIGN.md,
+"Embedded default"); a tracking server is a configuration change. Lethe only uses aliases, never the
+deprecated stages: the serving alias (settings.serving_alias) moves when a job's result is verified.
+
+Models are logged with ``serialization_format="pickle"`` and explicit ``pip_requirements``: the pt2
+format runs ``torch.export`` (slow, and some models do not export), and inferring requirements imports
+every loaded module.
+
+Exactly once: a job's model version is created by ``create_model_version`` WITH its ``lethe.job_id`` tag
+in one call, and before creating one :meth:`MlflowRegistry.version_for_job` looks for a version already
+tagged with the job. A process killed between MLflow's write and the job store's commit therefore finds
+its version on resume instead of registering a second one.
+
+MLflow's fluent API (``log_model``, ``load_model``) reads a process-global tracking URI, so fluent calls
+run under one lock that sets this registry's URIs first; the client API takes its URIs explicitly.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import mlflow.pytorch
+from mlflow import MlflowClient
+from mlflow.entities.model_registry import ModelVersion
+from mlflow.exceptions import MlflowException
+from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+from torch import nn
+
+from service.domain import NotFound
+
+TAG_PREFIX = "lethe."
+MAX_TAG_VALUE = 5000  # MLflow's limit on model-version tag values
+_FLUENT_LOCK = threading.RLock()
+log = logging.getLogger(__name__)
+
+
+def pip_requirements() -> list[str]:
+    import torch
+
+    return [f"torch=={torch.__version__.split('+')[0]}", "numpy"]
+
+
+def tag_value(value: Any) -> str:
+    """Tag values are strings; structured values are compact JSON, truncated honestly when too long."""
+    text = value if isinstance(value, str) else json.dumps(value, sort_keys=True, separators=(",", ":"))
+    if len(text) > MAX_TAG_VALUE:
+        text = text[:MAX_TAG_VALUE - 40] + f"...[truncated, {len(text)} chars]"
+    return text
+
+
+def _is_missing(error: MlflowException) -> bool:
+    return error.error_code in ("RESOURCE_DOES_NOT_EXIST", "NOT_FOUND", "INVALID_PARAMETER_VALUE")
+
+
+class MlflowRegistry:
+    def __init__(self, tracking_uri: str, artifact_root: str, experiment_name: str, serving_alias: str):
+        self.tracking_uri = tracking_uri
+        self.serving_alias = serving_alias
+        self.client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+        experiment = self.client.get_experiment_by_name(experiment_name)
+        if experiment is None:
+            location = artifact_root
+            if "://" not in location:
+                Path(location).mkdir(parents=True, exist_ok=True)
+                location = Path(location).absolute().as_uri()
+            try:
+                self.experiment_id = self.client.create_experiment(experiment_name, artifact_location=location)
+            except MlflowException:  # created meanwhile by another process
+                self.experiment_id = self.client.get_experiment_by_name(experiment_name).experiment_id
+        else:
+            self.experiment_id = experiment.experiment_id
+
+    @contextmanager
+    def _fluent(self) -> Iterator[None]:
+        with _FLUENT_LOCK:
+            mlflow.set_tracking_uri(self.tracking_uri)
+            mlflow.set_registry_uri(self.tracking_uri)
+            yield
+
+    # ------------------------------------------------------------------------------------------ lookups
+    def model_exists(self, name: str) -> bool:
+        try:
+            self.client.get_registered_model(name)
+            return True
+        except MlflowException as error:
+            if _is_missing(error):
+                return False
+            raise
+
+    def resolve(self, name: str, version: str | None = None, alias: str | None = None) -> ModelVersion:
+        """The model version named by ``version`` or ``alias`` (NotFound when either does not exist)."""
+        try:
+            if alias:
+                return self.client.get_model_version_by_alias(name, alias)
+            return self.client.get_model_version(name, str(version))
+        except MlflowException as error:
+            if _is_missing(error):
+                what = f"alias {alias!r}" if alias else f"version {version!r}"
+                raise NotFound(f"MLflow has no model {name!r} with {what}") from error
+            raise
+
+    def load_model(self, name: str, version: str) -> nn.Module:
+        with self._fluent():
+            model = mlflow.pytorch.load_model(f"models:/{name}/{version}")
+        return model.eval()
+
+    def version_for_job(self, name: str, job_id: str) -> ModelVersion | None:
+        """The version a job already registered, if any (the exactly-once check)."""
+        found = self.client.search_model_versions(f"name='{_quote(name)}' and tags.`lethe.job_id`='{_quote(job_id)}'")
+        return min(found, key=lambda v: int(v.version)) if found else None
+
+    # ---------------------------------------------------------------------------------------- writes
+    def log_initial_model(self, model: nn.Module, name: str, run_name: str) -> str:
+        """Log and register a freshly trained model (the demo's); returns the new version."""
+        with self._fluent(), mlflow.start_run(experiment_id=self.experiment_id, run_name=run_name):
+            info = mlflow.pytorch.log_model(model, name="model", serialization_format="pickle",
+                                            pip_requirements=pip_requirements())
+            run_id = mlflow.active_run().info.run_id
+        version = self.client.create_model_version(name if self.model_exists(name) else self._create(name),
+                                                   source=info.model_uri, run_id=run_id, model_id=info.model_id)
+        return str(version.version)
+
+    def _create(self, name: str) -> str:
+        try:
+            self.client.create_registered_model(name)
+        except MlflowException as error:
+            if error.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+        return name
+
+    def attach_dataset(self, version: ModelVersion, dataset_path: Path, tags: Mapping[str, Any]) -> str:
+        """Registration: log the dataset copy next to the version and tag the version; returns the
+        dataset artifact URI. The version's own run receives the artifact when it has one."""
+        run_id = version.run_id
+        if not run_id:
+            run_id = self.client.create_run(self.experiment_id, run_name=f"lethe-register-{version.name}").info.run_id
+        self.client.log_artifact(run_id, str(dataset_path), "lethe-dataset")
+        artifact_uri = f"{self.client.get_run(run_id).info.artifact_uri}/lethe-dataset/{dataset_path.name}"
+        for key, value in {**tags, "lethe.dataset_uri": artifact_uri}.items():
+            self.client.set_model_version_tag(version.name, version.version, key, tag_value(value))
+        return artifact_uri
+
+    def register_job_version(self, name: str, job_id: str, model: nn.Module, tags: Mapping[str, Any],
+                             metrics: Mapping[str, float], dataset_path: Path, onnx_path: Path | None) -> tuple[str, str]:
+        """Register a job's result exactly once; returns (version, dataset artifact URI)."""
+        existing = self.version_for_job(name, job_id)
+        if existing is not None:
+            log.info("job %s already registered %s version %s; reusing it", job_id, name, existing.version)
+            return str(existing.version), existing.tags.get("lethe.dataset_uri", "")
+        with self._fluent(), mlflow.start_run(experiment_id=self.experiment_id, run_name=f"lethe-{job_id}",
+                                              tags={"lethe.job_id": job_id}) as run:
+            mlflow.log_metrics({k: float(v) for k, v in metrics.items()})
+            info = mlflow.pytorch.log_model(model, name="model", serialization_format="pickle",
+                                            pip_requirements=pip_requirements())
+            mlflow.log_artifact(str(dataset_path), "lethe-dataset")
+            if onnx_path is not None and onnx_path.exists():
+                mlflow.log_artifact(str(onnx_path), "onnx")
+            artifact_uri = f"{run.info.artifact_uri}/lethe-dataset/{dataset_path.name}"
+        all_tags = {key: tag_value(value) for key, value in {**tags, "lethe.job_id": job_id,
+                                                              "lethe.dataset_uri": artifact_uri}.items()}
+        version = self.client.create_model_version(name, source=info.model_uri, run_id=run.info.run_id,
+                                                   tags=all_tags, model_id=info.model_id)
+        return str(version.version), artifact_uri
+
+    def set_serving(self, name: str, version: str) -> None:
+        self.client.set_registered_model_alias(name, self.serving_alias, version)
+
+    def serving_version(self, name: str) -> str | None:
+        try:
+            return str(self.client.get_model_version_by_alias(name, self.serving_alias).version)
+        except MlflowException as error:
+            if _is_missing(error):
+                return None
+            raise
+
+    def delete_artifact(self, artifact_uri: str) -> None:
+        """Delete one artifact file (a purged dataset copy); a missing one is fine on resume."""
+        if not artifact_uri:
+            return
+        parent, _, leaf = artifact_uri.rstrip("/").rpartition("/")
+        directory, _, folder = parent.rpartition("/")
+        repository = get_artifact_repository(directory, tracking_uri=self.tracking_uri)
+        try:
+            repository.delete_artifacts(f"{folder}/{leaf}")
+        except (OSError, MlflowException) as error:
+            if not _gone(artifact_uri):
+                raise
+            log.debug("artifact %s already gone: %s", artifact_uri, error)
+
+
+def _gone(artifact_uri: str) -> bool:
+    if artifact_uri.startswith("file://"):
+        return not os.path.exists(artifact_uri[len("file://"):])
+    return False
+
+
+def _quote(value: str) -> str:
+    return value.replace("'", "\\'")

@@ -1,0 +1,405 @@
+"""One job, one straight function (DESIGN.md, "The pipeline"):
+
+resolve -> measure before -> apply -> verify -> register -> purge -> audit
+
+:func:`run_job` reads top to bottom; each stage writes a PROGRESS event (stage + overall fraction) and the
+method's own progress is passed through. Every stage is safe to repeat, because a killed process resumes
+a RUNNING job from the top:
+
+- resolve/measure/apply/verify write nothing but events, caches and the evidence;
+- register reuses the MLflow version already tagged with the job id (exactly once), and the purged
+  dataset file has a name derived from the job id;
+- purge deletes copies that may already be gone;
+- audit is one transaction: certificates, chain entries, job and request states, terminal events.
+
+Subject ids never appear here: requests carry keyed hashes, matched against keyed hashes of the dataset's
+subject ids (:meth:`service.datasets.LoadedDataset.match`).
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from service import store as db
+from service.audit import AuditLog, canonical_json, sha256_hex
+from service.datasets import DatasetCatalog, LoadedDataset, remove_tree, safe_name
+from service.domain import EventKind, JobState, TaskType, VerificationPolicy
+from service.metrics import Metrics
+from service.mlflow_registry import MlflowRegistry
+from service.settings import Settings
+from service.verification import effective_policy, verify
+from unlearn import registry as methods
+from unlearn.importance import ImportanceCache, TrainImportance, weights_digest
+from unlearn.registry import UnlearnRequest
+from unlearn.tasks import ClassificationTask, collect
+from unlearn.training import TrainRecipe
+
+log = logging.getLogger(__name__)
+
+# Overall job fraction at the start and end of each stage (apply dominates on real models).
+STAGES: dict[str, tuple[float, float]] = {
+    "resolve": (0.00, 0.05), "measure": (0.05, 0.15), "apply": (0.15, 0.60), "verify": (0.60, 0.85),
+    "register": (0.85, 0.92), "purge": (0.92, 0.97), "audit": (0.97, 1.00),
+}
+NO_RECORDS = "no records found"
+
+
+@dataclass
+class PipelineContext:
+    """What a job needs from the engine; built once by :class:`service.engine.Engine`."""
+
+    settings: Settings
+    store: db.Store
+    registry: MlflowRegistry
+    catalog: DatasetCatalog
+    audit: AuditLog
+    metrics: Metrics
+    device: torch.device
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """A registered model as the store records it."""
+
+    name: str
+    task_type: TaskType
+    num_classes: int
+    policy: VerificationPolicy
+    training: dict[str, Any]
+    serving_version: str
+
+    @classmethod
+    def from_row(cls, row) -> ModelInfo:
+        return cls(row.model_name, TaskType(row.task_type), int(row.num_classes or 0),
+                   policy_from_json(row.policy), dict(row.training or {}), row.serving_version)
+
+
+def policy_from_json(value: dict[str, Any]) -> VerificationPolicy:
+    return VerificationPolicy(**value)
+
+
+class Progress:
+    """Writes stage changes and method progress as events and times every stage into the metrics."""
+
+    def __init__(self, ctx: PipelineContext, job_id: str, request_ids: tuple[str, ...], method: str):
+        self.ctx, self.job_id, self.request_ids, self.method = ctx, job_id, request_ids, method
+        self.current: str | None = None
+        self.started = time.perf_counter()
+
+    def stage(self, name: str, message: str) -> None:
+        self._close_stage()
+        self.current, self.started = name, time.perf_counter()
+        self.event(STAGES[name][0], message)
+
+    def event(self, fraction: float, message: str) -> None:
+        with self.ctx.store.write() as conn:
+            db.update_job(conn, self.job_id, stage=self.current, progress=fraction)
+            db.add_event(conn, self.job_id, self.request_ids, EventKind.PROGRESS.value, JobState.RUNNING.value,
+                         self.current, fraction, message)
+
+    def method_progress(self, fraction: float, message: str) -> None:
+        """The method's own progress (0..1), mapped into the apply stage's share of the job."""
+        low, high = STAGES["apply"]
+        self.event(low + (high - low) * fraction, message)
+
+    def _close_stage(self) -> None:
+        if self.current is not None:
+            self.ctx.metrics.job_duration.labels(self.method, self.current).observe(
+                time.perf_counter() - self.started)
+
+    def finish(self) -> None:
+        self._close_stage()
+        self.current = None
+
+
+def _task(info: ModelInfo) -> ClassificationTask:
+    return ClassificationTask(info.num_classes)
+
+
+def _factory(training: dict[str, Any]):
+    target = training.get("model_factory")
+    if not target:
+        return None
+    module, _, function = target.partition(":")
+    return getattr(importlib.import_module(module), function)
+
+
+def _recipe(training: dict[str, Any]) -> TrainRecipe | None:
+    return TrainRecipe(**training["train_recipe"]) if training.get("train_recipe") else None
+
+
+def baseline_correct(ctx: PipelineContext, info: ModelInfo, version: str, data: LoadedDataset,
+                     model: nn.Module) -> np.ndarray:
+    """Per holdout record of the base dataset: does the base model get it right? Cached per model version
+    (a JSON file under the cache directory), so every job on that version skips this pass; utility before
+    is then the mean over whichever holdout records remain."""
+    path = ctx.settings.cache_dir / "measure" / safe_name(info.name) / f"{version}-{data.digest[:16]}.json"
+    holdout = data.split_mask("holdout")
+    if path.exists():
+        cached = json.loads(path.read_text())
+        if cached.get("record_ids") == data.record_ids[holdout].tolist():
+            return np.asarray(cached["correct"], dtype=bool)
+    logits, _ = collect(_task(info), model, data.examples(holdout))
+    correct = (logits.argmax(dim=1).numpy() == data.labels[holdout])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"record_ids": data.record_ids[holdout].tolist(), "correct": correct.tolist()}))
+    return correct
+
+
+def importance_dir(ctx: PipelineContext, model_name: str, version: str) -> Path:
+    return ctx.settings.cache_dir / "importance" / safe_name(model_name) / version
+
+
+def run_job(ctx: PipelineContext, job_id: str) -> JobState:
+    """Carry one claimed (RUNNING) job to its terminal state; returns it. Exceptions propagate to the
+    worker, which marks the job FAILED."""
+    with ctx.store.read() as conn:
+        job = db.get_job(conn, job_id)
+        request_ids = db.job_request_ids(conn, job_id)
+        request_rows = [db.get_request(conn, r) for r in request_ids]
+        info = ModelInfo.from_row(db.get_model(conn, job.model_name))
+        dataset_row = db.dataset_for_model_version(conn, job.model_name, job.base_version)
+    if dataset_row is None:
+        raise RuntimeError(f"no dataset version recorded for {job.model_name} version {job.base_version}")
+    progress = Progress(ctx, job_id, request_ids, job.method)
+    ctx.metrics.coalesced_batch_size.observe(len(request_ids))
+    policy = effective_policy(info.policy, dict(job.policy_overrides))
+    task = _task(info)
+
+    # ---- resolve: requests -> records of this model's dataset version --------------------------------
+    progress.stage("resolve", f"resolving {len(request_ids)} request(s) against dataset {dataset_row.digest[:12]}")
+    data = ctx.catalog.load(dataset_row.path, dataset_row.digest)
+    matched = {row.request_id: data.match(set(row.subject_hashes), set(row.record_ids), set(row.classes))
+               for row in request_rows}
+    erase = np.logical_or.reduce(list(matched.values())) if matched else np.zeros(len(data), dtype=bool)
+    train, holdout_all = data.split_mask("train"), data.split_mask("holdout")
+    forget_mask, retain_mask, holdout_mask = erase & train, train & ~erase, holdout_all & ~erase
+    classes = tuple(sorted({c for row in request_rows for c in row.classes})) or None
+    if not erase.any():
+        _finish_without_records(ctx, job, request_rows, data, progress)
+        return JobState.SUCCEEDED
+    with ctx.store.write() as conn:
+        db.update_job(conn, job_id, records=int(erase.sum()))
+    if not holdout_mask.any():
+        raise RuntimeError("the erasure would leave no holdout records to verify utility on")
+
+    # ---- measure before (cached per model version) ------------------------------------------------------
+    progress.stage("measure", f"measuring version {job.base_version}")
+    base_model = ctx.registry.load_model(job.model_name, job.base_version).to(ctx.device)
+    correct = baseline_correct(ctx, info, job.base_version, data, base_model)
+    baseline_holdout_acc = float(correct[holdout_mask[holdout_all]].mean())
+    weights_before = weights_digest(base_model)
+    forget, retain, holdout = data.examples(forget_mask), data.examples(retain_mask), data.examples(holdout_mask)
+
+    # ---- apply the method on a copy (skipped on resume when the job already registered its version) -----
+    existing = ctx.registry.version_for_job(job.model_name, job_id)
+    stored = dict(job.evidence or {})
+    if existing is not None and stored.get("verification", {}).get("passed"):
+        progress.stage("apply", f"resuming: version {existing.version} was already registered by this job")
+        after = ctx.registry.load_model(job.model_name, str(existing.version)).to(ctx.device)
+        record = stored
+    else:
+        progress.stage("apply", f"{job.method} on {int(forget_mask.sum())} training record(s)")
+        if forget_mask.any():
+            importance = TrainImportance(task, data.examples(train),
+                                         ImportanceCache(importance_dir(ctx, job.model_name, job.base_version)))
+            request = UnlearnRequest(task=task, forget=forget, retain=retain, holdout=holdout,
+                                     train_importance=importance, model_factory=_factory(info.training),
+                                     recipe=_recipe(info.training), forget_classes=classes, seed=0,
+                                     progress=progress.method_progress)
+            spec = methods.get(job.method)
+            config = methods.parse_config(job.method, job.method_params)
+            result = methods.run(job.method, base_model, request, job.method_params)
+            after = result.model
+            record = {"label": "exact" if result.exact or spec.exact else "approximate",
+                      "method": {"name": job.method, "params": methods.config_to_dict(config),
+                                 "details": _jsonable({k: v for k, v in result.details.items() if k != "search"}),
+                                 "target_reached": result.target_reached, "message": result.message}}
+        else:  # only holdout/test records: the model never trained on them, nothing to unlearn
+            after = base_model
+            record = {"label": "exact", "method": {"name": "none", "params": {}, "details": {},
+                                                   "message": "no training records; only purged"}}
+
+        # ---- verify ---------------------------------------------------------------------------------------
+        progress.stage("verify", "utility, forgetting, membership inference, ONNX export")
+        onnx_path = ctx.settings.cache_dir / "onnx" / f"{job_id}.onnx"
+        verdict = verify(task, base_model, after, forget if len(forget) else holdout, retain, holdout, classes,
+                         policy, onnx_path, baseline_holdout_acc)
+        if not forget_mask.any():
+            verdict.evidence["note"] = "no training records matched: forgetting holds trivially"
+        record["verification"] = verdict.evidence
+        with ctx.store.write() as conn:
+            db.update_job(conn, job_id, evidence=_jsonable(record))
+        ctx.metrics.verification.labels("passed" if verdict.passed else "rejected").inc()
+        if not verdict.passed:
+            _reject(ctx, job, request_ids, record, verdict.failures, progress)
+            return JobState.REJECTED_BY_VERIFICATION
+
+    # ---- register: purged dataset version + model version (exactly once), then move the alias ----------
+    progress.stage("register", "registering the new version")
+    frame = ctx.catalog.frame(dataset_row.path)
+    frame = frame[~frame["record_id"].astype(str).isin(set(data.record_ids[erase]))]
+    new_path, new_digest = ctx.catalog.write_version(job.model_name, frame, f"job-{job_id}")
+    verification = record["verification"]
+    tags = {
+        "lethe.unlearnable": "true", "lethe.task_type": info.task_type.value,
+        "lethe.num_classes": str(info.num_classes), "lethe.policy": asdict(info.policy),
+        "lethe.training": info.training, "lethe.dataset_digest": new_digest,
+        "lethe.parent_version": job.base_version, "lethe.request_ids": list(request_ids),
+        "lethe.method": record["method"]["name"], "lethe.method_params": record["method"]["params"],
+        "lethe.metrics": {k: verification.get(k) for k in ("utility_acc_before", "utility_acc_after",
+                                                            "forget_acc_before", "forget_acc_after")},
+        "lethe.label": record["label"], "lethe.code_version": ctx.settings.code_version,
+    }
+    metrics = {k: float(v) for k, v in tags["lethe.metrics"].items() if v is not None}
+    onnx_path = ctx.settings.cache_dir / "onnx" / f"{job_id}.onnx"
+    version, artifact_uri = ctx.registry.register_job_version(job.model_name, job_id, after, tags, metrics,
+                                                              new_path, onnx_path)
+    ctx.registry.set_serving(job.model_name, version)
+    weights_after = weights_digest(after)
+    with ctx.store.write() as conn:
+        if db.dataset_written_by_job(conn, job_id) is None:
+            db.insert_dataset_version(conn, job.model_name, new_digest, str(new_path), len(frame), version, job_id,
+                                      artifact_uri)
+        db.add_tombstones(conn, [ctx.catalog.tombstone(r) for r in data.record_ids[erase]], job.model_name, job_id)
+        db.set_serving_version(conn, job.model_name, version)
+        db.update_job(conn, job_id, result_version=version)
+
+    # ---- purge: every older copy of this lineage's data, and caches derived from it ---------------------
+    progress.stage("purge", "removing older dataset copies and derived caches")
+    removed = []
+    with ctx.store.read() as conn:
+        stale = [row for row in db.live_dataset_versions(conn, job.model_name) if row.job_id != job_id]
+    for row in stale:
+        ctx.registry.delete_artifact(row.mlflow_artifact_uri or "")
+        ctx.catalog.delete_local(row.path)
+        with ctx.store.write() as conn:
+            db.mark_dataset_removed(conn, row.id)
+        removed.append(row.version)
+    remove_tree(importance_dir(ctx, job.model_name, job.base_version))
+    remove_tree(ctx.settings.cache_dir / "measure" / safe_name(job.model_name))
+    onnx_path.unlink(missing_ok=True)  # logged with the version; the local copy is scratch
+
+    # ---- audit: certificates, chain entries, states, terminal events, in one transaction -------------------
+    progress.stage("audit", "signing certificates")
+    shared = {
+        "job_id": job_id, "model_name": job.model_name, "coalesced_requests": len(request_ids),
+        "model": {"base_version": job.base_version, "result_version": version,
+                  "serving_alias": ctx.settings.serving_alias, "weights_sha256_before": weights_before,
+                  "weights_sha256_after": weights_after, "weights_changed": weights_after != weights_before},
+        "dataset": {"digest_before": dataset_row.digest, "digest_after": new_digest,
+                    "records_before": len(data), "records_after": len(frame),
+                    "older_versions_removed": removed, "tombstones_added": int(erase.sum())},
+        "method": record["method"], "verification": verification, "code_version": ctx.settings.code_version,
+    }
+    ctx.metrics.records_erased.inc(int(erase.sum()))
+    _issue(ctx, job, request_rows, matched, train, shared, record["label"], progress, JobState.SUCCEEDED,
+           f"version {version} registered and serving; {int(erase.sum())} record(s) erased")
+    return JobState.SUCCEEDED
+
+
+def _issue(ctx: PipelineContext, job, request_rows, matched: dict[str, np.ndarray], train: np.ndarray,
+           shared: dict[str, Any], label: str, progress: Progress, state: JobState, message: str) -> None:
+    """The audit stage's single transaction."""
+    progress.finish()
+    with ctx.store.write() as conn:
+        for row in request_rows:
+            mask = matched.get(row.request_id)
+            found = int(mask.sum()) if mask is not None else 0
+            body = {
+                **shared, "request_id": row.request_id, "label": label if found else NO_RECORDS,
+                "statement": _statement(label if found else NO_RECORDS, job.model_name, found),
+                "subjects": {"count": len(row.subject_hashes), "keyed_sha256": sorted(row.subject_hashes)},
+                "classes": list(row.classes),
+                "records": {"matched": found, "erased_from_training": int((mask & train).sum()) if found else 0,
+                            "record_ids_sha256": sha256_hex("\n".join(sorted(row.record_ids)))},
+                "issued_at": db.utcnow().isoformat(),
+            }
+            _certify(ctx, conn, row.request_id, job.model_name, job.job_id, body)
+        db.update_job(conn, job.job_id, state=state.value, stage="done", progress=1.0, message=message)
+        ctx.audit.append(conn, "job_finished", {"job_id": job.job_id, "model_name": job.model_name,
+                                                "state": state.value, "request_ids": [r.request_id for r in request_rows],
+                                                "message": message})
+
+
+def _certify(ctx: PipelineContext, conn, request_id: str, model_name: str, job_id: str | None,
+             body: dict[str, Any]) -> str:
+    """Sign, store, chain and announce one certificate; completes the request when it was the last one."""
+    certificate = ctx.audit.sign_certificate(_jsonable(body))
+    certificate_id = sha256_hex(f"{request_id}\n{model_name}")[:32]
+    db.insert_certificate(conn, certificate_id, request_id, model_name, job_id, certificate.body_json,
+                          certificate.signature)
+    ctx.audit.append(conn, "certificate_issued", {
+        "certificate_id": certificate_id, "request_id": request_id, "model_name": model_name, "job_id": job_id,
+        "certificate_sha256": sha256_hex(certificate.body_json)})
+    request = db.get_request(conn, request_id)
+    issued = {row.model_name for row in db.certificates_for(conn, request_id)}
+    if set(request.model_names) <= issued:
+        db.complete_request(conn, request_id)
+    db.add_event(conn, job_id or "", (request_id,), EventKind.TERMINAL.value, JobState.SUCCEEDED.value, "done",
+                 1.0, f"certificate issued for model {model_name} ({body['label']})", certificate_id)
+    return certificate_id
+
+
+def _statement(label: str, model_name: str, found: int) -> str:
+    if label == NO_RECORDS:
+        return (f"No records of this request were found in the training data of model {model_name!r}; "
+                "nothing had to be unlearned.")
+    kind = ("exact unlearning (the model was retrained, or never trained, without the records)" if label == "exact"
+            else "approximate unlearning: the records' influence was removed by the named method and the "
+                 "result was verified with the recorded evidence; this attests the process, not a proof "
+                 "from the weights")
+    return f"{found} record(s) were removed from model {model_name!r} and its training data by {kind}."
+
+
+def _finish_without_records(ctx, job, request_rows, data: LoadedDataset, progress: Progress) -> None:
+    shared = {"job_id": job.job_id, "model_name": job.model_name, "coalesced_requests": len(request_rows),
+              "model": {"base_version": job.base_version, "result_version": None},
+              "dataset": {"digest_searched": data.digest, "records_searched": len(data)},
+              "code_version": ctx.settings.code_version}
+    _issue(ctx, job, request_rows, {}, data.split_mask("train"), shared, NO_RECORDS, progress, JobState.SUCCEEDED,
+           "no records of these requests remain in the training data; nothing to unlearn")
+
+
+def _reject(ctx: PipelineContext, job, request_ids: tuple[str, ...], record: dict[str, Any],
+            failures: tuple[str, ...], progress: Progress) -> None:
+    """A failed gate: nothing registered, alias untouched, requests stay pending, evidence kept."""
+    progress.finish()
+    message = f"verification failed ({', '.join(failures)}); nothing was registered and the requests stay pending"
+    with ctx.store.write() as conn:
+        db.update_job(conn, job.job_id, state=JobState.REJECTED_BY_VERIFICATION.value, stage="verify",
+                      progress=1.0, message=message)
+        db.add_event(conn, job.job_id, request_ids, EventKind.TERMINAL.value,
+                     JobState.REJECTED_BY_VERIFICATION.value, "verify", 1.0, message)
+        ctx.audit.append(conn, "job_rejected", {"job_id": job.job_id, "model_name": job.model_name,
+                                                "base_version": job.base_version, "request_ids": list(request_ids),
+                                                "failures": list(failures),
+                                                "evidence_sha256": sha256_hex(canonical_json(_jsonable(record)))})
+
+
+def _jsonable(value: Any) -> Any:
+    """Evidence as plain JSON (numpy scalars, tuples, inf) so it can be stored, hashed and signed."""
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, (np.floating, float)):
+        value = float(value)
+        return value if np.isfinite(value) else str(value)
+    if isinstance(value, (np.integer,)):
+        return int(value)
+    if isinstance(value, (np.bool_,)):
+        return bool(value)
+    if isinstance(value, torch.Tensor):
+        return _jsonable(value.tolist())
+    return value

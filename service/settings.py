@@ -1,0 +1,167 @@
+"""Lethe's one settings object: every knob of the front and the engine, read from ``LETHE_*`` variables.
+
+The defaults give the embedded mode of DESIGN.md ("Embedded default and scale-out"): one process, a state
+directory (``./.lethe``) holding the SQLite job store, MLflow's SQLite backend and artifact directory, the
+key files and the caches. Scale-out changes only configuration: point ``LETHE_JOB_STORE_URL`` at
+PostgreSQL and ``LETHE_MLFLOW_TRACKING_URI`` at a tracking server. The Helm chart uses these environment
+variable names verbatim.
+
+Unknown keyword arguments in code are an error (``extra="forbid"``), as STYLE.md asks of configuration;
+unknown ``LETHE_`` environment variables are ignored, because pydantic-settings only reads declared ones.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import subprocess
+from functools import cached_property
+from pathlib import Path
+
+from pydantic import Field, SecretStr, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+KEY_BYTES = 32  # HMAC-SHA256 keys: 256 bits, the hash's own block strength
+
+
+def _default_code_version() -> str:
+    """``lethe <package version>+g<commit>`` so a certificate names the exact code that produced it."""
+    try:
+        from importlib.metadata import version
+
+        package = version("lethe")
+    except Exception:  # running from a tree that is not installed
+        package = "0+unknown"
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], capture_output=True, text=True,
+                                timeout=5, cwd=Path(__file__).resolve().parent).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        commit = ""
+    return f"lethe {package}+g{commit}" if commit else f"lethe {package}"
+
+
+class Settings(BaseSettings):
+    """Configuration of the Lethe service (front and engine). Each field is a ``LETHE_<NAME>`` variable."""
+
+    model_config = SettingsConfigDict(env_prefix="LETHE_", extra="forbid", validate_default=True)
+
+    state_dir: Path = Path(".lethe")
+    """Directory of the embedded mode's state: job store, MLflow database and artifacts, keys, datasets,
+    caches. Created on first use."""
+
+    mlflow_tracking_uri: str | None = None
+    """MLflow tracking and registry URI. Default ``sqlite:///<state_dir>/mlflow.db`` (embedded); set an
+    ``http(s)://`` tracking server for scale-out."""
+
+    mlflow_artifact_root: str | None = None
+    """Where Lethe's MLflow experiment stores artifacts (models, dataset copies). Default
+    ``<state_dir>/mlartifacts``. Ignored when the experiment already exists on a tracking server."""
+
+    mlflow_experiment: str = "lethe"
+    """MLflow experiment holding Lethe's unlearning runs and registrations."""
+
+    job_store_url: str | None = None
+    """SQLAlchemy URL of the durable job store. Default ``sqlite:///<state_dir>/lethe.db`` (WAL mode);
+    ``postgresql+psycopg://...`` for scale-out."""
+
+    grpc_host: str = "127.0.0.1"
+    """Address the gRPC server binds (``0.0.0.0`` in a container)."""
+
+    grpc_port: int = Field(50051, ge=0, le=65535)
+    """gRPC port (0 picks a free port, for tests)."""
+
+    metrics_port: int = Field(9464, ge=0, le=65535)
+    """Port of the Prometheus ``/metrics`` exporter; 0 turns the exporter off."""
+
+    metrics_host: str = "127.0.0.1"
+    """Address the metrics exporter binds (``0.0.0.0`` in a container)."""
+
+    auth_token: SecretStr | None = None
+    """Bearer token every gRPC call must present; unset = no authentication (embedded, local only)."""
+
+    max_ids_per_request: int = Field(10000, ge=1)
+    """Most subject or record ids one request may carry (larger requests are INVALID_ARGUMENT)."""
+
+    max_id_length: int = Field(256, ge=1, le=4096)
+    """Longest accepted id, in characters (request ids, subject ids, record ids)."""
+
+    coalescing_window_s: float = Field(2.0, ge=0.0, le=3600.0)
+    """Erasures for one model arriving within this many seconds of the first become ONE job over the
+    union of their records. 0 = no coalescing (every request its own job)."""
+
+    worker_threads: int = Field(1, ge=1, le=64)
+    """In-process job workers. Jobs of one model lineage always run one at a time; more threads only let
+    different models progress in parallel."""
+
+    serving_alias: str = "serving"
+    """MLflow alias that marks the version to serve; moved only when verification passes."""
+
+    audit_key: SecretStr | None = None
+    """HMAC-SHA256 key (hex) signing the audit chain and certificates. Unset: generated once into
+    ``<state_dir>/keys/audit.key`` (mode 0600)."""
+
+    subject_hash_key: SecretStr | None = None
+    """HMAC-SHA256 key (hex) for keyed hashes of subject ids, payload digests and tombstones, so no
+    subject id is ever stored in clear. Unset: generated once into ``<state_dir>/keys/subject-hash.key``."""
+
+    device: str = "auto"
+    """Torch device for unlearning jobs: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``."""
+
+    code_version: str = Field(default_factory=_default_code_version)
+    """Code version written into every certificate and model version tag. Default: package version and
+    git commit when available; the container image sets it to the image tag."""
+
+    @model_validator(mode="after")
+    def _embedded_defaults(self) -> Settings:
+        state = self.state_dir.expanduser().absolute()
+        object.__setattr__(self, "state_dir", state)
+        if self.mlflow_tracking_uri is None:
+            object.__setattr__(self, "mlflow_tracking_uri", f"sqlite:///{state / 'mlflow.db'}")
+        if self.mlflow_artifact_root is None:
+            object.__setattr__(self, "mlflow_artifact_root", str(state / "mlartifacts"))
+        if self.job_store_url is None:
+            object.__setattr__(self, "job_store_url", f"sqlite:///{state / 'lethe.db'}")
+        return self
+
+    # ------------------------------------------------------------------------------------- derived paths
+    @property
+    def datasets_dir(self) -> Path:
+        """Lethe's own copies of training datasets, one file per dataset version."""
+        return self.state_dir / "datasets"
+
+    @property
+    def cache_dir(self) -> Path:
+        """Derived state that may be deleted at any time (importance, baseline measurements, ONNX files)."""
+        return self.state_dir / "cache"
+
+    @cached_property
+    def audit_key_bytes(self) -> bytes:
+        return _key_bytes(self.audit_key, self.state_dir / "keys" / "audit.key")
+
+    @cached_property
+    def subject_hash_key_bytes(self) -> bytes:
+        return _key_bytes(self.subject_hash_key, self.state_dir / "keys" / "subject-hash.key")
+
+
+def _key_bytes(configured: SecretStr | None, path: Path) -> bytes:
+    """The configured key, or the key file's, creating it (0600, exclusive create) on first use.
+
+    Exclusive creation makes two processes racing on a fresh state directory agree on one key.
+    """
+    if configured is not None:
+        return bytes.fromhex(configured.get_secret_value())
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:
+            pass
+        else:
+            with os.fdopen(descriptor, "w") as handle:
+                handle.write(secrets.token_hex(KEY_BYTES))
+    return bytes.fromhex(path.read_text().strip())
+
+
+def load_key(state_dir: str | Path, name: str) -> bytes:
+    """Read an embedded key file (``audit`` or ``subject-hash``) for offline tools; never creates one."""
+    return bytes.fromhex((Path(state_dir) / "keys" / f"{name}.key").read_text().strip())

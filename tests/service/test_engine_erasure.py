@@ -1,0 +1,146 @@
+"""Engine-level erasure behaviour on the shared digits model: happy path with coalescing, idempotency,
+ALREADY_EXISTS, unknown subjects, the rejection path, and class erasure."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from service import store as db
+from service.domain import AlreadyExists, ErasureRequest, EventKind, JobState, NotFound
+from tests.service.conftest import fresh_subjects, wait_for_jobs
+
+
+def _body(certificate) -> dict:
+    return json.loads(certificate.body_json)
+
+
+def test_erasure_happy_path_coalesces_registers_purges_and_certifies(lethe_engine, digits_model):
+    engine = lethe_engine
+    serving_before = engine.registry.serving_version(digits_model)
+    with engine.store.read() as conn:
+        old_dataset = db.dataset_for_model_version(conn, digits_model, serving_before)
+    subjects = fresh_subjects(3)
+    outcomes = [engine.submit_erasure(ErasureRequest(request_id=f"happy-{i}", subject_ids=(subject,)))
+                for i, subject in enumerate(subjects)]
+    assert all(o.created for o in outcomes)
+    assert len({o.job_ids for o in outcomes}) == 1, "requests inside one window share one job"
+    (job,) = wait_for_jobs(engine, outcomes[0].job_ids)
+    assert job.state is JobState.SUCCEEDED, job.message
+    assert job.request_ids == tuple(sorted(o.request_id for o in outcomes))
+
+    # Registered, and the serving alias moved to the new version.
+    assert job.result_version == engine.registry.serving_version(digits_model) != serving_before
+    version = engine.registry.resolve(digits_model, job.result_version)
+    assert version.tags["lethe.job_id"] == job.job_id
+    assert version.tags["lethe.parent_version"] == serving_before
+    assert "subject-" not in json.dumps(version.tags), "no subject id in clear in MLflow"
+
+    # Purged: the new dataset version lacks the subjects' records; the old copies are gone everywhere.
+    with engine.store.read() as conn:
+        new_dataset = db.dataset_for_model_version(conn, digits_model, job.result_version)
+        old_row = conn.execute(db.dataset_versions.select().where(
+            db.dataset_versions.c.id == old_dataset.id)).first()
+    frame = pd.read_parquet(new_dataset.path)
+    assert not frame["subject_id"].isin(subjects).any()
+    assert not Path(old_dataset.path).exists()
+    assert old_row.removed_at is not None
+    assert not Path(old_dataset.mlflow_artifact_uri.removeprefix("file://")).exists()
+
+    # One certificate per request, pointing at the shared job, verifiable, with the evidence.
+    for outcome in outcomes:
+        (certificate,) = engine.get_certificate(outcome.request_id)
+        body = _body(certificate)
+        assert body["job_id"] == job.job_id and body["coalesced_requests"] == 3
+        assert body["label"] == "approximate" and body["records"]["matched"] > 0
+        assert body["model"]["result_version"] == job.result_version
+        assert {c["name"] for c in body["verification"]["checks"]} == {"utility", "forgetting", "onnx_parity",
+                                                                        "onnx_utility"}
+        assert body["verification"]["onnx"]["providers"] == ["CPUExecutionProvider"]
+        assert "loss_attack_auc_after" in body["verification"]["mia"]
+        assert not any(s in certificate.body_json for s in subjects)
+        assert engine.verify_certificate(certificate.body_json, certificate.signature).valid
+    assert not {o.request_id for o in outcomes} & {r for r, _ in engine.pending_requests()}
+
+    # Events: every stage in order, one terminal event per request with its certificate.
+    events = engine.events(after_seq=0, job_ids=outcomes[0].job_ids)
+    stages = [e.stage for e in events if e.kind is EventKind.PROGRESS]
+    for stage in ("resolve", "measure", "apply", "verify", "register", "purge", "audit"):
+        assert stage in stages
+    terminal = [e for e in events if e.kind is EventKind.TERMINAL]
+    assert sorted(e.request_ids[0] for e in terminal) == sorted(o.request_id for o in outcomes)
+    assert all(e.certificate is not None for e in terminal)
+    assert [e.seq for e in events] == sorted(e.seq for e in events)
+
+    # Metrics.
+    registry = engine.metrics.registry
+    assert registry.get_sample_value("lethe_requests_total", {"kind": "erase", "outcome": "accepted"}) >= 3
+    assert registry.get_sample_value("lethe_records_erased_total") >= job.records
+    assert registry.get_sample_value("lethe_verification_total", {"outcome": "passed"}) >= 1
+
+
+def test_idempotent_replay_and_already_exists(lethe_engine):
+    engine = lethe_engine
+    (subject,) = fresh_subjects(1)
+    request = ErasureRequest(request_id="idem-1", subject_ids=(subject,))
+    first = engine.submit_erasure(request)
+    replay = engine.submit_erasure(request)
+    assert replay.created is False
+    assert (replay.job_ids, replay.first_event_seq) == (first.job_ids, first.first_event_seq)
+    with engine.store.read() as conn:
+        before = (db.last_event_seq(conn), db.audit_tail(conn))
+    with pytest.raises(AlreadyExists) as raised:
+        engine.submit_erasure(ErasureRequest(request_id="idem-1", subject_ids=(subject, "someone-else")))
+    assert raised.value.violations[0].field == "request_id"
+    with engine.store.read() as conn:
+        assert (db.last_event_seq(conn), db.audit_tail(conn)) == before, "nothing written"
+    wait_for_jobs(engine, first.job_ids)
+    after = engine.submit_erasure(request)  # same outcome once the job is over, too
+    assert (after.created, after.job_ids) == (False, first.job_ids)
+
+
+def test_unknown_subject_gets_a_no_records_certificate_at_once(lethe_engine):
+    engine = lethe_engine
+    outcome = engine.submit_erasure(ErasureRequest(request_id="nobody-1", subject_ids=("no-such-person",)))
+    assert outcome.job_ids == ()
+    (certificate,) = engine.get_certificate("nobody-1")
+    body = _body(certificate)
+    assert body["label"] == "no records found" and body["records"]["matched"] == 0
+    assert "no-such-person" not in certificate.body_json
+    assert "nobody-1" not in {r for r, _ in engine.pending_requests()}
+    kinds = [e.kind for e in engine.events(after_seq=outcome.first_event_seq - 1, request_ids=("nobody-1",))]
+    assert kinds == [EventKind.ACCEPTED, EventKind.TERMINAL]
+
+
+def test_rejection_keeps_alias_and_request_pending(lethe_engine, digits_model):
+    engine = lethe_engine
+    serving_before = engine.registry.serving_version(digits_model)
+    (subject,) = fresh_subjects(1)
+    # alpha and lambda this small dampen almost every weight to near zero: utility collapses.
+    outcome = engine.submit_erasure(ErasureRequest(request_id="reject-1", subject_ids=(subject,), method="ssd",
+                                                   method_params={"alpha": 1e-6, "lam": 1e-6}))
+    (job,) = wait_for_jobs(engine, outcome.job_ids)
+    assert job.state is JobState.REJECTED_BY_VERIFICATION, job.message
+    assert "utility" in job.message and job.result_version is None
+    checks = {c["name"]: c for c in job.evidence["verification"]["checks"]}
+    assert not checks["utility"]["passed"]
+    assert engine.registry.serving_version(digits_model) == serving_before
+    assert engine.registry.version_for_job(digits_model, job.job_id) is None
+    assert "reject-1" in {r for r, _ in engine.pending_requests()}
+    with pytest.raises(NotFound):
+        engine.get_certificate("reject-1")
+    assert engine.metrics.registry.get_sample_value("lethe_oldest_pending_request_age_seconds") > 0
+
+
+def test_class_erasure_forgets_the_class(lethe_engine, digits_model):
+    engine = lethe_engine
+    outcome = engine.submit_erasure(ErasureRequest(request_id="class-7", classes=(7,), model_names=(digits_model,)))
+    (job,) = wait_for_jobs(engine, outcome.job_ids)
+    assert job.state is JobState.SUCCEEDED, job.message
+    body = _body(engine.get_certificate("class-7")[0])
+    assert body["verification"]["scenario"] == "class"
+    assert body["verification"]["forget_acc_after"] <= 0.05
+    assert body["model"]["weights_changed"] is True
