@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PIP_FLAGS := --disable-pip-version-check --quiet
 
-.PHONY: install test bench clean
+.PHONY: install test bench bench-acks demo proto-lint clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
@@ -22,6 +22,16 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python -m unlearn.bench.sweep
+
+# Trains the digits model, registers it in embedded MLflow, streams 21 erasures through the gRPC API.
+demo: $(STAMP)
+	$(BIN)/lethe demo
+
+bench-acks: $(STAMP)
+	$(BIN)/python -m service.api.bench_acks --json docs/bench_acks.json
+
+proto-lint: $(STAMP)
+	$(BIN)/buf lint proto && $(BIN)/buf format --diff --exit-code proto
 
 clean:
 	rm -rf $(VENV) .cache .pytest_cache

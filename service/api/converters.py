@@ -1,0 +1,228 @@
+"""Protobuf <-> domain conversions, and nothing else.
+
+Servicer methods stay a few lines because every translation lives here. Converters check only what the
+protobuf shape makes possible and the domain cannot express (an UNSPECIFIED enum, an out-of-range
+Timestamp, a page size); the engine validates the content (ids, methods, parameters, models) and raises
+:class:`service.domain.InvalidArgument` with field paths in the request, e.g. ``erasure.subject_ids[3]``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterable, Mapping
+from datetime import datetime, timezone
+from typing import Any
+
+from google.protobuf import json_format, struct_pb2, timestamp_pb2
+
+from service import domain
+from service.api.pb import service_pb2, types_pb2
+
+MAX_PAGE_SIZE = 1000
+DEFAULT_PAGE_SIZE = 100
+
+_POLICY_FIELDS = ("max_utility_drop", "record_forget_margin", "class_forget_max_accuracy", "onnx_tolerance")
+
+
+# ------------------------------------------------------------------------------------- proto -> domain
+def erasure_from_proto(erasure: types_pb2.Erasure, field: str = "erasure") -> domain.ErasureRequest:
+    return domain.ErasureRequest(
+        request_id=erasure.request_id,
+        subject_ids=tuple(erasure.subject_ids),
+        record_ids=tuple(erasure.record_ids),
+        classes=tuple(erasure.classes),
+        model_names=tuple(erasure.model_names),
+        method=erasure.method or None,
+        method_params=struct_to_dict(erasure.method_params),
+        deadline=(timestamp_to_datetime(erasure.deadline, f"{field}.deadline")
+                  if erasure.HasField("deadline") else None),
+        policy_overrides=_overrides_from_proto(erasure.policy_overrides, f"{field}.policy_overrides")
+        if erasure.HasField("policy_overrides") else {},
+    )
+
+
+def registration_from_proto(request: service_pb2.RegisterModelRequest) -> domain.ModelRegistration:
+    which = request.WhichOneof("model_version")
+    return domain.ModelRegistration(
+        model_name=request.model_name,
+        version=request.version if which == "version" else None,
+        alias=request.alias if which == "alias" else None,
+        task_type=task_type_from_proto(request.task_type, "task_type"),
+        dataset_uri=request.dataset_uri,
+        policy=policy_from_proto(request.policy) if request.HasField("policy") else domain.VerificationPolicy(),
+        num_classes=request.num_classes or None,
+        model_factory=request.model_factory or None,
+        train_recipe=struct_to_dict(request.train_recipe),
+    )
+
+
+def policy_from_proto(policy: types_pb2.VerificationPolicy) -> domain.VerificationPolicy:
+    """Unset fields keep the domain defaults, so a client states only what differs."""
+    values: dict[str, Any] = {name: getattr(policy, name) for name in _POLICY_FIELDS if policy.HasField(name)}
+    if policy.default_method:
+        values["default_method"] = policy.default_method
+    if policy.HasField("method_params"):
+        values["method_params"] = struct_to_dict(policy.method_params)
+    return domain.VerificationPolicy(**values)
+
+
+def job_filter_from_proto(request: service_pb2.ListJobsRequest) -> domain.JobFilter:
+    if not 0 <= request.page_size <= MAX_PAGE_SIZE:
+        raise domain.InvalidArgument("page_size out of range", (domain.FieldViolation(
+            "page_size", f"must be between 0 (default {DEFAULT_PAGE_SIZE}) and {MAX_PAGE_SIZE}"),))
+    min_age_s = None
+    if request.HasField("min_age"):
+        min_age_s = request.min_age.seconds + request.min_age.nanos / 1e9
+        if min_age_s < 0:
+            raise domain.InvalidArgument("min_age is negative", (domain.FieldViolation(
+                "min_age", "must not be negative"),))
+    return domain.JobFilter(
+        states=tuple(job_state_from_proto(state, f"states[{index}]") for index, state in enumerate(request.states)),
+        model_name=request.model_name or None,
+        min_age_s=min_age_s,
+        limit=request.page_size or DEFAULT_PAGE_SIZE,
+    )
+
+
+def certificate_from_proto(certificate: types_pb2.Certificate) -> domain.Certificate:
+    return domain.Certificate(certificate.request_id, certificate.body_json, certificate.signature)
+
+
+def task_type_from_proto(value: int, field: str) -> domain.TaskType:
+    if value == types_pb2.TASK_TYPE_UNSPECIFIED or value not in types_pb2.TaskType.values():
+        raise domain.InvalidArgument("task_type is required", (domain.FieldViolation(
+            field, f"must be one of {', '.join(_enum_names(types_pb2.TaskType))}"),))
+    return domain.TaskType(types_pb2.TaskType.Name(value).removeprefix("TASK_TYPE_").lower())
+
+
+def job_state_from_proto(value: int, field: str) -> domain.JobState:
+    if value == types_pb2.JOB_STATE_UNSPECIFIED or value not in types_pb2.JobState.values():
+        raise domain.InvalidArgument("unknown job state", (domain.FieldViolation(
+            field, f"must be one of {', '.join(_enum_names(types_pb2.JobState))}"),))
+    return domain.JobState(types_pb2.JobState.Name(value).removeprefix("JOB_STATE_"))
+
+
+def _overrides_from_proto(overrides: types_pb2.PolicyOverrides, field: str) -> dict[str, float]:
+    values = {name: getattr(overrides, name) for name in _POLICY_FIELDS if overrides.HasField(name)}
+    for name, value in values.items():
+        if not math.isfinite(value):
+            raise domain.InvalidArgument("policy override is not finite", (domain.FieldViolation(
+                f"{field}.{name}", f"must be a finite number, got {value}"),))
+    return values
+
+
+# ------------------------------------------------------------------------------------- domain -> proto
+def accepted_to_proto(outcome: domain.SubmitOutcome) -> types_pb2.SubmissionAccepted:
+    return types_pb2.SubmissionAccepted(request_id=outcome.request_id, job_ids=list(outcome.job_ids),
+                                        created=outcome.created, first_event_seq=outcome.first_event_seq)
+
+
+def job_to_proto(job: domain.JobView) -> types_pb2.Job:
+    message = types_pb2.Job(
+        job_id=job.job_id, model_name=job.model_name, base_version=job.base_version,
+        state=job_state_to_proto(job.state), stage=job.stage, progress=job.progress, method=job.method,
+        request_ids=list(job.request_ids), records=job.records, result_version=job.result_version or "",
+        message=job.message,
+    )
+    message.create_time.CopyFrom(datetime_to_timestamp(job.created_at))
+    message.update_time.CopyFrom(datetime_to_timestamp(job.updated_at))
+    message.evidence.CopyFrom(dict_to_struct(job.evidence))
+    return message
+
+
+def event_to_proto(event: domain.JobEvent) -> types_pb2.JobEvent:
+    """A TERMINAL event of a succeeded job settles one request and carries that request's certificate."""
+    certificates = [event.certificate] if event.certificate is not None else []
+    message = types_pb2.JobEvent(
+        seq=event.seq, job_id=event.job_id, request_ids=list(event.request_ids),
+        kind=types_pb2.EventKind.Value(f"EVENT_KIND_{event.kind.value}"), state=job_state_to_proto(event.state),
+        stage=event.stage, fraction=event.fraction, message=event.message,
+        certificates=[certificate_to_proto(certificate) for certificate in certificates],
+    )
+    message.time.CopyFrom(datetime_to_timestamp(event.time))
+    return message
+
+
+def certificate_to_proto(certificate: domain.Certificate) -> types_pb2.Certificate:
+    return types_pb2.Certificate(request_id=certificate.request_id, body_json=certificate.body_json,
+                                 signature=certificate.signature)
+
+
+def registered_model_to_proto(model: domain.RegisteredModel) -> types_pb2.RegisteredModel:
+    policy = model.policy
+    message = types_pb2.RegisteredModel(
+        model_name=model.model_name, version=model.version, serving_alias=model.serving_alias,
+        task_type=types_pb2.TaskType.Value(f"TASK_TYPE_{model.task_type.value.upper()}"),
+        dataset_digest=model.dataset_digest, records=model.records,
+        policy=types_pb2.VerificationPolicy(
+            max_utility_drop=policy.max_utility_drop, record_forget_margin=policy.record_forget_margin,
+            class_forget_max_accuracy=policy.class_forget_max_accuracy, onnx_tolerance=policy.onnx_tolerance,
+            default_method=policy.default_method,
+        ),
+    )
+    message.policy.method_params.CopyFrom(dict_to_struct(policy.method_params))
+    return message
+
+
+def check_to_proto(check: domain.CertificateCheck) -> service_pb2.VerifyCertificateResponse:
+    return service_pb2.VerifyCertificateResponse(valid=check.valid, reason=check.reason)
+
+
+def pending_to_proto(pending: Iterable[tuple[str, datetime]],
+                     now: datetime | None = None) -> service_pb2.ListPendingRequestsResponse:
+    now = now or datetime.now(timezone.utc)
+    response = service_pb2.ListPendingRequestsResponse()
+    for request_id, received_at in sorted(pending, key=lambda item: _aware(item[1])):
+        age_s = max((now - _aware(received_at)).total_seconds(), 0.0)
+        entry = response.pending_requests.add(request_id=request_id, age_seconds=age_s)
+        entry.receive_time.CopyFrom(datetime_to_timestamp(received_at))
+        response.oldest_age_seconds = max(response.oldest_age_seconds, age_s)
+    return response
+
+
+def job_state_to_proto(state: domain.JobState) -> int:
+    return types_pb2.JobState.Value(f"JOB_STATE_{state.value}")
+
+
+# ------------------------------------------------------------------------------------- scalars
+def struct_to_dict(struct: struct_pb2.Struct) -> dict[str, Any]:
+    return json_format.MessageToDict(struct)
+
+
+def dict_to_struct(values: Mapping[str, Any] | None) -> struct_pb2.Struct:
+    """Any JSON-like mapping; numpy scalars and other odd values go through ``str`` rather than failing."""
+    struct = struct_pb2.Struct()
+    if values:
+        struct.update(json.loads(json.dumps(dict(values), default=_jsonable)))
+    return struct
+
+
+def datetime_to_timestamp(value: datetime) -> timestamp_pb2.Timestamp:
+    timestamp = timestamp_pb2.Timestamp()
+    timestamp.FromDatetime(_aware(value))
+    return timestamp
+
+
+def timestamp_to_datetime(timestamp: timestamp_pb2.Timestamp, field: str) -> datetime:
+    try:
+        return timestamp.ToDatetime(tzinfo=timezone.utc)
+    except (ValueError, OverflowError) as error:
+        raise domain.InvalidArgument("invalid timestamp", (domain.FieldViolation(field, str(error)),)) from None
+
+
+def _aware(value: datetime) -> datetime:
+    """The domain uses UTC; a naive datetime from the store is taken as UTC, not local time."""
+    return value if value.tzinfo is not None else value.replace(tzinfo=timezone.utc)
+
+
+def _jsonable(value: Any) -> Any:
+    if hasattr(value, "tolist"):  # numpy / torch scalars and arrays
+        return value.tolist()
+    if isinstance(value, (set, frozenset, tuple)):
+        return sorted(value, key=str)
+    return str(value)
+
+
+def _enum_names(enum_type) -> list[str]:
+    return [name for name in enum_type.keys() if not name.endswith("_UNSPECIFIED")]

@@ -1,0 +1,288 @@
+"""The streaming halves of the API: the bidirectional ``Session`` and the server-streaming ``WatchJob``.
+
+Session protocol (see unlearning_service.proto for the client's view):
+
+* A **reader** thread consumes the client's messages. Each submission is converted and handed to
+  ``engine.submit_erasure``, which returns only after the durable commit; only then is
+  ``SubmissionAccepted`` queued for the client (a refusal becomes ``SubmissionRejected`` and the stream
+  stays open). Acks never wait for event polling, so ack latency is the commit latency.
+* A **poller** thread owns the watch set and the event cursor and is the only producer of events, so
+  events reach the client in increasing ``seq``. A new request joins in order: its first event lies above
+  the cursor (a poll that raced with its joining is re-read with the larger watch set). A request whose
+  history lies below the cursor (an idempotent replay of an old request, a Resume with an old
+  ``after_seq``) has that history replayed once, right after its ack ("backfill"), then joins the live
+  feed. Per request, events therefore always arrive in increasing ``seq``, which is the invariant a
+  reconnecting client relies on: resuming a request with ``after_seq`` = the highest seq it saw for that
+  request loses nothing.
+* The gRPC thread only yields what the two threads queue.
+
+The engine's ``seq`` is global and strictly increasing in commit order (one SQLite writer); with a
+database whose sequence values may commit out of order the invariant above would need a settle delay.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from collections import defaultdict
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import grpc
+
+from service import domain
+from service.api import converters, errors
+from service.api.pb import service_pb2
+
+log = logging.getLogger(__name__)
+
+DEFAULT_POLL_S = 0.25
+"""How long one ``engine.events`` call waits for new events. Bounds how late a newly watched request's
+first events start flowing (acks are not affected); 4 polls a second per idle stream is cheap."""
+
+CONTINUAL_LEARNING_NOT_BUILT = ("{kind} requests are part of the API design but not built yet: continual "
+                                "learning (the continual/ library) has not landed; erasures are supported")
+
+MAX_DISCARDED_POLLS = 3
+"""Consecutive poll results dropped to keep seq order while requests join (see ``_poll``); bounded so a
+steady stream of submissions cannot starve event delivery."""
+
+_END = object()
+
+
+@dataclass(frozen=True)
+class _Watch:
+    """Start watching ``request_ids`` (or everything), sending only their events with seq > after_seq."""
+
+    request_ids: tuple[str, ...]
+    after_seq: int
+    job_ids: tuple[str, ...] = ()  # known from the ack
+    all_requests: bool = False
+
+
+class _Failure:
+    def __init__(self, error: BaseException):
+        self.error = error
+
+
+class SessionStream:
+    """One ``Session`` RPC. ``responses()`` is what the servicer returns to gRPC."""
+
+    def __init__(self, engine: domain.EngineProtocol, requests: Iterator[service_pb2.SessionRequest],
+                 context: grpc.ServicerContext, poll_s: float = DEFAULT_POLL_S):
+        self._engine = engine
+        self._requests = requests
+        self._context = context
+        self._poll_s = poll_s
+        self._outbox: queue.Queue = queue.Queue()
+        self._lock = threading.Lock()
+        self._incoming_watches: list[_Watch] = []
+        self._client_done = False  # the client half-closed (or went away)
+        self._work = threading.Event()  # reader -> poller: new watches, or the client is done
+        self._stop = threading.Event()
+        # Poller-owned state.
+        self._cursor: int | None = None  # highest seq polled live; None until the first watch
+        self._all_requests = False
+        self._floor_by_request: dict[str, int] = {}  # watched request -> seq the client has already seen
+        self._jobs_by_request: dict[str, set[str]] = defaultdict(set)
+        # A coalesced job settles its requests with one TERMINAL event each (each carrying that request's
+        # certificate), so "terminal" is tracked per (request, job), not per job.
+        self._terminal_jobs_by_request: dict[str, set[str]] = defaultdict(set)
+
+    # --------------------------------------------------------------------------------------------- gRPC side
+    def responses(self) -> Iterator[service_pb2.SessionResponse]:
+        self._context.add_callback(self._on_rpc_done)
+        threads = [threading.Thread(target=self._read, name="lethe-session-reader", daemon=True),
+                   threading.Thread(target=self._poll, name="lethe-session-poller", daemon=True)]
+        for thread in threads:
+            thread.start()
+        try:
+            while True:
+                item = self._outbox.get()
+                if item is _END:
+                    return
+                if isinstance(item, _Failure):
+                    raise item.error  # mapped to a status by the error interceptor
+                yield item
+        finally:
+            self._stop.set()
+            self._work.set()
+
+    def _on_rpc_done(self) -> None:
+        self._stop.set()
+        self._work.set()
+        self._outbox.put(_END)
+
+    # --------------------------------------------------------------------------------------------- reader
+    def _read(self) -> None:
+        try:
+            for message in self._requests:
+                if self._stop.is_set():
+                    return
+                self._handle(message)
+        except Exception as error:  # the client cancelled or the connection broke: nothing to answer
+            if not self._stop.is_set():
+                log.debug("session request stream ended: %r", error)
+        finally:
+            with self._lock:
+                self._client_done = True
+            self._work.set()
+
+    def _handle(self, message: service_pb2.SessionRequest) -> None:
+        kind = message.WhichOneof("message")
+        if kind == "erasure":
+            request_id = message.erasure.request_id
+            try:
+                outcome = self._engine.submit_erasure(converters.erasure_from_proto(message.erasure))
+            except Exception as error:
+                self._outbox.put(service_pb2.SessionResponse(
+                    rejected=errors.rejection(error, request_id, "Session.erasure")))
+                return
+            # The ack goes out before the request joins the watch set, so it precedes its events.
+            self._outbox.put(service_pb2.SessionResponse(accepted=converters.accepted_to_proto(outcome)))
+            self._add_watch(_Watch((outcome.request_id,), max(outcome.first_event_seq - 1, 0), outcome.job_ids))
+        elif kind == "resume":
+            resume = message.resume
+            if resume.after_seq < 0:
+                self._outbox.put(service_pb2.SessionResponse(rejected=errors.rejection(domain.InvalidArgument(
+                    "after_seq is negative", (domain.FieldViolation("resume.after_seq", "must be >= 0"),)),
+                    "", "Session.resume")))
+                return
+            self._add_watch(_Watch(tuple(dict.fromkeys(resume.request_ids)), resume.after_seq,
+                                   all_requests=resume.all_requests))
+        elif kind in ("rectification", "update"):
+            request_id = getattr(message, kind).request_id
+            error = domain.Unimplemented(CONTINUAL_LEARNING_NOT_BUILT.format(kind=kind.capitalize()))
+            self._outbox.put(service_pb2.SessionResponse(rejected=errors.rejection(error, request_id,
+                                                                                    f"Session.{kind}")))
+        else:
+            self._outbox.put(service_pb2.SessionResponse(rejected=errors.rejection(domain.InvalidArgument(
+                "empty session message", (domain.FieldViolation("message", "set one of erasure, resume, "
+                                                                "rectification, update"),)), "", "Session")))
+
+    def _add_watch(self, watch: _Watch) -> None:
+        with self._lock:
+            self._incoming_watches.append(watch)
+        self._work.set()
+
+    # --------------------------------------------------------------------------------------------- poller
+    def _poll(self) -> None:
+        discarded = 0
+        try:
+            while not self._stop.is_set():
+                with self._lock:
+                    incoming, self._incoming_watches = self._incoming_watches, []
+                    client_done = self._client_done
+                for watch in incoming:
+                    self._start_watching(watch)
+                if client_done and not incoming and self._settled():
+                    self._outbox.put(_END)
+                    return
+                if self._cursor is None:  # nothing watched yet: sleep until the reader has news
+                    self._work.wait(self._poll_s)
+                    self._work.clear()
+                    continue
+                self._work.clear()
+                request_ids = () if self._all_requests else tuple(self._floor_by_request)
+                events = self._engine.events(after_seq=self._cursor, request_ids=request_ids, wait_s=self._poll_s)
+                with self._lock:
+                    joined_meanwhile = bool(self._incoming_watches)
+                if events and joined_meanwhile and discarded < MAX_DISCARDED_POLLS:
+                    # A request joined while we waited: its first events may lie below the newest seq just
+                    # read. Re-reading from the same cursor with the larger watch set keeps the feed in seq
+                    # order instead of replaying them out of order (the backfill path).
+                    discarded += 1
+                    continue
+                discarded = 0
+                for event in events:
+                    self._cursor = max(self._cursor, event.seq)
+                    self._deliver(event)
+        except Exception as error:
+            self._outbox.put(_Failure(error))
+
+    def _start_watching(self, watch: _Watch) -> None:
+        if watch.all_requests:
+            self._all_requests = True
+        for request_id in watch.request_ids:
+            previous = self._floor_by_request.get(request_id)
+            self._floor_by_request[request_id] = watch.after_seq if previous is None else min(previous,
+                                                                                               watch.after_seq)
+            self._jobs_by_request[request_id].update(watch.job_ids)  # (creates the entry: watched)
+        if self._cursor is None:
+            self._cursor = watch.after_seq
+        # Backfill: what the live poll will never return again (seq <= cursor). The whole history is read,
+        # so that a resumed request whose events all precede after_seq still learns its jobs and whether
+        # they are settled; only events after the client's floor are sent.
+        for request_id in watch.request_ids:
+            history = self._engine.events(after_seq=0, request_ids=(request_id,))
+            if not history and not watch.job_ids:
+                # Every accepted request has an ACCEPTED event committed with it: this one was never accepted.
+                self._forget(request_id)
+                self._outbox.put(service_pb2.SessionResponse(rejected=errors.rejection(domain.NotFound(
+                    f"no request {request_id!r} to resume", (domain.FieldViolation(
+                        "resume.request_ids", f"unknown request {request_id!r}"),)), request_id, "Session.resume")))
+                continue
+            for event in history:
+                if event.seq > self._cursor:
+                    break
+                self._learn(event)
+                if event.seq > watch.after_seq:
+                    self._deliver(event, only_request=request_id)
+
+    def _forget(self, request_id: str) -> None:
+        self._floor_by_request.pop(request_id, None)
+        self._jobs_by_request.pop(request_id, None)
+        self._terminal_jobs_by_request.pop(request_id, None)
+
+    def _deliver(self, event: domain.JobEvent, only_request: str | None = None) -> None:
+        self._learn(event)
+        watched = [rid for rid in event.request_ids if rid in self._floor_by_request]
+        if only_request is None and not self._all_requests:
+            # An event already shown to the client for every watched request it concerns is not re-sent.
+            if not watched or all(event.seq <= self._floor_by_request[rid] for rid in watched):
+                return
+        self._outbox.put(service_pb2.SessionResponse(event=converters.event_to_proto(event)))
+
+    def _learn(self, event: domain.JobEvent) -> None:
+        for request_id in event.request_ids:
+            if request_id in self._floor_by_request or self._all_requests:
+                self._jobs_by_request[request_id].add(event.job_id)
+                if event.kind is domain.EventKind.TERMINAL:
+                    self._terminal_jobs_by_request[request_id].add(event.job_id)
+
+    def _settled(self) -> bool:
+        """Every watched request has a job (a request that matched no records has the job id "", whose
+        TERMINAL event carries its "no records found" certificate) and a TERMINAL event for each."""
+        return all(jobs and jobs <= self._terminal_jobs_by_request[request_id]
+                   for request_id, jobs in self._jobs_by_request.items())
+
+
+def watch_job(engine: domain.EngineProtocol, job_id: str, after_seq: int,
+              poll_s: float = DEFAULT_POLL_S, context: grpc.ServicerContext | None = None
+              ) -> Iterator[service_pb2.WatchJobResponse]:
+    """One job's events after ``after_seq``, ending once the job is terminal and its TERMINAL events (one
+    per request it settled, each with that request's certificate; one for all when rejected) are sent, or
+    at once when the job is already terminal and the client has seen its end."""
+    if after_seq < 0:
+        raise domain.InvalidArgument("after_seq is negative", (domain.FieldViolation("after_seq", "must be >= 0"),))
+    job = engine.get_job(job_id)  # NotFound for an unknown job, before any streaming
+    cursor = after_seq
+    terminal_requests: set[str] = set()
+    while context is None or context.is_active():
+        events = engine.events(after_seq=cursor, job_ids=(job_id,), wait_s=poll_s)
+        if any(event.kind is domain.EventKind.TERMINAL for event in events):
+            job = engine.get_job(job_id)
+        for event in events:
+            cursor = max(cursor, event.seq)
+            yield service_pb2.WatchJobResponse(event=converters.event_to_proto(event))
+            terminal_requests.update(event.request_ids if event.kind is domain.EventKind.TERMINAL else ())
+            if job.state.terminal and set(job.request_ids) <= terminal_requests:
+                return
+        if not events:
+            job = engine.get_job(job_id)
+            if job.state.terminal and not engine.events(after_seq=cursor, job_ids=(job_id,)):
+                return
+
+
+__all__ = ["CONTINUAL_LEARNING_NOT_BUILT", "SessionStream", "watch_job"]

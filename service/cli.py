@@ -1,0 +1,409 @@
+"""``lethe``: run the service, register models, submit and watch erasures, verify the audit chain, demo.
+
+    lethe serve                                   # gRPC API + worker + /metrics, until SIGTERM
+    lethe register --model digits --alias champion --task classification --dataset data.parquet
+    lethe submit --subject subject-0007 --subject subject-0042     # progress bars, then certificates
+    lethe watch --request-id 3f2a...                                # follow an earlier request
+    lethe jobs --state QUEUED --state RUNNING
+    lethe pending                                                   # the GDPR clock
+    lethe certificate 3f2a... --verify
+    lethe audit verify --state-dir .lethe                           # offline, no server needed
+    lethe demo                                                      # the whole story on the digits model
+
+Client commands talk to ``--target`` (default ``LETHE_GRPC_HOST:LETHE_GRPC_PORT``) with the bearer token
+``LETHE_AUTH_TOKEN`` when set. Exit status: 0 success, 1 a request was refused or did not succeed, 2 a
+usage or connection error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import uuid
+from datetime import datetime, timedelta, timezone
+
+import grpc
+
+EXIT_OK, EXIT_NOT_SUCCEEDED, EXIT_ERROR = 0, 1, 2
+ACCEPTED_EVENT, TERMINAL_EVENT = 1, 3  # lethe.v1.EventKind values (kept literal: importing protos is lazy)
+TERMINAL_NAMES = {"JOB_STATE_SUCCEEDED": "SUCCEEDED", "JOB_STATE_REJECTED_BY_VERIFICATION": "REJECTED_BY_VERIFICATION",
+                  "JOB_STATE_FAILED": "FAILED", "JOB_STATE_CANCELLED": "CANCELLED"}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    # --log-level sets Lethe's own loggers; third-party libraries (MLflow, the ONNX exporter) stay at
+    # WARNING so that an INFO server log is Lethe's story, not the exporter's optimisation passes.
+    level = args.log_level or ("INFO" if args.command == "serve" else "WARNING")
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for name in ("service", "unlearn"):
+        logging.getLogger(name).setLevel(getattr(logging, level))
+    try:
+        return args.run(args)
+    except grpc.RpcError as error:
+        from service.api.client import describe_error
+
+        print(f"lethe: {describe_error(error)}", file=sys.stderr)
+        return EXIT_NOT_SUCCEEDED if error.code() not in (grpc.StatusCode.UNAVAILABLE,) else EXIT_ERROR
+    except KeyboardInterrupt:
+        return 130
+
+
+# --------------------------------------------------------------------------------------------- commands
+def _serve(args) -> int:
+    from service.api.server import serve
+
+    return serve(_settings(args), grace_s=args.grace_s)
+
+
+def _register(args) -> int:
+    from service.api.pb import service_pb2, types_pb2
+
+    policy = types_pb2.VerificationPolicy(default_method=args.default_method or "")
+    for name in ("max_utility_drop", "record_forget_margin", "class_forget_max_accuracy", "onnx_tolerance"):
+        if getattr(args, name) is not None:
+            setattr(policy, name, getattr(args, name))
+    if args.method_params:
+        policy.method_params.update(_json_object(args.method_params, "--method-params"))
+    request = service_pb2.RegisterModelRequest(
+        model_name=args.model, task_type=types_pb2.TaskType.Value(f"TASK_TYPE_{args.task.upper()}"),
+        dataset_uri=args.dataset, policy=policy, num_classes=args.num_classes or 0,
+        model_factory=args.model_factory or "")
+    if args.train_recipe:
+        request.train_recipe.update(_json_object(args.train_recipe, "--train-recipe"))
+    if args.version:
+        request.version = args.version
+    else:
+        request.alias = args.alias
+    with _client(args) as client:
+        response = client.stub.RegisterModel(request, metadata=client.metadata)
+    _print_message(response.model)
+    return EXIT_OK
+
+
+def _submit(args) -> int:
+    from service.api.pb import types_pb2
+
+    erasure = types_pb2.Erasure(request_id=args.request_id or f"cli-{uuid.uuid4()}", subject_ids=args.subject,
+                                record_ids=args.record, classes=args.class_, model_names=args.model,
+                                method=args.method or "")
+    if args.params:
+        erasure.method_params.update(_json_object(args.params, "--params"))
+    if args.deadline:
+        erasure.deadline.FromDatetime(_parse_time(args.deadline))
+    for assignment in args.override:
+        name, _, value = assignment.partition("=")
+        setattr(erasure.policy_overrides, name.strip(), float(value))
+    with _client(args) as client:
+        if args.no_wait:
+            from service.api.pb import service_pb2
+
+            response = client.stub.SubmitErasure(service_pb2.SubmitErasureRequest(erasure=erasure),
+                                                 metadata=client.metadata)
+            _print_message(response.accepted)
+            return EXIT_OK
+        return follow(client, [erasure], quiet=args.quiet)
+
+
+def _watch(args) -> int:
+    from service.api.pb import service_pb2
+
+    with _client(args) as client:
+        if args.job:
+            board = _board(args.quiet)
+            board.add(args.job)
+            last = None
+            for response in client.stub.WatchJob(service_pb2.WatchJobRequest(job_id=args.job, after_seq=args.after_seq),
+                                                 metadata=client.metadata):
+                last = response.event
+                board.update(args.job, status=_state_name(last.state), stage=last.stage, fraction=last.fraction,
+                             done=last.kind == TERMINAL_EVENT)
+            board.close()
+            if last is not None:
+                for certificate in last.certificates:
+                    print(certificate_json(certificate))
+            return EXIT_OK if last is not None and _state_name(last.state) == "SUCCEEDED" else EXIT_NOT_SUCCEEDED
+        if not args.request_id:
+            print("lethe watch: give --request-id (one or more) or --job", file=sys.stderr)
+            return EXIT_ERROR
+        return follow(client, [], resume=[(request_id, args.after_seq) for request_id in args.request_id],
+                      quiet=args.quiet)
+
+
+def _jobs(args) -> int:
+    from service.api.pb import service_pb2, types_pb2
+
+    request = service_pb2.ListJobsRequest(states=[types_pb2.JobState.Value(f"JOB_STATE_{s}") for s in args.state],
+                                          model_name=args.model or "", page_size=args.limit)
+    if args.min_age_s:
+        request.min_age.FromTimedelta(timedelta(seconds=args.min_age_s))
+    with _client(args) as client:
+        response = client.stub.ListJobs(request, metadata=client.metadata)
+    for job in response.jobs:
+        print(f"{job.job_id}  {job.model_name}  {_state_name(job.state):<24} {job.stage:<10} "
+              f"{job.progress * 100:5.1f}%  {job.method:<10} requests={len(job.request_ids)} records={job.records} "
+              f"v{job.base_version}->{job.result_version or '-'}")
+    return EXIT_OK
+
+
+def _pending(args) -> int:
+    from service.api.pb import service_pb2
+
+    with _client(args) as client:
+        response = client.stub.ListPendingRequests(service_pb2.ListPendingRequestsRequest(), metadata=client.metadata)
+    for pending in response.pending_requests:
+        print(f"{pending.request_id}  received {pending.receive_time.ToDatetime(timezone.utc).isoformat()}  "
+              f"age {pending.age_seconds / 86400:.2f} days")
+    print(f"{len(response.pending_requests)} pending; oldest {response.oldest_age_seconds / 86400:.2f} days "
+          "(GDPR Art. 12(3): one month)", file=sys.stderr)
+    return EXIT_OK
+
+
+def _certificate(args) -> int:
+    from service.api.pb import service_pb2
+
+    with _client(args) as client:
+        response = client.stub.GetCertificate(service_pb2.GetCertificateRequest(request_id=args.request_id),
+                                              metadata=client.metadata)
+        valid = True
+        for certificate in response.certificates:
+            print(certificate_json(certificate))
+            if args.verify:
+                check = client.stub.VerifyCertificate(service_pb2.VerifyCertificateRequest(certificate=certificate),
+                                                      metadata=client.metadata)
+                print(f"{'VALID' if check.valid else 'INVALID'}: {check.reason}", file=sys.stderr)
+                valid = valid and check.valid
+    return EXIT_OK if valid else EXIT_NOT_SUCCEEDED
+
+
+def _audit_verify(args) -> int:
+    from service import audit
+
+    if not args.state_dir and not args.store_url:
+        from service.settings import Settings
+
+        args.state_dir = str(Settings().state_dir)
+    forwarded = ["verify"]
+    for option in ("state_dir", "store_url", "key_file", "certificate"):
+        value = getattr(args, option)
+        if value:
+            forwarded += [f"--{option.replace('_', '-')}", str(value)]
+    return audit.main(forwarded)
+
+
+def _demo(args) -> int:
+    from service.demo import run_demo
+
+    return run_demo(state_dir=args.state_dir, subjects=args.subjects, keep=args.keep)
+
+
+# --------------------------------------------------------------------------------------------- helpers
+def follow(client, erasures, resume=(), quiet: bool = False, out=None) -> int:
+    """Stream ``erasures`` (and/or resume earlier requests), draw progress, print certificates as JSON.
+    Returns EXIT_OK when every request SUCCEEDED."""
+    from service.api.client import run_session
+
+    out = out or sys.stdout
+    board = _board(quiet)
+    for erasure in erasures:
+        board.add(erasure.request_id)
+    for request_id, _ in resume:
+        board.add(request_id)
+
+    def on_response(response, entry):
+        if entry is None:
+            return
+        kind = response.WhichOneof("message")
+        if kind == "accepted":
+            jobs = ", ".join(response.accepted.job_ids) or "no job: nothing to unlearn"
+            board.update(entry.request_id, status=f"accepted (durable) {jobs}")
+        elif kind == "rejected":
+            board.update(entry.request_id, status=f"refused: {response.rejected.message[:60]}", done=True)
+        elif response.event.kind != ACCEPTED_EVENT:  # the ack above already said it
+            event = response.event
+            board.update(list(event.request_ids), status=_state_name(event.state), stage=event.stage,
+                         fraction=event.fraction, done=event.kind == TERMINAL_EVENT)
+
+    result = run_session(client, erasures, on_response, resume=resume)
+    board.close()
+    ok = True
+    for entry in result.requests.values():
+        if entry.rejected is not None:
+            print(f"{entry.request_id}: refused {entry.rejected.code} {entry.rejected.message}", file=sys.stderr)
+            for violation in entry.rejected.field_violations:
+                print(f"  {violation.field}: {violation.description}", file=sys.stderr)
+            ok = False
+            continue
+        states = {_state_name(state) for state in entry.states}
+        ok = ok and states == {"SUCCEEDED"}
+        for certificate in entry.certificates.values():
+            print(certificate_json(certificate), file=out)
+    return EXIT_OK if ok else EXIT_NOT_SUCCEEDED
+
+
+def certificate_json(certificate, indent: int | None = None) -> str:
+    """A certificate as one JSON document: the signed canonical body and its signature, exactly what
+    ``lethe audit verify --certificate FILE`` checks offline."""
+    return json.dumps({"request_id": certificate.request_id, "body_json": certificate.body_json,
+                       "signature": certificate.signature}, indent=indent)
+
+
+def _state_name(state: int) -> str:
+    from service.api.pb import types_pb2
+
+    return types_pb2.JobState.Name(state).removeprefix("JOB_STATE_")
+
+
+def _board(quiet: bool):
+    from service.api.progress import ProgressBoard
+
+    return ProgressBoard(interactive=False if quiet else None)
+
+
+def _settings(args):
+    from service.settings import Settings
+
+    overrides = {}
+    for option, field in (("state_dir", "state_dir"), ("host", "grpc_host"), ("port", "grpc_port"),
+                          ("metrics_port", "metrics_port")):
+        value = getattr(args, option, None)
+        if value is not None:
+            overrides[field] = value
+    return Settings(**overrides)
+
+
+def _client(args):
+    from service.api.client import Client
+    from service.settings import Settings
+
+    settings = Settings()
+    target = args.target or f"{settings.grpc_host}:{settings.grpc_port}"
+    token = args.token or (settings.auth_token.get_secret_value() if settings.auth_token else None)
+    return Client(target, token)
+
+
+def _json_object(text: str, option: str) -> dict:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise SystemExit(f"lethe: {option} is not JSON: {error}") from None
+    if not isinstance(value, dict):
+        raise SystemExit(f"lethe: {option} must be a JSON object")
+    return value
+
+
+def _parse_time(text: str) -> datetime:
+    value = datetime.fromisoformat(text)
+    return value if value.tzinfo else value.replace(tzinfo=timezone.utc)
+
+
+def _print_message(message) -> None:
+    from google.protobuf import json_format
+
+    print(json.dumps(json_format.MessageToDict(message, preserving_proto_field_name=True), indent=2))
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lethe", description="Lethe machine-unlearning service",
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    parser.add_argument("--log-level", default=None, help="default INFO for serve, WARNING otherwise",
+                        choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    def client_command(name: str, help_text: str) -> argparse.ArgumentParser:
+        command = commands.add_parser(name, help=help_text)
+        command.add_argument("--target", help="host:port of the Lethe API (default LETHE_GRPC_HOST:LETHE_GRPC_PORT)")
+        command.add_argument("--token", help="bearer token (default LETHE_AUTH_TOKEN)")
+        return command
+
+    serve = commands.add_parser("serve", help="run the gRPC API, the job worker and the metrics exporter")
+    serve.add_argument("--state-dir", help="state directory (default LETHE_STATE_DIR or .lethe)")
+    serve.add_argument("--host", help="bind address (default LETHE_GRPC_HOST)")
+    serve.add_argument("--port", type=int, help="gRPC port (default LETHE_GRPC_PORT)")
+    serve.add_argument("--metrics-port", type=int, help="/metrics port, 0 = off (default LETHE_METRICS_PORT)")
+    serve.add_argument("--grace-s", type=float, default=10.0, help="shutdown grace period for in-flight calls")
+    serve.set_defaults(run=_serve)
+
+    register = client_command("register", "make an MLflow model version unlearnable")
+    register.add_argument("--model", required=True, help="registered model name in MLflow")
+    which = register.add_mutually_exclusive_group(required=True)
+    which.add_argument("--version", help="model version")
+    which.add_argument("--alias", help="model alias, e.g. champion")
+    register.add_argument("--task", required=True, choices=["classification", "causal_lm"])
+    register.add_argument("--dataset", required=True,
+                          help="training data URI (Parquet: record_id, subject_id, split, task columns)")
+    register.add_argument("--num-classes", type=int)
+    register.add_argument("--max-utility-drop", type=float)
+    register.add_argument("--record-forget-margin", type=float)
+    register.add_argument("--class-forget-max-accuracy", type=float)
+    register.add_argument("--onnx-tolerance", type=float)
+    register.add_argument("--default-method", help="unlearning method used when a request names none")
+    register.add_argument("--method-params", help="JSON object of the default method's parameters")
+    register.add_argument("--model-factory", help="'module:function' building the untrained model (for retrain)")
+    register.add_argument("--train-recipe", help="JSON object of the training recipe (for retrain)")
+    register.set_defaults(run=_register)
+
+    submit = client_command("submit", "submit an erasure and follow it to its certificates")
+    submit.add_argument("--request-id", help="idempotency key (default: a new UUID)")
+    submit.add_argument("--subject", action="append", default=[], help="subject id to erase (repeatable)")
+    submit.add_argument("--record", action="append", default=[], help="record id to erase (repeatable)")
+    submit.add_argument("--class", dest="class_", metavar="CLASS", type=int, action="append", default=[],
+                        help="whole class to erase (repeatable)")
+    submit.add_argument("--model", action="append", default=[],
+                        help="model name (default: every model holding the data)")
+    submit.add_argument("--method", help="unlearning method (default: the model policy's)")
+    submit.add_argument("--params", help="JSON object of method parameters")
+    submit.add_argument("--deadline", help="ISO 8601 time after which the request must not start")
+    submit.add_argument("--override", action="append", default=[], metavar="NAME=VALUE",
+                        help="policy override, e.g. max_utility_drop=0.05 (repeatable)")
+    submit.add_argument("--no-wait", action="store_true", help="print the acknowledgement and return")
+    submit.add_argument("--quiet", action="store_true", help="log lines instead of redrawn bars")
+    submit.set_defaults(run=_submit)
+
+    watch = client_command("watch", "follow earlier requests (or one job) to their end")
+    watch.add_argument("--request-id", action="append", default=[], help="request to follow (repeatable)")
+    watch.add_argument("--job", help="follow one job instead")
+    watch.add_argument("--after-seq", type=int, default=0, help="resume after this event seq")
+    watch.add_argument("--quiet", action="store_true", help="log lines instead of redrawn bars")
+    watch.set_defaults(run=_watch)
+
+    jobs = client_command("jobs", "list jobs by state, model and age")
+    jobs.add_argument("--state", action="append", default=[],
+                      choices=["QUEUED", "RUNNING", "SUCCEEDED", "REJECTED_BY_VERIFICATION", "FAILED", "CANCELLED"])
+    jobs.add_argument("--model")
+    jobs.add_argument("--min-age-s", type=float)
+    jobs.add_argument("--limit", type=int, default=100)
+    jobs.set_defaults(run=_jobs)
+
+    pending = client_command("pending", "requests without a final certificate, with their age")
+    pending.set_defaults(run=_pending)
+
+    certificate = client_command("certificate", "print a request's certificates")
+    certificate.add_argument("request_id")
+    certificate.add_argument("--verify", action="store_true", help="also verify each with the server")
+    certificate.set_defaults(run=_certificate)
+
+    audit = commands.add_parser("audit", help="offline audit tools")
+    audit_commands = audit.add_subparsers(dest="audit_command", required=True)
+    verify = audit_commands.add_parser("verify", help="check the hash chain and every certificate offline")
+    verify.add_argument("--state-dir", default=None,
+                        help="embedded state directory (default LETHE_STATE_DIR or .lethe)")
+    verify.add_argument("--store-url", help="SQLAlchemy URL of the job store (instead of --state-dir)")
+    verify.add_argument("--key-file", help="hex audit key (default <state-dir>/keys/audit.key)")
+    verify.add_argument("--certificate", help="also check one certificate (JSON with body_json and signature)")
+    verify.set_defaults(run=_audit_verify)
+
+    demo = commands.add_parser("demo", help="train, register, serve and erase on the digits model, end to end")
+    demo.add_argument("--state-dir", help="state directory (default: a fresh temporary one)")
+    demo.add_argument("--subjects", type=int, default=20, help="subject erasures to stream (default 20)")
+    demo.add_argument("--keep", action="store_true", help="keep the temporary state directory")
+    demo.set_defaults(run=_demo)
+    return parser
+
+
+if __name__ == "__main__":
+    sys.exit(main())
