@@ -15,6 +15,7 @@ from torch import nn
 
 from unlearn.data import ExampleSet
 from unlearn.errors import InvalidParameterError
+from unlearn.gradient_restriction import gradient_restriction_penalty
 from unlearn.tasks import TaskAdapter
 
 
@@ -28,6 +29,8 @@ class TrainRecipe:
     weight_decay: L2 penalty (decoupled for AdamW).
     optimizer: ``adam``, ``adamw`` or ``sgd`` (momentum 0.9).
     seed: seeds model initialisation (through the factory) and the shuffling order.
+    gradient_restriction: weight alpha_gr of IAU's gradient-restriction penalty (arXiv 2507.23257; paper value
+        0.005, see :mod:`unlearn.gradient_restriction`); 0 trains without it.
     """
 
     epochs: int = 30
@@ -36,9 +39,11 @@ class TrainRecipe:
     weight_decay: float = 0.0
     optimizer: Literal["adam", "adamw", "sgd"] = "adam"
     seed: int = 0
+    gradient_restriction: float = 0.0
 
     def __post_init__(self) -> None:
-        if self.epochs < 1 or self.batch_size < 1 or not self.lr > 0 or self.weight_decay < 0:
+        if self.epochs < 1 or self.batch_size < 1 or not self.lr > 0 or self.weight_decay < 0 \
+                or not 0 <= self.gradient_restriction <= 1:
             raise InvalidParameterError("recipe", f"invalid training recipe {self}")
 
 
@@ -61,12 +66,15 @@ def train(
     """Train ``model`` IN PLACE on ``examples`` with ``recipe`` (``epochs`` overrides the recipe's)."""
     device = next(iter(model.parameters())).device
     epochs = recipe.epochs if epochs is None else epochs
-    optimizer = make_optimizer(recipe, [p for p in model.parameters() if p.requires_grad])
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = make_optimizer(recipe, params)
     shuffle = torch.Generator().manual_seed(recipe.seed)
     model.train()
     for epoch in range(epochs):
         for batch in examples.batches(recipe.batch_size, device, shuffle_generator=shuffle):
             loss = task.batch_loss(model, batch)
+            if recipe.gradient_restriction > 0:  # IAU's GR: + alpha_gr * sum_W ||grad_W loss||_2 (double backprop)
+                loss = loss + recipe.gradient_restriction * gradient_restriction_penalty(loss, params)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

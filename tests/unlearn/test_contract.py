@@ -23,6 +23,9 @@ from unlearn.tasks import accuracy
 CASES: dict[str, tuple[dict, object]] = {
     "lfssd": ({"alpha": 5.0}, class_problem),  # label-free importance is flatter on a 2-layer MLP
     "finetune": ({"epochs": 10, "lr_scale": 3.0}, class_problem),  # 5 gentle epochs do not forget here
+    # One fresh-Adam step of lr 1e-3 (the reference) moves a converged tiny MLP too little to erase a class.
+    "iau": ({"adam_lr": 0.1}, class_problem),
+    "gu+iau": ({"adam_lr": 0.1}, class_problem),
 }
 # Methods that need a model of their own (a transformer, a language model) are pinned in their own tests.
 NEEDS_OWN_MODEL = {name for name in registry.names() if name.startswith("gslora")}

@@ -7,12 +7,13 @@ With ``--json`` the last line of stdout is one JSON object: the run's result, or
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import statistics
 import sys
 
 from unlearn import registry
-from unlearn.bench import SCENARIOS, run_benchmark
+from unlearn.bench import SCENARIOS, TRAININGS, run_benchmark
 from unlearn.device import resolve_device
 from unlearn.errors import UnlearnError
 
@@ -34,6 +35,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--params", default="{}", help="method parameters as a JSON object")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
     parser.add_argument("--json", action="store_true", help="print JSON lines; the last is the result")
+    parser.add_argument("--train", default="plain", choices=TRAININGS,
+                        help="original/retrained models: plain recipe, or gr = with IAU's gradient restriction")
     args = parser.parse_args(argv)
 
     try:
@@ -44,8 +47,10 @@ def main(argv: list[str] | None = None) -> int:
         results = []
         for seed in seeds:
             for forget_class in classes:
-                result = RUNNERS.get(args.scenario, run_benchmark)(args.method, args.scenario, seed, forget_class,
-                                                                  params, device)
+                if args.scenario in RUNNERS and args.train != "plain":
+                    raise ValueError(f"--train {args.train} is only available for the digits scenarios")
+                runner = RUNNERS.get(args.scenario) or functools.partial(run_benchmark, training=args.train)
+                result = runner(args.method, args.scenario, seed, forget_class, params, device)
                 results.append(result)
                 print(json.dumps(result) if args.json else _human(result), flush=True)
     except (UnlearnError, json.JSONDecodeError, ValueError) as error:

@@ -1,3 +1,8 @@
 """Built-in methods; importing this package registers each one under its stable name."""
 
 from unlearn.methods import assd, finetune, lfssd, retrain, ssd, ssd_auto  # noqa: F401
+from unlearn.methods import ga  # noqa: F401
+from unlearn.methods import graddiff  # noqa: F401
+from unlearn.methods import npo  # noqa: F401
+from unlearn.methods import iau  # noqa: F401
+from unlearn.methods import gu  # noqa: F401
