@@ -15,10 +15,13 @@ Procedure (lambda fixed at the paper's 1):
    better known than unseen ones) and it is *useful* when u >= u0 - ``max_utility_drop``.
 4. First the untouched model (alpha = infinity): when it already forgets (record erasure of records the
    model never memorised), no dampening is the mildest answer and the weights are returned unchanged.
-   Otherwise start at ASSD's alpha (the percentile rule). If that trial forgets, multiply alpha by
-   ``search_factor`` while trials keep forgetting (milder dampening); otherwise divide until a trial
-   forgets or alpha would fall below ``alpha_min``. Then ``refine_steps`` geometric bisections between the
-   mildest forgetting alpha and the first non-forgetting one.
+   Otherwise start at ASSD's alpha (the percentile rule). A trial is *too mild* when it is useful but
+   does not forget. From a too-mild start, divide alpha by ``search_factor`` until a trial is not too mild
+   (or alpha would fall below ``alpha_min``); from any other start, multiply it until a trial is too mild
+   (or would exceed ``alpha_max``). A start that broke utility therefore backs off towards milder
+   dampening: for record erasure, forgetting is not monotone in alpha, because heavy dampening lowers the
+   held-out accuracy the target is relative to. Then ``refine_steps`` geometric bisections between the
+   two sides of the bracket.
 5. Return the mildest trial that forgets AND is useful. If none is, report failure
    (``target_reached=False``) and return the useful trial with the lowest forget accuracy, or the
    unchanged weights if no trial was useful: never a collapsed model.
@@ -74,7 +77,7 @@ class SSDAutoConfig:
     alpha_min: float = 1.0
     alpha_max: float = 1.0e4
     max_trials: int = 16
-    refine_steps: int = 3
+    refine_steps: int = 5
     lam: float = 1.0
     batch_size: int = 64
 
@@ -171,32 +174,36 @@ def ssd_auto(model: nn.Module, request: UnlearnRequest, config: SSDAutoConfig) -
                                             "search": [vars(untouched)]},
                              target_reached=True, message="forget accuracy already at the held-out level; "
                                                           "weights unchanged")
-    # Bracket: `forgetting` is the mildest alpha seen to forget, `not_forgetting` the strongest that did not.
+    # Bracket the mildest acceptable alpha between `strong` (a trial that is NOT too mild: it forgets, or it
+    # already broke utility) and `mild` (too mild: useful but not forgetting). Forgetting is not monotone in
+    # alpha for record erasure (heavy dampening lowers the held-out accuracy the target is relative to), so
+    # a trial that broke utility sends the search MILDER, never stronger.
+    def too_mild(t: Trial) -> bool:
+        return t.useful and not t.forgets
+
     first = trial(start_alpha)
-    forgetting = first.alpha if first.forgets else None
-    not_forgetting = None if first.forgets else first.alpha
+    strong, mild = (None, first.alpha) if too_mild(first) else (first.alpha, math.inf)
     alpha = start_alpha
     while len(trials) < config.max_trials:
-        alpha = alpha * config.search_factor if first.forgets else alpha / config.search_factor
+        alpha = alpha / config.search_factor if too_mild(first) else alpha * config.search_factor
         if not config.alpha_min <= alpha <= config.alpha_max:
             break
-        result = trial(alpha)
-        if result.forgets:
-            forgetting = alpha
-            if not first.forgets:
+        if too_mild(trial(alpha)):
+            mild = alpha
+            if not too_mild(first):
                 break
         else:
-            not_forgetting = alpha
-            if first.forgets:
+            strong = alpha
+            if too_mild(first):
                 break
     for _ in range(config.refine_steps):
-        if forgetting is None or not_forgetting is None or len(trials) >= config.max_trials:
+        if strong is None or math.isinf(mild) or len(trials) >= config.max_trials:
             break
-        middle = math.sqrt(forgetting * not_forgetting)
-        if trial(middle).forgets:
-            forgetting = middle
+        middle = math.sqrt(strong * mild)
+        if too_mild(trial(middle)):
+            mild = middle
         else:
-            not_forgetting = middle
+            strong = middle
 
     accepted = [t for t in trials if t.forgets and t.useful]
     log = [vars(t) for t in trials]
