@@ -156,10 +156,14 @@ def _pending(args) -> int:
     with _client(args) as client:
         response = client.stub.ListPendingRequests(service_pb2.ListPendingRequestsRequest(), metadata=client.metadata)
     for pending in response.pending_requests:
+        deadline = ""
+        if pending.HasField("deadline"):
+            deadline = (f"  deadline {pending.deadline.ToDatetime(timezone.utc).isoformat()}"
+                        f"{'  OVERDUE' if pending.overdue else ''}")
         print(f"{pending.request_id}  received {pending.receive_time.ToDatetime(timezone.utc).isoformat()}  "
-              f"age {pending.age_seconds / 86400:.2f} days")
-    print(f"{len(response.pending_requests)} pending; oldest {response.oldest_age_seconds / 86400:.2f} days "
-          "(GDPR Art. 12(3): one month)", file=sys.stderr)
+              f"age {pending.age_seconds / 86400:.2f} days{deadline}")
+    print(f"{len(response.pending_requests)} pending, {response.overdue_count} past their deadline; oldest "
+          f"{response.oldest_age_seconds / 86400:.2f} days (GDPR Art. 12(3): one month)", file=sys.stderr)
     return EXIT_OK
 
 
@@ -357,7 +361,8 @@ def _parser() -> argparse.ArgumentParser:
                         help="model name (default: every model holding the data)")
     submit.add_argument("--method", help="unlearning method (default: the model policy's)")
     submit.add_argument("--params", help="JSON object of method parameters")
-    submit.add_argument("--deadline", help="ISO 8601 time after which the request must not start")
+    submit.add_argument("--deadline", help="ISO 8601 time by which the erasure should be complete (refused if "
+                        "already passed; a late erasure still completes and its certificate says so)")
     submit.add_argument("--override", action="append", default=[], metavar="NAME=VALUE",
                         help="policy override, e.g. max_utility_drop=0.05 (repeatable)")
     submit.add_argument("--no-wait", action="store_true", help="print the acknowledgement and return")

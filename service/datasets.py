@@ -95,10 +95,8 @@ def validate_frame(frame: pd.DataFrame, task_type: TaskType, num_classes: int | 
         return [FieldViolation("task_type", f"datasets of task {task_type.value!r} are not supported yet")]
     violations: list[FieldViolation] = []
     missing = [c for c in (*BASE_COLUMNS, *TASK_COLUMNS[task_type]) if c not in frame.columns]
-    for column in missing:
-        violations.append(FieldViolation(f"dataset.columns.{column}", "required column is missing"))
     if missing:
-        return violations
+        return [FieldViolation("dataset.columns", f"required column(s) missing: {', '.join(missing)}")]
     record_ids = frame["record_id"]
     if record_ids.isna().any() or not all(isinstance(r, str) and r for r in record_ids):
         violations.append(FieldViolation("dataset.record_id", "every record needs a non-empty string id"))

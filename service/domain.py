@@ -18,7 +18,26 @@ from typing import Any, Protocol
 # --------------------------------------------------------------------------------------------- errors
 @dataclass(frozen=True)
 class FieldViolation:
-    field: str  # dotted path in the request, e.g. "erasure.subject_ids[3]" or "method_params.alpha"
+    """One bad field, as ``google.rpc.BadRequest.FieldViolation`` carries it to the client.
+
+    ``field`` is a path in ONE scheme: field names as the client's protobuf message spells them, relative to
+    the message that carries the field, with ``[i]`` for list elements and ``.`` into nested messages and
+    maps.
+
+    - Erasures: relative to the ``Erasure`` message: ``request_id``, ``subject_ids[3]``, ``record_ids``,
+      ``classes[0]``, ``model_names[0]``, ``method``, ``method_params.alpha``,
+      ``policy_overrides.max_utility_drop``, ``deadline``. The same path whether the erasure came on the
+      unary ``SubmitErasure`` (where it sits in the request's ``erasure`` field) or on the ``Session``
+      stream (where the ``SubmissionRejected`` carries it next to the request id), so a client maps it to
+      its own form field with one rule.
+    - Registrations: relative to ``RegisterModelRequest``: ``model_name``, ``version``, ``num_classes``,
+      ``dataset_uri``, ``policy.default_method``, ``policy.method_params.alpha``; the Parquet content at
+      ``dataset_uri`` is ``dataset.<column>`` (``dataset.record_id``, ``dataset.split``) and its schema
+      ``dataset.columns``.
+    - Other calls: their request's own fields (``job_id``, ``page_size``, ``states[0]``, ``after_seq``).
+    """
+
+    field: str
     description: str
 
 
@@ -57,6 +76,11 @@ class Unimplemented(ServiceError):
 
 class Unauthenticated(ServiceError):
     """Missing or wrong credentials (UNAUTHENTICATED)."""
+
+
+class ResourceExhausted(ServiceError):
+    """This replica is at a capacity limit, e.g. its cap on open streams (RESOURCE_EXHAUSTED); nothing was
+    written, and the same call may succeed later or on another replica."""
 
 
 # --------------------------------------------------------------------------------------------- requests
@@ -123,6 +147,8 @@ class ErasureRequest:
     model_names: tuple[str, ...] = ()  # empty: every unlearnable model whose data holds the records
     method: str | None = None  # None: the model policy's default
     method_params: dict[str, Any] = field(default_factory=dict)
+    # When the erasure should be complete. Refused (DeadlineExceeded) if already passed at submission; a
+    # request that runs past it still completes, and its certificate and events say it was late.
     deadline: datetime | None = None
     policy_overrides: dict[str, float] = field(default_factory=dict)
 
@@ -202,6 +228,21 @@ class CertificateCheck:
 
 
 @dataclass(frozen=True)
+class PendingRequest:
+    """A request without its final certificate: the GDPR clock, and the client's own deadline.
+
+    ``overdue`` means ``deadline`` has passed (at the time of the read) and the request is still pending.
+    An overdue request is NOT dropped or failed: the erasure is still owed, so its job runs to completion
+    and the certificate states that it came late (``deadline.late`` in the certificate body).
+    """
+
+    request_id: str
+    received_at: datetime
+    deadline: datetime | None
+    overdue: bool
+
+
+@dataclass(frozen=True)
 class JobFilter:
     states: tuple[JobState, ...] = ()
     model_name: str | None = None
@@ -234,5 +275,5 @@ class EngineProtocol(Protocol):
 
     def verify_certificate(self, body_json: str, signature: str) -> CertificateCheck: ...
 
-    def pending_requests(self) -> list[tuple[str, datetime]]:
-        """(request_id, received_at) of requests with no terminal certificate yet (the GDPR clock)."""
+    def pending_requests(self) -> list[PendingRequest]:
+        """Requests with no final certificate yet, oldest first (the GDPR clock), with their deadlines."""

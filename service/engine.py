@@ -45,6 +45,7 @@ from service.domain import (
     JobView,
     ModelRegistration,
     NotFound,
+    PendingRequest,
     RegisteredModel,
     ServiceError,
     SubmitOutcome,
@@ -77,7 +78,7 @@ class Engine:
         self.store = db.Store(self.settings.job_store_url)
         self.audit = AuditLog(self.settings.audit_key_bytes)
         self.catalog = DatasetCatalog(self.settings.datasets_dir, self.settings.subject_hash_key_bytes)
-        self.metrics = Metrics(self._oldest_pending_age_s)
+        self.metrics = Metrics(self._oldest_pending_age_s, self._overdue_pending_count)
         self.registry = MlflowRegistry(self.settings.mlflow_tracking_uri, self.settings.mlflow_artifact_root,
                                        self.settings.mlflow_experiment, self.settings.serving_alias)
         self.device = resolve_device(self.settings.device)
@@ -243,7 +244,8 @@ class Engine:
         if violations:
             raise InvalidArgument("invalid model registration", tuple(violations))
         if not self.registry.model_exists(registration.model_name):
-            raise NotFound(f"MLflow has no registered model {registration.model_name!r}")
+            raise NotFound(f"MLflow has no registered model {registration.model_name!r}",
+                           (FieldViolation("model_name", "no such registered model in MLflow"),))
         version = str(self.registry.resolve(registration.model_name, registration.version, registration.alias).version)
         frame = read_parquet(registration.dataset_uri)
         violations = validate_frame(frame, registration.task_type, registration.num_classes)
@@ -288,7 +290,8 @@ class Engine:
             if replay is not None:
                 return replay
             if deadline is not None and deadline <= db.utcnow():
-                raise DeadlineExceeded(f"the request's deadline {deadline.isoformat()} has already passed")
+                raise DeadlineExceeded(f"the request's deadline {deadline.isoformat()} has already passed",
+                                       (FieldViolation("deadline", "already passed at submission"),))
             targets = self._targets(request, subject_hashes)
             return self._commit(request, subject_hashes, digest, deadline, targets)
 
@@ -312,30 +315,32 @@ class Engine:
         for name, values in (("subject_ids", request.subject_ids), ("record_ids", request.record_ids),
                              ("model_names", request.model_names)):
             if len(values) > most:
-                violations.append(FieldViolation(f"erasure.{name}", f"{len(values)} ids; at most {most} per request"))
+                violations.append(FieldViolation(name, f"{len(values)} ids; at most {most} per request"))
                 continue
             seen: set[str] = set()
             for index, value in enumerate(values):
                 if not isinstance(value, str) or not value.strip():
-                    violations.append(FieldViolation(f"erasure.{name}[{index}]", "must be a non-empty string"))
+                    violations.append(FieldViolation(f"{name}[{index}]", "must be a non-empty string"))
                 elif len(value) > limit:
-                    violations.append(FieldViolation(f"erasure.{name}[{index}]", f"longer than {limit} characters"))
+                    violations.append(FieldViolation(f"{name}[{index}]", f"longer than {limit} characters"))
                 elif value in seen:
-                    violations.append(FieldViolation(f"erasure.{name}[{index}]", "duplicate id in this request"))
+                    violations.append(FieldViolation(f"{name}[{index}]", "duplicate id in this request"))
                 seen.add(value)
         seen_classes: set[int] = set()
         for index, value in enumerate(request.classes):
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                violations.append(FieldViolation(f"erasure.classes[{index}]", "must be a non-negative integer"))
+                violations.append(FieldViolation(f"classes[{index}]", "must be a non-negative integer"))
             elif value in seen_classes:
-                violations.append(FieldViolation(f"erasure.classes[{index}]", "duplicate class in this request"))
+                violations.append(FieldViolation(f"classes[{index}]", "duplicate class in this request"))
             seen_classes.add(value)
         if not (request.subject_ids or request.record_ids or request.classes):
-            violations.append(FieldViolation("erasure", "name at least one subject id, record id or class"))
+            # The "at least one of" rule is reported on the first selector, the one most requests use.
+            violations.append(FieldViolation("subject_ids", "name at least one of subject_ids, record_ids or "
+                                                            "classes"))
         if request.classes and (request.subject_ids or request.record_ids):
-            violations.append(FieldViolation("erasure.classes", "class erasure cannot be combined with ids"))
+            violations.append(FieldViolation("classes", "class erasure cannot be combined with subject or record ids"))
         if request.classes and not request.model_names:
-            violations.append(FieldViolation("erasure.model_names", "class erasure must name its models"))
+            violations.append(FieldViolation("model_names", "class erasure must name its models"))
         if request.method is not None:
             try:
                 methods.get(request.method)
@@ -353,14 +358,14 @@ class Engine:
             datasets = {name: db.dataset_for_model_version(conn, name, row.serving_version)
                         for name, row in rows.items()}
         names = list(request.model_names) or sorted(rows)
-        for name in request.model_names:
+        for index, name in enumerate(request.model_names):
             if name not in rows:
                 if self.registry.model_exists(name):
                     raise FailedPrecondition(f"model {name!r} exists in MLflow but is not registered as "
                                              "unlearnable (lethe register)",
-                                             (FieldViolation("erasure.model_names", f"{name!r} is not unlearnable"),))
+                                             (FieldViolation(f"model_names[{index}]", f"{name!r} is not unlearnable"),))
                 raise NotFound(f"no model named {name!r}",
-                               (FieldViolation("erasure.model_names", f"unknown model {name!r}"),))
+                               (FieldViolation(f"model_names[{index}]", f"unknown model {name!r}"),))
         targets, violations = [], []
         for name in names:
             info = ModelInfo.from_row(rows[name])
@@ -377,7 +382,7 @@ class Engine:
                 continue
             for index, value in enumerate(request.classes):
                 if value >= info.num_classes:
-                    violations.append(FieldViolation(f"erasure.classes[{index}]",
+                    violations.append(FieldViolation(f"classes[{index}]",
                                                      f"model {name!r} has {info.num_classes} classes"))
             dataset = datasets[name]
             data = self.catalog.load(dataset.path, dataset.digest)
@@ -458,8 +463,7 @@ class Engine:
             "searched": searched,
             "subjects": {"count": len(subject_hashes), "keyed_sha256": subject_hashes},
             "records": {"matched": 0, "record_ids_sha256": sha256_hex("\n".join(sorted(request.record_ids)))},
-            "classes": sorted(request.classes), "code_version": self.settings.code_version,
-            "issued_at": db.utcnow().isoformat()})
+            "classes": sorted(request.classes), "code_version": self.settings.code_version})
 
     # ------------------------------------------------------------------------------------------- reads
     def get_job(self, job_id: str) -> JobView:
@@ -521,9 +525,16 @@ class Engine:
             return CertificateCheck(False, "signed with this service's key but not recorded in its job store")
         return check
 
-    def pending_requests(self) -> list[tuple[str, datetime]]:
+    def pending_requests(self) -> list[PendingRequest]:
+        now = db.utcnow()
         with self.store.read() as conn:
-            return db.pending_requests(conn)
+            rows = db.pending_requests(conn)
+        return [PendingRequest(request_id, received_at, deadline, deadline is not None and deadline < now)
+                for request_id, received_at, deadline in rows]
+
+    def _overdue_pending_count(self) -> float:
+        with self.store.read() as conn:
+            return float(db.overdue_pending_count(conn, db.utcnow()))
 
     def _oldest_pending_age_s(self) -> float:
         with self.store.read() as conn:

@@ -21,9 +21,11 @@ REQUEST_OUTCOMES = ("accepted", "replayed", "invalid_argument", "already_exists"
 
 
 class Metrics:
-    """The engine's metrics. ``oldest_pending_age`` is computed at scrape time from the job store."""
+    """The engine's metrics. ``oldest_pending_age`` and ``overdue_pending`` are computed at scrape time from
+    the job store, so every replica reports the same store-wide truth and nothing drifts between scrapes."""
 
-    def __init__(self, oldest_pending_age_s: Callable[[], float] | None = None):
+    def __init__(self, oldest_pending_age_s: Callable[[], float] | None = None,
+                 overdue_pending_count: Callable[[], float] | None = None):
         self.registry = CollectorRegistry(auto_describe=True)
         self.requests = Counter("lethe_requests_total", "Requests received, by kind and outcome.",
                                 ["kind", "outcome"], registry=self.registry)
@@ -44,6 +46,18 @@ class Metrics:
             registry=self.registry)
         if oldest_pending_age_s is not None:
             self.oldest_pending_age.set_function(oldest_pending_age_s)
+        # The client's own deadline, beside the GDPR month: no labels (request ids are unbounded); which
+        # requests are overdue is what ListPendingRequests / ``lethe pending`` show.
+        self.overdue_pending = Gauge(
+            "lethe_overdue_pending_requests",
+            "Requests still without a final certificate whose client-set deadline has passed.",
+            registry=self.registry)
+        if overdue_pending_count is not None:
+            self.overdue_pending.set_function(overdue_pending_count)
+        self.certificates_late = Counter(
+            "lethe_certificates_late_total",
+            "Certificates issued after their request's deadline (the erasure was still done, late).",
+            registry=self.registry)
 
 
 def start_metrics_server(metrics: Metrics, port: int, host: str = "127.0.0.1"):

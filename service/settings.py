@@ -22,6 +22,10 @@ from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 KEY_BYTES = 32  # HMAC-SHA256 keys: 256 bits, the hash's own block strength
+RESERVED_GRPC_WORKERS = 4
+"""gRPC server threads that streams may never take: kept for unary calls and health checks (see
+``Settings.grpc_max_workers``). Four covers a probe, a metrics-minded operator and a couple of unary
+submissions at once; unary calls last milliseconds, so a handful of threads serves many of them."""
 
 
 def _default_code_version() -> str:
@@ -69,6 +73,17 @@ class Settings(BaseSettings):
 
     grpc_port: int = Field(50051, ge=0, le=65535)
     """gRPC port (0 picks a free port, for tests)."""
+
+    grpc_max_workers: int = Field(32, ge=RESERVED_GRPC_WORKERS + 1, le=4096)
+    """Threads serving RPCs (``LETHE_GRPC_MAX_WORKERS``). Each open stream (``Session``, ``WatchJob``, health
+    ``Watch``) holds one thread for its whole life, which can be hours; a unary call holds one for
+    milliseconds. Open streams are therefore capped at this number minus ``RESERVED_GRPC_WORKERS`` (4), and a
+    stream over the cap is refused at once with RESOURCE_EXHAUSTED (clients back off or use another
+    replica). Why a reserve: gRPC queues a call that finds no free thread, so a pool filled with streams
+    would queue the Kubernetes health probe behind them; the probe would time out and the kubelet would
+    restart a replica that was merely busy, dropping every stream it held. Size it to the concurrent
+    data-governance streams one replica should carry plus the reserve; scale out with replicas beyond that
+    (each thread costs a stack, about 8 MiB of virtual memory, little resident)."""
 
     metrics_port: int = Field(9464, ge=0, le=65535)
     """Port of the Prometheus ``/metrics`` exporter; 0 turns the exporter off."""

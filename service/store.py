@@ -318,10 +318,17 @@ def complete_request(conn: Connection, request_id: str) -> None:
                  .values(state="COMPLETED", completed_at=utcnow()))
 
 
-def pending_requests(conn: Connection) -> list[tuple[str, datetime]]:
-    rows = conn.execute(sa.select(requests.c.request_id, requests.c.received_at)
+def pending_requests(conn: Connection) -> list[tuple[str, datetime, datetime | None]]:
+    """(request_id, received_at, deadline) of every PENDING request, oldest first."""
+    rows = conn.execute(sa.select(requests.c.request_id, requests.c.received_at, requests.c.deadline)
                         .where(requests.c.state == "PENDING").order_by(requests.c.received_at))
-    return [(row.request_id, as_utc(row.received_at)) for row in rows]
+    return [(row.request_id, as_utc(row.received_at), as_utc(row.deadline)) for row in rows]
+
+
+def overdue_pending_count(conn: Connection, now: datetime) -> int:
+    """PENDING requests whose deadline lies before ``now`` (an indexed state filter, then a small scan)."""
+    return int(conn.execute(sa.select(sa.func.count()).select_from(requests).where(
+        requests.c.state == "PENDING", requests.c.deadline.is_not(None), requests.c.deadline < now)).scalar())
 
 
 def oldest_pending_received_at(conn: Connection) -> datetime | None:

@@ -3,7 +3,8 @@
 Servicer methods stay a few lines because every translation lives here. Converters check only what the
 protobuf shape makes possible and the domain cannot express (an UNSPECIFIED enum, an out-of-range
 Timestamp, a page size); the engine validates the content (ids, methods, parameters, models) and raises
-:class:`service.domain.InvalidArgument` with field paths in the request, e.g. ``erasure.subject_ids[3]``.
+:class:`service.domain.InvalidArgument` with field paths relative to the message that carries the field,
+e.g. ``subject_ids[3]`` in an ``Erasure``.
 """
 
 from __future__ import annotations
@@ -26,7 +27,10 @@ _POLICY_FIELDS = ("max_utility_drop", "record_forget_margin", "class_forget_max_
 
 
 # ------------------------------------------------------------------------------------- proto -> domain
-def erasure_from_proto(erasure: types_pb2.Erasure, field: str = "erasure") -> domain.ErasureRequest:
+def erasure_from_proto(erasure: types_pb2.Erasure) -> domain.ErasureRequest:
+    """Field paths in errors are relative to the ``Erasure`` message (``deadline``, not ``erasure.deadline``),
+    so a refusal names the same path on the unary call and on the stream (see
+    :class:`service.domain.FieldViolation`)."""
     return domain.ErasureRequest(
         request_id=erasure.request_id,
         subject_ids=tuple(erasure.subject_ids),
@@ -35,9 +39,9 @@ def erasure_from_proto(erasure: types_pb2.Erasure, field: str = "erasure") -> do
         model_names=tuple(erasure.model_names),
         method=erasure.method or None,
         method_params=struct_to_dict(erasure.method_params),
-        deadline=(timestamp_to_datetime(erasure.deadline, f"{field}.deadline")
+        deadline=(timestamp_to_datetime(erasure.deadline, "deadline")
                   if erasure.HasField("deadline") else None),
-        policy_overrides=_overrides_from_proto(erasure.policy_overrides, f"{field}.policy_overrides")
+        policy_overrides=_overrides_from_proto(erasure.policy_overrides, "policy_overrides")
         if erasure.HasField("policy_overrides") else {},
     )
 
@@ -169,15 +173,21 @@ def check_to_proto(check: domain.CertificateCheck) -> service_pb2.VerifyCertific
     return service_pb2.VerifyCertificateResponse(valid=check.valid, reason=check.reason)
 
 
-def pending_to_proto(pending: Iterable[tuple[str, datetime]],
+def pending_to_proto(pending: Iterable[domain.PendingRequest],
                      now: datetime | None = None) -> service_pb2.ListPendingRequestsResponse:
+    """Oldest first. ``overdue`` is the engine's (it read the store and the clock together); ages are taken
+    from ``now`` here, at the moment of the answer."""
     now = now or datetime.now(timezone.utc)
     response = service_pb2.ListPendingRequestsResponse()
-    for request_id, received_at in sorted(pending, key=lambda item: _aware(item[1])):
-        age_s = max((now - _aware(received_at)).total_seconds(), 0.0)
-        entry = response.pending_requests.add(request_id=request_id, age_seconds=age_s)
-        entry.receive_time.CopyFrom(datetime_to_timestamp(received_at))
+    for request in sorted(pending, key=lambda item: _aware(item.received_at)):
+        age_s = max((now - _aware(request.received_at)).total_seconds(), 0.0)
+        entry = response.pending_requests.add(request_id=request.request_id, age_seconds=age_s,
+                                              overdue=request.overdue)
+        entry.receive_time.CopyFrom(datetime_to_timestamp(request.received_at))
+        if request.deadline is not None:
+            entry.deadline.CopyFrom(datetime_to_timestamp(request.deadline))
         response.oldest_age_seconds = max(response.oldest_age_seconds, age_s)
+        response.overdue_count += int(request.overdue)
     return response
 
 

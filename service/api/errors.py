@@ -42,6 +42,7 @@ _STATUS_BY_ERROR: dict[type[domain.ServiceError], grpc.StatusCode] = {
     domain.DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
     domain.Unimplemented: grpc.StatusCode.UNIMPLEMENTED,
     domain.Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
+    domain.ResourceExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
 }
 
 

@@ -1,9 +1,10 @@
-"""Server interceptors: logging, metrics, bearer-token auth, and the error mapping.
+"""Server interceptors: logging, metrics, bearer-token auth, the error mapping, and the stream cap.
 
 Each wraps the method's behaviour (unary or streaming alike) through :func:`wrap_handler`, so a servicer
-method never logs, times, authorises or catches anything itself. :func:`service.api.server.build_server`
-installs them outermost first: logging, metrics, auth, errors, so the error interceptor has set the
-final status code before metrics and logging read it.
+method never logs, times, authorises, limits or catches anything itself. :func:`service.api.server.build_server`
+installs them outermost first: logging, metrics, auth, errors, stream cap, so the error interceptor has set
+the final status code before metrics and logging read it, an unauthenticated stream never takes a slot, and
+the stream cap's refusal is mapped like every other domain error.
 """
 
 from __future__ import annotations
@@ -11,12 +12,13 @@ from __future__ import annotations
 import contextlib
 import hmac
 import logging
+import threading
 import time
 import weakref
 from collections.abc import Callable, Iterator
 
 import grpc
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from service import domain
 from service.api import errors
@@ -123,6 +125,16 @@ class _RpcMetrics:
         self.duration = Histogram("lethe_grpc_server_handling_seconds",
                                   "RPC duration (a stream lasts until it closes).", ["grpc_method"],
                                   buckets=RPC_DURATION_BUCKETS_S, registry=registry)
+        self.open_streams = Gauge("lethe_grpc_server_open_streams",
+                                  "Response streams open now; each holds a server thread (LETHE_GRPC_MAX_WORKERS).",
+                                  registry=registry)
+
+
+def rpc_metrics(registry: CollectorRegistry) -> _RpcMetrics:
+    """The RPC collectors of ``registry``, created once however many servers and interceptors share it."""
+    if registry not in _METRICS_BY_REGISTRY:
+        _METRICS_BY_REGISTRY[registry] = _RpcMetrics(registry)
+    return _METRICS_BY_REGISTRY[registry]
 
 
 _METRICS_BY_REGISTRY: "weakref.WeakKeyDictionary[CollectorRegistry, _RpcMetrics]" = weakref.WeakKeyDictionary()
@@ -133,9 +145,7 @@ class MetricsInterceptor(_ObservingInterceptor):
     full path; unknown methods never reach a handler) and status codes from gRPC's fixed set."""
 
     def __init__(self, registry: CollectorRegistry):
-        if registry not in _METRICS_BY_REGISTRY:  # one set of collectors per registry, however many servers
-            _METRICS_BY_REGISTRY[registry] = _RpcMetrics(registry)
-        self._metrics = _METRICS_BY_REGISTRY[registry]
+        self._metrics = rpc_metrics(registry)
 
     @contextlib.contextmanager
     def observe(self, method, context):
@@ -149,6 +159,45 @@ class MetricsInterceptor(_ObservingInterceptor):
         finally:
             self._metrics.duration.labels(method).observe(time.perf_counter() - start)
             self._metrics.handled.labels(method, status_name(context, failure)).inc()
+
+
+class StreamLimitInterceptor(grpc.ServerInterceptor):
+    """Caps the response streams open at once, so the server's remaining threads stay free for unary calls
+    and health checks (the reasoning is at ``Settings.grpc_max_workers``).
+
+    A stream over the cap is refused at once with RESOURCE_EXHAUSTED instead of being queued: a queued
+    stream would wait for a thread that another stream may hold for hours, while its client could reconnect
+    to another replica now (``service.api.client`` retries RESOURCE_EXHAUSTED with back-off). The slot is
+    taken when the stream's handler starts and given back when its generator ends, fails or is cancelled.
+    """
+
+    def __init__(self, max_streams: int, registry: CollectorRegistry | None = None):
+        if max_streams < 1:
+            raise ValueError(f"max_streams must be >= 1, got {max_streams}")
+        self.max_streams = max_streams
+        self._slots = threading.BoundedSemaphore(max_streams)
+        self._open = rpc_metrics(registry).open_streams if registry is not None else None
+
+    def intercept_service(self, continuation, handler_call_details):
+        handler = continuation(handler_call_details)
+        if handler is None or not handler.response_streaming:
+            return handler
+        return wrap_handler(handler, handler_call_details.method, around(self._slot))
+
+    @contextlib.contextmanager
+    def _slot(self, method: str, context: grpc.ServicerContext):
+        if not self._slots.acquire(blocking=False):
+            raise domain.ResourceExhausted(
+                f"this replica already serves {self.max_streams} open streams (LETHE_GRPC_MAX_WORKERS minus the "
+                "threads reserved for unary calls and health checks); retry with back-off or use another replica")
+        if self._open is not None:
+            self._open.inc()
+        try:
+            yield
+        finally:
+            if self._open is not None:
+                self._open.dec()
+            self._slots.release()
 
 
 class BearerAuthInterceptor(grpc.ServerInterceptor):

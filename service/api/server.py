@@ -26,14 +26,9 @@ from service.api import interceptors
 from service.api.pb import SERVICE_NAME, service_grpc
 from service.api.servicer import UnlearningServicer
 from service.api.session import DEFAULT_POLL_S
-from service.settings import Settings
+from service.settings import RESERVED_GRPC_WORKERS, Settings
 
 log = logging.getLogger(__name__)
-
-MAX_WORKERS = 32
-"""Threads serving RPCs. Each open Session or WatchJob stream holds one for its lifetime (plus a reader and
-a poller thread of its own), unary calls hold one for milliseconds; 32 leaves room for a few dozen
-concurrent data-governance streams per replica, which scale out horizontally beyond that."""
 
 DEFAULT_GRACE_S = 10.0
 
@@ -69,11 +64,14 @@ class ApiServer:
 
 def build_server(settings: Settings, engine: domain.EngineProtocol, *,
                  metrics_registry: CollectorRegistry | None = None,
-                 poll_s: float = DEFAULT_POLL_S, max_workers: int = MAX_WORKERS) -> ApiServer:
+                 poll_s: float = DEFAULT_POLL_S) -> ApiServer:
     """Build the server around ``engine``: interceptors, servicers, health, reflection; bind the port.
 
     RPC metrics go to ``metrics_registry``, by default the engine's (``engine.metrics.registry``) so one
     ``/metrics`` endpoint shows both. ``settings.grpc_port`` 0 binds a free port (see ``ApiServer.port``).
+    The pool has ``settings.grpc_max_workers`` threads, of which streams may hold all but
+    ``RESERVED_GRPC_WORKERS``: health checks and unary calls always find a thread (each open Session also
+    runs a reader and a poller thread of its own, outside the pool).
     """
     if metrics_registry is None:
         engine_metrics = getattr(engine, "metrics", None)
@@ -83,8 +81,11 @@ def build_server(settings: Settings, engine: domain.EngineProtocol, *,
     if settings.auth_token is not None and settings.auth_token.get_secret_value():
         chain.append(interceptors.BearerAuthInterceptor(settings.auth_token.get_secret_value()))
     chain.append(interceptors.ErrorInterceptor())
+    chain.append(interceptors.StreamLimitInterceptor(settings.grpc_max_workers - RESERVED_GRPC_WORKERS,
+                                                     metrics_registry))
 
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="lethe-grpc"),
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=settings.grpc_max_workers,
+                                                    thread_name_prefix="lethe-grpc"),
                          interceptors=chain, options=_SERVER_OPTIONS)
     service_grpc.add_UnlearningServiceServicer_to_server(UnlearningServicer(engine, poll_s), server)
     health_servicer = health.HealthServicer(experimental_non_blocking=True)

@@ -36,7 +36,7 @@ def running_api(settings: Settings, engine: domain.EngineProtocol, token: str | 
                 poll_s: float = 0.05) -> Iterator[RunningApi]:
     """A started server on a free loopback port and a connected client; stopped on exit."""
     settings = settings.model_copy(update={"grpc_host": "127.0.0.1", "grpc_port": 0})
-    api = build_server(settings, engine, poll_s=poll_s, max_workers=16)
+    api = build_server(settings, engine, poll_s=poll_s)
     api.start()
     client = Client(f"127.0.0.1:{api.port}", token)
     try:
@@ -97,7 +97,7 @@ class ScriptedEngine:
         self.submit_calls += 1
         if not request.request_id:
             raise domain.InvalidArgument("request_id is empty", (domain.FieldViolation(
-                "erasure.request_id", "must not be empty"),))
+                "request_id", "must not be empty"),))
         with self._condition:
             if request.request_id in self._requests:
                 earlier, outcome = self._requests[request.request_id]
@@ -148,7 +148,7 @@ class ScriptedEngine:
     def register_model(self, registration: domain.ModelRegistration) -> domain.RegisteredModel:
         raise domain.NotFound(f"model {registration.model_name!r} is not in MLflow")
 
-    def pending_requests(self) -> list[tuple[str, datetime]]:
+    def pending_requests(self) -> list[domain.PendingRequest]:
         return []
 
     def _add(self, job_id, request_ids, kind, state, stage, fraction, certificate=None) -> int:

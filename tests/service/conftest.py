@@ -8,15 +8,16 @@ need a process-level event of their own (restart recovery) build a separate stat
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import pytest
 
 from service.demo_data import build_digits_demo
-from service.domain import JobView
+from service.domain import ErasureRequest, FieldViolation, JobView
 from service.engine import Engine
 from service.settings import Settings
 
@@ -52,6 +53,18 @@ def wait_for_jobs(engine: Engine, job_ids, timeout_s: float = 120.0) -> list[Job
         events = engine.events(after_seq=seq, job_ids=tuple(job_ids), wait_s=1.0)
         if events:
             seq = events[-1].seq
+
+
+# The domain request mirrors the Erasure message field for field (service.api.converters.erasure_from_proto).
+ERASURE_FIELDS = frozenset(field.name for field in dataclasses.fields(ErasureRequest))
+
+
+def assert_erasure_paths(violations: Iterable[FieldViolation]) -> None:
+    """Every path is relative to the Erasure message: its first segment is one of the message's fields
+    (never ``erasure.``), the one scheme of :class:`service.domain.FieldViolation`."""
+    for violation in violations:
+        head = violation.field.split(".")[0].split("[")[0]
+        assert head in ERASURE_FIELDS, f"{violation.field!r} is not a path in the Erasure message"
 
 
 def fresh_subjects(count: int) -> tuple[str, ...]:

@@ -18,13 +18,15 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from grpc_status import rpc_status
 
+from service import domain
 from service import store as db
+from service.api import converters
 from service.api.client import field_violations
 from service.api.pb import SERVICE_NAME, service_pb2, types_pb2
 from service.demo_data import digits_frame
 from service.settings import Settings
 from tests.service.api_fixtures import ScriptedEngine, running_api
-from tests.service.conftest import fresh_subjects
+from tests.service.conftest import assert_erasure_paths, fresh_subjects
 from unlearn.models import tiny_mlp
 
 STAGES = ["resolve", "measure", "apply", "verify", "register", "purge", "audit"]
@@ -177,9 +179,11 @@ def test_rejected_by_verification_leaves_the_alias_and_keeps_the_request_pending
     serving_before = lethe_engine.registry.serving_version(digits_model)
     (subject,) = fresh_subjects(1)
     # alpha and lambda this small dampen nearly every weight: utility collapses and the gate must refuse.
+    deadline = Timestamp()
+    deadline.FromDatetime(datetime.now(timezone.utc) + timedelta(days=30))
     accepted = api.stub.SubmitErasure(service_pb2.SubmitErasureRequest(erasure=_erasure(
         "api-reject", subject_ids=[subject], model_names=[digits_model], method="ssd",
-        method_params={"alpha": 1e-6, "lam": 1e-6}))).accepted
+        method_params={"alpha": 1e-6, "lam": 1e-6}, deadline=deadline))).accepted
     (job_id,) = accepted.job_ids
     events = [r.event for r in api.stub.WatchJob(service_pb2.WatchJobRequest(job_id=job_id), timeout=JOB_TIMEOUT_S)]
     terminal = events[-1]
@@ -193,6 +197,8 @@ def test_rejected_by_verification_leaves_the_alias_and_keeps_the_request_pending
     assert checks["utility"]["passed"] is False
     pending = api.stub.ListPendingRequests(service_pb2.ListPendingRequestsRequest())
     assert "api-reject" in {p.request_id for p in pending.pending_requests} and pending.oldest_age_seconds > 0
+    (entry,) = [p for p in pending.pending_requests if p.request_id == "api-reject"]
+    assert entry.deadline == deadline and not entry.overdue  # the deadline travels; a month is not over yet
     with pytest.raises(grpc.RpcError) as no_certificate:
         api.stub.GetCertificate(service_pb2.GetCertificateRequest(request_id="api-reject"))
     assert no_certificate.value.code() == grpc.StatusCode.NOT_FOUND
@@ -209,19 +215,19 @@ BAD_ERASURES = {
     "empty request id": (dict(request_id="", subject_ids=["a"]), grpc.StatusCode.INVALID_ARGUMENT, "request_id"),
     "oversize request id": (dict(request_id=LONG, subject_ids=["a"]), grpc.StatusCode.INVALID_ARGUMENT,
                             "request_id"),
-    "no selector": (dict(request_id="api-bad-0"), grpc.StatusCode.INVALID_ARGUMENT, "erasure"),
+    "no selector": (dict(request_id="api-bad-0"), grpc.StatusCode.INVALID_ARGUMENT, "subject_ids"),
     "empty subject id": (dict(request_id="api-bad-1", subject_ids=["a", ""]), grpc.StatusCode.INVALID_ARGUMENT,
-                         "erasure.subject_ids[1]"),
+                         "subject_ids[1]"),
     "oversize subject id": (dict(request_id="api-bad-2", subject_ids=[LONG]), grpc.StatusCode.INVALID_ARGUMENT,
-                            "erasure.subject_ids[0]"),
+                            "subject_ids[0]"),
     "too many ids": (dict(request_id="api-bad-3", record_ids=[f"r{i}" for i in range(10001)]),
-                     grpc.StatusCode.INVALID_ARGUMENT, "erasure.record_ids"),
+                     grpc.StatusCode.INVALID_ARGUMENT, "record_ids"),
     "duplicate ids": (dict(request_id="api-bad-4", subject_ids=["a", "b", "a"]), grpc.StatusCode.INVALID_ARGUMENT,
-                      "erasure.subject_ids[2]"),
+                      "subject_ids[2]"),
     "unknown model": (dict(request_id="api-bad-5", subject_ids=["a"], model_names=["no-such-model"]),
-                      grpc.StatusCode.NOT_FOUND, "erasure.model_names"),
+                      grpc.StatusCode.NOT_FOUND, "model_names[0]"),
     "model not unlearnable": (dict(request_id="api-bad-6", subject_ids=["a"], model_names=["api-plain-model"]),
-                              grpc.StatusCode.FAILED_PRECONDITION, "erasure.model_names"),
+                              grpc.StatusCode.FAILED_PRECONDITION, "model_names[0]"),
     "unknown method": (dict(request_id="api-bad-7", subject_ids=["a"], method="no-such-method"),
                        grpc.StatusCode.INVALID_ARGUMENT, "method"),
     "unknown method parameter": (dict(request_id="api-bad-8", subject_ids=["a"], method="ssd",
@@ -237,11 +243,11 @@ BAD_ERASURES = {
                                            policy_overrides=types_pb2.PolicyOverrides(max_utility_drop=0.5)),
                                       grpc.StatusCode.INVALID_ARGUMENT, "policy_overrides.max_utility_drop"),
     "deadline already passed": (dict(request_id="api-bad-12", subject_ids=["a"], deadline=PAST),
-                                grpc.StatusCode.DEADLINE_EXCEEDED, None),
+                                grpc.StatusCode.DEADLINE_EXCEEDED, "deadline"),
     "class erasure without models": (dict(request_id="api-bad-13", classes=[1]), grpc.StatusCode.INVALID_ARGUMENT,
-                                     "erasure.model_names"),
+                                     "model_names"),
     "class out of range": (dict(request_id="api-bad-14", classes=[12], model_names=["digits-cnn"]),
-                           grpc.StatusCode.INVALID_ARGUMENT, "erasure.classes[0]"),
+                           grpc.StatusCode.INVALID_ARGUMENT, "classes[0]"),
 }
 
 
@@ -262,6 +268,7 @@ def test_bad_erasures_get_their_status_and_field_violation_and_write_nothing(api
     assert refused.value.code() == code, refused.value.details()
     if field is not None:
         assert field in dict(field_violations(refused.value)), field_violations(refused.value)
+    assert_erasure_paths(domain.FieldViolation(*pair) for pair in field_violations(refused.value))
     status = rpc_status.from_call(refused.value)
     info = error_details_pb2.ErrorInfo()
     assert status.details[0].Unpack(info) and info.domain == "lethe.v1"
@@ -273,6 +280,7 @@ def test_bad_erasures_get_their_status_and_field_violation_and_write_nothing(api
     assert responses[0].rejected.code == code.value[0]
     if field is not None:
         assert field in {v.field for v in responses[0].rejected.field_violations}
+    assert field_violations(refused.value) == [(v.field, v.description) for v in responses[0].rejected.field_violations]
     assert _snapshot(lethe_engine) == before
 
 
@@ -287,14 +295,14 @@ def _register_request(tmp_path, frame: pd.DataFrame, **fields) -> service_pb2.Re
 
 BAD_REGISTRATIONS = {
     "missing column": (lambda f: f.drop(columns=["subject_id"]), {}, grpc.StatusCode.INVALID_ARGUMENT,
-                       "dataset.columns.subject_id"),
+                       "dataset.columns"),
     "duplicate record ids": (lambda f: pd.concat([f, f.head(2)], ignore_index=True), {},
                              grpc.StatusCode.INVALID_ARGUMENT, "dataset.record_id"),
     "task type unspecified": (lambda f: f, {"task_type": types_pb2.TASK_TYPE_UNSPECIFIED},
                               grpc.StatusCode.INVALID_ARGUMENT, "task_type"),
     "unknown default method": (lambda f: f, {"policy": types_pb2.VerificationPolicy(default_method="nope")},
                                grpc.StatusCode.INVALID_ARGUMENT, "policy.default_method"),
-    "model not in MLflow": (lambda f: f, {"model_name": "never-logged"}, grpc.StatusCode.NOT_FOUND, None),
+    "model not in MLflow": (lambda f: f, {"model_name": "never-logged"}, grpc.StatusCode.NOT_FOUND, "model_name"),
 }
 
 
@@ -314,6 +322,23 @@ def test_bad_registrations_are_refused_and_write_nothing(api, lethe_engine, tmp_
     if field is not None:
         assert field in dict(field_violations(refused.value)), field_violations(refused.value)
     assert _snapshot(lethe_engine) == before
+
+
+def test_pending_requests_carry_deadline_and_overdue_flag():
+    """The pending view as the client sees it: oldest first, the deadline when one was set, the engine's
+    overdue verdict, and the count of overdue requests."""
+    now = datetime(2026, 1, 31, 12, 0, tzinfo=timezone.utc)
+    response = converters.pending_to_proto([
+        domain.PendingRequest("on-time", now - timedelta(hours=1), now + timedelta(days=1), False),
+        domain.PendingRequest("no-deadline", now - timedelta(days=3), None, False),
+        domain.PendingRequest("late", now - timedelta(days=2), now - timedelta(hours=5), True),
+    ], now=now)
+    assert [p.request_id for p in response.pending_requests] == ["no-deadline", "late", "on-time"]
+    by_id = {p.request_id: p for p in response.pending_requests}
+    assert not by_id["no-deadline"].HasField("deadline") and not by_id["no-deadline"].overdue
+    assert by_id["late"].overdue and by_id["late"].deadline.ToDatetime(timezone.utc) == now - timedelta(hours=5)
+    assert not by_id["on-time"].overdue
+    assert response.overdue_count == 1 and response.oldest_age_seconds == 3 * 86400
 
 
 def test_front_end_checks_map_to_field_violations(api):
@@ -421,7 +446,7 @@ def test_cli_submit_watch_certificate_jobs_and_audit(api, lethe_engine, tmp_path
 
     assert main(["submit", *target, "--request-id", "api-cli-2", "--subject", "", "--quiet"]) == 1
     refused = capsys.readouterr().err
-    assert "erasure.subject_ids[0]" in refused
+    assert "subject_ids[0]" in refused
 
 
 def test_register_model_through_the_cli_and_the_rpc(api, lethe_engine, digits_model, tmp_path, capsys,

@@ -10,9 +10,10 @@ import time
 
 import grpc
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from service.api.pb import service_pb2, types_pb2
-from service.settings import Settings
+from service.settings import RESERVED_GRPC_WORKERS, Settings
 from tests.service.api_fixtures import ScriptedEngine, running_api
 
 TERMINAL = types_pb2.EVENT_KIND_TERMINAL
@@ -136,7 +137,7 @@ def test_refused_submissions_keep_the_stream_open(scripted):
         ("", grpc.StatusCode.INVALID_ARGUMENT), ("fix-1", grpc.StatusCode.UNIMPLEMENTED),
         ("upd-1", grpc.StatusCode.UNIMPLEMENTED), ("", grpc.StatusCode.INVALID_ARGUMENT)]
     assert [(v.field, v.description) for v in rejected[0].field_violations] == [
-        ("erasure.request_id", "must not be empty")]
+        ("request_id", "must not be empty")]
     assert "continual learning" in rejected[1].message
     assert any(r.WhichOneof("message") == "accepted" and r.accepted.request_id == "good" for r in responses)
     assert responses[-1].event.kind == TERMINAL
@@ -193,3 +194,55 @@ def test_resuming_an_unknown_request_is_refused_and_the_stream_ends(scripted):
     assert _kinds(responses) == ["rejected"]
     assert grpc.StatusCode(_code(responses[0].rejected.code)) == grpc.StatusCode.NOT_FOUND
     assert responses[0].rejected.field_violations[0].field == "resume.request_ids"
+
+
+def test_streams_beyond_the_worker_cap_are_refused_and_health_checks_still_answer(tmp_path):
+    """With LETHE_GRPC_MAX_WORKERS = reserve + 1, one stream fills every thread streams may take: a second
+    stream gets RESOURCE_EXHAUSTED at once (not queued), while health checks and unary calls, fired
+    concurrently, still find the reserved threads. Closing the stream gives its slot back."""
+    engine = ScriptedEngine()
+    settings = Settings(state_dir=tmp_path, grpc_max_workers=RESERVED_GRPC_WORKERS + 1)
+    with running_api(settings, engine) as api:
+        release = threading.Event()
+
+        def held_requests():
+            yield _erasure("held")
+            release.wait(15)
+
+        held = api.stub.Session(held_requests(), timeout=20)
+        assert next(held).WhichOneof("message") == "accepted"  # the stream is open and holds its thread
+        job_id = engine.job_of("held")
+
+        with pytest.raises(grpc.RpcError) as refused:
+            next(api.stub.WatchJob(service_pb2.WatchJobRequest(job_id=job_id), timeout=5))
+        assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "LETHE_GRPC_MAX_WORKERS" in refused.value.details()
+
+        health = health_pb2_grpc.HealthStub(api.client.channel)
+        answers: list = []
+
+        def probe():
+            answers.append(health.Check(health_pb2.HealthCheckRequest(), timeout=5).status)
+            answers.append(api.stub.GetJob(service_pb2.GetJobRequest(job_id=job_id), timeout=5).job.job_id)
+
+        probes = [threading.Thread(target=probe) for _ in range(2 * RESERVED_GRPC_WORKERS)]
+        for thread in probes:
+            thread.start()
+        for thread in probes:
+            thread.join(10)
+        assert answers.count(health_pb2.HealthCheckResponse.SERVING) == 2 * RESERVED_GRPC_WORKERS
+        assert answers.count(job_id) == 2 * RESERVED_GRPC_WORKERS
+
+        release.set()
+        engine.succeed(job_id)
+        assert list(held)[-1].event.kind == TERMINAL  # the session ends once its request is settled
+
+        def watch_opens() -> bool:
+            try:
+                return bool(list(api.stub.WatchJob(service_pb2.WatchJobRequest(job_id=job_id), timeout=5)))
+            except grpc.RpcError as error:
+                if error.code() != grpc.StatusCode.RESOURCE_EXHAUSTED:
+                    raise
+                return False  # the server side of the first stream is still unwinding
+
+        _wait_for(watch_opens)

@@ -3,7 +3,10 @@ ALREADY_EXISTS, unknown subjects, the rejection path, and class erasure."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import time
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pandas as pd
@@ -57,13 +60,16 @@ def test_erasure_happy_path_coalesces_registers_purges_and_certifies(lethe_engin
         assert body["job_id"] == job.job_id and body["coalesced_requests"] == 3
         assert body["label"] == "approximate" and body["records"]["matched"] > 0
         assert body["model"]["result_version"] == job.result_version
+        assert body["deadline"] is None  # the request set no deadline
+        # The claim matches what happened to the weights (ssd-auto may find nothing to dampen).
+        assert ("left the model's weights unchanged" in body["statement"]) is not body["model"]["weights_changed"]
         assert {c["name"] for c in body["verification"]["checks"]} == {"utility", "forgetting", "onnx_parity",
                                                                         "onnx_utility"}
         assert body["verification"]["onnx"]["providers"] == ["CPUExecutionProvider"]
         assert "loss_attack_auc_after" in body["verification"]["mia"]
         assert not any(s in certificate.body_json for s in subjects)
         assert engine.verify_certificate(certificate.body_json, certificate.signature).valid
-    assert not {o.request_id for o in outcomes} & {r for r, _ in engine.pending_requests()}
+    assert not {o.request_id for o in outcomes} & {p.request_id for p in engine.pending_requests()}
 
     # Events: every stage in order, one terminal event per request with its certificate.
     events = engine.events(after_seq=0, job_ids=outcomes[0].job_ids)
@@ -110,7 +116,7 @@ def test_unknown_subject_gets_a_no_records_certificate_at_once(lethe_engine):
     body = _body(certificate)
     assert body["label"] == "no records found" and body["records"]["matched"] == 0
     assert "no-such-person" not in certificate.body_json
-    assert "nobody-1" not in {r for r, _ in engine.pending_requests()}
+    assert "nobody-1" not in {p.request_id for p in engine.pending_requests()}
     kinds = [e.kind for e in engine.events(after_seq=outcome.first_event_seq - 1, request_ids=("nobody-1",))]
     assert kinds == [EventKind.ACCEPTED, EventKind.TERMINAL]
 
@@ -129,7 +135,7 @@ def test_rejection_keeps_alias_and_request_pending(lethe_engine, digits_model):
     assert not checks["utility"]["passed"]
     assert engine.registry.serving_version(digits_model) == serving_before
     assert engine.registry.version_for_job(digits_model, job.job_id) is None
-    assert "reject-1" in {r for r, _ in engine.pending_requests()}
+    assert "reject-1" in {p.request_id for p in engine.pending_requests()}
     with pytest.raises(NotFound):
         engine.get_certificate("reject-1")
     assert engine.metrics.registry.get_sample_value("lethe_oldest_pending_request_age_seconds") > 0
@@ -144,3 +150,56 @@ def test_class_erasure_forgets_the_class(lethe_engine, digits_model):
     assert body["verification"]["scenario"] == "class"
     assert body["verification"]["forget_acc_after"] <= 0.05
     assert body["model"]["weights_changed"] is True
+    assert "influence was removed" in body["statement"] and "unchanged" not in body["statement"]
+
+
+@contextlib.contextmanager
+def workers_paused(engine):
+    """Stop the shared engine's workers (no job can start) and start them again on exit."""
+    assert engine.stop(60), "a job of an earlier test is still running"
+    try:
+        yield
+    finally:
+        engine.start()
+
+
+def test_a_request_past_its_deadline_is_overdue_then_completes_and_is_certified_late(lethe_engine):
+    """A deadline is honoured honestly: while the request waits past it, the pending view and the gauge say
+    overdue; the job still runs (the erasure is owed), and the certificate, the TERMINAL event and the
+    counter say late. A request in the same job whose deadline is far off is certified on time."""
+    engine = lethe_engine
+    late_subject, on_time_subject = fresh_subjects(2)
+    gauge = "lethe_overdue_pending_requests"
+    counter = "lethe_certificates_late_total"
+    overdue_before = engine.metrics.registry.get_sample_value(gauge)
+    late_before = engine.metrics.registry.get_sample_value(counter)
+    with workers_paused(engine):
+        deadline = datetime.now(timezone.utc) + timedelta(seconds=1)
+        far = deadline + timedelta(days=30)
+        late = engine.submit_erasure(ErasureRequest(request_id="late-1", subject_ids=(late_subject,),
+                                                    deadline=deadline))
+        on_time = engine.submit_erasure(ErasureRequest(request_id="on-time-1", subject_ids=(on_time_subject,),
+                                                       deadline=far))
+        assert late.job_ids == on_time.job_ids, "one window, one job"
+        pending = {p.request_id: p for p in engine.pending_requests()}
+        assert (pending["late-1"].deadline, pending["late-1"].overdue) == (deadline, False)
+        time.sleep(max(0.0, (deadline - datetime.now(timezone.utc)).total_seconds()) + 0.05)
+        pending = {p.request_id: p for p in engine.pending_requests()}
+        assert pending["late-1"].overdue and not pending["on-time-1"].overdue
+        assert engine.metrics.registry.get_sample_value(gauge) == overdue_before + 1
+
+    (job,) = wait_for_jobs(engine, late.job_ids)
+    assert job.state is JobState.SUCCEEDED, job.message  # late, but done
+    late_body, on_time_body = (_body(engine.get_certificate(r)[0]) for r in ("late-1", "on-time-1"))
+    assert late_body["deadline"]["at"] == deadline.isoformat() and late_body["deadline"]["late"] is True
+    assert late_body["deadline"]["late_by_s"] > 0
+    assert on_time_body["deadline"] == {"at": far.isoformat(), "late": False, "late_by_s": 0.0}
+    assert engine.verify_certificate(engine.get_certificate("late-1")[0].body_json,
+                                     engine.get_certificate("late-1")[0].signature).valid
+    terminal = {e.request_ids[0]: e.message for e in engine.events(after_seq=late.first_event_seq - 1,
+                                                                  job_ids=late.job_ids)
+                if e.kind is EventKind.TERMINAL}
+    assert "LATE" in terminal["late-1"] and "LATE" not in terminal["on-time-1"]
+    assert not {"late-1", "on-time-1"} & {p.request_id for p in engine.pending_requests()}
+    assert engine.metrics.registry.get_sample_value(gauge) == overdue_before
+    assert engine.metrics.registry.get_sample_value(counter) == late_before + 1

@@ -22,8 +22,8 @@ from service.domain import (
     NotFound,
     TaskType,
 )
-from service.settings import Settings
-from tests.service.conftest import fresh_subjects, wait_for_jobs
+from service.settings import RESERVED_GRPC_WORKERS, Settings
+from tests.service.conftest import assert_erasure_paths, fresh_subjects, wait_for_jobs
 from unlearn.models import tiny_mlp
 
 
@@ -35,19 +35,19 @@ def _snapshot(engine):
 
 LONG = "x" * 257
 BAD_REQUESTS = {
-    "empty selectors": (ErasureRequest(request_id="bad-1"), InvalidArgument, "erasure"),
+    "empty selectors": (ErasureRequest(request_id="bad-1"), InvalidArgument, "subject_ids"),
     "empty request id": (ErasureRequest(request_id="", subject_ids=("a",)), InvalidArgument, "request_id"),
     "oversize request id": (ErasureRequest(request_id=LONG, subject_ids=("a",)), InvalidArgument, "request_id"),
     "empty subject id": (ErasureRequest(request_id="bad-2", subject_ids=("a", "")), InvalidArgument,
-                         "erasure.subject_ids[1]"),
+                         "subject_ids[1]"),
     "oversize subject id": (ErasureRequest(request_id="bad-3", subject_ids=(LONG,)), InvalidArgument,
-                            "erasure.subject_ids[0]"),
+                            "subject_ids[0]"),
     "too many ids": (ErasureRequest(request_id="bad-4", record_ids=tuple(f"r{i}" for i in range(10001))),
-                     InvalidArgument, "erasure.record_ids"),
+                     InvalidArgument, "record_ids"),
     "duplicate ids": (ErasureRequest(request_id="bad-5", subject_ids=("a", "b", "a")), InvalidArgument,
-                      "erasure.subject_ids[2]"),
+                      "subject_ids[2]"),
     "unknown model": (ErasureRequest(request_id="bad-6", subject_ids=("a",), model_names=("no-such-model",)),
-                      NotFound, "erasure.model_names"),
+                      NotFound, "model_names[0]"),
     "unknown method": (ErasureRequest(request_id="bad-7", subject_ids=("a",), method="no-such-method"),
                        InvalidArgument, "method"),
     "unknown parameter": (ErasureRequest(request_id="bad-8", subject_ids=("a",), method="ssd",
@@ -62,11 +62,15 @@ BAD_REQUESTS = {
                                       "policy_overrides.max_utility_drop"),
     "deadline passed": (ErasureRequest(request_id="bad-12", subject_ids=("a",),
                                        deadline=datetime.now(timezone.utc) - timedelta(seconds=1)),
-                        DeadlineExceeded, None),
+                        DeadlineExceeded, "deadline"),
     "class erasure without models": (ErasureRequest(request_id="bad-13", classes=(1,)), InvalidArgument,
-                                     "erasure.model_names"),
+                                     "model_names"),
     "class out of range": (ErasureRequest(request_id="bad-14", classes=(12,), model_names=("digits-cnn",)),
-                           InvalidArgument, "erasure.classes[0]"),
+                           InvalidArgument, "classes[0]"),
+    "second model unknown": (ErasureRequest(request_id="bad-15", subject_ids=("a",),
+                                            model_names=("digits-cnn", "no-such-model")), NotFound, "model_names[1]"),
+    "ids mixed with classes": (ErasureRequest(request_id="bad-16", subject_ids=("a",), classes=(1,),
+                                              model_names=("digits-cnn",)), InvalidArgument, "classes"),
 }
 
 
@@ -78,15 +82,18 @@ def test_bad_erasure_requests_write_nothing(lethe_engine, case):
         lethe_engine.submit_erasure(request)
     if field is not None:
         assert field in {v.field for v in raised.value.violations}, raised.value.violations
+    assert_erasure_paths(raised.value.violations)
     assert _snapshot(lethe_engine) == before
+
 
 
 def test_model_not_registered_as_unlearnable(lethe_engine):
     engine = lethe_engine
     engine.registry.log_initial_model(tiny_mlp(0), "plain-model", run_name="plain")
     before = _snapshot(engine)
-    with pytest.raises(FailedPrecondition):
+    with pytest.raises(FailedPrecondition) as raised:
         engine.submit_erasure(ErasureRequest(request_id="bad-plain", subject_ids=("a",), model_names=("plain-model",)))
+    assert [v.field for v in raised.value.violations] == ["model_names[0]"]
     assert _snapshot(engine) == before
 
 
@@ -104,7 +111,7 @@ def _nan_features(frame):
 
 
 BAD_DATASETS = {
-    "missing column": (lambda f: f.drop(columns=["subject_id"]), "dataset.columns.subject_id"),
+    "missing column": (lambda f: f.drop(columns=["subject_id"]), "dataset.columns"),
     "duplicate record ids": (lambda f: pd.concat([f, f.head(2)], ignore_index=True), "dataset.record_id"),
     "empty holdout": (lambda f: f[f["split"] != "holdout"], "dataset.split"),
     "nan features": (_nan_features, "dataset.features"),
@@ -148,9 +155,12 @@ def test_tombstones_refuse_reingestion(lethe_engine, tmp_path):
 
 def test_settings_defaults_keys_and_unknown_fields(tmp_path, monkeypatch):
     monkeypatch.setenv("LETHE_GRPC_PORT", "6000")
+    monkeypatch.setenv("LETHE_GRPC_MAX_WORKERS", "48")
     monkeypatch.setenv("LETHE_NOT_A_SETTING", "ignored")
     settings = Settings(state_dir=tmp_path / "state")
-    assert settings.grpc_port == 6000
+    assert settings.grpc_port == 6000 and settings.grpc_max_workers == 48
+    with pytest.raises(pydantic.ValidationError):  # no thread left for a single stream beside the reserve
+        Settings(state_dir=tmp_path, grpc_max_workers=RESERVED_GRPC_WORKERS)
     assert settings.job_store_url == f"sqlite:///{tmp_path / 'state' / 'lethe.db'}"
     assert settings.mlflow_tracking_uri == f"sqlite:///{tmp_path / 'state' / 'mlflow.db'}"
     key = settings.audit_key_bytes
