@@ -6,3 +6,4 @@ from unlearn.methods import graddiff  # noqa: F401
 from unlearn.methods import npo  # noqa: F401
 from unlearn.methods import iau  # noqa: F401
 from unlearn.methods import gu  # noqa: F401
+from unlearn.methods import gslora, gslora_pp  # noqa: F401  (GS-LoRA family, issue 6)
