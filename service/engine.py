@@ -390,7 +390,8 @@ class Engine:
             if request.model_names or matched:
                 targets.append({"info": info, "method": method, "params": params, "matched": matched})
         if violations:
-            raise InvalidArgument("invalid method or parameters", tuple(violations))
+            # One bad parameter is one violation, however many targeted models share the method.
+            raise InvalidArgument("invalid method or parameters", tuple(dict.fromkeys(violations)))
         return targets
 
     def _commit(self, request: ErasureRequest, subject_hashes: list[str], digest: str,

@@ -39,6 +39,9 @@ from torch import nn
 from service.domain import NotFound
 
 TAG_PREFIX = "lethe."
+# Every class erased so far on a model lineage, as a JSON list of ints: each version a job registers carries
+# its parent's list plus the job's own classes (issue 6: consecutive class erasures are consecutive tasks).
+ERASED_CLASSES_TAG = "lethe.erased_classes"
 MAX_TAG_VALUE = 5000  # MLflow's limit on model-version tag values
 _FLUENT_LOCK = threading.RLock()
 log = logging.getLogger(__name__)
@@ -108,6 +111,22 @@ class MlflowRegistry:
                 what = f"alias {alias!r}" if alias else f"version {version!r}"
                 raise NotFound(f"MLflow has no model {name!r} with {what}") from error
             raise
+
+    def erased_classes(self, name: str, version: str) -> tuple[int, ...]:
+        """The classes erased on the lineage up to ``version`` (its ``lethe.erased_classes`` tag; none when a
+        version has no tag, e.g. a freshly registered one)."""
+        text = self.resolve(name, version).tags.get(ERASED_CLASSES_TAG)
+        if not text:
+            return ()
+        try:
+            values = json.loads(text)
+        except ValueError as error:
+            raise RuntimeError(f"model {name!r} version {version} has an unreadable {ERASED_CLASSES_TAG} tag: "
+                               f"{text!r}") from error
+        if not isinstance(values, list) or not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+            raise RuntimeError(f"model {name!r} version {version}: {ERASED_CLASSES_TAG} must be a JSON list of "
+                               f"class ids, got {text!r}")
+        return tuple(sorted(set(values)))
 
     def load_model(self, name: str, version: str) -> nn.Module:
         with self._fluent():

@@ -36,7 +36,7 @@ from service.audit import AuditLog, canonical_json, sha256_hex
 from service.datasets import DatasetCatalog, LoadedDataset, remove_tree, safe_name
 from service.domain import EventKind, JobState, TaskType, VerificationPolicy
 from service.metrics import Metrics
-from service.mlflow_registry import MlflowRegistry
+from service.mlflow_registry import ERASED_CLASSES_TAG, MlflowRegistry
 from service.settings import Settings
 from service.verification import effective_policy, verify
 from unlearn import registry as methods
@@ -184,8 +184,21 @@ def run_job(ctx: PipelineContext, job_id: str) -> JobState:
                for row in request_rows}
     erase = np.logical_or.reduce(list(matched.values())) if matched else np.zeros(len(data), dtype=bool)
     train, holdout_all = data.split_mask("train"), data.split_mask("holdout")
-    forget_mask, retain_mask, holdout_mask = erase & train, train & ~erase, holdout_all & ~erase
     classes = tuple(sorted({c for row in request_rows for c in row.classes})) or None
+    # Consecutive class erasures on one model lineage are consecutive tasks (issue 6): the method is told
+    # EVERY class erased so far (the parent version's ``lethe.erased_classes`` tag plus this job's classes).
+    # The forget set stays this job's records: the earlier classes' records were purged from the dataset by
+    # the earlier jobs (class erasure matches every split), so they cannot re-enter the retain data. That
+    # is checked here rather than assumed: a training record of an erased class means the lineage's data is
+    # not what its tags say, and the job fails loudly instead of training on it.
+    earlier_classes = ctx.registry.erased_classes(job.model_name, job.base_version)
+    earlier_mask = np.isin(data.labels, list(earlier_classes)) if earlier_classes else np.zeros(len(data), dtype=bool)
+    if (earlier_mask & train).any():
+        raise RuntimeError(f"dataset {dataset_row.digest[:12]} still holds {int((earlier_mask & train).sum())} "
+                           f"training record(s) of classes {list(earlier_classes)} that earlier jobs erased")
+    lineage_classes = tuple(sorted(set(earlier_classes) | set(classes or ())))
+    method_classes = lineage_classes if classes else None  # record erasure stays record erasure
+    forget_mask, retain_mask, holdout_mask = erase & train, train & ~erase, holdout_all & ~erase & ~earlier_mask
     if not erase.any():
         _finish_without_records(ctx, job, request_rows, data, progress)
         return JobState.SUCCEEDED
@@ -216,7 +229,7 @@ def run_job(ctx: PipelineContext, job_id: str) -> JobState:
                                          ImportanceCache(importance_dir(ctx, job.model_name, job.base_version)))
             request = UnlearnRequest(task=task, forget=forget, retain=retain, holdout=holdout,
                                      train_importance=importance, model_factory=_factory(info.training),
-                                     recipe=_recipe(info.training), forget_classes=classes, seed=0,
+                                     recipe=_recipe(info.training), forget_classes=method_classes, seed=0,
                                      progress=progress.method_progress)
             spec = methods.get(job.method)
             config = methods.parse_config(job.method, job.method_params)
@@ -234,8 +247,10 @@ def run_job(ctx: PipelineContext, job_id: str) -> JobState:
         # ---- verify ---------------------------------------------------------------------------------------
         progress.stage("verify", "utility, forgetting, membership inference, ONNX export")
         onnx_path = ctx.settings.cache_dir / "onnx" / f"{job_id}.onnx"
+        earlier_left = earlier_mask & ~erase  # records of earlier-erased classes still present (none after purge)
         verdict = verify(task, base_model, after, forget if len(forget) else holdout, retain, holdout, classes,
-                         policy, onnx_path, baseline_holdout_acc)
+                         policy, onnx_path, baseline_holdout_acc, earlier_classes=earlier_classes,
+                         earlier=data.examples(earlier_left) if earlier_left.any() else None)
         if not forget_mask.any():
             verdict.evidence["note"] = "no training records matched: forgetting holds trivially"
         record["verification"] = verdict.evidence
@@ -261,6 +276,7 @@ def run_job(ctx: PipelineContext, job_id: str) -> JobState:
         "lethe.metrics": {k: verification.get(k) for k in ("utility_acc_before", "utility_acc_after",
                                                             "forget_acc_before", "forget_acc_after")},
         "lethe.label": record["label"], "lethe.code_version": ctx.settings.code_version,
+        ERASED_CLASSES_TAG: list(lineage_classes),
     }
     metrics = {k: float(v) for k, v in tags["lethe.metrics"].items() if v is not None}
     onnx_path = ctx.settings.cache_dir / "onnx" / f"{job_id}.onnx"

@@ -9,6 +9,9 @@ Checks, with the model's :class:`~service.domain.VerificationPolicy` (request ov
 2. forgetting: record erasure passes when forget-set accuracy <= holdout accuracy + ``record_forget_margin``
    (the erased records look no better known than data never seen, which is what a retrained model shows);
    class erasure passes when forget accuracy <= ``class_forget_max_accuracy`` (near chance or below);
+   consecutive class erasures on one lineage also report Acc_o, the accuracy on whatever records of the
+   classes erased by earlier jobs remain (gated like Acc_f when any remain; after the purge none do, and
+   the evidence says so instead of giving a number), and utility excludes every erased class;
 3. membership inference, recorded as evidence (not gated: on a well-generalising model both attacks sit
    near chance before unlearning already): the SSD paper's entropy attack fit on retain-train vs holdout
    (:func:`unlearn.evaluation.entropy_mia`) and the loss-threshold attack AUC forget vs holdout;
@@ -137,10 +140,19 @@ def onnx_evidence(model: nn.Module, holdout: ExampleSet, utility_set: ExampleSet
 
 def verify(task: TaskAdapter, before: nn.Module, after: nn.Module, forget: ExampleSet, retain: ExampleSet,
            holdout: ExampleSet, forget_classes: tuple[int, ...] | None, policy: VerificationPolicy,
-           onnx_path: Path, baseline_holdout_acc: float | None = None) -> Verdict:
-    """Judge ``after`` (the unlearned model) against ``before``; returns the verdict and its evidence."""
-    utility_set = _without_classes(holdout, forget_classes)
-    utility_before = (baseline_holdout_acc if baseline_holdout_acc is not None and not forget_classes
+           onnx_path: Path, baseline_holdout_acc: float | None = None, earlier_classes: tuple[int, ...] = (),
+           earlier: ExampleSet | None = None) -> Verdict:
+    """Judge ``after`` (the unlearned model) against ``before``; returns the verdict and its evidence.
+
+    ``forget_classes`` are this job's classes (class erasure) and ``forget`` their training records (Acc_f).
+    ``earlier_classes`` were erased on this model lineage by earlier jobs; ``earlier`` holds whatever records
+    of them the dataset still has (Acc_o). Class erasure purges every record of a class, so normally none
+    remain: Acc_o is then evaluated on nothing, reported as ``None`` with a note, and not gated (a number
+    made up from no data would be a false claim). Utility is measured on the classes that remain.
+    """
+    excluded = tuple(sorted(set(forget_classes or ()) | set(earlier_classes)))
+    utility_set = _without_classes(holdout, excluded or None)
+    utility_before = (baseline_holdout_acc if baseline_holdout_acc is not None and not excluded
                       else accuracy(task, before, utility_set))
     utility_after = accuracy(task, after, utility_set)
     holdout_after = accuracy(task, after, holdout)
@@ -163,11 +175,19 @@ def verify(task: TaskAdapter, before: nn.Module, after: nn.Module, forget: Examp
 
     utility_floor = utility_before - policy.max_utility_drop
     check("utility", utility_after, utility_floor, utility_after >= utility_floor - 1e-12,
-          "holdout accuracy after >= before - max_utility_drop")
+          "holdout accuracy after >= before - max_utility_drop"
+          + (" (on the remaining classes only)" if excluded else ""))
     if forget_classes:
         check("forgetting", forget_after, policy.class_forget_max_accuracy,
               forget_after <= policy.class_forget_max_accuracy + 1e-12,
               "class erasure: forget accuracy <= class_forget_max_accuracy")
+    continual = None
+    if excluded:
+        continual = _continual_evidence(task, before, after, forget_classes, forget_after, earlier_classes, earlier)
+        if continual["acc_o"] is not None:
+            check("forgetting_earlier", continual["acc_o"], policy.class_forget_max_accuracy,
+                  continual["acc_o"] <= policy.class_forget_max_accuracy + 1e-12,
+                  "earlier-erased classes: accuracy on their remaining records <= class_forget_max_accuracy")
     else:
         limit = holdout_after + policy.record_forget_margin
         check("forgetting", forget_after, limit, forget_after <= limit + 1e-12,
@@ -186,4 +206,29 @@ def verify(task: TaskAdapter, before: nn.Module, after: nn.Module, forget: Examp
         "holdout_acc_after": holdout_after, "forget_acc_before": forget_before, "forget_acc_after": forget_after,
         "mia": mia, "onnx": onnx,
     }
+    if continual is not None:
+        evidence["continual"] = continual
     return Verdict(not failures, evidence, failures)
+
+
+def _continual_evidence(task: TaskAdapter, before: nn.Module, after: nn.Module,
+                        forget_classes: tuple[int, ...] | None, forget_after: float,
+                        earlier_classes: tuple[int, ...], earlier: ExampleSet | None) -> dict[str, Any]:
+    """Acc_f (this task's classes) and Acc_o (classes of earlier tasks) of the continual class-erasure view."""
+    count = len(earlier) if earlier is not None else 0
+    if not earlier_classes:
+        note = "no class was erased on this lineage before this job: Acc_o is not defined"
+    elif count:
+        note = f"Acc_o measured on the {count} remaining record(s) of the earlier-erased classes"
+    else:
+        note = ("no record of the earlier-erased classes remains (their records were purged by the earlier "
+                "erasures), so Acc_o was evaluated on nothing and has no value; their forgetting is attested "
+                "by the earlier versions' certificates")
+    return {
+        "task_classes": sorted(forget_classes or ()), "earlier_classes": sorted(earlier_classes),
+        "erased_classes": sorted(set(forget_classes or ()) | set(earlier_classes)),
+        "acc_f": forget_after if forget_classes else None,
+        "acc_o": accuracy(task, after, earlier) if count else None,
+        "acc_o_before": accuracy(task, before, earlier) if count else None,
+        "acc_o_records": count, "acc_o_note": note,
+    }
