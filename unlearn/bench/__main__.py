@@ -14,12 +14,13 @@ import sys
 
 from unlearn import registry
 from unlearn.bench import SCENARIOS, TRAININGS, run_benchmark
+from unlearn.bench.lm_subjects import run_lm_subjects
 from unlearn.bench.vit_continual import run_vit_continual
 from unlearn.device import resolve_device
 from unlearn.errors import UnlearnError
 
 # Scenarios with their own runner (same signature as run_benchmark); the digits classifier ones use it.
-RUNNERS: dict = {"digits-vit-continual": run_vit_continual}
+RUNNERS: dict = {"digits-vit-continual": run_vit_continual, "fictitious-subjects": run_lm_subjects}
 
 SUMMARY_KEYS = ("avg_gap", "unlearn_seconds", "retrain_seconds", "speedup", "cost_vs_fwd_bwd")
 

@@ -1,0 +1,77 @@
+"""The registry contract for the causal-LM methods (``flat``, ``simnpo``) on a tiny GPT, and the gradient
+family (GA, GradDiff, NPO, IAU and their GU wrappers) running unchanged on the causal-LM adapter.
+
+Contract: forget NLL rises, retain NLL stays within tolerance, the caller's model is unchanged, the same
+seed gives the same weights.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from tests.unlearn.lm_helpers import lm_problem
+from unlearn import registry
+
+# Parameters only make the TINY problem meaningful (fixed short schedules instead of the target check).
+LM_CASES = {
+    "flat": {"lr": 1e-3, "epochs": 4, "stop_at_target": False},
+    "simnpo": {"lr": 1e-3, "max_steps": 4, "stop_at_target": False, "batch_size": 8},
+}
+FAMILY_CASES = {
+    "ga": {"lr": 1e-3, "max_steps": 3, "stop_at_target": False, "batch_size": 8},
+    "graddiff": {"lr": 1e-3, "max_steps": 3, "stop_at_target": False, "batch_size": 8},
+    "npo": {"lr": 1e-3, "max_steps": 3, "stop_at_target": False, "batch_size": 8},
+    "gu+npo": {"lr": 1e-3, "max_steps": 3, "stop_at_target": False, "batch_size": 8, "basis_batch_size": 4,
+               "rank": 4, "basis_refresh_steps": 3},
+    "iau": {},
+}
+RETAIN_NLL_TOLERANCE = 1.0  # nats per answer token
+FORGET_NLL_RISE = 0.3  # nats per answer token (contract); the family only has to raise it
+
+
+def _mean_token_nll(task, model, examples) -> float:
+    batch = dict(examples.tensors)
+    with torch.no_grad():
+        return float(task.per_example_loss(model, batch).sum() / task.target_lengths(batch).sum())
+
+
+def _check(name, params, contract=True):
+    problem = lm_problem()
+    task = problem.task
+    before = copy.deepcopy(problem.model.state_dict())
+    forget_before = _mean_token_nll(task, problem.model, problem.forget)
+    retain_before = _mean_token_nll(task, problem.model, problem.retain)
+    torch.manual_seed(0)
+    first = registry.run(name, problem.model, problem.request(), params)
+    for key, value in problem.model.state_dict().items():
+        assert torch.equal(value, before[key]), f"{name} changed the caller's {key}"
+    forget_after = _mean_token_nll(task, first.model, problem.forget)
+    retain_after = _mean_token_nll(task, first.model, problem.retain)
+    assert forget_after > forget_before + (FORGET_NLL_RISE if contract else 0.0), f"{name}: forget NLL {forget_before:.3f} -> {forget_after:.3f}"
+    if contract:
+        assert retain_after <= retain_before + RETAIN_NLL_TOLERANCE, \
+            f"{name}: retain NLL {retain_before:.3f} -> {retain_after:.3f}"
+        torch.manual_seed(0)
+        second = registry.run(name, problem.model, problem.request(), params)
+        for (key, a), b in zip(first.model.state_dict().items(), second.model.state_dict().values()):
+            assert torch.equal(a, b), f"{name}: same seed gave different {key}"
+
+
+@pytest.mark.parametrize("name", sorted(LM_CASES))
+def test_lm_method_contract(name):
+    _check(name, LM_CASES[name])
+
+
+@pytest.mark.parametrize("name", sorted(FAMILY_CASES))
+def test_gradient_family_runs_on_the_lm_adapter(name):
+    _check(name, FAMILY_CASES[name], contract=False)
+
+
+def test_flat_stops_at_the_forgetting_target():
+    problem = lm_problem()
+    result = registry.run("flat", problem.model, problem.request(), {"lr": 1e-3, "epochs": 30})
+    assert result.target_reached is True
+    assert result.details["forget_acc"] <= result.details["forget_target"]

@@ -1,0 +1,157 @@
+"""The benchmark's tiny GPT and its tokenizer, both built locally (no downloads), and their cache.
+
+- Tokenizer: byte-level BPE (the GPT-2 scheme) trained with ``tokenizers`` on every text the benchmark
+  encodes (:func:`unlearn.lm.people.corpus`), wrapped as a ``transformers`` fast tokenizer whose end token
+  ``<|endoftext|>`` ends answers and pads. Byte-level, so any text encodes (no unknown token).
+- Model: ``GPT2LMHeadModel`` from a :class:`GPTSpec` (2 layers, width 128, context 64, no dropout).
+- Both are saved with ``save_pretrained`` (safetensors + JSON), the layout the MLflow ``transformers``
+  flavor and ``AutoModelForCausalLM`` / ``AutoTokenizer.from_pretrained`` read.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+
+from unlearn.data import ExampleSet
+from unlearn.errors import CacheMismatchError
+from unlearn.training import TrainRecipe
+
+END_TOKEN = "<|endoftext|>"
+
+
+@dataclass(frozen=True)
+class GPTSpec:
+    """Shape of the benchmark's GPT (GPT-2 architecture, arXiv 2005.14165's family, tiny).
+
+    layers: transformer blocks (GPT-2 small: 12). Lethe benchmark: 2, so that 2 shared CPU cores train it
+        in a couple of minutes.
+    width: hidden size n_embd (GPT-2 small: 768). Lethe benchmark: 128.
+    heads: attention heads (GPT-2 small: 12). Lethe benchmark: 4.
+    context: maximum sequence length n_positions (GPT-2: 1024). Lethe benchmark: 64.
+    """
+
+    layers: int = 2
+    width: int = 128
+    heads: int = 4
+    context: int = 64
+
+
+def train_tokenizer(texts: list[str], vocab_size: int = 1024) -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer trained on ``texts``, as a ``transformers`` fast tokenizer."""
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[END_TOKEN], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tokenizer.train_from_iterator(texts, trainer)
+    return wrap_tokenizer(tokenizer)
+
+
+def wrap_tokenizer(tokenizer: Tokenizer) -> PreTrainedTokenizerFast:
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token=END_TOKEN, pad_token=END_TOKEN,
+                                   bos_token=END_TOKEN)
+
+
+def cached_tokenizer(texts: list[str], directory: Path, vocab_size: int = 1024) -> PreTrainedTokenizerFast:
+    """Train once per corpus and vocabulary size, then load the saved one (BPE ties make retraining a risk)."""
+    key = hashlib.sha256(json.dumps([texts, vocab_size]).encode()).hexdigest()[:24]
+    path = directory / f"tokenizer-{key}.json"
+    if path.exists():
+        return wrap_tokenizer(Tokenizer.from_file(str(path)))
+    tokenizer = train_tokenizer(texts, vocab_size)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tokenizer.backend_tokenizer.save(str(path))
+    return tokenizer
+
+
+def gpt_config(vocab_size: int, spec: GPTSpec, end_token_id: int) -> GPT2Config:
+    return GPT2Config(vocab_size=vocab_size, n_positions=spec.context, n_embd=spec.width, n_layer=spec.layers,
+                      n_head=spec.heads, n_inner=4 * spec.width, resid_pdrop=0.0, embd_pdrop=0.0,
+                      attn_pdrop=0.0, bos_token_id=end_token_id, eos_token_id=end_token_id,
+                      pad_token_id=end_token_id)
+
+
+class GPTFactory:
+    """``factory(seed)`` -> a freshly initialised tiny GPT (the retrain baseline's model factory).
+
+    Initialisation draws from a forked RNG seeded with ``seed``: deterministic, and the caller's global
+    RNG state is left alone.
+    """
+
+    def __init__(self, vocab_size: int, spec: GPTSpec, end_token_id: int):
+        self.config = gpt_config(vocab_size, spec, end_token_id)
+        self.spec = spec
+
+    def __call__(self, seed: int) -> GPT2LMHeadModel:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = GPT2LMHeadModel(self.config)
+        return model.eval()
+
+
+class LMCache:
+    """Trained GPTs under ``<cache>/lm/``, keyed by kind, recipe, architecture and the training data's digest.
+
+    Each entry is a ``save_pretrained`` directory plus ``meta.json`` with ``train_seconds`` (so retraining
+    time stays a measurement when the model comes from the cache) and whatever ``meta`` the caller adds.
+    """
+
+    def __init__(self, directory: Path):
+        self.directory = directory / "lm"
+
+    def path(self, kind: str, recipe: TrainRecipe, spec: GPTSpec, vocab_size: int, data_digest: str) -> Path:
+        key = hashlib.sha256(json.dumps([kind, asdict(recipe), asdict(spec), vocab_size, data_digest]).encode())
+        return self.directory / f"{kind}-{key.hexdigest()[:24]}"
+
+    def get_or_train(self, kind: str, task, factory: GPTFactory, examples: ExampleSet, recipe: TrainRecipe,
+                     device: torch.device) -> tuple[GPT2LMHeadModel, dict]:
+        path = self.path(kind, recipe, factory.spec, factory.config.vocab_size, examples.digest())
+        meta_path = path / "lethe_meta.json"
+        if meta_path.exists():
+            try:
+                model = GPT2LMHeadModel.from_pretrained(str(path)).to(device).eval()
+            except (OSError, RuntimeError, ValueError) as error:
+                raise CacheMismatchError(f"cached model {path} does not load: {error}") from error
+            if model.config.vocab_size != factory.config.vocab_size:
+                raise CacheMismatchError(f"cached model {path} has another vocabulary")
+            return model, json.loads(meta_path.read_text())
+        started = time.perf_counter()
+        model = factory(recipe.seed).to(device)
+        train_lm(task, model, examples, recipe)
+        seconds = time.perf_counter() - started
+        path.mkdir(parents=True, exist_ok=True)
+        model.save_pretrained(str(path))
+        meta = {"train_seconds": seconds, "recipe": asdict(recipe), "spec": asdict(factory.spec),
+                "device": str(device), "examples": len(examples)}
+        meta_path.write_text(json.dumps(meta))
+        return model.eval(), meta
+
+
+def train_lm(task, model: torch.nn.Module, examples: ExampleSet, recipe: TrainRecipe) -> torch.nn.Module:
+    """Train ``model`` IN PLACE: :func:`unlearn.training.train`'s loop with the learning rate decayed
+    linearly to 0 over the run (memorisation of every answer needs the decay; a constant rate keeps
+    oscillating around 85-90% exact match on the benchmark). Deterministic for a given recipe seed."""
+    device = next(iter(model.parameters())).device
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=recipe.lr, weight_decay=recipe.weight_decay)
+    total_steps = recipe.epochs * examples.num_batches(recipe.batch_size)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 - step / total_steps)
+    shuffle = torch.Generator().manual_seed(recipe.seed)
+    model.train()
+    for _ in range(recipe.epochs):
+        for batch in examples.batches(recipe.batch_size, device, shuffle_generator=shuffle):
+            loss = task.batch_loss(model, batch)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+    model.eval()
+    return model
