@@ -1,4 +1,4 @@
-"""The registry contract for the causal-LM methods (``flat``, ``simnpo``) on a tiny GPT, and the gradient
+"""The registry contract for the causal-LM methods (``flat``, ``simnpo`` and their GU wrappers) on a tiny GPT, and the gradient
 family (GA, GradDiff, NPO, IAU and their GU wrappers) running unchanged on the causal-LM adapter.
 
 Contract: forget NLL rises, retain NLL stays within tolerance, the caller's model is unchanged, the same
@@ -19,6 +19,10 @@ from unlearn import registry
 LM_CASES = {
     "flat": {"lr": 1e-3, "epochs": 4, "stop_at_target": False},
     "simnpo": {"lr": 1e-3, "max_steps": 4, "stop_at_target": False, "batch_size": 8},
+    "gu+flat": {"lr": 1e-3, "max_steps": 4, "stop_at_target": False, "batch_size": 8, "basis_batch_size": 4,
+                "rank": 4, "basis_refresh_steps": 3},
+    "gu+simnpo": {"lr": 1e-3, "max_steps": 4, "stop_at_target": False, "batch_size": 8, "basis_batch_size": 4,
+                  "rank": 4, "basis_refresh_steps": 3},
 }
 FAMILY_CASES = {
     "ga": {"lr": 1e-3, "max_steps": 3, "stop_at_target": False, "batch_size": 8},

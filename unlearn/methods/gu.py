@@ -1,4 +1,4 @@
-"""``gu+ga``, ``gu+graddiff``, ``gu+npo``, ``gu+iau``: Geometric-disentanglement Unlearning (arXiv 2511.17100).
+"""``gu+ga``, ``gu+graddiff``, ``gu+npo``, ``gu+iau``, ``gu+flat``, ``gu+simnpo``: Geometric-disentanglement Unlearning (arXiv 2511.17100).
 
 GU is a plug-in for any gradient-based unlearning method: keep only the part of the method's FORGET update
 that is orthogonal to the span of retain gradients, so that, to first order, the step leaves the retain
@@ -74,7 +74,9 @@ from unlearn.gradients import (
 from unlearn.methods.ga import GAConfig, ga_loss
 from unlearn.methods.graddiff import GradDiffConfig, graddiff_forget_loss, graddiff_retain_loss
 from unlearn.methods.iau import IAUConfig, retain_sample
+from unlearn.methods.flat import DIVERGENCES, flat_loss, with_templates
 from unlearn.methods.npo import NPOConfig, npo_loss, with_reference_nll
+from unlearn.methods.simnpo import SimNPOConfig, simnpo_loss
 from unlearn.registry import UnlearnRequest, UnlearnResult, copy_model, model_device, register, require
 
 
@@ -169,10 +171,47 @@ def _gu_config_class(name: str, base_cls: type, metric_default: str, uses_adam: 
     return cls
 
 
+@dataclass(frozen=True)
+class FLATStepsConfig:
+    """FLAT's settings as GU's step loop runs it (``gu+flat``; FLAT itself: arXiv 2410.11143).
+
+    divergence: the f-divergence, one of ``kl``, ``js``, ``pearson``, ``tv`` (reference default ``tv``).
+    lr: learning rate. Lethe default 1e-3 for the tiny benchmark GPT (paper 1e-5 on 7B models).
+    optimizer: ``adam`` (GU's Adam metric whitens with its second moment) or ``sgd``.
+    batch_size: forget mini-batch size. Lethe default 16.
+    max_steps: upper bound on optimiser steps (``flat`` counts epochs instead).
+    stop_at_target: stop as soon as the forgetting target is reached.
+    class_forget_target: class erasure is done when forget accuracy <= this.
+    record_forget_margin: record erasure is done when forget accuracy <= held-out accuracy + this.
+
+    Differences from ``flat``: Adam without FLAT's AdamW weight decay (0.01), because GU's Adam metric is
+    derived for Adam's update, and a step budget instead of epochs, like the other wrapped methods.
+    """
+
+    divergence: Literal["kl", "js", "pearson", "tv"] = "tv"
+    lr: float = 1e-3
+    optimizer: Literal["adam", "sgd"] = "adam"
+    batch_size: int = 16
+    max_steps: int = 200
+    stop_at_target: bool = True
+    class_forget_target: float = 0.02
+    record_forget_margin: float = 0.0
+
+    def __post_init__(self) -> None:
+        require(self.divergence in DIVERGENCES, "divergence", f"must be one of {sorted(DIVERGENCES)}")
+        require(0 < self.lr <= 1.0, "lr", f"must be in (0, 1], got {self.lr}")
+        require(1 <= self.batch_size <= 65536, "batch_size", f"must be in [1, 65536], got {self.batch_size}")
+        require(1 <= self.max_steps <= 100_000, "max_steps", f"must be in [1, 100000], got {self.max_steps}")
+        require(0 <= self.class_forget_target <= 1, "class_forget_target", "must be in [0, 1]")
+        require(-1 <= self.record_forget_margin <= 1, "record_forget_margin", "must be in [-1, 1]")
+
+
 GUGAConfig = _gu_config_class("GUGAConfig", GAConfig, "adam", lambda c: c.optimizer == "adam")
 GUGradDiffConfig = _gu_config_class("GUGradDiffConfig", GradDiffConfig, "adam", lambda c: c.optimizer == "adam")
 GUNPOConfig = _gu_config_class("GUNPOConfig", NPOConfig, "adam", lambda c: c.optimizer == "adam")
 GUIAUConfig = _gu_config_class("GUIAUConfig", IAUConfig, "adam", lambda c: c.update == "adam-one-step")
+GUFLATConfig = _gu_config_class("GUFLATConfig", FLATStepsConfig, "adam", lambda c: c.optimizer == "adam")
+GUSimNPOConfig = _gu_config_class("GUSimNPOConfig", SimNPOConfig, "adam", lambda c: c.optimizer == "adam")
 
 
 AUTO_BASIS_BATCH_SIZE = 32
@@ -205,6 +244,16 @@ def _graddiff_objectives(request: UnlearnRequest, work: nn.Module, config: GradD
 def _npo_objectives(request: UnlearnRequest, work: nn.Module, config: NPOConfig) -> Objectives:
     forget = with_reference_nll(request.task, work, request.forget, config.batch_size)  # before any update
     return forget, lambda batch: npo_loss(request.task, work, batch, config.beta), None
+
+
+def _flat_objectives(request: UnlearnRequest, work: nn.Module, config: FLATStepsConfig) -> Objectives:
+    forget = with_templates(request.task, work, request.forget, request.seed)  # one refusal per example
+    return forget, lambda batch: flat_loss(request.task, work, batch, config.divergence), None
+
+
+def _simnpo_objectives(request: UnlearnRequest, work: nn.Module, config: SimNPOConfig) -> Objectives:
+    return (request.forget,
+            lambda batch: simnpo_loss(request.task, work, batch, config.beta, config.delta), None)
 
 
 def _gu_minibatch(name: str, objectives: Callable[[UnlearnRequest, nn.Module, Any], Objectives],
@@ -283,6 +332,18 @@ def gu_graddiff(model: nn.Module, request: UnlearnRequest, config: Any) -> Unlea
 def gu_npo(model: nn.Module, request: UnlearnRequest, config: Any) -> UnlearnResult:
     """NPO with GU's projection of every step off the retain-gradient subspace."""
     return _gu_minibatch("gu+npo", _npo_objectives, model, request, config)
+
+
+@register("gu+flat", GUFLATConfig, needs_retain=True)
+def gu_flat(model: nn.Module, request: UnlearnRequest, config: Any) -> UnlearnResult:
+    """FLAT's f-divergence loss with the forget update projected off the retain-gradient span."""
+    return _gu_minibatch("gu+flat", _flat_objectives, model, request, config)
+
+
+@register("gu+simnpo", GUSimNPOConfig, needs_retain=True)
+def gu_simnpo(model: nn.Module, request: UnlearnRequest, config: Any) -> UnlearnResult:
+    """SimNPO with the forget update projected off the retain-gradient span."""
+    return _gu_minibatch("gu+simnpo", _simnpo_objectives, model, request, config)
 
 
 @register("gu+iau", GUIAUConfig, needs_retain=True)
