@@ -320,14 +320,20 @@ def run_job(ctx: PipelineContext, job_id: str) -> JobState:
         "method": record["method"], "verification": verification, "code_version": ctx.settings.code_version,
     }
     ctx.metrics.records_erased.inc(int(erase.sum()))
-    _issue(ctx, job, request_rows, matched, train, shared, record["label"], progress, JobState.SUCCEEDED,
+    _issue(ctx, job, request_rows, matched, data.record_ids, train, shared, record["label"], progress,
+           JobState.SUCCEEDED,
            f"version {version} registered and serving; {int(erase.sum())} record(s) erased")
     return JobState.SUCCEEDED
 
 
-def _issue(ctx: PipelineContext, job, request_rows, matched: dict[str, np.ndarray], train: np.ndarray,
-           shared: dict[str, Any], label: str, progress: Progress, state: JobState, message: str) -> None:
-    """The audit stage's single transaction."""
+def _issue(ctx: PipelineContext, job, request_rows, matched: dict[str, np.ndarray], record_ids: np.ndarray,
+           train: np.ndarray, shared: dict[str, Any], label: str, progress: Progress, state: JobState,
+           message: str) -> None:
+    """The audit stage's single transaction.
+
+    ``record_ids_sha256`` hashes the record ids this request actually matched in the dataset (sorted, one
+    per line), so an auditor holding the ids can check which records a certificate covers.
+    """
     progress.finish()
     with ctx.store.write() as conn:
         for row in request_rows:
@@ -340,7 +346,8 @@ def _issue(ctx: PipelineContext, job, request_rows, matched: dict[str, np.ndarra
                 "subjects": {"count": len(row.subject_hashes), "keyed_sha256": sorted(row.subject_hashes)},
                 "classes": list(row.classes),
                 "records": {"matched": found, "erased_from_training": int((mask & train).sum()) if found else 0,
-                            "record_ids_sha256": sha256_hex("\n".join(sorted(row.record_ids)))},
+                            "record_ids_sha256": sha256_hex("\n".join(sorted(
+                                record_ids[mask].astype(str).tolist() if found else [])))},
             }
             _certify(ctx, conn, row.request_id, job.model_name, job.job_id, body)
         db.update_job(conn, job.job_id, state=state.value, stage="done", progress=1.0, message=message)
@@ -419,7 +426,8 @@ def _finish_without_records(ctx, job, request_rows, data: LoadedDataset, progres
               "model": {"base_version": job.base_version, "result_version": None},
               "dataset": {"digest_searched": data.digest, "records_searched": len(data)},
               "code_version": ctx.settings.code_version}
-    _issue(ctx, job, request_rows, {}, data.split_mask("train"), shared, NO_RECORDS, progress, JobState.SUCCEEDED,
+    _issue(ctx, job, request_rows, {}, data.record_ids, data.split_mask("train"), shared, NO_RECORDS, progress,
+           JobState.SUCCEEDED,
            "no records of these requests remain in the training data; nothing to unlearn")
 
 

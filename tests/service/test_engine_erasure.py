@@ -4,6 +4,7 @@ ALREADY_EXISTS, unknown subjects, the rejection path, and class erasure."""
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import time
 from datetime import datetime, timedelta, timezone
@@ -15,6 +16,7 @@ import pytest
 from service import store as db
 from service.domain import AlreadyExists, ErasureRequest, EventKind, JobState, NotFound
 from tests.service.conftest import fresh_subjects, wait_for_jobs
+from unlearn.digits import load_digits_records
 
 
 def _body(certificate) -> dict:
@@ -54,10 +56,15 @@ def test_erasure_happy_path_coalesces_registers_purges_and_certifies(lethe_engin
     assert not Path(old_dataset.mlflow_artifact_uri.removeprefix("file://")).exists()
 
     # One certificate per request, pointing at the shared job, verifiable, with the evidence.
-    for outcome in outcomes:
+    digits = load_digits_records()
+    for subject, outcome in zip(subjects, outcomes):
         (certificate,) = engine.get_certificate(outcome.request_id)
         body = _body(certificate)
         assert body["job_id"] == job.job_id and body["coalesced_requests"] == 3
+        # The certificate names exactly the subject's records (by hash), all splits included.
+        owned = sorted(digits.record_ids[digits.subject_ids == subject].tolist())
+        assert body["records"]["matched"] == len(owned)
+        assert body["records"]["record_ids_sha256"] == hashlib.sha256("\n".join(owned).encode()).hexdigest()
         assert body["label"] == "approximate" and body["records"]["matched"] > 0
         assert body["model"]["result_version"] == job.result_version
         assert body["deadline"] is None  # the request set no deadline
