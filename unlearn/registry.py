@@ -105,13 +105,20 @@ class MethodSpec:
     summary: str
     needs_retain: bool
     exact: bool
+    erases: str = "any"  # "any": records or classes; "classes": whole-class erasure only (e.g. GS-LoRA)
 
 
 _REGISTRY: dict[str, MethodSpec] = {}
 
 
-def register(name: str, config_cls: type, *, needs_retain: bool, exact: bool = False):
-    """Decorator registering ``run`` under ``name``; duplicate or malformed names are rejected."""
+def register(name: str, config_cls: type, *, needs_retain: bool, exact: bool = False, erases: str = "any"):
+    """Decorator registering ``run`` under ``name``; duplicate or malformed names are rejected.
+
+    ``erases="classes"`` marks a method that only erases whole classes, so a caller can refuse a record
+    erasure up front instead of failing inside the method.
+    """
+    if erases not in ("any", "classes"):
+        raise ValueError(f"erases must be 'any' or 'classes', got {erases!r}")
     if not _NAME.match(name):
         raise ValueError(f"method name {name!r} must be lowercase letters, digits, '-' or '+'")
     if not (dataclasses.is_dataclass(config_cls) and config_cls.__dataclass_params__.frozen):
@@ -121,7 +128,7 @@ def register(name: str, config_cls: type, *, needs_retain: bool, exact: bool = F
         if name in _REGISTRY:
             raise ValueError(f"method {name!r} is already registered")
         summary = (run.__doc__ or "").strip().splitlines()[0] if run.__doc__ else name
-        _REGISTRY[name] = MethodSpec(name, config_cls, run, summary, needs_retain, exact)
+        _REGISTRY[name] = MethodSpec(name, config_cls, run, summary, needs_retain, exact, erases)
         return run
 
     return decorate

@@ -77,3 +77,8 @@ def test_config_round_trips(name):
 def test_docstring_states_mutation(name):
     module = __import__(registry.get(name).run.__module__, fromlist=["_"])
     assert "Mutates in place" in (module.__doc__ or ""), f"{name}: docstring must say whether it mutates"
+
+
+def test_class_only_methods_are_marked():
+    """The service refuses record erasures for these up front (service.engine), so the mark must be right."""
+    assert {name for name in registry.names() if registry.get(name).erases == "classes"} == {"gslora", "gslora++"}

@@ -128,7 +128,7 @@ class GSLoRAConfig:
         require(0 <= self.active_threshold < 1, "active_threshold", f"must be in [0, 1), got {self.active_threshold}")
 
 
-@register("gslora", GSLoRAConfig, needs_retain=True)
+@register("gslora", GSLoRAConfig, needs_retain=True, erases="classes")
 def gslora(model: nn.Module, request: UnlearnRequest, config: GSLoRAConfig) -> UnlearnResult:
     """GS-LoRA: one merged group-sparse LoRA update per class-forgetting task (continual)."""
     if request.task.name != "classification":

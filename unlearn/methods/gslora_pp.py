@@ -132,7 +132,7 @@ class GSLoRAPlusPlusConfig:
         require(0 <= self.active_threshold < 1, "active_threshold", f"must be in [0, 1), got {self.active_threshold}")
 
 
-@register("gslora++", GSLoRAPlusPlusConfig, needs_retain=True)
+@register("gslora++", GSLoRAPlusPlusConfig, needs_retain=True, erases="classes")
 def gslora_pp(model: nn.Module, request: UnlearnRequest, config: GSLoRAPlusPlusConfig) -> UnlearnResult:
     """GS-LoRA++: GS-LoRA plus prototype pull (retained classes) and push (forgotten classes)."""
     if request.task.name != "classification":
