@@ -10,7 +10,8 @@ refuses any dataset that contains one, so erased records are never re-ingested.
 
 Schema (classification): ``record_id`` (string), ``subject_id`` (string), ``split`` (``train`` /
 ``holdout`` / ``test``; train and holdout must be non-empty), ``features`` (list<float>, one length),
-``label`` (int in [0, num_classes)).
+``label`` (int in [0, num_classes)). Causal LM: ``prompt`` and ``answer`` (non-empty strings) instead of
+``features`` and ``label`` (:mod:`service.lm_support`).
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from unlearn.data import ExampleSet, classification_examples
 SPLITS = ("train", "holdout", "test")
 REQUIRED_SPLITS = ("train", "holdout")
 BASE_COLUMNS = ("record_id", "subject_id", "split")
-TASK_COLUMNS = {TaskType.CLASSIFICATION: ("features", "label")}
+TASK_COLUMNS = {TaskType.CLASSIFICATION: ("features", "label"), TaskType.CAUSAL_LM: ("prompt", "answer")}
 MAX_VIOLATIONS = 20  # enough to point a data engineer at the problem without flooding the status
 
 
@@ -50,7 +51,9 @@ class LoadedDataset:
     subject_hashes: np.ndarray  # str [N], keyed hashes
     splits: np.ndarray  # str [N]
     features: np.ndarray  # float32 [N, D]
-    labels: np.ndarray  # int64 [N]
+    labels: np.ndarray  # int64 [N] (-1 for causal-LM records)
+    prompts: np.ndarray | None = None  # str [N], causal LM only
+    answers: np.ndarray | None = None  # str [N], causal LM only
 
     def __len__(self) -> int:
         return len(self.record_ids)
@@ -113,6 +116,10 @@ def validate_frame(frame: pd.DataFrame, task_type: TaskType, num_classes: int | 
     for split in REQUIRED_SPLITS:
         if not (splits == split).any():
             violations.append(FieldViolation("dataset.split", f"the {split!r} split is empty"))
+    if task_type is TaskType.CAUSAL_LM:
+        from service.lm_support import column_violations
+
+        return (violations + column_violations(frame))[:MAX_VIOLATIONS]
     lengths = set()
     bad_features = 0
     for value in frame["features"]:
@@ -146,6 +153,11 @@ def content_digest(frame: pd.DataFrame) -> str:
     for column in ("record_id", "subject_id", "split"):
         digest.update("\x1f".join(ordered[column].astype(str)).encode())
         digest.update(b"\x1e")
+    if "prompt" in ordered.columns:  # causal LM
+        for column in ("prompt", "answer"):
+            digest.update("\x1f".join(ordered[column].astype(str)).encode())
+            digest.update(b"\x1e")
+        return digest.hexdigest()
     digest.update(np.stack([np.asarray(v, dtype=np.float32) for v in ordered["features"]]).tobytes())
     digest.update(ordered["label"].to_numpy(dtype=np.int64).tobytes())
     return digest.hexdigest()
@@ -179,6 +191,14 @@ class DatasetCatalog:
         directory = self.datasets_dir / safe_name(model_name)
         directory.mkdir(parents=True, exist_ok=True)
         path = directory / f"{name}.parquet"
+        if "prompt" in frame.columns:  # causal LM
+            frame = frame[[*BASE_COLUMNS, "prompt", "answer"]].reset_index(drop=True)
+            table = pa.Table.from_pandas(frame.astype(str), schema=pa.schema(
+                [(c, pa.string()) for c in (*BASE_COLUMNS, "prompt", "answer")]), preserve_index=False)
+            partial = path.with_suffix(".partial")
+            pq.write_table(table, partial)
+            partial.replace(path)
+            return path, content_digest(frame)
         frame = frame[[*BASE_COLUMNS, "features", "label"]].reset_index(drop=True)
         table = pa.Table.from_pandas(frame.assign(features=[np.asarray(v, dtype=np.float32).tolist()
                                                             for v in frame["features"]]),
@@ -200,13 +220,17 @@ class DatasetCatalog:
                 self._cache.move_to_end(key)
                 return self._cache[key]
         frame = self.frame(path)
+        lm = "prompt" in frame.columns
         loaded = LoadedDataset(
             path=key, digest=digest,
             record_ids=frame["record_id"].astype(str).to_numpy(),
             subject_hashes=np.array([self.subject_hash(s) for s in frame["subject_id"].astype(str)]),
             splits=frame["split"].astype(str).to_numpy(),
-            features=np.stack([np.asarray(v, dtype=np.float32) for v in frame["features"]]),
-            labels=frame["label"].to_numpy(dtype=np.int64))
+            features=(np.zeros((len(frame), 0), dtype=np.float32) if lm
+                      else np.stack([np.asarray(v, dtype=np.float32) for v in frame["features"]])),
+            labels=np.full(len(frame), -1, dtype=np.int64) if lm else frame["label"].to_numpy(dtype=np.int64),
+            prompts=frame["prompt"].astype(str).to_numpy() if lm else None,
+            answers=frame["answer"].astype(str).to_numpy() if lm else None)
         with self._lock:
             self._cache[key] = loaded
             while len(self._cache) > self._cache_size:

@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from service import lm_support
 from service import store as db
 from service.audit import AuditLog, canonical_json, keyed_hash, sha256_hex
 from service.datasets import DatasetCatalog, read_parquet, record_tombstone, validate_frame
@@ -193,16 +194,20 @@ class Engine:
     def register_model(self, registration: ModelRegistration) -> RegisteredModel:
         """Validate everything, then write the dataset copy, MLflow tags and the store rows."""
         version, frame, policy = self._validate_registration(registration)
-        model = self.registry.load_model(registration.model_name, version)
         violations = self._tombstone_violations(frame)
-        holdout = frame[frame["split"] == "holdout"].head(4)  # the model must accept the data's features
-        examples = classification_examples(
-            torch.from_numpy(np.stack([np.asarray(v, dtype=np.float32) for v in holdout["features"]])),
-            torch.from_numpy(holdout["label"].to_numpy(dtype=np.int64, copy=True)))
-        try:
-            ClassificationTask(registration.num_classes).validate(model, examples, "dataset.features")
-        except InvalidDataError as error:
-            violations.append(FieldViolation(error.field, error.reason))
+        if registration.task_type is TaskType.CAUSAL_LM:  # tokenizer, context and vocabulary checks
+            model, tokenizer = self.registry.load_lm(registration.model_name, version)
+            violations += lm_support.registration_violations(model, tokenizer, frame)
+        else:
+            model = self.registry.load_model(registration.model_name, version)
+            holdout = frame[frame["split"] == "holdout"].head(4)  # the model must accept the data's features
+            examples = classification_examples(
+                torch.from_numpy(np.stack([np.asarray(v, dtype=np.float32) for v in holdout["features"]])),
+                torch.from_numpy(holdout["label"].to_numpy(dtype=np.int64, copy=True)))
+            try:
+                ClassificationTask(registration.num_classes).validate(model, examples, "dataset.features")
+            except InvalidDataError as error:
+                violations.append(FieldViolation(error.field, error.reason))
         if violations:
             raise InvalidArgument("the dataset cannot be registered", tuple(violations))
 
@@ -211,7 +216,7 @@ class Engine:
         mlflow_version = self.registry.resolve(registration.model_name, version)
         artifact_uri = self.registry.attach_dataset(mlflow_version, path, {
             "lethe.unlearnable": "true", "lethe.task_type": registration.task_type.value,
-            "lethe.num_classes": str(registration.num_classes), "lethe.policy": _policy_json(policy),
+            "lethe.num_classes": str(registration.num_classes or 0), "lethe.policy": _policy_json(policy),
             "lethe.training": training, "lethe.dataset_digest": digest,
             "lethe.code_version": self.settings.code_version})
         self.registry.set_serving(registration.model_name, version)
@@ -233,10 +238,8 @@ class Engine:
                                              f"{self.settings.max_id_length} characters"))
         if bool(registration.version) == bool(registration.alias):
             violations.append(FieldViolation("version", "give exactly one of version or alias"))
-        if registration.task_type is TaskType.CAUSAL_LM:
-            raise Unimplemented("causal language models cannot be registered yet: the causal-LM task adapter "
-                                "is not wired into the service")
-        if registration.num_classes is None or registration.num_classes < 2:
+        if registration.task_type is TaskType.CLASSIFICATION and (registration.num_classes is None
+                                                                  or registration.num_classes < 2):
             violations.append(FieldViolation("num_classes", "a classifier needs num_classes >= 2"))
         violations += _policy_violations(registration.policy)
         if registration.model_factory and ":" not in registration.model_factory:

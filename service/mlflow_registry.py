@@ -8,6 +8,9 @@ Models are logged with ``serialization_format="pickle"`` and explicit ``pip_requ
 format runs ``torch.export`` (slow, and some models do not export), and inferring requirements imports
 every loaded module.
 
+Causal language models (issue 5) use the ``transformers`` flavor, logged with their tokenizer
+(:meth:`MlflowRegistry.load_lm` loads both back as native objects, offline, from the local artifacts).
+
 Exactly once: a job's model version is created by ``create_model_version`` WITH its ``lethe.job_id`` tag
 in one call, and before creating one :meth:`MlflowRegistry.version_for_job` looks for a version already
 tagged with the job. A process killed between MLflow's write and the job store's commit therefore finds
@@ -51,6 +54,12 @@ def pip_requirements() -> list[str]:
     import torch
 
     return [f"torch=={torch.__version__.split('+')[0]}", "numpy"]
+
+
+def lm_pip_requirements() -> list[str]:
+    import transformers
+
+    return [*pip_requirements(), f"transformers=={transformers.__version__}"]
 
 
 def tag_value(value: Any) -> str:
@@ -133,17 +142,38 @@ class MlflowRegistry:
             model = mlflow.pytorch.load_model(f"models:/{name}/{version}")
         return model.eval()
 
+    def load_lm(self, name: str, version: str) -> tuple[nn.Module, Any]:
+        """A causal LM logged with the transformers flavor: (model in eval mode, its tokenizer)."""
+        from mlflow import transformers as mlflow_transformers
+
+        with self._fluent():
+            components = mlflow_transformers.load_model(f"models:/{name}/{version}", return_type="components")
+        if "tokenizer" not in components:
+            raise RuntimeError(f"model {name!r} version {version} was logged without its tokenizer")
+        return components["model"].eval(), components["tokenizer"]
+
+    def _log(self, model: nn.Module, tokenizer: Any = None):
+        """Log ``model`` (inside a run): the transformers flavor with its tokenizer for an LM, else pytorch."""
+        if tokenizer is None:
+            return mlflow.pytorch.log_model(model, name="model", serialization_format="pickle",
+                                            pip_requirements=pip_requirements())
+        from mlflow import transformers as mlflow_transformers
+
+        return mlflow_transformers.log_model(transformers_model={"model": model, "tokenizer": tokenizer},
+                                             name="model", task="text-generation",
+                                             pip_requirements=lm_pip_requirements())
+
     def version_for_job(self, name: str, job_id: str) -> ModelVersion | None:
         """The version a job already registered, if any (the exactly-once check)."""
         found = self.client.search_model_versions(f"name='{_quote(name)}' and tags.`lethe.job_id`='{_quote(job_id)}'")
         return min(found, key=lambda v: int(v.version)) if found else None
 
     # ---------------------------------------------------------------------------------------- writes
-    def log_initial_model(self, model: nn.Module, name: str, run_name: str) -> str:
-        """Log and register a freshly trained model (the demo's); returns the new version."""
+    def log_initial_model(self, model: nn.Module, name: str, run_name: str, tokenizer: Any = None) -> str:
+        """Log and register a freshly trained model (the demo's; an LM with its tokenizer); returns the new
+        version."""
         with self._fluent(), mlflow.start_run(experiment_id=self.experiment_id, run_name=run_name):
-            info = mlflow.pytorch.log_model(model, name="model", serialization_format="pickle",
-                                            pip_requirements=pip_requirements())
+            info = self._log(model, tokenizer)
             run_id = mlflow.active_run().info.run_id
         version = self.client.create_model_version(name if self.model_exists(name) else self._create(name),
                                                    source=info.model_uri, run_id=run_id, model_id=info.model_id)
@@ -170,8 +200,10 @@ class MlflowRegistry:
         return artifact_uri
 
     def register_job_version(self, name: str, job_id: str, model: nn.Module, tags: Mapping[str, Any],
-                             metrics: Mapping[str, float], dataset_path: Path, onnx_path: Path | None) -> tuple[str, str]:
-        """Register a job's result exactly once; returns (version, dataset artifact URI)."""
+                             metrics: Mapping[str, float], dataset_path: Path, onnx_path: Path | None,
+                             tokenizer: Any = None) -> tuple[str, str]:
+        """Register a job's result exactly once; returns (version, dataset artifact URI). An LM is logged
+        with the transformers flavor and ``tokenizer``."""
         existing = self.version_for_job(name, job_id)
         if existing is not None:
             log.info("job %s already registered %s version %s; reusing it", job_id, name, existing.version)
@@ -179,8 +211,7 @@ class MlflowRegistry:
         with self._fluent(), mlflow.start_run(experiment_id=self.experiment_id, run_name=f"lethe-{job_id}",
                                               tags={"lethe.job_id": job_id}) as run:
             mlflow.log_metrics({k: float(v) for k, v in metrics.items()})
-            info = mlflow.pytorch.log_model(model, name="model", serialization_format="pickle",
-                                            pip_requirements=pip_requirements())
+            info = self._log(model, tokenizer)
             mlflow.log_artifact(str(dataset_path), "lethe-dataset")
             if onnx_path is not None and onnx_path.exists():
                 mlflow.log_artifact(str(onnx_path), "onnx")

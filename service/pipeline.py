@@ -31,6 +31,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from service import lm_support
 from service import store as db
 from service.audit import AuditLog, canonical_json, sha256_hex
 from service.datasets import DatasetCatalog, LoadedDataset, remove_tree, safe_name
@@ -41,6 +42,7 @@ from service.settings import Settings
 from service.verification import effective_policy, verify
 from unlearn import registry as methods
 from unlearn.importance import ImportanceCache, TrainImportance, weights_digest
+from unlearn.lm.task import CausalLMTask
 from unlearn.registry import UnlearnRequest
 from unlearn.tasks import ClassificationTask, collect
 from unlearn.training import TrainRecipe
@@ -175,7 +177,9 @@ def run_job(ctx: PipelineContext, job_id: str) -> JobState:
     progress = Progress(ctx, job_id, request_ids, job.method)
     ctx.metrics.coalesced_batch_size.observe(len(request_ids))
     policy = effective_policy(info.policy, dict(job.policy_overrides))
-    task = _task(info)
+    is_lm = info.task_type is TaskType.CAUSAL_LM  # causal LM: service.lm_support (task, encoding, gate)
+    task = None if is_lm else _task(info)
+    tokenizer = None
 
     # ---- resolve: requests -> records of this model's dataset version --------------------------------
     progress.stage("resolve", f"resolving {len(request_ids)} request(s) against dataset {dataset_row.digest[:12]}")
@@ -209,24 +213,36 @@ def run_job(ctx: PipelineContext, job_id: str) -> JobState:
 
     # ---- measure before (cached per model version) ------------------------------------------------------
     progress.stage("measure", f"measuring version {job.base_version}")
-    base_model = ctx.registry.load_model(job.model_name, job.base_version).to(ctx.device)
-    correct = baseline_correct(ctx, info, job.base_version, data, base_model)
-    baseline_holdout_acc = float(correct[holdout_mask[holdout_all]].mean())
+    if is_lm:  # every record encoded once with the model's tokenizer (one padded width)
+        base_model, tokenizer = ctx.registry.load_lm(job.model_name, job.base_version)
+        base_model = base_model.to(ctx.device)
+        task = CausalLMTask(tokenizer)
+        encoded = lm_support.encode_dataset(task, data, base_model)
+
+        def examples_of(mask: np.ndarray):
+            return lm_support.subset(encoded, mask)
+        baseline_holdout_acc = None
+    else:
+        base_model = ctx.registry.load_model(job.model_name, job.base_version).to(ctx.device)
+        correct = baseline_correct(ctx, info, job.base_version, data, base_model)
+        baseline_holdout_acc = float(correct[holdout_mask[holdout_all]].mean())
+        examples_of = data.examples
     weights_before = weights_digest(base_model)
-    forget, retain, holdout = data.examples(forget_mask), data.examples(retain_mask), data.examples(holdout_mask)
+    forget, retain, holdout = examples_of(forget_mask), examples_of(retain_mask), examples_of(holdout_mask)
 
     # ---- apply the method on a copy (skipped on resume when the job already registered its version) -----
     existing = ctx.registry.version_for_job(job.model_name, job_id)
     stored = dict(job.evidence or {})
     if existing is not None and stored.get("verification", {}).get("passed"):
         progress.stage("apply", f"resuming: version {existing.version} was already registered by this job")
-        after = ctx.registry.load_model(job.model_name, str(existing.version)).to(ctx.device)
+        after = (ctx.registry.load_lm(job.model_name, str(existing.version))[0] if is_lm
+                 else ctx.registry.load_model(job.model_name, str(existing.version))).to(ctx.device)
         record = stored
     else:
         progress.stage("apply", f"{job.method} on {int(forget_mask.sum())} training record(s)")
         if forget_mask.any():
-            importance = TrainImportance(task, data.examples(train),
-                                         ImportanceCache(importance_dir(ctx, job.model_name, job.base_version)))
+            importance = None if is_lm else TrainImportance(
+                task, data.examples(train), ImportanceCache(importance_dir(ctx, job.model_name, job.base_version)))
             request = UnlearnRequest(task=task, forget=forget, retain=retain, holdout=holdout,
                                      train_importance=importance, model_factory=_factory(info.training),
                                      recipe=_recipe(info.training), forget_classes=method_classes, seed=0,
@@ -248,9 +264,13 @@ def run_job(ctx: PipelineContext, job_id: str) -> JobState:
         progress.stage("verify", "utility, forgetting, membership inference, ONNX export")
         onnx_path = ctx.settings.cache_dir / "onnx" / f"{job_id}.onnx"
         earlier_left = earlier_mask & ~erase  # records of earlier-erased classes still present (none after purge)
-        verdict = verify(task, base_model, after, forget if len(forget) else holdout, retain, holdout, classes,
-                         policy, onnx_path, baseline_holdout_acc, earlier_classes=earlier_classes,
-                         earlier=data.examples(earlier_left) if earlier_left.any() else None)
+        if is_lm:
+            verdict = lm_support.verify_lm(task, base_model, after, forget if len(forget) else holdout, retain,
+                                           holdout, policy, onnx_path)
+        else:
+            verdict = verify(task, base_model, after, forget if len(forget) else holdout, retain, holdout, classes,
+                             policy, onnx_path, baseline_holdout_acc, earlier_classes=earlier_classes,
+                             earlier=data.examples(earlier_left) if earlier_left.any() else None)
         if not forget_mask.any():
             verdict.evidence["note"] = "no training records matched: forgetting holds trivially"
         record["verification"] = verdict.evidence
@@ -281,7 +301,7 @@ def run_job(ctx: PipelineContext, job_id: str) -> JobState:
     metrics = {k: float(v) for k, v in tags["lethe.metrics"].items() if v is not None}
     onnx_path = ctx.settings.cache_dir / "onnx" / f"{job_id}.onnx"
     version, artifact_uri = ctx.registry.register_job_version(job.model_name, job_id, after, tags, metrics,
-                                                              new_path, onnx_path)
+                                                              new_path, onnx_path, tokenizer=tokenizer)
     ctx.registry.set_serving(job.model_name, version)
     weights_after = weights_digest(after)
     with ctx.store.write() as conn:

@@ -1,0 +1,154 @@
+"""A causal LM through the service (issue 5, "Service" and "Bad input"): a tiny GPT (tests/unlearn/lm_helpers'
+recipe: 12 fictitious people, 1 layer, seconds to train), logged to MLflow with the transformers flavor and
+its tokenizer, registered with a prompt/answer dataset on an engine of its own; one person is erased with the
+policy's method and the LM gate; bad registrations are refused with field violations and nothing written.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+from service import store as db
+from service.domain import (
+    ErasureRequest,
+    InvalidArgument,
+    JobState,
+    ModelRegistration,
+    TaskType,
+    VerificationPolicy,
+)
+from service.engine import Engine
+from tests.service.conftest import make_settings, wait_for_jobs
+from unlearn.lm.model import GPTFactory, train_lm, train_tokenizer
+from unlearn.lm.people import corpus, generate_people, question_pairs
+from unlearn.lm.task import CausalLMTask
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "unlearn"))
+from lm_helpers import RECIPE, SPEC  # the tiny LM recipe of the library's tests)
+
+MODEL = "tiny-gpt"
+TRAIN_PEOPLE, HOLDOUT_PEOPLE = range(8), range(8, 12)
+# The gate's tolerances for this 1-layer model; the method is the recommended LM default.
+POLICY = VerificationPolicy(max_utility_drop=0.05, record_forget_margin=0.08, default_method="gu+graddiff",
+                            method_params={"alpha": 3.0, "record_forget_margin": 0.08})
+
+
+def _frame(pairs) -> pd.DataFrame:
+    return pd.DataFrame({
+        "record_id": [f"qa-{i:03d}" for i in range(len(pairs))],
+        "subject_id": [f"person-{p.subject_id:02d}" for p in pairs],
+        "split": ["train" if p.subject_id in TRAIN_PEOPLE else "holdout" for p in pairs],
+        "prompt": [p.prompt for p in pairs], "answer": [p.answer for p in pairs]})
+
+
+@pytest.fixture(scope="module")
+def lm_engine(tmp_path_factory):
+    """(engine, staging dir, dataset frame, tokenizer, model): the tiny GPT trained on people 0-7 and logged."""
+    root = tmp_path_factory.mktemp("lethe-lm")
+    torch.manual_seed(0)
+    pairs = question_pairs(generate_people(12, seed=5), seed=5)
+    tokenizer = train_tokenizer(corpus(pairs), vocab_size=400)
+    task = CausalLMTask(tokenizer)
+    train = [p for p in pairs if p.subject_id in TRAIN_PEOPLE]
+    model = GPTFactory(len(tokenizer), SPEC, tokenizer.eos_token_id)(0)
+    train_lm(task, model, task.encode([p.prompt for p in train], [p.answer for p in train],
+                                      [p.subject_id for p in train], SPEC.context), RECIPE)
+    engine = Engine(make_settings(root / "state", coalescing_window_s=0.1))
+    engine.registry.log_initial_model(model.eval(), MODEL, run_name="tiny-gpt-train", tokenizer=tokenizer)
+    engine.start()
+    yield engine, root, _frame(pairs), tokenizer, model
+    engine.stop(30)
+    engine.store.dispose()
+
+
+def _register(engine: Engine, root: Path, frame: pd.DataFrame, name: str = MODEL, version: str = "1"):
+    path = root / f"{name}-{len(list(root.glob('*.parquet')))}.parquet"
+    frame.to_parquet(path, index=False)
+    return engine.register_model(ModelRegistration(model_name=name, version=version, alias=None,
+                                                   task_type=TaskType.CAUSAL_LM, dataset_uri=str(path),
+                                                   policy=POLICY))
+
+
+def _refused(engine: Engine, root: Path, frame: pd.DataFrame, name: str = MODEL) -> dict[str, str]:
+    with engine.store.read() as conn:
+        before = db.get_model(conn, name)
+    with pytest.raises(InvalidArgument) as raised:
+        _register(engine, root, frame, name)
+    with engine.store.read() as conn:
+        assert db.get_model(conn, name) == before  # nothing written
+    return {v.field: v.description for v in raised.value.violations}
+
+
+def test_bad_lm_datasets_are_refused_with_field_violations(lm_engine):
+    engine, root, frame, _, _ = lm_engine
+    empty = frame.copy()
+    empty.loc[0, "prompt"], empty.loc[1, "answer"] = "  ", ""
+    fields = _refused(engine, root, empty)
+    assert {"dataset.prompt", "dataset.answer"} <= set(fields)
+
+    too_long = frame.copy()
+    too_long.loc[2, "answer"] = " and so on" * 40  # far beyond the 64-token context
+    fields = _refused(engine, root, too_long)
+    assert "qa-002" in fields["dataset.answer"] and "context" in fields["dataset.answer"]
+
+    no_subjects = frame.drop(columns=["subject_id"])
+    assert "subject_id" in _refused(engine, root, no_subjects)["dataset.columns"]
+    blank_subjects = frame.copy()
+    blank_subjects.loc[3, "subject_id"] = None
+    assert "dataset.subject_id" in _refused(engine, root, blank_subjects)
+
+
+def test_a_tokenizer_that_does_not_match_the_model_is_refused(lm_engine):
+    engine, root, frame, _, model = lm_engine
+    pairs = question_pairs(generate_people(12, seed=5), seed=5)
+    bigger = train_tokenizer(corpus(pairs) + ["zebra quokka axolotl " * 5], vocab_size=700)
+    name = "tiny-gpt-wrong-tokenizer"
+    engine.registry.log_initial_model(model.eval(), name, run_name="wrong-tokenizer", tokenizer=bigger)
+    fields = _refused(engine, root, frame, name)
+    assert "do not belong together" in fields["tokenizer"]
+
+
+def test_subject_erasure_of_a_causal_lm_passes_the_lm_gate(lm_engine):
+    engine, root, frame, tokenizer, _ = lm_engine
+    registered = _register(engine, root, frame)
+    assert registered.task_type is TaskType.CAUSAL_LM and registered.records == len(frame)
+
+    outcome = engine.submit_erasure(ErasureRequest(request_id="lm-erase-1", subject_ids=("person-01",),
+                                                   model_names=(MODEL,)))
+    (job,) = wait_for_jobs(engine, outcome.job_ids, timeout_s=120)
+    evidence = job.evidence["verification"]
+    summary = {c["name"]: (round(c["value"], 6), round(c["limit"], 6), c["passed"]) for c in evidence["checks"]}
+    print("LM gate:", json.dumps(summary), "mia:", json.dumps({k: v for k, v in evidence["mia"].items() if k != "protocol"}),
+          "em:", json.dumps({k: evidence[k] for k in ("forget_acc_before", "forget_acc_after", "utility_acc_before",
+                                                       "holdout_acc_before")}), "sizes:", json.dumps(evidence["sizes"]),
+          "nll:", json.dumps(evidence["answer_nll_per_token"]))
+    assert {"utility", "utility_holdout", "forgetting", "onnx_parity", "onnx_utility"} == set(summary)
+    assert evidence["onnx"]["providers"] == ["CPUExecutionProvider"]
+    assert evidence["onnx"]["max_abs_diff"] <= POLICY.onnx_tolerance
+    assert job.state is JobState.SUCCEEDED, f"{job.message}: {summary}"
+
+    forgotten = frame["subject_id"] == "person-01"
+    assert evidence["sizes"]["forget"] == int(forgotten.sum())
+    assert evidence["forget_acc_before"] > evidence["forget_acc_after"]
+    (certificate,) = engine.get_certificate("lm-erase-1")
+    body = json.loads(certificate.body_json)
+    assert body["verification"]["task_type"] == "causal_lm" and body["verification"]["passed"]
+    assert body["verification"]["onnx"]["max_abs_diff"] <= POLICY.onnx_tolerance
+    assert body["records"]["erased_from_training"] == int(forgotten.sum())
+    assert body["dataset"]["records_after"] == len(frame) - int(forgotten.sum())
+    assert body["model"]["weights_changed"]
+
+    # The new version is a transformers model with its tokenizer, serving, trained-on data purged.
+    version = job.result_version
+    _, loaded_tokenizer = engine.registry.load_lm(MODEL, version)
+    assert len(loaded_tokenizer) == len(tokenizer) and engine.registry.serving_version(MODEL) == version
+    with engine.store.read() as conn:
+        dataset = db.dataset_for_model_version(conn, MODEL, version)
+    remaining = engine.catalog.frame(dataset.path)
+    assert "person-01" not in set(remaining["subject_id"]) and len(remaining) == len(frame) - int(forgotten.sum())
