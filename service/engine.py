@@ -390,8 +390,15 @@ class Engine:
             dataset = datasets[name]
             data = self.catalog.load(dataset.path, dataset.digest)
             matched = int(data.match(set(subject_hashes), set(request.record_ids), set(request.classes)).sum())
-            if request.model_names or matched:
-                targets.append({"info": info, "method": method, "params": params, "matched": matched})
+            if not (request.model_names or matched):
+                continue
+            if methods.get(method).erases == "classes" and not request.classes:
+                source = "requested" if request.method else "policy default"
+                violations.append(FieldViolation("method", f"{method!r} ({source} for model {name!r}) erases whole "
+                                                 "classes only; name a record-erasure method for subject or "
+                                                 "record erasure"))
+                continue
+            targets.append({"info": info, "method": method, "params": params, "matched": matched})
         if violations:
             # One bad parameter is one violation, however many targeted models share the method.
             raise InvalidArgument("invalid method or parameters", tuple(dict.fromkeys(violations)))

@@ -16,7 +16,7 @@ import pytest
 
 from service import store as db
 from service.demo_data import VIT_MODEL, VIT_POLICY, build_digits_vit
-from service.domain import ErasureRequest, JobState
+from service.domain import ErasureRequest, JobFilter, JobState
 from service.engine import Engine
 from tests.service.conftest import make_settings, wait_for_jobs
 
@@ -126,3 +126,18 @@ def test_acc_o_is_measured_when_records_of_earlier_classes_remain():
     assert evidence["acc_o"] == evidence["acc_o_before"] == 0.25 and evidence["acc_o_records"] == 4
     empty = _continual_evidence(task, Constant(), Constant(), (5,), 0.0, (1, 2), None)
     assert empty["acc_o"] is None and "evaluated on nothing" in empty["acc_o_note"]
+
+
+def test_subject_erasure_against_a_class_only_policy_is_refused_up_front(vit_engine):
+    """gslora++ erases whole classes; a subject erasure naming the ViT is refused before anything is stored."""
+    from service.domain import InvalidArgument
+
+    before = len(vit_engine.list_jobs(JobFilter()))
+    with pytest.raises(InvalidArgument) as error:
+        vit_engine.submit_erasure(ErasureRequest(request_id="vit-subject", subject_ids=("subject-0001",),
+                                                 model_names=(VIT_MODEL,)))
+    (violation,) = error.value.violations
+    assert violation.field == "method" and "whole classes only" in violation.description
+    assert len(vit_engine.list_jobs(JobFilter())) == before
+    with pytest.raises(Exception):
+        vit_engine.get_certificate("vit-subject")
