@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PIP_FLAGS := --disable-pip-version-check --quiet
 
-.PHONY: install test bench bench-acks demo proto-lint clean
+.PHONY: install test bench bench-vit bench-lm bench-acks demo proto-lint clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
@@ -20,8 +20,19 @@ install: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
+# Every classifier method against retrain-from-scratch on the digits scenarios, seeds 0-2 (docs/benchmarks.md).
 bench: $(STAMP)
-	$(BIN)/python -m unlearn.bench.sweep
+	OMP_NUM_THREADS=1 $(BIN)/python -m unlearn.bench.sweep
+
+# GS-LoRA++ continual class forgetting on the ViT (docs/results/gslora.md).
+bench-vit: $(STAMP)
+	for seed in 0 1 2; do OMP_NUM_THREADS=1 $(BIN)/python -m unlearn.bench --method gslora++ \
+	  --scenario digits-vit-continual --seed $$seed --json | tail -n 1; done
+
+# Language-model unlearning on fictitious people; trains a GPT per seed (docs/results/lm.md).
+bench-lm: $(STAMP)
+	OMP_NUM_THREADS=1 $(BIN)/python -m unlearn.bench --method gu+graddiff --scenario fictitious-subjects \
+	  --seeds 0,1,2 --params '{"alpha": 3.0, "record_forget_margin": 0.1}' --json | tail -n 1
 
 # Trains the digits model, registers it in embedded MLflow, streams 21 erasures through the gRPC API.
 demo: $(STAMP)

@@ -22,7 +22,8 @@ from unlearn import registry
 from unlearn.bench import SCENARIOS, run_benchmark
 from unlearn.device import resolve_device
 
-DEFAULT_METHODS = ("retrain", "finetune", "ssd", "lfssd", "assd", "ssd-auto")
+DEFAULT_METHODS = ("retrain", "finetune", "ssd", "lfssd", "assd", "ssd-auto", "ga", "graddiff", "npo", "iau",
+                   "gu+ga", "gu+graddiff", "gu+npo", "gu+iau")
 ROBUSTNESS_METHODS = ("ssd", "ssd-auto")
 COLUMNS = ("forget_acc", "retain_acc", "test_acc", "test_retain_acc", "mia")
 
