@@ -2,11 +2,12 @@
 
 1. A fresh state directory (temporary unless given): embedded MLflow (SQLite) and job store.
 2. Train the digits CNN (or take it from the benchmark cache) and register it unlearnable
-   (:func:`service.demo_data.build_digits_demo`).
+   (:func:`service.demo_data.build_digits_demo`); train a tiny GPT on 8 fictitious people and register it
+   with its tokenizer and prompt/answer dataset (:func:`service.demo_data.build_tiny_lm`).
 3. Start the engine, the Prometheus exporter and the gRPC server in this process (the server runs on
    its own threads, exactly as ``lethe serve`` would).
-4. Through ONE bidirectional ``Session`` stream: 20 erasures for different data subjects and one
-   whole-class erasure; progress bars while the jobs run (the 20 subject erasures coalesce into one job).
+4. Through ONE bidirectional ``Session`` stream: 20 erasures for different data subjects, one
+   whole-class erasure and one person erased from the language model; progress bars while the jobs run (the 20 subject erasures coalesce into one job).
 5. Print every certificate as JSON and verify each with the server (``VerifyCertificate``).
 6. Verify the whole audit chain offline (:func:`service.audit.verify_audit`).
 7. Scrape ``/metrics`` and print the key series.
@@ -28,6 +29,7 @@ import uuid
 from pathlib import Path
 
 DEMO_CLASS = 7
+LM_PERSON = "person-01"  # a trained-on fictitious person of the tiny GPT
 KEY_METRICS = ("lethe_requests_total", "lethe_jobs_in_flight", "lethe_job_duration_seconds_count",
                "lethe_job_duration_seconds_sum", "lethe_records_erased_total", "lethe_verification_total",
                "lethe_coalesced_batch_size_count", "lethe_coalesced_batch_size_sum",
@@ -53,7 +55,7 @@ def _run(root: Path, subject_count: int, out) -> int:
     from service.api.server import build_server
     from service.audit import verify_audit
     from service.cli import follow
-    from service.demo_data import build_digits_demo
+    from service.demo_data import build_digits_demo, build_tiny_lm
     from service.engine import Engine
     from service.metrics import start_metrics_server
     from service.settings import Settings
@@ -65,6 +67,9 @@ def _run(root: Path, subject_count: int, out) -> int:
     _say("[2/6] training the digits CNN and registering it in the embedded MLflow ...")
     model_name = build_digits_demo(settings, engine)
     _say(f"      model {model_name!r} registered unlearnable ({time.monotonic() - started:.1f} s)")
+    _say("      training a tiny GPT on 8 fictitious people and registering it with its tokenizer ...")
+    lm_name = build_tiny_lm(settings, engine)
+    _say(f"      model {lm_name!r} registered unlearnable ({time.monotonic() - started:.1f} s)")
 
     engine.start()
     metrics_server = start_metrics_server(engine.metrics, settings.metrics_port, settings.metrics_host)
@@ -80,7 +85,10 @@ def _run(root: Path, subject_count: int, out) -> int:
                     for index in range(subject_count)]
         erasures.append(types_pb2.Erasure(request_id=f"demo-{run}-class-{DEMO_CLASS}", classes=[DEMO_CLASS],
                                           model_names=[model_name]))
-        _say(f"[4/6] streaming {subject_count} subject erasures and 1 whole-class erasure (class {DEMO_CLASS}) "
+        erasures.append(types_pb2.Erasure(request_id=f"demo-{run}-lm-{LM_PERSON}", subject_ids=[LM_PERSON],
+                                          model_names=[lm_name]))
+        _say(f"[4/6] streaming {subject_count} subject erasures, 1 whole-class erasure (class {DEMO_CLASS}) "
+             f"and 1 person erased from the language model ({LM_PERSON}) "
              "over one Session stream ...")
         with Client(f"127.0.0.1:{api.port}") as client:
             client.wait_ready(10)

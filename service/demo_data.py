@@ -40,6 +40,11 @@ DEMO_POLICY = VerificationPolicy(
     method_params={"max_utility_drop": 0.02, "record_forget_margin": 0.02, "class_forget_target": 0.05})
 
 
+LM_MODEL = "tiny-gpt"
+LM_TRAIN_PEOPLE, LM_PEOPLE = 8, 12  # people 0-7 are trained on, 8-11 are the never-seen holdout
+# Tolerances for a 1-layer model; the method is the LM benchmark's best trade-off (docs/results/lm.md).
+LM_POLICY = VerificationPolicy(max_utility_drop=0.05, record_forget_margin=0.08, default_method="gu+graddiff",
+                               method_params={"alpha": 3.0, "record_forget_margin": 0.08})
 VIT_MODEL = "digits-vit"
 # The ViT's gate: class erasure by GS-LoRA++ (issue 6). Forgetting and ONNX limits as the CNN's; utility on
 # the remaining classes may fall by 3 points, the issue's tolerance for Acc_r against a retrained model
@@ -100,6 +105,43 @@ def build_digits_vit(settings: Settings, engine=None, model_name: str = VIT_MODE
     log.info("digits ViT ready (training took %.1f s when it was trained)", seconds)
     _log_and_register(engine, model, model_name, "digits-vit-train", VIT_POLICY, "unlearn.vit:digits_vit",
                       asdict(DIGITS_VIT_RECIPE))
+    return model_name
+
+
+def build_tiny_lm(settings: Settings, engine=None, model_name: str = LM_MODEL) -> str:
+    """A tiny GPT memorising 8 fictitious people (unlearn.lm, seconds to train), logged to MLflow with its
+    tokenizer (transformers flavor) and registered with its prompt/answer dataset; returns the name."""
+    from service.engine import Engine
+    from unlearn.lm.model import TINY_RECIPE, TINY_SPEC, GPTFactory, train_lm, train_tokenizer
+    from unlearn.lm.people import corpus, generate_people, question_pairs
+    from unlearn.lm.task import CausalLMTask
+
+    engine = engine or Engine(settings)
+    with engine.store.read() as conn:
+        if db.get_model(conn, model_name) is not None:
+            return model_name
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        pairs = question_pairs(generate_people(LM_PEOPLE, seed=5), seed=5)
+        tokenizer = train_tokenizer(corpus(pairs), vocab_size=400)
+        task = CausalLMTask(tokenizer)
+        train = [p for p in pairs if p.subject_id < LM_TRAIN_PEOPLE]
+        model = GPTFactory(len(tokenizer), TINY_SPEC, tokenizer.eos_token_id)(0)
+        train_lm(task, model, task.encode([p.prompt for p in train], [p.answer for p in train],
+                                          [p.subject_id for p in train], TINY_SPEC.context), TINY_RECIPE)
+    version = engine.registry.log_initial_model(model.eval(), model_name, run_name="tiny-gpt-train",
+                                                tokenizer=tokenizer)
+    frame = pd.DataFrame({
+        "record_id": [f"qa-{i:03d}" for i in range(len(pairs))],
+        "subject_id": [f"person-{p.subject_id:02d}" for p in pairs],
+        "split": ["train" if p.subject_id < LM_TRAIN_PEOPLE else "holdout" for p in pairs],
+        "prompt": [p.prompt for p in pairs], "answer": [p.answer for p in pairs]})
+    with tempfile.TemporaryDirectory(prefix="lethe-demo-") as staging:
+        path = Path(staging) / "people.parquet"
+        frame.to_parquet(path, index=False)
+        engine.register_model(ModelRegistration(model_name=model_name, version=version, alias=None,
+                                                task_type=TaskType.CAUSAL_LM, dataset_uri=str(path),
+                                                policy=LM_POLICY))
     return model_name
 
 

@@ -17,10 +17,11 @@ def test_demo_streams_erasures_prints_verified_certificates_audit_and_metrics(tm
     assert run_demo(state_dir=str(tmp_path / "state"), subjects=3, out=out) == 0
     lines = out.getvalue().splitlines()
     documents = [json.loads(line) for line in lines if line.startswith("{")]
-    assert len(documents) == 4
-    assert sum("VALID (" in line for line in lines) == 4
+    assert len(documents) == 5  # 3 subjects, 1 class, 1 person erased from the language model
+    assert sum("VALID (" in line for line in lines) == 5
     bodies = [json.loads(document["body_json"]) for document in documents]
     assert {body["label"] for body in bodies} == {"approximate"}
     assert any(body["classes"] == [7] for body in bodies)
+    assert any(body["model_name"] == "tiny-gpt" and body["records"]["matched"] > 0 for body in bodies)
     assert any(line.strip().startswith("lethe_records_erased_total") for line in lines)
     assert "audit chain: VALID" in capsys.readouterr().err

@@ -7,14 +7,12 @@ from dataclasses import dataclass
 
 import torch
 
-from unlearn.lm.model import GPTFactory, GPTSpec, train_lm, train_tokenizer
+from unlearn.lm.model import TINY_RECIPE, TINY_SPEC, GPTFactory, train_lm, train_tokenizer
 from unlearn.lm.people import corpus, generate_people, question_pairs
 from unlearn.lm.task import CausalLMTask
 from unlearn.registry import UnlearnRequest
-from unlearn.training import TrainRecipe
 
-SPEC = GPTSpec(layers=1, width=48, heads=2, context=64)
-RECIPE = TrainRecipe(epochs=60, batch_size=8, lr=1e-2, optimizer="adamw", seed=0)
+SPEC, RECIPE = TINY_SPEC, TINY_RECIPE
 
 
 @dataclass

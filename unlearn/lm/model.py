@@ -135,6 +135,12 @@ class LMCache:
         return model.eval(), meta
 
 
+# A 1-layer GPT that memorises a dozen fictitious people in a few seconds on a CPU: the LM tests and the
+# service demo use it (the benchmark uses GPTSpec's defaults and its own recipe).
+TINY_SPEC = GPTSpec(layers=1, width=48, heads=2, context=64)
+TINY_RECIPE = TrainRecipe(epochs=60, batch_size=8, lr=1e-2, optimizer="adamw", seed=0)
+
+
 def train_lm(task, model: torch.nn.Module, examples: ExampleSet, recipe: TrainRecipe) -> torch.nn.Module:
     """Train ``model`` IN PLACE: :func:`unlearn.training.train`'s loop with the learning rate decayed
     linearly to 0 over the run (memorisation of every answer needs the decay; a constant rate keeps
