@@ -34,7 +34,7 @@ bench-lm: $(STAMP)
 	OMP_NUM_THREADS=1 $(BIN)/python -m unlearn.bench --method gu+graddiff --scenario fictitious-subjects \
 	  --seeds 0,1,2 --params '{"alpha": 3.0, "record_forget_margin": 0.1}' --json | tail -n 1
 
-# Trains the digits model, registers it in embedded MLflow, streams 21 erasures through the gRPC API.
+# Trains the digits CNN and a tiny GPT, registers both in embedded MLflow, streams 22 erasures through gRPC.
 demo: $(STAMP)
 	$(BIN)/lethe demo
 
