@@ -71,12 +71,9 @@ def build_digits_demo(settings: Settings, engine=None, model_name: str = DEMO_MO
     from service.engine import Engine
 
     engine = engine or Engine(settings)
-    with engine.store.read() as conn:
-        if db.get_model(conn, model_name) is not None:
-            return model_name
-    records = load_digits_records()
-    train = records.indices("train")
-    examples = classification_examples(torch.from_numpy(records.features[train]), torch.from_numpy(records.labels[train]))
+    if _registered(engine, model_name):
+        return model_name
+    examples = _digits_train_examples()
     model, seconds = ModelCache(default_cache_dir()).get_or_train("original", ClassificationTask(10), examples,
                                                                   DIGITS_RECIPE, torch.device("cpu"))
     log.info("digits CNN ready (training took %.1f s when it was trained)", seconds)
@@ -94,12 +91,9 @@ def build_digits_vit(settings: Settings, engine=None, model_name: str = VIT_MODE
     from unlearn.vit import DIGITS_VIT_RECIPE, trained_digits_vit
 
     engine = engine or Engine(settings)
-    with engine.store.read() as conn:
-        if db.get_model(conn, model_name) is not None:
-            return model_name
-    records = load_digits_records()
-    train = records.indices("train")
-    examples = classification_examples(torch.from_numpy(records.features[train]), torch.from_numpy(records.labels[train]))
+    if _registered(engine, model_name):
+        return model_name
+    examples = _digits_train_examples()
     model, seconds = trained_digits_vit("original", ClassificationTask(10), examples, DIGITS_VIT_RECIPE,
                                         torch.device("cpu"), default_cache_dir())
     log.info("digits ViT ready (training took %.1f s when it was trained)", seconds)
@@ -117,9 +111,8 @@ def build_tiny_lm(settings: Settings, engine=None, model_name: str = LM_MODEL) -
     from unlearn.lm.task import CausalLMTask
 
     engine = engine or Engine(settings)
-    with engine.store.read() as conn:
-        if db.get_model(conn, model_name) is not None:
-            return model_name
+    if _registered(engine, model_name):
+        return model_name
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         pairs = question_pairs(generate_people(LM_PEOPLE, seed=5), seed=5)
@@ -143,6 +136,18 @@ def build_tiny_lm(settings: Settings, engine=None, model_name: str = LM_MODEL) -
                                                 task_type=TaskType.CAUSAL_LM, dataset_uri=str(path),
                                                 policy=LM_POLICY))
     return model_name
+
+
+def _registered(engine, model_name: str) -> bool:
+    """Building twice in one state directory is a no-op: the model is already registered."""
+    with engine.store.read() as conn:
+        return db.get_model(conn, model_name) is not None
+
+
+def _digits_train_examples():
+    records = load_digits_records()
+    train = records.indices("train")
+    return classification_examples(torch.from_numpy(records.features[train]), torch.from_numpy(records.labels[train]))
 
 
 def _log_and_register(engine, model: torch.nn.Module, model_name: str, run_name: str, policy: VerificationPolicy,
