@@ -17,6 +17,7 @@ import secrets
 import subprocess
 from functools import cached_property
 from pathlib import Path
+from typing import Any, Literal
 
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -126,6 +127,92 @@ class Settings(BaseSettings):
     """Code version written into every certificate and model version tag. Default: package version and
     git commit when available; the container image sets it to the image tag."""
 
+    # ------------------------------------------------------------------------------------- scale-out
+    executor: Literal["inprocess", "subprocess", "kubernetes"] = "inprocess"
+    """Where a claimed job runs: ``inprocess`` (worker threads of this process, the embedded default),
+    ``subprocess`` (each job in a fresh ``lethe worker --once --job-id ID`` process: the same contract as a
+    Kubernetes Job) or ``kubernetes`` (one ``batch/v1`` Job per unlearning job, on GPU nodes)."""
+
+    job_lease_s: float = Field(60.0, ge=1.0, le=3600.0)
+    """How long a worker's claim on a job lasts without a heartbeat. The holder renews it every third of
+    this; a worker that dies stops renewing, the lease expires and another worker reclaims the job (crash
+    recovery by lease expiry, safe with any number of processes)."""
+
+    job_max_attempts: int = Field(3, ge=1, le=100)
+    """Claims of one job before it is marked FAILED: a job that kills its worker this often (out of
+    memory, a poisoned input) stops being retried forever."""
+
+    worker_id: str | None = None
+    """Identity of this process in job leases and logs. Default ``<hostname>-<pid>``; the chart sets the
+    pod name."""
+
+    kubernetes_namespace: str = "default"
+    """Namespace the ``kubernetes`` executor creates its Jobs in (the chart sets its release namespace)."""
+
+    kubernetes_image: str = "lethe:dev"
+    """Container image of the unlearning Jobs (the same image as the API, entry point ``lethe worker``)."""
+
+    kubernetes_service_account: str | None = None
+    """Service account of the Job pods (needs no Kubernetes API rights; talks to the job store and MLflow)."""
+
+    kubernetes_gpu_count: int = Field(1, ge=0, le=16)
+    """``nvidia.com/gpu`` limit of each Job pod; 0 runs jobs on CPU nodes."""
+
+    kubernetes_node_selector: dict[str, str] = Field(default_factory=dict)
+    """Node selector of the Job pods, as JSON (e.g. ``{"nvidia.com/gpu.present": "true"}``)."""
+
+    kubernetes_tolerations: list[dict[str, Any]] = Field(default_factory=list)
+    """Tolerations of the Job pods, as a JSON list of Kubernetes toleration objects (GPU node taints)."""
+
+    kubernetes_priority_class: str | None = None
+    """PriorityClass of the Job pods (unset: the cluster default)."""
+
+    kubernetes_cpu: str = "2"
+    """CPU request and limit of a Job pod (a Kubernetes quantity string)."""
+
+    kubernetes_memory: str = "8Gi"
+    """Memory request and limit of a Job pod (a Kubernetes quantity string)."""
+
+    kubernetes_active_deadline_s: int = Field(6 * 3600, ge=60)
+    """``activeDeadlineSeconds`` of a Job: a job running longer is killed and its lease expires."""
+
+    kubernetes_ttl_after_finished_s: int = Field(3600, ge=0)
+    """``ttlSecondsAfterFinished``: finished Jobs (and their pods and logs) are garbage-collected after this."""
+
+    kubernetes_backoff_limit: int = Field(2, ge=0, le=20)
+    """``backoffLimit`` of a Job: pod retries for retryable failures (disruptions are ignored by the pod
+    failure policy; the worker's non-retryable exit code fails the Job at once)."""
+
+    kubernetes_env_secret: str | None = None
+    """Name of a Secret whose keys become environment variables of the Job pods (``envFrom``): the job store
+    URL, the keys and MLflow credentials, never written into the Job spec itself."""
+
+    # -------------------------------------------------------------------------------------- security
+    tls_cert: Path | None = None
+    """PEM server certificate chain. With ``tls_key`` the gRPC port speaks TLS only; the files are re-read
+    when they change (cert-manager rotation) without a restart."""
+
+    tls_key: Path | None = None
+    """PEM private key of ``tls_cert``."""
+
+    tls_client_ca: Path | None = None
+    """PEM CA bundle for mutual TLS: when set, clients must present a certificate signed by it."""
+
+    auth_tokens_file: Path | None = None
+    """File of scoped credentials, one per line: ``<role> <name> sha256:<hex of the token>`` (roles:
+    ``submitter``, ``auditor``, ``operator``). Tokens are stored hashed; several may be valid at once
+    (rotation). ``auth_token`` (a single all-roles token) stays for the embedded mode."""
+
+    @model_validator(mode="after")
+    def _refuse_unbuilt(self) -> Settings:
+        """Settings whose feature is not built yet fail at start-up instead of being silently ignored."""
+        unbuilt = {name: reason for name, reason in NOT_BUILT.items() if _is_set(getattr(self, name))}
+        if "executor" in unbuilt and self.executor == "inprocess":
+            del unbuilt["executor"]
+        if unbuilt:
+            raise ValueError("; ".join(f"LETHE_{n.upper()}: {r}" for n, r in unbuilt.items()))
+        return self
+
     @model_validator(mode="after")
     def _embedded_defaults(self) -> Settings:
         state = self.state_dir.expanduser().absolute()
@@ -156,6 +243,20 @@ class Settings(BaseSettings):
     @cached_property
     def subject_hash_key_bytes(self) -> bytes:
         return _key_bytes(self.subject_hash_key, self.state_dir / "keys" / "subject-hash.key")
+
+
+NOT_BUILT: dict[str, str] = {
+    "executor": "only 'inprocess' is built so far (subprocess and kubernetes executors are in progress)",
+    "tls_cert": "TLS is not built yet",
+    "tls_key": "TLS is not built yet",
+    "tls_client_ca": "mutual TLS is not built yet",
+    "auth_tokens_file": "scoped credentials are not built yet; use LETHE_AUTH_TOKEN",
+}
+"""Declared settings whose feature is still being built; setting one is an error, never a silent no-op."""
+
+
+def _is_set(value: Any) -> bool:
+    return value not in (None, "", "inprocess")
 
 
 def _key_bytes(configured: SecretStr | None, path: Path) -> bytes:
