@@ -243,7 +243,7 @@ def run_job(ctx: PipelineContext, job_id: str) -> JobState:
         if forget_mask.any():
             importance = None if is_lm else TrainImportance(
                 task, data.examples(train), ImportanceCache(importance_dir(ctx, job.model_name, job.base_version)))
-            request = UnlearnRequest(task=task, forget=forget, retain=retain, holdout=holdout,
+            request = UnlearnRequest(task=task, forget=forget, retain=retain, tune=holdout,
                                      train_importance=importance, model_factory=_factory(info.training),
                                      recipe=_recipe(info.training), forget_classes=method_classes, seed=0,
                                      progress=progress.method_progress)
