@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PIP_FLAGS := --disable-pip-version-check --quiet
 
-.PHONY: install test bench bench-vit bench-lm bench-acks demo proto-lint clean
+.PHONY: install test bench bench-vit bench-lm bench-acks bench-steady demo proto-lint clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
@@ -37,6 +37,11 @@ bench-lm: $(STAMP)
 # Trains the digits CNN and a tiny GPT, registers both in embedded MLflow, streams 22 erasures through gRPC.
 demo: $(STAMP)
 	$(BIN)/lethe demo
+
+# 20 subject erasures one at a time through a real server: apply-stage cost per job in forward+backward passes
+# over its forget set, with I_D precomputed in the background (docs/benchmarks.md, "Steady state").
+bench-steady: $(STAMP)
+	OMP_NUM_THREADS=1 $(BIN)/python -m lethe_bench.steady --jobs 20 --seed 0 --gap-s 3 | tail -n 1
 
 bench-acks: $(STAMP)
 	$(BIN)/python -m lethe_bench.acks --json docs/bench_acks.json

@@ -34,6 +34,7 @@ from service.executors import InProcessExecutor
 from service.intake import Intake
 from service.metrics import Metrics
 from service.mlflow_registry import MlflowRegistry
+from service.prefetch import ImportancePrefetcher
 from service.queries import Queries
 from service.registration import Registrar
 from service.scheduler import Scheduler
@@ -61,7 +62,8 @@ class Engine:
         self.registrar = Registrar(self.context)
         self.intake = Intake(self.context)
         self.scheduler = Scheduler(self.context)
-        self.executor = InProcessExecutor(self.context, self.scheduler, self._stopping)
+        self.prefetcher = ImportancePrefetcher(self.context)
+        self.executor = InProcessExecutor(self.context, self.scheduler, self._stopping, self.prefetcher)
 
     @property
     def device(self):
@@ -73,6 +75,10 @@ class Engine:
         self.scheduler.recover()
         self._stopping.clear()
         self.executor.start()
+        self.prefetcher.start()
+        with self.store.read() as conn:
+            for row in db.list_models(conn):
+                self.prefetcher.schedule(row.model_name)
 
     def stop(self, grace_s: float = 30.0) -> bool:
         """Stop taking jobs and wait up to ``grace_s`` for running ones; True when all ended.
@@ -82,11 +88,14 @@ class Engine:
         """
         self._stopping.set()
         self.store.wake()
+        self.prefetcher.stop()
         return self.executor.stop(grace_s)
 
     # ---------------------------------------------------------------------------------- EngineProtocol
     def register_model(self, registration: ModelRegistration) -> RegisteredModel:
-        return self.registrar.register_model(registration)
+        registered = self.registrar.register_model(registration)
+        self.prefetcher.schedule(registered.model_name)  # the first request on it pays only its forget set
+        return registered
 
     def submit_erasure(self, request: ErasureRequest) -> SubmitOutcome:
         return self.intake.submit_erasure(request)

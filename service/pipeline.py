@@ -253,6 +253,9 @@ def run_job(ctx: PipelineContext, job_id: str) -> JobState:
 
         outcome = run_chain(base_model, request, chain, judge, after_attempt, before_attempt)
         record = _attempts_record(outcome)
+        importance = request.train_importance
+        record["train_importance"] = {"used": importance.last_seconds > 0 or importance.last_hit,
+                                      "cached": importance.last_hit, "seconds": importance.last_seconds}
         with ctx.store.write() as conn:
             db.update_job(conn, job_id, evidence=jsonable(record))
         if not outcome.passed:
@@ -350,6 +353,7 @@ def _attempts_record(outcome: ChainResult) -> dict[str, Any]:
     attempts = []
     for attempt in outcome.attempts:
         summary = attempt.summary()
+        summary["config"] = methods.config_to_dict(methods.parse_config(attempt.method, attempt.params))
         summary["verification"] = attempt.gate.as_dict() if attempt.gate is not None else None
         attempts.append(summary)
     chosen = outcome.chosen
