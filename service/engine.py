@@ -56,8 +56,9 @@ from service.domain import (
 )
 from service.metrics import Metrics
 from service.mlflow_registry import MlflowRegistry
-from service.pipeline import NO_RECORDS, ModelInfo, PipelineContext, _certify, run_job
+from service.pipeline import NO_RECORDS, STAGES, ModelInfo, PipelineContext, _certify, run_job
 from service.settings import Settings
+from service.store_metrics import StoreCollector
 from service.verification import OVERRIDE_LIMITS, override_violations
 from unlearn import registry as methods
 from unlearn.device import resolve_device
@@ -80,6 +81,7 @@ class Engine:
         self.audit = AuditLog(self.settings.audit_key_bytes)
         self.catalog = DatasetCatalog(self.settings.datasets_dir, self.settings.subject_hash_key_bytes)
         self.metrics = Metrics(self._oldest_pending_age_s, self._overdue_pending_count)
+        self.metrics.registry.register(StoreCollector(self.store, self.settings.audit_key_bytes, STAGES))
         self.registry = MlflowRegistry(self.settings.mlflow_tracking_uri, self.settings.mlflow_artifact_root,
                                        self.settings.mlflow_experiment, self.settings.serving_alias)
         self.device = resolve_device(self.settings.device)
@@ -134,6 +136,7 @@ class Engine:
     # ---------------------------------------------------------------------------------------- workers
     def _work(self) -> None:
         while not self._stopping.is_set():
+            self.metrics.heartbeat()
             generation = self.store.generation()
             claimed = self._claim()
             if claimed is None:

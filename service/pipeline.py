@@ -105,6 +105,7 @@ class Progress:
         self.event(STAGES[name][0], message)
 
     def event(self, fraction: float, message: str) -> None:
+        self.ctx.metrics.heartbeat()  # a long job is a live worker too
         with self.ctx.store.write() as conn:
             db.update_job(conn, self.job_id, stage=self.current, progress=fraction)
             db.add_event(conn, self.job_id, self.request_ids, EventKind.PROGRESS.value, JobState.RUNNING.value,
@@ -277,6 +278,8 @@ def run_job(ctx: PipelineContext, job_id: str) -> JobState:
         with ctx.store.write() as conn:
             db.update_job(conn, job_id, evidence=_jsonable(record))
         ctx.metrics.verification.labels("passed" if verdict.passed else "rejected").inc()
+        if forget_mask.any():  # with nothing to forget, the forgetting evidence measures nothing
+            ctx.metrics.record_evidence(job.model_name, verdict.evidence)
         if not verdict.passed:
             _reject(ctx, job, request_ids, record, verdict.failures, progress)
             return JobState.REJECTED_BY_VERIFICATION
