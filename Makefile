@@ -43,14 +43,14 @@ bench-vit: $(STAMP)
 # Language-model unlearning on fictitious people; trains a GPT per seed (docs/results/lm.md).
 bench-lm: $(STAMP)
 	OMP_NUM_THREADS=1 $(BIN)/python -m unlearn.bench --method gu+graddiff --scenario fictitious-subjects \
-	  --seeds 0,1,2 --params '{"alpha": 3.0, "record_forget_margin": 0.1}' --json | tail -n 1
+	  --seeds 0,1,2 --params '{"alpha": 3.0}' --json | tail -n 1
 
 # Trains the digits CNN and a tiny GPT, registers both in embedded MLflow, streams 22 erasures through gRPC.
 demo: $(STAMP)
 	$(BIN)/lethe demo
 
 bench-acks: $(STAMP)
-	$(BIN)/python -m service.api.bench_acks --json docs/bench_acks.json
+	$(BIN)/python -m lethe_bench.acks --json docs/bench_acks.json
 
 proto-lint: $(STAMP)
 	$(BIN)/buf lint proto && $(BIN)/buf format --diff --exit-code proto

@@ -205,7 +205,11 @@ def _audit_verify(args) -> int:
 
 
 def _demo(args) -> int:
-    from service.demo import run_demo
+    try:
+        from lethe_demo.demo import run_demo
+    except ImportError:  # the service image ships the service, not the demo
+        print("error: the demo is not installed here (it ships with the source tree: `make demo`)", file=sys.stderr)
+        return 2
 
     return run_demo(state_dir=args.state_dir, subjects=args.subjects, keep=args.keep)
 

@@ -9,7 +9,6 @@ they leave the request: the engine stores keyed hashes.
 from __future__ import annotations
 
 import enum
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Protocol

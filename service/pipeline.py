@@ -22,23 +22,20 @@ import importlib
 import json
 import logging
 import time
-from dataclasses import asdict, dataclass
-from datetime import datetime
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from torch import nn
 
 from service import lm_support
 from service import store as db
-from service.audit import AuditLog, canonical_json, sha256_hex
-from service.datasets import DatasetCatalog, LoadedDataset, remove_tree, safe_name
-from service.domain import EventKind, JobState, TaskType, VerificationPolicy
-from service.metrics import Metrics
-from service.mlflow_registry import ERASED_CLASSES_TAG, MlflowRegistry
-from service.settings import Settings
+from service.audit import NO_RECORDS, canonical_json, issue_job_certificates, jsonable, sha256_hex
+from service.datasets import LoadedDataset, remove_tree, safe_name
+from service.context import ModelInfo, PipelineContext
+from service.domain import EventKind, JobState, TaskType
+from service.mlflow_registry import ERASED_CLASSES_TAG
 from service.verification import effective_policy, verify
 from unlearn import registry as methods
 from unlearn.importance import ImportanceCache, TrainImportance, weights_digest
@@ -54,41 +51,6 @@ STAGES: dict[str, tuple[float, float]] = {
     "resolve": (0.00, 0.05), "measure": (0.05, 0.15), "apply": (0.15, 0.60), "verify": (0.60, 0.85),
     "register": (0.85, 0.92), "purge": (0.92, 0.97), "audit": (0.97, 1.00),
 }
-NO_RECORDS = "no records found"
-
-
-@dataclass
-class PipelineContext:
-    """What a job needs from the engine; built once by :class:`service.engine.Engine`."""
-
-    settings: Settings
-    store: db.Store
-    registry: MlflowRegistry
-    catalog: DatasetCatalog
-    audit: AuditLog
-    metrics: Metrics
-    device: torch.device
-
-
-@dataclass(frozen=True)
-class ModelInfo:
-    """A registered model as the store records it."""
-
-    name: str
-    task_type: TaskType
-    num_classes: int
-    policy: VerificationPolicy
-    training: dict[str, Any]
-    serving_version: str
-
-    @classmethod
-    def from_row(cls, row) -> ModelInfo:
-        return cls(row.model_name, TaskType(row.task_type), int(row.num_classes or 0),
-                   policy_from_json(row.policy), dict(row.training or {}), row.serving_version)
-
-
-def policy_from_json(value: dict[str, Any]) -> VerificationPolicy:
-    return VerificationPolicy(**value)
 
 
 class Progress:
@@ -244,7 +206,7 @@ def run_job(ctx: PipelineContext, job_id: str) -> JobState:
         if forget_mask.any():
             importance = None if is_lm else TrainImportance(
                 task, data.examples(train), ImportanceCache(importance_dir(ctx, job.model_name, job.base_version)))
-            request = UnlearnRequest(task=task, forget=forget, retain=retain, holdout=holdout,
+            request = UnlearnRequest(task=task, forget=forget, retain=retain, tune=holdout,
                                      train_importance=importance, model_factory=_factory(info.training),
                                      recipe=_recipe(info.training), forget_classes=method_classes, seed=0,
                                      progress=progress.method_progress)
@@ -254,7 +216,7 @@ def run_job(ctx: PipelineContext, job_id: str) -> JobState:
             after = result.model
             record = {"label": "exact" if result.exact or spec.exact else "approximate",
                       "method": {"name": job.method, "params": methods.config_to_dict(config),
-                                 "details": _jsonable({k: v for k, v in result.details.items() if k != "search"}),
+                                 "details": jsonable({k: v for k, v in result.details.items() if k != "search"}),
                                  "target_reached": result.target_reached, "message": result.message}}
         else:  # only holdout/test records: the model never trained on them, nothing to unlearn
             after = base_model
@@ -276,7 +238,7 @@ def run_job(ctx: PipelineContext, job_id: str) -> JobState:
             verdict.evidence["note"] = "no training records matched: forgetting holds trivially"
         record["verification"] = verdict.evidence
         with ctx.store.write() as conn:
-            db.update_job(conn, job_id, evidence=_jsonable(record))
+            db.update_job(conn, job_id, evidence=jsonable(record))
         ctx.metrics.verification.labels("passed" if verdict.passed else "rejected").inc()
         if forget_mask.any():  # with nothing to forget, the forgetting evidence measures nothing
             ctx.metrics.record_evidence(job.model_name, verdict.evidence)
@@ -344,104 +306,19 @@ def run_job(ctx: PipelineContext, job_id: str) -> JobState:
     }
     ctx.metrics.records_erased.inc(int(erase.sum()))
     _issue(ctx, job, request_rows, matched, data.record_ids, train, shared, record["label"], progress,
-           JobState.SUCCEEDED,
            f"version {version} registered and serving; {int(erase.sum())} record(s) erased")
     return JobState.SUCCEEDED
 
 
 def _issue(ctx: PipelineContext, job, request_rows, matched: dict[str, np.ndarray], record_ids: np.ndarray,
-           train: np.ndarray, shared: dict[str, Any], label: str, progress: Progress, state: JobState,
-           message: str) -> None:
-    """The audit stage's single transaction.
-
-    ``record_ids_sha256`` hashes the record ids this request actually matched in the dataset (sorted, one
-    per line), so an auditor holding the ids can check which records a certificate covers.
-    """
+           train: np.ndarray, shared: dict[str, Any], label: str, progress: Progress, message: str) -> None:
+    """The audit stage: certificates, chain entries, job and request states in one transaction."""
     progress.finish()
     with ctx.store.write() as conn:
-        for row in request_rows:
-            mask = matched.get(row.request_id)
-            found = int(mask.sum()) if mask is not None else 0
-            body = {
-                **shared, "request_id": row.request_id, "label": label if found else NO_RECORDS,
-                "statement": _statement(label if found else NO_RECORDS, job.model_name, found,
-                                        shared.get("model", {}).get("weights_changed", True)),
-                "subjects": {"count": len(row.subject_hashes), "keyed_sha256": sorted(row.subject_hashes)},
-                "classes": list(row.classes),
-                "records": {"matched": found, "erased_from_training": int((mask & train).sum()) if found else 0,
-                            "record_ids_sha256": sha256_hex("\n".join(sorted(
-                                record_ids[mask].astype(str).tolist() if found else [])))},
-            }
-            _certify(ctx, conn, row.request_id, job.model_name, job.job_id, body)
-        db.update_job(conn, job.job_id, state=state.value, stage="done", progress=1.0, message=message)
-        ctx.audit.append(conn, "job_finished", {"job_id": job.job_id, "model_name": job.model_name,
-                                                "state": state.value, "request_ids": [r.request_id for r in request_rows],
-                                                "message": message})
-
-
-def _certify(ctx: PipelineContext, conn, request_id: str, model_name: str, job_id: str | None,
-             body: dict[str, Any]) -> str:
-    """Sign, store, chain and announce one certificate; completes the request when it was the last one.
-
-    Every certificate states when it was issued and, when the client set a deadline, whether it was met
-    (:func:`deadline_record`). A late erasure is still done and certified (the obligation does not lapse
-    with the deadline), but the certificate, the audit entry and the TERMINAL event say it was late.
-    """
-    request = db.get_request(conn, request_id)
-    issued_at = db.utcnow()
-    deadline = deadline_record(db.as_utc(request.deadline), issued_at)
-    body = {**body, "issued_at": issued_at.isoformat(), "deadline": deadline}
-    certificate = ctx.audit.sign_certificate(_jsonable(body))
-    certificate_id = sha256_hex(f"{request_id}\n{model_name}")[:32]
-    db.insert_certificate(conn, certificate_id, request_id, model_name, job_id, certificate.body_json,
-                          certificate.signature)
-    late = bool(deadline and deadline["late"])
-    ctx.audit.append(conn, "certificate_issued", {
-        "certificate_id": certificate_id, "request_id": request_id, "model_name": model_name, "job_id": job_id,
-        "certificate_sha256": sha256_hex(certificate.body_json), "late": late})
-    issued = {row.model_name for row in db.certificates_for(conn, request_id)}
-    if set(request.model_names) <= issued:
-        db.complete_request(conn, request_id)
-    message = f"certificate issued for model {model_name} ({body['label']})"
-    if late:
-        # Counted when written, like records_erased: a rolled-back audit transaction (the job is then retried)
-        # could count one certificate twice; the certificate body is the record of truth.
-        ctx.metrics.certificates_late.inc()
-        message += f"; LATE: {deadline['late_by_s']:.0f} s after the request's deadline {deadline['at']}"
-        log.warning("request %s certified %.0f s after its deadline", request_id, deadline["late_by_s"])
-    db.add_event(conn, job_id or "", (request_id,), EventKind.TERMINAL.value, JobState.SUCCEEDED.value, "done",
-                 1.0, message, certificate_id)
-    return certificate_id
-
-
-def deadline_record(deadline: datetime | None, issued_at: datetime) -> dict[str, Any] | None:
-    """The certificate's account of the client's deadline: None when the request set none; otherwise the
-    deadline, whether the certificate came after it, and by how many seconds."""
-    if deadline is None:
-        return None
-    late_by_s = (issued_at - deadline).total_seconds()
-    return {"at": deadline.isoformat(), "late": late_by_s > 0, "late_by_s": round(max(late_by_s, 0.0), 3)}
-
-
-def _statement(label: str, model_name: str, found: int, weights_changed: bool = True) -> str:
-    """The certificate's one-sentence claim. It must not claim more than happened: when the method left the
-    weights unchanged (e.g. ``ssd-auto`` found the records already scored no better than unseen data), the
-    statement says so instead of claiming their influence was removed."""
-    if label == NO_RECORDS:
-        return (f"No records of this request were found in the training data of model {model_name!r}; "
-                "nothing had to be unlearned.")
-    if label == "exact":
-        kind = "exact unlearning (the model was retrained, or never trained, without the records)"
-    elif weights_changed:
-        kind = ("approximate unlearning: the records' influence was removed by the named method and the "
-                "result was verified with the recorded evidence; this attests the process, not a proof "
-                "from the weights")
-    else:
-        kind = ("approximate unlearning in which the named method left the model's weights unchanged: the "
-                "recorded evidence shows the model already scored these records no better than unseen data "
-                "(within the policy's margin); the records were purged from the training data and the new "
-                "version registered; this attests the process and its evidence, not a proof from the weights")
-    return f"{found} record(s) were removed from model {model_name!r} and its training data by {kind}."
+        late = issue_job_certificates(conn, ctx.audit, job, request_rows, matched, record_ids, train, shared, label,
+                                      JobState.SUCCEEDED, message)
+    # Counted after the commit: a rolled-back audit transaction (the job is then retried) counts nothing.
+    ctx.metrics.certificates_late.inc(late)
 
 
 def _finish_without_records(ctx, job, request_rows, data: LoadedDataset, progress: Progress) -> None:
@@ -450,7 +327,6 @@ def _finish_without_records(ctx, job, request_rows, data: LoadedDataset, progres
               "dataset": {"digest_searched": data.digest, "records_searched": len(data)},
               "code_version": ctx.settings.code_version}
     _issue(ctx, job, request_rows, {}, data.record_ids, data.split_mask("train"), shared, NO_RECORDS, progress,
-           JobState.SUCCEEDED,
            "no records of these requests remain in the training data; nothing to unlearn")
 
 
@@ -467,22 +343,4 @@ def _reject(ctx: PipelineContext, job, request_ids: tuple[str, ...], record: dic
         ctx.audit.append(conn, "job_rejected", {"job_id": job.job_id, "model_name": job.model_name,
                                                 "base_version": job.base_version, "request_ids": list(request_ids),
                                                 "failures": list(failures),
-                                                "evidence_sha256": sha256_hex(canonical_json(_jsonable(record)))})
-
-
-def _jsonable(value: Any) -> Any:
-    """Evidence as plain JSON (numpy scalars, tuples, inf) so it can be stored, hashed and signed."""
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, (np.floating, float)):
-        value = float(value)
-        return value if np.isfinite(value) else str(value)
-    if isinstance(value, (np.integer,)):
-        return int(value)
-    if isinstance(value, (np.bool_,)):
-        return bool(value)
-    if isinstance(value, torch.Tensor):
-        return _jsonable(value.tolist())
-    return value
+                                                "evidence_sha256": sha256_hex(canonical_json(jsonable(record)))})

@@ -83,14 +83,19 @@ def test_no_secret_is_baked_into_the_image():
         assert private in ignored, f".dockerignore must keep {private} out of the build context"
 
 
-def test_every_installed_package_is_copied_into_the_image():
+def test_the_image_copies_every_service_package_and_leaves_demos_and_benchmarks_out():
     import tomllib
 
     include = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]["include"]
     copied = {arguments.split()[0].rstrip("/") for instruction, arguments in instructions() if instruction == "COPY"}
+    beside_the_service = {"lethe_demo", "lethe_bench"}  # STYLE.md: demos and benchmarks do not ship in the image
     for pattern in include:
         package = pattern.rstrip("*")
-        if (REPO / package).is_dir():
+        if not (REPO / package).is_dir():
+            continue
+        if package in beside_the_service:
+            assert package not in copied, f"{package}/ is not part of the service image"
+        else:
             assert package in copied, f"pyproject installs {package}/ but the Dockerfile does not COPY it"
     assert {"proto", "constraints"} <= copied  # codegen and the torch pin at build time
 

@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from service.demo import run_demo
+from lethe_demo.demo import run_demo
 
 
 @pytest.mark.slow

@@ -23,7 +23,7 @@ from service import store as db
 from service.api import converters
 from service.api.client import field_violations
 from service.api.pb import SERVICE_NAME, service_pb2, types_pb2
-from service.demo_data import digits_frame
+from lethe_demo.data import digits_frame
 from service.settings import Settings
 from tests.service.api_fixtures import ScriptedEngine, running_api
 from tests.service.conftest import assert_erasure_paths, fresh_subjects

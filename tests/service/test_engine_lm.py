@@ -36,7 +36,7 @@ MODEL = "tiny-gpt"
 TRAIN_PEOPLE, HOLDOUT_PEOPLE = range(8), range(8, 12)
 # The gate's tolerances for this 1-layer model; the method is the recommended LM default.
 POLICY = VerificationPolicy(max_utility_drop=0.05, record_forget_margin=0.08, default_method="gu+graddiff",
-                            method_params={"alpha": 3.0, "record_forget_margin": 0.08})
+                            method_params={"alpha": 3.0})
 
 
 def _frame(pairs) -> pd.DataFrame:

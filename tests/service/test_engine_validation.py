@@ -12,7 +12,7 @@ import pytest
 import pydantic
 
 from service import store as db
-from service.demo_data import DEMO_POLICY, digits_frame
+from lethe_demo.data import DEMO_POLICY, digits_frame
 from service.domain import (
     DeadlineExceeded,
     ErasureRequest,

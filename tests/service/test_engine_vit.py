@@ -15,7 +15,7 @@ import pandas as pd
 import pytest
 
 from service import store as db
-from service.demo_data import VIT_MODEL, VIT_POLICY, build_digits_vit
+from lethe_demo.data import VIT_MODEL, VIT_POLICY, build_digits_vit
 from service.domain import ErasureRequest, JobFilter, JobState
 from service.engine import Engine
 from tests.service.conftest import make_settings, wait_for_jobs
