@@ -337,6 +337,9 @@ def test_kubernetes_job_template_values_reach_the_executor_settings():
     everything = manifests(_values("everything"))
     worker = one(everything, "Deployment", "lethe-worker")["spec"]["template"]["spec"]
     assert worker["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    # Workers serve no RPC: no server key, no token file, no TLS settings.
+    assert {v["name"] for v in worker["volumes"]} == {"tmp", "state"}
+    assert not [k for k in container_env(everything, worker["containers"][0]) if k.startswith(("LETHE_TLS", "LETHE_AUTH_TOKENS"))]
     assert worker["containers"][0]["args"] == ["worker"]
     assert container_env(everything, worker["containers"][0])["LETHE_EXECUTOR"] == "inprocess"
     assert worker["tolerations"] and worker["nodeSelector"] == {"nvidia.com/gpu.present": "true"}

@@ -129,8 +129,26 @@ few variables that are per pod. */}}
 {{- end }}
 {{- end -}}
 
-{{/* Volumes: scratch /tmp, the state directory, and the TLS / token files as whole directories (a subPath
-mount would never see a rotated certificate). */}}
+{{/* The API container's own settings: the files it serves RPCs with (workers serve none, and get none). */}}
+{{- define "lethe.apiEnv" -}}
+{{- if .Values.tls.enabled }}
+- name: LETHE_TLS_CERT
+  value: /etc/lethe/tls/tls.crt
+- name: LETHE_TLS_KEY
+  value: /etc/lethe/tls/tls.key
+{{- if .Values.tls.clientCA.enabled }}
+- name: LETHE_TLS_CLIENT_CA
+  value: /etc/lethe/client-ca/ca.crt
+{{- end }}
+{{- end }}
+{{- if .Values.auth.tokensFile.enabled }}
+- name: LETHE_AUTH_TOKENS_FILE
+  value: /etc/lethe/auth/tokens
+{{- end }}
+{{- end -}}
+
+{{/* Volumes: scratch /tmp, the state directory, and for the API the TLS / token files as whole directories
+(a subPath mount would never see a rotated certificate). */}}
 {{- define "lethe.volumes" -}}
 - name: tmp
   emptyDir:
@@ -143,7 +161,7 @@ mount would never see a rotated certificate). */}}
   emptyDir:
     sizeLimit: {{ .root.Values.scratch.stateSizeLimit }}
 {{- end }}
-{{- if .root.Values.tls.enabled }}
+{{- if and .api .root.Values.tls.enabled }}
 - name: tls
   secret:
     secretName: {{ .root.Values.tls.secretName }}
@@ -156,7 +174,7 @@ mount would never see a rotated certificate). */}}
         path: ca.crt
 {{- end }}
 {{- end }}
-{{- if .root.Values.auth.tokensFile.enabled }}
+{{- if and .api .root.Values.auth.tokensFile.enabled }}
 - name: auth-tokens
   secret:
     secretName: {{ default (printf "%s-tokens" (include "lethe.fullname" .root)) .root.Values.auth.tokensFile.existingSecret }}
@@ -170,18 +188,18 @@ mount would never see a rotated certificate). */}}
 - name: tmp
   mountPath: /tmp
 - name: state
-  mountPath: {{ include "lethe.stateDir" . }}
-{{- if .Values.tls.enabled }}
+  mountPath: {{ include "lethe.stateDir" .root }}
+{{- if and .api .root.Values.tls.enabled }}
 - name: tls
   mountPath: /etc/lethe/tls
   readOnly: true
-{{- if .Values.tls.clientCA.enabled }}
+{{- if .root.Values.tls.clientCA.enabled }}
 - name: client-ca
   mountPath: /etc/lethe/client-ca
   readOnly: true
 {{- end }}
 {{- end }}
-{{- if .Values.auth.tokensFile.enabled }}
+{{- if and .api .root.Values.auth.tokensFile.enabled }}
 - name: auth-tokens
   mountPath: /etc/lethe/auth
   readOnly: true
