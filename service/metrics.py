@@ -67,8 +67,13 @@ class Metrics:
         # close the gate runs to its limits (labels: registered model names, a set the operator controls).
         self.membership_auc = Gauge(
             "lethe_verification_membership_auc",
-            "Loss-attack ROC AUC of erased vs never-seen records after the model's last verified job "
-            "(0.5 = indistinguishable; near 1 = still remembered).", ["model"], registry=self.registry)
+            "Loss-attack ROC AUC of erased vs never-seen (audit) records after the model's last verified job "
+            "(0.5 = indistinguishable; near 1 = still remembered; well below 0.5 = over-forgotten).", ["model"],
+            registry=self.registry)
+        self.forget_quality = Gauge(
+            "lethe_verification_forget_quality",
+            "KS-test p-value of erased vs never-seen (audit) per-example losses after the model's last verified "
+            "job (forget quality: high = indistinguishable).", ["model"], registry=self.registry)
         self.utility_ratio = Gauge(
             "lethe_verification_utility_ratio",
             "Utility after / utility before of the model's last verified job (1 = nothing lost).", ["model"],
@@ -87,9 +92,11 @@ class Metrics:
 
     def record_evidence(self, model: str, evidence: Mapping) -> None:
         """Set the evidence gauges of ``model`` from a verification's evidence (keys absent: left as they were)."""
-        auc = (evidence.get("mia") or {}).get("loss_attack_auc_after")
-        if auc is not None:
-            self.membership_auc.labels(model).set(auc)
+        membership = evidence.get("membership_after") or {}  # record erasures (unlearn.gate); classes have none
+        if membership.get("auc") is not None:
+            self.membership_auc.labels(model).set(membership["auc"])
+        if membership.get("ks_p_value") is not None:
+            self.forget_quality.labels(model).set(membership["ks_p_value"])
         before, after = evidence.get("utility_acc_before"), evidence.get("utility_acc_after")
         if before and after is not None:
             self.utility_ratio.labels(model).set(after / before)

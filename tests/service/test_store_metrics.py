@@ -86,13 +86,15 @@ def test_a_tampered_audit_entry_is_counted_at_every_pass_until_repaired(tmp_path
 
 def test_evidence_gauges_are_per_model_and_heartbeat_is_a_timestamp():
     metrics = Metrics()
-    metrics.record_evidence("digits-cnn", {"mia": {"loss_attack_auc_after": 0.52}, "utility_acc_before": 0.98,
-                                           "utility_acc_after": 0.97, "forget_acc_after": 0.9})
-    metrics.record_evidence("tiny-gpt", {"mia": {}, "utility_acc_before": 0.0, "utility_acc_after": 0.0})
+    metrics.record_evidence("digits-cnn", {"membership_after": {"auc": 0.52, "ks_p_value": 0.4},
+                                           "utility_acc_before": 0.98, "utility_acc_after": 0.97,
+                                           "forget_acc_after": 0.9})
+    metrics.record_evidence("tiny-gpt", {"utility_acc_before": 0.0, "utility_acc_after": 0.0})
     before = time.time()
     metrics.heartbeat()
     samples = _samples(metrics.registry)
     assert samples[("lethe_verification_membership_auc", (("model", "digits-cnn"),))] == 0.52
+    assert samples[("lethe_verification_forget_quality", (("model", "digits-cnn"),))] == 0.4
     assert abs(samples[("lethe_verification_utility_ratio", (("model", "digits-cnn"),))] - 0.97 / 0.98) < 1e-12
     assert samples[("lethe_verification_forget_accuracy", (("model", "digits-cnn"),))] == 0.9
     assert ("lethe_verification_utility_ratio", (("model", "tiny-gpt"),)) not in samples  # no division by zero
