@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PIP_FLAGS := --disable-pip-version-check --quiet
 
-.PHONY: install test bench bench-vit bench-lm bench-acks bench-steady demo proto-lint clean
+.PHONY: install test helm-test helm-lint bench bench-vit bench-lm bench-acks bench-steady demo proto-lint clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
@@ -19,6 +19,17 @@ install: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
+
+# The Helm chart, Grafana dashboard, alert rules and Dockerfile (tests/helm, also part of `make test`). No helm
+# binary or cluster: Helm's own engine comes with helm-python-sdk. promtool/prometheus checks run when the
+# Debian package `prometheus` is installed (.ci/run installs it) and skip, saying so, when it is not.
+helm-test: $(STAMP)
+	$(BIN)/python -m pytest -q -m helm tests/helm
+
+# `helm lint --strict` of helm/lethe with its default values, through the same engine.
+helm-lint: $(STAMP)
+	$(BIN)/python -c "import json, sys, helm_python; r = helm_python.lint('helm/lethe', strict=True); \
+	print(json.dumps(r, indent=2)); sys.exit(1 if r['errors'] else 0)"
 
 # Every classifier method against retrain-from-scratch on the digits scenarios, seeds 0-2 (docs/benchmarks.md).
 bench: $(STAMP)

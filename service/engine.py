@@ -34,11 +34,13 @@ from service.executors import InProcessExecutor
 from service.intake import Intake
 from service.metrics import Metrics
 from service.mlflow_registry import MlflowRegistry
+from service.pipeline import STAGES
 from service.prefetch import ImportancePrefetcher
 from service.queries import Queries
 from service.registration import Registrar
 from service.scheduler import Scheduler
 from service.settings import Settings
+from service.store_metrics import StoreCollector
 from unlearn.device import resolve_device
 
 
@@ -54,6 +56,7 @@ class Engine:
         self._stopping = threading.Event()
         self.queries = Queries(None, self._stopping)  # context set below: the metrics read the pending clock
         self.metrics = Metrics(self.queries.oldest_pending_age_s, self.queries.overdue_pending_count)
+        self.metrics.registry.register(StoreCollector(self.store, self.settings.audit_key_bytes, STAGES))
         self.registry = MlflowRegistry(self.settings.mlflow_tracking_uri, self.settings.mlflow_artifact_root,
                                        self.settings.mlflow_experiment, self.settings.serving_alias)
         self.context = PipelineContext(self.settings, self.store, self.registry, self.catalog, self.audit,

@@ -45,6 +45,7 @@ class InProcessExecutor:
 
     def _work(self) -> None:
         while not self._stopping.is_set():
+            self.ctx.metrics.heartbeat()
             generation = self.ctx.store.generation()
             claimed = self.scheduler.claim()
             if claimed is None:

@@ -70,6 +70,7 @@ class Progress:
         self.event(STAGES[name][0], message)
 
     def event(self, fraction: float, message: str) -> None:
+        self.ctx.metrics.heartbeat()  # a long job is a live worker too
         with self.ctx.store.write() as conn:
             db.update_job(conn, self.job_id, stage=self.current, progress=fraction)
             db.add_event(conn, self.job_id, self.request_ids, EventKind.PROGRESS.value, JobState.RUNNING.value,
@@ -247,6 +248,8 @@ def run_job(ctx: PipelineContext, job_id: str) -> JobState:
 
         def after_attempt(attempt) -> None:
             ctx.metrics.verification.labels("passed" if attempt.gate_passed else "rejected").inc()
+            if attempt.gate is not None:  # the evidence gauges show the latest attempt, whatever its verdict
+                ctx.metrics.record_evidence(job.model_name, attempt.gate.evidence)
             if not attempt.gate_passed:
                 reason = attempt.error or ", ".join(attempt.gate.failures)
                 progress.event(STAGES["verify"][1], f"attempt {attempt.method} rejected ({reason})")
