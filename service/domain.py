@@ -116,6 +116,10 @@ class VerificationPolicy:
     method_chain: the escalation chain, tried in order from the same base version until one result passes
         the gate; empty at registration means the task's default chain (:data:`unlearn.chain.DEFAULT_CHAINS`,
         ``retrain`` only when a training recipe is registered).
+    superseded_versions: what happens to the model versions trained on data that a job has just erased
+        (every older version of the lineage): ``purge`` deletes their weights (the registry entry and its
+        tags stay, saying who superseded it and why); ``archive`` keeps the weights but moves every alias off
+        them. Either way the certificate lists them.
     """
 
     max_utility_drop: float = 0.02
@@ -124,6 +128,7 @@ class VerificationPolicy:
     mia_auc_margin: float = DEFAULT_AUC_MARGIN
     onnx_tolerance: float = 1e-4
     method_chain: tuple[MethodStep, ...] = ()
+    superseded_versions: str = "purge"
 
     @property
     def default_method(self) -> str | None:

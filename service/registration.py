@@ -19,6 +19,7 @@ from service import store as db
 from service.context import PipelineContext
 from service.datasets import read_parquet, record_tombstone, validate_frame
 from service.domain import (
+    FailedPrecondition,
     FieldViolation,
     InvalidArgument,
     MethodStep,
@@ -71,17 +72,18 @@ class Registrar:
             "lethe.num_classes": str(registration.num_classes or 0), "lethe.policy": _policy_json(policy),
             "lethe.training": training, "lethe.dataset_digest": digest,
             "lethe.code_version": self.ctx.settings.code_version})
-        self.ctx.registry.set_serving(registration.model_name, version)
+        alias = registration.alias or self.ctx.settings.serving_alias  # the alias the platform team serves
+        self.ctx.registry.set_serving(registration.model_name, version, alias)
         with self.ctx.store.write() as conn:
             db.upsert_model(conn, registration.model_name, version, registration.task_type.value,
-                            registration.num_classes, _policy_json(policy), training)
+                            registration.num_classes, _policy_json(policy), training, alias)
             db.insert_dataset_version(conn, registration.model_name, digest, str(path), len(frame), version, None,
                                       artifact_uri)
             self.ctx.audit.append(conn, "model_registered", {
                 "model_name": registration.model_name, "version": version, "dataset_digest": digest,
                 "records": len(frame), "policy": _policy_json(policy), "code_version": self.ctx.settings.code_version})
-        return RegisteredModel(registration.model_name, version, self.ctx.settings.serving_alias,
-                               registration.task_type, digest, len(frame), policy)
+        return RegisteredModel(registration.model_name, version, alias, registration.task_type, digest, len(frame),
+                               policy)
 
     def _validate_registration(self, registration: ModelRegistration):
         violations: list[FieldViolation] = []
@@ -101,12 +103,33 @@ class Registrar:
         if not self.ctx.registry.model_exists(registration.model_name):
             raise NotFound(f"MLflow has no registered model {registration.model_name!r}",
                            (FieldViolation("model_name", "no such registered model in MLflow"),))
-        version = str(self.ctx.registry.resolve(registration.model_name, registration.version, registration.alias).version)
+        resolved = self.ctx.registry.resolve(registration.model_name, registration.version, registration.alias)
+        version = str(resolved.version)
+        self._refuse_erased_versions(registration.model_name, version, resolved.tags)
         frame = read_parquet(registration.dataset_uri)
         violations = validate_frame(frame, registration.task_type, registration.num_classes)
         if violations:
             raise InvalidArgument("the dataset cannot be registered", tuple(violations))
         return version, frame, registration.policy
+
+    def _refuse_erased_versions(self, name: str, version: str, tags: dict[str, str]) -> None:
+        """A version trained on data erased since may never serve again: not after a purge or archive
+        (``lethe.superseded_by``), and not while Lethe's lineage shows erasures that started from it or a
+        later version (the head of the lineage, which carries none of them, may be registered again)."""
+        with self.ctx.store.read() as conn:
+            row = db.get_model(conn, name)
+            lineage = sorted({r.model_version for r in db.lineage_dataset_versions(conn, name)}, key=int)
+            later = [v for v in lineage if int(v) >= int(version)] if version in lineage else []
+            jobs, subjects, records = db.erasures_since(conn, name, later) if later else (0, 0, 0)
+        head = row.serving_version if row is not None else None
+        if not (tags.get("lethe.superseded_by") or (jobs and version != head)):
+            return
+        holds = (f"{subjects} erased subject(s) and {records} erased record(s) from {jobs} erasure job(s)"
+                 if jobs else f"records erased since (superseded by version {tags.get('lethe.superseded_by')})")
+        raise FailedPrecondition(
+            f"model {name!r} version {version} was trained on data that has been erased since: it holds {holds}; "
+            f"register the head of the lineage (version {head}) instead",
+            (FieldViolation("version", f"version {version} holds {holds}"),))
 
     def _tombstone_violations(self, frame) -> list[FieldViolation]:
         hashes = [record_tombstone(self.ctx.settings.subject_hash_key_bytes, r) for r in frame["record_id"].astype(str)]
@@ -139,6 +162,9 @@ def _policy_violations(policy: VerificationPolicy, from_default_method: bool) ->
     ``policy.default_method`` / ``policy.method_params.<key>`` for the older one-method form.
     """
     violations = policy_violations(policy)
+    if policy.superseded_versions not in ("purge", "archive"):
+        violations.append(FieldViolation("policy.superseded_versions",
+                                         f"must be 'purge' or 'archive', got {policy.superseded_versions!r}"))
     for index, step in enumerate(policy.method_chain):
         name_path, params_path = (("policy.default_method", "policy.method_params") if from_default_method
                                   else (f"policy.method_chain[{index}].name", f"policy.method_chain[{index}].params"))

@@ -42,6 +42,7 @@ models = sa.Table(
     sa.Column("policy", sa.JSON, nullable=False),
     sa.Column("training", sa.JSON, nullable=False),  # model factory + recipe, for exact retraining
     sa.Column("serving_version", sa.String(32), nullable=False),  # head of Lethe's lineage of this model
+    sa.Column("serving_alias", sa.String(_ID)),  # the MLflow alias Lethe moves (None: settings.serving_alias)
     _ts("registered_at"),
 )
 
@@ -242,11 +243,12 @@ class Store:
 
 # ------------------------------------------------------------------------------------------------ models
 def upsert_model(conn: Connection, model_name: str, version: str, task_type: str, num_classes: int | None,
-                 policy: dict[str, Any], training: dict[str, Any]) -> None:
+                 policy: dict[str, Any], training: dict[str, Any], serving_alias: str | None = None) -> None:
     conn.execute(sa.delete(models).where(models.c.model_name == model_name))
     conn.execute(sa.insert(models).values(model_name=model_name, registered_version=version, task_type=task_type,
                                           num_classes=num_classes, policy=policy, training=training,
-                                          serving_version=version, registered_at=utcnow()))
+                                          serving_version=version, serving_alias=serving_alias,
+                                          registered_at=utcnow()))
 
 
 def set_serving_version(conn: Connection, model_name: str, version: str) -> None:
@@ -288,6 +290,30 @@ def live_dataset_versions(conn: Connection, model_name: str | None = None) -> li
     if model_name is not None:
         query = query.where(dataset_versions.c.model_name == model_name)
     return list(conn.execute(query.order_by(dataset_versions.c.id)))
+
+
+def lineage_dataset_versions(conn: Connection, model_name: str) -> list[Row]:
+    """Every dataset version of a model's lineage, removed ones included (their model versions are the lineage)."""
+    return list(conn.execute(sa.select(dataset_versions).where(dataset_versions.c.model_name == model_name)
+                             .order_by(dataset_versions.c.id)))
+
+
+def erasures_since(conn: Connection, model_name: str, versions: Sequence[str]) -> tuple[int, int, int]:
+    """(jobs, distinct subjects, records) erased by succeeded jobs of ``model_name`` that started from one of
+    ``versions``: what those versions' weights still carry."""
+    job_ids = list(conn.execute(sa.select(jobs.c.job_id).where(
+        jobs.c.model_name == model_name, jobs.c.state == "SUCCEEDED", jobs.c.base_version.in_(list(versions)),
+        jobs.c.records > 0)).scalars())
+    if not job_ids:
+        return 0, 0, 0
+    request_ids = list(conn.execute(sa.select(job_requests.c.request_id).where(
+        job_requests.c.job_id.in_(job_ids))).scalars())
+    subjects: set[str] = set()
+    for row in conn.execute(sa.select(requests.c.subject_hashes).where(requests.c.request_id.in_(request_ids))):
+        subjects.update(row.subject_hashes or ())
+    records = conn.execute(sa.select(sa.func.count()).select_from(tombstones).where(
+        tombstones.c.job_id.in_(job_ids))).scalar_one()
+    return len(job_ids), len(subjects), int(records)
 
 
 def mark_dataset_removed(conn: Connection, dataset_id: int) -> None:

@@ -84,6 +84,8 @@ def policy_from_proto(policy: types_pb2.VerificationPolicy) -> domain.Verificati
         raise domain.InvalidArgument("invalid policy", (domain.FieldViolation(
             "policy.method_params", "method_params belong to default_method; use method_chain[i].params"),))
     values["method_chain"] = tuple(chain)
+    if policy.superseded_versions:
+        values["superseded_versions"] = policy.superseded_versions
     return domain.VerificationPolicy(**values)
 
 
@@ -179,7 +181,8 @@ def registered_model_to_proto(model: domain.RegisteredModel) -> types_pb2.Regist
         model_name=model.model_name, version=model.version, serving_alias=model.serving_alias,
         task_type=types_pb2.TaskType.Value(f"TASK_TYPE_{model.task_type.value.upper()}"),
         dataset_digest=model.dataset_digest, records=model.records,
-        policy=types_pb2.VerificationPolicy(**{name: getattr(policy, name) for name in _POLICY_FIELDS}),
+        policy=types_pb2.VerificationPolicy(superseded_versions=policy.superseded_versions,
+                                            **{name: getattr(policy, name) for name in _POLICY_FIELDS}),
     )
     for step in policy.method_chain:
         message.policy.method_chain.add(name=step.name).params.CopyFrom(dict_to_struct(step.params))
