@@ -110,14 +110,16 @@ def baseline_correct(ctx: PipelineContext, info: ModelInfo, version: str, data: 
     is then the mean over whichever holdout records remain."""
     path = ctx.settings.cache_dir / "measure" / safe_name(info.name) / f"{version}-{data.digest[:16]}.json"
     holdout = data.split_mask("holdout")
+    # The cache names its records by a digest of their ids, never the ids (no clear id outside the data).
+    records_sha256 = sha256_hex("\n".join(data.record_ids[holdout].tolist()))
     if path.exists():
         cached = json.loads(path.read_text())
-        if cached.get("record_ids") == data.record_ids[holdout].tolist():
+        if cached.get("records_sha256") == records_sha256:
             return np.asarray(cached["correct"], dtype=bool)
     logits, _ = collect(_task(info), model, data.examples(holdout))
     correct = (logits.argmax(dim=1).numpy() == data.labels[holdout])
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"record_ids": data.record_ids[holdout].tolist(), "correct": correct.tolist()}))
+    path.write_text(json.dumps({"records_sha256": records_sha256, "correct": correct.tolist()}))
     return correct
 
 
@@ -146,7 +148,7 @@ def run_job(ctx: PipelineContext, job_id: str) -> JobState:
     # ---- resolve: requests -> records of this model's dataset version --------------------------------
     progress.stage("resolve", f"resolving {len(request_ids)} request(s) against dataset {dataset_row.digest[:12]}")
     data = ctx.catalog.load(dataset_row.path, dataset_row.digest)
-    matched = {row.request_id: data.match(set(row.subject_hashes), set(row.record_ids), set(row.classes))
+    matched = {row.request_id: data.match(set(row.subject_hashes), set(row.record_hashes), set(row.classes))
                for row in request_rows}
     erase = np.logical_or.reduce(list(matched.values())) if matched else np.zeros(len(data), dtype=bool)
     train, holdout_all = data.split_mask("train"), data.split_mask("holdout")
