@@ -27,10 +27,11 @@ _POLICY_FIELDS = ("max_utility_drop", "record_forget_margin", "class_forget_max_
 
 
 # ------------------------------------------------------------------------------------- proto -> domain
-def erasure_from_proto(erasure: types_pb2.Erasure) -> domain.ErasureRequest:
+def erasure_from_proto(erasure: types_pb2.Erasure, submitter_hash: str | None = None) -> domain.ErasureRequest:
     """Field paths in errors are relative to the ``Erasure`` message (``deadline``, not ``erasure.deadline``),
     so a refusal names the same path on the unary call and on the stream (see
-    :class:`service.domain.FieldViolation`)."""
+    :class:`service.domain.FieldViolation`). ``submitter_hash`` is the authenticated caller's, never the
+    client's word."""
     return domain.ErasureRequest(
         request_id=erasure.request_id,
         subject_ids=tuple(erasure.subject_ids),
@@ -43,6 +44,7 @@ def erasure_from_proto(erasure: types_pb2.Erasure) -> domain.ErasureRequest:
                   if erasure.HasField("deadline") else None),
         policy_overrides=_overrides_from_proto(erasure.policy_overrides, "policy_overrides")
         if erasure.HasField("policy_overrides") else {},
+        submitter_hash=submitter_hash,
     )
 
 
@@ -71,7 +73,13 @@ def policy_from_proto(policy: types_pb2.VerificationPolicy) -> domain.Verificati
     return domain.VerificationPolicy(**values)
 
 
-def job_filter_from_proto(request: service_pb2.ListJobsRequest) -> domain.JobFilter:
+def job_filter_from_proto(request: service_pb2.ListJobsRequest, max_id_length: int = 256) -> domain.JobFilter:
+    if request.model_name and domain.id_problem(request.model_name, max_id_length):
+        raise domain.InvalidArgument("invalid model_name", (domain.FieldViolation(
+            "model_name", domain.id_problem(request.model_name, max_id_length)),))
+    if len(request.states) > len(types_pb2.JobState.values()):
+        raise domain.InvalidArgument("too many states", (domain.FieldViolation(
+            "states", "name each state at most once"),))
     if not 0 <= request.page_size <= MAX_PAGE_SIZE:
         raise domain.InvalidArgument("page_size out of range", (domain.FieldViolation(
             "page_size", f"must be between 0 (default {DEFAULT_PAGE_SIZE}) and {MAX_PAGE_SIZE}"),))

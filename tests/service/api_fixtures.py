@@ -151,6 +151,9 @@ class ScriptedEngine:
     def pending_requests(self) -> list[domain.PendingRequest]:
         return []
 
+    def request_owners(self, request_ids: tuple[str, ...]) -> dict[str, str | None]:
+        return {r: self._requests[r][0].submitter_hash for r in request_ids if r in self._requests}
+
     def _add(self, job_id, request_ids, kind, state, stage, fraction, certificate=None) -> int:
         with self._condition:
             event = domain.JobEvent(next(self._seq), job_id, tuple(request_ids), kind, state, stage, fraction, "",
