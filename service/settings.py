@@ -202,7 +202,9 @@ class Settings(BaseSettings):
 
     tls_client_ca: Path | None = None
     """PEM CA bundle for mutual TLS: when set, clients must present a certificate signed by it, or the TLS
-    handshake fails before any RPC. Re-read on change like the certificate. Needs ``tls_cert``."""
+    handshake fails before any RPC. Re-read on change like the certificate. The server refuses to start with
+    it but without ``tls_cert`` (it would otherwise serve plaintext); clients use it as their trust root when
+    ``tls_ca`` is unset."""
 
     tls_ca: Path | None = None
     """PEM CA bundle that CLIENTS (the CLI, ``lethe health``) use to verify the server's certificate. Unset:
@@ -267,8 +269,6 @@ class Settings(BaseSettings):
         problems = []
         if (self.tls_cert is None) != (self.tls_key is None):
             problems.append("LETHE_TLS_CERT and LETHE_TLS_KEY go together (a certificate and its private key)")
-        if self.tls_client_ca is not None and self.tls_cert is None:
-            problems.append("LETHE_TLS_CLIENT_CA (mutual TLS) needs LETHE_TLS_CERT and LETHE_TLS_KEY")
         for root in self.dataset_roots:
             if "://" in root:
                 scheme, _, rest = root.partition("://")

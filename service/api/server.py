@@ -120,6 +120,9 @@ def build_server(settings: Settings, engine: domain.EngineProtocol, *,
     reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
 
     host = f"[{settings.grpc_host}]" if ":" in settings.grpc_host else settings.grpc_host
+    if settings.tls_client_ca is not None and settings.tls_cert is None:
+        raise RuntimeError("LETHE_TLS_CLIENT_CA (mutual TLS) needs LETHE_TLS_CERT and LETHE_TLS_KEY; refusing to "
+                           "serve plaintext")
     certificates = None
     if settings.tls_cert is not None:
         credentials, certificates = server_credentials(settings.tls_cert, settings.tls_key, settings.tls_client_ca)

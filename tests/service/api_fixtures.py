@@ -33,12 +33,13 @@ class RunningApi:
 
 @contextlib.contextmanager
 def running_api(settings: Settings, engine: domain.EngineProtocol, token: str | None = None,
-                poll_s: float = 0.05) -> Iterator[RunningApi]:
-    """A started server on a free loopback port and a connected client; stopped on exit."""
+                poll_s: float = 0.05, credentials=None, metrics_registry=None) -> Iterator[RunningApi]:
+    """A started server on a free loopback port and a connected client (TLS with ``credentials``); stopped
+    on exit."""
     settings = settings.model_copy(update={"grpc_host": "127.0.0.1", "grpc_port": 0})
-    api = build_server(settings, engine, poll_s=poll_s)
+    api = build_server(settings, engine, poll_s=poll_s, metrics_registry=metrics_registry)
     api.start()
-    client = Client(f"127.0.0.1:{api.port}", token)
+    client = Client(f"127.0.0.1:{api.port}", token, credentials)
     try:
         client.wait_ready(10)
         yield RunningApi(api, client)
