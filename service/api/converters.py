@@ -21,6 +21,7 @@ from service import domain
 from service.api.pb import service_pb2, types_pb2
 
 MAX_PAGE_SIZE = 1000
+MAX_AGE_S = 100 * 366 * 86400  # a filter age beyond any request's life (and within datetime's range)
 DEFAULT_PAGE_SIZE = 100
 
 _POLICY_FIELDS = ("max_utility_drop", "record_forget_margin", "class_forget_max_accuracy", "onnx_tolerance")
@@ -39,7 +40,7 @@ def erasure_from_proto(erasure: types_pb2.Erasure, submitter_hash: str | None = 
         classes=tuple(erasure.classes),
         model_names=tuple(erasure.model_names),
         method=erasure.method or None,
-        method_params=struct_to_dict(erasure.method_params),
+        method_params=struct_to_dict(erasure.method_params, "method_params"),
         deadline=(timestamp_to_datetime(erasure.deadline, "deadline")
                   if erasure.HasField("deadline") else None),
         policy_overrides=_overrides_from_proto(erasure.policy_overrides, "policy_overrides")
@@ -59,7 +60,7 @@ def registration_from_proto(request: service_pb2.RegisterModelRequest) -> domain
         policy=policy_from_proto(request.policy) if request.HasField("policy") else domain.VerificationPolicy(),
         num_classes=request.num_classes or None,
         model_factory=request.model_factory or None,
-        train_recipe=struct_to_dict(request.train_recipe),
+        train_recipe=struct_to_dict(request.train_recipe, "train_recipe"),
     )
 
 
@@ -69,7 +70,7 @@ def policy_from_proto(policy: types_pb2.VerificationPolicy) -> domain.Verificati
     if policy.default_method:
         values["default_method"] = policy.default_method
     if policy.HasField("method_params"):
-        values["method_params"] = struct_to_dict(policy.method_params)
+        values["method_params"] = struct_to_dict(policy.method_params, "policy.method_params")
     return domain.VerificationPolicy(**values)
 
 
@@ -86,9 +87,9 @@ def job_filter_from_proto(request: service_pb2.ListJobsRequest, max_id_length: i
     min_age_s = None
     if request.HasField("min_age"):
         min_age_s = request.min_age.seconds + request.min_age.nanos / 1e9
-        if min_age_s < 0:
-            raise domain.InvalidArgument("min_age is negative", (domain.FieldViolation(
-                "min_age", "must not be negative"),))
+        if not 0 <= min_age_s <= MAX_AGE_S:
+            raise domain.InvalidArgument("min_age out of range", (domain.FieldViolation(
+                "min_age", f"must lie between 0 and {MAX_AGE_S} seconds (100 years)"),))
     return domain.JobFilter(
         states=tuple(job_state_from_proto(state, f"states[{index}]") for index, state in enumerate(request.states)),
         model_name=request.model_name or None,
@@ -204,8 +205,13 @@ def job_state_to_proto(state: domain.JobState) -> int:
 
 
 # ------------------------------------------------------------------------------------- scalars
-def struct_to_dict(struct: struct_pb2.Struct) -> dict[str, Any]:
-    return json_format.MessageToDict(struct)
+def struct_to_dict(struct: struct_pb2.Struct, field: str = "") -> dict[str, Any]:
+    """A Struct as JSON-like values; NaN and infinities (which JSON cannot hold) are INVALID_ARGUMENT."""
+    try:
+        return json_format.MessageToDict(struct)
+    except ValueError:
+        raise domain.InvalidArgument("a parameter is not a finite number", (domain.FieldViolation(
+            field or "struct", "numbers must be finite (no NaN or infinity)"),)) from None
 
 
 def dict_to_struct(values: Mapping[str, Any] | None) -> struct_pb2.Struct:
