@@ -19,6 +19,7 @@ from typing import Any
 from service import store as db
 from service.audit import NO_RECORDS, canonical_json, certify, keyed_hash, sha256_hex
 from service.context import ModelInfo, PipelineContext
+from service.faults import fault_point
 from service.domain import (
     AlreadyExists,
     DeadlineExceeded,
@@ -81,7 +82,10 @@ class Intake:
                 raise DeadlineExceeded(f"the request's deadline {deadline.isoformat()} has already passed",
                                        (FieldViolation("deadline", "already passed at submission"),))
             targets = self._targets(request, subject_hashes, record_hashes)
-            return self._commit(request, subject_hashes, record_hashes, digest, deadline, targets)
+            fault_point("intake.before_commit")
+            outcome = self._commit(request, subject_hashes, record_hashes, digest, deadline, targets)
+            fault_point("intake.after_commit")
+            return outcome
 
     def _replay(self, request: ErasureRequest, digest: str) -> SubmitOutcome | None:
         with self.ctx.store.read() as conn:
