@@ -25,7 +25,6 @@ import struct
 from pathlib import Path
 
 import grpc
-import pandas as pd
 import pytest
 import sqlalchemy as sa
 from grpc_health.v1 import health_pb2, health_pb2_grpc

@@ -22,7 +22,7 @@ from service import domain
 from service.api import errors
 from service.api.auth import credentials_line, parse_credentials
 from service.api.client import Client, field_violations
-from service.api.pb import SERVICE_NAME, service_grpc, service_pb2, types_pb2
+from service.api.pb import SERVICE_NAME, service_pb2, types_pb2
 from service.api.tls import channel_credentials
 from service.domain import Role
 from service.settings import Settings
