@@ -162,7 +162,8 @@ class Intake:
                 if self.ctx.registry.model_exists(name):
                     raise FailedPrecondition(f"model {preview(name)} exists in MLflow but is not registered as "
                                              "unlearnable (lethe register)",
-                                             (FieldViolation(f"model_names[{index}]", "not registered as unlearnable"),))
+                                             (FieldViolation(f"model_names[{index}]",
+                                                             "not registered as unlearnable"),))
                 raise NotFound(f"no model named {preview(name)}",
                                (FieldViolation(f"model_names[{index}]", "unknown model"),))
         targets, violations = [], []

@@ -118,8 +118,8 @@ class MlflowRegistry:
         except MlflowException as error:
             if _is_missing(error):
                 what = f"alias {preview(alias)}" if alias else f"version {preview(str(version))}"
-                raise NotFound(f"MLflow has no model {preview(name)} with {what}",
-                               (FieldViolation("alias" if alias else "version", "no such version or alias"),)) from error
+                violation = FieldViolation("alias" if alias else "version", "no such version or alias")
+                raise NotFound(f"MLflow has no model {preview(name)} with {what}", (violation,)) from error
             raise
 
     def erased_classes(self, name: str, version: str) -> tuple[int, ...]:

@@ -90,11 +90,12 @@ class StreamSlots:
 class ApiLimits:
     """What the servicer checks itself, before any engine call: id shape and count of the ids a call names
     (``Settings.max_id_length``, ``max_ids_per_request``), the Session's unacknowledged submissions
-    (``max_unacked_messages``), and the rate limit per Session message. ``limited`` counts refusals
-    (``lethe_grpc_limited_total``)."""
+    (``max_unacked_messages``), and the rate limit per Session message. ``limited`` counts limit refusals
+    (``lethe_grpc_limited_total``), ``auth_refusals`` a submitter's refused reads of others' requests."""
 
     max_id_length: int = 256
     max_ids_per_request: int = 10_000
     max_unacked_messages: int = 1000
     rate: RateLimiter | None = None
     limited: Any = None  # a prometheus Counter labelled by limit, or None
+    auth_refusals: Any = None  # lethe_grpc_auth_refusals_total (grpc_method, grpc_code), or None

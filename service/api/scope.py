@@ -25,10 +25,20 @@ NOT_YOURS = "no such job or request for this caller"
 
 
 class Scope:
-    def __init__(self, engine: domain.EngineProtocol, identity: Identity | None, limits: ApiLimits):
+    def __init__(self, engine: domain.EngineProtocol, identity: Identity | None, limits: ApiLimits,
+                 method: str = ""):
         self._engine = engine
         self.identity = identity
         self.limits = limits
+        self.method = method  # the RPC's full path, for the refusal metric
+
+    def denied(self) -> domain.PermissionDenied:
+        """The one refusal of a request or job that is not the caller's, counted like the access refusals."""
+        if self.limits.auth_refusals is not None:
+            from service.api.interceptors import method_label
+
+            self.limits.auth_refusals.labels(method_label(self.method), "PERMISSION_DENIED").inc()
+        return domain.PermissionDenied(NOT_YOURS)
 
     @property
     def restricted(self) -> bool:
@@ -71,7 +81,7 @@ class Scope:
     def require_request(self, request_id: str, field: str = "request_id") -> None:
         self.check_id(request_id, field)
         if self.restricted and not self.own_requests((request_id,)):
-            raise domain.PermissionDenied(NOT_YOURS)
+            raise self.denied()
 
     def job(self, job_id: str, field: str = "job_id") -> domain.JobView:
         """The job as this caller may see it (NotFound for an unknown job, PermissionDenied instead for a
@@ -81,13 +91,13 @@ class Scope:
             job = self._engine.get_job(job_id)
         except domain.NotFound:
             if self.restricted:
-                raise domain.PermissionDenied(NOT_YOURS) from None
+                raise self.denied() from None
             raise
         if not self.restricted:
             return job
         mine = self.own_requests(job.request_ids)
         if not mine:
-            raise domain.PermissionDenied(NOT_YOURS)
+            raise self.denied()
         return dataclasses.replace(job, request_ids=tuple(r for r in job.request_ids if r in mine))
 
     def event(self, event: domain.JobEvent, mine: set[str]) -> domain.JobEvent | None:

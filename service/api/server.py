@@ -58,12 +58,13 @@ class ApiServer:
     health: health.HealthServicer
     certificates: CertificateFiles | None = None  # set when the port speaks TLS
     on_stop: list[Callable[[], None]] = field(default_factory=list)
+    security: str = "plaintext, no authentication"  # for the start-up log line
 
     def start(self) -> None:
         self.server.start()
         self.health.set("", health_pb2.HealthCheckResponse.SERVING)
         self.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
-        log.info("Lethe gRPC API listening on %s", self.address)
+        log.info("Lethe gRPC API listening on %s (%s)", self.address, self.security)
 
     def stop(self, grace_s: float = DEFAULT_GRACE_S) -> None:
         """NOT_SERVING first, then refuse new calls and give in-flight ones ``grace_s`` to finish."""
@@ -101,7 +102,8 @@ def build_server(settings: Settings, engine: domain.EngineProtocol, *,
         deadline,
         interceptors.DecodeInterceptor(in_band=frozenset({f"/{SERVICE_NAME}/Session"})),
     ]
-    unlisted = {f"/{SERVICE_NAME}/{m.name}" for m in service_pb2.DESCRIPTOR.services_by_name["UnlearningService"].methods} - set(errors.ALLOWED_ROLES)
+    served = service_pb2.DESCRIPTOR.services_by_name["UnlearningService"].methods
+    unlisted = {f"/{SERVICE_NAME}/{method.name}" for method in served} - set(errors.ALLOWED_ROLES)
     if unlisted:  # a new RPC without a row would be refused to everyone: say so at start-up
         raise RuntimeError(f"RPCs without a row in service.api.errors.ALLOWED_ROLES: {sorted(unlisted)}")
 
@@ -111,7 +113,8 @@ def build_server(settings: Settings, engine: domain.EngineProtocol, *,
                          interceptors=chain, options=options)
     limits = ApiLimits(max_id_length=settings.max_id_length, max_ids_per_request=settings.max_ids_per_request,
                        max_unacked_messages=settings.max_unacked_messages, rate=limiter,
-                       limited=interceptors.rpc_metrics(metrics_registry).limited)
+                       limited=interceptors.rpc_metrics(metrics_registry).limited,
+                       auth_refusals=interceptors.rpc_metrics(metrics_registry).auth_refusals)
     service_grpc.add_UnlearningServiceServicer_to_server(UnlearningServicer(engine, poll_s, limits), server)
     health_servicer = health.HealthServicer(experimental_non_blocking=True)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -131,7 +134,11 @@ def build_server(settings: Settings, engine: domain.EngineProtocol, *,
         port = server.add_insecure_port(f"{host}:{settings.grpc_port}")
     if port == 0:
         raise RuntimeError(f"could not bind the gRPC server to {host}:{settings.grpc_port}")
-    return ApiServer(server, port, f"{host}:{port}", health_servicer, certificates, [deadline.shutdown])
+    transport = ("mutual TLS" if settings.tls_client_ca else "TLS") if certificates is not None else "plaintext"
+    credentials = ("credentials file" if settings.auth_tokens_file else "one token" if token
+                   else "no authentication")
+    return ApiServer(server, port, f"{host}:{port}", health_servicer, certificates, [deadline.shutdown],
+                     f"{transport}, {credentials}")
 
 
 def serve(settings: Settings, grace_s: float = DEFAULT_GRACE_S, stop: threading.Event | None = None) -> int:

@@ -46,7 +46,7 @@ from service.api import converters, errors
 from service.api.interceptors import Undecodable
 from service.api.limits import ApiLimits
 from service.api.pb import service_pb2
-from service.api.scope import NOT_YOURS, Scope
+from service.api.scope import Scope
 
 log = logging.getLogger(__name__)
 
@@ -254,6 +254,7 @@ class SessionStream:
         try:
             self._scope.check_ids(resume.request_ids, "resume.request_ids")
             if resume.all_requests and self._scope.restricted:
+                self._scope.denied()  # counted; the message below says which part of the Resume was refused
                 raise domain.PermissionDenied("watching every request needs a role that reads every request")
             request_ids = tuple(dict.fromkeys(resume.request_ids))
             mine = self._scope.own_requests(request_ids)
@@ -262,7 +263,7 @@ class SessionStream:
             return
         for request_id in request_ids:
             if request_id not in mine:  # the same answer whether it exists or not
-                self._reject(domain.PermissionDenied(NOT_YOURS), request_id, "Session.resume")
+                self._reject(self._scope.denied(), request_id, "Session.resume")
         request_ids = tuple(r for r in request_ids if r in mine)
         if request_ids or resume.all_requests:
             self._add_watch(_Watch(request_ids, resume.after_seq, all_requests=resume.all_requests))

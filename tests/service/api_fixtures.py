@@ -21,6 +21,7 @@ from service.settings import Settings
 class RunningApi:
     api: ApiServer
     client: Client
+    registry: object = None  # the metrics registry, when the test passed one
 
     @property
     def stub(self):

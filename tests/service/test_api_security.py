@@ -52,10 +52,14 @@ def _write_tokens(path: Path, tokens: dict[str, tuple[str, str]] = TOKENS, extra
 
 @pytest.fixture
 def scoped(tmp_path):
-    """A server with the scoped credentials of TOKENS around a scripted engine."""
+    """A server with the scoped credentials of TOKENS around a scripted engine (its metrics: ``api.registry``)."""
+    from prometheus_client import CollectorRegistry
+
     settings = Settings(state_dir=tmp_path / "state", auth_tokens_file=_write_tokens(tmp_path / "tokens"))
     engine = ScriptedEngine()
-    with running_api(settings, engine) as api:
+    registry = CollectorRegistry()
+    with running_api(settings, engine, metrics_registry=registry) as api:
+        api.registry = registry
         yield api, engine
 
 
@@ -322,6 +326,10 @@ def test_a_submitter_reads_only_its_own_requests(scoped):
         ("own-1", grpc.StatusCode.PERMISSION_DENIED.value[0]),
         ("request-that-never-was", grpc.StatusCode.PERMISSION_DENIED.value[0]),
         ("", grpc.StatusCode.PERMISSION_DENIED.value[0])]
+    refusals = {method: api.registry.get_sample_value("lethe_grpc_auth_refusals_total", {
+        "grpc_method": f"/{SERVICE_NAME}/{method}", "grpc_code": "PERMISSION_DENIED"})
+        for method in ("GetJob", "WatchJob", "GetCertificate", "Session")}
+    assert refusals == {"GetJob": 2, "WatchJob": 2, "GetCertificate": 2, "Session": 3}  # every refusal counted
     # Re-using another identity's request id, even with the same payload, reveals nothing about it.
     with pytest.raises(grpc.RpcError) as reused:
         api.stub.SubmitErasure(service_pb2.SubmitErasureRequest(
