@@ -202,7 +202,11 @@ def _audit_verify(args) -> int:
     if not args.state_dir and not args.store_url:
         from service.settings import Settings
 
-        args.state_dir = str(Settings().state_dir)
+        settings = Settings()
+        if os.environ.get("LETHE_JOB_STORE_URL"):  # in a pod: the store the server uses (PostgreSQL when scaled out)
+            args.store_url = settings.job_store_url
+        else:
+            args.state_dir = str(settings.state_dir)
     forwarded = ["verify"]
     for option in ("state_dir", "store_url", "key_file", "certificate"):
         value = getattr(args, option)
@@ -498,8 +502,9 @@ def _parser() -> argparse.ArgumentParser:
     verify = audit_commands.add_parser("verify", help="check the hash chain and every certificate offline")
     verify.add_argument("--state-dir", default=None,
                         help="embedded state directory (default LETHE_STATE_DIR or .lethe)")
-    verify.add_argument("--store-url", help="SQLAlchemy URL of the job store (instead of --state-dir)")
-    verify.add_argument("--key-file", help="hex audit key (default <state-dir>/keys/audit.key)")
+    verify.add_argument("--store-url", help="SQLAlchemy URL of the job store (default LETHE_JOB_STORE_URL when set, "
+                        "instead of --state-dir)")
+    verify.add_argument("--key-file", help="hex audit key (default LETHE_AUDIT_KEY, else <state-dir>/keys/audit.key)")
     verify.add_argument("--certificate", help="also check one certificate (JSON with body_json and signature)")
     verify.set_defaults(run=_audit_verify)
 

@@ -34,10 +34,13 @@ from service.executors import InProcessExecutor
 from service.intake import Intake
 from service.metrics import Metrics
 from service.mlflow_registry import MlflowRegistry
+from service.pipeline import STAGES
+from service.prefetch import ImportancePrefetcher
 from service.queries import Queries
 from service.registration import Registrar
 from service.scheduler import Scheduler
 from service.settings import Settings
+from service.store_metrics import StoreCollector
 from unlearn.device import resolve_device
 
 
@@ -53,6 +56,7 @@ class Engine:
         self._stopping = threading.Event()
         self.queries = Queries(None, self._stopping)  # context set below: the metrics read the pending clock
         self.metrics = Metrics(self.queries.oldest_pending_age_s, self.queries.overdue_pending_count)
+        self.metrics.registry.register(StoreCollector(self.store, self.settings.audit_key_bytes, STAGES))
         self.registry = MlflowRegistry(self.settings.mlflow_tracking_uri, self.settings.mlflow_artifact_root,
                                        self.settings.mlflow_experiment, self.settings.serving_alias)
         self.context = PipelineContext(self.settings, self.store, self.registry, self.catalog, self.audit,
@@ -61,7 +65,8 @@ class Engine:
         self.registrar = Registrar(self.context)
         self.intake = Intake(self.context)
         self.scheduler = Scheduler(self.context)
-        self.executor = InProcessExecutor(self.context, self.scheduler, self._stopping)
+        self.prefetcher = ImportancePrefetcher(self.context)
+        self.executor = InProcessExecutor(self.context, self.scheduler, self._stopping, self.prefetcher)
 
     @property
     def device(self):
@@ -73,6 +78,10 @@ class Engine:
         self.scheduler.recover()
         self._stopping.clear()
         self.executor.start()
+        self.prefetcher.start()
+        with self.store.read() as conn:
+            for row in db.list_models(conn):
+                self.prefetcher.schedule(row.model_name)
 
     def stop(self, grace_s: float = 30.0) -> bool:
         """Stop taking jobs and wait up to ``grace_s`` for running ones; True when all ended.
@@ -82,11 +91,14 @@ class Engine:
         """
         self._stopping.set()
         self.store.wake()
+        self.prefetcher.stop()
         return self.executor.stop(grace_s)
 
     # ---------------------------------------------------------------------------------- EngineProtocol
     def register_model(self, registration: ModelRegistration) -> RegisteredModel:
-        return self.registrar.register_model(registration)
+        registered = self.registrar.register_model(registration)
+        self.prefetcher.schedule(registered.model_name)  # the first request on it pays only its forget set
+        return registered
 
     def submit_erasure(self, request: ErasureRequest) -> SubmitOutcome:
         return self.intake.submit_erasure(request)

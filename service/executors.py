@@ -13,7 +13,9 @@ import threading
 import time
 
 from service.context import PipelineContext
+from service.domain import JobState
 from service.pipeline import run_job
+from service.prefetch import ImportancePrefetcher
 from service.scheduler import Scheduler
 
 log = logging.getLogger(__name__)
@@ -22,8 +24,9 @@ log = logging.getLogger(__name__)
 class InProcessExecutor:
     """``settings.worker_threads`` threads, each looping: claim, run, release."""
 
-    def __init__(self, ctx: PipelineContext, scheduler: Scheduler, stopping: threading.Event):
-        self.ctx, self.scheduler, self._stopping = ctx, scheduler, stopping
+    def __init__(self, ctx: PipelineContext, scheduler: Scheduler, stopping: threading.Event,
+                 prefetcher: ImportancePrefetcher | None = None):
+        self.ctx, self.scheduler, self._stopping, self.prefetcher = ctx, scheduler, stopping, prefetcher
         self._workers: list[threading.Thread] = []
 
     def start(self) -> None:
@@ -42,18 +45,24 @@ class InProcessExecutor:
 
     def _work(self) -> None:
         while not self._stopping.is_set():
+            self.ctx.metrics.heartbeat()
             generation = self.ctx.store.generation()
             claimed = self.scheduler.claim()
             if claimed is None:
                 self.ctx.store.wait_for_change(generation, self.scheduler.idle_timeout_s())
                 continue
             job_id, model_name = claimed
+            if self.prefetcher is not None:  # background work gives way to a real job
+                self.prefetcher.job_started()
             self.ctx.metrics.jobs_in_flight.inc()
             try:
-                run_job(self.ctx, job_id)
+                if run_job(self.ctx, job_id) is JobState.SUCCEEDED and self.prefetcher is not None:
+                    self.prefetcher.schedule(model_name)  # I_D of the version this job registered
             except Exception as error:  # any failure of one job must not stop the worker
                 log.exception("job %s failed", job_id)
                 self.scheduler.fail(job_id, error)
             finally:
                 self.ctx.metrics.jobs_in_flight.dec()
                 self.scheduler.release(model_name)
+                if self.prefetcher is not None:
+                    self.prefetcher.job_finished()

@@ -70,6 +70,7 @@ class Progress:
         self.event(STAGES[name][0], message)
 
     def event(self, fraction: float, message: str) -> None:
+        self.ctx.metrics.heartbeat()  # a long job is a live worker too
         with self.ctx.store.write() as conn:
             db.update_job(conn, self.job_id, stage=self.current, progress=fraction)
             db.add_event(conn, self.job_id, self.request_ids, EventKind.PROGRESS.value, JobState.RUNNING.value,
@@ -249,12 +250,17 @@ def run_job(ctx: PipelineContext, job_id: str) -> JobState:
 
         def after_attempt(attempt) -> None:
             ctx.metrics.verification.labels("passed" if attempt.gate_passed else "rejected").inc()
+            if attempt.gate is not None:  # the evidence gauges show the latest attempt, whatever its verdict
+                ctx.metrics.record_evidence(job.model_name, attempt.gate.evidence)
             if not attempt.gate_passed:
                 reason = attempt.error or ", ".join(attempt.gate.failures)
                 progress.event(STAGES["verify"][1], f"attempt {attempt.method} rejected ({reason})")
 
         outcome = run_chain(base_model, request, chain, judge, after_attempt, before_attempt)
         record = _attempts_record(outcome)
+        importance = request.train_importance
+        record["train_importance"] = {"used": importance.last_seconds > 0 or importance.last_hit,
+                                      "cached": importance.last_hit, "seconds": importance.last_seconds}
         with ctx.store.write() as conn:
             db.update_job(conn, job_id, evidence=jsonable(record))
         if not outcome.passed:
@@ -352,6 +358,7 @@ def _attempts_record(outcome: ChainResult) -> dict[str, Any]:
     attempts = []
     for attempt in outcome.attempts:
         summary = attempt.summary()
+        summary["config"] = methods.config_to_dict(methods.parse_config(attempt.method, attempt.params))
         summary["verification"] = attempt.gate.as_dict() if attempt.gate is not None else None
         attempts.append(summary)
     chosen = outcome.chosen
