@@ -208,7 +208,8 @@ def jsonable(value: Any) -> Any:
 
 def check_certificate(key: bytes, body_json: str, signature: str) -> CertificateCheck:
     """Signature and form of one certificate (not whether the chain records it: see verify_audit)."""
-    if not hmac.compare_digest(_sign(key, body_json), signature or ""):
+    # Bytes, not str: compare_digest refuses non-ASCII text, and a signature is anyone's input here.
+    if not hmac.compare_digest(_sign(key, body_json).encode(), (signature or "").encode("utf-8", "replace")):
         return CertificateCheck(False, "signature does not match the body (altered, or another key)")
     try:
         body = json.loads(body_json)

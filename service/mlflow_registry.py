@@ -40,7 +40,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
 from torch import nn
 
-from service.domain import NotFound
+from service.domain import FieldViolation, NotFound, preview
 
 TAG_PREFIX = "lethe."
 # Every class erased so far on a model lineage, as a JSON list of ints: each version a job registers carries
@@ -118,8 +118,9 @@ class MlflowRegistry:
             return self.client.get_model_version(name, str(version))
         except MlflowException as error:
             if _is_missing(error):
-                what = f"alias {alias!r}" if alias else f"version {version!r}"
-                raise NotFound(f"MLflow has no model {name!r} with {what}") from error
+                what = f"alias {preview(alias)}" if alias else f"version {preview(str(version))}"
+                violation = FieldViolation("alias" if alias else "version", "no such version or alias")
+                raise NotFound(f"MLflow has no model {preview(name)} with {what}", (violation,)) from error
             raise
 
     def erased_classes(self, name: str, version: str) -> tuple[int, ...]:

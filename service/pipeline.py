@@ -105,17 +105,19 @@ def _recipe(training: dict[str, Any]) -> TrainRecipe | None:
 
 def correct_before(ctx: PipelineContext, info: ModelInfo, version: str, data: LoadedDataset, task: TaskAdapter,
                    model: nn.Module, mask: np.ndarray, examples_of) -> np.ndarray:
-    """Per record of ``mask``: does the base version get it right? Cached per model version by record id (a
+    """Per record of ``mask``: does the base version get it right? Cached per model version by record (a
     JSON file under the cache directory), so every job on that version measures only records it has not
-    seen yet; utility before is the mean over whichever records a job's utility set holds."""
+    seen yet; utility before is the mean over whichever records a job's utility set holds. The cache keys
+    records by their keyed hash (the tombstone hash), never by id: no clear id outside the training data."""
     path = ctx.settings.cache_dir / "measure" / safe_name(info.name) / f"{version}.json"
     cached: dict[str, bool] = json.loads(path.read_text()) if path.exists() else {}
-    ids = data.record_ids[mask].astype(str)
+    ids = data.record_hashes[mask].astype(str)
     missing = np.array([record_id not in cached for record_id in ids], dtype=bool)
     if missing.any():
         todo = np.zeros_like(mask)
         todo[np.flatnonzero(mask)[missing]] = True
-        cached.update(zip(data.record_ids[todo].astype(str).tolist(), correct_flags(task, model, examples_of(todo))))
+        cached.update(zip(data.record_hashes[todo].astype(str).tolist(),
+                          correct_flags(task, model, examples_of(todo))))
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(cached))
     return np.array([cached[record_id] for record_id in ids], dtype=bool)
@@ -243,7 +245,7 @@ def _unlearn_and_register(ctx: PipelineContext, job, request_rows, info: ModelIn
     # ---- resolve: requests -> records of this model's dataset version --------------------------------
     progress.stage("resolve", f"resolving {len(request_ids)} request(s) against dataset {dataset_row.digest[:12]}")
     data = ctx.catalog.load(dataset_row.path, dataset_row.digest)
-    matched = {row.request_id: data.match(set(row.subject_hashes), set(row.record_ids), set(row.classes))
+    matched = {row.request_id: data.match(set(row.subject_hashes), set(row.record_hashes), set(row.classes))
                for row in request_rows}
     erase = np.logical_or.reduce(list(matched.values())) if matched else np.zeros(len(data), dtype=bool)
     train, holdout_all = data.split_mask("train"), data.split_mask("holdout")

@@ -1,8 +1,9 @@
 """Registration: make an MLflow model version unlearnable, after checking everything it will need.
 
-Nothing is written until every check passed: the request's fields, the policy, the dataset's schema, that
-no record of the dataset was erased before (tombstones), and that the model accepts the data (a forward
-pass; for causal LMs the tokenizer, context and vocabulary). Then, in order: Lethe's own copy of the
+Nothing is written until every check passed: the request's fields, the policy, that the dataset lies inside
+an accepted dataset root (``Settings.dataset_roots``; refusals say nothing about the server's files), the
+dataset's schema, that no record of the dataset was erased before (tombstones), and that the model accepts
+the data (a forward pass; for causal LMs the tokenizer, context and vocabulary). Then, in order: Lethe's own copy of the
 dataset, the MLflow version's tags, the serving alias, and one store transaction with the audit entry.
 """
 
@@ -17,7 +18,7 @@ import torch
 from service import lm_support
 from service import store as db
 from service.context import PipelineContext
-from service.datasets import read_parquet, record_tombstone, validate_frame
+from service.datasets import read_parquet, record_tombstone, resolve_dataset_uri, validate_frame
 from service.domain import (
     FailedPrecondition,
     FieldViolation,
@@ -28,6 +29,8 @@ from service.domain import (
     RegisteredModel,
     TaskType,
     VerificationPolicy,
+    id_problem,
+    preview,
 )
 from service.verification import policy_violations
 from unlearn import registry as methods
@@ -87,27 +90,37 @@ class Registrar:
 
     def _validate_registration(self, registration: ModelRegistration):
         violations: list[FieldViolation] = []
-        if not registration.model_name or len(registration.model_name) > self.ctx.settings.max_id_length:
-            violations.append(FieldViolation("model_name", "must be 1 to "
-                                             f"{self.ctx.settings.max_id_length} characters"))
+        limit = self.ctx.settings.max_id_length
+        problem = id_problem(registration.model_name, limit)
+        if problem:
+            violations.append(FieldViolation("model_name", problem))
         if bool(registration.version) == bool(registration.alias):
             violations.append(FieldViolation("version", "give exactly one of version or alias"))
+        for name in ("version", "alias"):
+            value = getattr(registration, name)
+            if value and id_problem(value, limit):
+                violations.append(FieldViolation(name, id_problem(value, limit)))
         if registration.task_type is TaskType.CLASSIFICATION and (registration.num_classes is None
                                                                   or registration.num_classes < 2):
             violations.append(FieldViolation("num_classes", "a classifier needs num_classes >= 2"))
         violations += _policy_violations(registration.policy, registration.chain_from_default_method)
-        if registration.model_factory and ":" not in registration.model_factory:
+        if registration.model_factory and (":" not in registration.model_factory
+                                           or id_problem(registration.model_factory, limit)):
             violations.append(FieldViolation("model_factory", "expected 'module:function'"))
         if violations:
             raise InvalidArgument("invalid model registration", tuple(violations))
+        # The location is checked before MLflow or the file system is touched: a URI outside the dataset
+        # roots gets the same answer whether or not it exists.
+        location = resolve_dataset_uri(registration.dataset_uri, self.ctx.settings.dataset_roots,
+                                       self.ctx.settings.dataset_import_dir)
         if not self.ctx.registry.model_exists(registration.model_name):
-            raise NotFound(f"MLflow has no registered model {registration.model_name!r}",
+            raise NotFound(f"MLflow has no registered model {preview(registration.model_name)}",
                            (FieldViolation("model_name", "no such registered model in MLflow"),))
         resolved = self.ctx.registry.resolve(registration.model_name, registration.version, registration.alias)
         version = str(resolved.version)
         self._refuse_erased_versions(registration.model_name, version, resolved.tags)
-        frame = read_parquet(registration.dataset_uri)
-        violations = validate_frame(frame, registration.task_type, registration.num_classes)
+        frame = read_parquet(location)
+        violations = validate_frame(frame, registration.task_type, registration.num_classes, limit)
         if violations:
             raise InvalidArgument("the dataset cannot be registered", tuple(violations))
         return version, frame, registration.policy
@@ -137,9 +150,10 @@ class Registrar:
             dead = db.tombstoned(conn, hashes)
         if not dead:
             return []
-        erased = [r for r, h in zip(frame["record_id"].astype(str), hashes) if h in dead]
-        return [FieldViolation("dataset.record_id", f"{len(erased)} record(s) were erased earlier and may not be "
-                                                    f"re-ingested (e.g. {', '.join(erased[:3])})")]
+        # Never quote the ids: they are erased records, and this refusal goes to the caller and the log.
+        rows = [row for row, record_hash in enumerate(hashes) if record_hash in dead]
+        return [FieldViolation("dataset.record_id", f"{len(rows)} record(s) were erased earlier and may not be "
+                                                    f"re-ingested; first at row {rows[0]}")]
 
 
 def _policy_json(policy: VerificationPolicy) -> dict[str, Any]:

@@ -5,8 +5,8 @@ is SQLite-only (portable types, JSON columns, no triggers), so the same tables r
 scale-out. An acknowledgement is only sent after :meth:`Store.write` has committed, and SQLite runs with
 ``synchronous=FULL`` so that a committed transaction survives power loss, not only a process kill.
 
-Subject ids never reach this module in clear: requests keep keyed hashes (HMAC-SHA256 with the subject
-hash key), tombstones keep keyed hashes of record ids.
+Subject and record ids never reach this module in clear: requests keep keyed hashes (HMAC-SHA256 with the
+subject hash key) of both, tombstones keep the same keyed hashes of record ids.
 
 Writers are serialised: in one process by a lock, across processes by SQLite's ``BEGIN IMMEDIATE`` (a
 deferred transaction that upgrades from read to write can fail with SQLITE_BUSY at once instead of
@@ -68,7 +68,7 @@ requests = sa.Table(
     sa.Column("payload_digest", sa.String(64), nullable=False),
     sa.Column("kind", sa.String(16), nullable=False),
     sa.Column("subject_hashes", sa.JSON, nullable=False),  # keyed hashes, never clear ids
-    sa.Column("record_ids", sa.JSON, nullable=False),
+    sa.Column("record_hashes", sa.JSON, nullable=False),  # keyed hashes (the tombstone hash), never clear ids
     sa.Column("classes", sa.JSON, nullable=False),
     sa.Column("model_names", sa.JSON, nullable=False),
     sa.Column("method", sa.String(64)),
@@ -80,6 +80,8 @@ requests = sa.Table(
     sa.Column("first_event_seq", sa.Integer, nullable=False),
     sa.Column("outcome_job_ids", sa.JSON, nullable=False),
     _ts("completed_at", nullable=True),
+    # Keyed hash of the authenticated identity that submitted the request: a submitter reads only its own.
+    sa.Column("submitter_hash", sa.String(64), nullable=True, index=True),
 )
 
 jobs = sa.Table(
@@ -332,6 +334,17 @@ def get_request(conn: Connection, request_id: str) -> Row | None:
 
 def insert_request(conn: Connection, **values: Any) -> None:
     conn.execute(sa.insert(requests).values(**values))
+
+
+def request_owners(conn: Connection, request_ids: Sequence[str]) -> dict[str, str | None]:
+    """request id -> submitter_hash for the known ones among ``request_ids``."""
+    found: dict[str, str | None] = {}
+    ids = list(dict.fromkeys(request_ids))
+    for start in range(0, len(ids), 500):  # stay below every backend's bound-parameter limit
+        rows = conn.execute(sa.select(requests.c.request_id, requests.c.submitter_hash)
+                            .where(requests.c.request_id.in_(ids[start:start + 500])))
+        found.update({row.request_id: row.submitter_hash for row in rows})
+    return found
 
 
 def set_request_jobs(conn: Connection, request_id: str, job_ids: Sequence[str]) -> None:
