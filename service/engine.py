@@ -4,14 +4,16 @@ A request's path, one module per concern (DESIGN.md, "Embedded default and scale
 
 - :mod:`service.registration`: make an MLflow model version unlearnable (``register_model``);
 - :mod:`service.intake`: validate, resolve, commit durably, acknowledge (``submit_erasure``);
-- :mod:`service.scheduler`: claims, coalescing windows, per-lineage order, recovery;
-- :mod:`service.executors`: where a claimed job runs (in-process worker threads by default);
+- :mod:`service.scheduler`: claims, leases, per-lineage order, recovery by lease expiry;
+- :mod:`service.executors`: where a claimed job runs (``LETHE_EXECUTOR``: in-process worker threads by
+  default, a ``lethe worker`` subprocess, a Kubernetes Job, or external ``lethe worker`` processes);
 - :mod:`service.pipeline`: one job, resolve -> measure -> apply -> verify -> register -> purge -> audit;
 - :mod:`service.queries`: jobs, events, certificates, the pending requests' clock.
 """
 
 from __future__ import annotations
 
+import secrets
 import threading
 
 from service import store as db
@@ -30,11 +32,12 @@ from service.domain import (
     RegisteredModel,
     SubmitOutcome,
 )
-from service.executors import InProcessExecutor
+from service.executors import build_executor
 from service.intake import Intake
 from service.metrics import Metrics
 from service.mlflow_registry import MlflowRegistry
 from service.queries import Queries
+from service.record_index import index_serving
 from service.registration import Registrar
 from service.scheduler import Scheduler
 from service.settings import Settings
@@ -49,7 +52,8 @@ class Engine:
         self.settings.state_dir.mkdir(parents=True, exist_ok=True)
         self.store = db.Store(self.settings.job_store_url)
         self.audit = AuditLog(self.settings.audit_key_bytes)
-        self.catalog = DatasetCatalog(self.settings.datasets_dir, self.settings.subject_hash_key_bytes)
+        self.catalog = DatasetCatalog(self.settings.datasets_dir, self.settings.subject_hash_key_bytes,
+                                      fetch_missing=self._fetch_dataset)
         self._stopping = threading.Event()
         self.queries = Queries(None, self._stopping)  # context set below: the metrics read the pending clock
         self.metrics = Metrics(self.queries.oldest_pending_age_s, self.queries.overdue_pending_count)
@@ -60,8 +64,19 @@ class Engine:
         self.queries.ctx = self.context
         self.registrar = Registrar(self.context)
         self.intake = Intake(self.context)
-        self.scheduler = Scheduler(self.context)
-        self.executor = InProcessExecutor(self.context, self.scheduler, self._stopping)
+        # One identity per engine instance in every lease it takes: the configured worker id (the pod name
+        # in the chart) plus a random suffix, so two engines of one process never share a lease.
+        self.owner = f"{self.settings.worker_id}/{secrets.token_hex(3)}"
+        self.scheduler = Scheduler(self.context, self.owner)
+        self.executor = build_executor(self.scheduler, self._stopping)
+
+    def _fetch_dataset(self, recorded_path: str, local_path) -> None:
+        """A dataset version another host wrote: download its MLflow copy (workers on other hosts)."""
+        with self.store.read() as conn:
+            row = db.dataset_by_path(conn, recorded_path)
+        if row is None or row.removed_at is not None:
+            raise FileNotFoundError(f"no live dataset version recorded at {recorded_path}")
+        self.registry.download_artifact(row.mlflow_artifact_uri or "", local_path)
 
     @property
     def device(self):
@@ -69,16 +84,17 @@ class Engine:
 
     # ------------------------------------------------------------------------------------------ lifecycle
     def start(self) -> None:
-        """Re-queue jobs a dead process left RUNNING, then start executing jobs."""
-        self.scheduler.recover()
+        """Start executing jobs. Nothing is re-queued here: a job a dead process left RUNNING is reclaimed
+        when its lease expires (at once on SQLite, whose liveness locks show the holder is gone)."""
         self._stopping.clear()
         self.executor.start()
 
     def stop(self, grace_s: float = 30.0) -> bool:
         """Stop taking jobs and wait up to ``grace_s`` for running ones; True when all ended.
 
-        A job still running after the grace period stays RUNNING in the store and is resumed by the next
-        :meth:`start` (its stages are idempotent), so stopping never loses work.
+        A job still running after the grace period keeps its lease while this process lives; once the
+        process is gone the lease lapses and another worker (or the next start) resumes the job from the
+        store (its stages are idempotent), so stopping never loses work.
         """
         self._stopping.set()
         self.store.wake()
@@ -86,7 +102,9 @@ class Engine:
 
     # ---------------------------------------------------------------------------------- EngineProtocol
     def register_model(self, registration: ModelRegistration) -> RegisteredModel:
-        return self.registrar.register_model(registration)
+        registered = self.registrar.register_model(registration)
+        index_serving(self.context, registered.model_name)  # intake resolves its requests on the index
+        return registered
 
     def submit_erasure(self, request: ErasureRequest) -> SubmitOutcome:
         return self.intake.submit_erasure(request)

@@ -233,6 +233,19 @@ class MlflowRegistry:
                 return None
             raise
 
+    def download_artifact(self, artifact_uri: str, target: Path) -> None:
+        """Copy one artifact file (a dataset version) to ``target``, through the tracking server when there
+        is one; written atomically (a partial download never looks like the file)."""
+        import tempfile
+
+        if not artifact_uri:
+            raise FileNotFoundError(f"no MLflow copy recorded for {target.name}")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
+            downloaded = mlflow.artifacts.download_artifacts(artifact_uri=artifact_uri, dst_path=scratch,
+                                                             tracking_uri=self.tracking_uri)
+            Path(downloaded).replace(target)
+
     def delete_artifact(self, artifact_uri: str) -> None:
         """Delete one artifact file (a purged dataset copy); a missing one is fine on resume."""
         if not artifact_uri:

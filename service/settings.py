@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import socket
 import subprocess
 from functools import cached_property
 from pathlib import Path
@@ -128,10 +129,13 @@ class Settings(BaseSettings):
     git commit when available; the container image sets it to the image tag."""
 
     # ------------------------------------------------------------------------------------- scale-out
-    executor: Literal["inprocess", "subprocess", "kubernetes"] = "inprocess"
+    executor: Literal["inprocess", "subprocess", "kubernetes", "external"] = "inprocess"
     """Where a claimed job runs: ``inprocess`` (worker threads of this process, the embedded default),
     ``subprocess`` (each job in a fresh ``lethe worker --once --job-id ID`` process: the same contract as a
-    Kubernetes Job) or ``kubernetes`` (one ``batch/v1`` Job per unlearning job, on GPU nodes)."""
+    Kubernetes Job), ``kubernetes`` (one ``batch/v1`` Job per unlearning job, on GPU nodes) or ``external``
+    (this process runs no job: a pool of ``lethe worker`` processes, e.g. a Deployment, claims them from the
+    shared job store). ``subprocess`` and ``kubernetes`` run at most ``worker_threads`` jobs at once per
+    process."""
 
     job_lease_s: float = Field(60.0, ge=1.0, le=3600.0)
     """How long a worker's claim on a job lasts without a heartbeat. The holder renews it every third of
@@ -142,9 +146,10 @@ class Settings(BaseSettings):
     """Claims of one job before it is marked FAILED: a job that kills its worker this often (out of
     memory, a poisoned input) stops being retried forever."""
 
-    worker_id: str | None = None
+    worker_id: str = Field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}", min_length=1,
+                           max_length=120)
     """Identity of this process in job leases and logs. Default ``<hostname>-<pid>``; the chart sets the
-    pod name."""
+    pod name. Each engine adds a random suffix (``<worker_id>/<6 hex>``) so leases never collide."""
 
     kubernetes_namespace: str = "default"
     """Namespace the ``kubernetes`` executor creates its Jobs in (the chart sets its release namespace)."""
@@ -207,8 +212,6 @@ class Settings(BaseSettings):
     def _refuse_unbuilt(self) -> Settings:
         """Settings whose feature is not built yet fail at start-up instead of being silently ignored."""
         unbuilt = {name: reason for name, reason in NOT_BUILT.items() if _is_set(getattr(self, name))}
-        if "executor" in unbuilt and self.executor == "inprocess":
-            del unbuilt["executor"]
         if unbuilt:
             raise ValueError("; ".join(f"LETHE_{n.upper()}: {r}" for n, r in unbuilt.items()))
         return self
@@ -246,7 +249,6 @@ class Settings(BaseSettings):
 
 
 NOT_BUILT: dict[str, str] = {
-    "executor": "only 'inprocess' is built so far (subprocess and kubernetes executors are in progress)",
     "tls_cert": "TLS is not built yet",
     "tls_key": "TLS is not built yet",
     "tls_client_ca": "mutual TLS is not built yet",
@@ -256,7 +258,7 @@ NOT_BUILT: dict[str, str] = {
 
 
 def _is_set(value: Any) -> bool:
-    return value not in (None, "", "inprocess")
+    return value not in (None, "")
 
 
 def _key_bytes(configured: SecretStr | None, path: Path) -> bytes:
