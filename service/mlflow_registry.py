@@ -75,14 +75,14 @@ def _is_missing(error: MlflowException) -> bool:
 
 
 class MlflowRegistry:
-    def __init__(self, tracking_uri: str, artifact_root: str, experiment_name: str, serving_alias: str):
+    def __init__(self, tracking_uri: str, artifact_root: str | None, experiment_name: str, serving_alias: str):
         self.tracking_uri = tracking_uri
         self.serving_alias = serving_alias
         self.client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
         experiment = self.client.get_experiment_by_name(experiment_name)
         if experiment is None:
-            location = artifact_root
-            if "://" not in location:
+            location = artifact_root  # None: the tracking server's default (proxied artifacts)
+            if location is not None and "://" not in location:
                 Path(location).mkdir(parents=True, exist_ok=True)
                 location = Path(location).absolute().as_uri()
             try:

@@ -61,7 +61,9 @@ class Settings(BaseSettings):
 
     mlflow_artifact_root: str | None = None
     """Where Lethe's MLflow experiment stores artifacts (models, dataset copies). Default
-    ``<state_dir>/mlartifacts``. Ignored when the experiment already exists on a tracking server."""
+    ``<state_dir>/mlartifacts`` in the embedded mode; with an ``http(s)://`` tracking server, the server's
+    default (``mlflow-artifacts:/...`` when it runs with ``--serve-artifacts``, so every artifact is written,
+    read and deleted through the server, never a local disk). Ignored when the experiment already exists."""
 
     mlflow_experiment: str = "lethe"
     """MLflow experiment holding Lethe's unlearning runs and registrations."""
@@ -222,7 +224,7 @@ class Settings(BaseSettings):
         object.__setattr__(self, "state_dir", state)
         if self.mlflow_tracking_uri is None:
             object.__setattr__(self, "mlflow_tracking_uri", f"sqlite:///{state / 'mlflow.db'}")
-        if self.mlflow_artifact_root is None:
+        if self.mlflow_artifact_root is None and not self.mlflow_tracking_uri.startswith(("http://", "https://")):
             object.__setattr__(self, "mlflow_artifact_root", str(state / "mlartifacts"))
         if self.job_store_url is None:
             object.__setattr__(self, "job_store_url", f"sqlite:///{state / 'lethe.db'}")
