@@ -219,8 +219,9 @@ class SubprocessLauncher:
 
     worker_dead_when_done = True  # we waited on the process: once it exited, it holds nothing
 
-    def __init__(self, log_dir: Path):
-        self.log_dir = log_dir
+    def __init__(self, settings):
+        self.settings = settings
+        self.log_dir = settings.state_dir / "worker-logs"
 
     def command(self, claim: Claim) -> list[str]:
         return [sys.executable, "-m", "service.cli", "worker", "--once", "--job-id", claim.job_id,
@@ -231,7 +232,8 @@ class SubprocessLauncher:
         log_path = self.log_dir / f"{claim.job_id}-a{claim.attempt}.log"
         with open(log_path, "ab") as output:
             process = subprocess.Popen(self.command(claim), stdout=output, stderr=subprocess.STDOUT,
-                                       env={**os.environ}, cwd=Path(__file__).resolve().parents[1])
+                                       env={**os.environ, **self.settings.as_environment()},
+                                       cwd=Path(__file__).resolve().parents[1])
         log.info("job %s attempt %d: worker process %d (log %s)", claim.job_id, claim.attempt, process.pid, log_path)
         return process
 
@@ -254,7 +256,7 @@ def build_executor(scheduler: Scheduler, stopping: threading.Event) -> Executor:
     if settings.executor == "external":
         return ExternalExecutor(scheduler)
     if settings.executor == "subprocess":
-        return DispatchingExecutor(scheduler, stopping, SubprocessLauncher(settings.state_dir / "worker-logs"))
+        return DispatchingExecutor(scheduler, stopping, SubprocessLauncher(settings))
     if settings.executor == "kubernetes":
         from service.kubernetes_jobs import KubernetesLauncher
 

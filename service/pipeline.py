@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 from torch import nn
 
-from service import lm_support
+from service import faults, lm_support
 from service import store as db
 from service.audit import NO_RECORDS, canonical_json, issue_job_certificates, jsonable, sha256_hex
 from service.datasets import LoadedDataset, remove_tree, safe_name
@@ -65,6 +65,7 @@ class Progress:
         self._close_stage()
         self.current, self.started = name, time.perf_counter()
         self.event(STAGES[name][0], message)
+        faults.point(f"stage:{name}")  # crash tests only (LETHE_FAULT_KILL_AT)
 
     def event(self, fraction: float, message: str) -> None:
         with self.ctx.store.write() as conn:
@@ -264,6 +265,7 @@ def run_job(ctx: PipelineContext, job_id: str) -> JobState:
     onnx_path = ctx.settings.cache_dir / "onnx" / f"{job_id}.onnx"
     version, artifact_uri = ctx.registry.register_job_version(job.model_name, job_id, after, tags, metrics,
                                                               new_path, onnx_path, tokenizer=tokenizer)
+    faults.point("registered")  # crash tests only: MLflow has the version, the store does not know yet
     ctx.registry.set_serving(job.model_name, version)
     weights_after = weights_digest(after)
     with ctx.store.write() as conn:

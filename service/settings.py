@@ -12,6 +12,7 @@ unknown ``LETHE_`` environment variables are ignored, because pydantic-settings 
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import socket
@@ -229,6 +230,20 @@ class Settings(BaseSettings):
         if self.job_store_url is None:
             object.__setattr__(self, "job_store_url", f"sqlite:///{state / 'lethe.db'}")
         return self
+
+    def as_environment(self) -> dict[str, str]:
+        """These settings as ``LETHE_*`` variables (secrets included): what a worker process this one starts
+        needs to see the same store, MLflow and keys, whatever mix of environment and code built them."""
+        environment = {}
+        for name, value in self.model_dump().items():
+            if value is None or name in ("worker_id", "executor"):  # the worker's own, never inherited
+                continue
+            if isinstance(value, SecretStr):
+                value = value.get_secret_value()
+            elif isinstance(value, (dict, list)):
+                value = json.dumps(value)
+            environment[f"LETHE_{name.upper()}"] = str(value)
+        return environment
 
     # ------------------------------------------------------------------------------------- derived paths
     @property

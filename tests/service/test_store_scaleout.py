@@ -27,6 +27,7 @@ from service.domain import ErasureRequest, JobState, TaskType
 from service.intake import Intake
 from service.scheduler import DISPATCH_PREFIX, Heartbeat, LeaseLost, Scheduler
 from service.settings import Settings
+from tests.service import store_processes
 
 KEY = bytes(range(32))
 
@@ -91,17 +92,9 @@ def test_a_store_from_before_migrations_is_stamped_and_upgraded(store_url):
         store.dispose()
 
 
-def _open_store(url: str) -> str:
-    store = db.Store(url)
-    with store.read() as conn:
-        revision = migrations.current_revision(conn)
-    store.dispose()
-    return revision
-
-
 def test_processes_starting_at_once_migrate_once(store_url):
     with multiprocessing.get_context("spawn").Pool(3) as pool:
-        revisions = pool.map(_open_store, [store_url] * 3)
+        revisions = pool.map(store_processes.open_store, [store_url] * 3)
     assert revisions == [migrations.head_revision()] * 3
 
 
@@ -216,23 +209,13 @@ def test_an_executor_hands_its_lease_to_the_worker_it_started(store_url, tmp_pat
 
 
 # ------------------------------------------------------------------------------------ the log: events, audit
-def _append_log(url: str, writer: int, transactions: int) -> None:
-    store = db.Store(url, migrate=False)
-    audit = AuditLog(KEY)
-    for index in range(transactions):
-        with store.write() as conn:
-            db.add_event(conn, f"job-{writer}", (), "PROGRESS", "RUNNING", "apply", 0.5, f"{writer}/{index}")
-            time.sleep(0.002)  # widen the window in which another process's transaction interleaves
-            audit.append(conn, "test", {"writer": writer, "index": index})
-    store.dispose()
-
-
 def test_audit_chain_and_event_seq_stay_linear_with_concurrent_processes(store_url, tmp_path):
     db.Store(store_url).dispose()  # migrated once, before the writers start
     reader = db.Store(store_url, migrate=False)
     seen: list[int] = []
     cursor = 0
-    processes = [multiprocessing.get_context("spawn").Process(target=_append_log, args=(store_url, w, 40))
+    processes = [multiprocessing.get_context("spawn").Process(target=store_processes.append_log,
+                                                                  args=(store_url, KEY, w, 40))
                  for w in range(3)]
     for process in processes:
         process.start()
