@@ -1,4 +1,7 @@
-# Lethe service image: `lethe serve` by default; `lethe worker`-style entry points use the same image.
+# Lethe service image. Default command `lethe serve` (the API replicas); the same image runs the workers:
+#   lethe worker                                   a worker pool (LETHE_EXECUTOR=external on the API replicas)
+#   lethe worker --once --job-id ID --attempt N    one unlearning job: what each Kubernetes Job runs
+#                                                  (LETHE_EXECUTOR=kubernetes on the API replicas)
 # Build: docker build -t lethe:dev .            (CPU torch, as in development and CI)
 #        docker build --build-arg TORCH_INDEX=https://download.pytorch.org/whl/cu128 -t lethe:gpu .
 # Not built in CI (no Docker engine on the CI machines); the same install commands run in `make test`.

@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PIP_FLAGS := --disable-pip-version-check --quiet
 
-.PHONY: install test bench bench-vit bench-lm bench-acks demo proto-lint clean
+.PHONY: install test soak bench bench-vit bench-lm bench-acks demo proto-lint clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
@@ -19,6 +19,10 @@ install: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
+
+# 200 erasures over two API replicas and two workers on PostgreSQL and an MLflow server (~15 min).
+soak: $(STAMP)
+	LETHE_SOAK=1 $(BIN)/python -m pytest -q tests/service/test_scaleout_processes.py
 
 # Every classifier method against retrain-from-scratch on the digits scenarios, seeds 0-2 (docs/benchmarks.md).
 bench: $(STAMP)
@@ -38,8 +42,9 @@ bench-lm: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/lethe demo
 
+# Durable acks/s and latency: SQLite and PostgreSQL, 1 and 2 API replicas, 8 streams (docs/benchmarks.md).
 bench-acks: $(STAMP)
-	$(BIN)/python -m lethe_bench.acks --json docs/bench_acks.json
+	nice $(BIN)/python -m lethe_bench.acks --matrix --requests 2000 --streams 8 --json docs/bench_acks.json
 
 proto-lint: $(STAMP)
 	$(BIN)/buf lint proto && $(BIN)/buf format --diff --exit-code proto

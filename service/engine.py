@@ -13,6 +13,7 @@ A request's path, one module per concern (DESIGN.md, "Embedded default and scale
 
 from __future__ import annotations
 
+import logging
 import secrets
 import threading
 
@@ -43,6 +44,9 @@ from service.scheduler import Scheduler
 from service.settings import Settings
 from unlearn.device import resolve_device
 
+log = logging.getLogger(__name__)
+HOUSEKEEPING_S = 60.0
+
 
 class Engine:
     """Implements :class:`service.domain.EngineProtocol` from its parts (see the module docstring)."""
@@ -70,6 +74,18 @@ class Engine:
         self.scheduler = Scheduler(self.context, self.owner)
         self.executor = build_executor(self.scheduler, self._stopping)
 
+    def _housekeeping(self) -> None:
+        """Every HOUSEKEEPING_S: delete this host's copies of dataset versions a purge removed (with several
+        hosts, the purging worker deletes its own copies and MLflow's; the others' copies go here)."""
+        while not self._stopping.wait(HOUSEKEEPING_S):
+            try:
+                with self.store.read() as conn:
+                    removed = db.removed_dataset_paths(conn)
+                for path in removed:
+                    self.catalog.delete_local(path)
+            except Exception:  # the store may be unreachable for a while; next round
+                log.exception("housekeeping failed")
+
     def _fetch_dataset(self, recorded_path: str, local_path) -> None:
         """A dataset version another host wrote: download its MLflow copy (workers on other hosts)."""
         with self.store.read() as conn:
@@ -88,6 +104,8 @@ class Engine:
         when its lease expires (at once on SQLite, whose liveness locks show the holder is gone)."""
         self._stopping.clear()
         self.executor.start()
+        self._housekeeper = threading.Thread(target=self._housekeeping, name="lethe-housekeeping", daemon=True)
+        self._housekeeper.start()
 
     def stop(self, grace_s: float = 30.0) -> bool:
         """Stop taking jobs and wait up to ``grace_s`` for running ones; True when all ended.

@@ -35,6 +35,7 @@ from service.pipeline import run_job
 from service.scheduler import DISPATCH_PREFIX, Claim, Heartbeat, LeaseLost, Scheduler
 
 log = logging.getLogger(__name__)
+LAUNCH_RETRY_S = 5.0  # pause after a failed launch (e.g. the Kubernetes API refused), before claiming again
 
 
 def run_claimed(scheduler: Scheduler, claim: Claim) -> JobState:
@@ -191,10 +192,19 @@ class DispatchingExecutor(_ThreadedExecutor):
         keeper.start()
         try:
             handle = self.launcher.launch(claim)
+        except Exception:
+            watcher_stop.set()
+            keeper.join(5)
+            log.exception("job %s: launching its worker failed; queued again, retrying in %.0f s", claim.job_id,
+                          LAUNCH_RETRY_S)
+            self.scheduler.release(claim)
+            self._stopping.wait(LAUNCH_RETRY_S)
+            return
+        try:
             finished = self.launcher.wait(handle, self._stopping, poll_s=1.0)
         except Exception:
-            log.exception("job %s: launching its worker failed; the job will be reclaimed", claim.job_id)
-            finished = False
+            log.exception("job %s: watching its worker failed; its lease decides", claim.job_id)
+            return
         finally:
             watcher_stop.set()
             keeper.join(5)

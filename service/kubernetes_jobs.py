@@ -115,13 +115,16 @@ def job_manifest(settings: Settings, job_id: str, attempt: int) -> dict[str, Any
 
 def load_api_client():
     """In a pod: the service account's in-cluster config; elsewhere: ``KUBECONFIG`` / ``~/.kube/config``."""
+    import os
+
     from kubernetes import client, config
 
+    configuration = client.Configuration()
     try:
-        config.load_incluster_config()
-    except config.ConfigException:
-        config.load_kube_config()
-    return client.ApiClient()
+        config.load_incluster_config(client_configuration=configuration)
+    except config.ConfigException:  # KUBECONFIG read now: the library reads it once, at import
+        config.load_kube_config(config_file=os.environ.get("KUBECONFIG"), client_configuration=configuration)
+    return client.ApiClient(configuration)
 
 
 class KubernetesLauncher:

@@ -171,6 +171,11 @@ class Scheduler:
         with self.ctx.store.write() as conn:
             return db.expire_lease(conn, claim.job_id, owner or claim.owner, claim.attempt)
 
+    def release(self, claim: Claim) -> bool:
+        """Give a claim back unused (its worker could not be started): QUEUED again, attempt not counted."""
+        with self.ctx.store.write() as conn:
+            return db.release_claim(conn, claim.job_id, claim.owner, claim.attempt)
+
     def fenced(self, claim: Claim) -> PipelineContext:
         """The context the pipeline runs a claimed job with: every write is fenced by the claim's lease."""
         return replace(self.ctx, store=FencedStore(self.ctx.store, claim))

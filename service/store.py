@@ -553,6 +553,16 @@ def expire_lease(conn: Connection, job_id: str, owner: str, attempt: int) -> boo
     return result.rowcount == 1
 
 
+def release_claim(conn: Connection, job_id: str, owner: str, attempt: int) -> bool:
+    """Undo a claim whose worker never started (the executor could not launch it): QUEUED again, the
+    attempt not counted, so an outage of the launcher does not use up the job's attempts."""
+    result = conn.execute(sa.update(jobs).where(
+        jobs.c.job_id == job_id, jobs.c.lease_owner == owner, jobs.c.attempts == attempt,
+        jobs.c.state == "RUNNING").values(state="QUEUED", attempts=attempt - 1, lease_owner=None,
+                                          lease_expires_at=None, updated_at=utcnow()))
+    return result.rowcount == 1
+
+
 def running_leases(conn: Connection) -> list[Row]:
     """(job_id, lease_owner, lease_expires_at) of every RUNNING job."""
     return list(conn.execute(sa.select(jobs.c.job_id, jobs.c.lease_owner, jobs.c.lease_expires_at)
