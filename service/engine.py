@@ -34,6 +34,7 @@ from service.domain import (
     SubmitOutcome,
 )
 from service.executors import build_executor
+from service.housekeeping import delete_removed_local_copies, purge_superseded
 from service.intake import Intake
 from service.metrics import Metrics
 from service.mlflow_registry import MlflowRegistry
@@ -75,14 +76,12 @@ class Engine:
         self.executor = build_executor(self.scheduler, self._stopping)
 
     def _housekeeping(self) -> None:
-        """Every HOUSEKEEPING_S: delete this host's copies of dataset versions a purge removed (with several
-        hosts, the purging worker deletes its own copies and MLflow's; the others' copies go here)."""
+        """Every HOUSEKEEPING_S: :mod:`service.housekeeping` (superseded versions; this host's copies of
+        removed ones)."""
         while not self._stopping.wait(HOUSEKEEPING_S):
             try:
-                with self.store.read() as conn:
-                    removed = db.removed_dataset_paths(conn)
-                for path in removed:
-                    self.catalog.delete_local(path)
+                purge_superseded(self.context)
+                delete_removed_local_copies(self.context)
             except Exception:  # the store may be unreachable for a while; next round
                 log.exception("housekeeping failed")
 

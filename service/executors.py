@@ -65,13 +65,19 @@ def run_claimed(scheduler: Scheduler, claim: Claim) -> JobState:
 
 def after_job(ctx: PipelineContext, claim: Claim) -> None:
     """Work that follows a finished job in the process that ran it: index the lineage's new dataset version
-    so intake resolves the next requests without loading it (:mod:`service.record_index`)."""
-    try:
-        from service.record_index import index_serving
+    so intake resolves the next requests without loading it (:mod:`service.record_index`), and purge a
+    superseded version an interrupted earlier attempt left live (:mod:`service.housekeeping`)."""
+    from service.housekeeping import purge_superseded
+    from service.record_index import index_serving
 
+    try:
         index_serving(ctx, claim.model_name)
     except Exception:  # intake indexes lazily as well; a failure here costs one dataset load there
         log.exception("indexing %s after job %s failed", claim.model_name, claim.job_id)
+    try:
+        purge_superseded(ctx, claim.model_name)
+    except Exception:  # the engine's housekeeping retries
+        log.exception("purging superseded data of %s failed", claim.model_name)
 
 
 class Executor(Protocol):

@@ -278,15 +278,13 @@ def run_job(ctx: PipelineContext, job_id: str) -> JobState:
 
     # ---- purge: every older copy of this lineage's data, and caches derived from it ---------------------
     progress.stage("purge", "removing older dataset copies and derived caches")
-    removed = []
     with ctx.store.read() as conn:
         stale = [row for row in db.live_dataset_versions(conn, job.model_name) if row.job_id != job_id]
-    for row in stale:
-        ctx.registry.delete_artifact(row.mlflow_artifact_uri or "")
-        ctx.catalog.delete_local(row.path)
-        with ctx.store.write() as conn:
-            db.mark_dataset_removed(conn, row.id)
-        removed.append(row.version)
+    removed = [row.version for row in stale]
+    # The base version goes last, right after the audit commit: a job resumed before its certificates were
+    # committed (its worker died in between) resolves its requests on the base data again.
+    base_copies = [row for row in stale if row.id == dataset_row.id]
+    purge_dataset_copies(ctx, [row for row in stale if row.id != dataset_row.id])
     remove_tree(importance_dir(ctx, job.model_name, job.base_version))
     remove_tree(ctx.settings.cache_dir / "measure" / safe_name(job.model_name))
     onnx_path.unlink(missing_ok=True)  # logged with the version; the local copy is scratch
@@ -306,7 +304,17 @@ def run_job(ctx: PipelineContext, job_id: str) -> JobState:
     ctx.metrics.records_erased.inc(int(erase.sum()))
     _issue(ctx, job, request_rows, matched, data.record_ids, train, shared, record["label"], progress,
            f"version {version} registered and serving; {int(erase.sum())} record(s) erased")
+    purge_dataset_copies(ctx, base_copies)
     return JobState.SUCCEEDED
+
+
+def purge_dataset_copies(ctx: PipelineContext, rows) -> None:
+    """Delete dataset versions' copies (MLflow's, this host's) and mark them removed; safe to repeat."""
+    for row in rows:
+        ctx.registry.delete_artifact(row.mlflow_artifact_uri or "")
+        ctx.catalog.delete_local(row.path)
+        with ctx.store.write() as conn:
+            db.mark_dataset_removed(conn, row.id)
 
 
 def _issue(ctx: PipelineContext, job, request_rows, matched: dict[str, np.ndarray], record_ids: np.ndarray,

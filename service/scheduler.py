@@ -217,8 +217,14 @@ class Scheduler:
 
 
 def _holds(job, claim: Claim) -> bool:
-    return (job is not None and job.state == JobState.RUNNING.value and job.lease_owner == claim.owner
-            and job.attempts == claim.attempt)
+    """The claim's lease is live: same owner, same attempt, job RUNNING."""
+    return _owns(job, claim) and job.state == JobState.RUNNING.value
+
+
+def _owns(job, claim: Claim) -> bool:
+    """The job is (or was last, until it ended) this claim's: same owner and attempt. A job the holder took
+    to a terminal state stays its to tidy up (nobody reclaims a terminal job)."""
+    return job is not None and job.lease_owner == claim.owner and job.attempts == claim.attempt
 
 
 def _expire_owner(conn: Connection, owner: str) -> None:
@@ -241,7 +247,7 @@ class FencedStore:
     def write(self) -> Iterator[Connection]:
         with self._store.write() as conn:
             job = db.lock_job(conn, self.claim.job_id)
-            if not _holds(job, self.claim):
+            if not _owns(job, self.claim) or job.state == JobState.QUEUED.value:
                 holder = "nobody" if job is None else f"{job.lease_owner} (attempt {job.attempts}, {job.state})"
                 raise LeaseLost(f"job {self.claim.job_id}: lease of {self.claim.owner} (attempt "
                                 f"{self.claim.attempt}) is gone; now held by {holder}")
