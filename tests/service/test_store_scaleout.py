@@ -291,3 +291,71 @@ def test_coalescing_is_race_free_across_replicas(store_url, tmp_path):
     assert len(jobs) < 80, "requests of one window were coalesced"
     assert report.valid, report.errors
     ctx.store.dispose()
+
+
+# ---------------------------------------------------------------------------------------------- record index
+def test_the_record_index_counts_what_the_dataset_matches(store_url, tmp_path):
+    from lethe_demo.data import digits_frame
+    from service.datasets import DatasetCatalog
+    from service.record_index import ensure_indexed
+
+    ctx = make_context(store_url, tmp_path)
+    ctx.catalog = DatasetCatalog(tmp_path / "datasets", KEY)
+    frame = digits_frame()
+    path, digest = ctx.catalog.write_version("m", frame, "registered-v1")
+    add_model(ctx, "m")
+    with ctx.store.write() as conn:
+        db.insert_dataset_version(conn, "m", digest, str(path), len(frame), "1", None, None)
+        row = db.dataset_for_model_version(conn, "m", "1")
+    ensure_indexed(ctx, row)
+    ensure_indexed(ctx, row)  # a second (racing) indexer writes nothing
+    data = ctx.catalog.load(path, digest)
+    subjects = sorted(set(frame["subject_id"]))
+    cases = [(subjects[:3], [], []), ([], list(frame["record_id"][:5]) + ["no-such-record"], []), ([], [], [3, 7]),
+             (subjects[10:12], list(frame["record_id"][100:102]), []), (["nobody"], [], [])]
+    for subject_ids, record_ids, classes in cases:
+        hashes = [ctx.catalog.subject_hash(s) for s in subject_ids]
+        expected = int(data.match(set(hashes), set(record_ids), set(classes)).sum())
+        with ctx.store.read() as conn:
+            counted = db.indexed_matches(conn, [row.id], hashes, [ctx.catalog.tombstone(r) for r in record_ids],
+                                         classes)
+        assert counted.get(row.id, 0) == expected, (subject_ids, record_ids, classes)
+    with ctx.store.write() as conn:
+        db.mark_dataset_removed(conn, row.id)
+    with ctx.store.read() as conn:
+        assert conn.execute(sa.select(sa.func.count()).select_from(db.record_index)).scalar() == 0, \
+            "a removed version's keyed hashes go with it"
+    ctx.store.dispose()
+
+
+def test_group_commit_answers_each_caller_with_its_own_outcome(store_url, tmp_path):
+    from service.domain import AlreadyExists
+    from service.intake import _Submission
+
+    ctx = make_context(store_url, tmp_path, coalescing_window_s=60)
+    add_model(ctx, "m")
+    intake = Intake(ctx)
+    outcomes: dict[int, object] = {}
+
+    def submit(index: int) -> None:
+        request_id = f"r-{index % 20}"  # every id twice: one of each pair replays (or refuses) the other
+        digest = "same" if index < 30 else f"other-{index}"
+        try:
+            outcomes[index] = intake._group.submit(_Submission(
+                ErasureRequest(request_id=request_id, subject_ids=("s",)), ["h"], f"{request_id}-{digest}", None,
+                [_target("m")]))
+        except AlreadyExists as error:
+            outcomes[index] = error
+
+    threads = [threading.Thread(target=submit, args=(i,)) for i in range(40)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    created = [o for o in outcomes.values() if not isinstance(o, AlreadyExists) and o.created]
+    assert len(created) == 20, "each request id stored once"
+    with ctx.store.read() as conn:
+        jobs = db.list_jobs(conn, [], "m", None, 100)
+        assert len(jobs) == 1 and len(db.job_request_ids(conn, jobs[0].job_id)) == 20
+        assert verify_chain(conn, KEY).valid
+    ctx.store.dispose()
