@@ -7,6 +7,7 @@ executor end to end with the stand-in running the Job's ``lethe worker --once`` 
 from __future__ import annotations
 
 import json
+import time
 import urllib.error
 import urllib.request
 
@@ -140,7 +141,11 @@ def test_the_kubernetes_executor_runs_each_job_as_a_job_end_to_end(tmp_path, mon
             (job,) = wait_for_jobs(engine, outcome.job_ids, timeout_s=900)
             assert job.state is JobState.SUCCEEDED, (job.message, standin.pod_exit_codes)
             name = job_name(job.job_id, 1)
-            assert ("lethe", name) in standin.jobs and standin.pod_exit_codes[name] == [0]
+            assert ("lethe", name) in standin.jobs
+            deadline = time.monotonic() + 120  # the job is SUCCEEDED; the pod process is still exiting
+            while not standin.jobs[("lethe", name)]["status"].get("conditions") and time.monotonic() < deadline:
+                time.sleep(0.2)
+            assert standin.pod_exit_codes[name] == [0]
             assert standin.jobs[("lethe", name)]["status"]["conditions"][-1]["type"] == "Complete"
             assert len(engine.get_certificate("k8s-1")) == 1
         finally:
