@@ -59,7 +59,7 @@ class Cluster:
         return {**os.environ, "LETHE_STATE_DIR": str(state), "LETHE_JOB_STORE_URL": self.store_url,
                 "LETHE_MLFLOW_TRACKING_URI": self.mlflow_url, "LETHE_AUDIT_KEY": KEY_HEX,
                 "LETHE_SUBJECT_HASH_KEY": SUBJECT_KEY_HEX, "LETHE_METRICS_PORT": "0", "LETHE_DEVICE": "cpu",
-                "LETHE_COALESCING_WINDOW_S": "1.0", "LETHE_JOB_LEASE_S": "6", "LETHE_JOB_MAX_ATTEMPTS": "6",
+                "LETHE_COALESCING_WINDOW_S": "1.0", "LETHE_JOB_LEASE_S": "10", "LETHE_JOB_MAX_ATTEMPTS": "6",
                 "LETHE_WORKER_ID": name, "OMP_NUM_THREADS": "1", **extra}
 
     def start(self, name: str, command: list[str], **extra: str) -> subprocess.Popen:
