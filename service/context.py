@@ -10,7 +10,7 @@ import torch
 from service import store as db
 from service.audit import AuditLog
 from service.datasets import DatasetCatalog
-from service.domain import TaskType, VerificationPolicy
+from service.domain import MethodStep, TaskType, VerificationPolicy
 from service.metrics import Metrics
 from service.mlflow_registry import MlflowRegistry
 from service.settings import Settings
@@ -47,4 +47,8 @@ class ModelInfo:
 
 
 def policy_from_json(value: dict[str, Any]) -> VerificationPolicy:
+    """A stored policy (``dataclasses.asdict`` of :class:`VerificationPolicy`) back into the dataclass."""
+    value = dict(value)
+    value["method_chain"] = tuple(MethodStep(step["name"], dict(step.get("params") or {}))
+                                  for step in value.get("method_chain") or ())
     return VerificationPolicy(**value)

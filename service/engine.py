@@ -38,11 +38,14 @@ from service.housekeeping import delete_removed_local_copies, purge_superseded
 from service.intake import Intake
 from service.metrics import Metrics
 from service.mlflow_registry import MlflowRegistry
+from service.pipeline import STAGES
+from service.prefetch import ImportancePrefetcher
 from service.queries import Queries
 from service.record_index import index_serving
 from service.registration import Registrar
 from service.scheduler import Scheduler
 from service.settings import Settings
+from service.store_metrics import StoreCollector
 from unlearn.device import resolve_device
 
 log = logging.getLogger(__name__)
@@ -62,6 +65,7 @@ class Engine:
         self._stopping = threading.Event()
         self.queries = Queries(None, self._stopping)  # context set below: the metrics read the pending clock
         self.metrics = Metrics(self.queries.oldest_pending_age_s, self.queries.overdue_pending_count)
+        self.metrics.registry.register(StoreCollector(self.store, self.settings.audit_key_bytes, STAGES))
         self.registry = MlflowRegistry(self.settings.mlflow_tracking_uri, self.settings.mlflow_artifact_root,
                                        self.settings.mlflow_experiment, self.settings.serving_alias)
         self.context = PipelineContext(self.settings, self.store, self.registry, self.catalog, self.audit,
@@ -73,7 +77,10 @@ class Engine:
         # in the chart) plus a random suffix, so two engines of one process never share a lease.
         self.owner = f"{self.settings.worker_id}/{secrets.token_hex(3)}"
         self.scheduler = Scheduler(self.context, self.owner)
-        self.executor = build_executor(self.scheduler, self._stopping)
+        # I_D is precomputed where jobs run and read it from the local cache: in-process workers only (a
+        # replica dispatching to pods or to a worker pool has no use for it; `lethe worker` runs in-process).
+        self.prefetcher = ImportancePrefetcher(self.context) if self.settings.executor == "inprocess" else None
+        self.executor = build_executor(self.scheduler, self._stopping, self.prefetcher)
 
     def _housekeeping(self) -> None:
         """Every HOUSEKEEPING_S: :mod:`service.housekeeping` (superseded versions; this host's copies of
@@ -105,6 +112,11 @@ class Engine:
         self.executor.start()
         self._housekeeper = threading.Thread(target=self._housekeeping, name="lethe-housekeeping", daemon=True)
         self._housekeeper.start()
+        if self.prefetcher is not None:
+            self.prefetcher.start()
+            with self.store.read() as conn:
+                for row in db.list_models(conn):
+                    self.prefetcher.schedule(row.model_name)
 
     def stop(self, grace_s: float = 30.0) -> bool:
         """Stop taking jobs and wait up to ``grace_s`` for running ones; True when all ended.
@@ -115,12 +127,16 @@ class Engine:
         """
         self._stopping.set()
         self.store.wake()
+        if self.prefetcher is not None:
+            self.prefetcher.stop()
         return self.executor.stop(grace_s)
 
     # ---------------------------------------------------------------------------------- EngineProtocol
     def register_model(self, registration: ModelRegistration) -> RegisteredModel:
         registered = self.registrar.register_model(registration)
         index_serving(self.context, registered.model_name)  # intake resolves its requests on the index
+        if self.prefetcher is not None:
+            self.prefetcher.schedule(registered.model_name)  # the first request on it pays only its forget set
         return registered
 
     def submit_erasure(self, request: ErasureRequest) -> SubmitOutcome:

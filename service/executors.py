@@ -32,6 +32,7 @@ from typing import Protocol
 from service.context import PipelineContext
 from service.domain import JobState
 from service.pipeline import run_job
+from service.prefetch import ImportancePrefetcher
 from service.scheduler import DISPATCH_PREFIX, Claim, Heartbeat, LeaseLost, Scheduler
 
 log = logging.getLogger(__name__)
@@ -116,6 +117,7 @@ class _ThreadedExecutor:
 
     def _work(self) -> None:
         while not self._stopping.is_set():
+            self.ctx.metrics.heartbeat()
             generation = self.ctx.store.generation()
             try:
                 claim = self._claim()
@@ -136,10 +138,23 @@ class _ThreadedExecutor:
 
 
 class InProcessExecutor(_ThreadedExecutor):
-    """Jobs run in this process's worker threads (the embedded default; ``lethe worker`` uses it too)."""
+    """Jobs run in this process's worker threads (the embedded default; ``lethe worker`` uses it too), with
+    the importance prefetcher giving way to each job and scheduled after a successful one."""
+
+    def __init__(self, scheduler: Scheduler, stopping: threading.Event,
+                 prefetcher: ImportancePrefetcher | None = None):
+        super().__init__(scheduler, stopping)
+        self.prefetcher = prefetcher
 
     def _run(self, claim: Claim) -> None:
-        run_claimed(self.scheduler, claim)
+        if self.prefetcher is not None:  # background work gives way to a real job
+            self.prefetcher.job_started()
+        try:
+            if run_claimed(self.scheduler, claim) is JobState.SUCCEEDED and self.prefetcher is not None:
+                self.prefetcher.schedule(claim.model_name)  # I_D of the version this job registered
+        finally:
+            if self.prefetcher is not None:
+                self.prefetcher.job_finished()
 
 
 class ExternalExecutor:
@@ -264,11 +279,12 @@ class SubprocessLauncher:
         return handle.returncode == EXIT_OK
 
 
-def build_executor(scheduler: Scheduler, stopping: threading.Event) -> Executor:
+def build_executor(scheduler: Scheduler, stopping: threading.Event,
+                   prefetcher: ImportancePrefetcher | None = None) -> Executor:
     """The executor ``LETHE_EXECUTOR`` names."""
     settings = scheduler.ctx.settings
     if settings.executor == "inprocess":
-        return InProcessExecutor(scheduler, stopping)
+        return InProcessExecutor(scheduler, stopping, prefetcher)
     if settings.executor == "external":
         return ExternalExecutor(scheduler)
     if settings.executor == "subprocess":

@@ -163,9 +163,12 @@ class Intake:
         targets, violations = [], []
         for name in names:
             info = ModelInfo.from_row(rows[name])
-            method = request.method or info.policy.default_method
-            params = dict(request.method_params) if request.method else {**info.policy.method_params,
-                                                                          **request.method_params}
+            # The request's method, or the first of the policy's chain that can do this kind of erasure.
+            usable = [step for step in info.policy.method_chain
+                      if request.classes or methods.get(step.name).erases != "classes"]
+            first = usable[0] if usable else info.policy.method_chain[0]
+            method = request.method or first.name
+            params = dict(request.method_params) if request.method else {**first.params, **request.method_params}
             try:
                 methods.parse_config(method, params)
             except InvalidParameterError as error:
@@ -182,7 +185,7 @@ class Intake:
             if not (request.model_names or matched):
                 continue
             if methods.get(method).erases == "classes" and not request.classes:
-                source = "requested" if request.method else "policy default"
+                source = "requested" if request.method else "every method of the policy chain"
                 violations.append(FieldViolation("method", f"{method!r} ({source} for model {name!r}) erases whole "
                                                  "classes only; name a record-erasure method for subject or "
                                                  "record erasure"))

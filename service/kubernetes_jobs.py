@@ -1,7 +1,8 @@
 """The ``kubernetes`` executor's half: one ``batch/v1`` Job per attempt of an unlearning job.
 
 :func:`job_manifest` is the ONE place the Job is built (tests validate it with ``kubernetes-validate``
-against the oldest and newest Kubernetes versions the chart supports, 1.28 and 1.37, and check it
+against the Kubernetes versions the chart supports, 1.27 (its oldest), 1.28 and 1.37 (the newest
+kubernetes-validate knows), and check it
 deserializes into the official client's ``V1Job``). :class:`KubernetesLauncher` creates it through the
 official ``kubernetes`` client and watches it; :class:`service.executors.DispatchingExecutor` does the
 rest (claim, lease until the pod's worker takes it over, release when the Job failed before that).
@@ -38,7 +39,9 @@ log = logging.getLogger(__name__)
 
 CONTAINER = "worker"
 NON_RETRYABLE_EXIT_CODES = (EXIT_USAGE, EXIT_JOB_FAILED)
-SUPPORTED_KUBERNETES = ("1.28", "1.37")  # oldest and newest versions the manifest is validated against
+# The versions the manifest is validated against: the chart's oldest (helm/lethe/Chart.yaml kubeVersion >=1.27),
+# 1.28 (the oldest the scale-out issue names), and the newest kubernetes-validate knows.
+SUPPORTED_KUBERNETES = ("1.27", "1.28", "1.37")
 LABEL_JOB = "lethe.io/job-id"
 LABEL_ATTEMPT = "lethe.io/attempt"
 
@@ -102,7 +105,7 @@ def job_manifest(settings: Settings, job_id: str, attempt: int) -> dict[str, Any
             "activeDeadlineSeconds": settings.kubernetes_active_deadline_s,
             "ttlSecondsAfterFinished": settings.kubernetes_ttl_after_finished_s,
             "podFailurePolicy": {"rules": [
-                # onPodConditions: [] because Kubernetes 1.28's schema requires the field on every rule.
+                # onPodConditions: [] because the 1.27 and 1.28 schemas require the field on every rule.
                 {"action": "FailJob", "onPodConditions": [],
                  "onExitCodes": {"containerName": CONTAINER, "operator": "In",
                                  "values": list(NON_RETRYABLE_EXIT_CODES)}},

@@ -8,7 +8,7 @@ dataset, the MLflow version's tags, the serving alias, and one store transaction
 
 from __future__ import annotations
 
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from typing import Any
 
 import numpy as np
@@ -21,14 +21,16 @@ from service.datasets import read_parquet, record_tombstone, validate_frame
 from service.domain import (
     FieldViolation,
     InvalidArgument,
+    MethodStep,
     ModelRegistration,
     NotFound,
     RegisteredModel,
     TaskType,
     VerificationPolicy,
 )
-from service.verification import OVERRIDE_LIMITS
+from service.verification import policy_violations
 from unlearn import registry as methods
+from unlearn.chain import default_chain
 from unlearn.data import classification_examples
 from unlearn.errors import InvalidDataError, InvalidParameterError, UnknownMethodError
 from unlearn.tasks import ClassificationTask
@@ -43,6 +45,7 @@ class Registrar:
     def register_model(self, registration: ModelRegistration) -> RegisteredModel:
         """Validate everything, then write the dataset copy, MLflow tags and the store rows."""
         version, frame, policy = self._validate_registration(registration)
+        policy = _with_default_chain(policy, registration)
         violations = self._tombstone_violations(frame)
         if registration.task_type is TaskType.CAUSAL_LM:  # tokenizer, context and vocabulary checks
             model, tokenizer = self.ctx.registry.load_lm(registration.model_name, version)
@@ -90,7 +93,7 @@ class Registrar:
         if registration.task_type is TaskType.CLASSIFICATION and (registration.num_classes is None
                                                                   or registration.num_classes < 2):
             violations.append(FieldViolation("num_classes", "a classifier needs num_classes >= 2"))
-        violations += _policy_violations(registration.policy)
+        violations += _policy_violations(registration.policy, registration.chain_from_default_method)
         if registration.model_factory and ":" not in registration.model_factory:
             violations.append(FieldViolation("model_factory", "expected 'module:function'"))
         if violations:
@@ -120,16 +123,29 @@ def _policy_json(policy: VerificationPolicy) -> dict[str, Any]:
     return asdict(policy)
 
 
-def _policy_violations(policy: VerificationPolicy) -> list[FieldViolation]:
-    violations = []
-    for name in OVERRIDE_LIMITS:
-        value = getattr(policy, name)
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
-            violations.append(FieldViolation(f"policy.{name}", f"must be a number in [0, 1], got {value!r}"))
-    try:
-        methods.parse_config(policy.default_method, policy.method_params)
-    except UnknownMethodError as error:
-        violations.append(FieldViolation("policy.default_method", str(error)))
-    except InvalidParameterError as error:
-        violations.append(FieldViolation(f"policy.method_params.{error.field}", error.reason))
+def _with_default_chain(policy: VerificationPolicy, registration: ModelRegistration) -> VerificationPolicy:
+    """An empty chain becomes the task's default chain (``retrain`` only when the recipe is registered)."""
+    if policy.method_chain:
+        return policy
+    has_training = bool(registration.model_factory and registration.train_recipe)
+    chain = default_chain(registration.task_type.value, has_training)
+    return replace(policy, method_chain=tuple(MethodStep(name, dict(params)) for name, params in chain))
+
+
+def _policy_violations(policy: VerificationPolicy, from_default_method: bool) -> list[FieldViolation]:
+    """Bounded values (the gate cannot be configured away) and a chain of known methods with valid parameters.
+
+    Paths name the fields the client used: ``policy.method_chain[i].name`` / ``.params.<key>``, or
+    ``policy.default_method`` / ``policy.method_params.<key>`` for the older one-method form.
+    """
+    violations = policy_violations(policy)
+    for index, step in enumerate(policy.method_chain):
+        name_path, params_path = (("policy.default_method", "policy.method_params") if from_default_method
+                                  else (f"policy.method_chain[{index}].name", f"policy.method_chain[{index}].params"))
+        try:
+            methods.parse_config(step.name, step.params)
+        except UnknownMethodError as error:
+            violations.append(FieldViolation(name_path, str(error)))
+        except InvalidParameterError as error:
+            violations.append(FieldViolation(f"{params_path}.{error.field}", error.reason))
     return violations

@@ -1,5 +1,5 @@
 """The ``kubernetes`` executor: the Job manifest (one function) validated with ``kubernetes-validate`` for the
-oldest and newest Kubernetes versions the chart supports (1.28, 1.37) and against the official client's
+Kubernetes versions the chart supports (1.27, its oldest; 1.28; 1.37, the newest kubernetes-validate knows) and against the official client's
 models; the launcher's calls through the official client to a local batch/v1 STAND-IN (not a cluster,
 :mod:`tests.service.kubernetes_standin`) that checks each request against the same schema; and the whole
 executor end to end with the stand-in running the Job's ``lethe worker --once`` container locally."""
