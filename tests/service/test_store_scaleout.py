@@ -22,8 +22,8 @@ from alembic.runtime.migration import MigrationContext
 from service import migrations
 from service import store as db
 from service.audit import AuditLog, verify_chain
-from service.context import ModelInfo, PipelineContext, policy_from_json
-from service.domain import ErasureRequest, JobState, TaskType
+from service.context import ModelInfo, PipelineContext
+from service.domain import ErasureRequest, JobState, TaskType, VerificationPolicy
 from service.intake import Intake
 from service.scheduler import DISPATCH_PREFIX, Heartbeat, LeaseLost, Scheduler
 from service.settings import Settings
@@ -241,7 +241,7 @@ def test_audit_chain_and_event_seq_stay_linear_with_concurrent_processes(store_u
 
 # ---------------------------------------------------------------------------------------------- coalescing
 def _target(name: str) -> dict:
-    info = ModelInfo(name, TaskType.CLASSIFICATION, 10, policy_from_json({"default_method": "ssd"}), {}, "1")
+    info = ModelInfo(name, TaskType.CLASSIFICATION, 10, VerificationPolicy(), {}, "1")
     return {"info": info, "method": "ssd", "params": {}, "matched": 2}
 
 
