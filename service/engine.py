@@ -34,7 +34,7 @@ from service.domain import (
     SubmitOutcome,
 )
 from service.executors import build_executor
-from service.housekeeping import delete_removed_local_copies, purge_superseded
+from service.housekeeping import delete_removed_copies, purge_superseded
 from service.intake import Intake
 from service.metrics import Metrics
 from service.mlflow_registry import MlflowRegistry
@@ -88,7 +88,7 @@ class Engine:
         while not self._stopping.wait(HOUSEKEEPING_S):
             try:
                 purge_superseded(self.context)
-                delete_removed_local_copies(self.context)
+                delete_removed_copies(self.context)
             except Exception:  # the store may be unreachable for a while; next round
                 log.exception("housekeeping failed")
 

@@ -5,8 +5,11 @@ another host.
   of a job in flight still holds records a later version erased. A job deletes its base version right after
   its audit commit; a worker killed in that instant leaves it live, and this deletes it (MLflow's copy,
   this host's copy, the index rows).
-- :func:`delete_removed_local_copies`: with several hosts, the purging worker deletes its own copies and
-  MLflow's; every other process deletes its own here.
+- :func:`delete_removed_copies`: with several hosts, the purging worker deletes its own copies and
+  MLflow's; every other process deletes its own here. Versions removed in the last ``RETRY_WINDOW``
+  also get their MLflow copy deleted again (a no-op when it is gone): a job marks its base version removed
+  in its audit transaction and deletes the copies right after, so a worker killed in between leaves them
+  for this.
 
 The engine runs both every ``HOUSEKEEPING_S``; a worker runs :func:`purge_superseded` after each job.
 """
@@ -14,6 +17,7 @@ The engine runs both every ``HOUSEKEEPING_S``; a worker runs :func:`purge_supers
 from __future__ import annotations
 
 import logging
+from datetime import timedelta
 
 from service import store as db
 from service.context import PipelineContext
@@ -39,8 +43,14 @@ def purge_superseded(ctx: PipelineContext, model_name: str | None = None) -> int
     return len(doomed)
 
 
-def delete_removed_local_copies(ctx: PipelineContext) -> None:
+RETRY_WINDOW = timedelta(days=1)
+
+
+def delete_removed_copies(ctx: PipelineContext) -> None:
     with ctx.store.read() as conn:
-        removed = db.removed_dataset_paths(conn)
-    for path in removed:
-        ctx.catalog.delete_local(path)
+        removed = db.removed_dataset_versions(conn)
+    recent = db.utcnow() - RETRY_WINDOW
+    for row in removed:
+        ctx.catalog.delete_local(row.path)
+        if row.mlflow_artifact_uri and db.as_utc(row.removed_at) > recent:
+            ctx.registry.delete_artifact(row.mlflow_artifact_uri)

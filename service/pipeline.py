@@ -305,8 +305,9 @@ def run_job(ctx: PipelineContext, job_id: str) -> JobState:
     with ctx.store.read() as conn:
         stale = [row for row in db.live_dataset_versions(conn, job.model_name) if row.job_id != job_id]
     removed = [row.version for row in stale]
-    # The base version goes last, right after the audit commit: a job resumed before its certificates were
-    # committed (its worker died in between) resolves its requests on the base data again.
+    # The base version goes last: marked removed in the audit transaction, its copies deleted right after.
+    # A job resumed before its certificates were committed (its worker died in between) resolves its
+    # requests on the base data again; one killed after the commit leaves copies housekeeping deletes.
     base_copies = [row for row in stale if row.id == dataset_row.id]
     purge_dataset_copies(ctx, [row for row in stale if row.id != dataset_row.id])
     remove_tree(importance_dir(ctx, job.model_name, job.base_version))
@@ -328,27 +329,37 @@ def run_job(ctx: PipelineContext, job_id: str) -> JobState:
     }
     ctx.metrics.records_erased.inc(int(erase.sum()))
     _issue(ctx, job, request_rows, matched, data.record_ids, train, shared, record["label"], progress,
-           f"version {version} registered and serving; {int(erase.sum())} record(s) erased")
-    purge_dataset_copies(ctx, base_copies)
+           f"version {version} registered and serving; {int(erase.sum())} record(s) erased", retire=base_copies)
+    delete_dataset_copies(ctx, base_copies)
     return JobState.SUCCEEDED
 
 
 def purge_dataset_copies(ctx: PipelineContext, rows) -> None:
     """Delete dataset versions' copies (MLflow's, this host's) and mark them removed; safe to repeat."""
     for row in rows:
-        ctx.registry.delete_artifact(row.mlflow_artifact_uri or "")
-        ctx.catalog.delete_local(row.path)
+        delete_dataset_copies(ctx, [row])
         with ctx.store.write() as conn:
             db.mark_dataset_removed(conn, row.id)
 
 
+def delete_dataset_copies(ctx: PipelineContext, rows) -> None:
+    """Delete dataset versions' copies: MLflow's and this host's (a missing one is fine)."""
+    for row in rows:
+        ctx.registry.delete_artifact(row.mlflow_artifact_uri or "")
+        ctx.catalog.delete_local(row.path)
+
+
 def _issue(ctx: PipelineContext, job, request_rows, matched: dict[str, np.ndarray], record_ids: np.ndarray,
-           train: np.ndarray, shared: dict[str, Any], label: str, progress: Progress, message: str) -> None:
-    """The audit stage: certificates, chain entries, job and request states in one transaction."""
+           train: np.ndarray, shared: dict[str, Any], label: str, progress: Progress, message: str,
+           retire=()) -> None:
+    """The audit stage: certificates, chain entries, job and request states in one transaction; the
+    dataset versions in ``retire`` (the job's base) are marked removed in it too."""
     progress.finish()
     with ctx.store.write() as conn:
         late = issue_job_certificates(conn, ctx.audit, job, request_rows, matched, record_ids, train, shared, label,
                                       JobState.SUCCEEDED, message)
+        for row in retire:
+            db.mark_dataset_removed(conn, row.id)
     # Counted after the commit: a rolled-back audit transaction (the job is then retried) counts nothing.
     ctx.metrics.certificates_late.inc(late)
 

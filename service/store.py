@@ -372,9 +372,8 @@ def dataset_by_path(conn: Connection, path: str) -> Row | None:
                         .order_by(dataset_versions.c.id.desc())).first()
 
 
-def removed_dataset_paths(conn: Connection) -> list[str]:
-    return list(conn.execute(sa.select(dataset_versions.c.path).where(dataset_versions.c.removed_at.is_not(None)))
-                .scalars())
+def removed_dataset_versions(conn: Connection) -> list[Row]:
+    return list(conn.execute(sa.select(dataset_versions).where(dataset_versions.c.removed_at.is_not(None))))
 
 
 def dataset_written_by_job(conn: Connection, job_id: str) -> Row | None:
