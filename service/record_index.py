@@ -32,9 +32,9 @@ def ensure_indexed(ctx: PipelineContext, dataset_row) -> None:
     if dataset_row.indexed_at is not None:
         return
     data = ctx.catalog.load(dataset_row.path, dataset_row.digest)
-    rows = ({"record_hash": ctx.catalog.tombstone(record_id), "subject_hash": subject_hash,
+    rows = ({"record_hash": record_hash, "subject_hash": subject_hash,
              "label": int(label) if label >= 0 else None}
-            for record_id, subject_hash, label in zip(data.record_ids, data.subject_hashes, data.labels))
+            for record_hash, subject_hash, label in zip(data.record_hashes, data.subject_hashes, data.labels))
     with ctx.store.write() as conn:
         if db.index_dataset(conn, dataset_row.id, rows):
             log.info("indexed %d record(s) of %s dataset version %d", len(data), dataset_row.model_name,

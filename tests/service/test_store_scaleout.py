@@ -52,7 +52,7 @@ def add_job(ctx: PipelineContext, job_id: str, model: str, request_id: str | Non
                       window_closes_at=now - timedelta(seconds=1))
         if request_id:
             db.insert_request(conn, request_id=request_id, payload_digest="d", kind="erase", subject_hashes=[],
-                              record_ids=[], classes=[], model_names=[model], method=None, method_params={},
+                              record_hashes=[], classes=[], model_names=[model], method=None, method_params={},
                               policy_overrides={}, deadline=None, received_at=now, state="PENDING",
                               first_event_seq=0, outcome_job_ids=[job_id])
             db.link_request(conn, job_id, request_id)
@@ -315,7 +315,7 @@ def test_the_record_index_counts_what_the_dataset_matches(store_url, tmp_path):
              (subjects[10:12], list(frame["record_id"][100:102]), []), (["nobody"], [], [])]
     for subject_ids, record_ids, classes in cases:
         hashes = [ctx.catalog.subject_hash(s) for s in subject_ids]
-        expected = int(data.match(set(hashes), set(record_ids), set(classes)).sum())
+        expected = int(data.match(set(hashes), {ctx.catalog.tombstone(r) for r in record_ids}, set(classes)).sum())
         with ctx.store.read() as conn:
             counted = db.indexed_matches(conn, [row.id], hashes, [ctx.catalog.tombstone(r) for r in record_ids],
                                          classes)
