@@ -305,6 +305,50 @@ class CertificateCheck:
     reason: str
 
 
+class RequestState(str, enum.Enum):
+    PENDING = "PENDING"  # some model it touched holds no certificate yet: the GDPR clock runs
+    COMPLETED = "COMPLETED"  # every model it touched holds a certificate
+    CANCELLED = "CANCELLED"  # cancelled by an operator before any of its jobs ran
+    CLOSED = "CLOSED"  # ended by an operator with a written reason
+
+
+@dataclass(frozen=True)
+class RequestView:
+    """One request as an operator sees it (``GetRequest``)."""
+
+    request_id: str
+    kind: str
+    state: RequestState
+    received_at: datetime
+    completed_at: datetime | None
+    deadline: datetime | None
+    attempts: int
+    job_ids: tuple[str, ...]
+    certified_models: tuple[str, ...]
+    state_reason: str
+
+
+@dataclass(frozen=True)
+class RetryRequest:
+    """A new attempt under an existing request id (``RetryRequest``): the models without a certificate run
+    again, optionally with another method and stricter policy overrides. ``expected_attempt`` (0: the next)
+    makes the call idempotent."""
+
+    request_id: str
+    expected_attempt: int = 0
+    method: str | None = None
+    method_params: dict[str, Any] = field(default_factory=dict)
+    policy_overrides: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class RetryOutcome:
+    request: RequestView
+    job_ids: tuple[str, ...]
+    attempt: int
+    created: bool
+
+
 @dataclass(frozen=True)
 class PendingRequest:
     """A request without its final certificate: the GDPR clock, and the client's own deadline.
@@ -355,6 +399,17 @@ class EngineProtocol(Protocol):
 
     def pending_requests(self) -> list[PendingRequest]:
         """Requests with no final certificate yet, oldest first (the GDPR clock), with their deadlines."""
+
+    def get_request(self, request_id: str) -> RequestView: ...
+
+    def cancel_request(self, request_id: str, reason: str) -> RequestView:
+        """Cancel a request none of whose jobs runs; FailedPrecondition otherwise (see the proto)."""
+
+    def retry_request(self, retry: RetryRequest) -> RetryOutcome:
+        """A new attempt for the models still without a certificate (see the proto)."""
+
+    def close_request(self, request_id: str, reason: str) -> RequestView:
+        """End a request with a written reason; FailedPrecondition while a job runs."""
 
     def request_owners(self, request_ids: tuple[str, ...]) -> dict[str, str | None]:
         """For each known request id, the keyed hash of the identity that submitted it (None when the

@@ -20,6 +20,7 @@ import threading
 from service import store as db
 from service.audit import AuditLog
 from service.context import PipelineContext
+from service.controls import RequestControls
 from service.datasets import DatasetCatalog
 from service.domain import (
     Certificate,
@@ -31,6 +32,9 @@ from service.domain import (
     ModelRegistration,
     PendingRequest,
     RegisteredModel,
+    RequestView,
+    RetryOutcome,
+    RetryRequest,
     SubmitOutcome,
 )
 from service.executors import build_executor
@@ -73,6 +77,7 @@ class Engine:
         self.queries.ctx = self.context
         self.registrar = Registrar(self.context)
         self.intake = Intake(self.context)
+        self.controls = RequestControls(self.context, self.intake)
         # One identity per engine instance in every lease it takes: the configured worker id (the pod name
         # in the chart) plus a random suffix, so two engines of one process never share a lease.
         self.owner = f"{self.settings.worker_id}/{secrets.token_hex(3)}"
@@ -163,3 +168,18 @@ class Engine:
 
     def request_owners(self, request_ids: tuple[str, ...]) -> dict[str, str | None]:
         return self.queries.request_owners(request_ids)
+
+    # ------------------------------------------------------------------------------ operator controls
+    def get_request(self, request_id: str) -> RequestView:
+        return self.controls.get_request(request_id)
+
+    def cancel_request(self, request_id: str, reason: str) -> RequestView:
+        return self.controls.cancel_request(request_id, reason)
+
+    def retry_request(self, retry: RetryRequest) -> RetryOutcome:
+        outcome = self.controls.retry_request(retry)
+        self.store.wake()  # the new job may run at once
+        return outcome
+
+    def close_request(self, request_id: str, reason: str) -> RequestView:
+        return self.controls.close_request(request_id, reason)

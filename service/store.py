@@ -104,12 +104,13 @@ requests = sa.Table(
     sa.Column("policy_overrides", sa.JSON, nullable=False),
     _ts("deadline", nullable=True),
     _ts("received_at"),
-    sa.Column("state", sa.String(16), nullable=False, index=True),  # PENDING | COMPLETED
+    sa.Column("state", sa.String(16), nullable=False, index=True),  # PENDING | COMPLETED | CANCELLED | CLOSED
     sa.Column("first_event_seq", sa.Integer, nullable=False),
     sa.Column("outcome_job_ids", sa.JSON, nullable=False),
     _ts("completed_at", nullable=True),
     # Keyed hash of the authenticated identity that submitted the request: a submitter reads only its own.
     sa.Column("submitter_hash", sa.String(64), nullable=True, index=True),
+    sa.Column("state_reason", sa.Text),  # an operator's reason for a cancel or a close
 )
 
 jobs = sa.Table(
@@ -143,6 +144,8 @@ job_requests = sa.Table(
     "job_requests", metadata,
     sa.Column("job_id", sa.String(64), primary_key=True),
     sa.Column("request_id", sa.String(_ID), primary_key=True, index=True),
+    # Which attempt of the request this job is: 1 for the submission, N for the (N-1)th RetryRequest.
+    sa.Column("attempt", sa.Integer, nullable=False, server_default="1"),
 )
 
 events = sa.Table(
@@ -456,6 +459,12 @@ def complete_request(conn: Connection, request_id: str) -> None:
                  .values(state="COMPLETED", completed_at=utcnow()))
 
 
+def end_request(conn: Connection, request_id: str, state: str, reason: str) -> None:
+    """An operator's cancel or close: the request leaves PENDING (the clock stops) with the reason."""
+    conn.execute(sa.update(requests).where(requests.c.request_id == request_id, requests.c.state == "PENDING")
+                 .values(state=state, completed_at=utcnow(), state_reason=reason))
+
+
 def pending_requests(conn: Connection) -> list[tuple[str, datetime, datetime | None]]:
     """(request_id, received_at, deadline) of every PENDING request, oldest first."""
     rows = conn.execute(sa.select(requests.c.request_id, requests.c.received_at, requests.c.deadline)
@@ -480,8 +489,22 @@ def insert_job(conn: Connection, **values: Any) -> None:
     conn.execute(sa.insert(jobs).values(created_at=now, updated_at=now, **values))
 
 
-def link_request(conn: Connection, job_id: str, request_id: str) -> None:
-    conn.execute(sa.insert(job_requests).values(job_id=job_id, request_id=request_id))
+def link_request(conn: Connection, job_id: str, request_id: str, attempt: int = 1) -> None:
+    conn.execute(sa.insert(job_requests).values(job_id=job_id, request_id=request_id, attempt=attempt))
+
+
+def unlink_request(conn: Connection, job_id: str, request_id: str) -> None:
+    conn.execute(sa.delete(job_requests).where(job_requests.c.job_id == job_id,
+                                               job_requests.c.request_id == request_id))
+
+
+def request_attempts(conn: Connection, request_id: str) -> list[tuple[str, int]]:
+    """(job id, attempt) of every job that served the request, in attempt order."""
+    rows = conn.execute(sa.select(job_requests.c.job_id, job_requests.c.attempt)
+                        .where(job_requests.c.request_id == request_id)
+                        .join(jobs, jobs.c.job_id == job_requests.c.job_id)
+                        .order_by(job_requests.c.attempt, jobs.c.created_at))
+    return [(row.job_id, int(row.attempt)) for row in rows]
 
 
 def open_job_for(conn: Connection, model_name: str, coalesce_key: str, now: datetime) -> str | None:

@@ -180,6 +180,31 @@ def event_to_proto(event: domain.JobEvent) -> types_pb2.JobEvent:
     return message
 
 
+def retry_from_proto(request: service_pb2.RetryRequestRequest) -> domain.RetryRequest:
+    return domain.RetryRequest(
+        request_id=request.request_id, expected_attempt=request.expected_attempt, method=request.method or None,
+        method_params=struct_to_dict(request.method_params),
+        policy_overrides=_overrides_from_proto(request.policy_overrides, "policy_overrides")
+        if request.HasField("policy_overrides") else {})
+
+
+def request_to_proto(view: domain.RequestView) -> types_pb2.RequestStatus:
+    message = types_pb2.RequestStatus(
+        request_id=view.request_id, kind=view.kind, state=types_pb2.RequestState.Value(f"REQUEST_STATE_{view.state.value}"),
+        receive_time=datetime_to_timestamp(view.received_at), attempts=view.attempts, job_ids=list(view.job_ids),
+        certified_models=list(view.certified_models), state_reason=view.state_reason)
+    if view.completed_at is not None:
+        message.complete_time.CopyFrom(datetime_to_timestamp(view.completed_at))
+    if view.deadline is not None:
+        message.deadline.CopyFrom(datetime_to_timestamp(view.deadline))
+    return message
+
+
+def retry_to_proto(outcome: domain.RetryOutcome) -> service_pb2.RetryRequestResponse:
+    return service_pb2.RetryRequestResponse(request=request_to_proto(outcome.request), job_ids=list(outcome.job_ids),
+                                            attempt=outcome.attempt, created=outcome.created)
+
+
 def certificate_to_proto(certificate: domain.Certificate) -> types_pb2.Certificate:
     return types_pb2.Certificate(request_id=certificate.request_id, body_json=certificate.body_json,
                                  signature=certificate.signature)

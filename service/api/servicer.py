@@ -66,6 +66,22 @@ class UnlearningServicer(service_grpc.UnlearningServiceServicer):
         model = self._engine.register_model(converters.registration_from_proto(request))
         return service_pb2.RegisterModelResponse(model=converters.registered_model_to_proto(model))
 
+    def GetRequest(self, request, context):
+        self._scope(context, "GetRequest").require_request(request.request_id)
+        return service_pb2.GetRequestResponse(request=converters.request_to_proto(
+            self._engine.get_request(request.request_id)))
+
+    def CancelRequest(self, request, context):
+        view = self._engine.cancel_request(request.request_id, request.reason)
+        return service_pb2.CancelRequestResponse(request=converters.request_to_proto(view))
+
+    def RetryRequest(self, request, context):
+        return converters.retry_to_proto(self._engine.retry_request(converters.retry_from_proto(request)))
+
+    def CloseRequest(self, request, context):
+        view = self._engine.close_request(request.request_id, request.reason)
+        return service_pb2.CloseRequestResponse(request=converters.request_to_proto(view))
+
     def SubmitRectification(self, request, context):
         raise domain.Unimplemented(CONTINUAL_LEARNING_NOT_BUILT.format(kind="Rectification"))
 
