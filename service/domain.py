@@ -400,6 +400,9 @@ class EngineProtocol(Protocol):
     def pending_requests(self) -> list[PendingRequest]:
         """Requests with no final certificate yet, oldest first (the GDPR clock), with their deadlines."""
 
+    def last_event_seq(self) -> int:
+        """The newest event's seq (0 before the first): where a stream resumed "from the future" starts."""
+
     def get_request(self, request_id: str) -> RequestView: ...
 
     def cancel_request(self, request_id: str, reason: str) -> RequestView:

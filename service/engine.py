@@ -157,6 +157,9 @@ class Engine:
                wait_s: float = 0.0) -> list[JobEvent]:
         return self.queries.events(after_seq, job_ids, request_ids, wait_s)
 
+    def last_event_seq(self) -> int:
+        return self.queries.last_event_seq()
+
     def get_certificate(self, request_id: str) -> list[Certificate]:
         return self.queries.get_certificate(request_id)
 

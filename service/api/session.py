@@ -33,6 +33,7 @@ database whose sequence values may commit out of order the invariant above would
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 from collections import defaultdict, deque
@@ -309,6 +310,11 @@ class SessionStream:
             self._outbox.put(_Failure(error))
 
     def _start_watching(self, watch: _Watch) -> None:
+        # A Resume beyond the newest event is clamped to it: nothing newer exists to have been seen, and a
+        # cursor or floor in the future would hide every later event of this stream.
+        newest = self._engine.last_event_seq()
+        if watch.after_seq > newest:
+            watch = dataclasses.replace(watch, after_seq=newest)
         if watch.all_requests:
             self._all_requests = True
         for request_id in watch.request_ids:
