@@ -42,7 +42,8 @@ from service.verification import override_violations
 MAX_REASON_LENGTH = 2000
 # Per policy value, the direction in which an override makes the gate stricter.
 STRICTER: dict[str, str] = {"max_utility_drop": "lower", "class_forget_max_accuracy": "lower",
-                            "min_forget_p": "higher", "mia_auc_margin": "lower", "onnx_tolerance": "lower"}
+                            "min_forget_p": "higher", "mia_auc_margin": "lower", "onnx_tolerance": "lower",
+                            "min_update_fit": "higher"}
 
 
 class RequestControls:

@@ -157,6 +157,10 @@ class VerificationPolicy:
         (every older version of the lineage): ``purge`` deletes their weights (the registry entry and its
         tags stay, saying who superseded it and why); ``archive`` keeps the weights but moves every alias off
         them. Either way the certificate lists them.
+    update_strategy: the continual-learning strategy of updates and rectifications (:mod:`continual.registry`);
+        None means the task's default (:data:`service.updates.DEFAULT_UPDATE_STRATEGY`).
+    min_update_fit: the update gate's floor on accuracy (causal LM: answer exact match) over the new records
+        after the update: they must actually be learned.
     """
 
     max_utility_drop: float = 0.02
@@ -166,6 +170,8 @@ class VerificationPolicy:
     onnx_tolerance: float = 1e-4
     method_chain: tuple[MethodStep, ...] = ()
     superseded_versions: str = "purge"
+    update_strategy: MethodStep | None = None
+    min_update_fit: float = 0.9
 
     @property
     def default_method(self) -> str | None:
@@ -220,6 +226,48 @@ class ErasureRequest:
     policy_overrides: dict[str, float] = field(default_factory=dict)
     # Keyed hash of the authenticated identity that submitted it, set by the front (never by the client):
     # a submitter may later read only its own requests. None when the caller is not known (engine callers).
+    submitter_hash: str | None = None
+
+
+@dataclass(frozen=True)
+class NewRecord:
+    """One record of an update, or the corrected values of one record of a rectification.
+
+    ``columns`` hold the task's columns: ``features`` (list of numbers) and ``label`` for a classifier,
+    ``prompt`` and ``answer`` for a causal LM.
+    """
+
+    record_id: str
+    subject_id: str
+    columns: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class UpdateSubmission:
+    """New records for one model to learn (``SubmitUpdate``): inline ``records`` or a Parquet ``dataset_uri``."""
+
+    request_id: str
+    model_name: str
+    records: tuple[NewRecord, ...] = ()
+    dataset_uri: str | None = None
+    strategy: str | None = None  # None: the model policy's update strategy
+    strategy_params: dict[str, Any] = field(default_factory=dict)
+    deadline: datetime | None = None
+    submitter_hash: str | None = None
+
+
+@dataclass(frozen=True)
+class RectificationSubmission:
+    """Corrections of a subject's existing records (``SubmitRectification``, GDPR Art. 16): the old values
+    are erased and the corrected ones learned, in one job per model."""
+
+    request_id: str
+    subject_id: str
+    corrected: tuple[NewRecord, ...]
+    model_names: tuple[str, ...] = ()  # empty: every model whose data holds the records
+    strategy: str | None = None
+    strategy_params: dict[str, Any] = field(default_factory=dict)
+    deadline: datetime | None = None
     submitter_hash: str | None = None
 
 
@@ -382,6 +430,14 @@ class EngineProtocol(Protocol):
         """Validate, then durably commit the request (and its job, or coalesce it into a queued one),
         and only then return. Same request_id + same payload returns the earlier outcome with
         created=False; a different payload raises AlreadyExists. Nothing is written on error."""
+
+    def submit_update(self, request: UpdateSubmission) -> SubmitOutcome:
+        """Validate (schema, bounds, erased subjects, records and classes refused), stage the records durably,
+        commit the request and its job, then return; idempotent like an erasure."""
+
+    def submit_rectification(self, request: RectificationSubmission) -> SubmitOutcome:
+        """Validate (the records exist and are the subject's), stage the corrected values, commit one job per
+        model (erase the old values, learn the corrected ones), then return; idempotent."""
 
     def get_job(self, job_id: str) -> JobView: ...
 

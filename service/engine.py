@@ -101,6 +101,10 @@ class Engine:
         """A dataset version another host wrote: download its MLflow copy (workers on other hosts)."""
         with self.store.read() as conn:
             row = db.dataset_by_path(conn, recorded_path)
+            staged = db.staged_artifact_for(conn, recorded_path) if row is None else None
+        if staged:  # an update's staged records
+            self.registry.download_artifact(staged, local_path)
+            return
         if row is None or row.removed_at is not None:
             raise FileNotFoundError(f"no live dataset version recorded at {recorded_path}")
         self.registry.download_artifact(row.mlflow_artifact_uri or "", local_path)

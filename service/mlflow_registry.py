@@ -233,6 +233,20 @@ class MlflowRegistry:
                 raise
         return name
 
+    def stage_artifact(self, path: Path) -> str:
+        """Log a staged training-data file (an update's records) to Lethe's staging run, where a worker on
+        another host fetches it; returns its artifact URI (deleted with :meth:`delete_artifact`)."""
+        run_id = self._staging_run_id()
+        self.client.log_artifact(run_id, str(path), "lethe-staged")
+        return f"{self.client.get_run(run_id).info.artifact_uri}/lethe-staged/{path.name}"
+
+    def _staging_run_id(self) -> str:
+        found = self.client.search_runs([self.experiment_id], "tags.`lethe.staging` = 'true'", max_results=1)
+        if found:
+            return found[0].info.run_id
+        return self.client.create_run(self.experiment_id, run_name="lethe-staging",
+                                      tags={"lethe.staging": "true"}).info.run_id
+
     def attach_dataset(self, version: ModelVersion, dataset_path: Path, tags: Mapping[str, Any]) -> str:
         """Registration: log the dataset copy next to the version and tag the version; returns the
         dataset artifact URI. The version's own run receives the artifact when it has one."""

@@ -146,6 +146,13 @@ class Settings(BaseSettings):
     """Code version written into every certificate and model version tag. Default: package version and
     git commit when available; the container image sets it to the image tag."""
 
+    max_inline_update_rows: int = Field(1000, ge=1, le=100_000)
+    """Most records an update or rectification may carry inline (``records``); larger updates come as a
+    Parquet ``dataset_uri`` (bounded by ``max_update_rows``). Inline rows travel in one gRPC message."""
+
+    max_update_rows: int = Field(100_000, ge=1)
+    """Most records one update may bring from a Parquet ``dataset_uri``."""
+
     # ------------------------------------------------------------------------------------- scale-out
     executor: Literal["inprocess", "subprocess", "kubernetes", "external"] = "inprocess"
     """Where a claimed job runs: ``inprocess`` (worker threads of this process, the embedded default),

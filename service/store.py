@@ -111,6 +111,9 @@ requests = sa.Table(
     # Keyed hash of the authenticated identity that submitted the request: a submitter reads only its own.
     sa.Column("submitter_hash", sa.String(64), nullable=True, index=True),
     sa.Column("state_reason", sa.Text),  # an operator's reason for a cancel or a close
+    # Updates and rectifications: where their records are staged until a job learns them ({"path", "digest",
+    # "rows", "artifact_uri"} per model); the records themselves (clear ids) are never in the job store.
+    sa.Column("payload", sa.JSON),
 )
 
 jobs = sa.Table(
@@ -394,6 +397,33 @@ def live_dataset_versions(conn: Connection, model_name: str | None = None) -> li
     return list(conn.execute(query.order_by(dataset_versions.c.id)))
 
 
+def staged_artifact_for(conn: Connection, path: str) -> str | None:
+    """The MLflow copy of a staged update file recorded at ``path`` (for a worker on another host)."""
+    for payload in conn.execute(sa.select(requests.c.payload).where(requests.c.payload.is_not(None),
+                                                                    requests.c.state == "PENDING")).scalars():
+        for staged in (payload or {}).values():
+            if staged.get("path") == path:
+                return staged.get("artifact_uri")
+    return None
+
+
+def erasure_selectors(conn: Connection, model_name: str) -> tuple[set[str], set[int]]:
+    """What may never come back to ``model_name`` through an update: the subject hashes of every erasure
+    request that targets it (pending or done), and the classes of its pending class erasures (done ones are
+    on the lineage's ``lethe.erased_classes`` tag)."""
+    subjects: set[str] = set()
+    classes: set[int] = set()
+    rows = conn.execute(sa.select(requests.c.model_names, requests.c.subject_hashes, requests.c.classes,
+                                  requests.c.state)
+                        .where(requests.c.kind == "erase", requests.c.state.in_(("PENDING", "COMPLETED"))))
+    for row in rows:
+        if model_name in (row.model_names or ()) or "*" in (row.model_names or ()):
+            subjects.update(row.subject_hashes or ())
+            if row.state == "PENDING":
+                classes.update(row.classes or ())
+    return subjects, classes
+
+
 def lineage_dataset_versions(conn: Connection, model_name: str) -> list[Row]:
     """Every dataset version of a model's lineage, removed ones included (their model versions are the lineage)."""
     return list(conn.execute(sa.select(dataset_versions).where(dataset_versions.c.model_name == model_name)
@@ -552,13 +582,20 @@ def claim_candidates(conn: Connection, now: datetime, job_id: str | None = None,
     """Jobs a worker may claim now, oldest first, locked ``FOR UPDATE SKIP LOCKED`` (rows another claimer or
     an intake holds are skipped, not waited for):
 
-    - QUEUED jobs whose coalescing window has closed, of a model with no RUNNING job;
+    - QUEUED jobs whose coalescing window has closed, of a model with no RUNNING job and no older QUEUED job
+      (a lineage runs its jobs in arrival order);
     - RUNNING jobs whose lease has expired (their holder died or lost contact): reclaimed.
 
     ``job_id`` restricts the search to one job (``lethe worker --once --job-id``).
     """
     running = sa.select(jobs.c.model_name).where(jobs.c.state == "RUNNING").scalar_subquery()
-    runnable = sa.and_(jobs.c.state == "QUEUED", jobs.c.window_closes_at <= now, jobs.c.model_name.not_in(running))
+    # Arrival order per lineage (erasures, updates, rectifications alike): a job waits while an older job of
+    # its model is still queued, whatever their coalescing windows.
+    older = jobs.alias("older")
+    older_queued = sa.exists().where(older.c.model_name == jobs.c.model_name, older.c.state == "QUEUED",
+                                     older.c.created_at < jobs.c.created_at)
+    runnable = sa.and_(jobs.c.state == "QUEUED", jobs.c.window_closes_at <= now, jobs.c.model_name.not_in(running),
+                       ~older_queued)
     expired = sa.and_(jobs.c.state == "RUNNING",
                       sa.or_(jobs.c.lease_expires_at.is_(None), jobs.c.lease_expires_at <= now))
     query = sa.select(jobs).where(sa.or_(runnable, expired))

@@ -45,7 +45,8 @@ from unlearn.tasks import TaskAdapter
 log = logging.getLogger(__name__)
 
 ONNX_TOLERANCE_LIMITS = (1e-7, 1e-3)
-OVERRIDE_LIMITS: dict[str, tuple[float, float]] = {**POLICY_LIMITS, "onnx_tolerance": ONNX_TOLERANCE_LIMITS}
+OVERRIDE_LIMITS: dict[str, tuple[float, float]] = {**POLICY_LIMITS, "onnx_tolerance": ONNX_TOLERANCE_LIMITS,
+                                                   "min_update_fit": (0.5, 1.0)}
 """Bounds of every policy value, at registration and in per-request overrides."""
 PARITY_BATCH = 64  # fixed batch for the PyTorch/onnxruntime comparison: the first audit records
 

@@ -24,7 +24,9 @@ MAX_PAGE_SIZE = 1000
 MAX_AGE_S = 100 * 366 * 86400  # a filter age beyond any request's life (and within datetime's range)
 DEFAULT_PAGE_SIZE = 100
 
-_POLICY_FIELDS = ("max_utility_drop", "class_forget_max_accuracy", "onnx_tolerance", "min_forget_p", "mia_auc_margin")
+_OVERRIDE_FIELDS = ("max_utility_drop", "class_forget_max_accuracy", "onnx_tolerance", "min_forget_p",
+                    "mia_auc_margin")
+_POLICY_FIELDS = (*_OVERRIDE_FIELDS, "min_update_fit")
 _REPLACED_FIELD = ("record_forget_margin", "replaced by min_forget_p and mia_auc_margin: record erasure is gated on "
                                           "the membership test, not on accuracy")
 
@@ -91,6 +93,9 @@ def policy_from_proto(policy: types_pb2.VerificationPolicy) -> domain.Verificati
     values["method_chain"] = tuple(chain)
     if policy.superseded_versions:
         values["superseded_versions"] = policy.superseded_versions
+    if policy.HasField("update_strategy"):
+        values["update_strategy"] = domain.MethodStep(policy.update_strategy.name,
+                                                      struct_to_dict(policy.update_strategy.params))
     return domain.VerificationPolicy(**values)
 
 
@@ -140,7 +145,7 @@ def _overrides_from_proto(overrides: types_pb2.PolicyOverrides, field: str) -> d
     if overrides.HasField(_REPLACED_FIELD[0]):
         raise domain.InvalidArgument("invalid policy override", (domain.FieldViolation(
             f"{field}.{_REPLACED_FIELD[0]}", _REPLACED_FIELD[1]),))
-    values = {name: getattr(overrides, name) for name in _POLICY_FIELDS if overrides.HasField(name)}
+    values = {name: getattr(overrides, name) for name in _OVERRIDE_FIELDS if overrides.HasField(name)}
     for name, value in values.items():
         if not math.isfinite(value):
             raise domain.InvalidArgument("policy override is not finite", (domain.FieldViolation(
@@ -221,6 +226,9 @@ def registered_model_to_proto(model: domain.RegisteredModel) -> types_pb2.Regist
     )
     for step in policy.method_chain:
         message.policy.method_chain.add(name=step.name).params.CopyFrom(dict_to_struct(step.params))
+    if policy.update_strategy is not None:
+        message.policy.update_strategy.name = policy.update_strategy.name
+        message.policy.update_strategy.params.CopyFrom(dict_to_struct(policy.update_strategy.params))
     return message
 
 
