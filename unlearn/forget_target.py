@@ -84,3 +84,20 @@ class ForgetTarget:
     def done(self, check: ForgetCheck) -> bool:
         """Stop here: the target is reached, or the run already went beyond it."""
         return check.reached or check.over
+
+
+def run_outcome(check: ForgetCheck | None, steps: int, budget: int) -> tuple[bool | None, str]:
+    """``target_reached`` and the message of a stopped run; never silent when the target was missed.
+
+    ``check`` is the last check, on the returned weights (None when the run had no target:
+    ``stop_at_target=false``). A run that used its whole step ``budget`` without reaching the target says so,
+    and so does one that went beyond the never-seen level (over-forgetting).
+    """
+    if check is None:
+        return None, f"{steps} step(s) without a target check (stop_at_target=false)"
+    if check.reached:
+        return True, f"forgetting target reached after {steps} step(s)"
+    if check.over:
+        return False, (f"went beyond the never-seen level after {steps} step(s): the forget records look less "
+                       "known than unseen data (over-forgetting)")
+    return False, f"step budget of {budget} exhausted before the forgetting target (forget acc {check.forget_acc:.3f})"
