@@ -167,3 +167,30 @@ def test_acc_o_fails_when_an_earlier_erased_class_is_still_recognised():
                    forget_classes=(0,), earlier_classes=(5,), earlier=earlier)
     check = next(c for c in result.checks if c.name == "forgetting_earlier")
     assert check.passed is False and check.value > 0.9 and "forgetting_earlier" in result.failures
+
+
+def _three_class_linear():
+    """Logits = inputs (identity): the prediction is the largest input coordinate."""
+    model = torch.nn.Linear(3, 3, bias=False)
+    with torch.no_grad():
+        model.weight.copy_(torch.eye(3))
+    return model
+
+
+def test_class_erasure_utility_is_measured_against_the_original_with_the_erased_class_masked():
+    from unlearn.data import classification_examples
+    from unlearn.tasks import accuracy_without_classes
+
+    task = ClassificationTask(3)
+    model = _three_class_linear()
+    # Kept-class records (labels 0 and 1); two of the ten are predicted as class 2, the class being erased.
+    inputs = torch.tensor([[2.0, 0, 0]] * 4 + [[0, 2.0, 0]] * 4 + [[1.0, 0, 3.0], [0, 1.0, 3.0]])
+    utility = classification_examples(inputs, torch.tensor([0] * 4 + [1] * 4 + [0, 1]))
+    forget = classification_examples(torch.tensor([[0, 0, 2.0]] * 3), torch.tensor([2, 2, 2]))
+    assert accuracy(task, model, utility) == 0.8
+    assert accuracy_without_classes(task, model, utility, (2,)) == 1.0  # what a retrain without class 2 reaches
+    result = judge(task, model, model, forget, utility, utility, GatePolicy(), forget_classes=(2,))
+    utility_check = next(c for c in result.checks if c.name == "utility")
+    assert utility_check.passed is False and utility_check.limit == pytest.approx(0.98)
+    assert result.evidence["utility_reference"] == "before, erased classes masked"
+    assert {"utility", "forgetting"} <= set(result.failures)

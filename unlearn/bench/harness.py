@@ -65,7 +65,7 @@ from unlearn.gradient_restriction import DEFAULT_ALPHA_GR
 from unlearn.importance import TrainImportance
 from unlearn.registry import UnlearnRequest
 from unlearn.splits import BENCH_SPLIT_KEY, audit_mask
-from unlearn.tasks import ClassificationTask, accuracy
+from unlearn.tasks import ClassificationTask, accuracy, accuracy_without_classes
 from unlearn.training import TrainRecipe
 
 AUTO = "auto"
@@ -151,7 +151,8 @@ class Prepared:
                 "split_key": "BENCH_SPLIT_KEY"}
 
 
-def _split(records: Records) -> dict[str, np.ndarray]:
+def split_indices(records: Records) -> dict[str, np.ndarray]:
+    """Positions of the ``train``, ``tune`` and ``audit`` records (tune/audit by keyed hash of the record id)."""
     train = np.flatnonzero(records.trained)
     never = np.flatnonzero(~records.trained)
     audit = audit_mask(records.record_ids[never], BENCH_SPLIT_KEY)
@@ -176,7 +177,7 @@ def prepare(scenario: str, seed: int, forget_class: int | None = DEFAULT_FORGET_
     torch.manual_seed(seed)
     task = family.task()
     records = family.load_records()
-    index = _split(records)
+    index = split_indices(records)
     train_index = index["train"]
     selection = select_forget(scenario, records.labels[train_index], records.subject_ids[train_index],
                               family.num_classes, seed, DEFAULT_FORGET_CLASS if forget_class is None else forget_class)
@@ -197,7 +198,9 @@ def prepare(scenario: str, seed: int, forget_class: int | None = DEFAULT_FORGET_
                         recipe, selection.forget_classes, sets, record_ids, cached.model, cached.hit, retrained,
                         retrain_seconds, device, policy or GatePolicy())
     prepared.evidence()
-    prepared.utility_before = accuracy(task, prepared.original, prepared.utility_set())
+    prepared.utility_before = (accuracy_without_classes(task, prepared.original, prepared.utility_set(),
+                                                        prepared.forget_classes)
+                               if prepared.forget_classes else accuracy(task, prepared.original, prepared.utility_set()))
     prepared.before, prepared.gold = prepared.measure(prepared.original), prepared.measure(retrained)
     prepared.original_gate, prepared.retrained_gate = prepared.gate(prepared.original), prepared.gate(retrained)
     return prepared
