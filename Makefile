@@ -46,7 +46,7 @@ demo: $(STAMP)
 	$(BIN)/lethe demo
 
 bench-acks: $(STAMP)
-	$(BIN)/python -m service.api.bench_acks --json docs/bench_acks.json
+	$(BIN)/python -m lethe_bench.acks --json docs/bench_acks.json
 
 proto-lint: $(STAMP)
 	$(BIN)/buf lint proto && $(BIN)/buf format --diff --exit-code proto

@@ -165,9 +165,12 @@ def judge(task: TaskAdapter, before: nn.Module, after: nn.Module, forget: Exampl
             f"loss-attack AUC forget vs audit within 0.5 +- (mia_auc_margin + {CONFIDENCE_Z} * null sd); "
             f"limit = that half-width; smallest detectable member AUC here "
             f"{0.5 + slack:.3f}"))
+    if forget_classes or earlier_classes:
+        evidence["continual"] = _continual_evidence(task, before, after, forget_classes, forget_after,
+                                                    earlier_classes, earlier)
     if earlier_classes:
         if earlier is not None and len(earlier):
-            acc_o = accuracy(task, after, earlier)
+            acc_o = evidence["continual"]["acc_o"]
             checks.append(GateCheck("forgetting_earlier", acc_o, policy.class_forget_max_accuracy,
                                     acc_o <= policy.class_forget_max_accuracy + 1e-12,
                                     "classes erased by earlier jobs: accuracy on their remaining records "
@@ -179,3 +182,27 @@ def judge(task: TaskAdapter, before: nn.Module, after: nn.Module, forget: Exampl
                 reason="not checkable: every record of the earlier-erased classes was purged by the earlier "
                        "erasures; their forgetting is attested by those versions' certificates"))
     return GateResult(tuple(checks), evidence)
+
+
+def _continual_evidence(task: TaskAdapter, before: nn.Module, after: nn.Module,
+                        forget_classes: tuple[int, ...] | None, forget_after: float,
+                        earlier_classes: tuple[int, ...], earlier: ExampleSet | None) -> dict[str, Any]:
+    """Acc_f (this task's classes) and Acc_o (classes of earlier tasks) of the continual class-erasure view
+    (GS-LoRA's metrics, METHODS.md)."""
+    count = len(earlier) if earlier is not None else 0
+    if not earlier_classes:
+        note = "no class was erased on this lineage before this job: Acc_o is not defined"
+    elif count:
+        note = f"Acc_o measured on the {count} remaining record(s) of the earlier-erased classes"
+    else:
+        note = ("no record of the earlier-erased classes remains (their records were purged by the earlier "
+                "erasures), so Acc_o was evaluated on nothing and has no value; their forgetting is attested "
+                "by the earlier versions' certificates")
+    return {
+        "task_classes": sorted(forget_classes or ()), "earlier_classes": sorted(earlier_classes),
+        "erased_classes": sorted(set(forget_classes or ()) | set(earlier_classes)),
+        "acc_f": forget_after if forget_classes else None,
+        "acc_o": accuracy(task, after, earlier) if count else None,
+        "acc_o_before": accuracy(task, before, earlier) if count else None,
+        "acc_o_records": count, "acc_o_note": note,
+    }

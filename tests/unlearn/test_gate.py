@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import functools
 
 import pytest
 import torch
@@ -19,13 +20,14 @@ from unlearn.training import TrainRecipe, train_from_scratch
 TASK = ClassificationTask(NUM_CLASSES)
 
 
+@functools.lru_cache(maxsize=1)
 def _memorising_problem():
     """An MLP trained long on few noisy records (it memorises them): forget = 10 of its training records."""
     train = blobs(60, seed=11)
     noisy = train["labels"].clone()
     noisy[::3] = (noisy[::3] + 1) % NUM_CLASSES  # mislabelled records can only be learned by memorising
     train = type(train)({"inputs": train["inputs"] * 2.5, "labels": noisy})
-    recipe = TrainRecipe(epochs=300, batch_size=16, lr=1e-2, seed=0)
+    recipe = TrainRecipe(epochs=150, batch_size=60, lr=3e-2, seed=0)
     model = train_from_scratch(TASK, lambda s: tiny_mlp(s, 16, NUM_CLASSES, ), train, recipe, torch.device("cpu"))
     audit = blobs(200, seed=12)
     audit = type(audit)({"inputs": audit["inputs"] * 2.5, "labels": audit["labels"]})
@@ -44,11 +46,9 @@ def test_over_forgetting_fails_membership_in_the_other_direction():
     model, forget, audit = _memorising_problem()
     # "Unlearned" by making every forget record maximally wrong: their losses now exceed unseen data's.
     over = copy.deepcopy(model)
-    with torch.no_grad():
-        over.layers[-1].bias += 0.0
     inputs = forget["inputs"]
     wrong = (forget["labels"] + 5) % NUM_CLASSES
-    for _ in range(200):
+    for _ in range(60):
         loss = torch.nn.functional.cross_entropy(over(inputs), wrong)
         over.zero_grad()
         loss.backward()
