@@ -140,6 +140,27 @@ def targets(results: list[dict]) -> str:
     return "\n".join(rows)
 
 
+def gu_ablation(results: list[dict]) -> str:
+    """Each GU-wrapped method beside its base, per scenario (means over seeds)."""
+    ran = _ran(results)
+    rows = ["| scenario | base vs +GU | forget acc | audit acc (kept classes) | avg_gap | gate passed | unlearn s |",
+            "|---|---|---|---|---|---|---|"]
+    for scenario in dict.fromkeys(r["scenario"] for r in ran):
+        for base in ("ga", "graddiff", "npo", "iau", "simnpo"):
+            pair = [[r for r in ran if r["scenario"] == scenario and r["method"] == name] for name in (base, f"gu+{base}")]
+            if not all(pair):
+                continue
+
+            def cell(key, fmt, runs_of=pair):
+                return " → ".join(format(_mean(key(r) for r in runs), fmt) for runs in runs_of)
+            rows.append(f"| {scenario} | {base} → gu+{base} | {cell(lambda r: r['unlearned']['forget_acc'], '.3f')} | "
+                        f"{cell(lambda r: r['unlearned']['test_retain_acc'], '.3f')} | "
+                        f"{cell(lambda r: r['avg_gap'], '.4f')} | "
+                        + " → ".join(f"{sum(r['gate']['passed'] for r in runs)}/{len(runs)}" for runs in pair) +
+                        f" | {cell(lambda r: r['unlearn_seconds'], '.3f')} |")
+    return "\n".join(rows)
+
+
 def robustness(results: list[dict]) -> str:
     rows = ["| family | method | runs | kept-class audit acc > 2 pts below retrained | forget acc > 0.02 | "
             "target_reached=false | gate passed | gate passed while > 2 pts below | worst drop vs retrained | "
@@ -246,6 +267,8 @@ def main(argv: list[str] | None = None) -> int:
     print(references(results))
     print()
     print(targets(results))
+    print("\nGU beside its base method (arrows: base → with GU):\n")
+    print(gu_ablation(results))
     if sweep:
         print("\nClass-erasure robustness (every class x every seed):\n")
         print(robustness(sweep))
