@@ -140,6 +140,27 @@ def targets(results: list[dict]) -> str:
     return "\n".join(rows)
 
 
+def importance_costs(results: list[dict]) -> str:
+    """Methods that read I_D: the first request on a new model version (I_D computed) against the steady state
+    (I_D cached), in seconds and in forward+backward passes over Df (medians over seeds)."""
+    ran = [r for r in _ran(results) if r.get("train_importance_passes")]
+    rows = ["| scenario | method | forget size | I_D pass s | first request s | steady state s | "
+            "first request / fwd+bwd over Df | steady state / fwd+bwd over Df | speed-up first | speed-up steady |",
+            "|" + "---|" * 10]
+    for key in dict.fromkeys((r["scenario"], r["method"]) for r in ran):
+        runs = [r for r in ran if (r["scenario"], r["method"]) == key]
+
+        def median(get):
+            return statistics.median(get(r) for r in runs)
+        rows.append(f"| {key[0]} | {key[1]} | {median(lambda r: r['forget_size']):.0f} | "
+                    f"{median(lambda r: r['train_importance_seconds']):.3f} | "
+                    f"{median(lambda r: r['first_request_seconds']):.3f} | {median(lambda r: r['unlearn_seconds']):.3f} | "
+                    f"{median(lambda r: r['cost_vs_fwd_bwd_first_request']):.1f} | "
+                    f"{median(lambda r: r['cost_vs_fwd_bwd']):.1f} | {median(lambda r: r['speedup_first_request']):.1f} | "
+                    f"{median(lambda r: r['speedup']):.1f} |")
+    return "\n".join(rows)
+
+
 def gu_ablation(results: list[dict]) -> str:
     """Each GU-wrapped method beside its base, per scenario (means over seeds)."""
     ran = _ran(results)
@@ -267,6 +288,9 @@ def main(argv: list[str] | None = None) -> int:
     print(references(results))
     print()
     print(targets(results))
+    print("\nMethods that read the training set's importance I_D: first request on a new model version vs steady "
+          "state (medians over seeds):\n")
+    print(importance_costs(results))
     print("\nGU beside its base method (arrows: base → with GU):\n")
     print(gu_ablation(results))
     if sweep:
