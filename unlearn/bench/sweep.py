@@ -11,7 +11,9 @@ without rerunning. Printed Markdown:
 
 1. one row per (scenario, method): means over seeds of the unlearned model's metrics, each on its split
    (forget and retain: training records; audit: never trained, never seen by a method), the gate's
-   verdict (runs passed), runs whose method reported ``target_reached=false``, costs;
+   verdict (runs passed), runs whose method reported ``target_reached=false``, and costs as medians over
+   seeds (seconds, speed-ups and forward+backward equivalents: a shared machine's load swings, and the
+   median of ratios measured in one process is the robust summary);
 2. the original and retrained models per scenario, with how often the RETRAINED model passes the gate;
 3. the targets: the best approximate method per scenario (mean avg_gap <= 0.03), and for the methods of
    the default chain (and ``auto``), runs that lost more than 2 points of kept-class audit accuracy
@@ -76,12 +78,12 @@ def table(results: list[dict]) -> str:
         cells = [f"{_mean(r['unlearned'][k] for r in ran):.3f}" for k in COLUMNS]
         gate = sum(r["gate"]["passed"] for r in ran)
         unreached = sum(r["target_reached"] is False for r in ran)
-        first = _mean(r.get("speedup_first_request", r["speedup"]) for r in ran)
+        first = statistics.median(r.get("speedup_first_request", r["speedup"]) for r in ran)
         rows.append(f"| {scenario} | {method} | {len(ran)} | " + " | ".join(cells) +
                     f" | {_mean(r['avg_gap'] for r in ran):.4f} | {gate}/{len(ran)} | {unreached} | "
                     f"{statistics.median(r['unlearn_seconds'] for r in ran):.3f} | "
-                    f"{_mean(r['speedup'] for r in ran):.1f} | {first:.1f} | "
-                    f"{_mean(r['cost_vs_fwd_bwd'] for r in ran):.1f} |")
+                    f"{statistics.median(r['speedup'] for r in ran):.1f} | {first:.1f} | "
+                    f"{statistics.median(r['cost_vs_fwd_bwd'] for r in ran):.1f} |")
     return "\n".join(rows)
 
 
@@ -124,6 +126,11 @@ def targets(results: list[dict]) -> str:
         rows.append(f"| {scenario} | {best} | {_mean(gaps[best]):.4f} | "
                     f"{'yes' if _mean(gaps[best]) <= GAP_TARGET else '**no**'} | {floor_gap} | {auto_gap} | "
                     f"{auto_gate} |")
+    retrains = sorted(r["speedup"] for r in ran if r["method"] in ("retrain", NOISE_FLOOR))
+    if retrains:
+        rows += ["", f"`retrain` against the in-process retrain reference (should read 1.0): median "
+                     f"{statistics.median(retrains):.2f}x over {len(retrains)} runs, range {retrains[0]:.2f}x to "
+                     f"{retrains[-1]:.2f}x (the machine's load between the two timings)."]
     chain = set(DEFAULT_CHAINS["classification"]) | {AUTO}
     rows += ["", "Default-chain methods: runs whose kept-class audit accuracy is more than 2 points below the "
              "retrained model's, and how many of those the gate passed (target: 0 passed):", "",
