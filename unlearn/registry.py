@@ -112,7 +112,14 @@ class MethodSpec:
 
 
 TASK_NAMES = ("classification", "causal_lm")
-"""Task adapter names a method may declare (:attr:`unlearn.tasks.TaskAdapter.name`)."""
+"""Task names a method may declare: the service's task types, which name the task adapters
+(:attr:`unlearn.tasks.TaskAdapter.name`; the causal-LM adapter spells its name ``causal-lm``, so names are
+compared with ``-`` and ``_`` alike, :func:`task_key`)."""
+
+
+def task_key(task_name: str) -> str:
+    """The canonical form of a task name: ``causal-lm`` (the adapter) and ``causal_lm`` (the service) agree."""
+    return task_name.replace("-", "_")
 
 _REGISTRY: dict[str, MethodSpec] = {}
 
@@ -172,7 +179,7 @@ def supports(name: str, task_name: str, model: nn.Module | None = None) -> bool:
 def unsupported_reason(name: str, task_name: str, model: nn.Module | None = None) -> str | None:
     """None when ``name`` supports ``task_name`` (and ``model``), else a sentence saying why not."""
     spec = get(name)
-    if task_name not in spec.tasks:
+    if task_key(task_name) not in spec.tasks:
         return (f"method {name!r} supports task(s) {', '.join(spec.tasks)}, not {task_name!r}")
     if model is not None and spec.model_check is not None:
         reason = spec.model_check(model)
@@ -183,7 +190,7 @@ def unsupported_reason(name: str, task_name: str, model: nn.Module | None = None
 
 def names_for(task_name: str) -> list[str]:
     """Every registered method that supports ``task_name``, sorted."""
-    return [name for name in names() if task_name in _REGISTRY[name].tasks]
+    return [name for name in names() if task_key(task_name) in _REGISTRY[name].tasks]
 
 
 def _load_builtin() -> None:
