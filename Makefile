@@ -22,7 +22,7 @@ test: $(STAMP)
 
 # Every classifier method (and `auto`, the service's chain judged by the gate) against retrain-from-scratch on
 # the digits CNN, tabular MLP and digits ViT families, seeds 0-2, plus class-erasure robustness on digits and
-# tabular (docs/benchmarks.md). Several hours on a shared 2-core CPU (the ViT dominates); raw results stream
+# tabular (docs/benchmarks.md). About 2.5 hours on a loaded, shared 2-core CPU; raw results stream
 # to .cache/lethe/sweep.jsonl, and `python -m unlearn.bench.sweep --from-raw FILE` rebuilds the tables.
 bench: $(STAMP)
 	OMP_NUM_THREADS=1 $(BIN)/python -m unlearn.bench.sweep
