@@ -24,7 +24,9 @@ definitions as ``transformers.get_constant_schedule_with_warmup``, ``get_linear_
 - warm-up, ``s < w``: ``s / w`` (the first step of a warm-up runs at lr 0, as in transformers);
 - ``constant``: 1;
 - ``linear``: ``max(0, (total - s) / (total - w))``; with ``w = 0`` that is ``1 - s / total``, the decay of
-  :func:`unlearn.lm.model.train_lm` (so the LM benchmark's retrain can repeat the original recipe);
+  :func:`unlearn.lm.model.train_lm` (so the LM benchmark's retrain can repeat the original recipe: with
+  ``optimizer="adamw"`` the two loops are step for step the same whenever no epoch ends in a lone example,
+  ``tests/unlearn/test_training.py`` pins it against a ``LambdaLR`` loop);
 - ``cosine``: ``0.5 * (1 + cos(pi * (s - w) / (total - w)))``.
 
 The default (``constant``, no warm-up) is the loop as it was before schedules existed.
