@@ -26,7 +26,9 @@ import hashlib
 import hmac
 import json
 import logging
+import os
 import sys
+import threading
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -74,6 +76,9 @@ class AuditLog:
         self.key = key
 
     def append(self, conn: Connection, kind: str, body: dict[str, Any]) -> tuple[int, str]:
+        """Append one entry. Appenders in several processes are serialised by the store's log lock, held
+        to the transaction's commit, so ``seq`` stays gap-free and every ``prev_hash`` is the entry before."""
+        db.lock_log(conn)
         tail = db.audit_tail(conn)
         seq, prev_hash = (tail[0] + 1, tail[1]) if tail else (1, GENESIS_HASH)
         body_json = canonical_json({"kind": kind, "time": db.utcnow().isoformat(), **body})
@@ -126,28 +131,28 @@ def certify(conn: Connection, audit: AuditLog, request_id: str, model_name: str,
     return late
 
 
-def issue_job_certificates(conn: Connection, audit: AuditLog, job, request_rows, matched: dict[str, np.ndarray],
-                           record_ids: np.ndarray, train: np.ndarray, shared: dict[str, Any], label: str,
-                           state: JobState, message: str) -> int:
+def issue_job_certificates(conn: Connection, audit: AuditLog, job, request_rows, resolved: dict[str, dict[str, Any]],
+                           shared: dict[str, Any], label: str, state: JobState, message: str) -> int:
     """The audit stage's single transaction: one certificate per request of the job, then the job's state.
 
-    ``record_ids_sha256`` hashes the record ids this request actually matched in the dataset (sorted, one
-    per line), so an auditor holding the ids can check which records a certificate covers. Returns the
-    number of late certificates.
+    ``resolved[request_id]`` holds what the resolve stage found for the request: ``matched`` records,
+    ``erased_from_training`` and ``record_ids_sha256`` (the SHA-256 of the matched record ids, sorted, one per
+    line, so an auditor holding the ids can check which records a certificate covers). Returns the number of
+    late certificates.
     """
     late = 0
     for row in request_rows:
-        mask = matched.get(row.request_id)
-        found = int(mask.sum()) if mask is not None else 0
+        found = resolved.get(row.request_id, {"matched": 0, "erased_from_training": 0,
+                                              "record_ids_sha256": sha256_hex("")})
+        kind = label if found["matched"] else NO_RECORDS
         body = {
-            **shared, "request_id": row.request_id, "label": label if found else NO_RECORDS,
-            "statement": statement(label if found else NO_RECORDS, job.model_name, found,
+            **shared, "request_id": row.request_id, "label": kind,
+            "statement": statement(kind, job.model_name, found["matched"],
                                    shared.get("model", {}).get("weights_changed", True)),
             "subjects": {"count": len(row.subject_hashes), "keyed_sha256": sorted(row.subject_hashes)},
             "classes": list(row.classes),
-            "records": {"matched": found, "erased_from_training": int((mask & train).sum()) if found else 0,
-                        "record_ids_sha256": sha256_hex("\n".join(sorted(
-                            record_ids[mask].astype(str).tolist() if found else [])))},
+            "records": {"matched": found["matched"], "erased_from_training": found["erased_from_training"],
+                        "record_ids_sha256": found["record_ids_sha256"]},
         }
         late += certify(conn, audit, row.request_id, job.model_name, job.job_id, body)
     db.update_job(conn, job.job_id, state=state.value, stage="done", progress=1.0, message=message)
@@ -206,7 +211,8 @@ def jsonable(value: Any) -> Any:
 
 def check_certificate(key: bytes, body_json: str, signature: str) -> CertificateCheck:
     """Signature and form of one certificate (not whether the chain records it: see verify_audit)."""
-    if not hmac.compare_digest(_sign(key, body_json), signature or ""):
+    # Bytes, not str: compare_digest refuses non-ASCII text, and a signature is anyone's input here.
+    if not hmac.compare_digest(_sign(key, body_json).encode(), (signature or "").encode("utf-8", "replace")):
         return CertificateCheck(False, "signature does not match the body (altered, or another key)")
     try:
         body = json.loads(body_json)
@@ -242,15 +248,7 @@ def verify_chain(conn: Connection, key: bytes, max_errors: int = 50) -> AuditRep
     count = 0
     for entry in db.audit_entries(conn):
         count += 1
-        if entry.seq != expected_seq:
-            errors.append(f"entry {entry.seq}: expected sequence {expected_seq} (entries missing or reordered)")
-        if entry.prev_hash != prev_hash:
-            errors.append(f"entry {entry.seq}: previous hash does not match entry {entry.seq - 1}")
-        recomputed = _entry_hash(entry.seq, entry.prev_hash, entry.body_json)
-        if recomputed != entry.entry_hash:
-            errors.append(f"entry {entry.seq}: body does not match its hash (altered)")
-        if not hmac.compare_digest(_sign(key, entry.entry_hash), entry.signature):
-            errors.append(f"entry {entry.seq}: bad signature")
+        errors += _entry_errors(entry, expected_seq, prev_hash, key)
         try:
             body = json.loads(entry.body_json)
             if body.get("kind") == "certificate_issued":
@@ -268,6 +266,58 @@ def verify_chain(conn: Connection, key: bytes, max_errors: int = 50) -> AuditRep
         elif sha256_hex(row.body_json) not in certified:
             errors.append(f"certificate {row.certificate_id} (request {row.request_id}) is not recorded in the chain")
     return AuditReport(not errors, count, len(certificate_rows), prev_hash, errors[:max_errors])
+
+
+def _entry_errors(entry, expected_seq: int, prev_hash: str, key: bytes) -> list[str]:
+    """What is wrong with one chain entry, given the sequence and hash its predecessor left."""
+    errors = []
+    if entry.seq != expected_seq:
+        errors.append(f"entry {entry.seq}: expected sequence {expected_seq} (entries missing or reordered)")
+    if entry.prev_hash != prev_hash:
+        errors.append(f"entry {entry.seq}: previous hash does not match entry {entry.seq - 1}")
+    recomputed = _entry_hash(entry.seq, entry.prev_hash, entry.body_json)
+    if recomputed != entry.entry_hash:
+        errors.append(f"entry {entry.seq}: body does not match its hash (altered)")
+    if not hmac.compare_digest(_sign(key, entry.entry_hash), entry.signature):
+        errors.append(f"entry {entry.seq}: bad signature")
+    return errors
+
+
+class ChainMonitor:
+    """Re-verifies the hash chain all the time, in bounded slices, for the metrics scrape.
+
+    Each :meth:`check` verifies at most ``batch`` entries after the ones the previous call verified; at the
+    tail (or after a failure) the next call starts again from entry 1. So an altered entry, old or new, is
+    found within one pass, a scrape never walks an unbounded chain, and a broken chain keeps failing pass
+    after pass (``lethe_audit_chain_verification_failures_total`` keeps rising) until it is repaired or the
+    process restarts. Certificates are not re-checked here: ``lethe audit verify`` does the full audit.
+    """
+
+    def __init__(self, key: bytes, batch: int = 2000):
+        self.key, self.batch = key, batch
+        self.failures = 0  # passes that found an inconsistency
+        self.verified_seq = 0  # last entry of the last pass that verified cleanly to the tail
+        self._next_seq, self._prev_hash = 1, GENESIS_HASH
+        self._lock = threading.Lock()
+
+    def check(self, conn: Connection) -> list[str]:
+        """Verify the next slice; returns the inconsistencies found in it (empty when it is sound)."""
+        with self._lock:
+            entries = db.audit_entries_from(conn, self._next_seq, self.batch)
+            errors: list[str] = []
+            for entry in entries:
+                errors = _entry_errors(entry, self._next_seq, self._prev_hash, self.key)
+                if errors:
+                    break
+                self._next_seq, self._prev_hash = entry.seq + 1, entry.entry_hash
+            if errors:
+                self.failures += 1
+            elif len(entries) < self.batch:  # reached the tail: the whole chain verified
+                self.verified_seq = self._next_seq - 1
+            else:
+                return []
+            self._next_seq, self._prev_hash = 1, GENESIS_HASH
+            return errors
 
 
 def verify_audit(state_dir_or_store_url: str | Path, key: bytes | None = None) -> AuditReport:
@@ -288,7 +338,7 @@ def verify_audit(state_dir_or_store_url: str | Path, key: bytes | None = None) -
             raise FileNotFoundError(f"no Lethe job store at {state_dir / 'lethe.db'}")
         if key is None:
             key = bytes.fromhex((state_dir / "keys" / "audit.key").read_text().strip())
-    store = db.Store(url)
+    store = db.Store(url, migrate=False)
     try:
         with store.read() as conn:
             return verify_chain(conn, key)
@@ -303,10 +353,12 @@ def main(argv: list[str] | None = None) -> int:
     verify = commands.add_parser("verify", help="check the audit chain and every certificate offline")
     verify.add_argument("--state-dir", default=".lethe", help="embedded state directory (default .lethe)")
     verify.add_argument("--store-url", help="SQLAlchemy URL of the job store (instead of --state-dir)")
-    verify.add_argument("--key-file", help="hex audit key file (default <state-dir>/keys/audit.key)")
+    verify.add_argument("--key-file", help="hex audit key file (default LETHE_AUDIT_KEY, else <state-dir>/keys/audit.key)")
     verify.add_argument("--certificate", help="also check one certificate: a JSON file with body_json and signature")
     args = parser.parse_args(argv)
     key = bytes.fromhex(Path(args.key_file).read_text().strip()) if args.key_file else None
+    if key is None and os.environ.get("LETHE_AUDIT_KEY"):  # a pod gets the key as the server does, from a Secret
+        key = bytes.fromhex(os.environ["LETHE_AUDIT_KEY"].strip())
     if key is None and not args.store_url:
         key_path = Path(args.state_dir) / "keys" / "audit.key"
         key = bytes.fromhex(key_path.read_text().strip()) if key_path.exists() else None

@@ -1,6 +1,7 @@
 """``lethe``: run the service, register models, submit and watch erasures, verify the audit chain, demo.
 
     lethe serve                                   # gRPC API + worker + /metrics, until SIGTERM
+    lethe worker [--once --job-id ID]             # run jobs from the store (no API); see service.worker
     lethe register --model digits --alias champion --task classification --dataset data.parquet
     lethe submit --subject subject-0007 --subject subject-0042     # progress bars, then certificates
     lethe watch --request-id 3f2a...                                # follow an earlier request
@@ -8,11 +9,16 @@
     lethe pending                                                   # the GDPR clock
     lethe certificate 3f2a... --verify
     lethe audit verify --state-dir .lethe                           # offline, no server needed
+    lethe health                                                    # exit 0 when SERVING (Kubernetes exec probe)
+    lethe token --roles submitter --name governance                 # a new token and its credentials-file line
     lethe demo                                                      # the whole story on the digits model
 
 Client commands talk to ``--target`` (default ``LETHE_GRPC_HOST:LETHE_GRPC_PORT``) with the bearer token
-``LETHE_AUTH_TOKEN`` when set. Exit status: 0 success, 1 a request was refused or did not succeed, 2 a
-usage or connection error.
+``LETHE_AUTH_TOKEN`` when set. They speak TLS when ``--tls-ca``/``--tls-cert`` (or ``LETHE_TLS_CA``,
+``LETHE_TLS_CERT``) are given: the server is verified against ``--tls-ca`` (default ``LETHE_TLS_CA``, else
+``LETHE_TLS_CLIENT_CA``, else the system roots) and ``--tls-cert``/``--tls-key`` (default ``LETHE_TLS_CERT``,
+``LETHE_TLS_KEY``: the same files the server reads) are presented for mutual TLS. Exit status: 0 success,
+1 a request was refused or did not succeed, 2 a usage or connection error.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import uuid
 from datetime import datetime, timedelta, timezone
@@ -37,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     # --log-level sets Lethe's own loggers; third-party libraries (MLflow, the ONNX exporter) stay at
     # WARNING so that an INFO server log is Lethe's story, not the exporter's optimisation passes.
-    level = args.log_level or ("INFO" if args.command == "serve" else "WARNING")
+    level = args.log_level or ("INFO" if args.command in ("serve", "worker") else "WARNING")
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for name in ("service", "unlearn"):
@@ -60,6 +67,21 @@ def _serve(args) -> int:
     return serve(_settings(args), grace_s=args.grace_s)
 
 
+def _worker(args) -> int:
+    from service import worker
+
+    settings = _settings(args)
+    if args.once:
+        if not args.job_id:
+            print("lethe worker: --once needs --job-id", file=sys.stderr)
+            return worker.EXIT_USAGE
+        return worker.run_once(settings, args.job_id, args.attempt)
+    if args.job_id or args.attempt is not None:
+        print("lethe worker: --job-id and --attempt go with --once", file=sys.stderr)
+        return worker.EXIT_USAGE
+    return worker.run_loop(settings, grace_s=args.grace_s)
+
+
 def _register(args) -> int:
     from service.api.pb import service_pb2, types_pb2
 
@@ -73,9 +95,11 @@ def _register(args) -> int:
         if not isinstance(step, dict) or not isinstance(step.get("name"), str):
             raise SystemExit("error: --method-chain must be a JSON list of {\"name\": ..., \"params\": {...}}")
         policy.method_chain.add(name=step["name"]).params.update(step.get("params") or {})
+    # A relative local path means "from here": the server accepts absolute paths inside its dataset roots only.
+    dataset = args.dataset if "://" in args.dataset else os.path.abspath(args.dataset)
     request = service_pb2.RegisterModelRequest(
         model_name=args.model, task_type=types_pb2.TaskType.Value(f"TASK_TYPE_{args.task.upper()}"),
-        dataset_uri=args.dataset, policy=policy, num_classes=args.num_classes or 0,
+        dataset_uri=dataset, policy=policy, num_classes=args.num_classes or 0,
         model_factory=args.model_factory or "")
     if args.train_recipe:
         request.train_recipe.update(_json_object(args.train_recipe, "--train-recipe"))
@@ -194,13 +218,53 @@ def _audit_verify(args) -> int:
     if not args.state_dir and not args.store_url:
         from service.settings import Settings
 
-        args.state_dir = str(Settings().state_dir)
+        settings = Settings()
+        if os.environ.get("LETHE_JOB_STORE_URL"):  # in a pod: the store the server uses (PostgreSQL when scaled out)
+            args.store_url = settings.job_store_url
+        else:
+            args.state_dir = str(settings.state_dir)
     forwarded = ["verify"]
     for option in ("state_dir", "store_url", "key_file", "certificate"):
         value = getattr(args, option)
         if value:
             forwarded += [f"--{option.replace('_', '-')}", str(value)]
     return audit.main(forwarded)
+
+
+def _health(args) -> int:
+    """A probe: exit 0 when the server answers SERVING, 1 when it answers anything else, 2 when it cannot be
+    reached in time. Health checks need no credentials, only the transport (TLS files with mutual TLS)."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    with _client(args) as client:
+        try:
+            response = health_pb2_grpc.HealthStub(client.channel).Check(
+                health_pb2.HealthCheckRequest(service=args.service), timeout=args.timeout_s)
+        except grpc.RpcError as error:
+            print(f"lethe health: {error.code().name}: {error.details()}", file=sys.stderr)
+            return EXIT_ERROR if error.code() in (grpc.StatusCode.UNAVAILABLE,
+                                                  grpc.StatusCode.DEADLINE_EXCEEDED) else EXIT_NOT_SUCCEEDED
+    status = health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
+    print(status)
+    return EXIT_OK if response.status == health_pb2.HealthCheckResponse.SERVING else EXIT_NOT_SUCCEEDED
+
+
+def _token(args) -> int:
+    """Print a new bearer token and the ``LETHE_AUTH_TOKENS_FILE`` line that grants it (only its digest)."""
+    from service.api.auth import credentials_line, new_token
+    from service.domain import Role
+
+    try:
+        roles = [Role(role) for role in args.roles.split(",")]
+    except ValueError:
+        print(f"lethe token: --roles is a comma-separated list of {', '.join(r.value for r in Role)}", file=sys.stderr)
+        return EXIT_ERROR
+    if not args.name or any(c.isspace() for c in args.name) or not args.name.isprintable():
+        print("lethe token: --name must be printable, without spaces", file=sys.stderr)
+        return EXIT_ERROR
+    token = new_token()
+    print(json.dumps({"token": token, "line": credentials_line(roles, args.name, token)}, indent=2))
+    return EXIT_OK
 
 
 def _demo(args) -> int:
@@ -295,7 +359,24 @@ def _client(args):
     settings = Settings()
     target = args.target or f"{settings.grpc_host}:{settings.grpc_port}"
     token = args.token or (settings.auth_token.get_secret_value() if settings.auth_token else None)
-    return Client(target, token)
+    ca = args.tls_ca or settings.tls_ca or settings.tls_client_ca
+    cert, key = args.tls_cert or settings.tls_cert, args.tls_key or settings.tls_key
+    if bool(cert) != bool(key):
+        raise SystemExit("lethe: --tls-cert and --tls-key go together")
+    credentials, server_name = None, args.tls_server_name
+    if ca or cert:
+        from service.api.tls import channel_credentials, first_dns_name
+
+        credentials = channel_credentials(ca, cert, key)
+        host = target.rsplit(":", 1)[0].strip("[]")
+        if server_name is None and cert and host in LOOPBACK_HOSTS:
+            # A probe inside the pod connects to itself with the pod's own certificate, whose names are the
+            # service's, not 127.0.0.1: expect the certificate's first DNS name.
+            server_name = first_dns_name(cert)
+    return Client(target, token, credentials, server_name)
+
+
+LOOPBACK_HOSTS = ("127.0.0.1", "::1", "localhost")
 
 
 def _json_list(text: str, option: str) -> list:
@@ -340,6 +421,12 @@ def _parser() -> argparse.ArgumentParser:
         command = commands.add_parser(name, help=help_text)
         command.add_argument("--target", help="host:port of the Lethe API (default LETHE_GRPC_HOST:LETHE_GRPC_PORT)")
         command.add_argument("--token", help="bearer token (default LETHE_AUTH_TOKEN)")
+        command.add_argument("--tls-ca", help="PEM CA bundle to verify the server (default LETHE_TLS_CA, else "
+                             "LETHE_TLS_CLIENT_CA, else the system roots); implies TLS")
+        command.add_argument("--tls-cert", help="PEM client certificate for mutual TLS (default LETHE_TLS_CERT)")
+        command.add_argument("--tls-key", help="PEM key of --tls-cert (default LETHE_TLS_KEY)")
+        command.add_argument("--tls-server-name", help="name the server's certificate must carry (default: the "
+                             "target's host; for a loopback target, the first DNS name of --tls-cert)")
         return command
 
     serve = commands.add_parser("serve", help="run the gRPC API, the job worker and the metrics exporter")
@@ -349,6 +436,18 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--metrics-port", type=int, help="/metrics port, 0 = off (default LETHE_METRICS_PORT)")
     serve.add_argument("--grace-s", type=float, default=10.0, help="shutdown grace period for in-flight calls")
     serve.set_defaults(run=_serve)
+
+    worker = commands.add_parser(
+        "worker", help="run unlearning jobs from the job store (no API): a loop, or one job with --once",
+        description="Run unlearning jobs from the job store, talking only to the store and MLflow. Exit "
+                    "status of --once: 0 done (or nothing left to do), 3 the job FAILED (not retryable), "
+                    "2 usage, 75 retry later (could not claim, lease lost, store or MLflow unreachable).")
+    worker.add_argument("--once", action="store_true", help="run the job --job-id names, then exit")
+    worker.add_argument("--job-id", help="the job to run (with --once)")
+    worker.add_argument("--attempt", type=int, help="the attempt an executor started this worker for (with --once)")
+    worker.add_argument("--state-dir", help="local scratch and caches (default LETHE_STATE_DIR or .lethe)")
+    worker.add_argument("--grace-s", type=float, default=30.0, help="on SIGTERM, how long running jobs may finish")
+    worker.set_defaults(run=_worker)
 
     register = client_command("register", "make an MLflow model version unlearnable")
     register.add_argument("--model", required=True, help="registered model name in MLflow")
@@ -416,13 +515,24 @@ def _parser() -> argparse.ArgumentParser:
     certificate.add_argument("--verify", action="store_true", help="also verify each with the server")
     certificate.set_defaults(run=_certificate)
 
+    health = client_command("health", "probe the server's health (exit 0 when SERVING); no credentials needed")
+    health.add_argument("--service", default="", help="service name to check (default: the whole server)")
+    health.add_argument("--timeout-s", type=float, default=5.0, help="give up after this many seconds")
+    health.set_defaults(run=_health)
+
+    token = commands.add_parser("token", help="print a new bearer token and its LETHE_AUTH_TOKENS_FILE line")
+    token.add_argument("--roles", required=True, help="comma-separated: submitter, auditor, operator")
+    token.add_argument("--name", required=True, help="identity name (owns the requests it submits)")
+    token.set_defaults(run=_token)
+
     audit = commands.add_parser("audit", help="offline audit tools")
     audit_commands = audit.add_subparsers(dest="audit_command", required=True)
     verify = audit_commands.add_parser("verify", help="check the hash chain and every certificate offline")
     verify.add_argument("--state-dir", default=None,
                         help="embedded state directory (default LETHE_STATE_DIR or .lethe)")
-    verify.add_argument("--store-url", help="SQLAlchemy URL of the job store (instead of --state-dir)")
-    verify.add_argument("--key-file", help="hex audit key (default <state-dir>/keys/audit.key)")
+    verify.add_argument("--store-url", help="SQLAlchemy URL of the job store (default LETHE_JOB_STORE_URL when set, "
+                        "instead of --state-dir)")
+    verify.add_argument("--key-file", help="hex audit key (default LETHE_AUDIT_KEY, else <state-dir>/keys/audit.key)")
     verify.add_argument("--certificate", help="also check one certificate (JSON with body_json and signature)")
     verify.set_defaults(run=_audit_verify)
 

@@ -63,3 +63,7 @@ class UnsupportedTaskError(InvalidParameterError):
         super().__init__("method", reason)
         self.method = method
         self.task = task
+
+
+class Cancelled(UnlearnError):
+    """A long computation gave way when its caller asked it to stop (e.g. a background precomputation)."""
