@@ -193,6 +193,10 @@ class Intake:
             except UnknownMethodError as error:
                 violations.append(FieldViolation("method", str(error)))
                 continue
+            reason = methods.unsupported_reason(method, info.task_type.value)
+            if reason:
+                violations.append(FieldViolation("method", f"{reason} (model {preview(name)})"))
+                continue
             for index, value in enumerate(request.classes):
                 if value >= info.num_classes:
                     violations.append(FieldViolation(f"classes[{index}]",

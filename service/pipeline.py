@@ -141,13 +141,15 @@ def importance_dir(ctx: PipelineContext, model_name: str, version: str) -> Path:
     return ctx.settings.cache_dir / "importance" / safe_name(model_name) / version
 
 
-def job_chain(job, policy, erases_classes: bool) -> list[tuple[str, dict[str, Any]]]:
+def job_chain(job, policy, erases_classes: bool, task_type: str) -> list[tuple[str, dict[str, Any]]]:
     """The job's escalation chain: its own method first (the request's, or the policy's first), then the rest
-    of the policy's chain. Methods that erase whole classes only are skipped for record erasure."""
+    of the policy's chain. Methods that erase whole classes only are skipped for record erasure, and methods
+    that do not support the model's task are skipped (registration and intake refuse them up front)."""
     chain = [(job.method, dict(job.method_params))]
     chain += [(step.name, dict(step.params)) for step in policy.method_chain if step.name != job.method]
     return [(name, params) for name, params in chain
-            if erases_classes or methods.get(name).erases != "classes"]
+            if (erases_classes or methods.get(name).erases != "classes")
+            and methods.supports(name, task_type)]
 
 
 @dataclass
@@ -375,7 +377,7 @@ def unlearn(ctx: PipelineContext, job, info: ModelInfo, scope: Scope, progress: 
     forget, utility, audit = scope.examples(scope.forget), scope.examples(scope.utility_mask), scope.examples(scope.audit)
     earlier = scope.examples(scope.earlier_left) if scope.earlier_left.any() else None
     onnx_path = ctx.settings.cache_dir / "onnx" / f"{job.job_id}.onnx"
-    chain = job_chain(job, policy, bool(scope.classes))
+    chain = job_chain(job, policy, bool(scope.classes), info.task_type.value)
     request = UnlearnRequest(task=scope.task, forget=forget, retain=scope.examples(scope.retain),
                              tune=scope.examples(scope.tune),
                              train_importance=TrainImportance(scope.task, scope.examples(scope.forget | scope.retain),

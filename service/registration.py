@@ -64,8 +64,13 @@ class Registrar:
                 ClassificationTask(registration.num_classes).validate(model, examples, "dataset.features")
             except InvalidDataError as error:
                 violations.append(FieldViolation(error.field, error.reason))
+        for index, step in enumerate(policy.method_chain):  # every method of the chain can run on this model
+            reason = methods.unsupported_reason(step.name, registration.task_type.value, model)
+            if reason:
+                violations.append(FieldViolation("policy.default_method" if registration.chain_from_default_method
+                                                 else f"policy.method_chain[{index}].name", reason))
         if violations:
-            raise InvalidArgument("the dataset cannot be registered", tuple(violations))
+            raise InvalidArgument("the model cannot be registered", tuple(violations))
 
         path, digest = self.ctx.catalog.write_version(registration.model_name, frame, f"registered-v{version}")
         training = {"model_factory": registration.model_factory, "train_recipe": dict(registration.train_recipe)}
