@@ -177,6 +177,15 @@ def statement(label: str, model_name: str, found: int, weights_changed: bool = T
     if label == NO_RECORDS:
         return (f"No records of this request were found in the training data of model {model_name!r}; "
                 "nothing had to be unlearned.")
+    if label == "update":
+        return (f"{found} record(s) were learned by model {model_name!r} with the named continual-learning "
+                "strategy; the result was verified with the recorded evidence (the new records learned, utility "
+                "kept, every earlier erasure of the lineage still holding) and the new version registered.")
+    if label == "rectification":
+        return (f"{found} record(s) of model {model_name!r} were rectified: their old values were erased by "
+                "approximate unlearning and purged from the training data, and the corrected values learned; "
+                "both were verified with the recorded evidence. This attests the process and its evidence, "
+                "not a proof from the weights.")
     if label == "exact":
         kind = "exact unlearning (the model was retrained, or never trained, without the records)"
     elif weights_changed:

@@ -29,6 +29,7 @@ import logging
 import os
 import sys
 import uuid
+from pathlib import Path
 from datetime import datetime, timedelta, timezone
 
 import grpc
@@ -135,6 +136,65 @@ def _submit(args) -> int:
             _print_message(response.accepted)
             return EXIT_OK
         return follow(client, [erasure], quiet=args.quiet)
+
+
+def _update(args) -> int:
+    """New records for a model: a Parquet file (sent as its path, read by the server inside its dataset
+    roots) or a JSON-lines file sent inline (one object per line: record_id, subject_id and the task's
+    columns)."""
+    from service.api.pb import types_pb2
+
+    update = types_pb2.Update(request_id=args.request_id or f"cli-{uuid.uuid4()}", model_name=args.model,
+                              strategy=args.strategy or "")
+    if args.dataset:
+        update.dataset_uri = str(Path(args.dataset).resolve()) if "://" not in args.dataset else args.dataset
+    for line_number, record in enumerate(_json_lines(args.records) if args.records else (), start=1):
+        if not isinstance(record, dict) or "record_id" not in record or "subject_id" not in record:
+            raise SystemExit(f"error: {args.records} line {line_number}: an object with record_id, subject_id and "
+                             "the task's columns")
+        message = update.records.add(record_id=str(record.pop("record_id")), subject_id=str(record.pop("subject_id")))
+        message.columns.update(record)
+    if args.params:
+        update.strategy_params.update(_json_object(args.params, "--params"))
+    if args.deadline:
+        update.deadline.FromDatetime(_parse_time(args.deadline))
+    return _send(args, update, "SubmitUpdate", "update")
+
+
+def _rectify(args) -> int:
+    """Corrected values for existing records of one subject: ``--set RECORD_ID JSON`` per record."""
+    from service.api.pb import types_pb2
+
+    rectification = types_pb2.Rectification(request_id=args.request_id or f"cli-{uuid.uuid4()}",
+                                             subject_id=args.subject, model_names=args.model,
+                                             strategy=args.strategy or "")
+    for record_id, columns in args.set:
+        rectification.corrected_records.add(record_id=record_id, subject_id=args.subject).columns.update(
+            _json_object(columns, "--set"))
+    if args.params:
+        rectification.strategy_params.update(_json_object(args.params, "--params"))
+    if args.deadline:
+        rectification.deadline.FromDatetime(_parse_time(args.deadline))
+    return _send(args, rectification, "SubmitRectification", "rectification")
+
+
+def _send(args, message, rpc: str, field: str) -> int:
+    """Submit an update or rectification and follow it (progress bars) to its certificates, or only ack."""
+    from service.api.pb import service_pb2
+
+    with _client(args) as client:
+        if args.no_wait:
+            request = getattr(service_pb2, f"{rpc}Request")(**{field: message})
+            _print_message(getattr(client.stub, rpc)(request, metadata=client.metadata).accepted)
+            return EXIT_OK
+        return follow(client, [message], quiet=args.quiet)
+
+
+def _json_lines(path: str) -> list:
+    try:
+        return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    except (OSError, json.JSONDecodeError) as error:
+        raise SystemExit(f"error: --records {path}: {error}") from error
 
 
 def _watch(args) -> int:
@@ -628,6 +688,36 @@ def _parser() -> argparse.ArgumentParser:
     submit.add_argument("--no-wait", action="store_true", help="print the acknowledgement and return")
     submit.add_argument("--quiet", action="store_true", help="log lines instead of redrawn bars")
     submit.set_defaults(run=_submit)
+
+    update = client_command("update", "new records for a model to learn; follow it to its certificate")
+    update.add_argument("--model", required=True, help="registered model name")
+    records = update.add_mutually_exclusive_group(required=True)
+    records.add_argument("--records", help="JSON lines, one record per line: record_id, subject_id and the task's "
+                         "columns (features and label; or prompt and answer), sent inline")
+    records.add_argument("--dataset", help="Parquet file with the registered dataset's columns (read by the server, "
+                         "inside LETHE_DATASET_ROOTS)")
+    update.add_argument("--strategy", help="continual-learning strategy (default: the model policy's)")
+    update.add_argument("--params", help="JSON object of the strategy's parameters")
+    update.add_argument("--request-id", help="idempotency key (default: a new UUID)")
+    update.add_argument("--deadline", help="ISO 8601 time by which the update should be complete")
+    update.add_argument("--no-wait", action="store_true", help="print the acknowledgement and return")
+    update.add_argument("--quiet", action="store_true", help="log lines instead of redrawn bars")
+    update.set_defaults(run=_update)
+
+    rectify = client_command("rectify", "correct existing records of a subject (GDPR Art. 16): the old values "
+                             "are erased and the corrected ones learned, under one certificate")
+    rectify.add_argument("--subject", required=True, help="the data subject whose records are corrected")
+    rectify.add_argument("--set", nargs=2, action="append", required=True, metavar=("RECORD_ID", "JSON"),
+                         help='corrected columns of one record, e.g. --set person-3-q2 \'{"prompt": "...", '
+                              '"answer": "..."}\' (repeatable)')
+    rectify.add_argument("--model", action="append", default=[], help="model name (default: every model holding it)")
+    rectify.add_argument("--strategy", help="continual-learning strategy (default: the model policy's)")
+    rectify.add_argument("--params", help="JSON object of the strategy's parameters")
+    rectify.add_argument("--request-id", help="idempotency key (default: a new UUID)")
+    rectify.add_argument("--deadline", help="ISO 8601 time by which the rectification should be complete")
+    rectify.add_argument("--no-wait", action="store_true", help="print the acknowledgement and return")
+    rectify.add_argument("--quiet", action="store_true", help="log lines instead of redrawn bars")
+    rectify.set_defaults(run=_rectify)
 
     watch = client_command("watch", "follow earlier requests (or one job) to their end")
     watch.add_argument("--request-id", action="append", default=[], help="request to follow (repeatable)")

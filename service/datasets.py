@@ -296,10 +296,19 @@ class DatasetCatalog:
             if key in self._cache:
                 self._cache.move_to_end(key)
                 return self._cache[key]
-        frame = self.frame(path)
+        loaded = self.from_frame(self.frame(path), key, digest)
+        with self._lock:
+            self._cache[key] = loaded
+            while len(self._cache) > self._cache_size:
+                self._cache.popitem(last=False)
+        return loaded
+
+    def from_frame(self, frame: pd.DataFrame, path: str = "", digest: str = "") -> LoadedDataset:
+        """A dataset frame in memory, with keyed subject and record hashes computed once (never kept in clear
+        anywhere else). Also builds the combined data of an update (base version plus staged records)."""
         lm = "prompt" in frame.columns
-        loaded = LoadedDataset(
-            path=key, digest=digest,
+        return LoadedDataset(
+            path=str(path), digest=digest,
             record_ids=frame["record_id"].astype(str).to_numpy(),
             subject_hashes=np.array([self.subject_hash(s) for s in frame["subject_id"].astype(str)]),
             splits=frame["split"].astype(str).to_numpy(),
@@ -309,11 +318,6 @@ class DatasetCatalog:
             prompts=frame["prompt"].astype(str).to_numpy() if lm else None,
             answers=frame["answer"].astype(str).to_numpy() if lm else None,
             record_hashes=np.array([self.tombstone(r) for r in frame["record_id"].astype(str)]))
-        with self._lock:
-            self._cache[key] = loaded
-            while len(self._cache) > self._cache_size:
-                self._cache.popitem(last=False)
-        return loaded
 
     def forget_cached(self, path: str | Path) -> None:
         with self._lock:

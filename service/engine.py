@@ -31,15 +31,18 @@ from service.domain import (
     JobView,
     ModelRegistration,
     PendingRequest,
+    RectificationSubmission,
     RegisteredModel,
     RequestView,
     RetryOutcome,
     RetryRequest,
     SubmitOutcome,
+    UpdateSubmission,
 )
 from service.executors import build_executor
 from service.housekeeping import delete_removed_copies, purge_superseded
 from service.intake import Intake
+from service.update_intake import UpdateIntake
 from service.metrics import Metrics
 from service.mlflow_registry import MlflowRegistry
 from service.pipeline import STAGES
@@ -77,6 +80,7 @@ class Engine:
         self.queries.ctx = self.context
         self.registrar = Registrar(self.context)
         self.intake = Intake(self.context)
+        self.update_intake = UpdateIntake(self.context)
         self.controls = RequestControls(self.context, self.intake)
         # One identity per engine instance in every lease it takes: the configured worker id (the pod name
         # in the chart) plus a random suffix, so two engines of one process never share a lease.
@@ -150,6 +154,12 @@ class Engine:
 
     def submit_erasure(self, request: ErasureRequest) -> SubmitOutcome:
         return self.intake.submit_erasure(request)
+
+    def submit_update(self, request: UpdateSubmission) -> SubmitOutcome:
+        return self.update_intake.submit_update(request)
+
+    def submit_rectification(self, request: RectificationSubmission) -> SubmitOutcome:
+        return self.update_intake.submit_rectification(request)
 
     def get_job(self, job_id: str) -> JobView:
         return self.queries.get_job(job_id)

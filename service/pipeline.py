@@ -260,10 +260,15 @@ def _finish(ctx: PipelineContext, job, request_rows, info: ModelInfo, record: di
     for staged in record.get("staged", []):  # an update's staged records now live in the new dataset version
         ctx.registry.delete_artifact(staged.get("artifact_uri") or "")
         ctx.catalog.delete_local(staged["path"])
-    if resolution["tombstones"]:  # derived state that erased records fed (:mod:`service.lineage_state`)
-        from service.lineage_state import purge_erased
+    from service.lineage_state import promote, purge_erased  # continual state of the lineage
 
-        purge_erased(ctx, job.model_name, resolution)
+    if job.selector in ("update", "rectify"):
+        promote(ctx, job.model_name, job_id)  # the buffer and state this update produced become the lineage's
+    if resolution["tombstones"] or job.selector == "classes":  # no buffer row or carried state of erased data
+        record["continual_state"] = purge_erased(
+            ctx, job.model_name, resolution,
+            subject_hashes=[h for row in request_rows if row.kind == "erase" for h in row.subject_hashes],
+            classes=[c for row in request_rows for c in row.classes])
     remove_tree(importance_dir(ctx, job.model_name, job.base_version))
     remove_tree(ctx.settings.cache_dir / "measure" / safe_name(job.model_name))
     (ctx.settings.cache_dir / "onnx" / f"{job_id}.onnx").unlink(missing_ok=True)  # logged; the copy is scratch
@@ -282,38 +287,48 @@ def _finish(ctx: PipelineContext, job, request_rows, info: ModelInfo, record: di
         "method": record["method"], "attempts": record.get("attempts", []), "verification": record["verification"],
         "code_version": ctx.settings.code_version,
     }
-    for key in ("update", "sealed"):  # what an update learned; the erasure's sealed verification sets
+    for key in ("update", "sealed", "continual_state"):  # what an update learned; sealed sets; purged state
         if key in record:
             shared[key] = record[key]
     ctx.metrics.records_erased.inc(resolution["erased"])
     learned = record.get("update", {}).get("records_learned", 0)
+    if job.selector in ("update", "rectify"):
+        ctx.metrics.updates.labels(job.selector, "succeeded").inc()
+        ctx.metrics.records_learned.inc(learned)
+        verification, stability = record["verification"], record["update"].get("stability") or {}
+        if verification.get("bwt_utility") is not None:
+            ctx.metrics.update_bwt.labels(job.model_name).set(verification["bwt_utility"])
+        if stability.get("gap") is not None:
+            ctx.metrics.update_stability_gap.labels(job.model_name).set(stability["gap"])
     _issue(ctx, job, request_rows, resolution["requests"], shared, record["label"], progress,
            f"version {version} registered and serving as {alias!r}; {resolution['erased']} record(s) erased"
            + (f", {learned} learned" if learned else ""))
     return JobState.SUCCEEDED
 
 
-def resolve_erasure(ctx: PipelineContext, job, request_rows, info: ModelInfo, progress: Progress,
-                    record_hashes_only: bool = False) -> Scope | None:
-    """resolve: the job's requests against the base dataset version -> a :class:`Scope` (None when no record
-    matched: the job then ends with "no records found" certificates).
-
-    ``record_hashes_only``: match the requests' record hashes only (a rectification names records; its
-    subject is not erased)."""
+def resolve_erasure(ctx: PipelineContext, job, request_rows, info: ModelInfo, progress: Progress) -> Scope:
+    """resolve: the job's requests against the base dataset version -> a :class:`Scope` (its ``erase`` mask
+    is empty when no record matched: the job then ends with "no records found" certificates)."""
     with ctx.store.read() as conn:
         dataset_row = db.dataset_for_model_version(conn, job.model_name, job.base_version)
     if dataset_row is None:
         raise RuntimeError(f"no dataset version recorded for {job.model_name} version {job.base_version}")
-    support = task_support(info)  # what differs between classifiers and causal LMs
-    request_ids = tuple(r.request_id for r in request_rows)
-    progress.stage("resolve", f"resolving {len(request_ids)} request(s) against dataset {dataset_row.digest[:12]}")
+    progress.stage("resolve", f"resolving {len(request_rows)} request(s) against dataset {dataset_row.digest[:12]}")
     data = ctx.catalog.load(dataset_row.path, dataset_row.digest)
-    matched = {row.request_id: data.match(set() if record_hashes_only else set(row.subject_hashes),
-                                          set(row.record_hashes), set(row.classes))
+    matched = {row.request_id: data.match(set(row.subject_hashes), set(row.record_hashes), set(row.classes))
                for row in request_rows}
+    scope = build_scope(ctx, job, info, data, dataset_row, matched,
+                        tuple(sorted({c for row in request_rows for c in row.classes})) or None)
+    fault_point("stage:resolve:inside")
+    return scope
+
+
+def build_scope(ctx: PipelineContext, job, info: ModelInfo, data: LoadedDataset, dataset_row,
+                matched: dict[str, np.ndarray], classes: tuple[int, ...] | None = None) -> Scope:
+    """The masks of a job over ``data``: ``matched`` holds, per request, the records it erases (an update
+    erases none; a rectification its old values)."""
     erase = np.logical_or.reduce(list(matched.values())) if matched else np.zeros(len(data), dtype=bool)
     train, holdout_all = data.split_mask("train"), data.split_mask("holdout")
-    classes = tuple(sorted({c for row in request_rows for c in row.classes})) or None
     # Consecutive class erasures on one model lineage are consecutive tasks (issue 6): the method is told
     # EVERY class erased so far (the parent version's ``lethe.erased_classes`` tag plus this job's classes).
     # The forget set stays this job's records: the earlier classes' records were purged from the dataset by
@@ -337,10 +352,9 @@ def resolve_erasure(ctx: PipelineContext, job, request_rows, info: ModelInfo, pr
         "erased": int(erase.sum()), "tombstones": sorted(data.record_hashes[erase].astype(str).tolist()),
         "dataset_digest": dataset_row.digest, "dataset_records": len(data), "lineage_classes": list(lineage_classes),
     }
-    scope = Scope(data, dataset_row, support, erase, erase & train, train & ~erase, never_trained & ~audit_side,
-                  never_trained & audit_side, earlier_mask & ~erase, classes, earlier_classes, lineage_classes,
-                  resolution)
-    fault_point("stage:resolve:inside")
+    scope = Scope(data, dataset_row, task_support(info), erase, erase & train, train & ~erase,
+                  never_trained & ~audit_side, never_trained & audit_side, earlier_mask & ~erase, classes,
+                  earlier_classes, lineage_classes, resolution)
     if not (scope.tune.any() and scope.audit.any()):
         raise RuntimeError("the job would leave no never-trained records in the tune or audit split "
                            f"(tune {int(scope.tune.sum())}, audit {int(scope.audit.sum())})")

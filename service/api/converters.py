@@ -53,6 +53,34 @@ def erasure_from_proto(erasure: types_pb2.Erasure, submitter_hash: str | None = 
     )
 
 
+def update_from_proto(update: types_pb2.Update, submitter_hash: str | None = None) -> domain.UpdateSubmission:
+    """Paths in errors are relative to the ``Update`` message (``records[2].columns.label``)."""
+    return domain.UpdateSubmission(
+        request_id=update.request_id, model_name=update.model_name,
+        records=tuple(_record_from_proto(record, f"records[{index}]") for index, record in enumerate(update.records)),
+        dataset_uri=update.dataset_uri or None, strategy=update.strategy or None,
+        strategy_params=struct_to_dict(update.strategy_params, "strategy_params"),
+        deadline=timestamp_to_datetime(update.deadline, "deadline") if update.HasField("deadline") else None,
+        submitter_hash=submitter_hash)
+
+
+def rectification_from_proto(rectification: types_pb2.Rectification,
+                             submitter_hash: str | None = None) -> domain.RectificationSubmission:
+    return domain.RectificationSubmission(
+        request_id=rectification.request_id, subject_id=rectification.subject_id,
+        corrected=tuple(_record_from_proto(record, f"corrected_records[{index}]")
+                        for index, record in enumerate(rectification.corrected_records)),
+        model_names=tuple(rectification.model_names), strategy=rectification.strategy or None,
+        strategy_params=struct_to_dict(rectification.strategy_params, "strategy_params"),
+        deadline=(timestamp_to_datetime(rectification.deadline, "deadline")
+                  if rectification.HasField("deadline") else None),
+        submitter_hash=submitter_hash)
+
+
+def _record_from_proto(record: types_pb2.Record, path: str) -> domain.NewRecord:
+    return domain.NewRecord(record.record_id, record.subject_id, struct_to_dict(record.columns, f"{path}.columns"))
+
+
 def registration_from_proto(request: service_pb2.RegisterModelRequest) -> domain.ModelRegistration:
     which = request.WhichOneof("model_version")
     return domain.ModelRegistration(
