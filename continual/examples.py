@@ -49,3 +49,25 @@ def join(first: ExampleSet, second: ExampleSet) -> ExampleSet:
         raise InvalidDataError("examples", f"cannot join sets with fields {sorted(first.tensors)} and "
                                f"{sorted(second.tensors)}")
     return ExampleSet({name: join_tensors(name, first[name], second[name]) for name in first.tensors})
+
+
+def stack_batches(batches: list[dict[str, Tensor]]) -> tuple[dict[str, Tensor], list[dict[str, Tensor]]]:
+    """One batch made of several (for a single forward pass), and each part padded to its width.
+
+    Sequence fields are right-padded to the widest part; the returned parts are the inputs as the combined
+    batch holds them, so a loss computed on a slice of the combined outputs can read its part's fields.
+    """
+    names = set(batches[0])
+    if any(set(batch) != names for batch in batches):
+        raise InvalidDataError("batch", "cannot stack batches with different fields")
+    padded = []
+    for batch in batches:
+        part = {}
+        for name, tensor in batch.items():
+            if is_sequence_field(name, tensor):
+                width = max(other[name].shape[1] for other in batches)
+                tensor = pad_width(tensor, width)
+            part[name] = tensor
+        padded.append(part)
+    combined = {name: torch.cat([part[name] for part in padded]) for name in batches[0]}
+    return combined, padded

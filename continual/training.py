@@ -6,8 +6,9 @@
   into the batch before it: batch norm cannot normalise a single example in training mode (PyTorch raises),
   and one example would weigh as much as a full batch in that step;
 - :func:`make_update_optimizer` with :func:`decaying_schedule`: the recipe's optimiser at the update's
-  learning rate, decayed linearly to 0 over the update (as :func:`unlearn.lm.model.train_lm`: the end of an
-  update is what is registered, and a decayed rate settles there instead of oscillating);
+  learning rate, warmed up linearly over the first 20% of the steps, then decayed linearly to 0 (as
+  :func:`unlearn.lm.model.train_lm`: the end of an update is what is registered, and a decayed rate settles
+  there instead of oscillating);
 - :func:`seeded`: dropout and every other use of torch's global RNG inside a strategy draw from a forked
   RNG seeded with the request's seed, so the same seed gives the same weights and the caller's RNG is left
   as it was;
@@ -77,9 +78,26 @@ def make_update_optimizer(request: UpdateRequest, params, lr: float) -> torch.op
     return make_optimizer(replace(request.recipe, lr=lr), params)
 
 
+WARMUP_FRACTION = 0.2
+
+
 def decaying_schedule(optimizer: torch.optim.Optimizer, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
-    """Linear decay from the optimiser's rate to 0 over ``total_steps`` (call ``step()`` after each step)."""
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: max(0.0, 1.0 - step / max(total_steps, 1)))
+    """Linear warm-up over the first :data:`WARMUP_FRACTION` of ``total_steps``, then linear decay to 0
+    (call ``step()`` after each optimiser step).
+
+    Why the warm-up: Adam's first steps move every parameter by about the learning rate whatever its
+    gradient, and at the start of an update that jolt is what makes old-task accuracy dip (the stability
+    gap); ramping the rate up lets the moment estimates settle first.
+    """
+    total = max(total_steps, 1)
+    warmup = max(1, round(WARMUP_FRACTION * total))
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        return max(0.0, (total - step) / max(total - warmup, 1))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
 @contextlib.contextmanager

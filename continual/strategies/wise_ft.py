@@ -93,12 +93,14 @@ class WiseFTFinetuneConfig:
 
 @dataclass(frozen=True)
 class WiseFTReplayConfig:
-    """``wise-ft+replay``: ReplayConfig's fields (alpha, beta, buffer_batch_size, epochs, lr_scale), then
-    WiSE-FT's (max_utility_drop, grid_steps); see :class:`ReplayConfig` and :class:`WiseFTSettings`."""
+    """``wise-ft+replay``: ReplayConfig's fields (alpha, beta, buffer_batch_size, stored_logits, epochs,
+    lr_scale), then WiSE-FT's (max_utility_drop, grid_steps); see :class:`ReplayConfig` and
+    :class:`WiseFTSettings`."""
 
     alpha: float = 0.3
     beta: float = 0.5
     buffer_batch_size: int = 0
+    stored_logits: Literal["insertion", "current"] = "insertion"
     epochs: int = 0
     lr_scale: float = 1.0
     max_utility_drop: float = 0.02

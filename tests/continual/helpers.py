@@ -83,3 +83,29 @@ def class_problem() -> ClassProblem:
 
 
 FAST_RECIPE = replace(RECIPE, epochs=3)
+
+
+def lm_update_request(problem, people=(8, 9), **overrides) -> UpdateRequest:
+    """An update teaching the tiny GPT of :func:`tests.unlearn.lm_helpers.lm_problem` two of its held-out people."""
+    update = problem.holdout.subset([i for i, s in enumerate(problem.holdout["subject_id"].tolist()) if s in people])
+    old = problem.forget.concat(problem.retain)
+    record_ids = tuple(f"lm-update-{i}" for i in range(len(update)))
+    subject_hashes = tuple(f"person-{int(s)}" for s in update["subject_id"])
+    from tests.unlearn.lm_helpers import RECIPE as LM_RECIPE
+    from tests.unlearn.lm_helpers import SPEC
+    from unlearn.lm.model import GPTFactory
+
+    factory = GPTFactory(len(problem.task.tokenizer), SPEC, problem.task.eos_token_id)
+    fields = dict(task=problem.task, update=update, update_record_ids=record_ids, update_subject_hashes=subject_hashes,
+                  recipe=replace(LM_RECIPE, lr=3e-3), update_epochs=2, retain=old, tune=old.subset(list(range(10))),
+                  buffer=lm_buffer(problem, old), model_factory=factory, seed=0)
+    fields.update(overrides)
+    return UpdateRequest(**fields)
+
+
+def lm_buffer(problem, old: ExampleSet, capacity: int = 16) -> ReplayBuffer:
+    buffer = ReplayBuffer(capacity, seed=0)
+    logits, _ = collect(problem.task, problem.model, old)
+    buffer.offer(old, logits, [f"lm-old-{i}" for i in range(len(old))],
+                 [f"person-{int(s)}" for s in old["subject_id"]])
+    return buffer
