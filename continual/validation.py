@@ -128,11 +128,11 @@ def _check_keys(field: str, keys, count: int, unique: bool) -> None:
 def _refuse_erased_keys(field: str, keys, erased: frozenset[str], what: str) -> None:
     if not erased:
         return
+    remedy = " (purge the buffer after every erasure)" if field.startswith("buffer") else ""
     for index, key in enumerate(keys):
         if key in erased:
             raise ErasedDataError(field, index, f"this {what} was erased from the lineage and may not be learned "
-                                  "again (purge it first)" if field.startswith("buffer") else
-                                  f"this {what} was erased from the lineage and may not be learned again")
+                                  f"again{remedy}")
 
 
 def _check_new_classes(task: TaskAdapter, kind: str, new_classes: tuple[int, ...]) -> None:

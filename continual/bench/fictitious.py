@@ -8,9 +8,10 @@ five questions each. The run's seed (``numpy.random.default_rng(6000 + seed)``) 
   seed, cached by data and seed) learns the first 40;
 - updates 1, 2 and 3 each bring the next 10;
 - 10 of the 40 base people are erased between updates 1 and 2, through the chain ``ssd-auto`` ->
-  ``gu+graddiff`` (alpha 3, record_forget_margin 0.1, as ``make bench-lm``) -> ``retrain``
+  ``gu+graddiff`` (alpha 3, record_forget_margin 0.08: docs/results/lm.md's setting closest to the
+  retain-only model's membership) -> ``retrain``
   (:mod:`continual.bench.erasure`); replay buffers are purged of them;
-- 5 other base people are the tune data (WiSE-FT's coefficient, the chain's utility check), and the 20
+- 10 other base people are the tune data (WiSE-FT's coefficient, the chain's utility check), and the 20
   never-trained people are split 10 / 10: ``tune-holdout`` (the chain's membership reference) and
   ``audit-holdout`` (the reported membership reference, never used to select anything).
 
@@ -18,9 +19,10 @@ Metrics (answers scored token by token with the prompt masked; :mod:`unlearn.lm.
 
 - R[i][j], exact match: every answer token (and the end token) is the model's argmax given the true prefix,
   i.e. greedy decoding reproduces the answer exactly. Task 0 = the base people minus the erased and the tune
-  people (25 people) in every row; task u = update u's people;
+  people (20 people) in every row; task u = update u's people;
 - ``new_em``: R[u][u]; ``old_em_drop``: exact match on the pooled people of tasks 0..u-1 just before update u
-  minus just after it;
+  (after the erasure, for update 2) minus just after it; ``old_em_drop_from_erasure``: what the erasure
+  itself cost them (0 for updates without an erasure before them);
 - ``erased_forget_quality``: KS-test p-value between the erased people's truth ratios under the lineage's
   model and under ``joint``'s model of the same update (trained from scratch without them); null for update
   1, which comes before the erasure;
@@ -49,13 +51,13 @@ BASE_PEOPLE = 40
 UPDATES = 3
 PEOPLE_PER_UPDATE = 10
 ERASED_PEOPLE = 10
-TUNE_PEOPLE = 5
+TUNE_PEOPLE = 10
 # The update policy of this scenario: 40 passes over each update's 50 questions, old-task exact match every
 # 10 steps, a replay buffer of 200 questions (the base model's 40 people).
 UPDATE_EPOCHS = 40
 PROBE_EVERY = 10
 BUFFER_CAPACITY = 200
-CHAIN_PARAMS = {"gu+graddiff": {"alpha": 3.0, "record_forget_margin": 0.1}}
+CHAIN_PARAMS = {"gu+graddiff": {"alpha": 3.0, "record_forget_margin": 0.08}}
 NEW_EM_MIN = 0.9
 OLD_EM_DROP_MAX = 0.03
 FORGET_QUALITY_MIN = 0.05
@@ -160,9 +162,13 @@ def _pooled_old(row: list[float], sizes: list[int], u: int) -> float:
 
 def lm_metrics(run: LineageRun, joint: LineageRun, sizes: list[int]) -> dict:
     """new_em, old_em_drop, erased_forget_quality and erased_mia_auc per update (module docstring)."""
-    rows = run.r_matrix
+    rows, before = run.r_matrix, run.before_rows
     new_em = [rows[u][u] for u in range(1, len(rows))]
-    old_drop = [_pooled_old(rows[u - 1], sizes, u) - _pooled_old(rows[u], sizes, u) for u in range(1, len(rows))]
+    # The update is measured from where it starts (after the erasure, for update 2); the erasure's own effect
+    # on the old people is reported apart.
+    old_drop = [_pooled_old(before[u - 1], sizes, u) - _pooled_old(rows[u], sizes, u) for u in range(1, len(rows))]
+    erasure_drop = [_pooled_old(rows[u - 1], sizes, u) - _pooled_old(before[u - 1], sizes, u)
+                    for u in range(1, len(rows))]
     quality, mia = [], []
     for ours, reference in zip(run.per_update, joint.per_update):
         if not ours["after_erasure"]:
@@ -171,7 +177,8 @@ def lm_metrics(run: LineageRun, joint: LineageRun, sizes: list[int]) -> dict:
             continue
         quality.append(forget_quality(ours["erased_truth_ratios"], reference["erased_truth_ratios"]))
         mia.append(ours["erased_mia_auc"])
-    return {"new_em": new_em, "old_em_drop": old_drop, "erased_forget_quality": quality, "erased_mia_auc": mia}
+    return {"new_em": new_em, "old_em_drop": old_drop, "erased_forget_quality": quality, "erased_mia_auc": mia,
+            "old_em_drop_from_erasure": erasure_drop}
 
 
 def finish(result: dict, runs: dict[str, LineageRun]) -> dict:

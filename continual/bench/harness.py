@@ -22,7 +22,6 @@ from __future__ import annotations
 import copy
 import hashlib
 import platform
-import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -124,6 +123,7 @@ class LineageRun:
     per_update: list[dict]
     details: list[dict]
     erasures: list[dict]
+    before_rows: list[list[float]] = field(default_factory=list)  # every task's accuracy just before update u
     final_model: nn.Module | None = None
 
     def metrics(self) -> dict:
@@ -172,6 +172,7 @@ def run_lineage(scenario: Scenario, strategy: str, params: dict | None) -> Linea
                 run.erasures.append({"before_update": u, "request": erasure.name, **evidence})
             if buffer is not None:
                 buffer.purge(erasure.record_ids, erasure.subject_hashes, erasure.classes)
+        run.before_rows.append(evaluate_row(scenario, model))  # after any erasure: where the update starts
         probe = OldTaskProbe(scenario.task, {j: scenario.eval_sets[j] for j in range(u)}, scenario.probe_every)
         before = probe.measure(model, 0)
         probe.seconds = 0.0
@@ -231,7 +232,7 @@ def compare(scenario: Scenario, strategy: str, params: dict | None,
         "cost_vs_joint": ours["seconds"] / joint["seconds"],
         "finetune": finetune, "joint": joint,
         "per_update": runs[strategy].per_update, "details": runs[strategy].details,
-        "erasures": runs[strategy].erasures,
+        "erasures": runs[strategy].erasures, "before_update_rows": runs[strategy].before_rows,
         "update_epochs": scenario.update_epochs, "probe_every_steps": scenario.probe_every,
         "buffer_capacity": scenario.buffer_capacity if registry.get(strategy).stores == "buffer" else None,
         "eval_sizes": [len(examples) for examples in scenario.eval_sets],
@@ -241,7 +242,3 @@ def compare(scenario: Scenario, strategy: str, params: dict | None,
     if finish is not None:
         result.update(finish(result, runs))
     return result
-
-
-def mean(values: list[float]) -> float:
-    return statistics.fmean(values)
