@@ -35,7 +35,7 @@ bench-lm: $(STAMP)
 	  --seeds 0,1,2 --params '{"alpha": 3.0, "record_forget_margin": 0.1}' --json | tail -n 1
 
 # Continual learning: every scenario of continual.bench (strategy vs finetune and joint), seeds 0-2; appends to
-# docs/results/continual-runs.jsonl (finished runs are skipped) and prints the tables (docs/results/continual.md).
+# .cache/lethe/continual-runs.jsonl (finished runs are skipped) and prints the tables of docs/results/continual.md.
 bench-continual: $(STAMP)
 	OMP_NUM_THREADS=1 $(BIN)/python -m continual.bench.sweep --seeds 0,1,2
 

@@ -21,6 +21,7 @@ Seeds within one update: shuffling ``seed``, buffer sampling ``seed + 1``, dropo
 from __future__ import annotations
 
 import contextlib
+import copy
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 
@@ -115,8 +116,6 @@ def model_device(model: nn.Module) -> torch.device:
 
 def copy_for_update(model: nn.Module) -> nn.Module:
     """The copy a strategy trains (the caller's model is never changed); every parameter trainable."""
-    import copy
-
     work = copy.deepcopy(model)
     for parameter in work.parameters():
         parameter.requires_grad_(True)
@@ -125,8 +124,6 @@ def copy_for_update(model: nn.Module) -> nn.Module:
 
 def frozen_copy(model: nn.Module) -> nn.Module:
     """A teacher or anchor: a copy of the current version in eval mode without gradients."""
-    import copy
-
     teacher = copy.deepcopy(model).eval()
     for parameter in teacher.parameters():
         parameter.requires_grad_(False)

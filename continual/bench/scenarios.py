@@ -19,7 +19,9 @@ from pathlib import Path
 
 import torch
 
+from continual import registry
 from continual.bench.harness import LineageRun, compare
+from continual.registry import CAUSAL_LM, CLASSIFICATION
 
 ACC_TOLERANCE = 0.03
 BWT_FLOOR = -0.03
@@ -72,16 +74,18 @@ def _fictitious_finish(result: dict, runs: dict[str, LineageRun]) -> dict:
     return finish(result, runs)
 
 
+# name -> (task kind, builder, finish)
 SCENARIOS = {
-    "digits-incremental": (_digits("digits_incremental"), incremental_targets),
-    "digits-domain-shift": (_digits("digits_domain_shift"), incremental_targets),
-    "digits-erase-then-update": (_digits("digits_erase_then_update"), erase_targets),
-    "fictitious-updates": (_fictitious, _fictitious_finish),
+    "digits-incremental": (CLASSIFICATION, _digits("digits_incremental"), incremental_targets),
+    "digits-domain-shift": (CLASSIFICATION, _digits("digits_domain_shift"), incremental_targets),
+    "digits-erase-then-update": (CLASSIFICATION, _digits("digits_erase_then_update"), erase_targets),
+    "fictitious-updates": (CAUSAL_LM, _fictitious, _fictitious_finish),
 }
 
 
 def run_scenario(name: str, strategy: str, seed: int, params: dict | None, device: torch.device,
                  cache_dir: Path) -> dict:
-    build, finish = SCENARIOS[name]
+    kind, build, finish = SCENARIOS[name]
+    registry.parse_config(strategy, params, kind)  # an unknown parameter or task kind fails before any work
     torch.manual_seed(seed)
     return compare(build(seed, cache_dir, device), strategy, params, finish)

@@ -107,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--scenarios", default=",".join(SWEEP))
-    parser.add_argument("--out", default="docs/results/continual-runs.jsonl")
+    parser.add_argument("--out", default=".cache/lethe/continual-runs.jsonl")
     parser.add_argument("--summarize", action="store_true", help="only print the tables of --out")
     args = parser.parse_args(argv)
     out = Path(args.out)
