@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import uuid
 from datetime import datetime, timedelta, timezone
@@ -64,11 +65,15 @@ def _register(args) -> int:
     from service.api.pb import service_pb2, types_pb2
 
     policy = types_pb2.VerificationPolicy(default_method=args.default_method or "")
-    for name in ("max_utility_drop", "record_forget_margin", "class_forget_max_accuracy", "onnx_tolerance"):
+    for name in ("max_utility_drop", "class_forget_max_accuracy", "onnx_tolerance", "min_forget_p", "mia_auc_margin"):
         if getattr(args, name) is not None:
             setattr(policy, name, getattr(args, name))
     if args.method_params:
         policy.method_params.update(_json_object(args.method_params, "--method-params"))
+    for step in _json_list(args.method_chain, "--method-chain") if args.method_chain else ():
+        if not isinstance(step, dict) or not isinstance(step.get("name"), str):
+            raise SystemExit("error: --method-chain must be a JSON list of {\"name\": ..., \"params\": {...}}")
+        policy.method_chain.add(name=step["name"]).params.update(step.get("params") or {})
     request = service_pb2.RegisterModelRequest(
         model_name=args.model, task_type=types_pb2.TaskType.Value(f"TASK_TYPE_{args.task.upper()}"),
         dataset_uri=args.dataset, policy=policy, num_classes=args.num_classes or 0,
@@ -190,7 +195,11 @@ def _audit_verify(args) -> int:
     if not args.state_dir and not args.store_url:
         from service.settings import Settings
 
-        args.state_dir = str(Settings().state_dir)
+        settings = Settings()
+        if os.environ.get("LETHE_JOB_STORE_URL"):  # in a pod: the store the server uses (PostgreSQL when scaled out)
+            args.store_url = settings.job_store_url
+        else:
+            args.state_dir = str(settings.state_dir)
     forwarded = ["verify"]
     for option in ("state_dir", "store_url", "key_file", "certificate"):
         value = getattr(args, option)
@@ -200,7 +209,11 @@ def _audit_verify(args) -> int:
 
 
 def _demo(args) -> int:
-    from service.demo import run_demo
+    try:
+        from lethe_demo.demo import run_demo
+    except ImportError:  # the service image ships the service, not the demo
+        print("error: the demo is not installed here (it ships with the source tree: `make demo`)", file=sys.stderr)
+        return 2
 
     return run_demo(state_dir=args.state_dir, subjects=args.subjects, keep=args.keep)
 
@@ -290,6 +303,16 @@ def _client(args):
     return Client(target, token)
 
 
+def _json_list(text: str, option: str) -> list:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise SystemExit(f"error: {option} is not JSON: {error}") from error
+    if not isinstance(value, list):
+        raise SystemExit(f"error: {option} must be a JSON list")
+    return value
+
+
 def _json_object(text: str, option: str) -> dict:
     try:
         value = json.loads(text)
@@ -342,11 +365,17 @@ def _parser() -> argparse.ArgumentParser:
                           help="training data URI (Parquet: record_id, subject_id, split, task columns)")
     register.add_argument("--num-classes", type=int)
     register.add_argument("--max-utility-drop", type=float)
-    register.add_argument("--record-forget-margin", type=float)
     register.add_argument("--class-forget-max-accuracy", type=float)
     register.add_argument("--onnx-tolerance", type=float)
-    register.add_argument("--default-method", help="unlearning method used when a request names none")
-    register.add_argument("--method-params", help="JSON object of the default method's parameters")
+    register.add_argument("--min-forget-p", type=float,
+                          help="record erasure: KS p-value floor of erased vs never-seen losses (default 0.005)")
+    register.add_argument("--mia-auc-margin", type=float,
+                          help="record erasure: loss-attack AUC within 0.5 +- this (default 0.1)")
+    register.add_argument("--method-chain",
+                          help='escalation chain as JSON, e.g. \'[{"name": "ssd-auto"}, {"name": "retrain"}]\'; '
+                               "default: the task's chain (ssd-auto, gu+graddiff, retrain when a recipe is given)")
+    register.add_argument("--default-method", help="a chain of one method (older form of --method-chain)")
+    register.add_argument("--method-params", help="JSON object of --default-method's parameters")
     register.add_argument("--model-factory", help="'module:function' building the untrained model (for retrain)")
     register.add_argument("--train-recipe", help="JSON object of the training recipe (for retrain)")
     register.set_defaults(run=_register)
@@ -397,8 +426,9 @@ def _parser() -> argparse.ArgumentParser:
     verify = audit_commands.add_parser("verify", help="check the hash chain and every certificate offline")
     verify.add_argument("--state-dir", default=None,
                         help="embedded state directory (default LETHE_STATE_DIR or .lethe)")
-    verify.add_argument("--store-url", help="SQLAlchemy URL of the job store (instead of --state-dir)")
-    verify.add_argument("--key-file", help="hex audit key (default <state-dir>/keys/audit.key)")
+    verify.add_argument("--store-url", help="SQLAlchemy URL of the job store (default LETHE_JOB_STORE_URL when set, "
+                        "instead of --state-dir)")
+    verify.add_argument("--key-file", help="hex audit key (default LETHE_AUDIT_KEY, else <state-dir>/keys/audit.key)")
     verify.add_argument("--certificate", help="also check one certificate (JSON with body_json and signature)")
     verify.set_defaults(run=_audit_verify)
 

@@ -9,10 +9,11 @@ they leave the request: the engine stores keyed hashes.
 from __future__ import annotations
 
 import enum
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Protocol
+
+from unlearn.membership import DEFAULT_AUC_MARGIN, DEFAULT_MIN_P
 
 
 # --------------------------------------------------------------------------------------------- errors
@@ -90,22 +91,43 @@ class TaskType(str, enum.Enum):
 
 
 @dataclass(frozen=True)
+class MethodStep:
+    """One method of a policy's escalation chain: a registry name and its parameters."""
+
+    name: str
+    params: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
 class VerificationPolicy:
     """How a model's unlearning results are judged (per model; overridable per request within limits).
 
-    max_utility_drop: largest accepted fall in holdout accuracy (fraction, e.g. 0.02).
-    record_forget_margin: record erasure passes when forget accuracy <= holdout accuracy + margin.
+    Every numeric value is bounded (:data:`unlearn.gate.POLICY_LIMITS`, ``onnx_tolerance`` by
+    :data:`service.verification.ONNX_TOLERANCE_LIMITS`): a policy can make the gate stricter or slightly
+    looser, never switch it off.
+
+    max_utility_drop: largest accepted fall in utility accuracy (fraction, e.g. 0.02): a classifier's
+        ``audit`` records of the classes that stay, a causal LM's retained people (answer exact match).
     class_forget_max_accuracy: class erasure passes when forget accuracy <= this (near chance or below).
+    min_forget_p: record/subject erasure: KS p-value of the erased records' losses against the ``audit``
+        records' must be at least this (:mod:`unlearn.membership`).
+    mia_auc_margin: record/subject erasure: loss-attack AUC within 0.5 +- this (plus the null's noise).
     onnx_tolerance: max absolute difference between PyTorch and onnxruntime outputs.
-    default_method: method used when a request names none; method_params: its parameters.
+    method_chain: the escalation chain, tried in order from the same base version until one result passes
+        the gate; empty at registration means the task's default chain (:data:`unlearn.chain.DEFAULT_CHAINS`,
+        ``retrain`` only when a training recipe is registered).
     """
 
     max_utility_drop: float = 0.02
-    record_forget_margin: float = 0.02
     class_forget_max_accuracy: float = 0.05
+    min_forget_p: float = DEFAULT_MIN_P
+    mia_auc_margin: float = DEFAULT_AUC_MARGIN
     onnx_tolerance: float = 1e-4
-    default_method: str = "ssd-auto"
-    method_params: dict[str, Any] = field(default_factory=dict)
+    method_chain: tuple[MethodStep, ...] = ()
+
+    @property
+    def default_method(self) -> str | None:
+        return self.method_chain[0].name if self.method_chain else None
 
 
 @dataclass(frozen=True)
@@ -123,6 +145,9 @@ class ModelRegistration:
     # "module:function" taking a seed and returning a fresh model, and unlearn.training.TrainRecipe fields.
     model_factory: str | None = None
     train_recipe: dict[str, Any] = field(default_factory=dict)
+    # True when the client gave the chain's one method as the older ``default_method``/``method_params``
+    # fields: refusals then name those fields, as the client spelled them.
+    chain_from_default_method: bool = False
 
 
 @dataclass(frozen=True)

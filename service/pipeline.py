@@ -22,8 +22,7 @@ import importlib
 import json
 import logging
 import time
-from dataclasses import asdict, dataclass
-from datetime import datetime
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -31,20 +30,21 @@ import numpy as np
 import torch
 from torch import nn
 
-from service import lm_support
 from service import store as db
-from service.audit import AuditLog, canonical_json, sha256_hex
-from service.datasets import DatasetCatalog, LoadedDataset, remove_tree, safe_name
-from service.domain import EventKind, JobState, TaskType, VerificationPolicy
-from service.metrics import Metrics
-from service.mlflow_registry import ERASED_CLASSES_TAG, MlflowRegistry
-from service.settings import Settings
+from service.audit import NO_RECORDS, canonical_json, issue_job_certificates, jsonable, sha256_hex
+from service.datasets import LoadedDataset, remove_tree, safe_name
+from service.context import ModelInfo, PipelineContext
+from service.domain import EventKind, JobState
+from service.mlflow_registry import ERASED_CLASSES_TAG
+from service.task_support import task_support
 from service.verification import effective_policy, verify
 from unlearn import registry as methods
+from unlearn.chain import ChainResult, run_chain
+from unlearn.gate import GateResult
 from unlearn.importance import ImportanceCache, TrainImportance, weights_digest
-from unlearn.lm.task import CausalLMTask
 from unlearn.registry import UnlearnRequest
-from unlearn.tasks import ClassificationTask, collect
+from unlearn.splits import audit_mask
+from unlearn.tasks import TaskAdapter
 from unlearn.training import TrainRecipe
 
 log = logging.getLogger(__name__)
@@ -54,41 +54,6 @@ STAGES: dict[str, tuple[float, float]] = {
     "resolve": (0.00, 0.05), "measure": (0.05, 0.15), "apply": (0.15, 0.60), "verify": (0.60, 0.85),
     "register": (0.85, 0.92), "purge": (0.92, 0.97), "audit": (0.97, 1.00),
 }
-NO_RECORDS = "no records found"
-
-
-@dataclass
-class PipelineContext:
-    """What a job needs from the engine; built once by :class:`service.engine.Engine`."""
-
-    settings: Settings
-    store: db.Store
-    registry: MlflowRegistry
-    catalog: DatasetCatalog
-    audit: AuditLog
-    metrics: Metrics
-    device: torch.device
-
-
-@dataclass(frozen=True)
-class ModelInfo:
-    """A registered model as the store records it."""
-
-    name: str
-    task_type: TaskType
-    num_classes: int
-    policy: VerificationPolicy
-    training: dict[str, Any]
-    serving_version: str
-
-    @classmethod
-    def from_row(cls, row) -> ModelInfo:
-        return cls(row.model_name, TaskType(row.task_type), int(row.num_classes or 0),
-                   policy_from_json(row.policy), dict(row.training or {}), row.serving_version)
-
-
-def policy_from_json(value: dict[str, Any]) -> VerificationPolicy:
-    return VerificationPolicy(**value)
 
 
 class Progress:
@@ -105,6 +70,7 @@ class Progress:
         self.event(STAGES[name][0], message)
 
     def event(self, fraction: float, message: str) -> None:
+        self.ctx.metrics.heartbeat()  # a long job is a live worker too
         with self.ctx.store.write() as conn:
             db.update_job(conn, self.job_id, stage=self.current, progress=fraction)
             db.add_event(conn, self.job_id, self.request_ids, EventKind.PROGRESS.value, JobState.RUNNING.value,
@@ -125,10 +91,6 @@ class Progress:
         self.current = None
 
 
-def _task(info: ModelInfo) -> ClassificationTask:
-    return ClassificationTask(info.num_classes)
-
-
 def _factory(training: dict[str, Any]):
     target = training.get("model_factory")
     if not target:
@@ -141,26 +103,47 @@ def _recipe(training: dict[str, Any]) -> TrainRecipe | None:
     return TrainRecipe(**training["train_recipe"]) if training.get("train_recipe") else None
 
 
-def baseline_correct(ctx: PipelineContext, info: ModelInfo, version: str, data: LoadedDataset,
-                     model: nn.Module) -> np.ndarray:
-    """Per holdout record of the base dataset: does the base model get it right? Cached per model version
-    (a JSON file under the cache directory), so every job on that version skips this pass; utility before
-    is then the mean over whichever holdout records remain."""
-    path = ctx.settings.cache_dir / "measure" / safe_name(info.name) / f"{version}-{data.digest[:16]}.json"
-    holdout = data.split_mask("holdout")
-    if path.exists():
-        cached = json.loads(path.read_text())
-        if cached.get("record_ids") == data.record_ids[holdout].tolist():
-            return np.asarray(cached["correct"], dtype=bool)
-    logits, _ = collect(_task(info), model, data.examples(holdout))
-    correct = (logits.argmax(dim=1).numpy() == data.labels[holdout])
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"record_ids": data.record_ids[holdout].tolist(), "correct": correct.tolist()}))
-    return correct
+def correct_before(ctx: PipelineContext, info: ModelInfo, version: str, data: LoadedDataset, task: TaskAdapter,
+                   model: nn.Module, mask: np.ndarray, examples_of) -> np.ndarray:
+    """Per record of ``mask``: does the base version get it right? Cached per model version by record id (a
+    JSON file under the cache directory), so every job on that version measures only records it has not
+    seen yet; utility before is the mean over whichever records a job's utility set holds."""
+    path = ctx.settings.cache_dir / "measure" / safe_name(info.name) / f"{version}.json"
+    cached: dict[str, bool] = json.loads(path.read_text()) if path.exists() else {}
+    ids = data.record_ids[mask].astype(str)
+    missing = np.array([record_id not in cached for record_id in ids], dtype=bool)
+    if missing.any():
+        todo = np.zeros_like(mask)
+        todo[np.flatnonzero(mask)[missing]] = True
+        cached.update(zip(data.record_ids[todo].astype(str).tolist(), correct_flags(task, model, examples_of(todo))))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(cached))
+    return np.array([cached[record_id] for record_id in ids], dtype=bool)
+
+
+@torch.no_grad()
+def correct_flags(task: TaskAdapter, model: nn.Module, examples, batch_size: int = 256) -> list[bool]:
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    flags: list[bool] = []
+    for batch in examples.batches(batch_size, device):
+        flags += task.correct(model, batch).cpu().tolist()
+    model.train(was_training)
+    return flags
 
 
 def importance_dir(ctx: PipelineContext, model_name: str, version: str) -> Path:
     return ctx.settings.cache_dir / "importance" / safe_name(model_name) / version
+
+
+def job_chain(job, policy, erases_classes: bool) -> list[tuple[str, dict[str, Any]]]:
+    """The job's escalation chain: its own method first (the request's, or the policy's first), then the rest
+    of the policy's chain. Methods that erase whole classes only are skipped for record erasure."""
+    chain = [(job.method, dict(job.method_params))]
+    chain += [(step.name, dict(step.params)) for step in policy.method_chain if step.name != job.method]
+    return [(name, params) for name, params in chain
+            if erases_classes or methods.get(name).erases != "classes"]
 
 
 def run_job(ctx: PipelineContext, job_id: str) -> JobState:
@@ -177,9 +160,7 @@ def run_job(ctx: PipelineContext, job_id: str) -> JobState:
     progress = Progress(ctx, job_id, request_ids, job.method)
     ctx.metrics.coalesced_batch_size.observe(len(request_ids))
     policy = effective_policy(info.policy, dict(job.policy_overrides))
-    is_lm = info.task_type is TaskType.CAUSAL_LM  # causal LM: service.lm_support (task, encoding, gate)
-    task = None if is_lm else _task(info)
-    tokenizer = None
+    support = task_support(info)  # what differs between classifiers and causal LMs
 
     # ---- resolve: requests -> records of this model's dataset version --------------------------------
     progress.stage("resolve", f"resolving {len(request_ids)} request(s) against dataset {dataset_row.digest[:12]}")
@@ -202,84 +183,88 @@ def run_job(ctx: PipelineContext, job_id: str) -> JobState:
                            f"training record(s) of classes {list(earlier_classes)} that earlier jobs erased")
     lineage_classes = tuple(sorted(set(earlier_classes) | set(classes or ())))
     method_classes = lineage_classes if classes else None  # record erasure stays record erasure
-    forget_mask, retain_mask, holdout_mask = erase & train, train & ~erase, holdout_all & ~erase & ~earlier_mask
+    forget_mask, retain_mask = erase & train, train & ~erase
+    # Never-trained records, dealt into tune (methods may stop or search on it) and audit (only the gate),
+    # by keyed hash of the record id: stable across dataset versions (unlearn.splits).
+    never_trained = holdout_all & ~erase & ~earlier_mask
+    audit_side = audit_mask(data.record_ids.astype(str), ctx.settings.split_key_bytes)
+    tune_mask, audit_mask_ = never_trained & ~audit_side, never_trained & audit_side
     if not erase.any():
         _finish_without_records(ctx, job, request_rows, data, progress)
         return JobState.SUCCEEDED
     with ctx.store.write() as conn:
         db.update_job(conn, job_id, records=int(erase.sum()))
-    if not holdout_mask.any():
-        raise RuntimeError("the erasure would leave no holdout records to verify utility on")
+    if not (tune_mask.any() and audit_mask_.any()):
+        raise RuntimeError("the erasure would leave no never-trained records in the tune or audit split "
+                           f"(tune {int(tune_mask.sum())}, audit {int(audit_mask_.sum())})")
 
     # ---- measure before (cached per model version) ------------------------------------------------------
     progress.stage("measure", f"measuring version {job.base_version}")
-    if is_lm:  # every record encoded once with the model's tokenizer (one padded width)
-        base_model, tokenizer = ctx.registry.load_lm(job.model_name, job.base_version)
-        base_model = base_model.to(ctx.device)
-        task = CausalLMTask(tokenizer)
-        encoded = lm_support.encode_dataset(task, data, base_model)
-
-        def examples_of(mask: np.ndarray):
-            return lm_support.subset(encoded, mask)
-        baseline_holdout_acc = None
-    else:
-        base_model = ctx.registry.load_model(job.model_name, job.base_version).to(ctx.device)
-        correct = baseline_correct(ctx, info, job.base_version, data, base_model)
-        baseline_holdout_acc = float(correct[holdout_mask[holdout_all]].mean())
-        examples_of = data.examples
+    base_model = support.load(ctx, job.model_name, job.base_version)
+    task = support.task()
+    examples_of = support.examples(data, base_model)
     weights_before = weights_digest(base_model)
-    forget, retain, holdout = examples_of(forget_mask), examples_of(retain_mask), examples_of(holdout_mask)
+    excluded = tuple(sorted(set(classes or ()) | set(earlier_classes)))
+    utility_mask = support.utility_mask(data, retain_mask, audit_mask_, excluded)
+    utility_before = float(correct_before(ctx, info, job.base_version, data, task, base_model, utility_mask,
+                                          examples_of).mean())
+    forget, retain, tune, audit = (examples_of(forget_mask), examples_of(retain_mask), examples_of(tune_mask),
+                                   examples_of(audit_mask_))
+    utility = examples_of(utility_mask)
+    earlier_left = earlier_mask & ~erase  # records of earlier-erased classes still present (none after purge)
+    earlier = examples_of(earlier_left) if earlier_left.any() else None
 
-    # ---- apply the method on a copy (skipped on resume when the job already registered its version) -----
+    # ---- apply and verify, escalating along the method chain (skipped when a resumed job already registered)
     existing = ctx.registry.version_for_job(job.model_name, job_id)
     stored = dict(job.evidence or {})
+    onnx_path = ctx.settings.cache_dir / "onnx" / f"{job_id}.onnx"
     if existing is not None and stored.get("verification", {}).get("passed"):
         progress.stage("apply", f"resuming: version {existing.version} was already registered by this job")
-        after = (ctx.registry.load_lm(job.model_name, str(existing.version))[0] if is_lm
-                 else ctx.registry.load_model(job.model_name, str(existing.version))).to(ctx.device)
+        after = support.load(ctx, job.model_name, str(existing.version))
         record = stored
+    elif not forget_mask.any():  # only never-trained records matched: nothing to unlearn, only to purge
+        progress.stage("apply", "no training records matched; the model is unchanged and the records are purged")
+        after = base_model
+        record = {"label": "exact", "attempts": [],
+                  "method": {"name": "none", "params": {}, "details": {}, "message": "no training records; only purged"},
+                  "verification": {"passed": True, "checks": [],
+                                   "note": "no training records matched: the model never trained on them"}}
     else:
-        progress.stage("apply", f"{job.method} on {int(forget_mask.sum())} training record(s)")
-        if forget_mask.any():
-            importance = None if is_lm else TrainImportance(
-                task, data.examples(train), ImportanceCache(importance_dir(ctx, job.model_name, job.base_version)))
-            request = UnlearnRequest(task=task, forget=forget, retain=retain, holdout=holdout,
-                                     train_importance=importance, model_factory=_factory(info.training),
-                                     recipe=_recipe(info.training), forget_classes=method_classes, seed=0,
-                                     progress=progress.method_progress)
-            spec = methods.get(job.method)
-            config = methods.parse_config(job.method, job.method_params)
-            result = methods.run(job.method, base_model, request, job.method_params)
-            after = result.model
-            record = {"label": "exact" if result.exact or spec.exact else "approximate",
-                      "method": {"name": job.method, "params": methods.config_to_dict(config),
-                                 "details": _jsonable({k: v for k, v in result.details.items() if k != "search"}),
-                                 "target_reached": result.target_reached, "message": result.message}}
-        else:  # only holdout/test records: the model never trained on them, nothing to unlearn
-            after = base_model
-            record = {"label": "exact", "method": {"name": "none", "params": {}, "details": {},
-                                                   "message": "no training records; only purged"}}
+        chain = job_chain(job, policy, bool(classes))
+        request = UnlearnRequest(task=task, forget=forget, retain=retain, tune=tune,
+                                 train_importance=TrainImportance(task, examples_of(train), ImportanceCache(
+                                     importance_dir(ctx, job.model_name, job.base_version))),
+                                 model_factory=_factory(info.training), recipe=_recipe(info.training),
+                                 forget_classes=method_classes, seed=0, progress=progress.method_progress)
 
-        # ---- verify ---------------------------------------------------------------------------------------
-        progress.stage("verify", "utility, forgetting, membership inference, ONNX export")
-        onnx_path = ctx.settings.cache_dir / "onnx" / f"{job_id}.onnx"
-        earlier_left = earlier_mask & ~erase  # records of earlier-erased classes still present (none after purge)
-        if is_lm:
-            verdict = lm_support.verify_lm(task, base_model, after, forget if len(forget) else holdout, retain,
-                                           holdout, policy, onnx_path)
-        else:
-            verdict = verify(task, base_model, after, forget if len(forget) else holdout, retain, holdout, classes,
-                             policy, onnx_path, baseline_holdout_acc, earlier_classes=earlier_classes,
-                             earlier=data.examples(earlier_left) if earlier_left.any() else None)
-        if not forget_mask.any():
-            verdict.evidence["note"] = "no training records matched: forgetting holds trivially"
-        record["verification"] = verdict.evidence
+        def before_attempt(index: int, method: str) -> None:
+            progress.stage("apply", f"attempt {index + 1}/{len(chain)}: {method} on {int(forget_mask.sum())} "
+                                    "training record(s)")
+
+        def judge(result) -> GateResult:
+            progress.stage("verify", "utility, forgetting, membership against the audit split, ONNX export")
+            return verify(support, task, base_model, result.model, forget, utility, audit, policy, onnx_path,
+                          classes, utility_before, earlier_classes, earlier)
+
+        def after_attempt(attempt) -> None:
+            ctx.metrics.verification.labels("passed" if attempt.gate_passed else "rejected").inc()
+            if attempt.gate is not None:  # the evidence gauges show the latest attempt, whatever its verdict
+                ctx.metrics.record_evidence(job.model_name, attempt.gate.evidence)
+            if not attempt.gate_passed:
+                reason = attempt.error or ", ".join(attempt.gate.failures)
+                progress.event(STAGES["verify"][1], f"attempt {attempt.method} rejected ({reason})")
+
+        outcome = run_chain(base_model, request, chain, judge, after_attempt, before_attempt)
+        record = _attempts_record(outcome)
+        importance = request.train_importance
+        record["train_importance"] = {"used": importance.last_seconds > 0 or importance.last_hit,
+                                      "cached": importance.last_hit, "seconds": importance.last_seconds}
         with ctx.store.write() as conn:
-            db.update_job(conn, job_id, evidence=_jsonable(record))
-        ctx.metrics.verification.labels("passed" if verdict.passed else "rejected").inc()
-        if not verdict.passed:
-            _reject(ctx, job, request_ids, record, verdict.failures, progress)
+            db.update_job(conn, job_id, evidence=jsonable(record))
+        if not outcome.passed:
+            _reject(ctx, job, request_ids, record, outcome, progress)
             return JobState.REJECTED_BY_VERIFICATION
+        after = outcome.result.model
 
     # ---- register: purged dataset version + model version (exactly once), then move the alias ----------
     progress.stage("register", "registering the new version")
@@ -301,7 +286,7 @@ def run_job(ctx: PipelineContext, job_id: str) -> JobState:
     metrics = {k: float(v) for k, v in tags["lethe.metrics"].items() if v is not None}
     onnx_path = ctx.settings.cache_dir / "onnx" / f"{job_id}.onnx"
     version, artifact_uri = ctx.registry.register_job_version(job.model_name, job_id, after, tags, metrics,
-                                                              new_path, onnx_path, tokenizer=tokenizer)
+                                                              new_path, onnx_path, tokenizer=support.tokenizer)
     ctx.registry.set_serving(job.model_name, version)
     weights_after = weights_digest(after)
     with ctx.store.write() as conn:
@@ -337,108 +322,24 @@ def run_job(ctx: PipelineContext, job_id: str) -> JobState:
         "dataset": {"digest_before": dataset_row.digest, "digest_after": new_digest,
                     "records_before": len(data), "records_after": len(frame),
                     "older_versions_removed": removed, "tombstones_added": int(erase.sum())},
-        "method": record["method"], "verification": verification, "code_version": ctx.settings.code_version,
+        "method": record["method"], "attempts": record.get("attempts", []), "verification": verification,
+        "code_version": ctx.settings.code_version,
     }
     ctx.metrics.records_erased.inc(int(erase.sum()))
     _issue(ctx, job, request_rows, matched, data.record_ids, train, shared, record["label"], progress,
-           JobState.SUCCEEDED,
            f"version {version} registered and serving; {int(erase.sum())} record(s) erased")
     return JobState.SUCCEEDED
 
 
 def _issue(ctx: PipelineContext, job, request_rows, matched: dict[str, np.ndarray], record_ids: np.ndarray,
-           train: np.ndarray, shared: dict[str, Any], label: str, progress: Progress, state: JobState,
-           message: str) -> None:
-    """The audit stage's single transaction.
-
-    ``record_ids_sha256`` hashes the record ids this request actually matched in the dataset (sorted, one
-    per line), so an auditor holding the ids can check which records a certificate covers.
-    """
+           train: np.ndarray, shared: dict[str, Any], label: str, progress: Progress, message: str) -> None:
+    """The audit stage: certificates, chain entries, job and request states in one transaction."""
     progress.finish()
     with ctx.store.write() as conn:
-        for row in request_rows:
-            mask = matched.get(row.request_id)
-            found = int(mask.sum()) if mask is not None else 0
-            body = {
-                **shared, "request_id": row.request_id, "label": label if found else NO_RECORDS,
-                "statement": _statement(label if found else NO_RECORDS, job.model_name, found,
-                                        shared.get("model", {}).get("weights_changed", True)),
-                "subjects": {"count": len(row.subject_hashes), "keyed_sha256": sorted(row.subject_hashes)},
-                "classes": list(row.classes),
-                "records": {"matched": found, "erased_from_training": int((mask & train).sum()) if found else 0,
-                            "record_ids_sha256": sha256_hex("\n".join(sorted(
-                                record_ids[mask].astype(str).tolist() if found else [])))},
-            }
-            _certify(ctx, conn, row.request_id, job.model_name, job.job_id, body)
-        db.update_job(conn, job.job_id, state=state.value, stage="done", progress=1.0, message=message)
-        ctx.audit.append(conn, "job_finished", {"job_id": job.job_id, "model_name": job.model_name,
-                                                "state": state.value, "request_ids": [r.request_id for r in request_rows],
-                                                "message": message})
-
-
-def _certify(ctx: PipelineContext, conn, request_id: str, model_name: str, job_id: str | None,
-             body: dict[str, Any]) -> str:
-    """Sign, store, chain and announce one certificate; completes the request when it was the last one.
-
-    Every certificate states when it was issued and, when the client set a deadline, whether it was met
-    (:func:`deadline_record`). A late erasure is still done and certified (the obligation does not lapse
-    with the deadline), but the certificate, the audit entry and the TERMINAL event say it was late.
-    """
-    request = db.get_request(conn, request_id)
-    issued_at = db.utcnow()
-    deadline = deadline_record(db.as_utc(request.deadline), issued_at)
-    body = {**body, "issued_at": issued_at.isoformat(), "deadline": deadline}
-    certificate = ctx.audit.sign_certificate(_jsonable(body))
-    certificate_id = sha256_hex(f"{request_id}\n{model_name}")[:32]
-    db.insert_certificate(conn, certificate_id, request_id, model_name, job_id, certificate.body_json,
-                          certificate.signature)
-    late = bool(deadline and deadline["late"])
-    ctx.audit.append(conn, "certificate_issued", {
-        "certificate_id": certificate_id, "request_id": request_id, "model_name": model_name, "job_id": job_id,
-        "certificate_sha256": sha256_hex(certificate.body_json), "late": late})
-    issued = {row.model_name for row in db.certificates_for(conn, request_id)}
-    if set(request.model_names) <= issued:
-        db.complete_request(conn, request_id)
-    message = f"certificate issued for model {model_name} ({body['label']})"
-    if late:
-        # Counted when written, like records_erased: a rolled-back audit transaction (the job is then retried)
-        # could count one certificate twice; the certificate body is the record of truth.
-        ctx.metrics.certificates_late.inc()
-        message += f"; LATE: {deadline['late_by_s']:.0f} s after the request's deadline {deadline['at']}"
-        log.warning("request %s certified %.0f s after its deadline", request_id, deadline["late_by_s"])
-    db.add_event(conn, job_id or "", (request_id,), EventKind.TERMINAL.value, JobState.SUCCEEDED.value, "done",
-                 1.0, message, certificate_id)
-    return certificate_id
-
-
-def deadline_record(deadline: datetime | None, issued_at: datetime) -> dict[str, Any] | None:
-    """The certificate's account of the client's deadline: None when the request set none; otherwise the
-    deadline, whether the certificate came after it, and by how many seconds."""
-    if deadline is None:
-        return None
-    late_by_s = (issued_at - deadline).total_seconds()
-    return {"at": deadline.isoformat(), "late": late_by_s > 0, "late_by_s": round(max(late_by_s, 0.0), 3)}
-
-
-def _statement(label: str, model_name: str, found: int, weights_changed: bool = True) -> str:
-    """The certificate's one-sentence claim. It must not claim more than happened: when the method left the
-    weights unchanged (e.g. ``ssd-auto`` found the records already scored no better than unseen data), the
-    statement says so instead of claiming their influence was removed."""
-    if label == NO_RECORDS:
-        return (f"No records of this request were found in the training data of model {model_name!r}; "
-                "nothing had to be unlearned.")
-    if label == "exact":
-        kind = "exact unlearning (the model was retrained, or never trained, without the records)"
-    elif weights_changed:
-        kind = ("approximate unlearning: the records' influence was removed by the named method and the "
-                "result was verified with the recorded evidence; this attests the process, not a proof "
-                "from the weights")
-    else:
-        kind = ("approximate unlearning in which the named method left the model's weights unchanged: the "
-                "recorded evidence shows the model already scored these records no better than unseen data "
-                "(within the policy's margin); the records were purged from the training data and the new "
-                "version registered; this attests the process and its evidence, not a proof from the weights")
-    return f"{found} record(s) were removed from model {model_name!r} and its training data by {kind}."
+        late = issue_job_certificates(conn, ctx.audit, job, request_rows, matched, record_ids, train, shared, label,
+                                      JobState.SUCCEEDED, message)
+    # Counted after the commit: a rolled-back audit transaction (the job is then retried) counts nothing.
+    ctx.metrics.certificates_late.inc(late)
 
 
 def _finish_without_records(ctx, job, request_rows, data: LoadedDataset, progress: Progress) -> None:
@@ -447,15 +348,44 @@ def _finish_without_records(ctx, job, request_rows, data: LoadedDataset, progres
               "dataset": {"digest_searched": data.digest, "records_searched": len(data)},
               "code_version": ctx.settings.code_version}
     _issue(ctx, job, request_rows, {}, data.record_ids, data.split_mask("train"), shared, NO_RECORDS, progress,
-           JobState.SUCCEEDED,
            "no records of these requests remain in the training data; nothing to unlearn")
 
 
+def _attempts_record(outcome: ChainResult) -> dict[str, Any]:
+    """The job's evidence: every attempt with its gate verdict, and the chosen one's method and verification."""
+    attempts = []
+    for attempt in outcome.attempts:
+        summary = attempt.summary()
+        summary["config"] = methods.config_to_dict(methods.parse_config(attempt.method, attempt.params))
+        summary["verification"] = attempt.gate.as_dict() if attempt.gate is not None else None
+        attempts.append(summary)
+    chosen = outcome.chosen
+    record: dict[str, Any] = {"attempts": attempts}
+    if chosen is not None:
+        spec = methods.get(chosen.method)
+        result = outcome.result
+        record.update(
+            label="exact" if result.exact or spec.exact else "approximate",
+            method={"name": chosen.method,
+                    "params": methods.config_to_dict(methods.parse_config(chosen.method, chosen.params)),
+                    "details": {k: v for k, v in result.details.items() if k != "search"},
+                    "target_reached": result.target_reached, "message": result.message,
+                    "attempt": outcome.attempts.index(chosen) + 1},
+            verification=chosen.gate.as_dict())
+    else:
+        record["verification"] = {"passed": False, "note": "no method of the chain passed the gate"}
+    return record
+
+
 def _reject(ctx: PipelineContext, job, request_ids: tuple[str, ...], record: dict[str, Any],
-            failures: tuple[str, ...], progress: Progress) -> None:
-    """A failed gate: nothing registered, alias untouched, requests stay pending, evidence kept."""
+            outcome: ChainResult, progress: Progress) -> None:
+    """The chain ended without a pass: nothing registered, alias untouched, requests stay pending, all evidence
+    kept (every attempt's checks)."""
     progress.finish()
-    message = f"verification failed ({', '.join(failures)}); nothing was registered and the requests stay pending"
+    reasons = "; ".join(f"{a.method}: {a.error or ', '.join(a.gate.failures)}" for a in outcome.attempts)
+    failures = [f"{a.method}:{name}" for a in outcome.attempts for name in (a.gate.failures if a.gate else ("error",))]
+    message = (f"verification failed for every method of the chain ({reasons}); nothing was registered and the "
+               "requests stay pending")
     with ctx.store.write() as conn:
         db.update_job(conn, job.job_id, state=JobState.REJECTED_BY_VERIFICATION.value, stage="verify",
                       progress=1.0, message=message)
@@ -464,22 +394,4 @@ def _reject(ctx: PipelineContext, job, request_ids: tuple[str, ...], record: dic
         ctx.audit.append(conn, "job_rejected", {"job_id": job.job_id, "model_name": job.model_name,
                                                 "base_version": job.base_version, "request_ids": list(request_ids),
                                                 "failures": list(failures),
-                                                "evidence_sha256": sha256_hex(canonical_json(_jsonable(record)))})
-
-
-def _jsonable(value: Any) -> Any:
-    """Evidence as plain JSON (numpy scalars, tuples, inf) so it can be stored, hashed and signed."""
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, (np.floating, float)):
-        value = float(value)
-        return value if np.isfinite(value) else str(value)
-    if isinstance(value, (np.integer,)):
-        return int(value)
-    if isinstance(value, (np.bool_,)):
-        return bool(value)
-    if isinstance(value, torch.Tensor):
-        return _jsonable(value.tolist())
-    return value
+                                                "evidence_sha256": sha256_hex(canonical_json(jsonable(record)))})

@@ -12,6 +12,8 @@ unknown ``LETHE_`` environment variables are ignored, because pydantic-settings 
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import os
 import secrets
 import subprocess
@@ -243,6 +245,12 @@ class Settings(BaseSettings):
     @cached_property
     def subject_hash_key_bytes(self) -> bytes:
         return _key_bytes(self.subject_hash_key, self.state_dir / "keys" / "subject-hash.key")
+
+    @cached_property
+    def split_key_bytes(self) -> bytes:
+        """Key of the tune/audit split of never-trained records (:mod:`unlearn.splits`), derived from the
+        subject hash key: stable for the life of the deployment, unknown to clients."""
+        return hmac.new(self.subject_hash_key_bytes, b"lethe tune/audit split v1", hashlib.sha256).digest()
 
 
 NOT_BUILT: dict[str, str] = {

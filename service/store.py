@@ -408,6 +408,18 @@ def count_jobs(conn: Connection, states: Sequence[str]) -> int:
                             .where(jobs.c.state.in_(list(states)))).scalar() or 0)
 
 
+def job_counts_by_state(conn: Connection) -> dict[str, int]:
+    """Jobs per state, store-wide (one indexed GROUP BY; for the ``lethe_jobs`` gauge)."""
+    rows = conn.execute(sa.select(jobs.c.state, sa.func.count()).group_by(jobs.c.state))
+    return {state: int(count) for state, count in rows}
+
+
+def running_job_last_progress(conn: Connection) -> list[tuple[str, datetime]]:
+    """(stage, time of the last progress write) of every RUNNING job: how long each has been silent."""
+    rows = conn.execute(sa.select(jobs.c.stage, jobs.c.updated_at).where(jobs.c.state == "RUNNING"))
+    return [(row.stage, as_utc(row.updated_at)) for row in rows]
+
+
 # ------------------------------------------------------------------------------------------------ events
 def add_event(conn: Connection, job_id: str, request_ids: Sequence[str], kind: str, state: str, stage: str,
               fraction: float, message: str, certificate_id: str | None = None) -> int:
@@ -473,6 +485,12 @@ def insert_audit(conn: Connection, seq: int, prev_hash: str, body_json: str, ent
 
 def audit_entries(conn: Connection) -> Iterator[Row]:
     yield from conn.execute(sa.select(audit_log).order_by(audit_log.c.seq))
+
+
+def audit_entries_from(conn: Connection, first_seq: int, limit: int) -> list[Row]:
+    """At most ``limit`` chain entries from ``first_seq`` on, in order (a bounded slice of the chain)."""
+    return list(conn.execute(sa.select(audit_log).where(audit_log.c.seq >= first_seq)
+                             .order_by(audit_log.c.seq).limit(limit)))
 
 
 # -------------------------------------------------------------------------------------------- tombstones

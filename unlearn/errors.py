@@ -50,3 +50,7 @@ class UnknownMethodError(UnlearnError, KeyError):
 
 class CacheMismatchError(UnlearnError):
     """A cached artefact (importance, trained model) does not belong to the model or data at hand."""
+
+
+class Cancelled(UnlearnError):
+    """A long computation gave way when its caller asked it to stop (e.g. a background precomputation)."""

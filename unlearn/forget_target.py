@@ -1,53 +1,86 @@
-"""When has an iterative unlearning run forgotten enough? A target estimated from data never trained on.
+"""When has an iterative unlearning run forgotten enough? Targets measured on never-trained ``tune`` data.
 
 Gradient ascent and its relatives have no natural end: run too short and the forget set is still known,
 too long and the model over-forgets (a privacy signal of its own: the forget records then look *less*
-known than unseen data) and loses utility. The target is what a model retrained without Df would score on
-Df:
+known than unseen data) and loses utility. The target is what a model retrained without Df would show:
 
 - class erasure (``forget_classes`` set): a retrained model never predicts the class, so the target is
   ``forget_acc <= class_forget_target`` (close to 0);
-- record erasure: to a retrained model the forget records are unseen data, so their accuracy is about its
-  accuracy on any unseen sample, which is about the ORIGINAL model's accuracy on the held-out sample
-  (``request.holdout``, never trained on). The target is ``forget_acc <= holdout_acc(original) + margin``.
+- record erasure: to a retrained model the forget records ARE unseen data, so their per-example losses are
+  distributed like the losses of any never-trained records. The run is done when the forget set's losses
+  are indistinguishable from the ``tune`` split's on the current weights (:mod:`unlearn.membership`: KS
+  p-value >= ``stop_min_p`` and loss-attack AUC <= 0.5 + ``stop_auc_margin``), and it has gone *beyond*
+  when the forget losses are significantly HIGHER than the tune losses (AUC < 0.5 - ``stop_auc_margin`` with
+  KS p-value < ``stop_min_p``): the methods stop there too and report ``target_reached=False``.
 
-The held-out accuracy is measured once, on the original weights. (Measuring it on the current weights
-instead makes a moving target: once the run starts to damage the model, held-out accuracy falls with forget
-accuracy and the run keeps chasing it; on the digits benchmark that cost up to 10 points of accuracy.)
-A user can compute all of this with their own held-out data, so stopping on it peeks at no test split.
+Only ``tune`` records are used (never ``audit``, which the verification gate keeps for itself), so a method
+that stops here is judged by the gate on data it never looked at.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from torch import nn
 
 from unlearn.data import ExampleSet
 from unlearn.errors import InvalidDataError
+from unlearn.membership import MembershipResult, compare
 from unlearn.tasks import TaskAdapter, accuracy
+
+DEFAULT_STOP_MIN_P = 0.1
+"""KS p-value the stop rule asks for (stricter than the gate's floor, so a run that stops passes it)."""
+DEFAULT_STOP_AUC_MARGIN = 0.05
+"""The stop rule's AUC band (narrower than the gate's 0.1 plus noise allowance, for the same reason)."""
 
 
 @dataclass(frozen=True)
 class ForgetCheck:
+    """One evaluation of the target on the current weights.
+
+    ``reached``: the target holds. ``over``: record erasure went beyond the never-seen level (over-forgetting);
+    ``reached`` is then False. ``target``: the class-erasure accuracy target (None for record erasure).
+    """
+
     reached: bool
     forget_acc: float
-    target: float
+    target: float | None
+    membership: MembershipResult | None = None
+    over: bool = False
+
+    def details(self) -> dict[str, Any]:
+        """The fields a method reports in ``UnlearnResult.details``."""
+        out: dict[str, Any] = {"forget_acc": self.forget_acc, "forget_target": self.target,
+                               "overshoot": self.over}
+        if self.membership is not None:
+            out["stop_membership_tune"] = self.membership.as_dict()
+        return out
 
 
-def forget_accuracy_target(task: TaskAdapter, original: nn.Module, holdout: ExampleSet | None,
-                           forget_classes: tuple[int, ...] | None, class_forget_target: float,
-                           record_forget_margin: float, method: str) -> float:
-    """The forget accuracy to reach (see module docstring); call it on the original weights."""
-    if forget_classes:
-        return class_forget_target
-    if holdout is None or len(holdout) == 0:
-        raise InvalidDataError("holdout", f"method {method!r} stops at the forgetting target, which needs a "
-                               "held-out sample for record erasure (or set stop_at_target=false)")
-    return accuracy(task, original, holdout) + record_forget_margin
+class ForgetTarget:
+    """The forgetting target of one request; build it once, then :meth:`check` the current weights."""
 
+    def __init__(self, task: TaskAdapter, tune: ExampleSet | None, forget_classes: tuple[int, ...] | None,
+                 class_forget_target: float, stop_min_p: float = DEFAULT_STOP_MIN_P,
+                 stop_auc_margin: float = DEFAULT_STOP_AUC_MARGIN, method: str = "method"):
+        if not forget_classes and (tune is None or len(tune) == 0):
+            raise InvalidDataError("tune", f"method {method!r} stops at the forgetting target, which needs "
+                                   "never-trained 'tune' records for record erasure (or set stop_at_target=false)")
+        self.task, self.tune, self.forget_classes = task, tune, forget_classes
+        self.class_forget_target = class_forget_target
+        self.stop_min_p, self.stop_auc_margin = stop_min_p, stop_auc_margin
 
-def check_forgetting(task: TaskAdapter, model: nn.Module, forget: ExampleSet, target: float) -> ForgetCheck:
-    """Is the forget accuracy (eval mode, current weights) at or below ``target``?"""
-    forget_acc = accuracy(task, model, forget)
-    return ForgetCheck(forget_acc <= target, forget_acc, target)
+    def check(self, model: nn.Module, forget: ExampleSet) -> ForgetCheck:
+        forget_acc = accuracy(self.task, model, forget)
+        if self.forget_classes:
+            return ForgetCheck(forget_acc <= self.class_forget_target, forget_acc, self.class_forget_target)
+        membership = compare(self.task, model, forget, self.tune)
+        indistinguishable = membership.ks_p_value >= self.stop_min_p
+        over = not indistinguishable and membership.auc < 0.5 - self.stop_auc_margin
+        reached = indistinguishable and membership.auc <= 0.5 + self.stop_auc_margin
+        return ForgetCheck(reached, forget_acc, None, membership, over)
+
+    def done(self, check: ForgetCheck) -> bool:
+        """Stop here: the target is reached, or the run already went beyond it."""
+        return check.reached or check.over

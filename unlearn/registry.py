@@ -33,8 +33,9 @@ _NAME = re.compile(r"^[a-z0-9][a-z0-9+\-]*$")
 class UnlearnRequest:
     """Everything a method may use. Methods read what they need and validate it first.
 
-    ``forget`` is Df; ``retain`` is Dr (or a sample of it, which the caller reports); ``holdout`` a small
-    held-out sample for utility checks (never trained on); ``train_importance`` gives I_D over the full
+    ``forget`` is Df; ``retain`` is Dr (or a sample of it, which the caller reports); ``tune`` never-trained
+    records a method may stop or search on (the ``tune`` split of :mod:`unlearn.splits`; the ``audit`` split is
+    kept from methods, for the verification gate alone); ``train_importance`` gives I_D over the full
     training set D = Dr u Df, cached per model version; ``model_factory`` and ``recipe`` describe the
     original training, for the retrain and fine-tune baselines. ``forget_classes`` is set for whole-class
     erasure (the retrained model then never predicts those classes).
@@ -43,7 +44,7 @@ class UnlearnRequest:
     task: TaskAdapter
     forget: ExampleSet
     retain: ExampleSet | None = None
-    holdout: ExampleSet | None = None
+    tune: ExampleSet | None = None
     train_importance: TrainImportance | None = None
     model_factory: Callable[[int], nn.Module] | None = None
     recipe: TrainRecipe | None = None
@@ -60,10 +61,10 @@ class UnlearnRequest:
             raise InvalidDataError("retain", f"method {method!r} needs retain data")
         return self.retain
 
-    def require_holdout(self, method: str) -> ExampleSet:
-        if self.holdout is None or len(self.holdout) == 0:
-            raise InvalidDataError("holdout", f"method {method!r} needs a held-out utility sample")
-        return self.holdout
+    def require_tune(self, method: str) -> ExampleSet:
+        if self.tune is None or len(self.tune) == 0:
+            raise InvalidDataError("tune", f"method {method!r} needs never-trained 'tune' records")
+        return self.tune
 
     def require_train_importance(self, method: str) -> TrainImportance:
         if self.train_importance is None:
@@ -179,8 +180,8 @@ def validate_request(spec: MethodSpec, model: nn.Module, request: UnlearnRequest
         task.validate(model, request.retain, "retain")
     if spec.needs_retain:
         request.require_retain(spec.name)
-    if request.holdout is not None and len(request.holdout) > 0:
-        task.validate(model, request.holdout, "holdout")
+    if request.tune is not None and len(request.tune) > 0:
+        task.validate(model, request.tune, "tune")
     if request.train_importance is not None and len(request.forget) >= len(request.train_importance):
         raise InvalidDataError("forget", "the forget set covers the whole training set; nothing would remain")
 

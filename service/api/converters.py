@@ -23,7 +23,9 @@ from service.api.pb import service_pb2, types_pb2
 MAX_PAGE_SIZE = 1000
 DEFAULT_PAGE_SIZE = 100
 
-_POLICY_FIELDS = ("max_utility_drop", "record_forget_margin", "class_forget_max_accuracy", "onnx_tolerance")
+_POLICY_FIELDS = ("max_utility_drop", "class_forget_max_accuracy", "onnx_tolerance", "min_forget_p", "mia_auc_margin")
+_REPLACED_FIELD = ("record_forget_margin", "replaced by min_forget_p and mia_auc_margin: record erasure is gated on "
+                                          "the membership test, not on accuracy")
 
 
 # ------------------------------------------------------------------------------------- proto -> domain
@@ -58,17 +60,32 @@ def registration_from_proto(request: service_pb2.RegisterModelRequest) -> domain
         num_classes=request.num_classes or None,
         model_factory=request.model_factory or None,
         train_recipe=struct_to_dict(request.train_recipe),
+        chain_from_default_method=request.HasField("policy") and bool(request.policy.default_method),
     )
 
 
 def policy_from_proto(policy: types_pb2.VerificationPolicy) -> domain.VerificationPolicy:
-    """Unset fields keep the domain defaults, so a client states only what differs."""
+    """Unset fields keep the domain defaults, so a client states only what differs.
+
+    ``method_chain`` is the full form of the escalation chain; an older client's ``default_method`` (with
+    ``method_params``) is a chain of that one method. Giving both is refused.
+    """
+    if policy.HasField(_REPLACED_FIELD[0]):
+        raise domain.InvalidArgument("invalid policy", (domain.FieldViolation(f"policy.{_REPLACED_FIELD[0]}",
+                                                                              _REPLACED_FIELD[1]),))
     values: dict[str, Any] = {name: getattr(policy, name) for name in _POLICY_FIELDS if policy.HasField(name)}
+    chain = [domain.MethodStep(step.name, struct_to_dict(step.params)) for step in policy.method_chain]
     if policy.default_method:
-        values["default_method"] = policy.default_method
-    if policy.HasField("method_params"):
-        values["method_params"] = struct_to_dict(policy.method_params)
+        if chain:
+            raise domain.InvalidArgument("invalid policy", (domain.FieldViolation(
+                "policy.default_method", "give either method_chain or default_method, not both"),))
+        chain = [domain.MethodStep(policy.default_method, struct_to_dict(policy.method_params))]
+    elif policy.HasField("method_params") and policy.method_params.fields:
+        raise domain.InvalidArgument("invalid policy", (domain.FieldViolation(
+            "policy.method_params", "method_params belong to default_method; use method_chain[i].params"),))
+    values["method_chain"] = tuple(chain)
     return domain.VerificationPolicy(**values)
+
 
 
 def job_filter_from_proto(request: service_pb2.ListJobsRequest) -> domain.JobFilter:
@@ -108,6 +125,9 @@ def job_state_from_proto(value: int, field: str) -> domain.JobState:
 
 
 def _overrides_from_proto(overrides: types_pb2.PolicyOverrides, field: str) -> dict[str, float]:
+    if overrides.HasField(_REPLACED_FIELD[0]):
+        raise domain.InvalidArgument("invalid policy override", (domain.FieldViolation(
+            f"{field}.{_REPLACED_FIELD[0]}", _REPLACED_FIELD[1]),))
     values = {name: getattr(overrides, name) for name in _POLICY_FIELDS if overrides.HasField(name)}
     for name, value in values.items():
         if not math.isfinite(value):
@@ -159,13 +179,10 @@ def registered_model_to_proto(model: domain.RegisteredModel) -> types_pb2.Regist
         model_name=model.model_name, version=model.version, serving_alias=model.serving_alias,
         task_type=types_pb2.TaskType.Value(f"TASK_TYPE_{model.task_type.value.upper()}"),
         dataset_digest=model.dataset_digest, records=model.records,
-        policy=types_pb2.VerificationPolicy(
-            max_utility_drop=policy.max_utility_drop, record_forget_margin=policy.record_forget_margin,
-            class_forget_max_accuracy=policy.class_forget_max_accuracy, onnx_tolerance=policy.onnx_tolerance,
-            default_method=policy.default_method,
-        ),
+        policy=types_pb2.VerificationPolicy(**{name: getattr(policy, name) for name in _POLICY_FIELDS}),
     )
-    message.policy.method_params.CopyFrom(dict_to_struct(policy.method_params))
+    for step in policy.method_chain:
+        message.policy.method_chain.add(name=step.name).params.CopyFrom(dict_to_struct(step.params))
     return message
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from service.demo_data import build_digits_demo
+from lethe_demo.data import build_digits_demo
 from service.domain import ErasureRequest, FieldViolation, JobView
 from service.engine import Engine
 from service.settings import Settings

@@ -41,7 +41,7 @@ class Problem:
     forget_classes: tuple[int, ...] | None
 
     def request(self, **overrides) -> UnlearnRequest:
-        fields = dict(task=self.task, forget=self.forget, retain=self.retain, holdout=self.holdout,
+        fields = dict(task=self.task, forget=self.forget, retain=self.retain, tune=self.holdout,
                       train_importance=TrainImportance(self.task, self.train), model_factory=factory,
                       recipe=RECIPE, forget_classes=self.forget_classes, seed=0)
         fields.update(overrides)

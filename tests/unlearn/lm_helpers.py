@@ -25,7 +25,7 @@ class LMProblem:
     pairs: list
 
     def request(self, seed: int = 0) -> UnlearnRequest:
-        return UnlearnRequest(task=self.task, forget=self.forget, retain=self.retain, holdout=self.holdout, seed=seed)
+        return UnlearnRequest(task=self.task, forget=self.forget, retain=self.retain, tune=self.holdout, seed=seed)
 
 
 @functools.lru_cache(maxsize=1)

@@ -146,7 +146,7 @@ def _flat(model: nn.Module) -> torch.Tensor:
 
 
 def _request() -> registry.UnlearnRequest:
-    return registry.UnlearnRequest(task=TASK, forget=FORGET, retain=RETAIN, holdout=RETAIN, seed=0)
+    return registry.UnlearnRequest(task=TASK, forget=FORGET, retain=RETAIN, tune=RETAIN, seed=0)
 
 
 def test_gu_ga_step_is_orthogonal_to_every_retain_gradient():

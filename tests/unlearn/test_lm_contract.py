@@ -74,8 +74,12 @@ def test_gradient_family_runs_on_the_lm_adapter(name):
     _check(name, FAMILY_CASES[name], contract=False)
 
 
-def test_flat_stops_at_the_forgetting_target():
+def test_flat_reports_whether_it_reached_the_never_seen_level():
+    """The stop rule compares answer NLL per token with the tune people's; an exhausted budget says so."""
     problem = lm_problem()
-    result = registry.run("flat", problem.model, problem.request(), {"lr": 1e-3, "epochs": 30})
-    assert result.target_reached is True
-    assert result.details["forget_acc"] <= result.details["forget_target"]
+    result = registry.run("flat", problem.model, problem.request(), {"lr": 1e-3, "epochs": 2})
+    stop = result.details["stop_membership_tune"]
+    reached = stop["ks_p_value"] >= 0.1 and stop["auc"] <= 0.55
+    assert result.target_reached is (reached and not result.details["overshoot"])
+    if not result.target_reached and not result.details["overshoot"]:
+        assert result.details["epochs"] == 2  # stopped by the budget, and said so

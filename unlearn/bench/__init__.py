@@ -185,7 +185,7 @@ def run_benchmark(method: str, scenario_name: str, seed: int, forget_class: int 
     for variant in ("fisher", "label_free"):  # the one-off, per-model-version cost, paid before timing
         importance.get(original, batch_size, variant)
     importance_seconds = importance.last_seconds
-    request = registry.UnlearnRequest(task=task, forget=forget, retain=retain, holdout=holdout,
+    request = registry.UnlearnRequest(task=task, forget=forget, retain=retain, tune=holdout,
                                       train_importance=importance, model_factory=digits_cnn, recipe=recipe,
                                       forget_classes=scenario.forget_classes, seed=seed)
     # Measured first, which also warms up the autograd engine so the method is timed as a warm server runs it.

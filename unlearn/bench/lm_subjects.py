@@ -77,7 +77,7 @@ def run_lm_subjects(method: str, scenario_name: str, seed: int, forget_class: in
 
     config = registry.parse_config(method, params)
     batch_size = getattr(config, "batch_size", TIMING_BATCH_SIZE)
-    request = registry.UnlearnRequest(task=task, forget=forget, retain=retain, holdout=holdout,
+    request = registry.UnlearnRequest(task=task, forget=forget, retain=retain, tune=holdout,
                                       model_factory=factory, recipe=recipe, seed=seed)
     unit = fwd_bwd_seconds(task, original, forget, batch_size)  # also warms up autograd before the timing
     started = time.perf_counter()

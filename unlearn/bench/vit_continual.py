@@ -133,7 +133,7 @@ def run_vit_continual(method: str, scenario_name: str, seed: int, forget_class: 
         forget, retain = examples("train", of(task_classes)), examples("train", not_of(forgotten))
         retrained, retrain_seconds = trained_digits_vit("retrained", task, retain, recipe, device, cache_dir)
         importance = _MeteredImportance(task, retain.concat(forget), importance_cache)
-        request = registry.UnlearnRequest(task=task, forget=forget, retain=retain, holdout=holdout,
+        request = registry.UnlearnRequest(task=task, forget=forget, retain=retain, tune=holdout,
                                           train_importance=importance, model_factory=digits_vit, recipe=recipe,
                                           forget_classes=tuple(forgotten), seed=seed)
         if unit is None:  # also warms up autograd, so the first task is timed as a warm server runs it

@@ -49,7 +49,7 @@ from torch import Tensor, nn
 
 from unlearn.data import Batch, ExampleSet
 from unlearn.errors import InvalidDataError
-from unlearn.forget_target import check_forgetting, forget_accuracy_target
+from unlearn.forget_target import DEFAULT_STOP_AUC_MARGIN, DEFAULT_STOP_MIN_P, ForgetTarget
 from unlearn.gradients import batch_stream, trainable_parameters
 from unlearn.lm.people import REFUSAL_TEMPLATES
 from unlearn.lm.task import LM_FIELDS, answer_token_log_probs, model_context_length
@@ -89,8 +89,10 @@ class FLATConfig:
     batch_size: forget mini-batch size. Lethe default 16.
     stop_at_target: stop as soon as the forgetting target is reached (:mod:`unlearn.forget_target`).
     class_forget_target: class erasure is done when forget accuracy <= this (not used by LMs).
-    record_forget_margin: record erasure is done when forget exact match <= the original model's
-        held-out exact match + this.
+    stop_min_p, stop_auc_margin: record erasure is done when the forget set's per-example losses are
+        indistinguishable from the never-trained ``tune`` records' (KS p-value >= stop_min_p and loss-attack
+        AUC <= 0.5 + stop_auc_margin); the run also stops, with ``target_reached=False``, when it went beyond
+        (:mod:`unlearn.forget_target`).
     """
 
     divergence: Literal["kl", "js", "pearson", "tv"] = "tv"
@@ -100,7 +102,8 @@ class FLATConfig:
     batch_size: int = 16
     stop_at_target: bool = True
     class_forget_target: float = 0.02
-    record_forget_margin: float = 0.0
+    stop_min_p: float = DEFAULT_STOP_MIN_P
+    stop_auc_margin: float = DEFAULT_STOP_AUC_MARGIN
 
     def __post_init__(self) -> None:
         require(self.divergence in DIVERGENCES, "divergence",
@@ -110,7 +113,8 @@ class FLATConfig:
         require(1 <= self.epochs <= 10_000, "epochs", f"must be in [1, 10000], got {self.epochs}")
         require(1 <= self.batch_size <= 65536, "batch_size", f"must be in [1, 65536], got {self.batch_size}")
         require(0 <= self.class_forget_target <= 1, "class_forget_target", "must be in [0, 1]")
-        require(-1 <= self.record_forget_margin <= 1, "record_forget_margin", "must be in [-1, 1]")
+        require(0 < self.stop_min_p < 1, "stop_min_p", "must be in (0, 1)")
+        require(0 <= self.stop_auc_margin <= 0.5, "stop_auc_margin", "must be in [0, 0.5]")
 
 
 def mean_answer_token_probability(logits: Tensor, input_ids: Tensor, answer_mask: Tensor) -> Tensor:
@@ -151,8 +155,8 @@ def flat(model: nn.Module, request: UnlearnRequest, config: FLATConfig) -> Unlea
     paired = with_templates(task, model, forget, request.seed)  # validates before any weight is touched
     work = copy_model(model)
     work.eval()  # no dropout; gradients as in the paper's fine-tuning otherwise
-    target = (forget_accuracy_target(task, work, request.holdout, request.forget_classes,
-                                     config.class_forget_target, config.record_forget_margin, "flat")
+    target = (ForgetTarget(task, request.tune, request.forget_classes, config.class_forget_target,
+                           config.stop_min_p, config.stop_auc_margin, "flat")
               if config.stop_at_target else None)
     params = trainable_parameters(work)
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
@@ -162,8 +166,8 @@ def flat(model: nn.Module, request: UnlearnRequest, config: FLATConfig) -> Unlea
     steps, check = 0, None
     while True:
         if config.stop_at_target:
-            check = check_forgetting(task, work, forget, target)
-            if check.reached:
+            check = target.check(work, forget)
+            if target.done(check):
                 break
         if steps >= max_steps:
             break
@@ -178,5 +182,5 @@ def flat(model: nn.Module, request: UnlearnRequest, config: FLATConfig) -> Unlea
     details = {"steps": steps, "epochs": steps / forget.num_batches(config.batch_size),
                "divergence": config.divergence, "lr": config.lr}
     if check is not None:
-        details.update(forget_acc=check.forget_acc, forget_target=check.target)
+        details.update(check.details())
     return UnlearnResult(work, details=details, target_reached=None if check is None else check.reached)

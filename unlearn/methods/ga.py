@@ -28,7 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from unlearn.data import Batch
-from unlearn.forget_target import check_forgetting, forget_accuracy_target
+from unlearn.forget_target import DEFAULT_STOP_AUC_MARGIN, DEFAULT_STOP_MIN_P, ForgetTarget
 from unlearn.gradients import batch_stream, make_unlearning_optimizer, trainable_parameters
 from unlearn.registry import UnlearnRequest, UnlearnResult, copy_model, model_device, register, require
 from unlearn.tasks import TaskAdapter
@@ -48,8 +48,10 @@ class GAConfig:
         (digits CNN class erasure: about 14 steps; a 64-32-10 MLP on 400 digits: about 65).
     stop_at_target: stop as soon as the forgetting target is reached (:mod:`unlearn.forget_target`).
     class_forget_target: class erasure is done when forget accuracy <= this (a retrained model scores 0).
-    record_forget_margin: record erasure is done when forget accuracy <= the original model's held-out
-        accuracy + this.
+    stop_min_p, stop_auc_margin: record erasure is done when the forget set's per-example losses are
+        indistinguishable from the never-trained ``tune`` records' (KS p-value >= stop_min_p and loss-attack
+        AUC <= 0.5 + stop_auc_margin); the run also stops, with ``target_reached=False``, when it went beyond
+        (:mod:`unlearn.forget_target`).
     """
 
     lr: float = 3e-4
@@ -58,7 +60,8 @@ class GAConfig:
     max_steps: int = 200
     stop_at_target: bool = True
     class_forget_target: float = 0.02
-    record_forget_margin: float = 0.0
+    stop_min_p: float = DEFAULT_STOP_MIN_P
+    stop_auc_margin: float = DEFAULT_STOP_AUC_MARGIN
 
     def __post_init__(self) -> None:
         require(0 < self.lr <= 1.0, "lr", f"must be in (0, 1], got {self.lr}")
@@ -66,7 +69,8 @@ class GAConfig:
         require(1 <= self.batch_size <= 65536, "batch_size", f"must be in [1, 65536], got {self.batch_size}")
         require(1 <= self.max_steps <= 10**6, "max_steps", f"must be in [1, 1e6], got {self.max_steps}")
         require(0 <= self.class_forget_target <= 1, "class_forget_target", "must be in [0, 1]")
-        require(-1 <= self.record_forget_margin <= 1, "record_forget_margin", "must be in [-1, 1]")
+        require(0 < self.stop_min_p < 1, "stop_min_p", "must be in (0, 1)")
+        require(0 <= self.stop_auc_margin <= 0.5, "stop_auc_margin", "must be in [0, 0.5]")
 
 
 def ga_loss(task: TaskAdapter, model: nn.Module, forget_batch: Batch) -> Tensor:
@@ -80,8 +84,8 @@ def ga(model: nn.Module, request: UnlearnRequest, config: GAConfig) -> UnlearnRe
     task, forget = request.task, request.forget
     work = copy_model(model)
     work.eval()  # gradients with frozen normalisation statistics, no dropout
-    target = (forget_accuracy_target(task, work, request.holdout, request.forget_classes,
-                                     config.class_forget_target, config.record_forget_margin, "ga")
+    target = (ForgetTarget(task, request.tune, request.forget_classes, config.class_forget_target,
+                           config.stop_min_p, config.stop_auc_margin, "ga")
               if config.stop_at_target else None)
     params = trainable_parameters(work)
     optimizer = make_unlearning_optimizer(config.optimizer, params, config.lr)
@@ -92,8 +96,8 @@ def ga(model: nn.Module, request: UnlearnRequest, config: GAConfig) -> UnlearnRe
     steps, check = 0, None
     while True:
         if config.stop_at_target:
-            check = check_forgetting(task, work, forget, target)
-            if check.reached:
+            check = target.check(work, forget)
+            if target.done(check):
                 break
         if steps >= max_steps:
             break
@@ -108,5 +112,5 @@ def ga(model: nn.Module, request: UnlearnRequest, config: GAConfig) -> UnlearnRe
     details = {"steps": steps, "epochs": steps / forget.num_batches(config.batch_size), "lr": config.lr,
                "optimizer": config.optimizer}
     if check is not None:
-        details.update(forget_acc=check.forget_acc, forget_target=check.target)
+        details.update(check.details())
     return UnlearnResult(work, details=details, target_reached=None if check is None else check.reached)

@@ -28,7 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from unlearn.data import Batch
-from unlearn.forget_target import check_forgetting, forget_accuracy_target
+from unlearn.forget_target import DEFAULT_STOP_AUC_MARGIN, DEFAULT_STOP_MIN_P, ForgetTarget
 from unlearn.gradients import batch_stream, make_unlearning_optimizer, trainable_parameters
 from unlearn.registry import UnlearnRequest, UnlearnResult, copy_model, model_device, register, require
 from unlearn.tasks import TaskAdapter
@@ -50,8 +50,10 @@ class GradDiffConfig:
         (digits CNN class erasure: about 14 steps; a 64-32-10 MLP on 400 digits: about 65).
     stop_at_target: stop as soon as the forgetting target is reached (:mod:`unlearn.forget_target`).
     class_forget_target: class erasure is done when forget accuracy <= this (a retrained model scores 0).
-    record_forget_margin: record erasure is done when forget accuracy <= the original model's held-out
-        accuracy + this.
+    stop_min_p, stop_auc_margin: record erasure is done when the forget set's per-example losses are
+        indistinguishable from the never-trained ``tune`` records' (KS p-value >= stop_min_p and loss-attack
+        AUC <= 0.5 + stop_auc_margin); the run also stops, with ``target_reached=False``, when it went beyond
+        (:mod:`unlearn.forget_target`).
     """
 
     gamma: float = 1.0
@@ -62,7 +64,8 @@ class GradDiffConfig:
     max_steps: int = 200
     stop_at_target: bool = True
     class_forget_target: float = 0.02
-    record_forget_margin: float = 0.0
+    stop_min_p: float = DEFAULT_STOP_MIN_P
+    stop_auc_margin: float = DEFAULT_STOP_AUC_MARGIN
 
     def __post_init__(self) -> None:
         require(0 < self.gamma <= 1000, "gamma", f"must be in (0, 1000], got {self.gamma}")
@@ -72,7 +75,8 @@ class GradDiffConfig:
         require(1 <= self.batch_size <= 65536, "batch_size", f"must be in [1, 65536], got {self.batch_size}")
         require(1 <= self.max_steps <= 10**6, "max_steps", f"must be in [1, 1e6], got {self.max_steps}")
         require(0 <= self.class_forget_target <= 1, "class_forget_target", "must be in [0, 1]")
-        require(-1 <= self.record_forget_margin <= 1, "record_forget_margin", "must be in [-1, 1]")
+        require(0 < self.stop_min_p < 1, "stop_min_p", "must be in (0, 1)")
+        require(0 <= self.stop_auc_margin <= 0.5, "stop_auc_margin", "must be in [0, 0.5]")
 
 
 def graddiff_forget_loss(task: TaskAdapter, model: nn.Module, forget_batch: Batch, gamma: float) -> Tensor:
@@ -92,8 +96,8 @@ def graddiff(model: nn.Module, request: UnlearnRequest, config: GradDiffConfig) 
     retain = request.require_retain("graddiff")
     work = copy_model(model)
     work.eval()  # gradients with frozen normalisation statistics, no dropout
-    target = (forget_accuracy_target(task, work, request.holdout, request.forget_classes,
-                                     config.class_forget_target, config.record_forget_margin, "graddiff")
+    target = (ForgetTarget(task, request.tune, request.forget_classes, config.class_forget_target,
+                           config.stop_min_p, config.stop_auc_margin, "graddiff")
               if config.stop_at_target else None)
     params = trainable_parameters(work)
     optimizer = make_unlearning_optimizer(config.optimizer, params, config.lr)
@@ -106,8 +110,8 @@ def graddiff(model: nn.Module, request: UnlearnRequest, config: GradDiffConfig) 
     steps, check = 0, None
     while True:
         if config.stop_at_target:
-            check = check_forgetting(task, work, forget, target)
-            if check.reached:
+            check = target.check(work, forget)
+            if target.done(check):
                 break
         if steps >= max_steps:
             break
@@ -124,5 +128,5 @@ def graddiff(model: nn.Module, request: UnlearnRequest, config: GradDiffConfig) 
     details = {"steps": steps, "epochs": steps / forget.num_batches(config.batch_size), "gamma": config.gamma,
                "alpha": config.alpha, "lr": config.lr, "optimizer": config.optimizer}
     if check is not None:
-        details.update(forget_acc=check.forget_acc, forget_target=check.target)
+        details.update(check.details())
     return UnlearnResult(work, details=details, target_reached=None if check is None else check.reached)

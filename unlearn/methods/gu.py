@@ -57,7 +57,7 @@ from torch import Tensor, nn
 
 from unlearn.data import Batch, ExampleSet
 from unlearn.errors import InvalidParameterError
-from unlearn.forget_target import check_forgetting, forget_accuracy_target
+from unlearn.forget_target import DEFAULT_STOP_AUC_MARGIN, DEFAULT_STOP_MIN_P, ForgetTarget
 from unlearn.gradients import (
     JointRule,
     adam_whitening,
@@ -182,7 +182,10 @@ class FLATStepsConfig:
     max_steps: upper bound on optimiser steps (``flat`` counts epochs instead).
     stop_at_target: stop as soon as the forgetting target is reached.
     class_forget_target: class erasure is done when forget accuracy <= this.
-    record_forget_margin: record erasure is done when forget accuracy <= held-out accuracy + this.
+    stop_min_p, stop_auc_margin: record erasure is done when the forget set's per-example losses are
+        indistinguishable from the never-trained ``tune`` records' (KS p-value >= stop_min_p and loss-attack
+        AUC <= 0.5 + stop_auc_margin); the run also stops, with ``target_reached=False``, when it went beyond
+        (:mod:`unlearn.forget_target`).
 
     Differences from ``flat``: Adam without FLAT's AdamW weight decay (0.01), because GU's Adam metric is
     derived for Adam's update, and a step budget instead of epochs, like the other wrapped methods.
@@ -195,7 +198,8 @@ class FLATStepsConfig:
     max_steps: int = 200
     stop_at_target: bool = True
     class_forget_target: float = 0.02
-    record_forget_margin: float = 0.0
+    stop_min_p: float = DEFAULT_STOP_MIN_P
+    stop_auc_margin: float = DEFAULT_STOP_AUC_MARGIN
 
     def __post_init__(self) -> None:
         require(self.divergence in DIVERGENCES, "divergence", f"must be one of {sorted(DIVERGENCES)}")
@@ -203,7 +207,8 @@ class FLATStepsConfig:
         require(1 <= self.batch_size <= 65536, "batch_size", f"must be in [1, 65536], got {self.batch_size}")
         require(1 <= self.max_steps <= 100_000, "max_steps", f"must be in [1, 100000], got {self.max_steps}")
         require(0 <= self.class_forget_target <= 1, "class_forget_target", "must be in [0, 1]")
-        require(-1 <= self.record_forget_margin <= 1, "record_forget_margin", "must be in [-1, 1]")
+        require(0 < self.stop_min_p < 1, "stop_min_p", "must be in (0, 1)")
+        require(0 <= self.stop_auc_margin <= 0.5, "stop_auc_margin", "must be in [0, 0.5]")
 
 
 GUGAConfig = _gu_config_class("GUGAConfig", GAConfig, "adam", lambda c: c.optimizer == "adam")
@@ -265,8 +270,8 @@ def _gu_minibatch(name: str, objectives: Callable[[UnlearnRequest, nn.Module, An
     basis_size = basis_batch_size(retain, gu)
     work = copy_model(model)
     work.eval()  # gradients with frozen normalisation statistics, no dropout
-    target = (forget_accuracy_target(task, work, request.holdout, request.forget_classes,
-                                     base.class_forget_target, base.record_forget_margin, name)
+    target = (ForgetTarget(task, request.tune, request.forget_classes, base.class_forget_target,
+                           base.stop_min_p, base.stop_auc_margin, name)
               if base.stop_at_target else None)
     params = trainable_parameters(work)
     blocks = parameter_blocks(params, gu.scope)
@@ -281,8 +286,8 @@ def _gu_minibatch(name: str, objectives: Callable[[UnlearnRequest, nn.Module, An
     steps, check, ranks, removed = 0, None, [], []
     while True:
         if base.stop_at_target:
-            check = check_forgetting(task, work, forget, target)
-            if check.reached:
+            check = target.check(work, forget)
+            if target.done(check):
                 break
         if steps >= max_steps:
             break
@@ -312,7 +317,7 @@ def _gu_minibatch(name: str, objectives: Callable[[UnlearnRequest, nn.Module, An
                "basis_batch_size": basis_size, "basis_refresh_steps": gu.basis_refresh_steps,
                "removed_fraction_mean": sum(removed) / len(removed) if removed else 0.0}
     if check is not None:
-        details.update(forget_acc=check.forget_acc, forget_target=check.target)
+        details.update(check.details())
     return UnlearnResult(work, details=details, target_reached=None if check is None else check.reached)
 
 

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from unlearn.data import Batch
-from unlearn.forget_target import check_forgetting, forget_accuracy_target
+from unlearn.forget_target import DEFAULT_STOP_AUC_MARGIN, DEFAULT_STOP_MIN_P, ForgetTarget
 from unlearn.gradients import (
     batch_stream,
     make_unlearning_optimizer,
@@ -62,8 +62,10 @@ class SimNPOConfig:
     max_steps: upper bound on optimiser steps; the run usually stops earlier at the target.
     stop_at_target: stop as soon as the forgetting target is reached (:mod:`unlearn.forget_target`).
     class_forget_target: class erasure is done when forget accuracy <= this.
-    record_forget_margin: record erasure is done when forget accuracy <= the original model's held-out
-        accuracy + this.
+    stop_min_p, stop_auc_margin: record erasure is done when the forget set's per-example losses are
+        indistinguishable from the never-trained ``tune`` records' (KS p-value >= stop_min_p and loss-attack
+        AUC <= 0.5 + stop_auc_margin); the run also stops, with ``target_reached=False``, when it went beyond
+        (:mod:`unlearn.forget_target`).
     """
 
     beta: float = 4.5
@@ -74,7 +76,8 @@ class SimNPOConfig:
     max_steps: int = 200
     stop_at_target: bool = True
     class_forget_target: float = 0.02
-    record_forget_margin: float = 0.0
+    stop_min_p: float = DEFAULT_STOP_MIN_P
+    stop_auc_margin: float = DEFAULT_STOP_AUC_MARGIN
 
     def __post_init__(self) -> None:
         require(0 < self.beta <= 100, "beta", f"must be in (0, 100], got {self.beta}")
@@ -84,7 +87,8 @@ class SimNPOConfig:
         require(1 <= self.batch_size <= 65536, "batch_size", f"must be in [1, 65536], got {self.batch_size}")
         require(1 <= self.max_steps <= 10**6, "max_steps", f"must be in [1, 1e6], got {self.max_steps}")
         require(0 <= self.class_forget_target <= 1, "class_forget_target", "must be in [0, 1]")
-        require(-1 <= self.record_forget_margin <= 1, "record_forget_margin", "must be in [-1, 1]")
+        require(0 < self.stop_min_p < 1, "stop_min_p", "must be in (0, 1)")
+        require(0 <= self.stop_auc_margin <= 0.5, "stop_auc_margin", "must be in [0, 0.5]")
 
 
 def simnpo_loss_from_nll(nll: Tensor, lengths: Tensor, beta: float, delta: float) -> Tensor:
@@ -103,8 +107,8 @@ def simnpo(model: nn.Module, request: UnlearnRequest, config: SimNPOConfig) -> U
     task, forget = request.task, request.forget
     work = copy_model(model)
     work.eval()  # gradients with frozen normalisation statistics, no dropout
-    target = (forget_accuracy_target(task, work, request.holdout, request.forget_classes,
-                                     config.class_forget_target, config.record_forget_margin, "simnpo")
+    target = (ForgetTarget(task, request.tune, request.forget_classes, config.class_forget_target,
+                           config.stop_min_p, config.stop_auc_margin, "simnpo")
               if config.stop_at_target else None)
     params = trainable_parameters(work)
     optimizer = make_unlearning_optimizer(config.optimizer, params, config.lr)
@@ -115,8 +119,8 @@ def simnpo(model: nn.Module, request: UnlearnRequest, config: SimNPOConfig) -> U
     steps, check = 0, None
     while True:
         if config.stop_at_target:
-            check = check_forgetting(task, work, forget, target)
-            if check.reached:
+            check = target.check(work, forget)
+            if target.done(check):
                 break
         if steps >= max_steps:
             break
@@ -131,5 +135,5 @@ def simnpo(model: nn.Module, request: UnlearnRequest, config: SimNPOConfig) -> U
     details = {"steps": steps, "epochs": steps / forget.num_batches(config.batch_size), "beta": config.beta,
                "delta": config.delta, "lr": config.lr, "optimizer": config.optimizer}
     if check is not None:
-        details.update(forget_acc=check.forget_acc, forget_target=check.target)
+        details.update(check.details())
     return UnlearnResult(work, details=details, target_reached=None if check is None else check.reached)

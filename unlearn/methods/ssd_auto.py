@@ -7,16 +7,18 @@ unforgotten; on our digits CNN, 6 of 20 class erasures lost more than 2 points o
 Procedure (lambda fixed at the paper's 1):
 
 1. I_D (cached) and I_Df, exactly as SSD; the ratio r = I_Df / I_D per element is computed once.
-2. Reference utility u0 = accuracy of the original model on the held-out sample (``request.holdout``;
+2. Reference utility u0 = accuracy of the original model on the never-trained ``tune`` records (``request.tune``;
    for class erasure, its records of the classes that stay).
 3. A trial at alpha dampens a copy of the ORIGINAL weights (elements with r > alpha get beta = lam / r) and
-   measures forget accuracy f and held-out accuracy u. It *forgets* when f <= target (class erasure:
-   ``class_forget_target``; record erasure: u + ``record_forget_margin``, i.e. the forget records look no
-   better known than unseen ones) and it is *useful* when u >= u0 - ``max_utility_drop``.
+   measures forget accuracy f and held-out accuracy u. It *forgets* when the target of
+   :mod:`unlearn.forget_target` holds (class erasure: f <= ``class_forget_target``; record erasure: the
+   forget records' losses are indistinguishable from the ``tune`` records', i.e. they look no better known
+   than unseen ones) and it is *useful* when u >= u0 - ``max_utility_drop``. A record-erasure trial that
+   made the forget records look LESS known than unseen data went *beyond* (over-forgetting).
 4. First the untouched model (alpha = infinity): when it already forgets (record erasure of records the
    model never memorised), no dampening is the mildest answer and the weights are returned unchanged.
-   Otherwise start at ASSD's alpha (the percentile rule). A trial is *too mild* when it is useful but
-   does not forget. From a too-mild start, divide alpha by ``search_factor`` until a trial is not too mild
+   Otherwise start at ASSD's alpha (the percentile rule). A trial is *too mild* when it is useful, does
+   not forget and did not go beyond. From a too-mild start, divide alpha by ``search_factor`` until a trial is not too mild
    (or alpha would fall below ``alpha_min``); from any other start, multiply it until a trial is too mild
    (or would exceed ``alpha_max``). A start that broke utility therefore backs off towards milder
    dampening: for record erasure, forgetting is not monotone in alpha, because heavy dampening lowers the
@@ -45,6 +47,8 @@ import torch
 from torch import nn
 
 from unlearn.data import ExampleSet
+from unlearn.errors import InvalidDataError
+from unlearn.forget_target import DEFAULT_STOP_AUC_MARGIN, DEFAULT_STOP_MIN_P, ForgetTarget
 from unlearn.importance import Importance, estimate_importance
 from unlearn.methods.assd import importance_ratio, percentile_alpha
 from unlearn.registry import UnlearnRequest, UnlearnResult, copy_model, register, require
@@ -57,10 +61,10 @@ class SSDAutoConfig:
 
     max_utility_drop: largest accepted fall of held-out accuracy, as a fraction (0.02 = 2 points).
     class_forget_target: class erasure is reached when forget accuracy <= this (a retrained model scores 0).
-    record_forget_margin: record erasure is reached when forget accuracy <= held-out accuracy + this.
-        0.02 because a model retrained without the records still scores them 1-2 points above its
-        held-out accuracy on digits (0.994 vs 0.978 for a random 10%): a margin of 0 would demand
-        over-forgetting, which is a privacy signal of its own.
+    stop_min_p, stop_auc_margin: record erasure is reached when the forget records' losses are
+        indistinguishable from the ``tune`` records' (:mod:`unlearn.forget_target`): KS p-value >= stop_min_p
+        and loss-attack AUC <= 0.5 + stop_auc_margin. Demanding the forget set look no better known than
+        unseen data, not worse: over-forgetting is a privacy signal of its own.
     search_factor: geometric step of the alpha search (> 1).
     alpha_min: smallest alpha tried; with lambda = 1 a smaller alpha selects nothing new to dampen harder.
     alpha_max: largest alpha tried when searching for milder dampening.
@@ -72,7 +76,8 @@ class SSDAutoConfig:
 
     max_utility_drop: float = 0.02
     class_forget_target: float = 0.02
-    record_forget_margin: float = 0.02
+    stop_min_p: float = DEFAULT_STOP_MIN_P
+    stop_auc_margin: float = DEFAULT_STOP_AUC_MARGIN
     search_factor: float = 2.0
     alpha_min: float = 1.0
     alpha_max: float = 1.0e4
@@ -84,7 +89,8 @@ class SSDAutoConfig:
     def __post_init__(self) -> None:
         require(0 <= self.max_utility_drop <= 1, "max_utility_drop", "must be in [0, 1]")
         require(0 <= self.class_forget_target <= 1, "class_forget_target", "must be in [0, 1]")
-        require(-1 <= self.record_forget_margin <= 1, "record_forget_margin", "must be in [-1, 1]")
+        require(0 < self.stop_min_p < 1, "stop_min_p", "must be in (0, 1)")
+        require(0 <= self.stop_auc_margin <= 0.5, "stop_auc_margin", "must be in [0, 0.5]")
         require(1.05 <= self.search_factor <= 100, "search_factor", "must be in [1.05, 100]")
         require(0 < self.alpha_min < self.alpha_max, "alpha_min", "needs 0 < alpha_min < alpha_max")
         require(self.alpha_max <= 1e9, "alpha_max", "must be <= 1e9")
@@ -101,6 +107,7 @@ class Trial:
     utility_acc: float
     forgets: bool
     useful: bool
+    over: bool = False  # record erasure went beyond the never-seen level
 
 
 class _Dampener:
@@ -124,15 +131,13 @@ class _Dampener:
 
 
 def _utility_sample(request: UnlearnRequest) -> ExampleSet:
-    holdout = request.require_holdout("ssd-auto")
+    tune = request.require_tune("ssd-auto")
     if request.forget_classes:
-        keep = ~torch.isin(holdout["labels"], torch.tensor(request.forget_classes))
-        holdout = holdout.subset(torch.nonzero(keep).flatten())
-        if len(holdout) == 0:
-            from unlearn.errors import InvalidDataError
-
-            raise InvalidDataError("holdout", "has no records of the classes that stay")
-    return holdout
+        keep = ~torch.isin(tune["labels"], torch.tensor(request.forget_classes))
+        tune = tune.subset(torch.nonzero(keep).flatten())
+        if len(tune) == 0:
+            raise InvalidDataError("tune", "has no records of the classes that stay")
+    return tune
 
 
 @register("ssd-auto", SSDAutoConfig, needs_retain=False)
@@ -150,18 +155,19 @@ def ssd_auto(model: nn.Module, request: UnlearnRequest, config: SSDAutoConfig) -
     start_alpha = min(max(start_alpha, config.alpha_min), config.alpha_max)
     reference_utility = accuracy(task, work, utility_set)
     dampener = _Dampener(work, ratio, config.lam)
+    target = ForgetTarget(task, request.tune, request.forget_classes, config.class_forget_target,
+                          config.stop_min_p, config.stop_auc_margin, "ssd-auto")
     trials: list[Trial] = []
 
     def trial(alpha: float) -> Trial:
         dampener.apply(alpha)
-        forget_acc = accuracy(task, work, request.forget)
+        check = target.check(work, request.forget)
         utility_acc = accuracy(task, work, utility_set)
-        target = config.class_forget_target if request.forget_classes else utility_acc + config.record_forget_margin
-        result = Trial(alpha, forget_acc, utility_acc, forget_acc <= target,
-                       utility_acc >= reference_utility - config.max_utility_drop)
+        result = Trial(alpha, check.forget_acc, utility_acc, check.reached,
+                       utility_acc >= reference_utility - config.max_utility_drop, check.over)
         trials.append(result)
         request.report(0.2 + 0.75 * len(trials) / config.max_trials,
-                       f"alpha {alpha:.4g}: forget acc {forget_acc:.3f}, held-out acc {utility_acc:.3f}")
+                       f"alpha {alpha:.4g}: forget acc {check.forget_acc:.3f}, tune acc {utility_acc:.3f}")
         return result
 
     # The mildest dampening of all is none: a model that already scores the forget records no better than
@@ -179,7 +185,7 @@ def ssd_auto(model: nn.Module, request: UnlearnRequest, config: SSDAutoConfig) -
     # alpha for record erasure (heavy dampening lowers the held-out accuracy the target is relative to), so
     # a trial that broke utility sends the search MILDER, never stronger.
     def too_mild(t: Trial) -> bool:
-        return t.useful and not t.forgets
+        return t.useful and not t.forgets and not t.over
 
     first = trial(start_alpha)
     strong, mild = (None, first.alpha) if too_mild(first) else (first.alpha, math.inf)

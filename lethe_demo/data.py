@@ -22,7 +22,7 @@ import pandas as pd
 import torch
 
 from service import store as db
-from service.domain import ModelRegistration, TaskType, VerificationPolicy
+from service.domain import MethodStep, ModelRegistration, TaskType, VerificationPolicy
 from service.settings import Settings
 from unlearn.bench import DIGITS_RECIPE, ModelCache, default_cache_dir
 from unlearn.data import classification_examples
@@ -34,24 +34,20 @@ DEMO_MODEL = "digits-cnn"
 
 # The demo's gate. The holdout split has 179 records, so one holdout accuracy is known to about one
 # standard error of sqrt(0.98 * 0.02 / 179) ~ 0.01: margins of 2 points are two standard errors.
-DEMO_POLICY = VerificationPolicy(
-    max_utility_drop=0.02, record_forget_margin=0.02, class_forget_max_accuracy=0.05, onnx_tolerance=1e-4,
-    default_method="ssd-auto",
-    method_params={"max_utility_drop": 0.02, "record_forget_margin": 0.02, "class_forget_target": 0.05})
+# The method chain is left empty: registration fills in the classifier default (unlearn.chain.DEFAULT_CHAINS).
+DEMO_POLICY = VerificationPolicy(max_utility_drop=0.02, class_forget_max_accuracy=0.05, onnx_tolerance=1e-4)
 
 
 LM_MODEL = "tiny-gpt"
 LM_TRAIN_PEOPLE, LM_PEOPLE = 8, 12  # people 0-7 are trained on, 8-11 are the never-seen holdout
 # Tolerances for a 1-layer model; the method is the LM benchmark's best trade-off (docs/results/lm.md).
-LM_POLICY = VerificationPolicy(max_utility_drop=0.05, record_forget_margin=0.08, default_method="gu+graddiff",
-                               method_params={"alpha": 3.0, "record_forget_margin": 0.08})
+LM_POLICY = VerificationPolicy(max_utility_drop=0.05, method_chain=(MethodStep("gu+graddiff", {"alpha": 3.0}),))
 VIT_MODEL = "digits-vit"
 # The ViT's gate: class erasure by GS-LoRA++ (issue 6). Forgetting and ONNX limits as the CNN's; utility on
 # the remaining classes may fall by 3 points, the issue's tolerance for Acc_r against a retrained model
 # (docs/results/gslora.md: on the digits ViT GS-LoRA++ keeps Acc_r within 0.011 of the retrained model).
-VIT_POLICY = VerificationPolicy(
-    max_utility_drop=0.03, record_forget_margin=0.02, class_forget_max_accuracy=0.05, onnx_tolerance=1e-4,
-    default_method="gslora++", method_params={})
+VIT_POLICY = VerificationPolicy(max_utility_drop=0.03, class_forget_max_accuracy=0.05, onnx_tolerance=1e-4,
+                                method_chain=(MethodStep("gslora++"),))
 
 
 def digits_frame() -> pd.DataFrame:
@@ -62,7 +58,8 @@ def digits_frame() -> pd.DataFrame:
                          "label": records.labels})
 
 
-def build_digits_demo(settings: Settings, engine=None, model_name: str = DEMO_MODEL) -> str:
+def build_digits_demo(settings: Settings, engine=None, model_name: str = DEMO_MODEL,
+                      policy: VerificationPolicy = DEMO_POLICY) -> str:
     """Train (or take from the cache), log, write the Parquet dataset and register; returns the model name.
 
     ``engine`` is an :class:`service.engine.Engine` on ``settings`` (one is created when omitted; it need
@@ -77,7 +74,7 @@ def build_digits_demo(settings: Settings, engine=None, model_name: str = DEMO_MO
     model, seconds = ModelCache(default_cache_dir()).get_or_train("original", ClassificationTask(10), examples,
                                                                   DIGITS_RECIPE, torch.device("cpu"))
     log.info("digits CNN ready (training took %.1f s when it was trained)", seconds)
-    _log_and_register(engine, model, model_name, "digits-cnn-train", DEMO_POLICY, "unlearn.models:digits_cnn",
+    _log_and_register(engine, model, model_name, "digits-cnn-train", policy, "unlearn.models:digits_cnn",
                       asdict(DIGITS_RECIPE))
     return model_name
 

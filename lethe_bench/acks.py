@@ -1,6 +1,6 @@
 """Durable-acknowledgement throughput and latency of the gRPC API (issue 3, "Measured").
 
-    python -m service.api.bench_acks [--requests 1000] [--streams 4] [--window 1] [--json out.json]
+    python -m lethe_bench.acks [--requests 1000] [--streams 4] [--window 1] [--json out.json]
 
 Starts the real stack in this process (embedded MLflow and SQLite job store in a temporary state
 directory, the digits model registered, the engine and the gRPC server on loopback), then sends
@@ -33,7 +33,7 @@ def run(requests: int, streams: int, window: int, warmup: int = 20, state_dir: P
     from service.api.client import Client
     from service.api.pb import service_pb2, types_pb2
     from service.api.server import build_server
-    from service.demo_data import build_digits_demo
+    from lethe_demo.data import build_digits_demo
     from service.engine import Engine
     from service.settings import Settings
 
@@ -145,7 +145,7 @@ def _cpus() -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m service.api.bench_acks", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m lethe_bench.acks", description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=1000)
     parser.add_argument("--streams", type=int, default=4)
     parser.add_argument("--window", type=int, default=1, help="unacknowledged requests per stream (1 = closed loop)")

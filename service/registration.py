@@ -1,0 +1,151 @@
+"""Registration: make an MLflow model version unlearnable, after checking everything it will need.
+
+Nothing is written until every check passed: the request's fields, the policy, the dataset's schema, that
+no record of the dataset was erased before (tombstones), and that the model accepts the data (a forward
+pass; for causal LMs the tokenizer, context and vocabulary). Then, in order: Lethe's own copy of the
+dataset, the MLflow version's tags, the serving alias, and one store transaction with the audit entry.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, replace
+from typing import Any
+
+import numpy as np
+import torch
+
+from service import lm_support
+from service import store as db
+from service.context import PipelineContext
+from service.datasets import read_parquet, record_tombstone, validate_frame
+from service.domain import (
+    FieldViolation,
+    InvalidArgument,
+    MethodStep,
+    ModelRegistration,
+    NotFound,
+    RegisteredModel,
+    TaskType,
+    VerificationPolicy,
+)
+from service.verification import policy_violations
+from unlearn import registry as methods
+from unlearn.chain import default_chain
+from unlearn.data import classification_examples
+from unlearn.errors import InvalidDataError, InvalidParameterError, UnknownMethodError
+from unlearn.tasks import ClassificationTask
+
+
+class Registrar:
+    """Implements ``EngineProtocol.register_model``."""
+
+    def __init__(self, ctx: PipelineContext):
+        self.ctx = ctx
+
+    def register_model(self, registration: ModelRegistration) -> RegisteredModel:
+        """Validate everything, then write the dataset copy, MLflow tags and the store rows."""
+        version, frame, policy = self._validate_registration(registration)
+        policy = _with_default_chain(policy, registration)
+        violations = self._tombstone_violations(frame)
+        if registration.task_type is TaskType.CAUSAL_LM:  # tokenizer, context and vocabulary checks
+            model, tokenizer = self.ctx.registry.load_lm(registration.model_name, version)
+            violations += lm_support.registration_violations(model, tokenizer, frame)
+        else:
+            model = self.ctx.registry.load_model(registration.model_name, version)
+            holdout = frame[frame["split"] == "holdout"].head(4)  # the model must accept the data's features
+            examples = classification_examples(
+                torch.from_numpy(np.stack([np.asarray(v, dtype=np.float32) for v in holdout["features"]])),
+                torch.from_numpy(holdout["label"].to_numpy(dtype=np.int64, copy=True)))
+            try:
+                ClassificationTask(registration.num_classes).validate(model, examples, "dataset.features")
+            except InvalidDataError as error:
+                violations.append(FieldViolation(error.field, error.reason))
+        if violations:
+            raise InvalidArgument("the dataset cannot be registered", tuple(violations))
+
+        path, digest = self.ctx.catalog.write_version(registration.model_name, frame, f"registered-v{version}")
+        training = {"model_factory": registration.model_factory, "train_recipe": dict(registration.train_recipe)}
+        mlflow_version = self.ctx.registry.resolve(registration.model_name, version)
+        artifact_uri = self.ctx.registry.attach_dataset(mlflow_version, path, {
+            "lethe.unlearnable": "true", "lethe.task_type": registration.task_type.value,
+            "lethe.num_classes": str(registration.num_classes or 0), "lethe.policy": _policy_json(policy),
+            "lethe.training": training, "lethe.dataset_digest": digest,
+            "lethe.code_version": self.ctx.settings.code_version})
+        self.ctx.registry.set_serving(registration.model_name, version)
+        with self.ctx.store.write() as conn:
+            db.upsert_model(conn, registration.model_name, version, registration.task_type.value,
+                            registration.num_classes, _policy_json(policy), training)
+            db.insert_dataset_version(conn, registration.model_name, digest, str(path), len(frame), version, None,
+                                      artifact_uri)
+            self.ctx.audit.append(conn, "model_registered", {
+                "model_name": registration.model_name, "version": version, "dataset_digest": digest,
+                "records": len(frame), "policy": _policy_json(policy), "code_version": self.ctx.settings.code_version})
+        return RegisteredModel(registration.model_name, version, self.ctx.settings.serving_alias,
+                               registration.task_type, digest, len(frame), policy)
+
+    def _validate_registration(self, registration: ModelRegistration):
+        violations: list[FieldViolation] = []
+        if not registration.model_name or len(registration.model_name) > self.ctx.settings.max_id_length:
+            violations.append(FieldViolation("model_name", "must be 1 to "
+                                             f"{self.ctx.settings.max_id_length} characters"))
+        if bool(registration.version) == bool(registration.alias):
+            violations.append(FieldViolation("version", "give exactly one of version or alias"))
+        if registration.task_type is TaskType.CLASSIFICATION and (registration.num_classes is None
+                                                                  or registration.num_classes < 2):
+            violations.append(FieldViolation("num_classes", "a classifier needs num_classes >= 2"))
+        violations += _policy_violations(registration.policy, registration.chain_from_default_method)
+        if registration.model_factory and ":" not in registration.model_factory:
+            violations.append(FieldViolation("model_factory", "expected 'module:function'"))
+        if violations:
+            raise InvalidArgument("invalid model registration", tuple(violations))
+        if not self.ctx.registry.model_exists(registration.model_name):
+            raise NotFound(f"MLflow has no registered model {registration.model_name!r}",
+                           (FieldViolation("model_name", "no such registered model in MLflow"),))
+        version = str(self.ctx.registry.resolve(registration.model_name, registration.version, registration.alias).version)
+        frame = read_parquet(registration.dataset_uri)
+        violations = validate_frame(frame, registration.task_type, registration.num_classes)
+        if violations:
+            raise InvalidArgument("the dataset cannot be registered", tuple(violations))
+        return version, frame, registration.policy
+
+    def _tombstone_violations(self, frame) -> list[FieldViolation]:
+        hashes = [record_tombstone(self.ctx.settings.subject_hash_key_bytes, r) for r in frame["record_id"].astype(str)]
+        with self.ctx.store.read() as conn:
+            dead = db.tombstoned(conn, hashes)
+        if not dead:
+            return []
+        erased = [r for r, h in zip(frame["record_id"].astype(str), hashes) if h in dead]
+        return [FieldViolation("dataset.record_id", f"{len(erased)} record(s) were erased earlier and may not be "
+                                                    f"re-ingested (e.g. {', '.join(erased[:3])})")]
+
+
+def _policy_json(policy: VerificationPolicy) -> dict[str, Any]:
+    return asdict(policy)
+
+
+def _with_default_chain(policy: VerificationPolicy, registration: ModelRegistration) -> VerificationPolicy:
+    """An empty chain becomes the task's default chain (``retrain`` only when the recipe is registered)."""
+    if policy.method_chain:
+        return policy
+    has_training = bool(registration.model_factory and registration.train_recipe)
+    chain = default_chain(registration.task_type.value, has_training)
+    return replace(policy, method_chain=tuple(MethodStep(name, dict(params)) for name, params in chain))
+
+
+def _policy_violations(policy: VerificationPolicy, from_default_method: bool) -> list[FieldViolation]:
+    """Bounded values (the gate cannot be configured away) and a chain of known methods with valid parameters.
+
+    Paths name the fields the client used: ``policy.method_chain[i].name`` / ``.params.<key>``, or
+    ``policy.default_method`` / ``policy.method_params.<key>`` for the older one-method form.
+    """
+    violations = policy_violations(policy)
+    for index, step in enumerate(policy.method_chain):
+        name_path, params_path = (("policy.default_method", "policy.method_params") if from_default_method
+                                  else (f"policy.method_chain[{index}].name", f"policy.method_chain[{index}].params"))
+        try:
+            methods.parse_config(step.name, step.params)
+        except UnknownMethodError as error:
+            violations.append(FieldViolation(name_path, str(error)))
+        except InvalidParameterError as error:
+            violations.append(FieldViolation(f"{params_path}.{error.field}", error.reason))
+    return violations

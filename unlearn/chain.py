@@ -1,0 +1,115 @@
+"""Escalation: an ordered chain of methods, each from the same base model, until one passes the gate.
+
+DESIGN.md ("Evidence the gate can stand behind"): a model's policy names an ordered method chain; a
+rejected attempt keeps its evidence and the next method starts from the same base version; only the first
+verified result is kept. The same runner serves the service (whose ``judge`` adds the ONNX checks to
+:func:`unlearn.gate.judge`) and the benchmarks' ``--method auto`` (which judge with :func:`unlearn.gate.judge`
+alone), so a benchmark's "auto" is the service's escalation, not a copy of it.
+
+A method that refuses the request with a typed error (:class:`unlearn.errors.UnlearnError`, e.g. ``retrain``
+without a registered recipe) is recorded as a failed attempt and the chain moves on; any other exception is
+a bug and propagates.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import nn
+
+from unlearn import registry
+from unlearn.errors import UnlearnError
+from unlearn.gate import GateResult
+from unlearn.registry import UnlearnRequest, UnlearnResult
+
+DEFAULT_CHAINS: dict[str, tuple[str, ...]] = {
+    # Measured in docs/benchmarks.md on the digits CNN, the tabular MLP and the ViT: the SSD search is the
+    # cheapest and usually enough; the GU-projected GradDiff reaches the never-seen level when SSD cannot;
+    # an exact retrain (only when the original recipe is registered) always can.
+    "classification": ("ssd-auto", "gu+graddiff", "retrain"),
+    "causal_lm": ("gu+graddiff", "retrain"),
+}
+"""Default escalation chain per task adapter name (methods that need what the request lacks are skipped
+with their reason recorded)."""
+
+ChainStep = tuple[str, Mapping[str, Any]]
+
+
+@dataclass
+class Attempt:
+    """One method's try: what it reported, and the gate's verdict on its result."""
+
+    method: str
+    params: dict[str, Any]
+    seconds: float
+    target_reached: bool | None = None
+    gate: GateResult | None = None
+    error: str | None = None
+    message: str = ""
+
+    @property
+    def gate_passed(self) -> bool:
+        return self.gate is not None and self.gate.passed
+
+    def summary(self) -> dict[str, Any]:
+        return {"method": self.method, "params": dict(self.params), "target_reached": self.target_reached,
+                "gate_passed": self.gate_passed, "failures": list(self.gate.failures) if self.gate else [],
+                "seconds": self.seconds, "error": self.error, "message": self.message}
+
+
+@dataclass
+class ChainResult:
+    attempts: list[Attempt] = field(default_factory=list)
+    result: UnlearnResult | None = None  # the first result that passed the gate, else None
+
+    @property
+    def passed(self) -> bool:
+        return self.result is not None
+
+    @property
+    def chosen(self) -> Attempt | None:
+        return next((a for a in self.attempts if a.gate_passed), None)
+
+
+def default_chain(task_name: str, has_training: bool = True) -> list[ChainStep]:
+    """The default chain for a task adapter, without ``retrain`` when no training recipe is known."""
+    names = DEFAULT_CHAINS.get(task_name)
+    if names is None:
+        raise UnlearnError(f"no default method chain for task {task_name!r}")
+    return [(name, {}) for name in names if has_training or not registry.get(name).exact]
+
+
+def run_chain(model: nn.Module, request: UnlearnRequest, chain: Sequence[ChainStep],
+              judge: Callable[[UnlearnResult], GateResult],
+              on_attempt: Callable[[Attempt], None] | None = None,
+              before_attempt: Callable[[int, str], None] | None = None) -> ChainResult:
+    """Try each ``(method, params)`` on ``model`` (never changed) until ``judge`` passes a result.
+
+    ``before_attempt(index, method)`` and ``on_attempt(attempt)`` let a caller report progress.
+    """
+    outcome = ChainResult()
+    for index, (method, params) in enumerate(chain):
+        if before_attempt is not None:
+            before_attempt(index, method)
+        started = time.perf_counter()
+        attempt = Attempt(method, dict(params), 0.0)
+        try:
+            result = registry.run(method, model, request, params)
+        except UnlearnError as error:
+            attempt.error = f"{type(error).__name__}: {error}"
+            attempt.seconds = time.perf_counter() - started
+        else:
+            attempt.seconds = time.perf_counter() - started  # the method's cost, without the gate's
+            attempt.target_reached, attempt.message = result.target_reached, result.message
+            attempt.gate = judge(result)
+            if attempt.gate.passed:
+                outcome.result = result
+        outcome.attempts.append(attempt)
+        if on_attempt is not None:
+            on_attempt(attempt)
+        if outcome.passed:
+            break
+    return outcome

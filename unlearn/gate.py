@@ -1,0 +1,196 @@
+"""The verification gate's checks that need no service: utility, forgetting, membership.
+
+ONE implementation, used by the service's gate (:mod:`service.verification`, which adds the ONNX export
+checks and the certificate evidence) and by the benchmarks' ``--method auto`` (:mod:`unlearn.chain`). The
+gate only ever measures on data no method saw: ``utility`` and ``audit`` come from the ``audit`` split of
+:mod:`unlearn.splits` (never the ``tune`` split a method may have stopped on).
+
+Checks (each a :class:`GateCheck` with its value, limit and rule):
+
+1. ``utility``: accuracy on ``utility`` after >= before - ``max_utility_drop``. The caller chooses the
+   set: a classifier's ``audit`` records of the classes that stay; a causal LM's retained people (never-seen
+   people's answers are not knowledge a model can have).
+2. class erasure: ``forgetting`` = accuracy on the forget set <= ``class_forget_max_accuracy``, and
+   ``forgetting_earlier`` (Acc_o) on whatever records of classes erased by earlier jobs remain. When none
+   remain the check cannot run: it is reported with ``passed=None`` and a reason, never as a silent pass.
+3. record and subject erasure: the two-sided membership test of :mod:`unlearn.membership` of the forget
+   set against the ``audit`` records on the weights after: ``membership_ks`` (KS p-value >= ``min_forget_p``)
+   and ``membership_auc`` (loss-attack AUC within 0.5 +- ``mia_auc_margin`` plus the null's sampling noise).
+   Under-forgetting (erased records still look known) and over-forgetting (they look less known than unseen
+   data) both fail.
+
+Policy values are bounded (:data:`POLICY_LIMITS`): a registration or a request may make the gate stricter or
+slightly looser, never switch it off.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+import torch
+from torch import nn
+
+from unlearn.data import ExampleSet
+from unlearn.errors import InvalidDataError, InvalidParameterError
+from unlearn.membership import CONFIDENCE_Z, DEFAULT_AUC_MARGIN, DEFAULT_MIN_P, compare
+from unlearn.tasks import TaskAdapter, accuracy
+
+POLICY_LIMITS: dict[str, tuple[float, float]] = {
+    "max_utility_drop": (0.0, 0.10),
+    "class_forget_max_accuracy": (0.0, 0.20),
+    "min_forget_p": (0.001, 0.2),
+    "mia_auc_margin": (0.0, 0.15),
+}
+"""Bounds of every gate policy value: outside them the gate would no longer mean anything."""
+
+
+@dataclass(frozen=True)
+class GatePolicy:
+    """Thresholds of the gate's checks (each bounded by :data:`POLICY_LIMITS`).
+
+    max_utility_drop: largest accepted fall of utility accuracy (fraction; 0.02 = 2 points).
+    class_forget_max_accuracy: class erasure passes when forget accuracy <= this (near chance or below).
+    min_forget_p: record erasure: the KS p-value of forget vs audit losses must be at least this. 0.005: a
+        model retrained without the records fails at most 0.5% of the time (:mod:`unlearn.membership`).
+    mia_auc_margin: record erasure: loss-attack AUC within 0.5 +- this (plus the null's noise allowance).
+    """
+
+    max_utility_drop: float = 0.02
+    class_forget_max_accuracy: float = 0.05
+    min_forget_p: float = DEFAULT_MIN_P
+    mia_auc_margin: float = DEFAULT_AUC_MARGIN
+
+    def __post_init__(self) -> None:
+        for item in fields(self):
+            value, (low, high) = getattr(self, item.name), POLICY_LIMITS[item.name]
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
+                raise InvalidParameterError(item.name, f"must be a number in [{low}, {high}], got {value!r}")
+
+
+@dataclass(frozen=True)
+class GateCheck:
+    """One check: ``passed`` is True, False, or None when the check could not run (``reason`` says why)."""
+
+    name: str
+    value: float | None
+    limit: float | None
+    passed: bool | None
+    rule: str
+    reason: str = ""
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class GateResult:
+    checks: tuple[GateCheck, ...]
+    evidence: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def failures(self) -> tuple[str, ...]:
+        return tuple(c.name for c in self.checks if c.passed is False)
+
+    @property
+    def passed(self) -> bool:
+        return not self.failures
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"passed": self.passed, "failures": list(self.failures),
+                "checks": [c.as_dict() for c in self.checks], **self.evidence}
+
+
+def without_classes(examples: ExampleSet, classes: tuple[int, ...] | None) -> ExampleSet:
+    """The examples whose label is not in ``classes`` (classification)."""
+    if not classes:
+        return examples
+    keep = ~torch.isin(examples["labels"], torch.tensor(classes))
+    return examples.subset(torch.nonzero(keep).flatten())
+
+
+def judge(task: TaskAdapter, before: nn.Module, after: nn.Module, forget: ExampleSet, utility: ExampleSet,
+          audit: ExampleSet, policy: GatePolicy, forget_classes: tuple[int, ...] | None = None,
+          utility_before: float | None = None, earlier_classes: tuple[int, ...] = (),
+          earlier: ExampleSet | None = None) -> GateResult:
+    """Judge ``after`` (the unlearned model) against ``before``; see the module docstring for the checks.
+
+    ``forget`` holds this job's erased training records; ``utility`` the set utility is measured on (already
+    without the erased classes); ``audit`` never-trained records no method saw (the membership reference);
+    ``utility_before`` a cached measurement of ``before`` on ``utility``; ``earlier`` the remaining records
+    of classes erased by earlier jobs on the lineage (``earlier_classes``).
+    """
+    for name, examples in (("forget", forget), ("utility", utility), ("audit", audit)):
+        if len(examples) == 0:
+            raise InvalidDataError(name, "the gate cannot judge on an empty set")
+    checks: list[GateCheck] = []
+    before_acc = accuracy(task, before, utility) if utility_before is None else utility_before
+    after_acc = accuracy(task, after, utility)
+    floor = before_acc - policy.max_utility_drop
+    checks.append(GateCheck("utility", after_acc, floor, after_acc >= floor - 1e-12,
+                            "utility accuracy after >= before - max_utility_drop"))
+    forget_before, forget_after = accuracy(task, before, forget), accuracy(task, after, forget)
+    evidence: dict[str, Any] = {
+        "utility_acc_before": before_acc, "utility_acc_after": after_acc,
+        "forget_acc_before": forget_before, "forget_acc_after": forget_after,
+        "sizes": {"forget": len(forget), "utility": len(utility), "audit": len(audit)},
+        "scenario": "class" if forget_classes else "records",
+    }
+    if forget_classes:
+        limit = policy.class_forget_max_accuracy
+        checks.append(GateCheck("forgetting", forget_after, limit, forget_after <= limit + 1e-12,
+                                "class erasure: forget accuracy <= class_forget_max_accuracy"))
+    else:
+        after_test = compare(task, after, forget, audit)
+        evidence["membership_before"] = compare(task, before, forget, audit).as_dict()
+        evidence["membership_after"] = after_test.as_dict()
+        slack = after_test.auc_slack(policy.mia_auc_margin)
+        checks.append(GateCheck(
+            "membership_ks", after_test.ks_p_value, policy.min_forget_p, after_test.ks_passes(policy.min_forget_p),
+            "KS test of forget vs audit per-example losses: p-value >= min_forget_p (either direction fails)"))
+        checks.append(GateCheck(
+            "membership_auc", after_test.auc, slack, after_test.auc_passes(policy.mia_auc_margin),
+            f"loss-attack AUC forget vs audit within 0.5 +- (mia_auc_margin + {CONFIDENCE_Z} * null sd); "
+            f"limit = that half-width; smallest detectable member AUC here "
+            f"{0.5 + slack:.3f}"))
+    if forget_classes or earlier_classes:
+        evidence["continual"] = _continual_evidence(task, before, after, forget_classes, forget_after,
+                                                    earlier_classes, earlier)
+    if earlier_classes:
+        if earlier is not None and len(earlier):
+            acc_o = evidence["continual"]["acc_o"]
+            checks.append(GateCheck("forgetting_earlier", acc_o, policy.class_forget_max_accuracy,
+                                    acc_o <= policy.class_forget_max_accuracy + 1e-12,
+                                    "classes erased by earlier jobs: accuracy on their remaining records "
+                                    "<= class_forget_max_accuracy"))
+        else:
+            checks.append(GateCheck(
+                "forgetting_earlier", None, policy.class_forget_max_accuracy, None,
+                "classes erased by earlier jobs: accuracy on their remaining records <= class_forget_max_accuracy",
+                reason="not checkable: every record of the earlier-erased classes was purged by the earlier "
+                       "erasures; their forgetting is attested by those versions' certificates"))
+    return GateResult(tuple(checks), evidence)
+
+
+def _continual_evidence(task: TaskAdapter, before: nn.Module, after: nn.Module,
+                        forget_classes: tuple[int, ...] | None, forget_after: float,
+                        earlier_classes: tuple[int, ...], earlier: ExampleSet | None) -> dict[str, Any]:
+    """Acc_f (this task's classes) and Acc_o (classes of earlier tasks) of the continual class-erasure view
+    (GS-LoRA's metrics, METHODS.md)."""
+    count = len(earlier) if earlier is not None else 0
+    if not earlier_classes:
+        note = "no class was erased on this lineage before this job: Acc_o is not defined"
+    elif count:
+        note = f"Acc_o measured on the {count} remaining record(s) of the earlier-erased classes"
+    else:
+        note = ("no record of the earlier-erased classes remains (their records were purged by the earlier "
+                "erasures), so Acc_o was evaluated on nothing and has no value; their forgetting is attested "
+                "by the earlier versions' certificates")
+    return {
+        "task_classes": sorted(forget_classes or ()), "earlier_classes": sorted(earlier_classes),
+        "erased_classes": sorted(set(forget_classes or ()) | set(earlier_classes)),
+        "acc_f": forget_after if forget_classes else None,
+        "acc_o": accuracy(task, after, earlier) if count else None,
+        "acc_o_before": accuracy(task, before, earlier) if count else None,
+        "acc_o_records": count, "acc_o_note": note,
+    }

@@ -1,0 +1,150 @@
+"""Is an erased set indistinguishable from data the model never saw? A two-sided membership test.
+
+One implementation for every caller: the gradient methods' stop rule (against the ``tune`` split,
+:mod:`unlearn.forget_target`), the verification gate (against the ``audit`` split, :mod:`unlearn.gate`), the
+benchmarks and the continual library.
+
+The statistic is a per-example loss: the classifier's cross-entropy, or a causal LM's answer NLL per answer
+token (``task.per_example_loss / task.target_lengths``, so long and short answers compare). A model that
+still carries the erased records gives them LOWER losses than never-seen records; a model that over-forgot
+gives them HIGHER losses (MUSE's PrivLeak, arXiv 2407.06460: both signs are failures). Two views:
+
+- the two-sample Kolmogorov-Smirnov test (``scipy.stats.ks_2samp``, two-sided): its p-value is small when
+  the two loss distributions differ in either direction;
+- the loss attack's ROC AUC, ``P(loss_forget < loss_reference)`` (ties count one half): 1 = the erased
+  records look like members, 0.5 = indistinguishable, 0 = they look *less* known than unseen data.
+
+Passing needs both: ``ks_p >= min_p`` and the AUC within ``0.5 +- auc_margin`` *at confidence*: the check
+fails only when ``|AUC - 0.5| > auc_margin + z * sd0``, where ``sd0 = sqrt((n1 + n2 + 1) / (12 n1 n2))`` is the
+AUC's standard deviation when both samples come from one distribution (the Mann-Whitney null). Why the
+``z * sd0`` term: a 6-record subject against 90 audit records has ``sd0 = 0.12``, so a bare ``+-0.1`` band
+would reject a model retrained without the subject about 40% of the time. With the term, a retrained model
+(for which the erased records ARE never-seen data) fails the AUC check with probability at most
+``2 * (1 - Phi(z))`` whatever the sizes; :data:`CONFIDENCE_Z` = 2.807 makes that 0.5%. The price is power:
+the smallest AUC the test can call "still a member" is ``0.5 + auc_margin + z * sd0``, reported as
+``detectable_auc`` so that evidence about a tiny erased set says how weak it is.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from scipy import stats
+from torch import nn
+
+from unlearn.data import ExampleSet
+from unlearn.errors import InvalidDataError
+from unlearn.tasks import TaskAdapter
+
+CONFIDENCE_Z = 2.807
+"""Two-sided 0.5% normal quantile: a retrained model fails the AUC check at most 0.5% of the time."""
+DEFAULT_MIN_P = 0.005
+"""KS p-value floor of the gate: a retrained model fails the KS check at most 0.5% of the time."""
+DEFAULT_AUC_MARGIN = 0.1
+"""Half-width of the accepted AUC band around 0.5 (issue 9's default)."""
+
+
+@dataclass(frozen=True)
+class MembershipResult:
+    """The two-sided membership test of an erased set against never-seen reference records."""
+
+    forget_size: int
+    reference_size: int
+    ks_statistic: float
+    ks_p_value: float
+    auc: float
+    auc_null_sd: float
+    forget_loss_mean: float
+    reference_loss_mean: float
+    forget_loss_median: float
+    reference_loss_median: float
+
+    @property
+    def direction(self) -> str:
+        """``under`` (erased records look known), ``over`` (they look less known than unseen) or ``none``."""
+        if self.auc > 0.5:
+            return "under"
+        if self.auc < 0.5:
+            return "over"
+        return "none"
+
+    def auc_slack(self, auc_margin: float, z: float = CONFIDENCE_Z) -> float:
+        """Half-width of the AUC band actually applied: the margin plus the null's sampling noise."""
+        return auc_margin + z * self.auc_null_sd
+
+    def ks_passes(self, min_p: float) -> bool:
+        return self.ks_p_value >= min_p
+
+    def auc_passes(self, auc_margin: float, z: float = CONFIDENCE_Z) -> bool:
+        return abs(self.auc - 0.5) <= self.auc_slack(auc_margin, z) + 1e-12
+
+    def passes(self, min_p: float, auc_margin: float, z: float = CONFIDENCE_Z) -> bool:
+        return self.ks_passes(min_p) and self.auc_passes(auc_margin, z)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "direction": self.direction}
+
+
+def membership_losses(task: TaskAdapter, model: nn.Module, examples: ExampleSet, batch_size: int = 256) -> np.ndarray:
+    """Per-example loss per target token (classification: the cross-entropy), eval mode, float64 on the CPU.
+
+    The model's mode is restored afterwards.
+    """
+    if len(examples) == 0:
+        raise InvalidDataError("examples", "membership losses of an empty set are undefined")
+    device = next(iter(model.parameters())).device
+    was_training = model.training
+    model.eval()
+    losses = []
+    try:
+        with torch.no_grad():
+            for batch in examples.batches(batch_size, device):
+                per_example = task.per_example_loss(model, batch) / task.target_lengths(batch).clamp_min(1)
+                losses.append(per_example.double().cpu())
+    finally:
+        model.train(was_training)
+    return torch.cat(losses).numpy()
+
+
+def loss_auc(forget_losses: np.ndarray, reference_losses: np.ndarray) -> float:
+    """``P(loss_forget < loss_reference)`` with ties counted one half (the Mann-Whitney U over n1 * n2)."""
+    forget_losses, reference_losses = np.asarray(forget_losses, float), np.asarray(reference_losses, float)
+    ranks = stats.rankdata(np.concatenate([-forget_losses, -reference_losses]))  # higher score = member
+    n1, n2 = len(forget_losses), len(reference_losses)
+    u = ranks[:n1].sum() - n1 * (n1 + 1) / 2
+    return float(u / (n1 * n2))
+
+
+def null_auc_sd(forget_size: int, reference_size: int) -> float:
+    """Standard deviation of the AUC when both samples come from the same continuous distribution."""
+    n1, n2 = forget_size, reference_size
+    return math.sqrt((n1 + n2 + 1) / (12.0 * n1 * n2))
+
+
+def membership_test(forget_losses: np.ndarray, reference_losses: np.ndarray) -> MembershipResult:
+    """KS test and loss-attack AUC of ``forget_losses`` against ``reference_losses`` (never-seen records)."""
+    forget_losses = np.asarray(forget_losses, dtype=float)
+    reference_losses = np.asarray(reference_losses, dtype=float)
+    for name, values in (("forget", forget_losses), ("reference", reference_losses)):
+        if values.size == 0:
+            raise InvalidDataError(name, "the membership test needs at least one record on each side")
+        if not np.isfinite(values).all():
+            raise InvalidDataError(name, "losses contain NaN or inf")
+    ks = stats.ks_2samp(forget_losses, reference_losses, alternative="two-sided", method="auto")
+    return MembershipResult(
+        forget_size=int(forget_losses.size), reference_size=int(reference_losses.size),
+        ks_statistic=float(ks.statistic), ks_p_value=float(ks.pvalue),
+        auc=loss_auc(forget_losses, reference_losses),
+        auc_null_sd=null_auc_sd(forget_losses.size, reference_losses.size),
+        forget_loss_mean=float(forget_losses.mean()), reference_loss_mean=float(reference_losses.mean()),
+        forget_loss_median=float(np.median(forget_losses)), reference_loss_median=float(np.median(reference_losses)),
+    )
+
+
+def compare(task: TaskAdapter, model: nn.Module, forget: ExampleSet, reference: ExampleSet) -> MembershipResult:
+    """The membership test of ``forget`` against ``reference`` on ``model``'s current weights."""
+    return membership_test(membership_losses(task, model, forget), membership_losses(task, model, reference))
