@@ -1,8 +1,8 @@
 """Continual scenarios on scikit-learn's digits (:mod:`unlearn.digits`), with the digits CNN.
 
 Splits (fixed by :mod:`unlearn.digits`): strategies train on ``train`` records; ``holdout`` records are the
-tune data (WiSE-FT's coefficient, the erasure chain's checks); every reported number is measured on ``test``
-records, which nothing selects or stops on.
+tune data (WiSE-FT's coefficient; ``digits-erase-then-update`` deals them further, see there); every
+reported number is measured on ``test`` records, which nothing selects or stops on.
 
 - ``digits-incremental`` (class incremental): the base CNN is trained on the train records of classes 0-4
   (:data:`unlearn.bench.DIGITS_RECIPE`, seed = run seed); updates 1-5 each bring the train records of one
@@ -13,14 +13,18 @@ records, which nothing selects or stops on.
   pixels (zero fill) with Gaussian noise of standard deviation 0.1 u, clipped to [0, 1]. Task u's test and
   tune records are the test and holdout splits under the same transformation (noise seed fixed per task).
 - ``digits-erase-then-update``: ``digits-incremental`` with two erasures between updates 1 and 2, each through
-  the chain ``ssd-auto`` -> ``gu+graddiff`` -> ``retrain`` (:mod:`continual.bench.erasure`): every record of
-  class 3, then every record of 10 subjects (drawn with seed 5000 + run seed among the subjects with
-  training records in classes 0, 1, 2, 4, 5). Later updates leave out the erased subjects' records (an
-  update carrying one is refused, which the run checks: ``erased_update_refused``); buffers are purged.
-  Class 3 is left out of task 0's evaluation in every row (it is meant to be forgotten). After each later
-  update: ``erased_class_forget_acc`` (accuracy on class 3's train records) and ``erased_records_mia_auc``
-  (loss-attack AUC of the erased subjects' train records, classes other than 3, against test records of the
-  same classes: never trained on; 0.5 = indistinguishable).
+  ``unlearn``'s default chain ``ssd-auto`` -> ``gu+graddiff`` -> ``retrain`` judged by ``unlearn``'s gate
+  (:mod:`continual.bench.erasure`): every record of class 3, then every record of 10 subjects (drawn with
+  seed 5000 + run seed among the subjects with training records in classes 0, 1, 2, 4, 5). Later updates
+  leave out the erased subjects' records (an update carrying one is refused, which the run checks:
+  ``erased_update_refused``); buffers are purged. Class 3 is left out of task 0's evaluation in every row (it
+  is meant to be forgotten). Here the holdout split is dealt into ``tune`` and ``audit`` halves by
+  :mod:`unlearn.splits` (benchmark key): strategies and unlearning methods see ``tune``, the chain's gate
+  judges on ``audit``, and the reported numbers use ``test``. After each later update:
+  ``erased_class_forget_acc`` (accuracy on class 3's train records) and ``erased_records_mia_auc`` (the
+  loss-attack AUC of :func:`unlearn.membership.compare`: the erased subjects' train records of classes other
+  than 3 against test records of the same classes, never trained on; 0.5 = indistinguishable; its KS p-value
+  is ``erased_records_membership_ks_p``).
 """
 
 from __future__ import annotations
@@ -32,16 +36,18 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from continual.bench.erasure import class_check, erase_with_chain, membership_check
+from continual.bench.erasure import erase
 from continual.bench.harness import Erasure, Keyed, Scenario, Stage, subject_hash
 from continual.errors import ErasedDataError
+from continual.registry import CLASSIFICATION
 from unlearn.bench import DIGITS_RECIPE, ModelCache
 from unlearn.data import ExampleSet, classification_examples
 from unlearn.digits import DigitsRecords, load_digits_records
-from unlearn.evaluation import loss_attack_auc
 from unlearn.importance import ImportanceCache, TrainImportance
+from unlearn.membership import compare
 from unlearn.models import digits_cnn
 from unlearn.registry import UnlearnRequest
+from unlearn.splits import AUDIT, BENCH_SPLIT_KEY, TUNE, audit_mask
 from unlearn.tasks import ClassificationTask, accuracy
 
 BASE_CLASSES = (0, 1, 2, 3, 4)
@@ -56,7 +62,7 @@ PROBE_EVERY = 2
 BUFFER_CAPACITY = 500
 SPLITS = {
     "r_matrix, acc, bwt, forgetting, min_acc, wc_acc, stability_gap": "test split (never trained or tuned on)",
-    "tune (WiSE-FT coefficient, erasure-chain checks)": "holdout split of the classes known before each update",
+    "tune (WiSE-FT coefficient)": "holdout split of the classes known before each update",
     "training": "train split",
 }
 
@@ -68,7 +74,14 @@ class DigitsData:
         self.records = records
 
     def index(self, split: str, classes=None) -> np.ndarray:
-        index = self.records.indices(split)
+        """Record positions of a split (``train``, ``holdout``, ``test``, or the holdout's ``tune`` / ``audit``
+        halves of :mod:`unlearn.splits`), optionally of some classes only."""
+        if split in (TUNE, AUDIT):
+            index = self.records.indices("holdout")
+            in_audit = audit_mask(self.records.record_ids[index], BENCH_SPLIT_KEY)
+            index = index[in_audit if split == AUDIT else ~in_audit]
+        else:
+            index = self.records.indices(split)
         if classes is not None:
             index = index[np.isin(self.records.labels[index], list(classes))]
         return index
@@ -93,13 +106,13 @@ def base_model(task, examples: ExampleSet, seed: int, cache_dir: Path, device: t
 
 
 def _incremental_stages(data: DigitsData, base: Keyed, classes_before, new_classes, excluded_subjects=frozenset(),
-                        dropped_class=None) -> list[Stage]:
+                        dropped_class=None, tune_split: str = "holdout") -> list[Stage]:
     stages, retain, known = [], base, list(classes_before)
     for new_class in new_classes:
         update = data.keyed(data.index("train", [new_class]))
         if excluded_subjects:
             update = update.keep([h not in excluded_subjects for h in update.subject_hashes])
-        tune = data.examples(data.index("holdout", [c for c in known if c != dropped_class]))
+        tune = data.examples(data.index(tune_split, [c for c in known if c != dropped_class]))
         stages.append(Stage(update=update, retain=retain, tune=tune, new_classes=(new_class,)))
         retain, known = retain.join(update), known + [new_class]
     return stages
@@ -178,25 +191,24 @@ def digits_erase_then_update(seed: int, cache_dir: Path, device: torch.device) -
     retain_after = after_class.keep([not s for s in of_subjects])
     class_records, subject_records = trained.keep(in_class), after_class.keep(of_subjects)
     known_after = kept_base_classes + (first_new,)
-    tune_before = data.examples(data.index("holdout", BASE_CLASSES))
-    tune_after = data.examples(data.index("holdout", known_after))
+    tune_before = data.examples(data.index(TUNE, BASE_CLASSES))
+    tune_after, audit_after = data.examples(data.index(TUNE, known_after)), data.examples(data.index(AUDIT, known_after))
 
     importance_cache = ImportanceCache(cache_dir / "importance")
     class_request = UnlearnRequest(task=task, forget=class_records.examples, retain=after_class.examples,
-                                   holdout=tune_after, train_importance=TrainImportance(task, trained.examples,
-                                                                                        importance_cache),
+                                   tune=tune_after, train_importance=TrainImportance(task, trained.examples,
+                                                                                     importance_cache),
                                    model_factory=digits_cnn, recipe=recipe, forget_classes=(ERASED_CLASS,), seed=seed)
     subject_request = UnlearnRequest(task=task, forget=subject_records.examples, retain=retain_after.examples,
-                                     holdout=tune_after, train_importance=TrainImportance(task, after_class.examples,
-                                                                                          importance_cache),
+                                     tune=tune_after, train_importance=TrainImportance(task, after_class.examples,
+                                                                                       importance_cache),
                                      model_factory=digits_cnn, recipe=recipe, seed=seed)
 
     def erase_class(current):
-        return erase_with_chain(current, class_request, class_check(task, class_records.examples, tune_after, current))
+        return erase(current, class_request, CLASSIFICATION, utility=audit_after, audit=audit_after)
 
     def erase_subjects(current):
-        return erase_with_chain(current, subject_request,
-                                membership_check(task, subject_records.examples, tune_after, current))
+        return erase(current, subject_request, CLASSIFICATION, utility=audit_after, audit=audit_after)
 
     erasures = (Erasure(f"class {ERASED_CLASS}", erase_class, record_ids=frozenset(class_records.record_ids),
                         classes=frozenset({ERASED_CLASS})),
@@ -204,7 +216,7 @@ def digits_erase_then_update(seed: int, cache_dir: Path, device: torch.device) -
                         record_ids=frozenset(subject_records.record_ids)))
     stages = [Stage(update=update_1, retain=base, tune=tune_before, new_classes=(first_new,))]
     later = _incremental_stages(data, retain_after, known_after, later_new, excluded_subjects=erased_subjects,
-                                dropped_class=ERASED_CLASS)
+                                dropped_class=ERASED_CLASS, tune_split=TUNE)
     erased_ids = frozenset(class_records.record_ids) | frozenset(subject_records.record_ids)
     for index, stage in enumerate(later):
         stage.erased_subject_hashes, stage.erased_record_ids = erased_subjects, erased_ids
@@ -218,21 +230,25 @@ def digits_erase_then_update(seed: int, cache_dir: Path, device: torch.device) -
     never_trained = data.examples(data.index("test", member_classes))
 
     def per_update(strategy: str, u: int, current) -> dict:
+        membership = compare(task, current, subject_records.examples, never_trained)
         return {"update": u, "after_erasure": u >= 2,
                 "erased_class_forget_acc": accuracy(task, current, class_train),
                 "erased_class_test_acc": accuracy(task, current, data.examples(data.index("test", [ERASED_CLASS]))),
-                "erased_records_mia_auc": loss_attack_auc(task, current, subject_records.examples, never_trained)}
+                "erased_records_mia_auc": membership.auc, "erased_records_membership_ks_p": membership.ks_p_value}
 
     eval_sets = [data.examples(data.index("test", kept_base_classes))] + [data.examples(data.index("test", [c]))
                                                                           for c in NEW_CLASSES]
     refusal = _erased_update_refused(task, model, stages[1], subject_records, recipe)
+    splits = {**SPLITS, "tune (WiSE-FT coefficient; the unlearning methods' stop rules)": "tune half of the holdout "
+              "split (unlearn.splits)", "erasure chain's gate": "audit half of the holdout split"}
+    splits.pop("tune (WiSE-FT coefficient)")
     notes = {"tasks": [list(kept_base_classes)] + [[c] for c in NEW_CLASSES],
              "erased_class": ERASED_CLASS, "erased_subjects": len(erased_subjects),
              "erased_subject_records": len(subject_records), "erased_class_records": len(class_records),
              "erased_update_refused": refusal,
              "membership_reference": f"test records of classes {member_classes} (never trained on)"}
     return Scenario("digits-erase-then-update", seed, task, model.to(device), base, stages, eval_sets, recipe,
-                    digits_cnn, UPDATE_EPOCHS, PROBE_EVERY, BUFFER_CAPACITY, SPLITS, per_update=per_update,
+                    digits_cnn, UPDATE_EPOCHS, PROBE_EVERY, BUFFER_CAPACITY, splits, per_update=per_update,
                     device=device, notes=notes)
 
 

@@ -7,13 +7,13 @@ five questions each. The run's seed (``numpy.random.default_rng(6000 + seed)``) 
 - the base GPT (:data:`unlearn.lm.fictitious.LM_SPEC`, :data:`~unlearn.lm.fictitious.LM_RECIPE`, seed = run
   seed, cached by data and seed) learns the first 40;
 - updates 1, 2 and 3 each bring the next 10;
-- 10 of the 40 base people are erased between updates 1 and 2, through the chain ``ssd-auto`` ->
-  ``gu+graddiff`` (alpha 3, record_forget_margin 0.08: docs/results/lm.md's setting closest to the
-  retain-only model's membership) -> ``retrain``
+- 10 of the 40 base people are erased between updates 1 and 2, through ``unlearn``'s default chain for
+  causal LMs, ``gu+graddiff`` (alpha 3, as ``make bench-lm``) -> ``retrain``, judged by ``unlearn``'s gate
   (:mod:`continual.bench.erasure`); replay buffers are purged of them;
-- 10 other base people are the tune data (WiSE-FT's coefficient, the chain's utility check), and the 20
-  never-trained people are split 10 / 10: ``tune-holdout`` (the chain's membership reference) and
-  ``audit-holdout`` (the reported membership reference, never used to select anything).
+- 10 other base people are the tune data (WiSE-FT's coefficient) and the gate's utility set, and the 20
+  never-trained people are dealt 5 / 5 / 10: ``chain-tune`` (what ``gu+graddiff`` stops on), ``chain-audit``
+  (the gate's membership reference) and ``report-audit`` (the reported membership reference, never used to
+  select anything).
 
 Metrics (answers scored token by token with the prompt masked; :mod:`unlearn.lm.metrics`):
 
@@ -26,8 +26,9 @@ Metrics (answers scored token by token with the prompt masked; :mod:`unlearn.lm.
 - ``erased_forget_quality``: KS-test p-value between the erased people's truth ratios under the lineage's
   model and under ``joint``'s model of the same update (trained from scratch without them); null for update
   1, which comes before the erasure;
-- ``erased_mia_auc``: loss-attack AUC (score = minus the mean answer-token NLL) of the erased people's
-  answers against the audit-holdout people's; null for update 1.
+- ``erased_mia_auc``: the loss-attack AUC of :func:`unlearn.membership.compare` (per-example answer NLL per
+  token) of the erased people's answers against the report-audit people's; null for update 1 (its KS p-value
+  is in ``per_update``).
 """
 
 from __future__ import annotations
@@ -38,12 +39,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from continual.bench.erasure import erase_with_chain, membership_check
+from continual.bench.erasure import erase
 from continual.bench.harness import Erasure, Keyed, LineageRun, Scenario, Stage, subject_hash
 from continual.examples import join
+from continual.registry import CAUSAL_LM
 from unlearn.importance import TrainImportance
 from unlearn.lm.fictitious import LM_RECIPE, LM_SPEC, FictitiousSubjects, load_fictitious_subjects
-from unlearn.lm.metrics import answer_statistics, forget_quality, mia_auc, truth_ratios
+from unlearn.lm.metrics import answer_statistics, forget_quality, truth_ratios
+from unlearn.membership import compare
 from unlearn.lm.model import GPTFactory, LMCache
 from unlearn.registry import UnlearnRequest
 
@@ -57,7 +60,7 @@ TUNE_PEOPLE = 10
 UPDATE_EPOCHS = 40
 PROBE_EVERY = 10
 BUFFER_CAPACITY = 200
-CHAIN_PARAMS = {"gu+graddiff": {"alpha": 3.0, "record_forget_margin": 0.08}}
+CHAIN_PARAMS = {"gu+graddiff": {"alpha": 3.0}}
 NEW_EM_MIN = 0.9
 OLD_EM_DROP_MAX = 0.03
 FORGET_QUALITY_MIN = 0.05
@@ -66,9 +69,10 @@ SPLITS = {
     "r_matrix, acc, bwt, forgetting, new_em, old_em_drop, min_acc, wc_acc, stability_gap":
         "exact match on the trained questions of each task's people (recall is the skill); the tune people are "
         "left out of task 0",
-    "tune (WiSE-FT coefficient, erasure-chain utility check)": f"{TUNE_PEOPLE} base people's questions",
-    "erasure-chain membership reference": "10 never-trained people (tune-holdout)",
-    "erased_mia_auc": "erased people vs 10 other never-trained people (audit-holdout)",
+    "tune (WiSE-FT coefficient) and the erasure gate's utility": f"{TUNE_PEOPLE} base people's questions",
+    "erasure chain": "gu+graddiff stops on 5 never-trained people (chain-tune); the gate's membership reference "
+                     "is 5 others (chain-audit)",
+    "erased_mia_auc": "erased people vs 10 further never-trained people (report-audit)",
     "erased_forget_quality": "truth ratios of the erased people, lineage model vs joint model of the same update",
 }
 
@@ -98,7 +102,7 @@ def fictitious_updates(seed: int, cache_dir: Path, device: torch.device) -> Scen
     tune_people = sorted(int(s) for s in rng.choice([p for p in base_people if p not in erased], TUNE_PEOPLE,
                                                     replace=False))
     holdout = [int(s) for s in rng.permutation(data.holdout_subjects)]
-    tune_holdout, audit_holdout = sorted(holdout[:10]), sorted(holdout[10:])
+    chain_tune, chain_audit, report_audit = sorted(holdout[:5]), sorted(holdout[5:10]), sorted(holdout[10:])
     kept_base = [p for p in base_people if p not in erased and p not in tune_people]
 
     factory = GPTFactory(len(data.tokenizer), LM_SPEC, data.tokenizer.eos_token_id)
@@ -111,14 +115,14 @@ def fictitious_updates(seed: int, cache_dir: Path, device: torch.device) -> Scen
     erased_keyed = keyed(data, erased)
     retain_after = keyed(data, [p for p in base_people if p not in erased]).join(updates[0])
     erase_request = UnlearnRequest(task=task, forget=erased_keyed.examples, retain=retain_after.examples,
-                                   holdout=data.examples(tune_holdout),
+                                   tune=data.examples(chain_tune),
                                    train_importance=TrainImportance(task, join(erased_keyed.examples,
                                                                                retain_after.examples)),
                                    model_factory=factory, recipe=recipe, seed=seed)
 
     def erase_people(current):
-        check = membership_check(task, erased_keyed.examples, data.examples(tune_holdout), current, utility=tune)
-        return erase_with_chain(current, erase_request, check, params=CHAIN_PARAMS)
+        return erase(current, erase_request, CAUSAL_LM, utility=tune, audit=data.examples(chain_audit),
+                     params=CHAIN_PARAMS)
 
     erasure = Erasure(f"{ERASED_PEOPLE} people", erase_people, record_ids=frozenset(erased_keyed.record_ids),
                       subject_hashes=frozenset(erased_keyed.subject_hashes))
@@ -135,21 +139,20 @@ def fictitious_updates(seed: int, cache_dir: Path, device: torch.device) -> Scen
         stages.append(stage)
         retain = retain.join(update)
 
-    erased_split, audit = data.split(erased), data.examples(audit_holdout)
+    erased_split, audit = data.split(erased), data.examples(report_audit)
 
     def per_update(strategy: str, u: int, current) -> dict:
         if u < 2:
             return {"update": u, "after_erasure": False}
-        members = answer_statistics(task, current, erased_split.answers)
-        others = answer_statistics(task, current, audit)
+        membership = compare(task, current, erased_split.answers, audit)
         return {"update": u, "after_erasure": True,
                 "erased_truth_ratios": erased_truth_ratios(task, current, erased_split).tolist(),
-                "erased_mia_auc": mia_auc(-members.nll / members.lengths, -others.nll / others.lengths)}
+                "erased_mia_auc": membership.auc, "erased_membership_ks_p": membership.ks_p_value}
 
     eval_sets = [data.examples(kept_base)] + [update.examples for update in updates]
     notes = {"people": {"base": len(base_people), "per_update": PEOPLE_PER_UPDATE, "erased": len(erased),
-                        "tune": len(tune_people), "tune_holdout": len(tune_holdout),
-                        "audit_holdout": len(audit_holdout)},
+                        "tune": len(tune_people), "chain_tune": len(chain_tune), "chain_audit": len(chain_audit),
+                        "report_audit": len(report_audit)},
              "erased_people": erased, "metric": "exact match (greedy answer == reference, via teacher forcing)"}
     return Scenario("fictitious-updates", seed, task, model.to(device), base, stages, eval_sets, recipe, factory,
                     UPDATE_EPOCHS, PROBE_EVERY, BUFFER_CAPACITY, SPLITS, per_update=per_update, device=device,

@@ -7,7 +7,8 @@ conjunction (null for a scenario without targets).
   points, seconds <= 0.2x ``joint``'s. ``digits-domain-shift`` reports the same four flags (informative:
   issue 12 sets no target for it).
 - ``digits-erase-then-update``: after every update that follows the erasures, forget accuracy of the erased
-  class <= 0.02 and the erased records' loss-attack AUC within 0.5 +- 0.1.
+  class <= 0.02 and the erased records' loss-attack AUC within 0.5 +- 0.1 (the bare band of issue 12; the
+  KS p-value of the same two-sided test is reported beside it).
 - ``fictitious-updates``: after every update, new-people exact match >= 0.9 and old-people exact-match drop
   <= 0.03; after every update that follows the erasure, the erased people's forget quality >= 0.05 and their
   loss-attack AUC within 0.5 +- 0.1.
@@ -48,6 +49,7 @@ def erase_targets(result: dict, runs: dict[str, LineageRun]) -> dict:
     targets = {"erased_class_forget_acc_at_most_0.02": all(v <= CLASS_FORGET_MAX for v in forget),
                "erased_records_mia_auc_within_0.1_of_0.5": all(abs(v - 0.5) <= MIA_TOLERANCE for v in mia)}
     return {"erased_class_forget_acc": forget, "erased_records_mia_auc": mia,
+            "erased_records_membership_ks_p": [row["erased_records_membership_ks_p"] for row in later],
             "finetune_erased_class_forget_acc": [row["erased_class_forget_acc"] for row in finetune_later],
             "finetune_erased_records_mia_auc": [row["erased_records_mia_auc"] for row in finetune_later],
             "targets": targets, "target_reached": all(targets.values())}
