@@ -29,11 +29,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cpu", help="cpu (the recorded numbers), auto or cuda[:N]")
     parser.add_argument("--cache-dir", default=os.environ.get("LETHE_CACHE_DIR", ".cache/lethe"),
                         help="where base models are cached (their training time is never used)")
+    parser.add_argument("--buffer-capacity", type=int, help="replay-buffer size (default: the scenario's)")
     parser.add_argument("--json", action="store_true", help="print the result as one JSON line")
     args = parser.parse_args(argv)
     try:
         result = run_scenario(args.scenario, args.strategy, args.seed, json.loads(args.params),
-                              resolve_device(args.device), Path(args.cache_dir))
+                              resolve_device(args.device), Path(args.cache_dir), args.buffer_capacity)
     except (UnlearnError, json.JSONDecodeError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

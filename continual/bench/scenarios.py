@@ -16,6 +16,7 @@ conjunction (null for a scenario without targets).
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -86,8 +87,13 @@ SCENARIOS = {
 
 
 def run_scenario(name: str, strategy: str, seed: int, params: dict | None, device: torch.device,
-                 cache_dir: Path) -> dict:
+                 cache_dir: Path, buffer_capacity: int | None = None) -> dict:
+    """One run; ``buffer_capacity`` overrides the scenario's replay-buffer size (a service policy, not a
+    strategy parameter)."""
     kind, build, finish = SCENARIOS[name]
     registry.parse_config(strategy, params, kind)  # an unknown parameter or task kind fails before any work
     torch.manual_seed(seed)
-    return compare(build(seed, cache_dir, device), strategy, params, finish)
+    scenario = build(seed, cache_dir, device)
+    if buffer_capacity is not None:
+        scenario = replace(scenario, buffer_capacity=buffer_capacity)
+    return compare(scenario, strategy, params, finish)

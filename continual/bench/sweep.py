@@ -81,7 +81,8 @@ def tables(results: list[dict]) -> str:
         out.append("| strategy | seed | " + " | ".join(SUMMARY_KEYS) + " | targets |")
         out.append("|---" * (len(SUMMARY_KEYS) + 3) + "|")
         for r in sorted(rows, key=lambda r: (r["strategy"], r["seed"])):
-            targets = ", ".join(f"{k}: {_fmt(v)}" for k, v in (r.get("targets") or {}).items())
+            missed = [k for k, v in (r.get("targets") or {}).items() if not v]
+            targets = "all met" if not missed else "missed: " + ", ".join(missed)
             out.append(f"| {r['strategy']} | {r['seed']} | " + " | ".join(_fmt(r.get(k)) for k in SUMMARY_KEYS)
                        + f" | {targets} |")
         for strategy in sorted({r["strategy"] for r in rows}):

@@ -5,10 +5,13 @@ Per step, with (x, y) an update batch and two independent batches drawn from the
 
     L = CE(f(x), y) + alpha * MSE(f(x'), z') + beta * CE(f(x''), y'')        (paper Eq. 6)
 
-``alpha = 0`` is experience replay (ER); ``beta = 0`` is DER. After a step, the update batch enters B by
-reservoir sampling with the logits f(x) of that step's forward pass (the paper's z: "logits at insertion
-time"). For causal LMs the MSE compares logits at the answer-predicting positions and the CE is the answer
-tokens' (the adapter's training objective).
+``alpha = 0`` is experience replay (ER); ``beta = 0`` is DER. During the last pass over the update, each
+update batch enters B by reservoir sampling after its step, with the logits f(x) of that step's forward
+pass (the paper's z: "logits at insertion time"). ``stored_logits = "current"`` matches instead the logits
+the model the update starts from gives the buffered records, recomputed at the start of every update (a
+distillation of the current version on the buffer, as iCaRL's; on class-incremental digits it learned the
+new classes better, docs/results/continual.md). For causal LMs the MSE compares logits at the
+answer-predicting positions and the CE is the answer tokens' (the adapter's training objective).
 
 Deletion: the strategy reads the caller's buffer, never changes it, and returns the buffer to persist
 (``UpdateResult.buffer``). Erased rows must have been purged (:meth:`ReplayBuffer.purge`) before; a buffer
@@ -20,10 +23,10 @@ Mutates in place: no (works on copies of the model and the buffer).
 
 Differences from the paper: one forward pass over the update batch and both buffer batches together (the
 reference makes three; batch-norm statistics are then those of the union, and the step costs less); the
-update's records are offered to the reservoir during the LAST pass over
-them only (the paper inserts during every pass, and in its multi-epoch settings the later insertions win
-too), so the same record is never offered twice and its stored logits come from a model that has learned
-it; a purge refreshes the remaining logits (the paper has no deletion). Inputs are not augmented.
+update's records are offered to the reservoir during the LAST pass over them only (the paper inserts during
+every pass, and in its multi-epoch settings the later insertions win too), so the same record is never
+offered twice and its stored logits come from a model that has learned it; a purge refreshes the remaining
+logits (the paper has no deletion); the ``current`` option above. Inputs are not augmented.
 """
 
 from __future__ import annotations
