@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PIP_FLAGS := --disable-pip-version-check --quiet
 
-.PHONY: install test fuzz soak helm-test helm-lint bench bench-calibration bench-vit bench-lm bench-acks bench-steady demo proto-lint clean
+.PHONY: install test fuzz soak helm-test helm-lint bench bench-calibration bench-vit bench-lm bench-continual bench-acks bench-steady demo proto-lint clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
@@ -59,6 +59,11 @@ bench-vit: $(STAMP)
 bench-lm: $(STAMP)
 	OMP_NUM_THREADS=1 $(BIN)/python -m unlearn.bench --method gu+graddiff --scenario fictitious-subjects \
 	  --seeds 0,1,2 --params '{"alpha": 3.0}' --json | tail -n 1
+
+# Continual learning: every scenario of continual.bench (strategy vs finetune and joint), seeds 0-2; appends to
+# .cache/lethe/continual-runs.jsonl (finished runs are skipped) and prints the tables of docs/results/continual.md.
+bench-continual: $(STAMP)
+	OMP_NUM_THREADS=1 $(BIN)/python -m continual.bench.sweep --seeds 0,1,2
 
 # Trains the digits CNN and a tiny GPT, registers both in embedded MLflow, streams 22 erasures through gRPC.
 demo: $(STAMP)

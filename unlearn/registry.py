@@ -8,17 +8,17 @@ a method: it looks the method up here, validates the client's parameters with :f
 from __future__ import annotations
 
 import dataclasses
-import math
 import re
-import types
 import typing
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch import nn
 
+from unlearn.config import coerce as _coerce  # shared with continual.registry
+from unlearn.config import require  # noqa: F401  (re-exported: methods import it from here)
 from unlearn.data import ExampleSet
 from unlearn.errors import InvalidDataError, InvalidParameterError, UnknownMethodError, UnsupportedTaskError
 from unlearn.importance import TrainImportance
@@ -245,55 +245,6 @@ def run(name: str, model: nn.Module, request: UnlearnRequest,
 
 def config_to_dict(config: Any) -> dict[str, Any]:
     return dataclasses.asdict(config)
-
-
-def _coerce(key: str, value: Any, annotation: Any) -> Any:
-    origin = typing.get_origin(annotation)
-    if origin in (typing.Union, types.UnionType):
-        options = typing.get_args(annotation)
-        if value is None and type(None) in options:
-            return None
-        errors = []
-        for option in options:
-            if option is type(None):
-                continue
-            try:
-                return _coerce(key, value, option)
-            except InvalidParameterError as error:
-                errors.append(error.reason)
-        raise InvalidParameterError(key, "; ".join(errors))
-    if origin is Literal:
-        choices = typing.get_args(annotation)
-        if value not in choices:
-            raise InvalidParameterError(key, f"must be one of {list(choices)}, got {value!r}")
-        return value
-    if annotation is bool:
-        if not isinstance(value, bool):
-            raise InvalidParameterError(key, f"must be a boolean, got {type(value).__name__}")
-        return value
-    if annotation is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            if isinstance(value, float) and value.is_integer():
-                return int(value)
-            raise InvalidParameterError(key, f"must be an integer, got {value!r}")
-        return value
-    if annotation is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise InvalidParameterError(key, f"must be a number, got {value!r}")
-        if not math.isfinite(value):
-            raise InvalidParameterError(key, f"must be finite, got {value!r}")
-        return float(value)
-    if annotation is str:
-        if not isinstance(value, str):
-            raise InvalidParameterError(key, f"must be a string, got {type(value).__name__}")
-        return value
-    raise InvalidParameterError(key, f"parameters of type {annotation!r} cannot be set by clients")
-
-
-def require(condition: bool, field_name: str, reason: str) -> None:
-    """Range check for config ``__post_init__`` methods."""
-    if not condition:
-        raise InvalidParameterError(field_name, reason)
 
 
 def copy_model(model: nn.Module) -> nn.Module:
