@@ -78,6 +78,8 @@ class AuditLog:
     def append(self, conn: Connection, kind: str, body: dict[str, Any]) -> tuple[int, str]:
         """Append one entry. Appenders in several processes are serialised by the store's log lock, held
         to the transaction's commit, so ``seq`` stays gap-free and every ``prev_hash`` is the entry before."""
+        if "kind" in body or "time" in body:  # would silently replace the entry's own kind or time
+            raise ValueError(f"audit entry body of {kind!r} may not set 'kind' or 'time'")
         db.lock_log(conn)
         tail = db.audit_tail(conn)
         seq, prev_hash = (tail[0] + 1, tail[1]) if tail else (1, GENESIS_HASH)

@@ -87,7 +87,8 @@ def _register(args) -> int:
     from service.api.pb import service_pb2, types_pb2
 
     policy = types_pb2.VerificationPolicy(default_method=args.default_method or "")
-    for name in ("max_utility_drop", "class_forget_max_accuracy", "onnx_tolerance", "min_forget_p", "mia_auc_margin"):
+    for name in ("max_utility_drop", "class_forget_max_accuracy", "onnx_tolerance", "min_forget_p", "mia_auc_margin",
+                 "sealed_retention_days"):
         if getattr(args, name) is not None:
             setattr(policy, name, getattr(args, name))
     if args.method_params:
@@ -662,6 +663,9 @@ def _parser() -> argparse.ArgumentParser:
                           help="record erasure: KS p-value floor of erased vs never-seen losses (default 0.005)")
     register.add_argument("--mia-auc-margin", type=float,
                           help="record erasure: loss-attack AUC within 0.5 +- this (default 0.1)")
+    register.add_argument("--sealed-retention-days", type=float,
+                          help="days each erasure's sealed verification set is kept for later updates' re-checks, "
+                               "then crypto-shredded (default 30; 0 keeps nothing)")
     register.add_argument("--method-chain",
                           help='escalation chain as JSON, e.g. \'[{"name": "ssd-auto"}, {"name": "retrain"}]\'; '
                                "default: the task's chain (ssd-auto, gu+graddiff, retrain when a recipe is given)")

@@ -217,6 +217,25 @@ def content_digest(frame: pd.DataFrame) -> str:
     return digest.hexdigest()
 
 
+def dataset_columns(frame: pd.DataFrame) -> pd.DataFrame:
+    """The frame's dataset columns only, in schema order, with a fresh index."""
+    task_columns = TASK_COLUMNS[TaskType.CAUSAL_LM if "prompt" in frame.columns else TaskType.CLASSIFICATION]
+    return frame[[*BASE_COLUMNS, *task_columns]].reset_index(drop=True)
+
+
+def dataset_table(frame: pd.DataFrame) -> pa.Table:
+    """A frame of :func:`dataset_columns` as an Arrow table in the dataset's Parquet schema (classification:
+    float32 feature lists and int64 labels; causal LM: strings)."""
+    if "prompt" in frame.columns:  # causal LM
+        return pa.Table.from_pandas(frame.astype(str), schema=pa.schema(
+            [(c, pa.string()) for c in (*BASE_COLUMNS, "prompt", "answer")]), preserve_index=False)
+    return pa.Table.from_pandas(frame.assign(features=[np.asarray(v, dtype=np.float32).tolist()
+                                                       for v in frame["features"]]),
+                                schema=pa.schema([("record_id", pa.string()), ("subject_id", pa.string()),
+                                                  ("split", pa.string()), ("features", pa.list_(pa.float32())),
+                                                  ("label", pa.int64())]), preserve_index=False)
+
+
 def record_tombstone(key: bytes, record_id: str) -> str:
     return keyed_hash(key, "record", record_id)
 
@@ -268,22 +287,9 @@ class DatasetCatalog:
         directory = self.datasets_dir / safe_name(model_name)
         directory.mkdir(parents=True, exist_ok=True)
         path = directory / f"{name}.parquet"
-        if "prompt" in frame.columns:  # causal LM
-            frame = frame[[*BASE_COLUMNS, "prompt", "answer"]].reset_index(drop=True)
-            table = pa.Table.from_pandas(frame.astype(str), schema=pa.schema(
-                [(c, pa.string()) for c in (*BASE_COLUMNS, "prompt", "answer")]), preserve_index=False)
-            partial = path.with_suffix(".partial")
-            pq.write_table(table, partial)
-            partial.replace(path)
-            return path, content_digest(frame)
-        frame = frame[[*BASE_COLUMNS, "features", "label"]].reset_index(drop=True)
-        table = pa.Table.from_pandas(frame.assign(features=[np.asarray(v, dtype=np.float32).tolist()
-                                                            for v in frame["features"]]),
-                                     schema=pa.schema([("record_id", pa.string()), ("subject_id", pa.string()),
-                                                       ("split", pa.string()), ("features", pa.list_(pa.float32())),
-                                                       ("label", pa.int64())]), preserve_index=False)
+        frame = dataset_columns(frame)
         partial = path.with_suffix(".partial")
-        pq.write_table(table, partial)
+        pq.write_table(dataset_table(frame), partial)
         partial.replace(path)
         return path, content_digest(frame)
 

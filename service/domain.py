@@ -161,6 +161,11 @@ class VerificationPolicy:
         None means the task's default (:data:`service.updates.DEFAULT_UPDATE_STRATEGY`).
     min_update_fit: the update gate's floor on accuracy (causal LM: answer exact match) over the new records
         after the update: they must actually be learned.
+    sealed_retention_days: how long each erasure's sealed verification set is kept (:mod:`service.sealed`):
+        its forget records, encrypted with a per-request key, so that later updates can check the erasure
+        still holds. After the window the key is destroyed (crypto-shredding, an audit event) and the check
+        reports "not checkable". 0 keeps nothing (the certificate says so). Bounded by
+        :data:`service.verification.SEALED_RETENTION_LIMITS` (0 to 3650 days).
     """
 
     max_utility_drop: float = 0.02
@@ -172,6 +177,7 @@ class VerificationPolicy:
     superseded_versions: str = "purge"
     update_strategy: MethodStep | None = None
     min_update_fit: float = 0.9
+    sealed_retention_days: float = 30.0
 
     @property
     def default_method(self) -> str | None:

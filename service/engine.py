@@ -51,6 +51,7 @@ from service.queries import Queries
 from service.record_index import index_serving
 from service.registration import Registrar
 from service.scheduler import Scheduler
+from service.sealed import shred_expired
 from service.settings import Settings
 from service.store_metrics import StoreCollector
 from unlearn.device import resolve_device
@@ -93,11 +94,12 @@ class Engine:
 
     def _housekeeping(self) -> None:
         """Every HOUSEKEEPING_S: :mod:`service.housekeeping` (superseded versions; this host's copies of
-        removed ones)."""
+        removed ones) and :func:`service.sealed.shred_expired` (sealed-set keys past their window)."""
         while not self._stopping.wait(HOUSEKEEPING_S):
             try:
                 purge_superseded(self.context)
                 delete_removed_copies(self.context)
+                shred_expired(self.context)
             except Exception:  # the store may be unreachable for a while; next round
                 log.exception("housekeeping failed")
 

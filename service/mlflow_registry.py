@@ -348,6 +348,19 @@ class MlflowRegistry:
                 raise
             log.debug("artifact %s already gone: %s", uri, error)
 
+    def log_sealed(self, name: str, job_id: str, path: Path) -> str:
+        """Copy a sealed verification set (ciphertext, :mod:`service.sealed`) into the job's own sealed-sets
+        run, so processes on other hosts can read it; returns its artifact URI. Idempotent: a resumed job
+        finds its run by tag and overwrites the same artifact."""
+        found = self.client.search_runs([self.experiment_id], f"tags.`lethe.sealed_job` = '{_quote(job_id)}'",
+                                        max_results=1)
+        run = found[0] if found else self.client.create_run(
+            self.experiment_id, run_name=f"lethe-sealed-{job_id}",
+            tags={"lethe.sealed_job": job_id, "lethe.model_name": name})
+        self.client.log_artifact(run.info.run_id, str(path), "lethe-sealed")
+        self.client.set_terminated(run.info.run_id)
+        return f"{run.info.artifact_uri}/lethe-sealed/{path.name}"
+
     def download_artifact(self, artifact_uri: str, target: Path) -> None:
         """Copy one artifact file (a dataset version) to ``target``, through the tracking server when there
         is one; written atomically (a partial download never looks like the file)."""

@@ -22,7 +22,7 @@ import importlib
 import json
 import logging
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +37,7 @@ from service.datasets import LoadedDataset, remove_tree, safe_name
 from service.context import ModelInfo, PipelineContext
 from service.domain import EventKind, JobState
 from service.mlflow_registry import ERASED_CLASSES_TAG
+from service.sealed import certificate_summary, seal_erasure
 from service.task_support import task_support
 from service.verification import effective_policy, verify
 from unlearn import registry as methods
@@ -175,6 +176,7 @@ class Scope:
     earlier_classes: tuple[int, ...]
     lineage_classes: tuple[int, ...]
     resolution: dict[str, Any]
+    matched: dict[str, np.ndarray] = field(default_factory=dict)  # per request, the records it erases
     # Filled by measure():
     base_model: nn.Module | None = None
     task: TaskAdapter | None = None
@@ -285,9 +287,9 @@ def _finish(ctx: PipelineContext, job, request_rows, info: ModelInfo, record: di
                     "records_before": resolution["dataset_records"], "records_after": dataset_after["records"],
                     "older_versions_removed": removed, "tombstones_added": len(resolution["tombstones"])},
         "method": record["method"], "attempts": record.get("attempts", []), "verification": record["verification"],
-        "code_version": ctx.settings.code_version,
+        "sealed": certificate_summary(record.get("sealed")), "code_version": ctx.settings.code_version,
     }
-    for key in ("update", "sealed", "continual_state"):  # what an update learned; sealed sets; purged state
+    for key in ("update", "continual_state"):  # what an update learned; sealed sets; purged state
         if key in record:
             shared[key] = record[key]
     ctx.metrics.records_erased.inc(resolution["erased"])
@@ -354,7 +356,7 @@ def build_scope(ctx: PipelineContext, job, info: ModelInfo, data: LoadedDataset,
     }
     scope = Scope(data, dataset_row, task_support(info), erase, erase & train, train & ~erase,
                   never_trained & ~audit_side, never_trained & audit_side, earlier_mask & ~erase, classes,
-                  earlier_classes, lineage_classes, resolution)
+                  earlier_classes, lineage_classes, resolution, matched)
     if not (scope.tune.any() and scope.audit.any()):
         raise RuntimeError("the job would leave no never-trained records in the tune or audit split "
                            f"(tune {int(scope.tune.sum())}, audit {int(scope.audit.sum())})")
@@ -480,6 +482,8 @@ def _unlearn_and_register(ctx: PipelineContext, job, request_rows, info: ModelIn
         _reject(ctx, job, tuple(r.request_id for r in request_rows), record, outcome, progress)
         return JobState.REJECTED_BY_VERIFICATION
     frame = ctx.catalog.frame(scope.dataset_row.path)
+    # The erased training records, sealed per request for later updates' re-checks (service.sealed).
+    record["sealed"] = seal_erasure(ctx, job, request_rows, scope.data, scope.matched, scope.forget, policy, frame)
     frame = frame[~frame["record_id"].astype(str).isin(set(scope.data.record_ids[scope.erase]))]
     register_version(ctx, job, info, scope, after, record, frame, progress)
     return None

@@ -6,7 +6,9 @@ scale-out. An acknowledgement is only sent after :meth:`Store.write` has committ
 ``synchronous=FULL`` so that a committed transaction survives power loss, not only a process kill.
 
 Subject and record ids never reach this module in clear: requests keep keyed hashes (HMAC-SHA256 with the
-subject hash key) of both, tombstones keep the same keyed hashes of record ids.
+subject hash key) of both, tombstones keep the same keyed hashes of record ids. (The sealed verification sets
+of :mod:`service.sealed` hold erased records, but only as ciphertext outside the store; the store keeps
+their wrapped keys until the retention window ends.)
 
 The schema is created and upgraded by Alembic migrations (:mod:`service.migrations`) when a
 :class:`Store` opens, on SQLite and PostgreSQL alike; ``metadata`` below mirrors the head revision.
@@ -198,6 +200,28 @@ tombstones = sa.Table(
     sa.Column("model_name", sa.String(_ID), nullable=False),
     sa.Column("job_id", sa.String(64), nullable=False),
     _ts("created_at"),
+)
+
+
+sealed_sets = sa.Table(  # one per (erasure job, request): the sealed verification set (service.sealed)
+    "sealed_sets", metadata,
+    sa.Column("job_id", sa.String(64), primary_key=True),
+    sa.Column("request_id", sa.String(_ID), primary_key=True),
+    sa.Column("model_name", sa.String(_ID), nullable=False, index=True),
+    sa.Column("kind", sa.String(16), nullable=False),  # records | classes
+    sa.Column("classes", sa.JSON, nullable=False),
+    sa.Column("rows", sa.Integer, nullable=False),
+    sa.Column("path", sa.Text),  # the ciphertext as the sealing process wrote it (None: nothing was kept)
+    sa.Column("artifact_uri", sa.Text),  # its MLflow copy, read by processes on other hosts
+    # The per-request AES-256-GCM key, itself wrapped (AES-GCM) with a key derived from the subject hash key;
+    # NULL once destroyed (crypto-shredding) or when nothing was kept.
+    sa.Column("wrapped_key", sa.Text),
+    sa.Column("key_fingerprint", sa.String(64)),  # what the audit chain names the key by
+    sa.Column("retention_days", sa.Float, nullable=False),
+    _ts("created_at"),
+    _ts("expires_at"),
+    _ts("destroyed_at", nullable=True),
+    sa.Column("destroyed_reason", sa.Text),
 )
 
 
@@ -832,3 +856,56 @@ def indexed_matches(conn: Connection, dataset_ids: Sequence[int], subject_hashes
 
 def seconds_ago(seconds: float) -> datetime:
     return utcnow() - timedelta(seconds=seconds)
+
+
+# ----------------------------------------------------------------------------------------- sealed sets
+def sealed_set(conn: Connection, job_id: str, request_id: str) -> Row | None:
+    return conn.execute(sa.select(sealed_sets).where(sealed_sets.c.job_id == job_id,
+                                                     sealed_sets.c.request_id == request_id)).first()
+
+
+def insert_sealed_set(conn: Connection, **values: Any) -> None:
+    conn.execute(sa.insert(sealed_sets).values(**values))
+
+
+def update_sealed_set(conn: Connection, job_id: str, request_id: str, **values: Any) -> None:
+    conn.execute(sa.update(sealed_sets).where(sealed_sets.c.job_id == job_id,
+                                              sealed_sets.c.request_id == request_id).values(**values))
+
+
+def lineage_sealed_sets(conn: Connection, model_name: str) -> list[Row]:
+    """The sealed sets of the erasures on ``model_name``'s lineage, oldest first: those of jobs whose model
+    version was registered (``result_version`` set: succeeded, or failed after registering)."""
+    return list(conn.execute(sa.select(sealed_sets)
+                             .join(jobs, jobs.c.job_id == sealed_sets.c.job_id)
+                             .where(sealed_sets.c.model_name == model_name, jobs.c.result_version.is_not(None))
+                             .order_by(sealed_sets.c.created_at, sealed_sets.c.request_id)))
+
+
+def sealed_sets_to_destroy(conn: Connection, now: datetime, ended_states: Sequence[str],
+                           model_name: str | None = None) -> list[Row]:
+    """Sealed sets whose key still exists although their window has ended, or whose job ended
+    (``ended_states``) without registering a version, so erased nothing; of one model when ``model_name`` is
+    given."""
+    never_registered = sa.and_(jobs.c.state.in_(list(ended_states)), jobs.c.result_version.is_(None))
+    query = (sa.select(sealed_sets, jobs.c.state.label("job_state"))
+             .join(jobs, jobs.c.job_id == sealed_sets.c.job_id, isouter=True)
+             .where(sealed_sets.c.destroyed_at.is_(None),
+                    sa.or_(sealed_sets.c.expires_at <= now, never_registered, jobs.c.job_id.is_(None))))
+    if model_name is not None:
+        query = query.where(sealed_sets.c.model_name == model_name)
+    return list(conn.execute(query.order_by(sealed_sets.c.expires_at)))
+
+
+def destroy_sealed_key(conn: Connection, job_id: str, request_id: str, now: datetime, reason: str) -> bool:
+    """Overwrite the key with NULL and mark the set destroyed; False when another process did it first."""
+    result = conn.execute(sa.update(sealed_sets).where(
+        sealed_sets.c.job_id == job_id, sealed_sets.c.request_id == request_id,
+        sealed_sets.c.destroyed_at.is_(None)).values(wrapped_key=None, destroyed_at=now, destroyed_reason=reason))
+    return result.rowcount == 1
+
+
+def destroyed_sealed_sets_since(conn: Connection, since: datetime) -> list[Row]:
+    """Sets destroyed since ``since`` (their ciphertext copies are deleted again by housekeeping)."""
+    return list(conn.execute(sa.select(sealed_sets).where(sealed_sets.c.destroyed_at >= since,
+                                                          sealed_sets.c.path.is_not(None))))

@@ -52,6 +52,7 @@ from service.pipeline import (
     register_version,
     unlearn,
 )
+from service.sealed import RECHECK, erasure_rechecks, open_sealed, seal_erasure, sealed_examples
 from service.verification import effective_policy
 from unlearn.errors import InvalidParameterError, UnlearnError
 from unlearn.gate import GateCheck, GateResult
@@ -156,7 +157,7 @@ def learn_and_register(ctx: PipelineContext, job, request_rows, info: ModelInfo,
     progress.stage("verify", "new records learned, utility kept, earlier erasures still hold, ONNX export")
     gate = update_gate(ctx, job, info, scope, result.model, learn, policy, stability)
     escalation = None
-    if not gate.passed and set(gate.failures) <= {c.name for c in gate.checks if c.name.startswith("erasure:")}:
+    if not gate.passed and all(name.startswith(f"{RECHECK}[") for name in gate.failures):
         escalated = _reerase(ctx, job, info, scope, result.model, gate, policy, progress)
         if escalated is not None:
             escalation = {"first_gate": gate.as_dict(), "method": escalated[1]}
@@ -176,6 +177,8 @@ def learn_and_register(ctx: PipelineContext, job, request_rows, info: ModelInfo,
         return JobState.REJECTED_BY_VERIFICATION
 
     # ---- register: base (less the old values) plus the new records, then the model version -------------
+    if scope.forget.any():  # a rectification's old values are sealed like any erasure's (service.sealed)
+        record["sealed"] = seal_erasure(ctx, job, request_rows, data, scope.matched, scope.forget, policy, combined)
     frame = combined[~scope.erase]
     record["staged"] = staged
     save_pending(ctx, job.model_name, job.job_id, result.buffer, result.state)
@@ -268,7 +271,6 @@ def _sample(mask: np.ndarray, count: int) -> np.ndarray:
 def update_gate(ctx: PipelineContext, job, info: ModelInfo, scope: Scope, after: nn.Module, learn: np.ndarray,
                 policy, stability: dict[str, Any]) -> GateResult:
     """The update gate (module docstring). ONNX checks run only when the others passed."""
-    from service.sealed import erasure_rechecks, open_sealed
 
     task = scope.task
     learned_before = accuracy(task, scope.base_model, scope.examples(learn))
@@ -292,7 +294,8 @@ def update_gate(ctx: PipelineContext, job, info: ModelInfo, scope: Scope, after:
                    GateCheck("rectified_membership_auc", test.auc, slack, test.auc_passes(policy.mia_auc_margin),
                              "old values vs audit: loss-attack AUC within 0.5 +- the margin and the null's noise")]
     opened, unavailable = open_sealed(ctx, job.model_name)
-    checks += erasure_rechecks(scope.support, task, after, audit, policy, opened, unavailable)
+    rechecks = erasure_rechecks(ctx.catalog, scope.support, task, after, audit, policy, opened, unavailable)
+    checks += rechecks.checks
     evidence = {"utility_acc_before": utility_before, "utility_acc_after": utility_after,
                 "learned_acc_before": learned_before, "learned_acc_after": learned_after,
                 "records_learned": int(learn.sum()), "stability": stability,
@@ -302,7 +305,7 @@ def update_gate(ctx: PipelineContext, job, info: ModelInfo, scope: Scope, after:
                            "min_forget_p": policy.min_forget_p, "mia_auc_margin": policy.mia_auc_margin,
                            "class_forget_max_accuracy": policy.class_forget_max_accuracy,
                            "onnx_tolerance": policy.onnx_tolerance},
-                "task_type": scope.support.task_type.value}
+                "task_type": scope.support.task_type.value, **rechecks.evidence}
     if any(check.passed is False for check in checks):
         evidence["onnx"] = {"skipped": "the update's other checks failed; the model was not exported"}
         return GateResult(tuple(checks), evidence)
@@ -319,18 +322,18 @@ def _reerase(ctx: PipelineContext, job, info: ModelInfo, scope: Scope, model: nn
              progress: Progress):
     """Escalation of a regressed earlier erasure: its chain again, on the updated model, the regressed sealed
     records as the forget set. Returns (model, method evidence) or None when nothing could be re-erased."""
-    from service.sealed import open_sealed, sealed_examples
     from unlearn.chain import run_chain
     from unlearn.gate import judge
     from unlearn.registry import UnlearnRequest
 
-    regressed = {c.name.removeprefix("erasure:") for c in gate.checks if c.name.startswith("erasure:") and c.passed is False}
+    regressed = {name.removeprefix(f"{RECHECK}[").removesuffix("]") for name in gate.failures
+                 if name.startswith(f"{RECHECK}[")}
     opened, _ = open_sealed(ctx, job.model_name)
     sets = [s for s in opened if s.request_id in regressed]
     if not sets:
         return None
     progress.event(STAGES["verify"][0], f"an earlier erasure regressed ({', '.join(sorted(regressed))}); erasing again")
-    forget = sealed_examples(scope.support, scope, sets)
+    forget = sealed_examples(ctx.catalog, scope.support, model, sets)
     classes = tuple(sorted({c for s in sets for c in (s.classes or ())})) or None
     request = UnlearnRequest(task=scope.task, forget=forget, retain=scope.examples(scope.retain),
                              tune=scope.examples(scope.tune), model_factory=_factory(info.training),

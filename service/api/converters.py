@@ -124,6 +124,8 @@ def policy_from_proto(policy: types_pb2.VerificationPolicy) -> domain.Verificati
     if policy.HasField("update_strategy"):
         values["update_strategy"] = domain.MethodStep(policy.update_strategy.name,
                                                       struct_to_dict(policy.update_strategy.params))
+    if policy.HasField("sealed_retention_days"):  # bounded by the engine (policy.sealed_retention_days)
+        values["sealed_retention_days"] = policy.sealed_retention_days
     return domain.VerificationPolicy(**values)
 
 
@@ -250,6 +252,7 @@ def registered_model_to_proto(model: domain.RegisteredModel) -> types_pb2.Regist
         task_type=types_pb2.TaskType.Value(f"TASK_TYPE_{model.task_type.value.upper()}"),
         dataset_digest=model.dataset_digest, records=model.records,
         policy=types_pb2.VerificationPolicy(superseded_versions=policy.superseded_versions,
+                                            sealed_retention_days=policy.sealed_retention_days,
                                             **{name: getattr(policy, name) for name in _POLICY_FIELDS}),
     )
     for step in policy.method_chain:
