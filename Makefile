@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PIP_FLAGS := --disable-pip-version-check --quiet
 
-.PHONY: install test fuzz soak helm-test helm-lint bench bench-calibration bench-vit bench-lm bench-continual bench-acks bench-steady demo proto-lint clean
+.PHONY: install test test-all crash fuzz soak helm-test helm-lint bench bench-calibration bench-vit bench-lm bench-continual bench-acks bench-steady demo proto-lint clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
@@ -17,8 +17,13 @@ $(STAMP): $(BIN)/python pyproject.toml constraints/cpu.txt
 
 install: $(STAMP)
 
+# CI's suite, within its 15-minute budget on 2 cores (install included): every test except those marked `long`
+# (end-to-end or multi-process, over ~20 s each) and `soak`. `make test-all` runs the long ones too.
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -m "not long and not soak" --durations=15
+
+test-all: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not soak" --durations=30
 
 # The fuzzed API with a long budget (make test runs the same properties with a bounded one, < 60 s).
 FUZZ_EXAMPLES ?= 2000
