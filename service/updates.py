@@ -124,6 +124,7 @@ def learn_and_register(ctx: PipelineContext, job, request_rows, info: ModelInfo,
                if rectify else {})
     scope = build_scope(ctx, job, info, data, dataset_row, matched)
     scope.retain &= ~new_rows  # the current training data: what the model knows before the update
+    scope.resolution["dataset_records"] = len(base_frame)  # the version the update starts from
     for row in request_rows:  # what each request brings (its certificate's "records")
         mine = new_rows & np.isin(data.record_ids, batches[row.request_id]["record_id"].astype(str).to_numpy())
         entry = scope.resolution["requests"].setdefault(row.request_id, {"matched": 0, "erased_from_training": 0})
@@ -157,11 +158,15 @@ def learn_and_register(ctx: PipelineContext, job, request_rows, info: ModelInfo,
     progress.stage("verify", "new records learned, utility kept, earlier erasures still hold, ONNX export")
     gate = update_gate(ctx, job, info, scope, result.model, learn, policy, stability)
     escalation = None
+    # Counted when found, whether the escalation below repairs them or the update is refused.
+    ctx.metrics.update_regressions.inc(sum(1 for name in gate.failures if name.startswith(f"{RECHECK}[")))
     if not gate.passed and all(name.startswith(f"{RECHECK}[") for name in gate.failures):
-        escalated = _reerase(ctx, job, info, scope, result.model, gate, policy, progress)
-        if escalated is not None:
-            escalation = {"first_gate": gate.as_dict(), "method": escalated[1]}
-            result = replace(result, model=escalated[0])
+        erased_again, escalation_record = _reerase(ctx, job, info, scope, result.model, learn, gate, policy,
+                                                    progress)
+        escalation = {"first_gate": gate.as_dict(), "method": escalation_record,
+                      "repaired": erased_again is not None}
+        if erased_again is not None:
+            result = replace(result, model=erased_again)
             gate = update_gate(ctx, job, info, scope, result.model, learn, policy, stability)
     update_record = {"strategy": strategy, "params": strategy_params, "records_learned": int(learn.sum()),
                      "details": _plain(result.details), "target_reached": result.target_reached,
@@ -318,12 +323,14 @@ def update_gate(ctx: PipelineContext, job, info: ModelInfo, scope: Scope, after:
     return GateResult(tuple(checks), {**evidence, "onnx": onnx})
 
 
-def _reerase(ctx: PipelineContext, job, info: ModelInfo, scope: Scope, model: nn.Module, gate: GateResult, policy,
-             progress: Progress):
+def _reerase(ctx: PipelineContext, job, info: ModelInfo, scope: Scope, model: nn.Module, learn: np.ndarray,
+             gate: GateResult, policy, progress: Progress):
     """Escalation of a regressed earlier erasure: its chain again, on the updated model, the regressed sealed
-    records as the forget set. Returns (model, method evidence) or None when nothing could be re-erased."""
+    records as the forget set. Returns (the re-erased model or None when no method of the chain passed, the
+    evidence: which sets, every attempt and why it failed)."""
     from unlearn.chain import run_chain
     from unlearn.gate import judge
+    from unlearn.importance import TrainImportance
     from unlearn.registry import UnlearnRequest
 
     regressed = {name.removeprefix(f"{RECHECK}[").removesuffix("]") for name in gate.failures
@@ -331,22 +338,25 @@ def _reerase(ctx: PipelineContext, job, info: ModelInfo, scope: Scope, model: nn
     opened, _ = open_sealed(ctx, job.model_name)
     sets = [s for s in opened if s.request_id in regressed]
     if not sets:
-        return None
+        return None, {"sets": sorted(regressed), "attempts": [], "note": "no sealed set of them could be opened"}
     progress.event(STAGES["verify"][0], f"an earlier erasure regressed ({', '.join(sorted(regressed))}); erasing again")
     forget = sealed_examples(ctx.catalog, scope.support, model, sets)
     classes = tuple(sorted({c for s in sets for c in (s.classes or ())})) or None
-    request = UnlearnRequest(task=scope.task, forget=forget, retain=scope.examples(scope.retain),
-                             tune=scope.examples(scope.tune), model_factory=_factory(info.training),
-                             recipe=_recipe(info.training), forget_classes=classes, seed=0)
+    retain = scope.examples(scope.retain | learn)  # what the updated model should keep: old data and new
+    request = UnlearnRequest(task=scope.task, forget=forget, retain=retain, tune=scope.examples(scope.tune),
+                             # I_D of the UPDATED model over everything it trained on; in memory only
+                             train_importance=TrainImportance(scope.task, retain.concat(forget)),
+                             model_factory=_factory(info.training), recipe=_recipe(info.training),
+                             forget_classes=classes, seed=0)
     chain = [(step.name, dict(step.params)) for step in info.policy.method_chain
              if not _exact(step.name)]  # an exact retrain would also drop what the update just learned
     outcome = run_chain(model, request, chain, lambda result: judge(
         scope.task, model, result.model, forget, scope.examples(scope.utility_mask), scope.examples(scope.audit),
         _gate_policy(policy), classes))
-    if not outcome.passed:
-        return None
-    return outcome.result.model, {"sets": sorted(regressed), "method": outcome.chosen.method,
-                                  "attempts": [a.summary() for a in outcome.attempts]}
+    evidence = {"sets": sorted(regressed), "chain": [name for name, _ in chain],
+                "method": outcome.chosen.method if outcome.passed else None,
+                "attempts": [a.summary() for a in outcome.attempts]}
+    return (outcome.result.model if outcome.passed else None), evidence
 
 
 def _exact(method: str) -> bool:
@@ -377,10 +387,9 @@ def _refuse(ctx: PipelineContext, job, request_rows, record: dict[str, Any], gat
         db.add_event(conn, job.job_id, request_ids, EventKind.TERMINAL.value,
                      JobState.REJECTED_BY_VERIFICATION.value, "verify", 1.0, message)
         ctx.audit.append(conn, "job_rejected", {"job_id": job.job_id, "model_name": job.model_name,
-                                                "kind": job.selector, "request_ids": list(request_ids),
+                                                "job_kind": job.selector, "request_ids": list(request_ids),
                                                 "failures": list(gate.failures),
                                                 "evidence_sha256": sha256_hex(canonical_json(jsonable(record)))})
-    ctx.metrics.update_regressions.inc(sum(1 for name in gate.failures if name.startswith("erasure:")))
     ctx.metrics.updates.labels(job.selector, "rejected").inc()
 
 
