@@ -8,6 +8,7 @@
     lethe pending                                                   # the GDPR clock
     lethe certificate 3f2a... --verify
     lethe audit verify --state-dir .lethe                           # offline, no server needed
+    lethe dataset check data.parquet --task classification --num-classes 10   # offline schema check
     lethe demo                                                      # the whole story on the digits model
 
 Client commands talk to ``--target`` (default ``LETHE_GRPC_HOST:LETHE_GRPC_PORT``) with the bearer token
@@ -206,6 +207,47 @@ def _audit_verify(args) -> int:
         if value:
             forwarded += [f"--{option.replace('_', '-')}", str(value)]
     return audit.main(forwarded)
+
+
+def _dataset_check(args) -> int:
+    """Offline: read a Parquet file and print every schema problem with its rows and column."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from service.datasets import SPLITS, schema_problems
+    from service.domain import TaskType
+
+    if not os.path.isfile(args.file):
+        print(f"lethe dataset check: {args.file}: no such file", file=sys.stderr)
+        return EXIT_ERROR
+    try:
+        frame = pq.read_table(args.file).to_pandas()
+    except (OSError, pa.ArrowException) as error:
+        print(f"lethe dataset check: {args.file}: not a readable Parquet file: {error}", file=sys.stderr)
+        return EXIT_ERROR
+    problems = schema_problems(frame, TaskType(args.task), args.num_classes, max_rows=args.max_rows)
+    for problem in problems:
+        where = "" if problem.column == "columns" else f"column {problem.column}: "
+        print(f"{args.file}: {where}{problem.problem}" + (f" ({problem.count} row(s))" if problem.count else ""))
+        for row, detail in problem.rows:
+            record = frame["record_id"].iloc[row] if "record_id" in frame.columns else None
+            named = f" (record {record})" if isinstance(record, str) and record else ""
+            print(f"  row {row}{named}, column {problem.column}: {detail}")
+        if problem.count > len(problem.rows):
+            print(f"  ... and {problem.count - len(problem.rows)} more row(s) (--max-rows to list more)")
+    if problems:
+        print(f"{args.file}: {len(problems)} problem(s); rows are 0-based positions in the file", file=sys.stderr)
+        return EXIT_ERROR
+    splits = frame["split"].value_counts()
+    summary = ", ".join(f"{int(splits[s])} {s}" for s in SPLITS if s in splits)
+    if args.task == "classification":
+        width = len(frame["features"].iloc[0])
+        labels = frame["label"]
+        summary += f"; {width} features per record; labels {labels.min()}..{labels.max()}"
+        if args.num_classes is None:
+            summary += " (give --num-classes to check the range)"
+    print(f"{args.file}: OK, {len(frame)} records ({summary}), {frame['subject_id'].nunique()} subjects")
+    return EXIT_OK
 
 
 def _demo(args) -> int:
@@ -432,12 +474,30 @@ def _parser() -> argparse.ArgumentParser:
     verify.add_argument("--certificate", help="also check one certificate (JSON with body_json and signature)")
     verify.set_defaults(run=_audit_verify)
 
+    _dataset_parser(commands)
+
     demo = commands.add_parser("demo", help="train, register, serve and erase on the digits model, end to end")
     demo.add_argument("--state-dir", help="state directory (default: a fresh temporary one)")
     demo.add_argument("--subjects", type=int, default=20, help="subject erasures to stream (default 20)")
     demo.add_argument("--keep", action="store_true", help="keep the temporary state directory")
     demo.set_defaults(run=_demo)
     return parser
+
+
+def _dataset_parser(commands) -> None:
+    dataset = commands.add_parser("dataset", help="offline dataset tools (no server needed)")
+    dataset_commands = dataset.add_subparsers(dest="dataset_command", required=True)
+    check = dataset_commands.add_parser(
+        "check", help="report every schema problem of a Parquet dataset, with row and column",
+        description="Check a Parquet file against Lethe's dataset schema (docs/models.md) without a server: "
+                    "every problem is printed with its column and rows (0-based positions in the file). "
+                    "Exit status 0 when the file is clean, 2 otherwise.")
+    check.add_argument("file", help="the Parquet file")
+    check.add_argument("--task", required=True, choices=["classification", "causal_lm"])
+    check.add_argument("--num-classes", type=int, help="classification: labels must lie in [0, N)")
+    check.add_argument("--max-rows", type=int, default=20, help="rows listed per problem (default 20); all are "
+                                                                "counted")
+    check.set_defaults(run=_dataset_check)
 
 
 if __name__ == "__main__":
