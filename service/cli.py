@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import sys
 import uuid
@@ -37,13 +36,11 @@ TERMINAL_NAMES = {"JOB_STATE_SUCCEEDED": "SUCCEEDED", "JOB_STATE_REJECTED_BY_VER
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
-    # --log-level sets Lethe's own loggers; third-party libraries (MLflow, the ONNX exporter) stay at
-    # WARNING so that an INFO server log is Lethe's story, not the exporter's optimisation passes.
-    level = args.log_level or ("INFO" if args.command == "serve" else "WARNING")
-    logging.basicConfig(level=logging.WARNING, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    for name in ("service", "unlearn"):
-        logging.getLogger(name).setLevel(getattr(logging, level))
+    # --log-level sets Lethe's own loggers; other libraries' warnings and progress bars (MLflow, the ONNX
+    # exporter, transformers) show only under DEBUG, so the console is Lethe's story (service.console).
+    from service.console import configure
+
+    configure(args.log_level or ("INFO" if args.command == "serve" else "WARNING"))
     try:
         return args.run(args)
     except grpc.RpcError as error:
@@ -379,8 +376,9 @@ def _print_message(message) -> None:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lethe", description="Lethe machine-unlearning service",
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    parser.add_argument("--log-level", default=None, help="default INFO for serve, WARNING otherwise",
-                        choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    parser.add_argument("--log-level", default=None, choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+                        help="Lethe's log level (default INFO for serve, WARNING otherwise); DEBUG also shows other "
+                             "libraries' warnings and progress bars")
     commands = parser.add_subparsers(dest="command", required=True)
 
     def client_command(name: str, help_text: str) -> argparse.ArgumentParser:
