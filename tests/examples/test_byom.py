@@ -1,0 +1,52 @@
+"""examples/byom/byom.py end to end, as a platform team runs it: train, log, write Parquet, `lethe dataset check`,
+`lethe serve`, `lethe register`, erase one patient, verify the certificate, and load the registered and the new
+version each in a fresh process (issue 10). About 2 minutes on an idle 2-core machine."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[2] / "examples" / "byom" / "byom.py"
+
+
+@pytest.fixture(scope="module")
+def byom(tmp_path_factory):
+    state = tmp_path_factory.mktemp("byom")
+    done = subprocess.run([sys.executable, str(SCRIPT), "--state-dir", str(state)], capture_output=True, text=True,
+                          timeout=1800)
+    lines = done.stdout.strip().splitlines()
+    assert lines, f"no summary; exit {done.returncode}\n{done.stderr[-4000:]}"
+    return done, json.loads(lines[-1])
+
+
+@pytest.mark.slow
+def test_register_erase_and_verify_the_certificate(byom):
+    done, summary = byom
+    assert summary["registered_version"] == "1", done.stderr[-4000:]
+    assert summary["job_state"] == "SUCCEEDED", done.stderr[-4000:]
+    assert summary["result_version"] == "2"
+    assert summary["certificate_valid"] is True and summary["certificate_valid_offline"] is True
+    assert summary["membership_after"]["forget_size"] == 1
+    for step in range(1, 10):
+        assert f"[{step}/9]" in done.stderr
+
+
+@pytest.mark.slow
+def test_the_registered_version_loads_in_a_fresh_process(byom):
+    """The original was logged with its module in code_paths: a new interpreter without this folder loads it."""
+    _, summary = byom
+    assert summary["original_loads_in_fresh_process"] is True, summary["original_load_detail"]
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason="issue 10: versions Lethe registers do not yet carry the original's "
+                                       "code_paths (No module named 'cancer_mlp'); the lead's work in main")
+def test_the_new_version_loads_in_a_fresh_process(byom):
+    done, summary = byom
+    assert summary["new_version_loads_in_fresh_process"] is True, summary["new_version_load_detail"]
+    assert done.returncode == 0 and summary["ok"] is True
