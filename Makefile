@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PIP_FLAGS := --disable-pip-version-check --quiet
 
-.PHONY: install test helm-test helm-lint bench bench-vit bench-lm bench-acks bench-steady demo proto-lint clean
+.PHONY: install test fuzz helm-test helm-lint bench bench-vit bench-lm bench-acks bench-steady demo proto-lint clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
@@ -19,6 +19,11 @@ install: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
+
+# The fuzzed API with a long budget (make test runs the same properties with a bounded one, < 60 s).
+FUZZ_EXAMPLES ?= 2000
+fuzz: $(STAMP)
+	LETHE_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(BIN)/python -m pytest -q -m fuzz -p no:cacheprovider
 
 # The Helm chart, Grafana dashboard, alert rules and Dockerfile (tests/helm, also part of `make test`). No helm
 # binary or cluster: Helm's own engine comes with helm-python-sdk. promtool/prometheus checks run when the

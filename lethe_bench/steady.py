@@ -110,7 +110,8 @@ def _measure(engine: Engine, model_name: str, job, subject: str) -> dict:
     forget = classification_examples(torch.from_numpy(records.features[index]), torch.from_numpy(records.labels[index]))
     unit = None
     if len(index):
-        unit = fwd_bwd_seconds(engine.registry.load_model(model_name, job.base_version), forget)
+        # The job's result version: the base version's weights were purged as superseded (same architecture).
+        unit = fwd_bwd_seconds(engine.registry.load_model(model_name, job.result_version), forget)
     importance = evidence.get("train_importance", {})
     return {"job_id": job.job_id, "state": job.state.value, "forget_records": int(len(index)),
             "method": evidence.get("method", {}).get("name"), "attempts": [a["method"] for a in attempts],

@@ -126,13 +126,19 @@ def build_tiny_lm(settings: Settings, engine=None, model_name: str = LM_MODEL) -
         "subject_id": [f"person-{p.subject_id:02d}" for p in pairs],
         "split": ["train" if p.subject_id < LM_TRAIN_PEOPLE else "holdout" for p in pairs],
         "prompt": [p.prompt for p in pairs], "answer": [p.answer for p in pairs]})
-    with tempfile.TemporaryDirectory(prefix="lethe-demo-") as staging:
+    with _staging(engine) as staging:
         path = Path(staging) / "people.parquet"
         frame.to_parquet(path, index=False)
         engine.register_model(ModelRegistration(model_name=model_name, version=version, alias=None,
                                                 task_type=TaskType.CAUSAL_LM, dataset_uri=str(path),
                                                 policy=LM_POLICY))
     return model_name
+
+
+def _staging(engine) -> tempfile.TemporaryDirectory:
+    """A scratch directory inside ``<state_dir>/incoming``, the dataset root every server accepts."""
+    engine.settings.dataset_import_dir.mkdir(parents=True, exist_ok=True)
+    return tempfile.TemporaryDirectory(prefix="lethe-demo-", dir=engine.settings.dataset_import_dir)
 
 
 def _registered(engine, model_name: str) -> bool:
@@ -152,7 +158,7 @@ def _log_and_register(engine, model: torch.nn.Module, model_name: str, run_name:
     version = engine.registry.log_initial_model(model.cpu().eval(), model_name, run_name=run_name)
     # The Parquet file plays the data platform's copy; registration copies it into Lethe's catalog, and the
     # staging file is removed so that no copy outside the catalog outlives a later purge.
-    with tempfile.TemporaryDirectory(prefix="lethe-demo-") as staging:
+    with _staging(engine) as staging:
         path = Path(staging) / "digits.parquet"
         digits_frame().to_parquet(path, index=False)
         engine.register_model(ModelRegistration(

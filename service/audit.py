@@ -128,28 +128,28 @@ def certify(conn: Connection, audit: AuditLog, request_id: str, model_name: str,
     return late
 
 
-def issue_job_certificates(conn: Connection, audit: AuditLog, job, request_rows, matched: dict[str, np.ndarray],
-                           record_ids: np.ndarray, train: np.ndarray, shared: dict[str, Any], label: str,
-                           state: JobState, message: str) -> int:
+def issue_job_certificates(conn: Connection, audit: AuditLog, job, request_rows, resolved: dict[str, dict[str, Any]],
+                           shared: dict[str, Any], label: str, state: JobState, message: str) -> int:
     """The audit stage's single transaction: one certificate per request of the job, then the job's state.
 
-    ``record_ids_sha256`` hashes the record ids this request actually matched in the dataset (sorted, one
-    per line), so an auditor holding the ids can check which records a certificate covers. Returns the
-    number of late certificates.
+    ``resolved[request_id]`` holds what the resolve stage found for the request: ``matched`` records,
+    ``erased_from_training`` and ``record_ids_sha256`` (the SHA-256 of the matched record ids, sorted, one per
+    line, so an auditor holding the ids can check which records a certificate covers). Returns the number of
+    late certificates.
     """
     late = 0
     for row in request_rows:
-        mask = matched.get(row.request_id)
-        found = int(mask.sum()) if mask is not None else 0
+        found = resolved.get(row.request_id, {"matched": 0, "erased_from_training": 0,
+                                              "record_ids_sha256": sha256_hex("")})
+        kind = label if found["matched"] else NO_RECORDS
         body = {
-            **shared, "request_id": row.request_id, "label": label if found else NO_RECORDS,
-            "statement": statement(label if found else NO_RECORDS, job.model_name, found,
+            **shared, "request_id": row.request_id, "label": kind,
+            "statement": statement(kind, job.model_name, found["matched"],
                                    shared.get("model", {}).get("weights_changed", True)),
             "subjects": {"count": len(row.subject_hashes), "keyed_sha256": sorted(row.subject_hashes)},
             "classes": list(row.classes),
-            "records": {"matched": found, "erased_from_training": int((mask & train).sum()) if found else 0,
-                        "record_ids_sha256": sha256_hex("\n".join(sorted(
-                            record_ids[mask].astype(str).tolist() if found else [])))},
+            "records": {"matched": found["matched"], "erased_from_training": found["erased_from_training"],
+                        "record_ids_sha256": found["record_ids_sha256"]},
         }
         late += certify(conn, audit, row.request_id, job.model_name, job.job_id, body)
     db.update_job(conn, job.job_id, state=state.value, stage="done", progress=1.0, message=message)
@@ -208,7 +208,8 @@ def jsonable(value: Any) -> Any:
 
 def check_certificate(key: bytes, body_json: str, signature: str) -> CertificateCheck:
     """Signature and form of one certificate (not whether the chain records it: see verify_audit)."""
-    if not hmac.compare_digest(_sign(key, body_json), signature or ""):
+    # Bytes, not str: compare_digest refuses non-ASCII text, and a signature is anyone's input here.
+    if not hmac.compare_digest(_sign(key, body_json).encode(), (signature or "").encode("utf-8", "replace")):
         return CertificateCheck(False, "signature does not match the body (altered, or another key)")
     try:
         body = json.loads(body_json)

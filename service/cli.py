@@ -9,11 +9,16 @@
     lethe certificate 3f2a... --verify
     lethe audit verify --state-dir .lethe                           # offline, no server needed
     lethe dataset check data.parquet --task classification --num-classes 10   # offline schema check
+    lethe health                                                    # exit 0 when SERVING (Kubernetes exec probe)
+    lethe token --roles submitter --name governance                 # a new token and its credentials-file line
     lethe demo                                                      # the whole story on the digits model
 
 Client commands talk to ``--target`` (default ``LETHE_GRPC_HOST:LETHE_GRPC_PORT``) with the bearer token
-``LETHE_AUTH_TOKEN`` when set. Exit status: 0 success, 1 a request was refused or did not succeed, 2 a
-usage or connection error.
+``LETHE_AUTH_TOKEN`` when set. They speak TLS when ``--tls-ca``/``--tls-cert`` (or ``LETHE_TLS_CA``,
+``LETHE_TLS_CERT``) are given: the server is verified against ``--tls-ca`` (default ``LETHE_TLS_CA``, else
+``LETHE_TLS_CLIENT_CA``, else the system roots) and ``--tls-cert``/``--tls-key`` (default ``LETHE_TLS_CERT``,
+``LETHE_TLS_KEY``: the same files the server reads) are presented for mutual TLS. Exit status: 0 success,
+1 a request was refused or did not succeed, 2 a usage or connection error.
 """
 
 from __future__ import annotations
@@ -72,9 +77,11 @@ def _register(args) -> int:
         if not isinstance(step, dict) or not isinstance(step.get("name"), str):
             raise SystemExit("error: --method-chain must be a JSON list of {\"name\": ..., \"params\": {...}}")
         policy.method_chain.add(name=step["name"]).params.update(step.get("params") or {})
+    # A relative local path means "from here": the server accepts absolute paths inside its dataset roots only.
+    dataset = args.dataset if "://" in args.dataset else os.path.abspath(args.dataset)
     request = service_pb2.RegisterModelRequest(
         model_name=args.model, task_type=types_pb2.TaskType.Value(f"TASK_TYPE_{args.task.upper()}"),
-        dataset_uri=args.dataset, policy=policy, num_classes=args.num_classes or 0,
+        dataset_uri=dataset, policy=policy, num_classes=args.num_classes or 0,
         model_factory=args.model_factory or "")
     if args.train_recipe:
         request.train_recipe.update(_json_object(args.train_recipe, "--train-recipe"))
@@ -227,9 +234,7 @@ def _dataset_check(args) -> int:
         where = "" if problem.column == "columns" else f"column {problem.column}: "
         print(f"{args.file}: {where}{problem.problem}" + (f" ({problem.count} row(s))" if problem.count else ""))
         for row, detail in problem.rows:
-            record = frame["record_id"].iloc[row] if "record_id" in frame.columns else None
-            named = f" (record {record})" if isinstance(record, str) and record else ""
-            print(f"  row {row}{named}, column {problem.column}: {detail}")
+            print(f"  row {row}, column {problem.column}: {detail}")
         if problem.count > len(problem.rows):
             print(f"  ... and {problem.count - len(problem.rows)} more row(s) (--max-rows to list more)")
     if problems:
@@ -244,6 +249,42 @@ def _dataset_check(args) -> int:
         if args.num_classes is None:
             summary += " (give --num-classes to check the range)"
     print(f"{args.file}: OK, {len(frame)} records ({summary}), {frame['subject_id'].nunique()} subjects")
+    return EXIT_OK
+
+
+def _health(args) -> int:
+    """A probe: exit 0 when the server answers SERVING, 1 when it answers anything else, 2 when it cannot be
+    reached in time. Health checks need no credentials, only the transport (TLS files with mutual TLS)."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    with _client(args) as client:
+        try:
+            response = health_pb2_grpc.HealthStub(client.channel).Check(
+                health_pb2.HealthCheckRequest(service=args.service), timeout=args.timeout_s)
+        except grpc.RpcError as error:
+            print(f"lethe health: {error.code().name}: {error.details()}", file=sys.stderr)
+            return EXIT_ERROR if error.code() in (grpc.StatusCode.UNAVAILABLE,
+                                                  grpc.StatusCode.DEADLINE_EXCEEDED) else EXIT_NOT_SUCCEEDED
+    status = health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
+    print(status)
+    return EXIT_OK if response.status == health_pb2.HealthCheckResponse.SERVING else EXIT_NOT_SUCCEEDED
+
+
+def _token(args) -> int:
+    """Print a new bearer token and the ``LETHE_AUTH_TOKENS_FILE`` line that grants it (only its digest)."""
+    from service.api.auth import credentials_line, new_token
+    from service.domain import Role
+
+    try:
+        roles = [Role(role) for role in args.roles.split(",")]
+    except ValueError:
+        print(f"lethe token: --roles is a comma-separated list of {', '.join(r.value for r in Role)}", file=sys.stderr)
+        return EXIT_ERROR
+    if not args.name or any(c.isspace() for c in args.name) or not args.name.isprintable():
+        print("lethe token: --name must be printable, without spaces", file=sys.stderr)
+        return EXIT_ERROR
+    token = new_token()
+    print(json.dumps({"token": token, "line": credentials_line(roles, args.name, token)}, indent=2))
     return EXIT_OK
 
 
@@ -339,7 +380,24 @@ def _client(args):
     settings = Settings()
     target = args.target or f"{settings.grpc_host}:{settings.grpc_port}"
     token = args.token or (settings.auth_token.get_secret_value() if settings.auth_token else None)
-    return Client(target, token)
+    ca = args.tls_ca or settings.tls_ca or settings.tls_client_ca
+    cert, key = args.tls_cert or settings.tls_cert, args.tls_key or settings.tls_key
+    if bool(cert) != bool(key):
+        raise SystemExit("lethe: --tls-cert and --tls-key go together")
+    credentials, server_name = None, args.tls_server_name
+    if ca or cert:
+        from service.api.tls import channel_credentials, first_dns_name
+
+        credentials = channel_credentials(ca, cert, key)
+        host = target.rsplit(":", 1)[0].strip("[]")
+        if server_name is None and cert and host in LOOPBACK_HOSTS:
+            # A probe inside the pod connects to itself with the pod's own certificate, whose names are the
+            # service's, not 127.0.0.1: expect the certificate's first DNS name.
+            server_name = first_dns_name(cert)
+    return Client(target, token, credentials, server_name)
+
+
+LOOPBACK_HOSTS = ("127.0.0.1", "::1", "localhost")
 
 
 def _json_list(text: str, option: str) -> list:
@@ -385,6 +443,12 @@ def _parser() -> argparse.ArgumentParser:
         command = commands.add_parser(name, help=help_text)
         command.add_argument("--target", help="host:port of the Lethe API (default LETHE_GRPC_HOST:LETHE_GRPC_PORT)")
         command.add_argument("--token", help="bearer token (default LETHE_AUTH_TOKEN)")
+        command.add_argument("--tls-ca", help="PEM CA bundle to verify the server (default LETHE_TLS_CA, else "
+                             "LETHE_TLS_CLIENT_CA, else the system roots); implies TLS")
+        command.add_argument("--tls-cert", help="PEM client certificate for mutual TLS (default LETHE_TLS_CERT)")
+        command.add_argument("--tls-key", help="PEM key of --tls-cert (default LETHE_TLS_KEY)")
+        command.add_argument("--tls-server-name", help="name the server's certificate must carry (default: the "
+                             "target's host; for a loopback target, the first DNS name of --tls-cert)")
         return command
 
     serve = commands.add_parser("serve", help="run the gRPC API, the job worker and the metrics exporter")
@@ -460,6 +524,16 @@ def _parser() -> argparse.ArgumentParser:
     certificate.add_argument("request_id")
     certificate.add_argument("--verify", action="store_true", help="also verify each with the server")
     certificate.set_defaults(run=_certificate)
+
+    health = client_command("health", "probe the server's health (exit 0 when SERVING); no credentials needed")
+    health.add_argument("--service", default="", help="service name to check (default: the whole server)")
+    health.add_argument("--timeout-s", type=float, default=5.0, help="give up after this many seconds")
+    health.set_defaults(run=_health)
+
+    token = commands.add_parser("token", help="print a new bearer token and its LETHE_AUTH_TOKENS_FILE line")
+    token.add_argument("--roles", required=True, help="comma-separated: submitter, auditor, operator")
+    token.add_argument("--name", required=True, help="identity name (owns the requests it submits)")
+    token.set_defaults(run=_token)
 
     audit = commands.add_parser("audit", help="offline audit tools")
     audit_commands = audit.add_subparsers(dest="audit_command", required=True)

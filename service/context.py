@@ -39,11 +39,13 @@ class ModelInfo:
     policy: VerificationPolicy
     training: dict[str, Any]
     serving_version: str
+    serving_alias: str | None = None  # the alias given at registration (None: settings.serving_alias)
 
     @classmethod
     def from_row(cls, row) -> ModelInfo:
         return cls(row.model_name, TaskType(row.task_type), int(row.num_classes or 0),
-                   policy_from_json(row.policy), dict(row.training or {}), row.serving_version)
+                   policy_from_json(row.policy), dict(row.training or {}), row.serving_version,
+                   getattr(row, "serving_alias", None))
 
 
 def policy_from_json(value: dict[str, Any]) -> VerificationPolicy:

@@ -24,6 +24,7 @@ unless all of them pass:
 from __future__ import annotations
 
 import importlib
+import logging
 from collections.abc import Callable, Mapping
 from dataclasses import asdict
 from typing import Any
@@ -33,7 +34,7 @@ import pandas as pd
 import torch
 from torch import nn
 
-from service.domain import FailedPrecondition, FieldViolation, TaskType
+from service.domain import FailedPrecondition, FieldViolation, TaskType, id_problem, preview
 from unlearn.data import classification_examples
 from unlearn.errors import InvalidDataError, InvalidParameterError
 from unlearn.tasks import ClassificationTask
@@ -42,6 +43,7 @@ from unlearn.training import TrainRecipe, recipe_from_values
 FORWARD_ROWS = 4  # holdout rows fed to the model at registration
 MAX_MISMATCHES = 5  # parameter mismatches named in one refusal (the count says how many there are)
 DOCS = "docs/models.md"
+log = logging.getLogger(__name__)
 
 
 def import_factory(target: str) -> Callable[[int], nn.Module]:
@@ -50,11 +52,13 @@ def import_factory(target: str) -> Callable[[int], nn.Module]:
     return getattr(importlib.import_module(module), function)
 
 
-def training_violations(model_factory: str | None, train_recipe: Mapping[str, Any]
+def training_violations(model_factory: str | None, train_recipe: Mapping[str, Any], max_id_length: int = 256
                         ) -> tuple[TrainRecipe | None, list[FieldViolation]]:
     """The converted recipe (None when no training is registered) and the violations of the pair."""
     violations = []
-    if model_factory and (":" not in model_factory or not all(model_factory.partition(":")[::2])):
+    if model_factory and id_problem(model_factory, max_id_length):
+        violations.append(FieldViolation("model_factory", id_problem(model_factory, max_id_length)))
+    elif model_factory and (":" not in model_factory or not all(model_factory.partition(":")[::2])):
         violations.append(FieldViolation("model_factory", "expected 'module:function', called as factory(seed: int) "
                                                           f"-> torch.nn.Module ({DOCS})"))
     if bool(model_factory) != bool(train_recipe):
@@ -99,11 +103,18 @@ def format_refusal(info: Mapping[str, Any], task_type: TaskType, version_field: 
 
 
 def load_refusal(error: Exception, version_field: str) -> FailedPrecondition:
-    """Loading the client's model failed (a missing module, another PyTorch): the client must fix the model."""
-    reason = f"MLflow could not load this version: {type(error).__name__}: {error}"
-    if isinstance(error, ModuleNotFoundError):
-        reason += (f"; log the model's own modules with code_paths=[...] or install them where Lethe runs "
-                   f"({DOCS})")
+    """Loading the client's model failed (a missing module, another PyTorch): the client must fix the model.
+
+    The answer names a missing module (what the client must ship) but otherwise only the error's type: loader
+    messages quote the server's paths. The full error is in the server log.
+    """
+    log.info("registration: the model version could not be loaded", exc_info=error)
+    if isinstance(error, ImportError) and error.name:
+        reason = (f"MLflow could not load this version: module {preview(error.name)} is not importable where Lethe "
+                  f"runs; log the model's own modules with code_paths=[...] or install them there ({DOCS})")
+    else:
+        reason = (f"MLflow could not load this version ({type(error).__name__}; the server log has the details): "
+                  f"log it with the PyTorch version Lethe runs, with its code in code_paths ({DOCS})")
     return FailedPrecondition(f"the model version cannot be loaded: {reason}", (FieldViolation(version_field, reason),))
 
 
@@ -132,10 +143,10 @@ def factory_violations(model_factory: str, seed: int, model: nn.Module) -> list[
     try:
         factory = import_factory(model_factory)
     except ImportError as error:
-        return [FieldViolation("model_factory", f"cannot import {model_factory!r} where Lethe runs: {error}; install "
-                                                "the module there or log it with the model's code_paths")]
-    except AttributeError as error:
-        return [FieldViolation("model_factory", f"{model_factory!r}: {error}")]
+        return [FieldViolation("model_factory", f"cannot import {preview(model_factory)} where Lethe runs ({error}); "
+                                                "install the module there or log it with the model's code_paths")]
+    except AttributeError:
+        return [FieldViolation("model_factory", f"{preview(model_factory)}: the module has no such function")]
     try:
         fresh = factory(seed)
     except Exception as error:  # the client's code: report what it raised

@@ -17,6 +17,8 @@ LM: ``prompt`` and ``answer`` (non-empty strings) instead of ``features`` and ``
 from __future__ import annotations
 
 import hashlib
+import logging
+import os
 import re
 import shutil
 import threading
@@ -31,8 +33,10 @@ import pyarrow.parquet as pq
 import torch
 
 from service.audit import keyed_hash
-from service.domain import FieldViolation, InvalidArgument, TaskType
+from service.domain import FieldViolation, InvalidArgument, TaskType, id_problem, preview
 from unlearn.data import ExampleSet, classification_examples
+
+log = logging.getLogger(__name__)
 
 SPLITS = ("train", "holdout", "test")
 REQUIRED_SPLITS = ("train", "holdout")
@@ -44,7 +48,8 @@ MAX_ROWS_PER_VIOLATION = 5  # rows named in one violation; `lethe dataset check`
 
 @dataclass(frozen=True)
 class LoadedDataset:
-    """A dataset version in memory, with keyed subject hashes computed once (never the clear ids)."""
+    """A dataset version in memory, with keyed subject and record hashes computed once: requests carry only
+    those hashes, never the clear ids."""
 
     path: str
     digest: str
@@ -55,6 +60,7 @@ class LoadedDataset:
     labels: np.ndarray  # int64 [N] (-1 for causal-LM records)
     prompts: np.ndarray | None = None  # str [N], causal LM only
     answers: np.ndarray | None = None  # str [N], causal LM only
+    record_hashes: np.ndarray | None = None  # str [N], keyed hashes (the tombstone hash of each record id)
 
     def __len__(self) -> int:
         return len(self.record_ids)
@@ -66,13 +72,14 @@ class LoadedDataset:
     def split_mask(self, split: str) -> np.ndarray:
         return self.splits == split
 
-    def match(self, subject_hashes: set[str], record_ids: set[str], classes: set[int]) -> np.ndarray:
-        """Boolean mask of the records a request names: its subjects' records, its record ids, its classes."""
+    def match(self, subject_hashes: set[str], record_hashes: set[str], classes: set[int]) -> np.ndarray:
+        """Boolean mask of the records a request names: its subjects' records (keyed subject hashes), its
+        records (keyed record hashes, :func:`record_tombstone`), its classes."""
         mask = np.zeros(len(self), dtype=bool)
         if subject_hashes:
             mask |= np.isin(self.subject_hashes, list(subject_hashes))
-        if record_ids:
-            mask |= np.isin(self.record_ids, list(record_ids))
+        if record_hashes:
+            mask |= np.isin(self.record_hashes, list(record_hashes))
         if classes:
             mask |= np.isin(self.labels, list(classes))
         return mask
@@ -84,13 +91,52 @@ def safe_name(model_name: str) -> str:
     return f"{slug}-{hashlib.sha256(model_name.encode()).hexdigest()[:8]}"
 
 
-def read_parquet(uri: str) -> pd.DataFrame:
-    path = uri[len("file://"):] if uri.startswith("file://") else uri
+OUTSIDE_ROOTS = ("dataset_uri is not inside a dataset root this server accepts (LETHE_DATASET_ROOTS; "
+                 "<state_dir>/incoming is always accepted)")
+UNREADABLE = "no readable Parquet dataset at dataset_uri (missing, unreadable or not Parquet)"
+
+
+def resolve_dataset_uri(uri: str, roots: list[str], import_dir: Path) -> str:
+    """The location to read for a client's ``dataset_uri``, or InvalidArgument when it lies outside every
+    accepted root (``Settings.dataset_roots`` plus ``import_dir``).
+
+    Local paths (plain or ``file://``) must be absolute; they are resolved (``..`` and symbolic links
+    followed) BEFORE the comparison, so no spelling escapes a root. A URI with another scheme must start
+    with a configured URI prefix of that scheme and hold no ``..`` segment, query or fragment. The refusal
+    is one fixed sentence: it never quotes the URI and says nothing about what exists on the server.
+    """
+    refused = InvalidArgument("dataset_uri is outside the accepted dataset roots",
+                              (FieldViolation("dataset_uri", OUTSIDE_ROOTS),))
+    if not isinstance(uri, str) or not uri or not uri.isprintable() or len(uri) > 4096:
+        raise refused
+    scheme, separator, rest = uri.partition("://")
+    if separator and scheme.lower() != "file":
+        if ".." in rest.split("/") or "?" in rest or "#" in rest or "\\" in rest:
+            raise refused
+        for root in roots:
+            prefix = root if root.endswith("/") else root + "/"
+            if "://" in root and uri.startswith(prefix) and len(uri) > len(prefix):
+                return uri
+        raise refused
+    local = rest if separator else uri
+    if not Path(local).is_absolute():
+        raise refused
+    resolved = Path(os.path.realpath(local))
+    for root in [*(r for r in roots if "://" not in r), str(import_dir)]:
+        if resolved.is_relative_to(Path(os.path.realpath(root))):
+            return str(resolved)
+    raise refused
+
+
+def read_parquet(location: str) -> pd.DataFrame:
+    """Read a dataset already checked by :func:`resolve_dataset_uri`. Any failure is one fixed answer:
+    pyarrow's own text names paths and file contents ("Parquet magic bytes not found") and stays in the
+    debug log."""
     try:
-        return pq.read_table(path).to_pandas()
-    except (OSError, pa.ArrowException) as error:
-        raise InvalidArgument(f"cannot read the dataset at {uri!r}: {error}",
-                              (FieldViolation("dataset_uri", f"not a readable Parquet file: {error}"),)) from error
+        return pq.read_table(location).to_pandas()
+    except (OSError, pa.ArrowException, ValueError) as error:
+        log.debug("dataset read failed: %s", type(error).__name__)
+        raise InvalidArgument("the dataset cannot be read", (FieldViolation("dataset_uri", UNREADABLE),)) from None
 
 
 @dataclass(frozen=True)
@@ -137,16 +183,16 @@ class _Rows:
         return [SchemaProblem(self.column, self.problem, tuple(self.rows), self.count)] if self.count else []
 
 
-def _shown(value, width: int = 40) -> str:
-    text = repr(value.tolist() if isinstance(value, np.ndarray) else value)
-    return text if len(text) <= width else text[:width - 3] + "..."
-
-
-def schema_problems(frame: pd.DataFrame, task_type: TaskType, num_classes: int | None,
-                    max_rows: int = 20) -> list[SchemaProblem]:
+def schema_problems(frame: pd.DataFrame, task_type: TaskType, num_classes: int | None, max_rows: int = 20,
+                    max_id_length: int = 256) -> list[SchemaProblem]:
     """Every schema problem of a dataset (empty list = valid), each with up to ``max_rows`` of its rows.
 
-    The schema (docs/models.md): ``record_id`` and ``subject_id`` non-empty strings, ``record_id`` unique;
+    Rows are named by their position, never by quoting an id or a value that may be personal data (refusals
+    are logged): a row's detail says what is wrong (``NaN at position 3``, ``length 10``).
+
+    The schema (docs/models.md): ``record_id`` and ``subject_id`` ids by the one id rule of requests
+    (:func:`service.domain.id_problem`: a record whose id no request could name could never be erased),
+    ``record_id`` unique;
     ``split`` one of :data:`SPLITS` with ``train`` and ``holdout`` non-empty; a classifier's ``features``
     ONE list column of finite numbers, one length for every row, and ``label`` an integer column in
     ``[0, num_classes)``; a causal LM's ``prompt`` and ``answer`` non-empty strings. Other columns are
@@ -161,16 +207,22 @@ def schema_problems(frame: pd.DataFrame, task_type: TaskType, num_classes: int |
         problems.append(SchemaProblem("columns", _missing_columns(frame, missing, task_type)))
     if len(frame) == 0:
         return problems + [SchemaProblem("columns", "the file holds no records")]
-    for column in ("record_id", "subject_id"):
+    for column, what in (("record_id", "record id"), ("subject_id", "subject id")):
         if column in frame.columns:
-            problems += _string_problems(frame, column, max_rows)
+            bad = _Rows(column, f"every record needs a valid {what} (non-empty, printable, at most "
+                                f"{max_id_length} characters)", max_rows)
+            for row, value in enumerate(frame[column]):
+                reason = id_problem(value, max_id_length)
+                if reason:
+                    bad.add(row, reason)
+            problems += bad.problems()
     if "record_id" in frame.columns:
         duplicates = _Rows("record_id", "duplicate record id", max_rows)
         first_row: dict[str, int] = {}
         for row, value in enumerate(frame["record_id"]):
             if isinstance(value, str) and value:
                 if value in first_row:
-                    duplicates.add(row, f"{value!r} is also row {first_row[value]}")
+                    duplicates.add(row, f"same record id as row {first_row[value]}")
                 else:
                     first_row[value] = row
         problems += duplicates.problems()
@@ -178,7 +230,7 @@ def schema_problems(frame: pd.DataFrame, task_type: TaskType, num_classes: int |
         unknown = _Rows("split", f"split must be one of {', '.join(SPLITS)}", max_rows)
         for row, value in enumerate(frame["split"]):
             if value not in SPLITS:
-                unknown.add(row, _shown(value))
+                unknown.add(row, preview(value, 20))
         problems += unknown.problems()
         present = set(frame["split"])
         problems += [SchemaProblem("split", f"the {split!r} split is empty (no row has split = {split!r})")
@@ -186,7 +238,7 @@ def schema_problems(frame: pd.DataFrame, task_type: TaskType, num_classes: int |
     if task_type is TaskType.CAUSAL_LM:
         for column in TASK_COLUMNS[task_type]:
             if column in frame.columns:
-                problems += _string_problems(frame, column, max_rows, strip=True)
+                problems += _text_problems(frame, column, max_rows)
         return problems
     if "features" in frame.columns:
         problems += _feature_problems(frame["features"], max_rows)
@@ -206,12 +258,21 @@ def _missing_columns(frame: pd.DataFrame, missing: list[str], task_type: TaskTyp
     return text
 
 
-def _string_problems(frame: pd.DataFrame, column: str, max_rows: int, strip: bool = False) -> list[SchemaProblem]:
+def _text_problems(frame: pd.DataFrame, column: str, max_rows: int) -> list[SchemaProblem]:
     bad = _Rows(column, f"{column} must be a non-empty string", max_rows)
     for row, value in enumerate(frame[column]):
-        if not isinstance(value, str) or not (value.strip() if strip else value):
-            bad.add(row, _shown(value))
+        if not isinstance(value, str):
+            bad.add(row, f"not a string ({_kind(value)})")
+        elif not value.strip():
+            bad.add(row, "empty")
     return bad.problems()
+
+
+def _kind(value) -> str:
+    """What a bad value is, without quoting it (it may be personal data)."""
+    if value is None or (isinstance(value, float) and np.isnan(value)):
+        return "missing"
+    return type(value).__name__
 
 
 def _feature_problems(column: pd.Series, max_rows: int) -> list[SchemaProblem]:
@@ -227,10 +288,10 @@ def _feature_problems(column: pd.Series, max_rows: int) -> list[SchemaProblem]:
         try:
             array = np.asarray(value, dtype=np.float64)
         except (TypeError, ValueError):
-            not_vectors.add(row, _shown(value))
+            not_vectors.add(row, f"not numbers ({_kind(value)})")
             continue
         if array.ndim != 1 or array.shape[0] == 0:
-            not_vectors.add(row, _shown(value))
+            not_vectors.add(row, "empty" if array.ndim == 1 else f"{array.ndim}-dimensional ({_kind(value)})")
             continue
         if not np.isfinite(array).all():
             position = int(np.flatnonzero(~np.isfinite(array))[0])
@@ -259,17 +320,19 @@ def _label_problems(labels: pd.Series, num_classes: int | None, max_rows: int) -
     for row, value in enumerate(labels):
         if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)) \
                 or not np.isfinite(value) or value != int(value):
-            not_integers.add(row, _shown(value))
+            not_integers.add(row, repr(value) if isinstance(value, (float, np.floating)) else _kind(value))
         elif value < 0 or (num_classes is not None and value >= num_classes):
             out_of_range.add(row, str(int(value)))
     return problems + not_integers.problems() + out_of_range.problems()
 
 
-def validate_frame(frame: pd.DataFrame, task_type: TaskType, num_classes: int | None) -> list[FieldViolation]:
+def validate_frame(frame: pd.DataFrame, task_type: TaskType, num_classes: int | None,
+                   max_id_length: int = 256) -> list[FieldViolation]:
     """Every problem of a dataset as field violations (empty list = valid), each naming its first rows and
     how many rows it affects (:func:`schema_problems`; ``lethe dataset check`` prints them all)."""
-    return [FieldViolation(problem.field, problem.describe(MAX_ROWS_PER_VIOLATION))
-            for problem in schema_problems(frame, task_type, num_classes)][:MAX_VIOLATIONS]
+    problems = schema_problems(frame, task_type, num_classes, max_id_length=max_id_length)
+    return [FieldViolation(problem.field, problem.describe(MAX_ROWS_PER_VIOLATION)) for problem in problems][
+        :MAX_VIOLATIONS]
 
 
 def content_digest(frame: pd.DataFrame) -> str:
@@ -357,7 +420,8 @@ class DatasetCatalog:
                       else np.stack([np.asarray(v, dtype=np.float32) for v in frame["features"]])),
             labels=np.full(len(frame), -1, dtype=np.int64) if lm else frame["label"].to_numpy(dtype=np.int64),
             prompts=frame["prompt"].astype(str).to_numpy() if lm else None,
-            answers=frame["answer"].astype(str).to_numpy() if lm else None)
+            answers=frame["answer"].astype(str).to_numpy() if lm else None,
+            record_hashes=np.array([self.tombstone(r) for r in frame["record_id"].astype(str)]))
         with self._lock:
             self._cache[key] = loaded
             while len(self._cache) > self._cache_size:

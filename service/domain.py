@@ -79,9 +79,46 @@ class Unauthenticated(ServiceError):
     """Missing or wrong credentials (UNAUTHENTICATED)."""
 
 
+class PermissionDenied(ServiceError):
+    """A valid identity whose roles do not allow this call, or a submitter asking about a request that is not
+    its own (PERMISSION_DENIED; the same answer whether or not that request exists)."""
+
+
 class ResourceExhausted(ServiceError):
-    """This replica is at a capacity limit, e.g. its cap on open streams (RESOURCE_EXHAUSTED); nothing was
-    written, and the same call may succeed later or on another replica."""
+    """This replica is at a capacity limit, e.g. its cap on open streams or a caller's rate limit
+    (RESOURCE_EXHAUSTED); nothing was written, and the same call may succeed later or on another replica.
+    ``retry_after_s`` becomes the status's ``google.rpc.RetryInfo``."""
+
+    def __init__(self, message: str, violations: tuple[FieldViolation, ...] = (), retry_after_s: float = 1.0):
+        super().__init__(message, violations)
+        self.retry_after_s = retry_after_s
+
+
+# --------------------------------------------------------------------------------------------- ids
+def id_problem(value: object, max_length: int) -> str | None:
+    """THE rule for every id a client sends (request, subject, record, job, model ids): why ``value`` is not
+    an acceptable id, or None when it is.
+
+    A non-empty string of at most ``max_length`` characters, not only white space, made of printable
+    characters only (``str.isprintable``): no control characters (NUL included), no format characters (the
+    bidirectional overrides U+202A-U+202E and U+2066-U+2069, zero-width characters), no line or paragraph
+    separators, no unassigned or private-use code points. Such ids would let an id look like another one
+    in a log or a terminal. The description never quotes the value (it may be huge or hostile).
+    """
+    if not isinstance(value, str) or not value.strip():
+        return "must be a non-empty string"
+    if len(value) > max_length:
+        return f"longer than {max_length} characters"
+    if not value.isprintable():
+        return "must contain printable characters only (no control, format or bidirectional-override characters)"
+    return None
+
+
+def preview(value: str, keep: int = 40) -> str:
+    """An id as messages and logs may quote it: printable, and at most ``keep`` characters of it."""
+    text = value if isinstance(value, str) else str(value)
+    shown = "".join(c if c.isprintable() else "\ufffd" for c in text[:keep])
+    return repr(shown) if len(text) <= keep else f"{shown!r}... ({len(text)} characters)"
 
 
 # --------------------------------------------------------------------------------------------- requests
@@ -116,6 +153,10 @@ class VerificationPolicy:
     method_chain: the escalation chain, tried in order from the same base version until one result passes
         the gate; empty at registration means the task's default chain (:data:`unlearn.chain.DEFAULT_CHAINS`,
         ``retrain`` only when a training recipe is registered).
+    superseded_versions: what happens to the model versions trained on data that a job has just erased
+        (every older version of the lineage): ``purge`` deletes their weights (the registry entry and its
+        tags stay, saying who superseded it and why); ``archive`` keeps the weights but moves every alias off
+        them. Either way the certificate lists them.
     """
 
     max_utility_drop: float = 0.02
@@ -124,6 +165,7 @@ class VerificationPolicy:
     mia_auc_margin: float = DEFAULT_AUC_MARGIN
     onnx_tolerance: float = 1e-4
     method_chain: tuple[MethodStep, ...] = ()
+    superseded_versions: str = "purge"
 
     @property
     def default_method(self) -> str | None:
@@ -176,6 +218,17 @@ class ErasureRequest:
     # request that runs past it still completes, and its certificate and events say it was late.
     deadline: datetime | None = None
     policy_overrides: dict[str, float] = field(default_factory=dict)
+    # Keyed hash of the authenticated identity that submitted it, set by the front (never by the client):
+    # a submitter may later read only its own requests. None when the caller is not known (engine callers).
+    submitter_hash: str | None = None
+
+
+class Role(str, enum.Enum):
+    """What an authenticated identity may do (the table of allowed roles per RPC is in service.api.errors)."""
+
+    SUBMITTER = "submitter"  # erasures, updates, rectifications; reads and watches its own requests only
+    AUDITOR = "auditor"  # reads every job, certificate and pending request; verifies certificates
+    OPERATOR = "operator"  # registers models, reads everything, operator controls (cancel, retry, close)
 
 
 class JobState(str, enum.Enum):
@@ -302,3 +355,7 @@ class EngineProtocol(Protocol):
 
     def pending_requests(self) -> list[PendingRequest]:
         """Requests with no final certificate yet, oldest first (the GDPR clock), with their deadlines."""
+
+    def request_owners(self, request_ids: tuple[str, ...]) -> dict[str, str | None]:
+        """For each known request id, the keyed hash of the identity that submitted it (None when the
+        submitter was not recorded); unknown ids are absent."""

@@ -121,3 +121,6 @@ class Engine:
 
     def pending_requests(self) -> list[PendingRequest]:
         return self.queries.pending_requests()
+
+    def request_owners(self, request_ids: tuple[str, ...]) -> dict[str, str | None]:
+        return self.queries.request_owners(request_ids)

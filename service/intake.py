@@ -19,6 +19,7 @@ from typing import Any
 from service import store as db
 from service.audit import NO_RECORDS, canonical_json, certify, keyed_hash, sha256_hex
 from service.context import ModelInfo, PipelineContext
+from service.faults import fault_point
 from service.domain import (
     AlreadyExists,
     DeadlineExceeded,
@@ -32,10 +33,16 @@ from service.domain import (
     ServiceError,
     SubmitOutcome,
     Unimplemented,
+    id_problem,
+    preview,
 )
 from service.verification import override_violations
 from unlearn import registry as methods
 from unlearn.errors import InvalidParameterError, UnknownMethodError
+
+MAX_VIOLATIONS = 20
+"""Field violations reported for one request: enough to fix it, while a status built from 10,000 bad ids
+would outgrow the client's metadata limit (8 KiB by default)."""
 
 
 class Intake:
@@ -59,6 +66,7 @@ class Intake:
         if violations:
             raise InvalidArgument("invalid erasure request", tuple(violations))
         subject_hashes = sorted(self.ctx.catalog.subject_hash(s) for s in request.subject_ids)
+        record_hashes = sorted(self.ctx.catalog.tombstone(r) for r in request.record_ids)
         deadline = _utc(request.deadline)
         payload = canonical_json({
             "kind": "erase", "subjects": subject_hashes, "records": sorted(request.record_ids),
@@ -67,32 +75,38 @@ class Intake:
             "deadline": deadline.isoformat() if deadline else None})
         digest = keyed_hash(self.ctx.settings.subject_hash_key_bytes, "payload", payload)
         with self._submit_lock:
-            replay = self._replay(request.request_id, digest)
+            replay = self._replay(request, digest)
             if replay is not None:
                 return replay
             if deadline is not None and deadline <= db.utcnow():
                 raise DeadlineExceeded(f"the request's deadline {deadline.isoformat()} has already passed",
                                        (FieldViolation("deadline", "already passed at submission"),))
-            targets = self._targets(request, subject_hashes)
-            return self._commit(request, subject_hashes, digest, deadline, targets)
+            targets = self._targets(request, subject_hashes, record_hashes)
+            fault_point("intake.before_commit")
+            outcome = self._commit(request, subject_hashes, record_hashes, digest, deadline, targets)
+            fault_point("intake.after_commit")
+            return outcome
 
-    def _replay(self, request_id: str, digest: str) -> SubmitOutcome | None:
+    def _replay(self, request: ErasureRequest, digest: str) -> SubmitOutcome | None:
         with self.ctx.store.read() as conn:
-            existing = db.get_request(conn, request_id)
+            existing = db.get_request(conn, request.request_id)
         if existing is None:
             return None
-        if existing.payload_digest != digest:
-            raise AlreadyExists(f"request_id {request_id!r} was already used with a different payload",
+        # Another identity's request id answers like a different payload: a caller learns nothing about
+        # requests it did not submit (not even their job ids).
+        foreign = (request.submitter_hash is not None and existing.submitter_hash is not None
+                   and existing.submitter_hash != request.submitter_hash)
+        if existing.payload_digest != digest or foreign:
+            raise AlreadyExists(f"request_id {preview(request.request_id)} was already used with a different payload",
                                 (FieldViolation("request_id", "reused with a different payload"),))
-        return SubmitOutcome(request_id, tuple(existing.outcome_job_ids), False, existing.first_event_seq)
+        return SubmitOutcome(request.request_id, tuple(existing.outcome_job_ids), False, existing.first_event_seq)
 
     def _shape_violations(self, request: ErasureRequest) -> list[FieldViolation]:
         limit, most = self.ctx.settings.max_id_length, self.ctx.settings.max_ids_per_request
         violations = []
-        if not isinstance(request.request_id, str) or not request.request_id.strip():
-            violations.append(FieldViolation("request_id", "must be a non-empty string"))
-        elif len(request.request_id) > limit or not request.request_id.isprintable():
-            violations.append(FieldViolation("request_id", f"must be printable and at most {limit} characters"))
+        problem = id_problem(request.request_id, limit)
+        if problem:
+            violations.append(FieldViolation("request_id", problem))
         for name, values in (("subject_ids", request.subject_ids), ("record_ids", request.record_ids),
                              ("model_names", request.model_names)):
             if len(values) > most:
@@ -100,15 +114,18 @@ class Intake:
                 continue
             seen: set[str] = set()
             for index, value in enumerate(values):
-                if not isinstance(value, str) or not value.strip():
-                    violations.append(FieldViolation(f"{name}[{index}]", "must be a non-empty string"))
-                elif len(value) > limit:
-                    violations.append(FieldViolation(f"{name}[{index}]", f"longer than {limit} characters"))
+                problem = id_problem(value, limit)
+                if problem:
+                    violations.append(FieldViolation(f"{name}[{index}]", problem))
                 elif value in seen:
                     violations.append(FieldViolation(f"{name}[{index}]", "duplicate id in this request"))
                 seen.add(value)
+            if len(violations) > MAX_VIOLATIONS:  # enough to fix the request; a status stays small
+                break
+        if len(request.classes) > most:
+            violations.append(FieldViolation("classes", f"{len(request.classes)} classes; at most {most} per request"))
         seen_classes: set[int] = set()
-        for index, value in enumerate(request.classes):
+        for index, value in enumerate(request.classes[:most]):
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 violations.append(FieldViolation(f"classes[{index}]", "must be a non-negative integer"))
             elif value in seen_classes:
@@ -130,9 +147,10 @@ class Intake:
         if not isinstance(request.method_params, dict) or not all(isinstance(k, str) for k in request.method_params):
             violations.append(FieldViolation("method_params", "must map parameter names to values"))
         violations += override_violations(dict(request.policy_overrides))
-        return violations
+        return violations[:MAX_VIOLATIONS]
 
-    def _targets(self, request: ErasureRequest, subject_hashes: list[str]) -> list[dict[str, Any]]:
+    def _targets(self, request: ErasureRequest, subject_hashes: list[str],
+                 record_hashes: list[str]) -> list[dict[str, Any]]:
         """Per model the request touches: method, parameters, and how many records it matches now."""
         with self.ctx.store.read() as conn:
             rows = {row.model_name: row for row in db.list_models(conn)}
@@ -142,11 +160,12 @@ class Intake:
         for index, name in enumerate(request.model_names):
             if name not in rows:
                 if self.ctx.registry.model_exists(name):
-                    raise FailedPrecondition(f"model {name!r} exists in MLflow but is not registered as "
+                    raise FailedPrecondition(f"model {preview(name)} exists in MLflow but is not registered as "
                                              "unlearnable (lethe register)",
-                                             (FieldViolation(f"model_names[{index}]", f"{name!r} is not unlearnable"),))
-                raise NotFound(f"no model named {name!r}",
-                               (FieldViolation(f"model_names[{index}]", f"unknown model {name!r}"),))
+                                             (FieldViolation(f"model_names[{index}]",
+                                                             "not registered as unlearnable"),))
+                raise NotFound(f"no model named {preview(name)}",
+                               (FieldViolation(f"model_names[{index}]", "unknown model"),))
         targets, violations = [], []
         for name in names:
             info = ModelInfo.from_row(rows[name])
@@ -170,7 +189,7 @@ class Intake:
                                                      f"model {name!r} has {info.num_classes} classes"))
             dataset = datasets[name]
             data = self.ctx.catalog.load(dataset.path, dataset.digest)
-            matched = int(data.match(set(subject_hashes), set(request.record_ids), set(request.classes)).sum())
+            matched = int(data.match(set(subject_hashes), set(record_hashes), set(request.classes)).sum())
             if not (request.model_names or matched):
                 continue
             if methods.get(method).erases == "classes" and not request.classes:
@@ -185,16 +204,18 @@ class Intake:
             raise InvalidArgument("invalid method or parameters", tuple(dict.fromkeys(violations)))
         return targets
 
-    def _commit(self, request: ErasureRequest, subject_hashes: list[str], digest: str,
+    def _commit(self, request: ErasureRequest, subject_hashes: list[str], record_hashes: list[str], digest: str,
                 deadline: datetime | None, targets: list[dict[str, Any]]) -> SubmitOutcome:
         now = db.utcnow()
         window = timedelta(seconds=self.ctx.settings.coalescing_window_s)
         selector = "classes" if request.classes else "records"
         with self.ctx.store.write() as conn:
             if db.get_request(conn, request.request_id) is not None:  # another process won the race
-                raise AlreadyExists(f"request_id {request.request_id!r} was stored concurrently")
+                raise AlreadyExists(f"request_id {preview(request.request_id)} was stored concurrently",
+                                    (FieldViolation("request_id", "stored concurrently by another call"),))
             db.insert_request(conn, request_id=request.request_id, payload_digest=digest, kind="erase",
-                              subject_hashes=subject_hashes, record_ids=sorted(request.record_ids),
+                              subject_hashes=subject_hashes, record_hashes=record_hashes,
+                              submitter_hash=request.submitter_hash,
                               classes=sorted(request.classes), model_names=[t["info"].name for t in targets] or ["*"],
                               method=request.method, method_params=dict(request.method_params),
                               policy_overrides=dict(request.policy_overrides), deadline=deadline, received_at=now,

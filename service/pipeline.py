@@ -103,17 +103,19 @@ def _recipe(training: dict[str, Any]) -> TrainRecipe | None:
 
 def correct_before(ctx: PipelineContext, info: ModelInfo, version: str, data: LoadedDataset, task: TaskAdapter,
                    model: nn.Module, mask: np.ndarray, examples_of) -> np.ndarray:
-    """Per record of ``mask``: does the base version get it right? Cached per model version by record id (a
+    """Per record of ``mask``: does the base version get it right? Cached per model version by record (a
     JSON file under the cache directory), so every job on that version measures only records it has not
-    seen yet; utility before is the mean over whichever records a job's utility set holds."""
+    seen yet; utility before is the mean over whichever records a job's utility set holds. The cache keys
+    records by their keyed hash (the tombstone hash), never by id: no clear id outside the training data."""
     path = ctx.settings.cache_dir / "measure" / safe_name(info.name) / f"{version}.json"
     cached: dict[str, bool] = json.loads(path.read_text()) if path.exists() else {}
-    ids = data.record_ids[mask].astype(str)
+    ids = data.record_hashes[mask].astype(str)
     missing = np.array([record_id not in cached for record_id in ids], dtype=bool)
     if missing.any():
         todo = np.zeros_like(mask)
         todo[np.flatnonzero(mask)[missing]] = True
-        cached.update(zip(data.record_ids[todo].astype(str).tolist(), correct_flags(task, model, examples_of(todo))))
+        cached.update(zip(data.record_hashes[todo].astype(str).tolist(),
+                          correct_flags(task, model, examples_of(todo))))
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(cached))
     return np.array([cached[record_id] for record_id in ids], dtype=bool)
@@ -146,24 +148,102 @@ def job_chain(job, policy, erases_classes: bool) -> list[tuple[str, dict[str, An
 
 def run_job(ctx: PipelineContext, job_id: str) -> JobState:
     """Carry one claimed (RUNNING) job to its terminal state; returns it. Exceptions propagate to the
-    worker, which marks the job FAILED."""
+    worker, which marks the job FAILED.
+
+    Resumable at every point: until the new model version is registered the job restarts from resolve
+    (nothing it wrote is visible yet); once MLflow holds the version tagged with this job, everything the
+    later stages need (what was resolved, the evidence, the new dataset version, both weight digests) is
+    in the job's stored evidence, so a resumed job never reads the base version's data or weights again
+    (the purge stage may already have removed them).
+    """
     with ctx.store.read() as conn:
         job = db.get_job(conn, job_id)
         request_ids = db.job_request_ids(conn, job_id)
         request_rows = [db.get_request(conn, r) for r in request_ids]
         info = ModelInfo.from_row(db.get_model(conn, job.model_name))
+    progress = Progress(ctx, job_id, request_ids, job.method)
+    ctx.metrics.coalesced_batch_size.observe(len(request_ids))
+    stored = dict(job.evidence or {})
+    registered = (ctx.registry.version_for_job(job.model_name, job_id)
+                  if stored.get("verification", {}).get("passed") and stored.get("dataset_after") else None)
+    if registered is None:
+        outcome = _unlearn_and_register(ctx, job, request_rows, info, progress)
+        if outcome is not None:
+            return outcome
+        with ctx.store.read() as conn:
+            record = dict(db.get_job(conn, job_id).evidence)
+        registered = ctx.registry.version_for_job(job.model_name, job_id)
+    else:
+        progress.stage("register", f"resuming: version {registered.version} was already registered by this job")
+        record = stored
+    version = str(registered.version)
+    resolution = record["resolution"]
+    dataset_after = {**record["dataset_after"], "artifact_uri": registered.tags.get("lethe.dataset_uri", "")}
+    alias = info.serving_alias or ctx.settings.serving_alias
+    ctx.registry.set_serving(job.model_name, version, alias)
+    with ctx.store.write() as conn:  # idempotent: a resumed job repeats it
+        if db.dataset_written_by_job(conn, job_id) is None:
+            db.insert_dataset_version(conn, job.model_name, dataset_after["digest"], dataset_after["path"],
+                                      dataset_after["records"], version, job_id, dataset_after["artifact_uri"])
+        db.add_tombstones(conn, resolution["tombstones"], job.model_name, job_id)
+        db.set_serving_version(conn, job.model_name, version)
+        db.update_job(conn, job_id, result_version=version)
+
+    # ---- purge: older copies of this lineage's data, caches derived from them, superseded versions ---------
+    progress.stage("purge", "removing older dataset copies, derived caches and superseded model versions")
+    removed = []
+    with ctx.store.read() as conn:
+        stale = [row for row in db.live_dataset_versions(conn, job.model_name) if row.job_id != job_id]
+        lineage = sorted({row.model_version for row in db.lineage_dataset_versions(conn, job.model_name)} - {version}, key=int)
+    for row in stale:
+        ctx.registry.delete_artifact(row.mlflow_artifact_uri or "")
+        ctx.catalog.delete_local(row.path)
+        with ctx.store.write() as conn:
+            db.mark_dataset_removed(conn, row.id)
+        removed.append(row.version)
+    superseded = [ctx.registry.supersede(job.model_name, older, version, info.policy.superseded_versions,
+                                         f"trained on records erased by job {job_id}")
+                  for older in lineage]
+    remove_tree(importance_dir(ctx, job.model_name, job.base_version))
+    remove_tree(ctx.settings.cache_dir / "measure" / safe_name(job.model_name))
+    (ctx.settings.cache_dir / "onnx" / f"{job_id}.onnx").unlink(missing_ok=True)  # logged; the copy is scratch
+
+    # ---- audit: certificates, chain entries, states, terminal events, in one transaction -------------------
+    progress.stage("audit", "signing certificates")
+    weights = record["weights"]
+    shared = {
+        "job_id": job_id, "model_name": job.model_name, "coalesced_requests": len(request_ids),
+        "model": {"base_version": job.base_version, "result_version": version, "serving_alias": alias,
+                  "weights_sha256_before": weights["before"], "weights_sha256_after": weights["after"],
+                  "weights_changed": weights["after"] != weights["before"], "superseded_versions": superseded},
+        "dataset": {"digest_before": resolution["dataset_digest"], "digest_after": dataset_after["digest"],
+                    "records_before": resolution["dataset_records"], "records_after": dataset_after["records"],
+                    "older_versions_removed": removed, "tombstones_added": len(resolution["tombstones"])},
+        "method": record["method"], "attempts": record.get("attempts", []), "verification": record["verification"],
+        "code_version": ctx.settings.code_version,
+    }
+    ctx.metrics.records_erased.inc(resolution["erased"])
+    _issue(ctx, job, request_rows, resolution["requests"], shared, record["label"], progress,
+           f"version {version} registered and serving as {alias!r}; {resolution['erased']} record(s) erased")
+    return JobState.SUCCEEDED
+
+
+def _unlearn_and_register(ctx: PipelineContext, job, request_rows, info: ModelInfo,
+                          progress: Progress) -> JobState | None:
+    """resolve -> measure -> apply and verify (escalating) -> register. Returns the job's final state when it
+    ends here (no records, or rejected); None once the new version is registered and the evidence stored."""
+    job_id, request_ids = job.job_id, tuple(r.request_id for r in request_rows)
+    with ctx.store.read() as conn:
         dataset_row = db.dataset_for_model_version(conn, job.model_name, job.base_version)
     if dataset_row is None:
         raise RuntimeError(f"no dataset version recorded for {job.model_name} version {job.base_version}")
-    progress = Progress(ctx, job_id, request_ids, job.method)
-    ctx.metrics.coalesced_batch_size.observe(len(request_ids))
     policy = effective_policy(info.policy, dict(job.policy_overrides))
     support = task_support(info)  # what differs between classifiers and causal LMs
 
     # ---- resolve: requests -> records of this model's dataset version --------------------------------
     progress.stage("resolve", f"resolving {len(request_ids)} request(s) against dataset {dataset_row.digest[:12]}")
     data = ctx.catalog.load(dataset_row.path, dataset_row.digest)
-    matched = {row.request_id: data.match(set(row.subject_hashes), set(row.record_ids), set(row.classes))
+    matched = {row.request_id: data.match(set(row.subject_hashes), set(row.record_hashes), set(row.classes))
                for row in request_rows}
     erase = np.logical_or.reduce(list(matched.values())) if matched else np.zeros(len(data), dtype=bool)
     train, holdout_all = data.split_mask("train"), data.split_mask("holdout")
@@ -187,6 +267,13 @@ def run_job(ctx: PipelineContext, job_id: str) -> JobState:
     never_trained = holdout_all & ~erase & ~earlier_mask
     audit_side = audit_mask(data.record_ids.astype(str), ctx.settings.split_key_bytes)
     tune_mask, audit_mask_ = never_trained & ~audit_side, never_trained & audit_side
+    resolution = {
+        "requests": {request_id: {"matched": int(mask.sum()), "erased_from_training": int((mask & train).sum()),
+                                  "record_ids_sha256": sha256_hex("\n".join(sorted(data.record_ids[mask].astype(str))))}
+                     for request_id, mask in matched.items()},
+        "erased": int(erase.sum()), "tombstones": sorted(ctx.catalog.tombstone(r) for r in data.record_ids[erase]),
+        "dataset_digest": dataset_row.digest, "dataset_records": len(data), "lineage_classes": list(lineage_classes),
+    }
     if not erase.any():
         _finish_without_records(ctx, job, request_rows, data, progress)
         return JobState.SUCCEEDED
@@ -201,7 +288,6 @@ def run_job(ctx: PipelineContext, job_id: str) -> JobState:
     base_model = support.load(ctx, job.model_name, job.base_version)
     task = support.task()
     examples_of = support.examples(data, base_model)
-    weights_before = weights_digest(base_model)
     excluded = tuple(sorted(set(classes or ()) | set(earlier_classes)))
     utility_mask = support.utility_mask(data, retain_mask, audit_mask_, excluded)
     utility_before = float(correct_before(ctx, info, job.base_version, data, task, base_model, utility_mask,
@@ -211,16 +297,10 @@ def run_job(ctx: PipelineContext, job_id: str) -> JobState:
     utility = examples_of(utility_mask)
     earlier_left = earlier_mask & ~erase  # records of earlier-erased classes still present (none after purge)
     earlier = examples_of(earlier_left) if earlier_left.any() else None
-
-    # ---- apply and verify, escalating along the method chain (skipped when a resumed job already registered)
-    existing = ctx.registry.version_for_job(job.model_name, job_id)
-    stored = dict(job.evidence or {})
     onnx_path = ctx.settings.cache_dir / "onnx" / f"{job_id}.onnx"
-    if existing is not None and stored.get("verification", {}).get("passed"):
-        progress.stage("apply", f"resuming: version {existing.version} was already registered by this job")
-        after = support.load(ctx, job.model_name, str(existing.version))
-        record = stored
-    elif not forget_mask.any():  # only never-trained records matched: nothing to unlearn, only to purge
+
+    # ---- apply and verify, escalating along the method chain ----------------------------------------------
+    if not forget_mask.any():  # only never-trained records matched: nothing to unlearn, only to purge
         progress.stage("apply", "no training records matched; the model is unchanged and the records are purged")
         after = base_model
         record = {"label": "exact", "attempts": [],
@@ -257,14 +337,14 @@ def run_job(ctx: PipelineContext, job_id: str) -> JobState:
         importance = request.train_importance
         record["train_importance"] = {"used": importance.last_seconds > 0 or importance.last_hit,
                                       "cached": importance.last_hit, "seconds": importance.last_seconds}
-        with ctx.store.write() as conn:
-            db.update_job(conn, job_id, evidence=jsonable(record))
         if not outcome.passed:
+            with ctx.store.write() as conn:
+                db.update_job(conn, job_id, evidence=jsonable(record))
             _reject(ctx, job, request_ids, record, outcome, progress)
             return JobState.REJECTED_BY_VERIFICATION
         after = outcome.result.model
 
-    # ---- register: purged dataset version + model version (exactly once), then move the alias ----------
+    # ---- register: the purged dataset version, then the model version (exactly once) -------------------
     progress.stage("register", "registering the new version")
     frame = ctx.catalog.frame(dataset_row.path)
     frame = frame[~frame["record_id"].astype(str).isin(set(data.record_ids[erase]))]
@@ -282,60 +362,24 @@ def run_job(ctx: PipelineContext, job_id: str) -> JobState:
         ERASED_CLASSES_TAG: list(lineage_classes),
     }
     metrics = {k: float(v) for k, v in tags["lethe.metrics"].items() if v is not None}
-    onnx_path = ctx.settings.cache_dir / "onnx" / f"{job_id}.onnx"
-    version, artifact_uri = ctx.registry.register_job_version(job.model_name, job_id, after, tags, metrics,
-                                                              new_path, onnx_path, tokenizer=support.tokenizer)
-    ctx.registry.set_serving(job.model_name, version)
-    weights_after = weights_digest(after)
+    # Everything the later stages need goes into the stored evidence BEFORE MLflow holds the version: a job
+    # resumed after that point takes it from there.
+    record.update(resolution=resolution, weights={"before": weights_digest(base_model), "after": weights_digest(after)},
+                  dataset_after={"path": str(new_path), "digest": new_digest, "records": len(frame)})
     with ctx.store.write() as conn:
-        if db.dataset_written_by_job(conn, job_id) is None:
-            db.insert_dataset_version(conn, job.model_name, new_digest, str(new_path), len(frame), version, job_id,
-                                      artifact_uri)
-        db.add_tombstones(conn, [ctx.catalog.tombstone(r) for r in data.record_ids[erase]], job.model_name, job_id)
-        db.set_serving_version(conn, job.model_name, version)
-        db.update_job(conn, job_id, result_version=version)
-
-    # ---- purge: every older copy of this lineage's data, and caches derived from it ---------------------
-    progress.stage("purge", "removing older dataset copies and derived caches")
-    removed = []
-    with ctx.store.read() as conn:
-        stale = [row for row in db.live_dataset_versions(conn, job.model_name) if row.job_id != job_id]
-    for row in stale:
-        ctx.registry.delete_artifact(row.mlflow_artifact_uri or "")
-        ctx.catalog.delete_local(row.path)
-        with ctx.store.write() as conn:
-            db.mark_dataset_removed(conn, row.id)
-        removed.append(row.version)
-    remove_tree(importance_dir(ctx, job.model_name, job.base_version))
-    remove_tree(ctx.settings.cache_dir / "measure" / safe_name(job.model_name))
-    onnx_path.unlink(missing_ok=True)  # logged with the version; the local copy is scratch
-
-    # ---- audit: certificates, chain entries, states, terminal events, in one transaction -------------------
-    progress.stage("audit", "signing certificates")
-    shared = {
-        "job_id": job_id, "model_name": job.model_name, "coalesced_requests": len(request_ids),
-        "model": {"base_version": job.base_version, "result_version": version,
-                  "serving_alias": ctx.settings.serving_alias, "weights_sha256_before": weights_before,
-                  "weights_sha256_after": weights_after, "weights_changed": weights_after != weights_before},
-        "dataset": {"digest_before": dataset_row.digest, "digest_after": new_digest,
-                    "records_before": len(data), "records_after": len(frame),
-                    "older_versions_removed": removed, "tombstones_added": int(erase.sum())},
-        "method": record["method"], "attempts": record.get("attempts", []), "verification": verification,
-        "code_version": ctx.settings.code_version,
-    }
-    ctx.metrics.records_erased.inc(int(erase.sum()))
-    _issue(ctx, job, request_rows, matched, data.record_ids, train, shared, record["label"], progress,
-           f"version {version} registered and serving; {int(erase.sum())} record(s) erased")
-    return JobState.SUCCEEDED
+        db.update_job(conn, job_id, evidence=jsonable(record))
+    ctx.registry.register_job_version(job.model_name, job_id, after, tags, metrics, new_path, onnx_path,
+                                      tokenizer=support.tokenizer, parent_version=job.base_version)
+    return None
 
 
-def _issue(ctx: PipelineContext, job, request_rows, matched: dict[str, np.ndarray], record_ids: np.ndarray,
-           train: np.ndarray, shared: dict[str, Any], label: str, progress: Progress, message: str) -> None:
+def _issue(ctx: PipelineContext, job, request_rows, resolved: dict[str, dict[str, Any]], shared: dict[str, Any],
+           label: str, progress: Progress, message: str) -> None:
     """The audit stage: certificates, chain entries, job and request states in one transaction."""
     progress.finish()
     with ctx.store.write() as conn:
-        late = issue_job_certificates(conn, ctx.audit, job, request_rows, matched, record_ids, train, shared, label,
-                                      JobState.SUCCEEDED, message)
+        late = issue_job_certificates(conn, ctx.audit, job, request_rows, resolved, shared, label, JobState.SUCCEEDED,
+                                      message)
     # Counted after the commit: a rolled-back audit transaction (the job is then retried) counts nothing.
     ctx.metrics.certificates_late.inc(late)
 
@@ -345,7 +389,7 @@ def _finish_without_records(ctx, job, request_rows, data: LoadedDataset, progres
               "model": {"base_version": job.base_version, "result_version": None},
               "dataset": {"digest_searched": data.digest, "records_searched": len(data)},
               "code_version": ctx.settings.code_version}
-    _issue(ctx, job, request_rows, {}, data.record_ids, data.split_mask("train"), shared, NO_RECORDS, progress,
+    _issue(ctx, job, request_rows, {}, shared, NO_RECORDS, progress,
            "no records of these requests remain in the training data; nothing to unlearn")
 
 

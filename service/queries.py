@@ -20,6 +20,7 @@ from service.domain import (
     JobView,
     NotFound,
     PendingRequest,
+    preview,
 )
 
 IDLE_WAIT_S = 1.0  # bound of one wait on the store's change condition (writes of other processes)
@@ -36,7 +37,7 @@ class Queries:
         with self.ctx.store.read() as conn:
             row = db.get_job(conn, job_id)
             if row is None:
-                raise NotFound(f"no job {job_id!r}", (FieldViolation("job_id", "unknown job"),))
+                raise NotFound(f"no job {preview(job_id)}", (FieldViolation("job_id", "unknown job"),))
             return _job_view(row, db.job_request_ids(conn, job_id))
 
     def list_jobs(self, job_filter: JobFilter) -> list[JobView]:
@@ -78,7 +79,7 @@ class Queries:
             known = rows or db.get_request(conn, request_id) is not None
         if not rows:
             reason = "no certificate has been issued yet" if known else "unknown request"
-            raise NotFound(f"{reason} for request {request_id!r}", (FieldViolation("request_id", reason),))
+            raise NotFound(f"{reason} for request {preview(request_id)}", (FieldViolation("request_id", reason),))
         return [Certificate(row.request_id, row.body_json, row.signature) for row in rows]
 
     def verify_certificate(self, body_json: str, signature: str) -> CertificateCheck:
@@ -97,6 +98,10 @@ class Queries:
             rows = db.pending_requests(conn)
         return [PendingRequest(request_id, received_at, deadline, deadline is not None and deadline < now)
                 for request_id, received_at, deadline in rows]
+
+    def request_owners(self, request_ids: tuple[str, ...]) -> dict[str, str | None]:
+        with self.ctx.store.read() as conn:
+            return db.request_owners(conn, request_ids)
 
     def overdue_pending_count(self) -> float:
         with self.ctx.store.read() as conn:

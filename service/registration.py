@@ -1,11 +1,14 @@
 """Registration: make an MLflow model version unlearnable, after checking everything it will need.
 
 Nothing is written until every check passed: the request's fields, the policy, the training recipe
-(converted by its field types), how the version was logged (flavor and serialization format), the dataset's
-schema, that the model loads and accepts the data (a forward pass; for causal LMs the tokenizer, context and
-vocabulary), that the model factory builds the same model, and that no record of the dataset was erased
-before (tombstones): the model contract of docs/models.md, checked by :mod:`service.contract`. Then, in order: Lethe's own copy of the
-dataset, the MLflow version's tags, the serving alias, and one store transaction with the audit entry.
+(converted by its field types), that the dataset lies inside an accepted dataset root
+(``Settings.dataset_roots``; refusals say nothing about the server's files), that the version was not trained
+on data erased since, how the version was logged (flavor and serialization format), the dataset's schema, that
+the model loads and accepts the data (a forward pass; for causal LMs the tokenizer, context and vocabulary),
+that the model factory builds the same model, and that no record of the dataset was erased before
+(tombstones): the model contract of docs/models.md, checked by :mod:`service.contract`. Then, in order: Lethe's
+own copy of the dataset, the MLflow version's tags, the serving alias, and one store transaction with the audit
+entry.
 """
 
 from __future__ import annotations
@@ -16,8 +19,9 @@ from typing import Any
 from service import contract, lm_support
 from service import store as db
 from service.context import PipelineContext
-from service.datasets import read_parquet, record_tombstone, validate_frame
+from service.datasets import read_parquet, record_tombstone, resolve_dataset_uri, validate_frame
 from service.domain import (
+    FailedPrecondition,
     FieldViolation,
     InvalidArgument,
     MethodStep,
@@ -26,6 +30,8 @@ from service.domain import (
     RegisteredModel,
     TaskType,
     VerificationPolicy,
+    id_problem,
+    preview,
 )
 from service.verification import policy_violations
 from unlearn import registry as methods
@@ -54,47 +60,59 @@ class Registrar:
             "lethe.num_classes": str(registration.num_classes or 0), "lethe.policy": _policy_json(policy),
             "lethe.training": training, "lethe.dataset_digest": digest,
             "lethe.code_version": self.ctx.settings.code_version})
-        self.ctx.registry.set_serving(registration.model_name, version)
+        alias = registration.alias or self.ctx.settings.serving_alias  # the alias the platform team serves
+        self.ctx.registry.set_serving(registration.model_name, version, alias)
         with self.ctx.store.write() as conn:
             db.upsert_model(conn, registration.model_name, version, registration.task_type.value,
-                            registration.num_classes, _policy_json(policy), training)
+                            registration.num_classes, _policy_json(policy), training, alias)
             db.insert_dataset_version(conn, registration.model_name, digest, str(path), len(frame), version, None,
                                       artifact_uri)
             self.ctx.audit.append(conn, "model_registered", {
                 "model_name": registration.model_name, "version": version, "dataset_digest": digest,
                 "records": len(frame), "policy": _policy_json(policy), "code_version": self.ctx.settings.code_version})
-        return RegisteredModel(registration.model_name, version, self.ctx.settings.serving_alias,
-                               registration.task_type, digest, len(frame), policy)
+        return RegisteredModel(registration.model_name, version, alias, registration.task_type, digest, len(frame),
+                               policy)
 
     def _validate_registration(self, registration: ModelRegistration):
         """Every check, cheapest first (docs/models.md, :mod:`service.contract`); returns (version, dataset
         frame, policy, the training to store with its recipe converted)."""
         violations: list[FieldViolation] = []
-        if not registration.model_name or len(registration.model_name) > self.ctx.settings.max_id_length:
-            violations.append(FieldViolation("model_name", "must be 1 to "
-                                             f"{self.ctx.settings.max_id_length} characters"))
+        limit = self.ctx.settings.max_id_length
+        problem = id_problem(registration.model_name, limit)
+        if problem:
+            violations.append(FieldViolation("model_name", problem))
         if bool(registration.version) == bool(registration.alias):
             violations.append(FieldViolation("version", "give exactly one of version or alias"))
+        for name in ("version", "alias"):
+            value = getattr(registration, name)
+            if value and id_problem(value, limit):
+                violations.append(FieldViolation(name, id_problem(value, limit)))
         if registration.task_type is TaskType.CLASSIFICATION and (registration.num_classes is None
                                                                   or registration.num_classes < 2):
             violations.append(FieldViolation("num_classes", "a classifier needs num_classes >= 2"))
         violations += _policy_violations(registration.policy, registration.chain_from_default_method)
         recipe, training_violations = contract.training_violations(registration.model_factory,
-                                                                   registration.train_recipe)
+                                                                   registration.train_recipe, limit)
         violations += training_violations
         if violations:
             raise InvalidArgument("invalid model registration", tuple(violations))
+        # The location is checked before MLflow or the file system is touched: a URI outside the dataset
+        # roots gets the same answer whether or not it exists.
+        location = resolve_dataset_uri(registration.dataset_uri, self.ctx.settings.dataset_roots,
+                                       self.ctx.settings.dataset_import_dir)
         if not self.ctx.registry.model_exists(registration.model_name):
-            raise NotFound(f"MLflow has no registered model {registration.model_name!r}",
+            raise NotFound(f"MLflow has no registered model {preview(registration.model_name)}",
                            (FieldViolation("model_name", "no such registered model in MLflow"),))
-        version = str(self.ctx.registry.resolve(registration.model_name, registration.version, registration.alias).version)
+        resolved = self.ctx.registry.resolve(registration.model_name, registration.version, registration.alias)
+        version = str(resolved.version)
+        self._refuse_erased_versions(registration.model_name, version, resolved.tags)
         version_field = "version" if registration.version else "alias"
         refusal = contract.format_refusal(self.ctx.registry.flavor_info(registration.model_name, version),
                                           registration.task_type, version_field)
         if refusal is not None:
             raise refusal
-        frame = read_parquet(registration.dataset_uri)
-        violations = validate_frame(frame, registration.task_type, registration.num_classes)
+        frame = read_parquet(location)
+        violations = validate_frame(frame, registration.task_type, registration.num_classes, limit)
         if violations:
             raise InvalidArgument("the dataset cannot be registered", tuple(violations))
         violations = self._model_violations(registration, version, version_field, frame, recipe)
@@ -120,15 +138,35 @@ class Registrar:
             violations += contract.factory_violations(registration.model_factory, recipe.seed, model)
         return violations
 
+    def _refuse_erased_versions(self, name: str, version: str, tags: dict[str, str]) -> None:
+        """A version trained on data erased since may never serve again: not after a purge or archive
+        (``lethe.superseded_by``), and not while Lethe's lineage shows erasures that started from it or a
+        later version (the head of the lineage, which carries none of them, may be registered again)."""
+        with self.ctx.store.read() as conn:
+            row = db.get_model(conn, name)
+            lineage = sorted({r.model_version for r in db.lineage_dataset_versions(conn, name)}, key=int)
+            later = [v for v in lineage if int(v) >= int(version)] if version in lineage else []
+            jobs, subjects, records = db.erasures_since(conn, name, later) if later else (0, 0, 0)
+        head = row.serving_version if row is not None else None
+        if not (tags.get("lethe.superseded_by") or (jobs and version != head)):
+            return
+        holds = (f"{subjects} erased subject(s) and {records} erased record(s) from {jobs} erasure job(s)"
+                 if jobs else f"records erased since (superseded by version {tags.get('lethe.superseded_by')})")
+        raise FailedPrecondition(
+            f"model {name!r} version {version} was trained on data that has been erased since: it holds {holds}; "
+            f"register the head of the lineage (version {head}) instead",
+            (FieldViolation("version", f"version {version} holds {holds}"),))
+
     def _tombstone_violations(self, frame) -> list[FieldViolation]:
         hashes = [record_tombstone(self.ctx.settings.subject_hash_key_bytes, r) for r in frame["record_id"].astype(str)]
         with self.ctx.store.read() as conn:
             dead = db.tombstoned(conn, hashes)
         if not dead:
             return []
-        erased = [r for r, h in zip(frame["record_id"].astype(str), hashes) if h in dead]
-        return [FieldViolation("dataset.record_id", f"{len(erased)} record(s) were erased earlier and may not be "
-                                                    f"re-ingested (e.g. {', '.join(erased[:3])})")]
+        # Never quote the ids: they are erased records, and this refusal goes to the caller and the log.
+        rows = [row for row, record_hash in enumerate(hashes) if record_hash in dead]
+        return [FieldViolation("dataset.record_id", f"{len(rows)} record(s) were erased earlier and may not be "
+                                                    f"re-ingested; first at row {rows[0]}")]
 
 
 def _policy_json(policy: VerificationPolicy) -> dict[str, Any]:
@@ -151,6 +189,9 @@ def _policy_violations(policy: VerificationPolicy, from_default_method: bool) ->
     ``policy.default_method`` / ``policy.method_params.<key>`` for the older one-method form.
     """
     violations = policy_violations(policy)
+    if policy.superseded_versions not in ("purge", "archive"):
+        violations.append(FieldViolation("policy.superseded_versions",
+                                         f"must be 'purge' or 'archive', got {policy.superseded_versions!r}"))
     for index, step in enumerate(policy.method_chain):
         name_path, params_path = (("policy.default_method", "policy.method_params") if from_default_method
                                   else (f"policy.method_chain[{index}].name", f"policy.method_chain[{index}].params"))

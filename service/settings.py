@@ -95,7 +95,9 @@ class Settings(BaseSettings):
     """Address the metrics exporter binds (``0.0.0.0`` in a container)."""
 
     auth_token: SecretStr | None = None
-    """Bearer token every gRPC call must present; unset = no authentication (embedded, local only)."""
+    """A single bearer token with every role (embedded mode). With neither it nor ``auth_tokens_file`` set
+    there is no authentication at all (embedded, local only); with either set, every call but health checks
+    must present a valid credential."""
 
     max_ids_per_request: int = Field(10000, ge=1)
     """Most subject or record ids one request may carry (larger requests are INVALID_ARGUMENT)."""
@@ -191,19 +193,67 @@ class Settings(BaseSettings):
 
     # -------------------------------------------------------------------------------------- security
     tls_cert: Path | None = None
-    """PEM server certificate chain. With ``tls_key`` the gRPC port speaks TLS only; the files are re-read
-    when they change (cert-manager rotation) without a restart."""
+    """PEM certificate chain this process presents. The server (with ``tls_key``) then speaks TLS only on its
+    gRPC port, and re-reads the files when they change (cert-manager rotation) without a restart: the next
+    TLS handshake uses the new pair. Client commands (``lethe submit``, ``lethe health``...) present it as
+    their client certificate when the server asks for one (mutual TLS), so a pod's own certificate serves its
+    exec probe."""
 
     tls_key: Path | None = None
-    """PEM private key of ``tls_cert``."""
+    """PEM private key of ``tls_cert`` (both or neither)."""
 
     tls_client_ca: Path | None = None
-    """PEM CA bundle for mutual TLS: when set, clients must present a certificate signed by it."""
+    """PEM CA bundle for mutual TLS: when set, clients must present a certificate signed by it, or the TLS
+    handshake fails before any RPC. Re-read on change like the certificate. The server refuses to start with
+    it but without ``tls_cert`` (it would otherwise serve plaintext); clients use it as their trust root when
+    ``tls_ca`` is unset."""
+
+    tls_ca: Path | None = None
+    """PEM CA bundle that CLIENTS (the CLI, ``lethe health``) use to verify the server's certificate. Unset:
+    ``tls_client_ca`` when that is set (one CA for both sides, cert-manager's usual ``ca.crt``), else the
+    system roots. Setting it (or ``tls_cert``) makes client commands connect with TLS."""
 
     auth_tokens_file: Path | None = None
-    """File of scoped credentials, one per line: ``<role> <name> sha256:<hex of the token>`` (roles:
-    ``submitter``, ``auditor``, ``operator``). Tokens are stored hashed; several may be valid at once
-    (rotation). ``auth_token`` (a single all-roles token) stays for the embedded mode."""
+    """File of scoped credentials, one per line: ``<roles> <name> <credential>``, ``#`` starts a comment.
+    ``roles`` is one or more of ``submitter``, ``auditor``, ``operator`` joined by commas; ``name`` is the
+    identity (no spaces) that owns the requests it submits; ``credential`` is ``sha256:<hex of the token>``
+    (a bearer token, stored hashed: ``lethe token`` prints a fresh one with its line) or
+    ``x509-cn:<common name>`` (a mutual-TLS client certificate's subject CN). Several lines may share a name
+    and roles (rotation: add the new token, move clients, delete the old line). Re-read when the file
+    changes. ``auth_token`` (a single all-roles token) may be set beside it for the embedded mode."""
+
+    rate_limit_per_s: float = Field(200.0, ge=0.0)
+    """Calls and Session messages one identity may make per second, sustained (a token bucket; 0 = no
+    limit). Over the limit a call answers RESOURCE_EXHAUSTED with ``google.rpc.RetryInfo`` saying when to
+    retry (on a stream: a ``SubmissionRejected`` with ``retry_delay``). Health checks are never limited."""
+
+    rate_limit_burst: int = Field(400, ge=1)
+    """Size of each identity's token bucket: how many calls may arrive at once after a quiet period."""
+
+    max_streams_per_identity: int = Field(16, ge=1)
+    """Open streams (``Session``, ``WatchJob``) one identity may hold on this replica, so one client cannot
+    take every stream slot of ``grpc_max_workers``; RESOURCE_EXHAUSTED with retry info beyond it."""
+
+    max_unacked_messages: int = Field(1000, ge=1)
+    """Session submissions read but not yet answered (their ack or rejection still waiting for the client
+    to read it). A client that keeps sending without reading gets RESOURCE_EXHAUSTED rejections with a
+    retry delay beyond this many, and the server stops reading its stream at twice this many, so a stalled
+    reader cannot grow the server's memory. Event delivery waits (back-pressure) rather than buffering more."""
+
+    max_message_bytes: int = Field(4 * 1024 * 1024, ge=1024, le=64 * 1024 * 1024)
+    """Largest request message accepted, in bytes (gRPC refuses a larger one with RESOURCE_EXHAUSTED before
+    decoding it, so before any database work). 4 MiB holds ``max_ids_per_request`` ids of 256 characters."""
+
+    unary_deadline_s: float = Field(120.0, gt=0.0, le=3600.0)
+    """Server-side deadline of every unary call (the client's own deadline applies when shorter). A call
+    past it answers DEADLINE_EXCEEDED, but its work may still commit afterwards: clients must replay a
+    submission with the same ``request_id`` (idempotent) rather than assume it was dropped."""
+
+    dataset_roots: list[str] = Field(default_factory=list)
+    """Where ``RegisterModel`` may read training data, as a JSON list: absolute directories
+    (``["/data/training"]``) and URI prefixes (``["s3://bucket/datasets/"]``; the scheme must match).
+    ``<state_dir>/incoming`` is always accepted. A dataset URI outside every root is refused without
+    touching the file system, with one answer that says nothing about the server's files."""
 
     @model_validator(mode="after")
     def _refuse_unbuilt(self) -> Settings:
@@ -213,6 +263,24 @@ class Settings(BaseSettings):
             del unbuilt["executor"]
         if unbuilt:
             raise ValueError("; ".join(f"LETHE_{n.upper()}: {r}" for n, r in unbuilt.items()))
+        return self
+
+    @model_validator(mode="after")
+    def _consistent_security(self) -> Settings:
+        """Half a TLS configuration or an unusable dataset root is a start-up error, never a silent downgrade."""
+        problems = []
+        if (self.tls_cert is None) != (self.tls_key is None):
+            problems.append("LETHE_TLS_CERT and LETHE_TLS_KEY go together (a certificate and its private key)")
+        for root in self.dataset_roots:
+            if "://" in root:
+                scheme, _, rest = root.partition("://")
+                if not scheme.isalnum() or not rest.strip("/"):
+                    problems.append(f"LETHE_DATASET_ROOTS: {root!r} is not a URI prefix like s3://bucket/prefix/")
+            elif not Path(root).is_absolute() or Path(root) == Path(Path(root).anchor):
+                problems.append(f"LETHE_DATASET_ROOTS: {root!r} must be an absolute directory other than the "
+                                "file-system root")
+        if problems:
+            raise ValueError("; ".join(problems))
         return self
 
     @model_validator(mode="after")
@@ -232,6 +300,11 @@ class Settings(BaseSettings):
     def datasets_dir(self) -> Path:
         """Lethe's own copies of training datasets, one file per dataset version."""
         return self.state_dir / "datasets"
+
+    @property
+    def dataset_import_dir(self) -> Path:
+        """``<state_dir>/incoming``: a drop box always accepted as a dataset root (see ``dataset_roots``)."""
+        return self.state_dir / "incoming"
 
     @property
     def cache_dir(self) -> Path:
@@ -255,10 +328,6 @@ class Settings(BaseSettings):
 
 NOT_BUILT: dict[str, str] = {
     "executor": "only 'inprocess' is built so far (subprocess and kubernetes executors are in progress)",
-    "tls_cert": "TLS is not built yet",
-    "tls_key": "TLS is not built yet",
-    "tls_client_ca": "mutual TLS is not built yet",
-    "auth_tokens_file": "scoped credentials are not built yet; use LETHE_AUTH_TOKEN",
 }
 """Declared settings whose feature is still being built; setting one is an error, never a silent no-op."""
 

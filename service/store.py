@@ -5,8 +5,8 @@ is SQLite-only (portable types, JSON columns, no triggers), so the same tables r
 scale-out. An acknowledgement is only sent after :meth:`Store.write` has committed, and SQLite runs with
 ``synchronous=FULL`` so that a committed transaction survives power loss, not only a process kill.
 
-Subject ids never reach this module in clear: requests keep keyed hashes (HMAC-SHA256 with the subject
-hash key), tombstones keep keyed hashes of record ids.
+Subject and record ids never reach this module in clear: requests keep keyed hashes (HMAC-SHA256 with the
+subject hash key) of both, tombstones keep the same keyed hashes of record ids.
 
 Writers are serialised: in one process by a lock, across processes by SQLite's ``BEGIN IMMEDIATE`` (a
 deferred transaction that upgrades from read to write can fail with SQLITE_BUSY at once instead of
@@ -42,6 +42,7 @@ models = sa.Table(
     sa.Column("policy", sa.JSON, nullable=False),
     sa.Column("training", sa.JSON, nullable=False),  # model factory + recipe, for exact retraining
     sa.Column("serving_version", sa.String(32), nullable=False),  # head of Lethe's lineage of this model
+    sa.Column("serving_alias", sa.String(_ID)),  # the MLflow alias Lethe moves (None: settings.serving_alias)
     _ts("registered_at"),
 )
 
@@ -67,7 +68,7 @@ requests = sa.Table(
     sa.Column("payload_digest", sa.String(64), nullable=False),
     sa.Column("kind", sa.String(16), nullable=False),
     sa.Column("subject_hashes", sa.JSON, nullable=False),  # keyed hashes, never clear ids
-    sa.Column("record_ids", sa.JSON, nullable=False),
+    sa.Column("record_hashes", sa.JSON, nullable=False),  # keyed hashes (the tombstone hash), never clear ids
     sa.Column("classes", sa.JSON, nullable=False),
     sa.Column("model_names", sa.JSON, nullable=False),
     sa.Column("method", sa.String(64)),
@@ -79,6 +80,8 @@ requests = sa.Table(
     sa.Column("first_event_seq", sa.Integer, nullable=False),
     sa.Column("outcome_job_ids", sa.JSON, nullable=False),
     _ts("completed_at", nullable=True),
+    # Keyed hash of the authenticated identity that submitted the request: a submitter reads only its own.
+    sa.Column("submitter_hash", sa.String(64), nullable=True, index=True),
 )
 
 jobs = sa.Table(
@@ -242,11 +245,12 @@ class Store:
 
 # ------------------------------------------------------------------------------------------------ models
 def upsert_model(conn: Connection, model_name: str, version: str, task_type: str, num_classes: int | None,
-                 policy: dict[str, Any], training: dict[str, Any]) -> None:
+                 policy: dict[str, Any], training: dict[str, Any], serving_alias: str | None = None) -> None:
     conn.execute(sa.delete(models).where(models.c.model_name == model_name))
     conn.execute(sa.insert(models).values(model_name=model_name, registered_version=version, task_type=task_type,
                                           num_classes=num_classes, policy=policy, training=training,
-                                          serving_version=version, registered_at=utcnow()))
+                                          serving_version=version, serving_alias=serving_alias,
+                                          registered_at=utcnow()))
 
 
 def set_serving_version(conn: Connection, model_name: str, version: str) -> None:
@@ -290,6 +294,30 @@ def live_dataset_versions(conn: Connection, model_name: str | None = None) -> li
     return list(conn.execute(query.order_by(dataset_versions.c.id)))
 
 
+def lineage_dataset_versions(conn: Connection, model_name: str) -> list[Row]:
+    """Every dataset version of a model's lineage, removed ones included (their model versions are the lineage)."""
+    return list(conn.execute(sa.select(dataset_versions).where(dataset_versions.c.model_name == model_name)
+                             .order_by(dataset_versions.c.id)))
+
+
+def erasures_since(conn: Connection, model_name: str, versions: Sequence[str]) -> tuple[int, int, int]:
+    """(jobs, distinct subjects, records) erased by succeeded jobs of ``model_name`` that started from one of
+    ``versions``: what those versions' weights still carry."""
+    job_ids = list(conn.execute(sa.select(jobs.c.job_id).where(
+        jobs.c.model_name == model_name, jobs.c.state == "SUCCEEDED", jobs.c.base_version.in_(list(versions)),
+        jobs.c.records > 0)).scalars())
+    if not job_ids:
+        return 0, 0, 0
+    request_ids = list(conn.execute(sa.select(job_requests.c.request_id).where(
+        job_requests.c.job_id.in_(job_ids))).scalars())
+    subjects: set[str] = set()
+    for row in conn.execute(sa.select(requests.c.subject_hashes).where(requests.c.request_id.in_(request_ids))):
+        subjects.update(row.subject_hashes or ())
+    records = conn.execute(sa.select(sa.func.count()).select_from(tombstones).where(
+        tombstones.c.job_id.in_(job_ids))).scalar_one()
+    return len(job_ids), len(subjects), int(records)
+
+
 def mark_dataset_removed(conn: Connection, dataset_id: int) -> None:
     conn.execute(sa.update(dataset_versions).where(dataset_versions.c.id == dataset_id).values(removed_at=utcnow()))
 
@@ -306,6 +334,17 @@ def get_request(conn: Connection, request_id: str) -> Row | None:
 
 def insert_request(conn: Connection, **values: Any) -> None:
     conn.execute(sa.insert(requests).values(**values))
+
+
+def request_owners(conn: Connection, request_ids: Sequence[str]) -> dict[str, str | None]:
+    """request id -> submitter_hash for the known ones among ``request_ids``."""
+    found: dict[str, str | None] = {}
+    ids = list(dict.fromkeys(request_ids))
+    for start in range(0, len(ids), 500):  # stay below every backend's bound-parameter limit
+        rows = conn.execute(sa.select(requests.c.request_id, requests.c.submitter_hash)
+                            .where(requests.c.request_id.in_(ids[start:start + 500])))
+        found.update({row.request_id: row.submitter_hash for row in rows})
+    return found
 
 
 def set_request_jobs(conn: Connection, request_id: str, job_ids: Sequence[str]) -> None:

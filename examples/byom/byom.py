@@ -12,12 +12,15 @@ Nine steps, one line each on stderr; the last line on stdout is a JSON summary:
    ``code_paths``, explicit ``pip_requirements``, a signature and an input example; alias ``champion``;
 3. write the training data as Parquet in Lethe's schema (one patient = one data subject), and check it
    with ``lethe dataset check``;
-4. start ``lethe serve`` (embedded mode, in the state directory) on a free port, unless ``--target``;
-5. ``lethe register`` the ``champion`` version with its factory and training recipe;
-6. ``lethe submit`` an erasure of one patient and follow it to its certificate;
-7. verify the certificate with the server and offline (``lethe audit verify``);
-8. load the registered version in a fresh Python process (only MLflow and torch; no path to this folder);
-9. load the NEW version Lethe registered, the same way: what your serving stack will do next.
+4. start ``lethe serve`` (embedded mode, in the state directory, accepting datasets from it) on a free port,
+   unless ``--target``;
+5. ``lethe register --alias champion`` with the model's factory and training recipe;
+6. load the registered version in a fresh Python process (only MLflow and torch; no path to this folder):
+   what your serving stack does;
+7. ``lethe submit`` an erasure of one patient and follow it to its certificate;
+8. verify the certificate with the server and offline (``lethe audit verify``);
+9. load the NEW version Lethe registered the same way, and see where ``champion`` points now (and whether
+   the version trained on the erased patient can still be loaded).
 
 Exit status 0 when every step worked.
 """
@@ -92,6 +95,13 @@ def main() -> int:
              f"({registered['records']} records, method chain "
              f"{[step['name'] for step in registered['policy']['method_chain']]})")
 
+        probe = root / "probe.npy"
+        np.save(probe, np.stack(frame["features"].iloc[:4]).astype(np.float32))
+        loaded, detail = load_in_fresh_process(tracking_uri, f"models:/{MODEL_NAME}/{version}", probe, root)
+        summary.update(original_loads_in_fresh_process=loaded, original_load_detail=detail)
+        _say(f"[6/9] version {version} in a fresh process: "
+             + (f"loads and predicts {detail}" if loaded else f"DOES NOT LOAD: {detail}"))
+
         subject = frame.loc[frame["split"] == "train", "subject_id"].iloc[0]
         request_id = f"byom-erase-{subject}-{int(time.time())}"
         submitted = _run([*lethe, "submit", "--target", target, "--subject", subject, "--model", MODEL_NAME,
@@ -99,14 +109,14 @@ def main() -> int:
         summary["erased_subject"] = subject
         if submitted.returncode != 0:
             summary["job_state"] = "not SUCCEEDED"
-            _say(f"[6/9] the erasure of {subject} did not succeed:\n{submitted.stderr[-2000:]}")
+            _say(f"[7/9] the erasure of {subject} did not succeed:\n{submitted.stderr[-2000:]}")
             return _finish(summary, started, ok=False)
         document = json.loads(submitted.stdout.strip().splitlines()[-1])
         body = json.loads(document["body_json"])
         summary.update(job_state="SUCCEEDED", method=body["method"]["name"], label=body["label"],
                        result_version=body["model"]["result_version"],
                        membership_after=body["verification"].get("membership_after"))
-        _say(f"[6/9] erased {subject}: {body['method']['name']} ({body['label']}), version "
+        _say(f"[7/9] erased {subject}: {body['method']['name']} ({body['label']}), version "
              f"{body['model']['base_version']} -> {body['model']['result_version']}, "
              f"{body['records']['matched']} record(s)")
 
@@ -120,19 +130,19 @@ def main() -> int:
             offline = audit.returncode == 0 and json.loads(audit.stdout)["certificate"]["valid"]
         summary.update(certificate_valid=checked.returncode == 0 and "VALID" in checked.stderr,
                        certificate_valid_offline=offline)
-        _say(f"[7/9] certificate: server says {'VALID' if summary['certificate_valid'] else 'INVALID'}, offline "
+        _say(f"[8/9] certificate: server says {'VALID' if summary['certificate_valid'] else 'INVALID'}, offline "
              f"check {'VALID' if offline else 'skipped (remote Lethe)' if offline is None else 'INVALID'}")
 
-        probe = root / "probe.npy"
-        np.save(probe, np.stack(frame["features"].iloc[:4]).astype(np.float32))
-        for step, key, which in (("8/9", "original", version), ("9/9", "new_version", summary["result_version"])):
-            loaded, detail = load_in_fresh_process(tracking_uri, f"models:/{MODEL_NAME}/{which}", probe, root)
-            summary[f"{key}_loads_in_fresh_process"] = loaded
-            summary[f"{key}_load_detail"] = detail
-            _say(f"[{step}] version {which} in a fresh process: "
-                 + (f"loads and predicts {detail}" if loaded else f"DOES NOT LOAD: {detail}"))
-        if not summary["new_version_loads_in_fresh_process"]:
-            _say("      the unlearned version cannot be served: it lacks the original's code_paths (issue 10)")
+        new = summary["result_version"]
+        loaded, detail = load_in_fresh_process(tracking_uri, f"models:/{MODEL_NAME}/{new}", probe, root)
+        summary.update(new_version_loads_in_fresh_process=loaded, new_version_load_detail=detail)
+        _say(f"[9/9] version {new} in a fresh process: "
+             + (f"loads and predicts {detail}" if loaded else f"DOES NOT LOAD: {detail}"))
+        summary["aliases"] = aliases(tracking_uri)
+        still, _ = load_in_fresh_process(tracking_uri, f"models:/{MODEL_NAME}/{version}", probe, root)
+        summary["original_loads_after_erasure"] = still
+        _say(f"      {ALIAS!r} now points to version {summary['aliases'].get(ALIAS)}; version {version}, trained on "
+             f"the erased patient, {'STILL loads' if still else 'no longer loads (superseded)'}")
         ok = (summary["certificate_valid"] and offline is not False and summary["original_loads_in_fresh_process"]
               and summary["new_version_loads_in_fresh_process"])
         return _finish(summary, started, ok=bool(ok))
@@ -220,7 +230,9 @@ def start_server(root: Path, tracking_uri: str) -> tuple[subprocess.Popen, str]:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    environment = {**os.environ, "LETHE_MLFLOW_TRACKING_URI": tracking_uri}
+    # The server reads registered datasets only from its dataset roots (and <state>/incoming): here, ours.
+    environment = {**os.environ, "LETHE_MLFLOW_TRACKING_URI": tracking_uri,
+                   "LETHE_DATASET_ROOTS": json.dumps([str(root)])}
     log = open(root / "server.log", "w")
     server = subprocess.Popen([*LETHE, "serve", "--state-dir", str(root / "lethe"), "--host", "127.0.0.1",
                                "--port", str(port), "--metrics-port", "0"], stdout=log, stderr=subprocess.STDOUT,
@@ -238,6 +250,12 @@ def start_server(root: Path, tracking_uri: str) -> tuple[subprocess.Popen, str]:
             if time.monotonic() > deadline:
                 server.kill()
                 raise SystemExit(f"lethe serve did not come up in 180 s; see {root / 'server.log'}")
+
+
+def aliases(tracking_uri: str) -> dict[str, str]:
+    import mlflow
+
+    return dict(mlflow.MlflowClient(tracking_uri).get_registered_model(MODEL_NAME).aliases)
 
 
 LOAD_IN_FRESH_PROCESS = """

@@ -23,11 +23,19 @@ RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED, grpc.Status
 
 
 class Client:
-    """Channel + stub + bearer token. ``with Client(target) as client: client.stub.GetJob(...)``."""
+    """Channel + stub + bearer token. ``with Client(target) as client: client.stub.GetJob(...)``.
 
-    def __init__(self, target: str, token: str | None = None):
+    ``credentials`` (``service.api.tls.channel_credentials``) makes the channel TLS (mutual TLS when they hold
+    a client certificate); ``server_name`` overrides the name the server's certificate must carry (a probe
+    connecting to 127.0.0.1 expects the service's DNS name).
+    """
+
+    def __init__(self, target: str, token: str | None = None, credentials: grpc.ChannelCredentials | None = None,
+                 server_name: str | None = None):
         self.target = target
-        self.channel = grpc.insecure_channel(target)
+        options = [("grpc.ssl_target_name_override", server_name)] if server_name else []
+        self.channel = (grpc.secure_channel(target, credentials, options=options) if credentials is not None
+                        else grpc.insecure_channel(target, options=options))
         self.metadata: tuple[tuple[str, str], ...] = (("authorization", f"Bearer {token}"),) if token else ()
         self.stub = service_grpc.UnlearningServiceStub(self.channel)
 
@@ -170,8 +178,10 @@ def _apply(progress: dict[str, RequestProgress], response: service_pb2.SessionRe
         return entry
     if kind == "rejected":
         entry = progress.get(response.rejected.request_id)
-        if entry is not None:
+        if entry is not None and response.rejected.code != grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]:
             entry.rejected = response.rejected
+        # RESOURCE_EXHAUSTED (a rate limit, too many unread answers): nothing was stored; the submission
+        # stays unacknowledged and is re-sent on the next connection, after the back-off.
         return entry
     event = response.event
     entry = None

@@ -21,6 +21,7 @@ from service import domain
 from service.api.pb import service_pb2, types_pb2
 
 MAX_PAGE_SIZE = 1000
+MAX_AGE_S = 100 * 366 * 86400  # a filter age beyond any request's life (and within datetime's range)
 DEFAULT_PAGE_SIZE = 100
 
 _POLICY_FIELDS = ("max_utility_drop", "class_forget_max_accuracy", "onnx_tolerance", "min_forget_p", "mia_auc_margin")
@@ -29,10 +30,11 @@ _REPLACED_FIELD = ("record_forget_margin", "replaced by min_forget_p and mia_auc
 
 
 # ------------------------------------------------------------------------------------- proto -> domain
-def erasure_from_proto(erasure: types_pb2.Erasure) -> domain.ErasureRequest:
+def erasure_from_proto(erasure: types_pb2.Erasure, submitter_hash: str | None = None) -> domain.ErasureRequest:
     """Field paths in errors are relative to the ``Erasure`` message (``deadline``, not ``erasure.deadline``),
     so a refusal names the same path on the unary call and on the stream (see
-    :class:`service.domain.FieldViolation`)."""
+    :class:`service.domain.FieldViolation`). ``submitter_hash`` is the authenticated caller's, never the
+    client's word."""
     return domain.ErasureRequest(
         request_id=erasure.request_id,
         subject_ids=tuple(erasure.subject_ids),
@@ -40,11 +42,12 @@ def erasure_from_proto(erasure: types_pb2.Erasure) -> domain.ErasureRequest:
         classes=tuple(erasure.classes),
         model_names=tuple(erasure.model_names),
         method=erasure.method or None,
-        method_params=struct_to_dict(erasure.method_params),
+        method_params=struct_to_dict(erasure.method_params, "method_params"),
         deadline=(timestamp_to_datetime(erasure.deadline, "deadline")
                   if erasure.HasField("deadline") else None),
         policy_overrides=_overrides_from_proto(erasure.policy_overrides, "policy_overrides")
         if erasure.HasField("policy_overrides") else {},
+        submitter_hash=submitter_hash,
     )
 
 
@@ -59,7 +62,7 @@ def registration_from_proto(request: service_pb2.RegisterModelRequest) -> domain
         policy=policy_from_proto(request.policy) if request.HasField("policy") else domain.VerificationPolicy(),
         num_classes=request.num_classes or None,
         model_factory=request.model_factory or None,
-        train_recipe=struct_to_dict(request.train_recipe),
+        train_recipe=struct_to_dict(request.train_recipe, "train_recipe"),
         chain_from_default_method=request.HasField("policy") and bool(request.policy.default_method),
     )
 
@@ -74,30 +77,39 @@ def policy_from_proto(policy: types_pb2.VerificationPolicy) -> domain.Verificati
         raise domain.InvalidArgument("invalid policy", (domain.FieldViolation(f"policy.{_REPLACED_FIELD[0]}",
                                                                               _REPLACED_FIELD[1]),))
     values: dict[str, Any] = {name: getattr(policy, name) for name in _POLICY_FIELDS if policy.HasField(name)}
-    chain = [domain.MethodStep(step.name, struct_to_dict(step.params)) for step in policy.method_chain]
+    chain = [domain.MethodStep(step.name, struct_to_dict(step.params, f"policy.method_chain[{index}].params"))
+             for index, step in enumerate(policy.method_chain)]
     if policy.default_method:
         if chain:
             raise domain.InvalidArgument("invalid policy", (domain.FieldViolation(
                 "policy.default_method", "give either method_chain or default_method, not both"),))
-        chain = [domain.MethodStep(policy.default_method, struct_to_dict(policy.method_params))]
+        chain = [domain.MethodStep(policy.default_method, struct_to_dict(policy.method_params,
+                                                                         "policy.method_params"))]
     elif policy.HasField("method_params") and policy.method_params.fields:
         raise domain.InvalidArgument("invalid policy", (domain.FieldViolation(
             "policy.method_params", "method_params belong to default_method; use method_chain[i].params"),))
     values["method_chain"] = tuple(chain)
+    if policy.superseded_versions:
+        values["superseded_versions"] = policy.superseded_versions
     return domain.VerificationPolicy(**values)
 
 
-
-def job_filter_from_proto(request: service_pb2.ListJobsRequest) -> domain.JobFilter:
+def job_filter_from_proto(request: service_pb2.ListJobsRequest, max_id_length: int = 256) -> domain.JobFilter:
+    if request.model_name and domain.id_problem(request.model_name, max_id_length):
+        raise domain.InvalidArgument("invalid model_name", (domain.FieldViolation(
+            "model_name", domain.id_problem(request.model_name, max_id_length)),))
+    if len(request.states) > len(types_pb2.JobState.values()):
+        raise domain.InvalidArgument("too many states", (domain.FieldViolation(
+            "states", "name each state at most once"),))
     if not 0 <= request.page_size <= MAX_PAGE_SIZE:
         raise domain.InvalidArgument("page_size out of range", (domain.FieldViolation(
             "page_size", f"must be between 0 (default {DEFAULT_PAGE_SIZE}) and {MAX_PAGE_SIZE}"),))
     min_age_s = None
     if request.HasField("min_age"):
         min_age_s = request.min_age.seconds + request.min_age.nanos / 1e9
-        if min_age_s < 0:
-            raise domain.InvalidArgument("min_age is negative", (domain.FieldViolation(
-                "min_age", "must not be negative"),))
+        if not 0 <= min_age_s <= MAX_AGE_S:
+            raise domain.InvalidArgument("min_age out of range", (domain.FieldViolation(
+                "min_age", f"must lie between 0 and {MAX_AGE_S} seconds (100 years)"),))
     return domain.JobFilter(
         states=tuple(job_state_from_proto(state, f"states[{index}]") for index, state in enumerate(request.states)),
         model_name=request.model_name or None,
@@ -179,7 +191,8 @@ def registered_model_to_proto(model: domain.RegisteredModel) -> types_pb2.Regist
         model_name=model.model_name, version=model.version, serving_alias=model.serving_alias,
         task_type=types_pb2.TaskType.Value(f"TASK_TYPE_{model.task_type.value.upper()}"),
         dataset_digest=model.dataset_digest, records=model.records,
-        policy=types_pb2.VerificationPolicy(**{name: getattr(policy, name) for name in _POLICY_FIELDS}),
+        policy=types_pb2.VerificationPolicy(superseded_versions=policy.superseded_versions,
+                                            **{name: getattr(policy, name) for name in _POLICY_FIELDS}),
     )
     for step in policy.method_chain:
         message.policy.method_chain.add(name=step.name).params.CopyFrom(dict_to_struct(step.params))
@@ -213,8 +226,13 @@ def job_state_to_proto(state: domain.JobState) -> int:
 
 
 # ------------------------------------------------------------------------------------- scalars
-def struct_to_dict(struct: struct_pb2.Struct) -> dict[str, Any]:
-    return json_format.MessageToDict(struct)
+def struct_to_dict(struct: struct_pb2.Struct, field: str = "") -> dict[str, Any]:
+    """A Struct as JSON-like values; NaN and infinities (which JSON cannot hold) are INVALID_ARGUMENT."""
+    try:
+        return json_format.MessageToDict(struct)
+    except ValueError:
+        raise domain.InvalidArgument("a parameter is not a finite number", (domain.FieldViolation(
+            field or "struct", "numbers must be finite (no NaN or infinity)"),)) from None
 
 
 def dict_to_struct(values: Mapping[str, Any] | None) -> struct_pb2.Struct:

@@ -302,7 +302,9 @@ def test_bad_erasures_get_their_status_and_field_violation_and_write_nothing(api
 def _register_request(tmp_path, frame: pd.DataFrame, **fields) -> service_pb2.RegisterModelRequest:
     path = tmp_path / "data.parquet"
     frame.to_parquet(path, index=False)
-    request = service_pb2.RegisterModelRequest(model_name="digits-cnn", version="1",
+    # The serving alias names the head of the lineage: earlier versions hold subjects other tests erased, and
+    # are refused (FAILED_PRECONDITION) before their dataset is even read (tests/service/test_engine_lineage.py).
+    request = service_pb2.RegisterModelRequest(model_name="digits-cnn", alias="serving",
                                                task_type=types_pb2.TASK_TYPE_CLASSIFICATION,
                                                dataset_uri=str(path), num_classes=10, **fields)
     return request
@@ -471,7 +473,8 @@ def test_register_model_through_the_cli_and_the_rpc(api, lethe_engine, digits_mo
     # A second MLflow model (the digits weights again) with its own records and subjects: fresh record ids,
     # because records erased earlier in this session are tombstoned and may never be re-ingested, and fresh
     # subject ids, so that the other tests' erasures (which name no model) never reach this model.
-    lethe_engine.registry.log_initial_model(lethe_engine.registry.load_model(digits_model, "1"), "api-digits-copy",
+    lethe_engine.registry.log_initial_model(lethe_engine.registry.load_model(
+        digits_model, lethe_engine.registry.serving_version(digits_model)), "api-digits-copy",
                                             run_name="api-copy")
     frame = digits_frame()
     frame["record_id"] = "copy-" + frame["record_id"]

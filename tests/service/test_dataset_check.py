@@ -37,7 +37,7 @@ def test_every_problem_is_reported_with_its_column_and_rows():
     problems = {(p.column, p.problem.split(" (")[0]): p for p in schema_problems(_broken(), CLASSIFICATION, 10)}
     rows = {key: [row for row, _ in problem.rows] for key, problem in problems.items()}
     assert rows == {
-        ("subject_id", "subject_id must be a non-empty string"): [10],
+        ("subject_id", "every record needs a valid subject id"): [10],
         ("record_id", "duplicate record id"): [8],
         ("split", "split must be one of train, holdout, test"): [9],
         ("features", "features must be finite numbers"): [3],
@@ -51,6 +51,8 @@ def test_every_problem_is_reported_with_its_column_and_rows():
     violations = validate_frame(_broken(), CLASSIFICATION, 10)
     assert {v.field for v in violations} == {f"dataset.{column}" for column, _ in problems}
     assert any(v.field == "dataset.features" and "row 3" in v.description for v in violations)
+    # ... without quoting an id (refusals are logged): rows are named by position.
+    assert not any("digits-0" in v.description for v in violations), violations
 
 
 def test_rows_are_capped_and_counted():
@@ -91,9 +93,10 @@ def test_cli_dataset_check(tmp_path, capsys):
     assert "OK, 1797 records" in capsys.readouterr().out
     assert main(["dataset", "check", str(bad), "--task", "classification", "--num-classes", "10"]) == 2
     out = capsys.readouterr().out
-    for line in ("row 3 (record digits-00003), column features: nan at position 0",
-                 "row 9 (record digits-00009), column split: 'valid'",
-                 "row 10 (record digits-00010), column subject_id: ''",
+    for line in ("row 3, column features: nan at position 0",
+                 "row 9, column split: 'valid'",
+                 "row 10, column subject_id: must be a non-empty string",
+                 "row 8, column record_id: same record id as row 7",
                  "column label: label must be an integer column (int64), got "):
         assert line in out, out
     assert main(["dataset", "check", str(tmp_path / "missing.parquet"), "--task", "classification"]) == 2

@@ -98,10 +98,12 @@ def test_model_not_registered_as_unlearnable(lethe_engine):
     assert _snapshot(engine) == before
 
 
-def _registration(tmp_path, frame: pd.DataFrame, name="digits-cnn", version="1") -> ModelRegistration:
+def _registration(tmp_path, frame: pd.DataFrame, name="digits-cnn") -> ModelRegistration:
+    """A registration of the head of the lineage (the serving alias): older versions hold subjects other tests
+    erased and are refused before their dataset is read (tests/service/test_engine_lineage.py)."""
     path = tmp_path / "data.parquet"
     frame.to_parquet(path, index=False)
-    return ModelRegistration(model_name=name, version=version, alias=None, task_type=TaskType.CLASSIFICATION,
+    return ModelRegistration(model_name=name, version=None, alias="serving", task_type=TaskType.CLASSIFICATION,
                              dataset_uri=str(path), policy=DEMO_POLICY, num_classes=10)
 
 

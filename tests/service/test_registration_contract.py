@@ -123,7 +123,7 @@ def test_a_model_whose_code_is_missing_is_refused_with_the_loaders_error(lethe_e
     error = _refused(lethe_engine, registration, FailedPrecondition)
     (violation,) = error.violations
     assert violation.field == "version"
-    assert "No module named 'contract_vanishing_model'" in violation.description
+    assert "module 'contract_vanishing_model' is not importable" in violation.description
     assert "code_paths" in violation.description
 
 
