@@ -1,6 +1,9 @@
 # Lethe service image. Entry point `lethe`; the default command is `lethe serve` (gRPC API, in-process
-# worker, /metrics). The same image runs `lethe audit verify`, and `lethe worker` (the scale-out worker and
-# Kubernetes Job entry point) once the scale-out work adds it; the Helm chart (helm/lethe) uses these commands.
+# worker, /metrics). The same image runs `lethe audit verify` and the scale-out workers:
+#   lethe worker                                   a worker pool (LETHE_EXECUTOR=external on the API replicas)
+#   lethe worker --once --job-id ID --attempt N    one unlearning job: what each Kubernetes Job runs
+#                                                  (LETHE_EXECUTOR=kubernetes on the API replicas)
+# The Helm chart (helm/lethe) uses these commands.
 #
 # Build from the repository root (no Docker engine runs on the CI machines, so CI checks this file with
 # hadolint and tests/helm/test_image.py instead of building it):

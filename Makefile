@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PIP_FLAGS := --disable-pip-version-check --quiet
 
-.PHONY: install test fuzz helm-test helm-lint bench bench-vit bench-lm bench-acks bench-steady demo proto-lint clean
+.PHONY: install test fuzz soak helm-test helm-lint bench bench-vit bench-lm bench-acks bench-steady demo proto-lint clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
@@ -25,6 +25,9 @@ FUZZ_EXAMPLES ?= 2000
 fuzz: $(STAMP)
 	LETHE_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(BIN)/python -m pytest -q -m fuzz -p no:cacheprovider
 
+# 200 erasures over two API replicas and two workers on PostgreSQL and an MLflow server (~15 min).
+soak: $(STAMP)
+	LETHE_SOAK=1 $(BIN)/python -m pytest -q tests/service/test_scaleout_processes.py
 # The Helm chart, Grafana dashboard, alert rules and Dockerfile (tests/helm, also part of `make test`). No helm
 # binary or cluster: Helm's own engine comes with helm-python-sdk. promtool/prometheus checks run when the
 # Debian package `prometheus` is installed (.ci/run installs it) and skip, saying so, when it is not.
@@ -54,13 +57,14 @@ bench-lm: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/lethe demo
 
+# Durable acks/s and latency: SQLite and PostgreSQL, 1 and 2 API replicas, 8 streams (docs/benchmarks.md).
 # 20 subject erasures one at a time through a real server: apply-stage cost per job in forward+backward passes
 # over its forget set, with I_D precomputed in the background (docs/benchmarks.md, "Steady state").
 bench-steady: $(STAMP)
 	OMP_NUM_THREADS=1 $(BIN)/python -m lethe_bench.steady --jobs 20 --seed 0 --gap-s 3 | tail -n 1
 
 bench-acks: $(STAMP)
-	$(BIN)/python -m lethe_bench.acks --json docs/bench_acks.json
+	nice $(BIN)/python -m lethe_bench.acks --matrix --requests 2000 --streams 8 --json docs/bench_acks.json
 
 proto-lint: $(STAMP)
 	$(BIN)/buf lint proto && $(BIN)/buf format --diff --exit-code proto

@@ -76,6 +76,9 @@ class AuditLog:
         self.key = key
 
     def append(self, conn: Connection, kind: str, body: dict[str, Any]) -> tuple[int, str]:
+        """Append one entry. Appenders in several processes are serialised by the store's log lock, held
+        to the transaction's commit, so ``seq`` stays gap-free and every ``prev_hash`` is the entry before."""
+        db.lock_log(conn)
         tail = db.audit_tail(conn)
         seq, prev_hash = (tail[0] + 1, tail[1]) if tail else (1, GENESIS_HASH)
         body_json = canonical_json({"kind": kind, "time": db.utcnow().isoformat(), **body})
@@ -335,7 +338,7 @@ def verify_audit(state_dir_or_store_url: str | Path, key: bytes | None = None) -
             raise FileNotFoundError(f"no Lethe job store at {state_dir / 'lethe.db'}")
         if key is None:
             key = bytes.fromhex((state_dir / "keys" / "audit.key").read_text().strip())
-    store = db.Store(url)
+    store = db.Store(url, migrate=False)
     try:
         with store.read() as conn:
             return verify_chain(conn, key)

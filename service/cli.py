@@ -1,6 +1,7 @@
 """``lethe``: run the service, register models, submit and watch erasures, verify the audit chain, demo.
 
     lethe serve                                   # gRPC API + worker + /metrics, until SIGTERM
+    lethe worker [--once --job-id ID]             # run jobs from the store (no API); see service.worker
     lethe register --model digits --alias champion --task classification --dataset data.parquet
     lethe submit --subject subject-0007 --subject subject-0042     # progress bars, then certificates
     lethe watch --request-id 3f2a...                                # follow an earlier request
@@ -45,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     # exporter, transformers) show only under DEBUG, so the console is Lethe's story (service.console).
     from service.console import configure
 
-    configure(args.log_level or ("INFO" if args.command == "serve" else "WARNING"))
+    configure(args.log_level or ("INFO" if args.command in ("serve", "worker") else "WARNING"))
     try:
         return args.run(args)
     except grpc.RpcError as error:
@@ -62,6 +63,21 @@ def _serve(args) -> int:
     from service.api.server import serve
 
     return serve(_settings(args), grace_s=args.grace_s)
+
+
+def _worker(args) -> int:
+    from service import worker
+
+    settings = _settings(args)
+    if args.once:
+        if not args.job_id:
+            print("lethe worker: --once needs --job-id", file=sys.stderr)
+            return worker.EXIT_USAGE
+        return worker.run_once(settings, args.job_id, args.attempt)
+    if args.job_id or args.attempt is not None:
+        print("lethe worker: --job-id and --attempt go with --once", file=sys.stderr)
+        return worker.EXIT_USAGE
+    return worker.run_loop(settings, grace_s=args.grace_s)
 
 
 def _register(args) -> int:
@@ -435,8 +451,8 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lethe", description="Lethe machine-unlearning service",
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     parser.add_argument("--log-level", default=None, choices=["DEBUG", "INFO", "WARNING", "ERROR"],
-                        help="Lethe's log level (default INFO for serve, WARNING otherwise); DEBUG also shows other "
-                             "libraries' warnings and progress bars")
+                        help="Lethe's log level (default INFO for serve and worker, WARNING otherwise); DEBUG also "
+                             "shows other libraries' warnings and progress bars")
     commands = parser.add_subparsers(dest="command", required=True)
 
     def client_command(name: str, help_text: str) -> argparse.ArgumentParser:
@@ -458,6 +474,18 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--metrics-port", type=int, help="/metrics port, 0 = off (default LETHE_METRICS_PORT)")
     serve.add_argument("--grace-s", type=float, default=10.0, help="shutdown grace period for in-flight calls")
     serve.set_defaults(run=_serve)
+
+    worker = commands.add_parser(
+        "worker", help="run unlearning jobs from the job store (no API): a loop, or one job with --once",
+        description="Run unlearning jobs from the job store, talking only to the store and MLflow. Exit "
+                    "status of --once: 0 done (or nothing left to do), 3 the job FAILED (not retryable), "
+                    "2 usage, 75 retry later (could not claim, lease lost, store or MLflow unreachable).")
+    worker.add_argument("--once", action="store_true", help="run the job --job-id names, then exit")
+    worker.add_argument("--job-id", help="the job to run (with --once)")
+    worker.add_argument("--attempt", type=int, help="the attempt an executor started this worker for (with --once)")
+    worker.add_argument("--state-dir", help="local scratch and caches (default LETHE_STATE_DIR or .lethe)")
+    worker.add_argument("--grace-s", type=float, default=30.0, help="on SIGTERM, how long running jobs may finish")
+    worker.set_defaults(run=_worker)
 
     register = client_command("register", "make an MLflow model version unlearnable")
     register.add_argument("--model", required=True, help="registered model name in MLflow")

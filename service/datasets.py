@@ -23,6 +23,7 @@ import re
 import shutil
 import threading
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -358,14 +359,37 @@ def record_tombstone(key: bytes, record_id: str) -> str:
 
 
 class DatasetCatalog:
-    """Reads, writes and deletes dataset versions; loaded versions are cached in memory by path."""
+    """Reads, writes and deletes dataset versions; loaded versions are cached in memory by path.
 
-    def __init__(self, datasets_dir: Path, subject_key: bytes, cache_size: int = 8):
+    Paths in the job store are the writing process's. A process on another host (a worker pod) finds the
+    same file under its own ``datasets_dir`` (same ``<model>/<name>.parquet`` layout), fetched on first use
+    from the version's MLflow copy through ``fetch_missing(recorded_path, local_path)``, which the engine
+    wires to the registry; deleting a version removes both.
+    """
+
+    def __init__(self, datasets_dir: Path, subject_key: bytes, cache_size: int = 8,
+                 fetch_missing: Callable[[str, Path], None] | None = None):
         self.datasets_dir = datasets_dir
         self.subject_key = subject_key
+        self.fetch_missing = fetch_missing
         self._cache: OrderedDict[str, LoadedDataset] = OrderedDict()
         self._cache_size = cache_size
         self._lock = threading.Lock()
+
+    def _mirror(self, path: str | Path) -> Path:
+        """Where this process keeps its own copy of a version recorded at ``path`` by another process."""
+        recorded = Path(path)
+        return self.datasets_dir / recorded.parent.name / recorded.name
+
+    def local_path(self, path: str | Path) -> Path:
+        """A readable local file of the version recorded at ``path`` (fetched when this host lacks it)."""
+        recorded = Path(path)
+        if recorded.exists():
+            return recorded
+        mirror = self._mirror(path)
+        if not mirror.exists() and self.fetch_missing is not None:
+            self.fetch_missing(str(path), mirror)
+        return mirror
 
     def subject_hash(self, subject_id: str) -> str:
         return keyed_hash(self.subject_key, "subject", subject_id)
@@ -401,7 +425,7 @@ class DatasetCatalog:
         return path, content_digest(frame)
 
     def frame(self, path: str | Path) -> pd.DataFrame:
-        return pq.read_table(str(path)).to_pandas()
+        return pq.read_table(str(self.local_path(path))).to_pandas()
 
     def load(self, path: str | Path, digest: str) -> LoadedDataset:
         key = str(path)
@@ -436,6 +460,7 @@ class DatasetCatalog:
         """Remove a dataset version's local copy (missing is fine: a resumed purge repeats this)."""
         self.forget_cached(path)
         Path(path).unlink(missing_ok=True)
+        self._mirror(path).unlink(missing_ok=True)
 
 
 def remove_tree(path: Path) -> None:

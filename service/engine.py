@@ -4,14 +4,17 @@ A request's path, one module per concern (DESIGN.md, "Embedded default and scale
 
 - :mod:`service.registration`: make an MLflow model version unlearnable (``register_model``);
 - :mod:`service.intake`: validate, resolve, commit durably, acknowledge (``submit_erasure``);
-- :mod:`service.scheduler`: claims, coalescing windows, per-lineage order, recovery;
-- :mod:`service.executors`: where a claimed job runs (in-process worker threads by default);
+- :mod:`service.scheduler`: claims, leases, per-lineage order, recovery by lease expiry;
+- :mod:`service.executors`: where a claimed job runs (``LETHE_EXECUTOR``: in-process worker threads by
+  default, a ``lethe worker`` subprocess, a Kubernetes Job, or external ``lethe worker`` processes);
 - :mod:`service.pipeline`: one job, resolve -> measure -> apply -> verify -> register -> purge -> audit;
 - :mod:`service.queries`: jobs, events, certificates, the pending requests' clock.
 """
 
 from __future__ import annotations
 
+import logging
+import secrets
 import threading
 
 from service import store as db
@@ -30,18 +33,23 @@ from service.domain import (
     RegisteredModel,
     SubmitOutcome,
 )
-from service.executors import InProcessExecutor
+from service.executors import build_executor
+from service.housekeeping import delete_removed_copies, purge_superseded
 from service.intake import Intake
 from service.metrics import Metrics
 from service.mlflow_registry import MlflowRegistry
 from service.pipeline import STAGES
 from service.prefetch import ImportancePrefetcher
 from service.queries import Queries
+from service.record_index import index_serving
 from service.registration import Registrar
 from service.scheduler import Scheduler
 from service.settings import Settings
 from service.store_metrics import StoreCollector
 from unlearn.device import resolve_device
+
+log = logging.getLogger(__name__)
+HOUSEKEEPING_S = 60.0
 
 
 class Engine:
@@ -52,7 +60,8 @@ class Engine:
         self.settings.state_dir.mkdir(parents=True, exist_ok=True)
         self.store = db.Store(self.settings.job_store_url)
         self.audit = AuditLog(self.settings.audit_key_bytes)
-        self.catalog = DatasetCatalog(self.settings.datasets_dir, self.settings.subject_hash_key_bytes)
+        self.catalog = DatasetCatalog(self.settings.datasets_dir, self.settings.subject_hash_key_bytes,
+                                      fetch_missing=self._fetch_dataset)
         self._stopping = threading.Event()
         self.queries = Queries(None, self._stopping)  # context set below: the metrics read the pending clock
         self.metrics = Metrics(self.queries.oldest_pending_age_s, self.queries.overdue_pending_count)
@@ -64,9 +73,32 @@ class Engine:
         self.queries.ctx = self.context
         self.registrar = Registrar(self.context)
         self.intake = Intake(self.context)
-        self.scheduler = Scheduler(self.context)
-        self.prefetcher = ImportancePrefetcher(self.context)
-        self.executor = InProcessExecutor(self.context, self.scheduler, self._stopping, self.prefetcher)
+        # One identity per engine instance in every lease it takes: the configured worker id (the pod name
+        # in the chart) plus a random suffix, so two engines of one process never share a lease.
+        self.owner = f"{self.settings.worker_id}/{secrets.token_hex(3)}"
+        self.scheduler = Scheduler(self.context, self.owner)
+        # I_D is precomputed where jobs run and read it from the local cache: in-process workers only (a
+        # replica dispatching to pods or to a worker pool has no use for it; `lethe worker` runs in-process).
+        self.prefetcher = ImportancePrefetcher(self.context) if self.settings.executor == "inprocess" else None
+        self.executor = build_executor(self.scheduler, self._stopping, self.prefetcher)
+
+    def _housekeeping(self) -> None:
+        """Every HOUSEKEEPING_S: :mod:`service.housekeeping` (superseded versions; this host's copies of
+        removed ones)."""
+        while not self._stopping.wait(HOUSEKEEPING_S):
+            try:
+                purge_superseded(self.context)
+                delete_removed_copies(self.context)
+            except Exception:  # the store may be unreachable for a while; next round
+                log.exception("housekeeping failed")
+
+    def _fetch_dataset(self, recorded_path: str, local_path) -> None:
+        """A dataset version another host wrote: download its MLflow copy (workers on other hosts)."""
+        with self.store.read() as conn:
+            row = db.dataset_by_path(conn, recorded_path)
+        if row is None or row.removed_at is not None:
+            raise FileNotFoundError(f"no live dataset version recorded at {recorded_path}")
+        self.registry.download_artifact(row.mlflow_artifact_uri or "", local_path)
 
     @property
     def device(self):
@@ -74,30 +106,37 @@ class Engine:
 
     # ------------------------------------------------------------------------------------------ lifecycle
     def start(self) -> None:
-        """Re-queue jobs a dead process left RUNNING, then start executing jobs."""
-        self.scheduler.recover()
+        """Start executing jobs. Nothing is re-queued here: a job a dead process left RUNNING is reclaimed
+        when its lease expires (at once on SQLite, whose liveness locks show the holder is gone)."""
         self._stopping.clear()
         self.executor.start()
-        self.prefetcher.start()
-        with self.store.read() as conn:
-            for row in db.list_models(conn):
-                self.prefetcher.schedule(row.model_name)
+        self._housekeeper = threading.Thread(target=self._housekeeping, name="lethe-housekeeping", daemon=True)
+        self._housekeeper.start()
+        if self.prefetcher is not None:
+            self.prefetcher.start()
+            with self.store.read() as conn:
+                for row in db.list_models(conn):
+                    self.prefetcher.schedule(row.model_name)
 
     def stop(self, grace_s: float = 30.0) -> bool:
         """Stop taking jobs and wait up to ``grace_s`` for running ones; True when all ended.
 
-        A job still running after the grace period stays RUNNING in the store and is resumed by the next
-        :meth:`start` (its stages are idempotent), so stopping never loses work.
+        A job still running after the grace period keeps its lease while this process lives; once the
+        process is gone the lease lapses and another worker (or the next start) resumes the job from the
+        store (its stages are idempotent), so stopping never loses work.
         """
         self._stopping.set()
         self.store.wake()
-        self.prefetcher.stop()
+        if self.prefetcher is not None:
+            self.prefetcher.stop()
         return self.executor.stop(grace_s)
 
     # ---------------------------------------------------------------------------------- EngineProtocol
     def register_model(self, registration: ModelRegistration) -> RegisteredModel:
         registered = self.registrar.register_model(registration)
-        self.prefetcher.schedule(registered.model_name)  # the first request on it pays only its forget set
+        index_serving(self.context, registered.model_name)  # intake resolves its requests on the index
+        if self.prefetcher is not None:
+            self.prefetcher.schedule(registered.model_name)  # the first request on it pays only its forget set
         return registered
 
     def submit_erasure(self, request: ErasureRequest) -> SubmitOutcome:

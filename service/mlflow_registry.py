@@ -76,14 +76,14 @@ def _is_missing(error: MlflowException) -> bool:
 
 
 class MlflowRegistry:
-    def __init__(self, tracking_uri: str, artifact_root: str, experiment_name: str, serving_alias: str):
+    def __init__(self, tracking_uri: str, artifact_root: str | None, experiment_name: str, serving_alias: str):
         self.tracking_uri = tracking_uri
         self.serving_alias = serving_alias
         self.client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
         experiment = self.client.get_experiment_by_name(experiment_name)
         if experiment is None:
-            location = artifact_root
-            if "://" not in location:
+            location = artifact_root  # None: the tracking server's default (proxied artifacts)
+            if location is not None and "://" not in location:
                 Path(location).mkdir(parents=True, exist_ok=True)
                 location = Path(location).absolute().as_uri()
             try:
@@ -357,6 +357,17 @@ class MlflowRegistry:
             if not _gone(uri):
                 raise
             log.debug("artifact %s already gone: %s", uri, error)
+
+    def download_artifact(self, artifact_uri: str, target: Path) -> None:
+        """Copy one artifact file (a dataset version) to ``target``, through the tracking server when there
+        is one; written atomically (a partial download never looks like the file)."""
+        if not artifact_uri:
+            raise FileNotFoundError(f"no MLflow copy recorded for {target.name}")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
+            downloaded = mlflow.artifacts.download_artifacts(artifact_uri=artifact_uri, dst_path=scratch,
+                                                             tracking_uri=self.tracking_uri)
+            Path(downloaded).replace(target)
 
     def delete_artifact(self, artifact_uri: str) -> None:
         """Delete one artifact file (a purged dataset copy); a missing one is fine on resume."""

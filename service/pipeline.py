@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from service.faults import fault_point
 from service import store as db
 from service.audit import NO_RECORDS, canonical_json, issue_job_certificates, jsonable, sha256_hex
 from service.contract import import_factory
@@ -68,6 +69,7 @@ class Progress:
         self._close_stage()
         self.current, self.started = name, time.perf_counter()
         self.event(STAGES[name][0], message)
+        fault_point(f"stage:{name}")  # crash tests only (LETHE_FAULT_KILL_AT)
 
     def event(self, fraction: float, message: str) -> None:
         self.ctx.metrics.heartbeat()  # a long job is a live worker too
@@ -195,12 +197,8 @@ def run_job(ctx: PipelineContext, job_id: str) -> JobState:
     with ctx.store.read() as conn:
         stale = [row for row in db.live_dataset_versions(conn, job.model_name) if row.job_id != job_id]
         lineage = sorted({row.model_version for row in db.lineage_dataset_versions(conn, job.model_name)} - {version}, key=int)
-    for row in stale:
-        ctx.registry.delete_artifact(row.mlflow_artifact_uri or "")
-        ctx.catalog.delete_local(row.path)
-        with ctx.store.write() as conn:
-            db.mark_dataset_removed(conn, row.id)
-        removed.append(row.version)
+    purge_dataset_copies(ctx, stale)  # the base version's too: a resumed job reads only its stored evidence
+    removed += [row.version for row in stale]
     superseded = [ctx.registry.supersede(job.model_name, older, version, info.policy.superseded_versions,
                                          f"trained on records erased by job {job_id}")
                   for older in lineage]
@@ -370,7 +368,23 @@ def _unlearn_and_register(ctx: PipelineContext, job, request_rows, info: ModelIn
         db.update_job(conn, job_id, evidence=jsonable(record))
     ctx.registry.register_job_version(job.model_name, job_id, after, tags, metrics, new_path, onnx_path,
                                       tokenizer=support.tokenizer, parent_version=job.base_version)
+    fault_point("registered")  # crash tests only: MLflow has the version, the store does not know yet
     return None
+
+
+def purge_dataset_copies(ctx: PipelineContext, rows) -> None:
+    """Delete dataset versions' copies (MLflow's, this host's) and mark them removed; safe to repeat."""
+    for row in rows:
+        delete_dataset_copies(ctx, [row])
+        with ctx.store.write() as conn:
+            db.mark_dataset_removed(conn, row.id)
+
+
+def delete_dataset_copies(ctx: PipelineContext, rows) -> None:
+    """Delete dataset versions' copies: MLflow's and this host's (a missing one is fine)."""
+    for row in rows:
+        ctx.registry.delete_artifact(row.mlflow_artifact_uri or "")
+        ctx.catalog.delete_local(row.path)
 
 
 def _issue(ctx: PipelineContext, job, request_rows, resolved: dict[str, dict[str, Any]], shared: dict[str, Any],

@@ -12,10 +12,12 @@ unknown ``LETHE_`` environment variables are ignored, because pydantic-settings 
 
 from __future__ import annotations
 
+import json
 import hashlib
 import hmac
 import os
 import secrets
+import socket
 import subprocess
 from functools import cached_property
 from pathlib import Path
@@ -62,7 +64,9 @@ class Settings(BaseSettings):
 
     mlflow_artifact_root: str | None = None
     """Where Lethe's MLflow experiment stores artifacts (models, dataset copies). Default
-    ``<state_dir>/mlartifacts``. Ignored when the experiment already exists on a tracking server."""
+    ``<state_dir>/mlartifacts`` in the embedded mode; with an ``http(s)://`` tracking server, the server's
+    default (``mlflow-artifacts:/...`` when it runs with ``--serve-artifacts``, so every artifact is written,
+    read and deleted through the server, never a local disk). Ignored when the experiment already exists."""
 
     mlflow_experiment: str = "lethe"
     """MLflow experiment holding Lethe's unlearning runs and registrations."""
@@ -132,10 +136,13 @@ class Settings(BaseSettings):
     git commit when available; the container image sets it to the image tag."""
 
     # ------------------------------------------------------------------------------------- scale-out
-    executor: Literal["inprocess", "subprocess", "kubernetes"] = "inprocess"
+    executor: Literal["inprocess", "subprocess", "kubernetes", "external"] = "inprocess"
     """Where a claimed job runs: ``inprocess`` (worker threads of this process, the embedded default),
     ``subprocess`` (each job in a fresh ``lethe worker --once --job-id ID`` process: the same contract as a
-    Kubernetes Job) or ``kubernetes`` (one ``batch/v1`` Job per unlearning job, on GPU nodes)."""
+    Kubernetes Job), ``kubernetes`` (one ``batch/v1`` Job per unlearning job, on GPU nodes) or ``external``
+    (this process runs no job: a pool of ``lethe worker`` processes, e.g. a Deployment, claims them from the
+    shared job store). ``subprocess`` and ``kubernetes`` run at most ``worker_threads`` jobs at once per
+    process."""
 
     job_lease_s: float = Field(60.0, ge=1.0, le=3600.0)
     """How long a worker's claim on a job lasts without a heartbeat. The holder renews it every third of
@@ -146,9 +153,10 @@ class Settings(BaseSettings):
     """Claims of one job before it is marked FAILED: a job that kills its worker this often (out of
     memory, a poisoned input) stops being retried forever."""
 
-    worker_id: str | None = None
+    worker_id: str = Field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}", min_length=1,
+                           max_length=120)
     """Identity of this process in job leases and logs. Default ``<hostname>-<pid>``; the chart sets the
-    pod name."""
+    pod name. Each engine adds a random suffix (``<worker_id>/<6 hex>``) so leases never collide."""
 
     kubernetes_namespace: str = "default"
     """Namespace the ``kubernetes`` executor creates its Jobs in (the chart sets its release namespace)."""
@@ -256,44 +264,30 @@ class Settings(BaseSettings):
     touching the file system, with one answer that says nothing about the server's files."""
 
     @model_validator(mode="after")
-    def _refuse_unbuilt(self) -> Settings:
-        """Settings whose feature is not built yet fail at start-up instead of being silently ignored."""
-        unbuilt = {name: reason for name, reason in NOT_BUILT.items() if _is_set(getattr(self, name))}
-        if "executor" in unbuilt and self.executor == "inprocess":
-            del unbuilt["executor"]
-        if unbuilt:
-            raise ValueError("; ".join(f"LETHE_{n.upper()}: {r}" for n, r in unbuilt.items()))
-        return self
-
-    @model_validator(mode="after")
-    def _consistent_security(self) -> Settings:
-        """Half a TLS configuration or an unusable dataset root is a start-up error, never a silent downgrade."""
-        problems = []
-        if (self.tls_cert is None) != (self.tls_key is None):
-            problems.append("LETHE_TLS_CERT and LETHE_TLS_KEY go together (a certificate and its private key)")
-        for root in self.dataset_roots:
-            if "://" in root:
-                scheme, _, rest = root.partition("://")
-                if not scheme.isalnum() or not rest.strip("/"):
-                    problems.append(f"LETHE_DATASET_ROOTS: {root!r} is not a URI prefix like s3://bucket/prefix/")
-            elif not Path(root).is_absolute() or Path(root) == Path(Path(root).anchor):
-                problems.append(f"LETHE_DATASET_ROOTS: {root!r} must be an absolute directory other than the "
-                                "file-system root")
-        if problems:
-            raise ValueError("; ".join(problems))
-        return self
-
-    @model_validator(mode="after")
     def _embedded_defaults(self) -> Settings:
         state = self.state_dir.expanduser().absolute()
         object.__setattr__(self, "state_dir", state)
         if self.mlflow_tracking_uri is None:
             object.__setattr__(self, "mlflow_tracking_uri", f"sqlite:///{state / 'mlflow.db'}")
-        if self.mlflow_artifact_root is None:
+        if self.mlflow_artifact_root is None and not self.mlflow_tracking_uri.startswith(("http://", "https://")):
             object.__setattr__(self, "mlflow_artifact_root", str(state / "mlartifacts"))
         if self.job_store_url is None:
             object.__setattr__(self, "job_store_url", f"sqlite:///{state / 'lethe.db'}")
         return self
+
+    def as_environment(self) -> dict[str, str]:
+        """These settings as ``LETHE_*`` variables (secrets included): what a worker process this one starts
+        needs to see the same store, MLflow and keys, whatever mix of environment and code built them."""
+        environment = {}
+        for name, value in self.model_dump().items():
+            if value is None or name in ("worker_id", "executor"):  # the worker's own, never inherited
+                continue
+            if isinstance(value, SecretStr):
+                value = value.get_secret_value()
+            elif isinstance(value, (dict, list)):
+                value = json.dumps(value)
+            environment[f"LETHE_{name.upper()}"] = str(value)
+        return environment
 
     # ------------------------------------------------------------------------------------- derived paths
     @property
@@ -324,16 +318,6 @@ class Settings(BaseSettings):
         """Key of the tune/audit split of never-trained records (:mod:`unlearn.splits`), derived from the
         subject hash key: stable for the life of the deployment, unknown to clients."""
         return hmac.new(self.subject_hash_key_bytes, b"lethe tune/audit split v1", hashlib.sha256).digest()
-
-
-NOT_BUILT: dict[str, str] = {
-    "executor": "only 'inprocess' is built so far (subprocess and kubernetes executors are in progress)",
-}
-"""Declared settings whose feature is still being built; setting one is an error, never a silent no-op."""
-
-
-def _is_set(value: Any) -> bool:
-    return value not in (None, "", "inprocess")
 
 
 def _key_bytes(configured: SecretStr | None, path: Path) -> bytes:

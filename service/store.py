@@ -8,21 +8,38 @@ scale-out. An acknowledgement is only sent after :meth:`Store.write` has committ
 Subject and record ids never reach this module in clear: requests keep keyed hashes (HMAC-SHA256 with the
 subject hash key) of both, tombstones keep the same keyed hashes of record ids.
 
-Writers are serialised: in one process by a lock, across processes by SQLite's ``BEGIN IMMEDIATE`` (a
-deferred transaction that upgrades from read to write can fail with SQLITE_BUSY at once instead of
-waiting). Every committed write wakes :meth:`Store.wait_for_change`, so event streams wait on a condition
-instead of polling.
+The schema is created and upgraded by Alembic migrations (:mod:`service.migrations`) when a
+:class:`Store` opens, on SQLite and PostgreSQL alike; ``metadata`` below mirrors the head revision.
+
+Concurrency (several API replicas and workers on one store, issue 11):
+
+- SQLite: writers are serialised, in one process by a lock, across processes by ``BEGIN IMMEDIATE`` (a
+  deferred transaction that upgrades from read to write can fail with SQLITE_BUSY at once instead of
+  waiting).
+- PostgreSQL (READ COMMITTED): writers run concurrently; what must be serial is serialised by the
+  database itself: claims lock job rows ``FOR UPDATE SKIP LOCKED`` and one RUNNING job per model is a
+  partial unique index (:func:`claim_next`); a coalescing decision holds an advisory lock on its
+  (model, key) (:func:`lock_coalescing`); and every transaction that appends events or audit entries takes
+  the LOG lock (:func:`lock_log`, a transaction-scoped advisory lock) before its first append and keeps it
+  to commit. The log lock makes event ``seq`` values commit in increasing order (a reader that saw seq n
+  never later finds an n' < n committed) and the audit chain gap-free and linear. Deadlock freedom rests on
+  one rule: within a transaction, row and coalescing locks come first, the log lock last.
+
+Every committed write wakes :meth:`Store.wait_for_change` in this process, so event streams wait on a
+condition instead of polling (writes of other processes are seen by the waiters' bounded re-reads).
 """
 
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator, Sequence
+import zlib
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
 import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, Row
 
 metadata = sa.MetaData()
@@ -59,7 +76,18 @@ dataset_versions = sa.Table(
     sa.Column("mlflow_artifact_uri", sa.Text),  # the copy logged to MLflow, removed with the local one
     _ts("created_at"),
     _ts("removed_at", nullable=True),  # set once every copy of it is deleted
+    _ts("indexed_at", nullable=True),  # set once record_index holds all its records
     sa.UniqueConstraint("model_name", "version"),
+)
+
+record_index = sa.Table(  # keyed hashes of a live dataset version's records: intake resolves requests here
+    "record_index", metadata,
+    sa.Column("dataset_id", sa.Integer, primary_key=True),
+    sa.Column("record_hash", sa.String(64), primary_key=True),  # keyed hash of the record id (tombstone form)
+    sa.Column("subject_hash", sa.String(64), nullable=False),  # keyed hash of the subject id
+    sa.Column("label", sa.Integer, nullable=True),  # class of a classification record
+    sa.Index("ix_record_index_subject", "subject_hash", "dataset_id"),
+    sa.Index("ix_record_index_label", "dataset_id", "label"),
 )
 
 requests = sa.Table(
@@ -105,6 +133,10 @@ jobs = sa.Table(
     _ts("window_closes_at"),
     _ts("created_at"),
     _ts("updated_at"),
+    sa.Column("lease_owner", sa.String(160)),  # who holds the claim (a worker, or an executor dispatching it)
+    _ts("lease_expires_at", nullable=True),  # renewed by the holder's heartbeat; past it, anyone may reclaim
+    sa.Index("uq_jobs_one_running_per_model", "model_name", unique=True,
+             sqlite_where=sa.text("state = 'RUNNING'"), postgresql_where=sa.text("state = 'RUNNING'")),
 )
 
 job_requests = sa.Table(
@@ -174,13 +206,21 @@ def as_utc(value: datetime | None) -> datetime | None:
     return value if value.tzinfo else value.replace(tzinfo=timezone.utc)
 
 
-class Store:
-    """Connection handling, the write lock and the change condition; queries are functions below."""
+LOG_LOCK_KEY = 7_304_119_002
+"""pg_advisory_xact_lock key serialising event and audit appends (see the module docstring)."""
 
-    def __init__(self, url: str):
+
+class Store:
+    """Connection handling, migrations, the write discipline and the change condition; queries are
+    functions below."""
+
+    def __init__(self, url: str, migrate: bool = True):
         self.url = url
         self.is_sqlite = url.startswith("sqlite")
-        self._write_lock = threading.RLock()
+        self.is_postgres = url.startswith("postgresql")
+        # SQLite has one writer at a time anyway: a process lock spares the others busy-waiting. PostgreSQL
+        # runs this process's writers concurrently; the database serialises what must be serial.
+        self._write_lock: threading.RLock | None = threading.RLock() if self.is_sqlite else None
         self._changed = threading.Condition()
         self._generation = 0
         if self.is_sqlite:
@@ -188,8 +228,13 @@ class Store:
             sa.event.listen(self.engine, "connect", self._sqlite_connect)
             sa.event.listen(self.engine, "begin", self._sqlite_begin)
         else:
-            self.engine = sa.create_engine(url, pool_pre_ping=True)
-        metadata.create_all(self.engine)
+            # Enough connections for the gRPC threads' reads, the workers, heartbeats and group commits.
+            self.engine = sa.create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
+        if migrate:
+            from service import migrations
+
+            with self.write() as connection:
+                migrations.upgrade(connection)
 
     @staticmethod
     def _sqlite_connect(dbapi_connection, _record) -> None:
@@ -206,8 +251,8 @@ class Store:
 
     @contextmanager
     def write(self) -> Iterator[Connection]:
-        """One serialised read-write transaction, committed on exit; wakes event waiters afterwards."""
-        with self._write_lock, self.engine.connect() as connection:
+        """One read-write transaction, committed on exit; wakes event waiters afterwards."""
+        with self._process_write_lock(), self.engine.connect() as connection:
             connection.info["lethe_write"] = True
             try:
                 with connection.begin():
@@ -217,6 +262,14 @@ class Store:
         with self._changed:
             self._generation += 1
             self._changed.notify_all()
+
+    @contextmanager
+    def _process_write_lock(self) -> Iterator[None]:
+        if self._write_lock is None:
+            yield
+            return
+        with self._write_lock:
+            yield
 
     @contextmanager
     def read(self) -> Iterator[Connection]:
@@ -241,6 +294,41 @@ class Store:
 
     def dispose(self) -> None:
         self.engine.dispose()
+
+
+def _advisory_lock(conn: Connection, key: int) -> None:
+    conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({int(key)})")
+
+
+def lock_log(conn: Connection) -> None:
+    """Take the LOG lock before appending events or audit entries (held to commit; once per transaction).
+
+    A no-op on SQLite, where ``BEGIN IMMEDIATE`` already makes the whole transaction the only writer.
+    """
+    if conn.dialect.name != "postgresql":
+        return
+    transaction = conn.get_transaction()
+    if conn.info.get("lethe_log_locked") is transaction:
+        return
+    _advisory_lock(conn, LOG_LOCK_KEY)
+    conn.info["lethe_log_locked"] = transaction
+
+
+def lock_coalescing(conn: Connection, keys: Iterable[tuple[str, str]]) -> None:
+    """Serialise coalescing decisions on (model, coalesce key) across replicas: two intakes can neither both
+    open a job for one key nor join a job a claim is taking. Keys are locked in sorted order (no deadlock
+    between two batches), and before any log lock (see the module docstring)."""
+    if conn.dialect.name != "postgresql":
+        return
+    for model_name, key in sorted(set(keys)):
+        digest = zlib.crc32(f"coalesce\n{model_name}\n{key}".encode())
+        _advisory_lock(conn, (1 << 32) + digest)  # above the constant keys' range
+
+
+def _insert_ignoring_duplicates(conn: Connection, table: sa.Table):
+    """INSERT ... ON CONFLICT DO NOTHING for either database (concurrent writers may insert the same key)."""
+    dialect = postgresql if conn.dialect.name == "postgresql" else sqlite
+    return dialect.insert(table).on_conflict_do_nothing()
 
 
 # ------------------------------------------------------------------------------------------------ models
@@ -283,6 +371,15 @@ def dataset_for_model_version(conn: Connection, model_name: str, model_version: 
         .order_by(dataset_versions.c.version.desc())).first()
 
 
+def dataset_by_path(conn: Connection, path: str) -> Row | None:
+    return conn.execute(sa.select(dataset_versions).where(dataset_versions.c.path == path)
+                        .order_by(dataset_versions.c.id.desc())).first()
+
+
+def removed_dataset_versions(conn: Connection) -> list[Row]:
+    return list(conn.execute(sa.select(dataset_versions).where(dataset_versions.c.removed_at.is_not(None))))
+
+
 def dataset_written_by_job(conn: Connection, job_id: str) -> Row | None:
     return conn.execute(sa.select(dataset_versions).where(dataset_versions.c.job_id == job_id)).first()
 
@@ -319,6 +416,8 @@ def erasures_since(conn: Connection, model_name: str, versions: Sequence[str]) -
 
 
 def mark_dataset_removed(conn: Connection, dataset_id: int) -> None:
+    """The version's copies are gone: so are its record index rows (no keyed hash outlives its data)."""
+    conn.execute(sa.delete(record_index).where(record_index.c.dataset_id == dataset_id))
     conn.execute(sa.update(dataset_versions).where(dataset_versions.c.id == dataset_id).values(removed_at=utcnow()))
 
 
@@ -386,10 +485,13 @@ def link_request(conn: Connection, job_id: str, request_id: str) -> None:
 
 
 def open_job_for(conn: Connection, model_name: str, coalesce_key: str, now: datetime) -> str | None:
-    """A QUEUED job of this model and key whose coalescing window is still open, if any."""
+    """A QUEUED job of this model and key whose coalescing window is still open, if any, locked for this
+    transaction (``FOR UPDATE``: a claim taking it waits, or skips it, until the request is linked; a claim
+    that took it first made it RUNNING, and READ COMMITTED's re-check then drops it from the result). Call
+    under :func:`lock_coalescing` for the same key."""
     return conn.execute(sa.select(jobs.c.job_id).where(
         jobs.c.model_name == model_name, jobs.c.coalesce_key == coalesce_key, jobs.c.state == "QUEUED",
-        jobs.c.window_closes_at > now).order_by(jobs.c.created_at)).scalar()
+        jobs.c.window_closes_at > now).order_by(jobs.c.created_at).limit(1).with_for_update()).scalar()
 
 
 def update_job(conn: Connection, job_id: str, **values: Any) -> None:
@@ -423,14 +525,86 @@ def list_jobs(conn: Connection, states: Sequence[str], model_name: str | None, c
     return list(conn.execute(query.order_by(jobs.c.created_at.desc()).limit(limit)))
 
 
-def next_runnable_job(conn: Connection, now: datetime, busy_models: Sequence[str]) -> Row | None:
-    """The oldest QUEUED job whose window has closed and whose model lineage has nothing RUNNING."""
-    running = sa.select(jobs.c.model_name).where(jobs.c.state == "RUNNING")
-    query = sa.select(jobs).where(jobs.c.state == "QUEUED", jobs.c.window_closes_at <= now,
-                                  jobs.c.model_name.not_in(running))
-    if busy_models:
-        query = query.where(jobs.c.model_name.not_in(list(busy_models)))
-    return conn.execute(query.order_by(jobs.c.created_at).limit(1)).first()
+def claim_candidates(conn: Connection, now: datetime, job_id: str | None = None, limit: int = 8) -> list[Row]:
+    """Jobs a worker may claim now, oldest first, locked ``FOR UPDATE SKIP LOCKED`` (rows another claimer or
+    an intake holds are skipped, not waited for):
+
+    - QUEUED jobs whose coalescing window has closed, of a model with no RUNNING job;
+    - RUNNING jobs whose lease has expired (their holder died or lost contact): reclaimed.
+
+    ``job_id`` restricts the search to one job (``lethe worker --once --job-id``).
+    """
+    running = sa.select(jobs.c.model_name).where(jobs.c.state == "RUNNING").scalar_subquery()
+    runnable = sa.and_(jobs.c.state == "QUEUED", jobs.c.window_closes_at <= now, jobs.c.model_name.not_in(running))
+    expired = sa.and_(jobs.c.state == "RUNNING",
+                      sa.or_(jobs.c.lease_expires_at.is_(None), jobs.c.lease_expires_at <= now))
+    query = sa.select(jobs).where(sa.or_(runnable, expired))
+    if job_id is not None:
+        query = query.where(jobs.c.job_id == job_id)
+    query = query.order_by(jobs.c.created_at).limit(limit).with_for_update(skip_locked=True)
+    return list(conn.execute(query))
+
+
+def lock_lineage(conn: Connection, model_name: str) -> bool:
+    """Lock the model's row for this transaction (the lineage lock a claim holds while it checks that no job
+    of the model is RUNNING); False when another claimer holds it (skipped, never waited for)."""
+    return conn.execute(sa.select(models.c.model_name).where(models.c.model_name == model_name)
+                        .with_for_update(skip_locked=True)).first() is not None
+
+
+def lineage_running(conn: Connection, model_name: str) -> bool:
+    return conn.execute(sa.select(jobs.c.job_id).where(jobs.c.model_name == model_name,
+                                                       jobs.c.state == "RUNNING").limit(1)).first() is not None
+
+
+def lock_job(conn: Connection, job_id: str) -> Row | None:
+    """The job's row, locked for this transaction (the fence of a lease holder's writes)."""
+    return conn.execute(sa.select(jobs).where(jobs.c.job_id == job_id).with_for_update()).first()
+
+
+def take_lease(conn: Connection, job_id: str, owner: str, expires_at: datetime, **values: Any) -> None:
+    update_job(conn, job_id, lease_owner=owner, lease_expires_at=expires_at, **values)
+
+
+def renew_lease(conn: Connection, job_id: str, owner: str, attempt: int, expires_at: datetime) -> bool:
+    """Extend a lease its holder still has (same owner and attempt, job still RUNNING); False once lost."""
+    result = conn.execute(sa.update(jobs).where(
+        jobs.c.job_id == job_id, jobs.c.lease_owner == owner, jobs.c.attempts == attempt,
+        jobs.c.state == "RUNNING").values(lease_expires_at=expires_at))
+    return result.rowcount == 1
+
+
+def hand_over_lease(conn: Connection, job_id: str, from_owner: str, attempt: int, to_owner: str,
+                    expires_at: datetime) -> bool:
+    """A worker takes over the lease an executor holds while it starts that worker (same attempt)."""
+    result = conn.execute(sa.update(jobs).where(
+        jobs.c.job_id == job_id, jobs.c.lease_owner == from_owner, jobs.c.attempts == attempt,
+        jobs.c.state == "RUNNING").values(lease_owner=to_owner, lease_expires_at=expires_at, updated_at=utcnow()))
+    return result.rowcount == 1
+
+
+def expire_lease(conn: Connection, job_id: str, owner: str, attempt: int) -> bool:
+    """Give a lease up at once (its holder is known to be gone): the job is reclaimable now."""
+    result = conn.execute(sa.update(jobs).where(
+        jobs.c.job_id == job_id, jobs.c.lease_owner == owner, jobs.c.attempts == attempt,
+        jobs.c.state == "RUNNING").values(lease_expires_at=None))
+    return result.rowcount == 1
+
+
+def release_claim(conn: Connection, job_id: str, owner: str, attempt: int) -> bool:
+    """Undo a claim whose worker never started (the executor could not launch it): QUEUED again, the
+    attempt not counted, so an outage of the launcher does not use up the job's attempts."""
+    result = conn.execute(sa.update(jobs).where(
+        jobs.c.job_id == job_id, jobs.c.lease_owner == owner, jobs.c.attempts == attempt,
+        jobs.c.state == "RUNNING").values(state="QUEUED", attempts=attempt - 1, lease_owner=None,
+                                          lease_expires_at=None, updated_at=utcnow()))
+    return result.rowcount == 1
+
+
+def running_leases(conn: Connection) -> list[Row]:
+    """(job_id, lease_owner, lease_expires_at) of every RUNNING job."""
+    return list(conn.execute(sa.select(jobs.c.job_id, jobs.c.lease_owner, jobs.c.lease_expires_at)
+                             .where(jobs.c.state == "RUNNING")))
 
 
 def next_window_close(conn: Connection) -> datetime | None:
@@ -462,6 +636,7 @@ def running_job_last_progress(conn: Connection) -> list[tuple[str, datetime]]:
 # ------------------------------------------------------------------------------------------------ events
 def add_event(conn: Connection, job_id: str, request_ids: Sequence[str], kind: str, state: str, stage: str,
               fraction: float, message: str, certificate_id: str | None = None) -> int:
+    lock_log(conn)  # seq values commit in increasing order (module docstring)
     seq = conn.execute(sa.insert(events).values(
         job_id=job_id, request_ids=list(request_ids), kind=kind, state=state, stage=stage, fraction=fraction,
         message=message, certificate_id=certificate_id, time=utcnow())).inserted_primary_key[0]
@@ -511,6 +686,7 @@ def all_certificates(conn: Connection) -> list[Row]:
 
 # ----------------------------------------------------------------------------------------------- audit
 def audit_tail(conn: Connection) -> tuple[int, str] | None:
+    """The chain's last (seq, hash). Appenders call it under :func:`lock_log` (AuditLog.append does)."""
     row = conn.execute(sa.select(audit_log.c.seq, audit_log.c.entry_hash)
                        .order_by(audit_log.c.seq.desc()).limit(1)).first()
     return (row.seq, row.entry_hash) if row else None
@@ -536,10 +712,11 @@ def audit_entries_from(conn: Connection, first_seq: int, limit: int) -> list[Row
 def add_tombstones(conn: Connection, record_hashes: Sequence[str], model_name: str, job_id: str) -> None:
     known = tombstoned(conn, record_hashes)
     fresh = sorted(set(record_hashes) - known)
-    if fresh:
+    if fresh:  # a record id in two models' data may be erased by two concurrent jobs: first one wins
         now = utcnow()
-        conn.execute(sa.insert(tombstones), [{"record_hash": h, "model_name": model_name, "job_id": job_id,
-                                              "created_at": now} for h in fresh])
+        conn.execute(_insert_ignoring_duplicates(conn, tombstones),
+                     [{"record_hash": h, "model_name": model_name, "job_id": job_id, "created_at": now}
+                      for h in fresh])
 
 
 def tombstoned(conn: Connection, record_hashes: Sequence[str]) -> set[str]:
@@ -550,6 +727,47 @@ def tombstoned(conn: Connection, record_hashes: Sequence[str]) -> set[str]:
         found.update(conn.execute(sa.select(tombstones.c.record_hash)
                                   .where(tombstones.c.record_hash.in_(chunk))).scalars())
     return found
+
+
+# ------------------------------------------------------------------------------------------ record index
+INDEX_CHUNK = 5000  # rows per INSERT: well under every backend's bound-parameter limit (4 columns each)
+
+
+def index_dataset(conn: Connection, dataset_id: int, rows: Iterable[dict[str, Any]]) -> bool:
+    """Insert a dataset version's index rows and mark it indexed; False (nothing written) when another
+    process indexed it first or it was removed meanwhile. Rows: record_hash, subject_hash, label."""
+    row = conn.execute(sa.select(dataset_versions.c.indexed_at, dataset_versions.c.removed_at)
+                       .where(dataset_versions.c.id == dataset_id).with_for_update()).first()
+    if row is None or row.indexed_at is not None or row.removed_at is not None:
+        return False
+    batch: list[dict[str, Any]] = []
+    for values in rows:
+        batch.append({"dataset_id": dataset_id, **values})
+        if len(batch) >= INDEX_CHUNK:
+            conn.execute(_insert_ignoring_duplicates(conn, record_index), batch)
+            batch = []
+    if batch:
+        conn.execute(_insert_ignoring_duplicates(conn, record_index), batch)
+    conn.execute(sa.update(dataset_versions).where(dataset_versions.c.id == dataset_id).values(indexed_at=utcnow()))
+    return True
+
+
+def indexed_matches(conn: Connection, dataset_ids: Sequence[int], subject_hashes: Sequence[str],
+                    record_hashes: Sequence[str], classes: Sequence[int]) -> dict[int, int]:
+    """Per dataset version: how many of its records a request names (its subjects', its record ids, its
+    classes), counted on the index; versions with no match are absent."""
+    if not dataset_ids or not (subject_hashes or record_hashes or classes):
+        return {}
+    selectors = []
+    if subject_hashes:
+        selectors.append(record_index.c.subject_hash.in_(list(subject_hashes)))
+    if record_hashes:
+        selectors.append(record_index.c.record_hash.in_(list(record_hashes)))
+    if classes:
+        selectors.append(record_index.c.label.in_(list(classes)))
+    rows = conn.execute(sa.select(record_index.c.dataset_id, sa.func.count()).where(
+        record_index.c.dataset_id.in_(list(dataset_ids)), sa.or_(*selectors)).group_by(record_index.c.dataset_id))
+    return {int(dataset_id): int(count) for dataset_id, count in rows}
 
 
 def seconds_ago(seconds: float) -> datetime:

@@ -20,6 +20,7 @@ from lethe_demo.data import build_digits_demo
 from service.domain import ErasureRequest, FieldViolation, JobView
 from service.engine import Engine
 from service.settings import Settings
+from tests.service.scaleout_fixtures import mlflow_server, postgres_server, postgres_url, store_url  # noqa: F401
 
 _SUBJECTS = itertools.count(0)
 

@@ -28,7 +28,8 @@ def test_registration_alias_moves_old_versions_are_purged_and_cannot_come_back(t
     model = digits_cnn(0)  # untrained weights are enough: the lineage, not the accuracy, is under test
     version = engine.registry.log_initial_model(model.eval(), "lineage-cnn", run_name="lineage")
     engine.registry.set_serving("lineage-cnn", version, "champion")
-    dataset = tmp_path / "digits.parquet"
+    dataset = engine.settings.dataset_import_dir / "digits.parquet"  # inside the dataset roots
+    dataset.parent.mkdir(parents=True, exist_ok=True)
     digits_frame().to_parquet(dataset, index=False)
     registration = ModelRegistration(model_name="lineage-cnn", version=None, alias="champion",
                                      task_type=TaskType.CLASSIFICATION, dataset_uri=str(dataset), policy=DEMO_POLICY,

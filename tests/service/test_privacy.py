@@ -96,7 +96,8 @@ def privacy_run(tmp_path_factory):
             frame.to_parquet(reingest, index=False)
             with pytest.raises(grpc.RpcError) as refused_registration:
                 api.stub.RegisterModel(service_pb2.RegisterModelRequest(
-                    model_name=model, version="1", task_type=types_pb2.TASK_TYPE_CLASSIFICATION,
+                    # the head of the lineage (version 1 holds the erased subject: refused before any dataset read)
+                    model_name=model, alias="serving", task_type=types_pb2.TASK_TYPE_CLASSIFICATION,
                     dataset_uri=str(reingest), num_classes=10), timeout=120)
             reingest.unlink()
         handler.flush()

@@ -25,7 +25,8 @@ def _samples(registry: CollectorRegistry) -> dict[tuple[str, tuple], float]:
 
 
 def _job(conn, job_id: str, state: str, stage: str) -> None:
-    db.insert_job(conn, job_id=job_id, model_name="m", coalesce_key="k", selector="records", state=state,
+    # One model per job: the store allows one RUNNING job per model lineage (a unique index).
+    db.insert_job(conn, job_id=job_id, model_name=f"m-{job_id}", coalesce_key="k", selector="records", state=state,
                   stage=stage, progress=0.0, method="ssd", method_params={}, policy_overrides={}, records=1,
                   message="", evidence={}, attempts=1, window_closes_at=db.utcnow())
 
