@@ -18,13 +18,16 @@ unless all of them pass:
 4. :func:`forward_violations`: a forward pass on a few ``holdout`` rows (``dataset.features``).
 5. :func:`factory_violations`: the factory is imported and called once, as ``factory(seed)`` with the
    recipe's seed; the model it builds must have the registered model's parameter and buffer names and
-   shapes (its ``state_dict``), or ``retrain`` would train something else.
+   shapes (its ``state_dict``), or ``retrain`` would train something else. Only a Python function or class
+   outside the standard library is ever called (:func:`import_factory`): a client names code the server runs.
 """
 
 from __future__ import annotations
 
 import importlib
+import inspect
 import logging
+import sys
 from collections.abc import Callable, Mapping
 from dataclasses import asdict
 from typing import Any
@@ -46,10 +49,24 @@ DOCS = "docs/models.md"
 log = logging.getLogger(__name__)
 
 
+class FactoryRefused(ValueError):
+    """A ``model_factory`` Lethe will not call, whatever it would return."""
+
+
 def import_factory(target: str) -> Callable[[int], nn.Module]:
-    """``module:function`` -> the function (ImportError / AttributeError when it is not there)."""
+    """``module:function`` -> the function (ImportError / AttributeError when it is not there).
+
+    The client names code the server will run, so only a factory can be named: a Python function or class
+    of a module outside the standard library. ``os:_exit``, ``shutil:rmtree`` or ``numpy:zeros`` are refused
+    (:class:`FactoryRefused`) before they are imported or called.
+    """
     module, _, function = target.partition(":")
-    return getattr(importlib.import_module(module), function)
+    if module.partition(".")[0] in sys.stdlib_module_names:
+        raise FactoryRefused("a factory from the standard library is not accepted: name your own module")
+    factory = getattr(importlib.import_module(module), function)
+    if not (inspect.isfunction(factory) or inspect.isclass(factory)):
+        raise FactoryRefused(f"a factory must be a Python function or class, not a {type(factory).__name__}")
+    return factory
 
 
 def training_violations(model_factory: str | None, train_recipe: Mapping[str, Any], max_id_length: int = 256
@@ -142,6 +159,8 @@ def factory_violations(model_factory: str, seed: int, model: nn.Module) -> list[
     """
     try:
         factory = import_factory(model_factory)
+    except FactoryRefused as error:
+        return [FieldViolation("model_factory", f"{preview(model_factory)}: {error}")]
     except ImportError as error:
         return [FieldViolation("model_factory", f"cannot import {preview(model_factory)} where Lethe runs ({error}); "
                                                 "install the module there or log it with the model's code_paths")]

@@ -142,6 +142,9 @@ BAD_FACTORIES = {
     "no such function": ("unlearn.models:no_such_factory", "no_such_factory"),
     "wrong signature": ("unlearn.models:TinyMLP", "raised TypeError"),
     "not a module": (f"{__name__}:not_a_model", "returned str"),
+    # Code the server would run, refused before it is called (os._exit(0) would end the server):
+    "the standard library": ("os:_exit", "standard library is not accepted"),
+    "not a Python function": ("numpy:zeros", "must be a Python function or class"),
 }
 
 
