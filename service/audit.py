@@ -78,6 +78,8 @@ class AuditLog:
     def append(self, conn: Connection, kind: str, body: dict[str, Any]) -> tuple[int, str]:
         """Append one entry. Appenders in several processes are serialised by the store's log lock, held
         to the transaction's commit, so ``seq`` stays gap-free and every ``prev_hash`` is the entry before."""
+        if "kind" in body or "time" in body:  # would silently replace the entry's own kind or time
+            raise ValueError(f"audit entry body of {kind!r} may not set 'kind' or 'time'")
         db.lock_log(conn)
         tail = db.audit_tail(conn)
         seq, prev_hash = (tail[0] + 1, tail[1]) if tail else (1, GENESIS_HASH)
@@ -177,6 +179,15 @@ def statement(label: str, model_name: str, found: int, weights_changed: bool = T
     if label == NO_RECORDS:
         return (f"No records of this request were found in the training data of model {model_name!r}; "
                 "nothing had to be unlearned.")
+    if label == "update":
+        return (f"{found} record(s) were learned by model {model_name!r} with the named continual-learning "
+                "strategy; the result was verified with the recorded evidence (the new records learned, utility "
+                "kept, every earlier erasure of the lineage still holding) and the new version registered.")
+    if label == "rectification":
+        return (f"{found} record(s) of model {model_name!r} were rectified: their old values were erased by "
+                "approximate unlearning and purged from the training data, and the corrected values learned; "
+                "both were verified with the recorded evidence. This attests the process and its evidence, "
+                "not a proof from the weights.")
     if label == "exact":
         kind = "exact unlearning (the model was retrained, or never trained, without the records)"
     elif weights_changed:

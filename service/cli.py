@@ -29,6 +29,7 @@ import json
 import os
 import sys
 import uuid
+from pathlib import Path
 from datetime import datetime, timedelta, timezone
 
 import grpc
@@ -84,7 +85,8 @@ def _register(args) -> int:
     from service.api.pb import service_pb2, types_pb2
 
     policy = types_pb2.VerificationPolicy(default_method=args.default_method or "")
-    for name in ("max_utility_drop", "class_forget_max_accuracy", "onnx_tolerance", "min_forget_p", "mia_auc_margin"):
+    for name in ("max_utility_drop", "class_forget_max_accuracy", "onnx_tolerance", "min_forget_p", "mia_auc_margin",
+                 "sealed_retention_days"):
         if getattr(args, name) is not None:
             setattr(policy, name, getattr(args, name))
     if args.method_params:
@@ -135,6 +137,65 @@ def _submit(args) -> int:
         return follow(client, [erasure], quiet=args.quiet)
 
 
+def _update(args) -> int:
+    """New records for a model: a Parquet file (sent as its path, read by the server inside its dataset
+    roots) or a JSON-lines file sent inline (one object per line: record_id, subject_id and the task's
+    columns)."""
+    from service.api.pb import types_pb2
+
+    update = types_pb2.Update(request_id=args.request_id or f"cli-{uuid.uuid4()}", model_name=args.model,
+                              strategy=args.strategy or "")
+    if args.dataset:
+        update.dataset_uri = str(Path(args.dataset).resolve()) if "://" not in args.dataset else args.dataset
+    for line_number, record in enumerate(_json_lines(args.records) if args.records else (), start=1):
+        if not isinstance(record, dict) or "record_id" not in record or "subject_id" not in record:
+            raise SystemExit(f"error: {args.records} line {line_number}: an object with record_id, subject_id and "
+                             "the task's columns")
+        message = update.records.add(record_id=str(record.pop("record_id")), subject_id=str(record.pop("subject_id")))
+        message.columns.update(record)
+    if args.params:
+        update.strategy_params.update(_json_object(args.params, "--params"))
+    if args.deadline:
+        update.deadline.FromDatetime(_parse_time(args.deadline))
+    return _send(args, update, "SubmitUpdate", "update")
+
+
+def _rectify(args) -> int:
+    """Corrected values for existing records of one subject: ``--set RECORD_ID JSON`` per record."""
+    from service.api.pb import types_pb2
+
+    rectification = types_pb2.Rectification(request_id=args.request_id or f"cli-{uuid.uuid4()}",
+                                             subject_id=args.subject, model_names=args.model,
+                                             strategy=args.strategy or "")
+    for record_id, columns in args.set:
+        rectification.corrected_records.add(record_id=record_id, subject_id=args.subject).columns.update(
+            _json_object(columns, "--set"))
+    if args.params:
+        rectification.strategy_params.update(_json_object(args.params, "--params"))
+    if args.deadline:
+        rectification.deadline.FromDatetime(_parse_time(args.deadline))
+    return _send(args, rectification, "SubmitRectification", "rectification")
+
+
+def _send(args, message, rpc: str, field: str) -> int:
+    """Submit an update or rectification and follow it (progress bars) to its certificates, or only ack."""
+    from service.api.pb import service_pb2
+
+    with _client(args) as client:
+        if args.no_wait:
+            request = getattr(service_pb2, f"{rpc}Request")(**{field: message})
+            _print_message(getattr(client.stub, rpc)(request, metadata=client.metadata).accepted)
+            return EXIT_OK
+        return follow(client, [message], quiet=args.quiet)
+
+
+def _json_lines(path: str) -> list:
+    try:
+        return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    except (OSError, json.JSONDecodeError) as error:
+        raise SystemExit(f"error: --records {path}: {error}") from error
+
+
 def _watch(args) -> int:
     from service.api.pb import service_pb2
 
@@ -152,6 +213,9 @@ def _watch(args) -> int:
             if last is not None:
                 for certificate in last.certificates:
                     print(certificate_json(certificate))
+                if _state_name(last.state) in ("REJECTED_BY_VERIFICATION", "FAILED"):
+                    print(f"job {args.job} {_state_name(last.state)}: {last.message}", file=sys.stderr)
+                    _print_evidence(client, args.job)
             return EXIT_OK if last is not None and _state_name(last.state) == "SUCCEEDED" else EXIT_NOT_SUCCEEDED
         if not args.request_id:
             print("lethe watch: give --request-id (one or more) or --job", file=sys.stderr)
@@ -208,6 +272,106 @@ def _certificate(args) -> int:
                 print(f"{'VALID' if check.valid else 'INVALID'}: {check.reason}", file=sys.stderr)
                 valid = valid and check.valid
     return EXIT_OK if valid else EXIT_NOT_SUCCEEDED
+
+
+def _job(args) -> int:
+    """One job: state, stage, method chain attempts with the gate's verdict on each, and the reason."""
+    from service.api.pb import service_pb2
+
+    with _client(args) as client:
+        job = client.stub.GetJob(service_pb2.GetJobRequest(job_id=args.job_id), metadata=client.metadata).job
+    print(f"job {job.job_id} on model {job.model_name}: {_state_name(job.state)} (stage {job.stage}, "
+          f"{job.progress * 100:.0f}%), version {job.base_version} -> {job.result_version or '-'}, "
+          f"{job.records} record(s), requests {', '.join(job.request_ids) or '-'}")
+    if job.message:
+        print(f"  reason: {job.message}")
+    for line in evidence_summary(job.evidence):
+        print(f"  {line}")
+    return EXIT_OK
+
+
+def _request(args) -> int:
+    from service.api.pb import service_pb2
+
+    with _client(args) as client:
+        response = client.stub.GetRequest(service_pb2.GetRequestRequest(request_id=args.request_id),
+                                          metadata=client.metadata)
+    _print_request(response.request)
+    return EXIT_OK
+
+
+def _cancel(args) -> int:
+    from service.api.pb import service_pb2
+
+    with _client(args) as client:
+        response = client.stub.CancelRequest(service_pb2.CancelRequestRequest(request_id=args.request_id,
+                                                                              reason=args.reason or ""),
+                                             metadata=client.metadata)
+    _print_request(response.request)
+    return EXIT_OK
+
+
+def _retry(args) -> int:
+    from service.api.pb import service_pb2
+
+    request = service_pb2.RetryRequestRequest(request_id=args.request_id, expected_attempt=args.expected_attempt,
+                                              method=args.method or "")
+    if args.params:
+        request.method_params.update(_json_object(args.params, "--params"))
+    for assignment in args.override:
+        name, _, value = assignment.partition("=")
+        setattr(request.policy_overrides, name.strip(), float(value))
+    with _client(args) as client:
+        response = client.stub.RetryRequest(request, metadata=client.metadata)
+    print(f"attempt {response.attempt} of {args.request_id}: {'new' if response.created else 'already created'} "
+          f"job(s) {', '.join(response.job_ids) or '-'}")
+    _print_request(response.request)
+    return EXIT_OK
+
+
+def _close(args) -> int:
+    from service.api.pb import service_pb2
+
+    with _client(args) as client:
+        response = client.stub.CloseRequest(service_pb2.CloseRequestRequest(request_id=args.request_id,
+                                                                            reason=args.reason),
+                                            metadata=client.metadata)
+    _print_request(response.request)
+    return EXIT_OK
+
+
+def _print_request(request) -> None:
+    from service.api.pb import types_pb2
+
+    state = types_pb2.RequestState.Name(request.state).removeprefix("REQUEST_STATE_")
+    print(f"request {request.request_id} ({request.kind}): {state}, attempt {request.attempts}, "
+          f"jobs {', '.join(request.job_ids) or '-'}, certified models {', '.join(request.certified_models) or '-'}"
+          + (f", reason: {request.state_reason}" if request.state_reason else ""))
+
+
+def evidence_summary(evidence) -> list[str]:
+    """A job's evidence in a few lines: each attempt's method, whether it reached its own target, and the
+    gate's failing checks (value against limit)."""
+    from google.protobuf.json_format import MessageToDict
+
+    evidence = MessageToDict(evidence) if hasattr(evidence, "fields") else dict(evidence or {})
+    lines = []
+    for index, attempt in enumerate(evidence.get("attempts") or [], start=1):
+        verdict = "passed the gate" if attempt.get("gate_passed") else "rejected"
+        line = f"attempt {index}: {attempt.get('method')} (target reached: {attempt.get('target_reached')}) {verdict}"
+        if attempt.get("error"):
+            line += f": {attempt['error']}"
+        lines.append(line)
+        checks = (attempt.get("verification") or {}).get("checks") or []
+        for check in checks:
+            if check.get("passed") is False or check.get("passed") is None:
+                status = "FAILED" if check.get("passed") is False else "not checkable"
+                value, limit = check.get("value"), check.get("limit")
+                shown = f"{value:.4g} vs limit {limit:.4g}" if isinstance(value, float) and isinstance(limit, float) \
+                    else f"{value} vs limit {limit}"
+                lines.append(f"    {status} {check.get('name')}: {shown} ({check.get('rule')})"
+                             + (f"; {check['reason']}" if check.get("reason") else ""))
+    return lines
 
 
 def _audit_verify(args) -> int:
@@ -322,6 +486,7 @@ def follow(client, erasures, resume=(), quiet: bool = False, out=None) -> int:
 
     out = out or sys.stdout
     board = _board(quiet)
+    not_done: dict[str, list[tuple[str, str, str]]] = {}  # request id -> (job, state, reason) of failed jobs
     for erasure in erasures:
         board.add(erasure.request_id)
     for request_id, _ in resume:
@@ -340,22 +505,55 @@ def follow(client, erasures, resume=(), quiet: bool = False, out=None) -> int:
             event = response.event
             board.update(list(event.request_ids), status=_state_name(event.state), stage=event.stage,
                          fraction=event.fraction, done=event.kind == TERMINAL_EVENT)
+            if event.kind == TERMINAL_EVENT and _state_name(event.state) in ("REJECTED_BY_VERIFICATION", "FAILED"):
+                not_done.setdefault(entry.request_id, []).append((event.job_id, _state_name(event.state),
+                                                                  event.message))
 
     result = run_session(client, erasures, on_response, resume=resume)
     board.close()
     ok = True
     for entry in result.requests.values():
         if entry.rejected is not None:
-            print(f"{entry.request_id}: refused {entry.rejected.code} {entry.rejected.message}", file=sys.stderr)
+            print(f"{entry.request_id}: refused {_code_name(entry.rejected.code)} {entry.rejected.message}",
+                  file=sys.stderr)
             for violation in entry.rejected.field_violations:
                 print(f"  {violation.field}: {violation.description}", file=sys.stderr)
             ok = False
             continue
         states = {_state_name(state) for state in entry.states}
         ok = ok and states == {"SUCCEEDED"}
+        for job_id, state, reason in not_done.get(entry.request_id, []):
+            print(f"{entry.request_id}: job {job_id} {state}: {reason}", file=sys.stderr)
+            _print_evidence(client, job_id)
         for certificate in entry.certificates.values():
             print(certificate_json(certificate), file=out)
     return EXIT_OK if ok else EXIT_NOT_SUCCEEDED
+
+
+def _print_evidence(client, job_id: str) -> None:
+    """The failing checks of a rejected job (stderr), so the submitter sees why without another call."""
+    from service.api.pb import service_pb2
+
+    if not job_id:
+        return
+    try:
+        job = client.stub.GetJob(service_pb2.GetJobRequest(job_id=job_id), metadata=client.metadata).job
+    except grpc.RpcError:  # e.g. a submitter without read access to a coalesced job: the reason above stands
+        return
+    for line in evidence_summary(job.evidence):
+        print(f"  {line}", file=sys.stderr)
+    print(f"  (lethe job {job_id} shows the whole evidence; lethe retry / lethe close act on the request)",
+          file=sys.stderr)
+
+
+def _code_name(code: int) -> str:
+    """A gRPC status code by name (ALREADY_EXISTS), never a bare number."""
+    from google.rpc import code_pb2
+
+    try:
+        return code_pb2.Code.Name(code)
+    except ValueError:
+        return str(code)
 
 
 def certificate_json(certificate, indent: int | None = None) -> str:
@@ -503,6 +701,9 @@ def _parser() -> argparse.ArgumentParser:
                           help="record erasure: KS p-value floor of erased vs never-seen losses (default 0.005)")
     register.add_argument("--mia-auc-margin", type=float,
                           help="record erasure: loss-attack AUC within 0.5 +- this (default 0.1)")
+    register.add_argument("--sealed-retention-days", type=float,
+                          help="days each erasure's sealed verification set is kept for later updates' re-checks, "
+                               "then crypto-shredded (default 30; 0 keeps nothing)")
     register.add_argument("--method-chain",
                           help='escalation chain as JSON, e.g. \'[{"name": "ssd-auto"}, {"name": "retrain"}]\'; '
                                "default: the task's chain (ssd-auto, gu+graddiff, retrain when a recipe is given)")
@@ -530,6 +731,36 @@ def _parser() -> argparse.ArgumentParser:
     submit.add_argument("--quiet", action="store_true", help="log lines instead of redrawn bars")
     submit.set_defaults(run=_submit)
 
+    update = client_command("update", "new records for a model to learn; follow it to its certificate")
+    update.add_argument("--model", required=True, help="registered model name")
+    records = update.add_mutually_exclusive_group(required=True)
+    records.add_argument("--records", help="JSON lines, one record per line: record_id, subject_id and the task's "
+                         "columns (features and label; or prompt and answer), sent inline")
+    records.add_argument("--dataset", help="Parquet file with the registered dataset's columns (read by the server, "
+                         "inside LETHE_DATASET_ROOTS)")
+    update.add_argument("--strategy", help="continual-learning strategy (default: the model policy's)")
+    update.add_argument("--params", help="JSON object of the strategy's parameters")
+    update.add_argument("--request-id", help="idempotency key (default: a new UUID)")
+    update.add_argument("--deadline", help="ISO 8601 time by which the update should be complete")
+    update.add_argument("--no-wait", action="store_true", help="print the acknowledgement and return")
+    update.add_argument("--quiet", action="store_true", help="log lines instead of redrawn bars")
+    update.set_defaults(run=_update)
+
+    rectify = client_command("rectify", "correct existing records of a subject (GDPR Art. 16): the old values "
+                             "are erased and the corrected ones learned, under one certificate")
+    rectify.add_argument("--subject", required=True, help="the data subject whose records are corrected")
+    rectify.add_argument("--set", nargs=2, action="append", required=True, metavar=("RECORD_ID", "JSON"),
+                         help='corrected columns of one record, e.g. --set person-3-q2 \'{"prompt": "...", '
+                              '"answer": "..."}\' (repeatable)')
+    rectify.add_argument("--model", action="append", default=[], help="model name (default: every model holding it)")
+    rectify.add_argument("--strategy", help="continual-learning strategy (default: the model policy's)")
+    rectify.add_argument("--params", help="JSON object of the strategy's parameters")
+    rectify.add_argument("--request-id", help="idempotency key (default: a new UUID)")
+    rectify.add_argument("--deadline", help="ISO 8601 time by which the rectification should be complete")
+    rectify.add_argument("--no-wait", action="store_true", help="print the acknowledgement and return")
+    rectify.add_argument("--quiet", action="store_true", help="log lines instead of redrawn bars")
+    rectify.set_defaults(run=_rectify)
+
     watch = client_command("watch", "follow earlier requests (or one job) to their end")
     watch.add_argument("--request-id", action="append", default=[], help="request to follow (repeatable)")
     watch.add_argument("--job", help="follow one job instead")
@@ -552,6 +783,34 @@ def _parser() -> argparse.ArgumentParser:
     certificate.add_argument("request_id")
     certificate.add_argument("--verify", action="store_true", help="also verify each with the server")
     certificate.set_defaults(run=_certificate)
+
+    job = client_command("job", "one job: state, stage, each attempt's method and gate verdict, the reason")
+    job.add_argument("job_id")
+    job.set_defaults(run=_job)
+
+    request = client_command("request", "one request: state, attempts, jobs, certified models")
+    request.add_argument("request_id")
+    request.set_defaults(run=_request)
+
+    cancel = client_command("cancel", "cancel a request none of whose jobs has run (operator)")
+    cancel.add_argument("request_id")
+    cancel.add_argument("--reason", help="why (recorded in the request and the audit chain)")
+    cancel.set_defaults(run=_cancel)
+
+    retry = client_command("retry", "a new attempt for a rejected or failed request, same request id (operator)")
+    retry.add_argument("request_id")
+    retry.add_argument("--method", help="another unlearning method (default: the request's, or the policy chain)")
+    retry.add_argument("--params", help="JSON object of the method's parameters")
+    retry.add_argument("--override", action="append", default=[], metavar="NAME=VALUE",
+                       help="a STRICTER policy value, e.g. min_forget_p=0.01 (repeatable)")
+    retry.add_argument("--expected-attempt", type=int, default=0,
+                       help="the attempt this creates (idempotent: repeating the call returns it); 0 = the next")
+    retry.set_defaults(run=_retry)
+
+    close = client_command("close", "end a request with a written reason, e.g. handled by a manual retrain (operator)")
+    close.add_argument("request_id")
+    close.add_argument("--reason", required=True, help="why the request is closed (recorded and audited)")
+    close.set_defaults(run=_close)
 
     health = client_command("health", "probe the server's health (exit 0 when SERVING); no credentials needed")
     health.add_argument("--service", default="", help="service name to check (default: the whole server)")

@@ -53,4 +53,7 @@ def policy_from_json(value: dict[str, Any]) -> VerificationPolicy:
     value = dict(value)
     value["method_chain"] = tuple(MethodStep(step["name"], dict(step.get("params") or {}))
                                   for step in value.get("method_chain") or ())
+    if value.get("update_strategy"):
+        step = value["update_strategy"]
+        value["update_strategy"] = MethodStep(step["name"], dict(step.get("params") or {}))
     return VerificationPolicy(**value)

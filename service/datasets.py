@@ -354,6 +354,25 @@ def content_digest(frame: pd.DataFrame) -> str:
     return digest.hexdigest()
 
 
+def dataset_columns(frame: pd.DataFrame) -> pd.DataFrame:
+    """The frame's dataset columns only, in schema order, with a fresh index."""
+    task_columns = TASK_COLUMNS[TaskType.CAUSAL_LM if "prompt" in frame.columns else TaskType.CLASSIFICATION]
+    return frame[[*BASE_COLUMNS, *task_columns]].reset_index(drop=True)
+
+
+def dataset_table(frame: pd.DataFrame) -> pa.Table:
+    """A frame of :func:`dataset_columns` as an Arrow table in the dataset's Parquet schema (classification:
+    float32 feature lists and int64 labels; causal LM: strings)."""
+    if "prompt" in frame.columns:  # causal LM
+        return pa.Table.from_pandas(frame.astype(str), schema=pa.schema(
+            [(c, pa.string()) for c in (*BASE_COLUMNS, "prompt", "answer")]), preserve_index=False)
+    return pa.Table.from_pandas(frame.assign(features=[np.asarray(v, dtype=np.float32).tolist()
+                                                       for v in frame["features"]]),
+                                schema=pa.schema([("record_id", pa.string()), ("subject_id", pa.string()),
+                                                  ("split", pa.string()), ("features", pa.list_(pa.float32())),
+                                                  ("label", pa.int64())]), preserve_index=False)
+
+
 def record_tombstone(key: bytes, record_id: str) -> str:
     return keyed_hash(key, "record", record_id)
 
@@ -405,22 +424,9 @@ class DatasetCatalog:
         directory = self.datasets_dir / safe_name(model_name)
         directory.mkdir(parents=True, exist_ok=True)
         path = directory / f"{name}.parquet"
-        if "prompt" in frame.columns:  # causal LM
-            frame = frame[[*BASE_COLUMNS, "prompt", "answer"]].reset_index(drop=True)
-            table = pa.Table.from_pandas(frame.astype(str), schema=pa.schema(
-                [(c, pa.string()) for c in (*BASE_COLUMNS, "prompt", "answer")]), preserve_index=False)
-            partial = path.with_suffix(".partial")
-            pq.write_table(table, partial)
-            partial.replace(path)
-            return path, content_digest(frame)
-        frame = frame[[*BASE_COLUMNS, "features", "label"]].reset_index(drop=True)
-        table = pa.Table.from_pandas(frame.assign(features=[np.asarray(v, dtype=np.float32).tolist()
-                                                            for v in frame["features"]]),
-                                     schema=pa.schema([("record_id", pa.string()), ("subject_id", pa.string()),
-                                                       ("split", pa.string()), ("features", pa.list_(pa.float32())),
-                                                       ("label", pa.int64())]), preserve_index=False)
+        frame = dataset_columns(frame)
         partial = path.with_suffix(".partial")
-        pq.write_table(table, partial)
+        pq.write_table(dataset_table(frame), partial)
         partial.replace(path)
         return path, content_digest(frame)
 
@@ -433,10 +439,19 @@ class DatasetCatalog:
             if key in self._cache:
                 self._cache.move_to_end(key)
                 return self._cache[key]
-        frame = self.frame(path)
+        loaded = self.from_frame(self.frame(path), key, digest)
+        with self._lock:
+            self._cache[key] = loaded
+            while len(self._cache) > self._cache_size:
+                self._cache.popitem(last=False)
+        return loaded
+
+    def from_frame(self, frame: pd.DataFrame, path: str = "", digest: str = "") -> LoadedDataset:
+        """A dataset frame in memory, with keyed subject and record hashes computed once (never kept in clear
+        anywhere else). Also builds the combined data of an update (base version plus staged records)."""
         lm = "prompt" in frame.columns
-        loaded = LoadedDataset(
-            path=key, digest=digest,
+        return LoadedDataset(
+            path=str(path), digest=digest,
             record_ids=frame["record_id"].astype(str).to_numpy(),
             subject_hashes=np.array([self.subject_hash(s) for s in frame["subject_id"].astype(str)]),
             splits=frame["split"].astype(str).to_numpy(),
@@ -446,11 +461,6 @@ class DatasetCatalog:
             prompts=frame["prompt"].astype(str).to_numpy() if lm else None,
             answers=frame["answer"].astype(str).to_numpy() if lm else None,
             record_hashes=np.array([self.tombstone(r) for r in frame["record_id"].astype(str)]))
-        with self._lock:
-            self._cache[key] = loaded
-            while len(self._cache) > self._cache_size:
-                self._cache.popitem(last=False)
-        return loaded
 
     def forget_cached(self, path: str | Path) -> None:
         with self._lock:

@@ -157,6 +157,15 @@ class VerificationPolicy:
         (every older version of the lineage): ``purge`` deletes their weights (the registry entry and its
         tags stay, saying who superseded it and why); ``archive`` keeps the weights but moves every alias off
         them. Either way the certificate lists them.
+    update_strategy: the continual-learning strategy of updates and rectifications (:mod:`continual.registry`);
+        None means the task's default (:data:`service.updates.DEFAULT_UPDATE_STRATEGY`).
+    min_update_fit: the update gate's floor on accuracy (causal LM: answer exact match) over the new records
+        after the update: they must actually be learned.
+    sealed_retention_days: how long each erasure's sealed verification set is kept (:mod:`service.sealed`):
+        its forget records, encrypted with a per-request key, so that later updates can check the erasure
+        still holds. After the window the key is destroyed (crypto-shredding, an audit event) and the check
+        reports "not checkable". 0 keeps nothing (the certificate says so). Bounded by
+        :data:`service.verification.SEALED_RETENTION_LIMITS` (0 to 3650 days).
     """
 
     max_utility_drop: float = 0.02
@@ -166,6 +175,9 @@ class VerificationPolicy:
     onnx_tolerance: float = 1e-4
     method_chain: tuple[MethodStep, ...] = ()
     superseded_versions: str = "purge"
+    update_strategy: MethodStep | None = None
+    min_update_fit: float = 0.9
+    sealed_retention_days: float = 30.0
 
     @property
     def default_method(self) -> str | None:
@@ -220,6 +232,48 @@ class ErasureRequest:
     policy_overrides: dict[str, float] = field(default_factory=dict)
     # Keyed hash of the authenticated identity that submitted it, set by the front (never by the client):
     # a submitter may later read only its own requests. None when the caller is not known (engine callers).
+    submitter_hash: str | None = None
+
+
+@dataclass(frozen=True)
+class NewRecord:
+    """One record of an update, or the corrected values of one record of a rectification.
+
+    ``columns`` hold the task's columns: ``features`` (list of numbers) and ``label`` for a classifier,
+    ``prompt`` and ``answer`` for a causal LM.
+    """
+
+    record_id: str
+    subject_id: str
+    columns: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class UpdateSubmission:
+    """New records for one model to learn (``SubmitUpdate``): inline ``records`` or a Parquet ``dataset_uri``."""
+
+    request_id: str
+    model_name: str
+    records: tuple[NewRecord, ...] = ()
+    dataset_uri: str | None = None
+    strategy: str | None = None  # None: the model policy's update strategy
+    strategy_params: dict[str, Any] = field(default_factory=dict)
+    deadline: datetime | None = None
+    submitter_hash: str | None = None
+
+
+@dataclass(frozen=True)
+class RectificationSubmission:
+    """Corrections of a subject's existing records (``SubmitRectification``, GDPR Art. 16): the old values
+    are erased and the corrected ones learned, in one job per model."""
+
+    request_id: str
+    subject_id: str
+    corrected: tuple[NewRecord, ...]
+    model_names: tuple[str, ...] = ()  # empty: every model whose data holds the records
+    strategy: str | None = None
+    strategy_params: dict[str, Any] = field(default_factory=dict)
+    deadline: datetime | None = None
     submitter_hash: str | None = None
 
 
@@ -305,6 +359,50 @@ class CertificateCheck:
     reason: str
 
 
+class RequestState(str, enum.Enum):
+    PENDING = "PENDING"  # some model it touched holds no certificate yet: the GDPR clock runs
+    COMPLETED = "COMPLETED"  # every model it touched holds a certificate
+    CANCELLED = "CANCELLED"  # cancelled by an operator before any of its jobs ran
+    CLOSED = "CLOSED"  # ended by an operator with a written reason
+
+
+@dataclass(frozen=True)
+class RequestView:
+    """One request as an operator sees it (``GetRequest``)."""
+
+    request_id: str
+    kind: str
+    state: RequestState
+    received_at: datetime
+    completed_at: datetime | None
+    deadline: datetime | None
+    attempts: int
+    job_ids: tuple[str, ...]
+    certified_models: tuple[str, ...]
+    state_reason: str
+
+
+@dataclass(frozen=True)
+class RetryRequest:
+    """A new attempt under an existing request id (``RetryRequest``): the models without a certificate run
+    again, optionally with another method and stricter policy overrides. ``expected_attempt`` (0: the next)
+    makes the call idempotent."""
+
+    request_id: str
+    expected_attempt: int = 0
+    method: str | None = None
+    method_params: dict[str, Any] = field(default_factory=dict)
+    policy_overrides: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class RetryOutcome:
+    request: RequestView
+    job_ids: tuple[str, ...]
+    attempt: int
+    created: bool
+
+
 @dataclass(frozen=True)
 class PendingRequest:
     """A request without its final certificate: the GDPR clock, and the client's own deadline.
@@ -339,6 +437,14 @@ class EngineProtocol(Protocol):
         and only then return. Same request_id + same payload returns the earlier outcome with
         created=False; a different payload raises AlreadyExists. Nothing is written on error."""
 
+    def submit_update(self, request: UpdateSubmission) -> SubmitOutcome:
+        """Validate (schema, bounds, erased subjects, records and classes refused), stage the records durably,
+        commit the request and its job, then return; idempotent like an erasure."""
+
+    def submit_rectification(self, request: RectificationSubmission) -> SubmitOutcome:
+        """Validate (the records exist and are the subject's), stage the corrected values, commit one job per
+        model (erase the old values, learn the corrected ones), then return; idempotent."""
+
     def get_job(self, job_id: str) -> JobView: ...
 
     def list_jobs(self, job_filter: JobFilter) -> list[JobView]: ...
@@ -355,6 +461,20 @@ class EngineProtocol(Protocol):
 
     def pending_requests(self) -> list[PendingRequest]:
         """Requests with no final certificate yet, oldest first (the GDPR clock), with their deadlines."""
+
+    def last_event_seq(self) -> int:
+        """The newest event's seq (0 before the first): where a stream resumed "from the future" starts."""
+
+    def get_request(self, request_id: str) -> RequestView: ...
+
+    def cancel_request(self, request_id: str, reason: str) -> RequestView:
+        """Cancel a request none of whose jobs runs; FailedPrecondition otherwise (see the proto)."""
+
+    def retry_request(self, retry: RetryRequest) -> RetryOutcome:
+        """A new attempt for the models still without a certificate (see the proto)."""
+
+    def close_request(self, request_id: str, reason: str) -> RequestView:
+        """End a request with a written reason; FailedPrecondition while a job runs."""
 
     def request_owners(self, request_ids: tuple[str, ...]) -> dict[str, str | None]:
         """For each known request id, the keyed hash of the identity that submitted it (None when the

@@ -20,6 +20,7 @@ import threading
 from service import store as db
 from service.audit import AuditLog
 from service.context import PipelineContext
+from service.controls import RequestControls
 from service.datasets import DatasetCatalog
 from service.domain import (
     Certificate,
@@ -30,12 +31,18 @@ from service.domain import (
     JobView,
     ModelRegistration,
     PendingRequest,
+    RectificationSubmission,
     RegisteredModel,
+    RequestView,
+    RetryOutcome,
+    RetryRequest,
     SubmitOutcome,
+    UpdateSubmission,
 )
 from service.executors import build_executor
 from service.housekeeping import delete_removed_copies, purge_superseded
 from service.intake import Intake
+from service.update_intake import UpdateIntake
 from service.metrics import Metrics
 from service.mlflow_registry import MlflowRegistry
 from service.pipeline import STAGES
@@ -44,6 +51,7 @@ from service.queries import Queries
 from service.record_index import index_serving
 from service.registration import Registrar
 from service.scheduler import Scheduler
+from service.sealed import shred_expired
 from service.settings import Settings
 from service.store_metrics import StoreCollector
 from unlearn.device import resolve_device
@@ -73,6 +81,8 @@ class Engine:
         self.queries.ctx = self.context
         self.registrar = Registrar(self.context)
         self.intake = Intake(self.context)
+        self.update_intake = UpdateIntake(self.context)
+        self.controls = RequestControls(self.context, self.intake)
         # One identity per engine instance in every lease it takes: the configured worker id (the pod name
         # in the chart) plus a random suffix, so two engines of one process never share a lease.
         self.owner = f"{self.settings.worker_id}/{secrets.token_hex(3)}"
@@ -84,11 +94,12 @@ class Engine:
 
     def _housekeeping(self) -> None:
         """Every HOUSEKEEPING_S: :mod:`service.housekeeping` (superseded versions; this host's copies of
-        removed ones)."""
+        removed ones) and :func:`service.sealed.shred_expired` (sealed-set keys past their window)."""
         while not self._stopping.wait(HOUSEKEEPING_S):
             try:
                 purge_superseded(self.context)
                 delete_removed_copies(self.context)
+                shred_expired(self.context)
             except Exception:  # the store may be unreachable for a while; next round
                 log.exception("housekeeping failed")
 
@@ -96,6 +107,10 @@ class Engine:
         """A dataset version another host wrote: download its MLflow copy (workers on other hosts)."""
         with self.store.read() as conn:
             row = db.dataset_by_path(conn, recorded_path)
+            staged = db.staged_artifact_for(conn, recorded_path) if row is None else None
+        if staged:  # an update's staged records
+            self.registry.download_artifact(staged, local_path)
+            return
         if row is None or row.removed_at is not None:
             raise FileNotFoundError(f"no live dataset version recorded at {recorded_path}")
         self.registry.download_artifact(row.mlflow_artifact_uri or "", local_path)
@@ -142,6 +157,12 @@ class Engine:
     def submit_erasure(self, request: ErasureRequest) -> SubmitOutcome:
         return self.intake.submit_erasure(request)
 
+    def submit_update(self, request: UpdateSubmission) -> SubmitOutcome:
+        return self.update_intake.submit_update(request)
+
+    def submit_rectification(self, request: RectificationSubmission) -> SubmitOutcome:
+        return self.update_intake.submit_rectification(request)
+
     def get_job(self, job_id: str) -> JobView:
         return self.queries.get_job(job_id)
 
@@ -151,6 +172,9 @@ class Engine:
     def events(self, after_seq: int = 0, job_ids: tuple[str, ...] = (), request_ids: tuple[str, ...] = (),
                wait_s: float = 0.0) -> list[JobEvent]:
         return self.queries.events(after_seq, job_ids, request_ids, wait_s)
+
+    def last_event_seq(self) -> int:
+        return self.queries.last_event_seq()
 
     def get_certificate(self, request_id: str) -> list[Certificate]:
         return self.queries.get_certificate(request_id)
@@ -163,3 +187,18 @@ class Engine:
 
     def request_owners(self, request_ids: tuple[str, ...]) -> dict[str, str | None]:
         return self.queries.request_owners(request_ids)
+
+    # ------------------------------------------------------------------------------ operator controls
+    def get_request(self, request_id: str) -> RequestView:
+        return self.controls.get_request(request_id)
+
+    def cancel_request(self, request_id: str, reason: str) -> RequestView:
+        return self.controls.cancel_request(request_id, reason)
+
+    def retry_request(self, retry: RetryRequest) -> RetryOutcome:
+        outcome = self.controls.retry_request(retry)
+        self.store.wake()  # the new job may run at once
+        return outcome
+
+    def close_request(self, request_id: str, reason: str) -> RequestView:
+        return self.controls.close_request(request_id, reason)

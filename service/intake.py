@@ -152,6 +152,11 @@ class Intake:
         violations += override_violations(dict(request.policy_overrides))
         return violations[:MAX_VIOLATIONS]
 
+    def resolve_targets(self, request: ErasureRequest, subject_hashes: list[str],
+                        record_hashes: list[str]) -> list[dict[str, Any]]:
+        """Per model the request touches: method, parameters, and matched records (also for a retry)."""
+        return self._targets(request, subject_hashes, record_hashes)
+
     def _targets(self, request: ErasureRequest, subject_hashes: list[str],
                  record_hashes: list[str]) -> list[dict[str, Any]]:
         """Per model the request touches: method, parameters, and how many records it matches now."""
@@ -187,6 +192,10 @@ class Intake:
                 continue
             except UnknownMethodError as error:
                 violations.append(FieldViolation("method", str(error)))
+                continue
+            reason = methods.unsupported_reason(method, info.task_type.value)
+            if reason:
+                violations.append(FieldViolation("method", f"{reason} (model {preview(name)})"))
                 continue
             for index, value in enumerate(request.classes):
                 if value >= info.num_classes:

@@ -59,6 +59,21 @@ class Metrics:
             registry=self.registry)
         if overdue_pending_count is not None:
             self.overdue_pending.set_function(overdue_pending_count)
+        self.updates = Counter("lethe_updates_total", "Update and rectification jobs, by kind and outcome.",
+                               ["kind", "outcome"], registry=self.registry)
+        self.records_learned = Counter("lethe_records_learned_total",
+                                       "Records learned by verified updates and rectifications.",
+                                       registry=self.registry)
+        self.update_regressions = Counter(
+            "lethe_update_regressions_total",
+            "Earlier erasures an update made come back (re-checked on their sealed sets), before escalation.",
+            registry=self.registry)
+        self.update_bwt = Gauge("lethe_update_utility_change", "Utility after minus before of the model's last "
+                                "verified update (a backward-transfer view; negative = forgetting).",
+                                ["model"], registry=self.registry)
+        self.update_stability_gap = Gauge(
+            "lethe_update_stability_gap", "Utility before the model's last verified update minus the lowest "
+            "utility measured during it (De Lange et al.'s stability gap).", ["model"], registry=self.registry)
         self.certificates_late = Counter(
             "lethe_certificates_late_total",
             "Certificates issued after their request's deadline (the erasure was still done, late).",

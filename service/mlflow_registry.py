@@ -257,6 +257,20 @@ class MlflowRegistry:
                 raise
         return name
 
+    def stage_artifact(self, path: Path) -> str:
+        """Log a staged training-data file (an update's records) to Lethe's staging run, where a worker on
+        another host fetches it; returns its artifact URI (deleted with :meth:`delete_artifact`)."""
+        run_id = self._staging_run_id()
+        self.client.log_artifact(run_id, str(path), "lethe-staged")
+        return f"{self.client.get_run(run_id).info.artifact_uri}/lethe-staged/{path.name}"
+
+    def _staging_run_id(self) -> str:
+        found = self.client.search_runs([self.experiment_id], "tags.`lethe.staging` = 'true'", max_results=1)
+        if found:
+            return found[0].info.run_id
+        return self.client.create_run(self.experiment_id, run_name="lethe-staging",
+                                      tags={"lethe.staging": "true"}).info.run_id
+
     def attach_dataset(self, version: ModelVersion, dataset_path: Path, tags: Mapping[str, Any]) -> str:
         """Registration: log the dataset copy next to the version and tag the version; returns the
         dataset artifact URI. The version's own run receives the artifact when it has one."""
@@ -357,6 +371,19 @@ class MlflowRegistry:
             if not _gone(uri):
                 raise
             log.debug("artifact %s already gone: %s", uri, error)
+
+    def log_sealed(self, name: str, job_id: str, path: Path) -> str:
+        """Copy a sealed verification set (ciphertext, :mod:`service.sealed`) into the job's own sealed-sets
+        run, so processes on other hosts can read it; returns its artifact URI. Idempotent: a resumed job
+        finds its run by tag and overwrites the same artifact."""
+        found = self.client.search_runs([self.experiment_id], f"tags.`lethe.sealed_job` = '{_quote(job_id)}'",
+                                        max_results=1)
+        run = found[0] if found else self.client.create_run(
+            self.experiment_id, run_name=f"lethe-sealed-{job_id}",
+            tags={"lethe.sealed_job": job_id, "lethe.model_name": name})
+        self.client.log_artifact(run.info.run_id, str(path), "lethe-sealed")
+        self.client.set_terminated(run.info.run_id)
+        return f"{run.info.artifact_uri}/lethe-sealed/{path.name}"
 
     def download_artifact(self, artifact_uri: str, target: Path) -> None:
         """Copy one artifact file (a dataset version) to ``target``, through the tracking server when there

@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +37,7 @@ from service.datasets import LoadedDataset, remove_tree, safe_name
 from service.context import ModelInfo, PipelineContext
 from service.domain import EventKind, JobState
 from service.mlflow_registry import ERASED_CLASSES_TAG
+from service.sealed import certificate_summary, seal_erasure
 from service.task_support import task_support
 from service.verification import effective_policy, verify
 from unlearn import registry as methods
@@ -139,18 +140,59 @@ def importance_dir(ctx: PipelineContext, model_name: str, version: str) -> Path:
     return ctx.settings.cache_dir / "importance" / safe_name(model_name) / version
 
 
-def job_chain(job, policy, erases_classes: bool) -> list[tuple[str, dict[str, Any]]]:
+def job_chain(job, policy, erases_classes: bool, task_type: str) -> list[tuple[str, dict[str, Any]]]:
     """The job's escalation chain: its own method first (the request's, or the policy's first), then the rest
-    of the policy's chain. Methods that erase whole classes only are skipped for record erasure."""
+    of the policy's chain. Methods that erase whole classes only are skipped for record erasure, and methods
+    that do not support the model's task are skipped (registration and intake refuse them up front)."""
     chain = [(job.method, dict(job.method_params))]
     chain += [(step.name, dict(step.params)) for step in policy.method_chain if step.name != job.method]
     return [(name, params) for name, params in chain
-            if erases_classes or methods.get(name).erases != "classes"]
+            if (erases_classes or methods.get(name).erases != "classes")
+            and methods.supports(name, task_type)]
+
+
+@dataclass
+class Scope:
+    """What resolve and measure give the rest of a job: the base data, who is what, and the base model.
+
+    Masks are over ``data`` (the base dataset version): ``forget`` the training records to erase, ``retain``
+    the other training records, ``tune`` / ``audit`` the never-trained records dealt by keyed hash
+    (:mod:`unlearn.splits`: methods may look at tune, only the gate at audit), ``utility`` the records the
+    gate measures utility on (:class:`service.task_support.TaskSupport`).
+    """
+
+    data: LoadedDataset
+    dataset_row: Any
+    support: Any
+    erase: np.ndarray
+    forget: np.ndarray
+    retain: np.ndarray
+    tune: np.ndarray
+    audit: np.ndarray
+    earlier_left: np.ndarray
+    classes: tuple[int, ...] | None
+    earlier_classes: tuple[int, ...]
+    lineage_classes: tuple[int, ...]
+    resolution: dict[str, Any]
+    matched: dict[str, np.ndarray] = field(default_factory=dict)  # per request, the records it erases
+    # Filled by measure():
+    base_model: nn.Module | None = None
+    task: TaskAdapter | None = None
+    examples_of: Any = None
+    utility_mask: np.ndarray | None = None
+    utility_before: float | None = None
+
+    def examples(self, mask: np.ndarray):
+        return self.examples_of(mask)
 
 
 def run_job(ctx: PipelineContext, job_id: str) -> JobState:
     """Carry one claimed (RUNNING) job to its terminal state; returns it. Exceptions propagate to the
     worker, which marks the job FAILED.
+
+    The job's kind picks how its new model version is made: an erasure (``records`` / ``classes``) unlearns
+    (:func:`_unlearn_and_register`), an update learns new records and a rectification does both
+    (:mod:`service.updates`). Registration's store side, the purge and the audit are the same for all.
 
     Resumable at every point: until the new model version is registered the job restarts from resolve
     (nothing it wrote is visible yet); once MLflow holds the version tagged with this job, everything the
@@ -169,7 +211,12 @@ def run_job(ctx: PipelineContext, job_id: str) -> JobState:
     registered = (ctx.registry.version_for_job(job.model_name, job_id)
                   if stored.get("verification", {}).get("passed") and stored.get("dataset_after") else None)
     if registered is None:
-        outcome = _unlearn_and_register(ctx, job, request_rows, info, progress)
+        if job.selector in ("update", "rectify"):
+            from service.updates import learn_and_register  # the update and rectification job kinds
+
+            outcome = learn_and_register(ctx, job, request_rows, info, progress)
+        else:
+            outcome = _unlearn_and_register(ctx, job, request_rows, info, progress)
         if outcome is not None:
             return outcome
         with ctx.store.read() as conn:
@@ -178,12 +225,19 @@ def run_job(ctx: PipelineContext, job_id: str) -> JobState:
     else:
         progress.stage("register", f"resuming: version {registered.version} was already registered by this job")
         record = stored
+    return _finish(ctx, job, request_rows, info, record, registered, progress)
+
+
+def _finish(ctx: PipelineContext, job, request_rows, info: ModelInfo, record: dict[str, Any], registered,
+            progress: Progress) -> JobState:
+    """The registered version becomes serving; then purge and audit. Idempotent (a resumed job repeats it)."""
+    job_id, request_ids = job.job_id, tuple(r.request_id for r in request_rows)
     version = str(registered.version)
     resolution = record["resolution"]
     dataset_after = {**record["dataset_after"], "artifact_uri": registered.tags.get("lethe.dataset_uri", "")}
     alias = info.serving_alias or ctx.settings.serving_alias
     ctx.registry.set_serving(job.model_name, version, alias)
-    with ctx.store.write() as conn:  # idempotent: a resumed job repeats it
+    with ctx.store.write() as conn:
         if db.dataset_written_by_job(conn, job_id) is None:
             db.insert_dataset_version(conn, job.model_name, dataset_after["digest"], dataset_after["path"],
                                       dataset_after["records"], version, job_id, dataset_after["artifact_uri"])
@@ -193,15 +247,28 @@ def run_job(ctx: PipelineContext, job_id: str) -> JobState:
 
     # ---- purge: older copies of this lineage's data, caches derived from them, superseded versions ---------
     progress.stage("purge", "removing older dataset copies, derived caches and superseded model versions")
-    removed = []
     with ctx.store.read() as conn:
         stale = [row for row in db.live_dataset_versions(conn, job.model_name) if row.job_id != job_id]
-        lineage = sorted({row.model_version for row in db.lineage_dataset_versions(conn, job.model_name)} - {version}, key=int)
+        lineage = sorted({row.model_version for row in db.lineage_dataset_versions(conn, job.model_name)} - {version},
+                         key=int)
     purge_dataset_copies(ctx, stale)  # the base version's too: a resumed job reads only its stored evidence
-    removed += [row.version for row in stale]
-    superseded = [ctx.registry.supersede(job.model_name, older, version, info.policy.superseded_versions,
-                                         f"trained on records erased by job {job_id}")
-                  for older in lineage]
+    removed = [row.version for row in stale]
+    # Only versions trained on data erased since are superseded: an update erases nothing.
+    superseded = ([ctx.registry.supersede(job.model_name, older, version, info.policy.superseded_versions,
+                                          f"trained on records erased by job {job_id}") for older in lineage]
+                  if resolution["tombstones"] else [])
+    for staged in record.get("staged", []):  # an update's staged records now live in the new dataset version
+        ctx.registry.delete_artifact(staged.get("artifact_uri") or "")
+        ctx.catalog.delete_local(staged["path"])
+    from service.lineage_state import promote, purge_erased  # continual state of the lineage
+
+    if job.selector in ("update", "rectify"):
+        promote(ctx, job.model_name, job_id)  # the buffer and state this update produced become the lineage's
+    if resolution["tombstones"] or job.selector == "classes":  # no buffer row or carried state of erased data
+        record["continual_state"] = purge_erased(
+            ctx, job.model_name, resolution,
+            subject_hashes=[h for row in request_rows if row.kind == "erase" for h in row.subject_hashes],
+            classes=[c for row in request_rows for c in row.classes])
     remove_tree(importance_dir(ctx, job.model_name, job.base_version))
     remove_tree(ctx.settings.cache_dir / "measure" / safe_name(job.model_name))
     (ctx.settings.cache_dir / "onnx" / f"{job_id}.onnx").unlink(missing_ok=True)  # logged; the copy is scratch
@@ -210,7 +277,7 @@ def run_job(ctx: PipelineContext, job_id: str) -> JobState:
     progress.stage("audit", "signing certificates")
     weights = record["weights"]
     shared = {
-        "job_id": job_id, "model_name": job.model_name, "coalesced_requests": len(request_ids),
+        "job_id": job_id, "kind": job.selector, "model_name": job.model_name, "coalesced_requests": len(request_ids),
         "model": {"base_version": job.base_version, "result_version": version, "serving_alias": alias,
                   "weights_sha256_before": weights["before"], "weights_sha256_after": weights["after"],
                   "weights_changed": weights["after"] != weights["before"], "superseded_versions": superseded},
@@ -218,34 +285,50 @@ def run_job(ctx: PipelineContext, job_id: str) -> JobState:
                     "records_before": resolution["dataset_records"], "records_after": dataset_after["records"],
                     "older_versions_removed": removed, "tombstones_added": len(resolution["tombstones"])},
         "method": record["method"], "attempts": record.get("attempts", []), "verification": record["verification"],
-        "code_version": ctx.settings.code_version,
+        "sealed": certificate_summary(record.get("sealed")), "code_version": ctx.settings.code_version,
     }
+    for key in ("update", "continual_state"):  # what an update learned; sealed sets; purged state
+        if key in record:
+            shared[key] = record[key]
     ctx.metrics.records_erased.inc(resolution["erased"])
+    learned = record.get("update", {}).get("records_learned", 0)
+    if job.selector in ("update", "rectify"):
+        ctx.metrics.updates.labels(job.selector, "succeeded").inc()
+        ctx.metrics.records_learned.inc(learned)
+        verification, stability = record["verification"], record["update"].get("stability") or {}
+        if verification.get("bwt_utility") is not None:
+            ctx.metrics.update_bwt.labels(job.model_name).set(verification["bwt_utility"])
+        if stability.get("gap") is not None:
+            ctx.metrics.update_stability_gap.labels(job.model_name).set(stability["gap"])
     _issue(ctx, job, request_rows, resolution["requests"], shared, record["label"], progress,
-           f"version {version} registered and serving as {alias!r}; {resolution['erased']} record(s) erased")
+           f"version {version} registered and serving as {alias!r}; {resolution['erased']} record(s) erased"
+           + (f", {learned} learned" if learned else ""))
     return JobState.SUCCEEDED
 
 
-def _unlearn_and_register(ctx: PipelineContext, job, request_rows, info: ModelInfo,
-                          progress: Progress) -> JobState | None:
-    """resolve -> measure -> apply and verify (escalating) -> register. Returns the job's final state when it
-    ends here (no records, or rejected); None once the new version is registered and the evidence stored."""
-    job_id, request_ids = job.job_id, tuple(r.request_id for r in request_rows)
+def resolve_erasure(ctx: PipelineContext, job, request_rows, info: ModelInfo, progress: Progress) -> Scope:
+    """resolve: the job's requests against the base dataset version -> a :class:`Scope` (its ``erase`` mask
+    is empty when no record matched: the job then ends with "no records found" certificates)."""
     with ctx.store.read() as conn:
         dataset_row = db.dataset_for_model_version(conn, job.model_name, job.base_version)
     if dataset_row is None:
         raise RuntimeError(f"no dataset version recorded for {job.model_name} version {job.base_version}")
-    policy = effective_policy(info.policy, dict(job.policy_overrides))
-    support = task_support(info)  # what differs between classifiers and causal LMs
-
-    # ---- resolve: requests -> records of this model's dataset version --------------------------------
-    progress.stage("resolve", f"resolving {len(request_ids)} request(s) against dataset {dataset_row.digest[:12]}")
+    progress.stage("resolve", f"resolving {len(request_rows)} request(s) against dataset {dataset_row.digest[:12]}")
     data = ctx.catalog.load(dataset_row.path, dataset_row.digest)
     matched = {row.request_id: data.match(set(row.subject_hashes), set(row.record_hashes), set(row.classes))
                for row in request_rows}
+    scope = build_scope(ctx, job, info, data, dataset_row, matched,
+                        tuple(sorted({c for row in request_rows for c in row.classes})) or None)
+    fault_point("stage:resolve:inside")
+    return scope
+
+
+def build_scope(ctx: PipelineContext, job, info: ModelInfo, data: LoadedDataset, dataset_row,
+                matched: dict[str, np.ndarray], classes: tuple[int, ...] | None = None) -> Scope:
+    """The masks of a job over ``data``: ``matched`` holds, per request, the records it erases (an update
+    erases none; a rectification its old values)."""
     erase = np.logical_or.reduce(list(matched.values())) if matched else np.zeros(len(data), dtype=bool)
     train, holdout_all = data.split_mask("train"), data.split_mask("holdout")
-    classes = tuple(sorted({c for row in request_rows for c in row.classes})) or None
     # Consecutive class erasures on one model lineage are consecutive tasks (issue 6): the method is told
     # EVERY class erased so far (the parent version's ``lethe.erased_classes`` tag plus this job's classes).
     # The forget set stays this job's records: the earlier classes' records were purged from the dataset by
@@ -258,117 +341,149 @@ def _unlearn_and_register(ctx: PipelineContext, job, request_rows, info: ModelIn
         raise RuntimeError(f"dataset {dataset_row.digest[:12]} still holds {int((earlier_mask & train).sum())} "
                            f"training record(s) of classes {list(earlier_classes)} that earlier jobs erased")
     lineage_classes = tuple(sorted(set(earlier_classes) | set(classes or ())))
-    method_classes = lineage_classes if classes else None  # record erasure stays record erasure
-    forget_mask, retain_mask = erase & train, train & ~erase
     # Never-trained records, dealt into tune (methods may stop or search on it) and audit (only the gate),
     # by keyed hash of the record id: stable across dataset versions (unlearn.splits).
     never_trained = holdout_all & ~erase & ~earlier_mask
     audit_side = audit_mask(data.record_ids.astype(str), ctx.settings.split_key_bytes)
-    tune_mask, audit_mask_ = never_trained & ~audit_side, never_trained & audit_side
     resolution = {
         "requests": {request_id: {"matched": int(mask.sum()), "erased_from_training": int((mask & train).sum()),
                                   "record_ids_sha256": sha256_hex("\n".join(sorted(data.record_ids[mask].astype(str))))}
                      for request_id, mask in matched.items()},
-        "erased": int(erase.sum()), "tombstones": sorted(ctx.catalog.tombstone(r) for r in data.record_ids[erase]),
+        "erased": int(erase.sum()), "tombstones": sorted(data.record_hashes[erase].astype(str).tolist()),
         "dataset_digest": dataset_row.digest, "dataset_records": len(data), "lineage_classes": list(lineage_classes),
     }
-    if not erase.any():
-        _finish_without_records(ctx, job, request_rows, data, progress)
-        return JobState.SUCCEEDED
-    with ctx.store.write() as conn:
-        db.update_job(conn, job_id, records=int(erase.sum()))
-    if not (tune_mask.any() and audit_mask_.any()):
-        raise RuntimeError("the erasure would leave no never-trained records in the tune or audit split "
-                           f"(tune {int(tune_mask.sum())}, audit {int(audit_mask_.sum())})")
+    scope = Scope(data, dataset_row, task_support(info), erase, erase & train, train & ~erase,
+                  never_trained & ~audit_side, never_trained & audit_side, earlier_mask & ~erase, classes,
+                  earlier_classes, lineage_classes, resolution, matched)
+    if not (scope.tune.any() and scope.audit.any()):
+        raise RuntimeError("the job would leave no never-trained records in the tune or audit split "
+                           f"(tune {int(scope.tune.sum())}, audit {int(scope.audit.sum())})")
+    return scope
 
-    # ---- measure before (cached per model version) ------------------------------------------------------
+
+def measure(ctx: PipelineContext, job, info: ModelInfo, scope: Scope, progress: Progress) -> None:
+    """measure before (cached per model version): the base model, its task adapter and utility before."""
     progress.stage("measure", f"measuring version {job.base_version}")
-    base_model = support.load(ctx, job.model_name, job.base_version)
-    task = support.task()
-    examples_of = support.examples(data, base_model)
-    excluded = tuple(sorted(set(classes or ()) | set(earlier_classes)))
-    utility_mask = support.utility_mask(data, retain_mask, audit_mask_, excluded)
-    utility_before = float(correct_before(ctx, info, job.base_version, data, task, base_model, utility_mask,
-                                          examples_of).mean())
-    forget, retain, tune, audit = (examples_of(forget_mask), examples_of(retain_mask), examples_of(tune_mask),
-                                   examples_of(audit_mask_))
-    utility = examples_of(utility_mask)
-    earlier_left = earlier_mask & ~erase  # records of earlier-erased classes still present (none after purge)
-    earlier = examples_of(earlier_left) if earlier_left.any() else None
-    onnx_path = ctx.settings.cache_dir / "onnx" / f"{job_id}.onnx"
+    scope.base_model = scope.support.load(ctx, job.model_name, job.base_version)
+    scope.task = scope.support.task()
+    scope.examples_of = scope.support.examples(scope.data, scope.base_model)
+    excluded = tuple(sorted(set(scope.classes or ()) | set(scope.earlier_classes)))
+    scope.utility_mask = scope.support.utility_mask(scope.data, scope.retain, scope.audit, excluded)
+    # Class erasure: the gate measures the base model with the erased classes masked out (what a retrained
+    # model, which never predicts them, reaches), so the cached plain accuracy does not apply.
+    scope.utility_before = None if excluded else float(correct_before(
+        ctx, info, job.base_version, scope.data, scope.task, scope.base_model, scope.utility_mask,
+        scope.examples_of).mean())
+    fault_point("stage:measure:inside")
 
-    # ---- apply and verify, escalating along the method chain ----------------------------------------------
-    if not forget_mask.any():  # only never-trained records matched: nothing to unlearn, only to purge
+
+def unlearn(ctx: PipelineContext, job, info: ModelInfo, scope: Scope, progress: Progress,
+            policy) -> tuple[nn.Module, dict[str, Any], ChainResult | None]:
+    """apply and verify, escalating along the method chain: (model after, evidence record, chain outcome).
+    The outcome is None when no training record matched (nothing to unlearn; the model stays as it is)."""
+    if not scope.forget.any():  # only never-trained records matched: nothing to unlearn, only to purge
         progress.stage("apply", "no training records matched; the model is unchanged and the records are purged")
-        after = base_model
-        record = {"label": "exact", "attempts": [],
-                  "method": {"name": "none", "params": {}, "details": {}, "message": "no training records; only purged"},
-                  "verification": {"passed": True, "checks": [],
-                                   "note": "no training records matched: the model never trained on them"}}
-    else:
-        chain = job_chain(job, policy, bool(classes))
-        request = UnlearnRequest(task=task, forget=forget, retain=retain, tune=tune,
-                                 train_importance=TrainImportance(task, examples_of(train), ImportanceCache(
-                                     importance_dir(ctx, job.model_name, job.base_version))),
-                                 model_factory=_factory(info.training), recipe=_recipe(info.training),
-                                 forget_classes=method_classes, seed=0, progress=progress.method_progress)
+        return scope.base_model, {
+            "label": "exact", "attempts": [],
+            "method": {"name": "none", "params": {}, "details": {}, "message": "no training records; only purged"},
+            "verification": {"passed": True, "checks": [],
+                             "note": "no training records matched: the model never trained on them"}}, None
+    forget, utility, audit = scope.examples(scope.forget), scope.examples(scope.utility_mask), scope.examples(scope.audit)
+    earlier = scope.examples(scope.earlier_left) if scope.earlier_left.any() else None
+    onnx_path = ctx.settings.cache_dir / "onnx" / f"{job.job_id}.onnx"
+    chain = job_chain(job, policy, bool(scope.classes), info.task_type.value)
+    request = UnlearnRequest(task=scope.task, forget=forget, retain=scope.examples(scope.retain),
+                             tune=scope.examples(scope.tune),
+                             train_importance=TrainImportance(scope.task, scope.examples(scope.forget | scope.retain),
+                                                              ImportanceCache(importance_dir(ctx, job.model_name,
+                                                                                             job.base_version))),
+                             model_factory=_factory(info.training), recipe=_recipe(info.training),
+                             forget_classes=scope.lineage_classes if scope.classes else None, seed=0,
+                             progress=progress.method_progress)
 
-        def before_attempt(index: int, method: str) -> None:
-            progress.stage("apply", f"attempt {index + 1}/{len(chain)}: {method} on {int(forget_mask.sum())} "
-                                    "training record(s)")
+    def before_attempt(index: int, method: str) -> None:
+        progress.stage("apply", f"attempt {index + 1}/{len(chain)}: {method} on {int(scope.forget.sum())} "
+                                "training record(s)")
 
-        def judge(result) -> GateResult:
-            progress.stage("verify", "utility, forgetting, membership against the audit split, ONNX export")
-            return verify(support, task, base_model, result.model, forget, utility, audit, policy, onnx_path,
-                          classes, utility_before, earlier_classes, earlier)
+    def judge(result) -> GateResult:
+        fault_point("stage:apply:inside")
+        progress.stage("verify", "utility, forgetting, membership against the audit split, ONNX export")
+        return verify(scope.support, scope.task, scope.base_model, result.model, forget, utility, audit, policy,
+                      onnx_path, scope.classes, scope.utility_before, scope.earlier_classes, earlier)
 
-        def after_attempt(attempt) -> None:
-            ctx.metrics.verification.labels("passed" if attempt.gate_passed else "rejected").inc()
-            if attempt.gate is not None:  # the evidence gauges show the latest attempt, whatever its verdict
-                ctx.metrics.record_evidence(job.model_name, attempt.gate.evidence)
-            if not attempt.gate_passed:
-                reason = attempt.error or ", ".join(attempt.gate.failures)
-                progress.event(STAGES["verify"][1], f"attempt {attempt.method} rejected ({reason})")
+    def after_attempt(attempt) -> None:
+        ctx.metrics.verification.labels("passed" if attempt.gate_passed else "rejected").inc()
+        if attempt.gate is not None:  # the evidence gauges show the latest attempt, whatever its verdict
+            ctx.metrics.record_evidence(job.model_name, attempt.gate.evidence)
+        if not attempt.gate_passed:
+            reason = attempt.error or ", ".join(attempt.gate.failures)
+            progress.event(STAGES["verify"][1], f"attempt {attempt.method} rejected ({reason})")
 
-        outcome = run_chain(base_model, request, chain, judge, after_attempt, before_attempt)
-        record = _attempts_record(outcome)
-        importance = request.train_importance
-        record["train_importance"] = {"used": importance.last_seconds > 0 or importance.last_hit,
-                                      "cached": importance.last_hit, "seconds": importance.last_seconds}
-        if not outcome.passed:
-            with ctx.store.write() as conn:
-                db.update_job(conn, job_id, evidence=jsonable(record))
-            _reject(ctx, job, request_ids, record, outcome, progress)
-            return JobState.REJECTED_BY_VERIFICATION
-        after = outcome.result.model
+    outcome = run_chain(scope.base_model, request, chain, judge, after_attempt, before_attempt)
+    record = _attempts_record(outcome)
+    importance = request.train_importance
+    record["train_importance"] = {"used": importance.last_seconds > 0 or importance.last_hit,
+                                  "cached": importance.last_hit, "seconds": importance.last_seconds}
+    return (outcome.result.model if outcome.passed else scope.base_model), record, outcome
 
-    # ---- register: the purged dataset version, then the model version (exactly once) -------------------
+
+def register_version(ctx: PipelineContext, job, info: ModelInfo, scope: Scope, after: nn.Module,
+                     record: dict[str, Any], frame, progress: Progress, extra_tags: dict[str, Any] | None = None) -> None:
+    """register: the new dataset version (``frame``), the evidence stored, then the model version (exactly
+    once). Everything later stages need goes into the stored evidence BEFORE MLflow holds the version: a job
+    resumed after that point takes it from there."""
     progress.stage("register", "registering the new version")
-    frame = ctx.catalog.frame(dataset_row.path)
-    frame = frame[~frame["record_id"].astype(str).isin(set(data.record_ids[erase]))]
-    new_path, new_digest = ctx.catalog.write_version(job.model_name, frame, f"job-{job_id}")
+    new_path, new_digest = ctx.catalog.write_version(job.model_name, frame, f"job-{job.job_id}")
+    fault_point("stage:register:inside")
     verification = record["verification"]
+    with ctx.store.read() as conn:
+        request_ids = db.job_request_ids(conn, job.job_id)
     tags = {
         "lethe.unlearnable": "true", "lethe.task_type": info.task_type.value,
         "lethe.num_classes": str(info.num_classes), "lethe.policy": asdict(info.policy),
-        "lethe.training": info.training, "lethe.dataset_digest": new_digest,
+        "lethe.training": info.training, "lethe.dataset_digest": new_digest, "lethe.kind": job.selector,
         "lethe.parent_version": job.base_version, "lethe.request_ids": list(request_ids),
         "lethe.method": record["method"]["name"], "lethe.method_params": record["method"]["params"],
         "lethe.metrics": {k: verification.get(k) for k in ("utility_acc_before", "utility_acc_after",
                                                             "forget_acc_before", "forget_acc_after")},
         "lethe.label": record["label"], "lethe.code_version": ctx.settings.code_version,
-        ERASED_CLASSES_TAG: list(lineage_classes),
+        ERASED_CLASSES_TAG: list(scope.lineage_classes), **(extra_tags or {}),
     }
-    metrics = {k: float(v) for k, v in tags["lethe.metrics"].items() if v is not None}
-    # Everything the later stages need goes into the stored evidence BEFORE MLflow holds the version: a job
-    # resumed after that point takes it from there.
-    record.update(resolution=resolution, weights={"before": weights_digest(base_model), "after": weights_digest(after)},
+    metrics = {k: float(v) for k, v in tags["lethe.metrics"].items() if isinstance(v, (int, float))}
+    record.update(resolution=scope.resolution,
+                  weights={"before": weights_digest(scope.base_model), "after": weights_digest(after)},
                   dataset_after={"path": str(new_path), "digest": new_digest, "records": len(frame)})
     with ctx.store.write() as conn:
-        db.update_job(conn, job_id, evidence=jsonable(record))
-    ctx.registry.register_job_version(job.model_name, job_id, after, tags, metrics, new_path, onnx_path,
-                                      tokenizer=support.tokenizer, parent_version=job.base_version)
+        db.update_job(conn, job.job_id, evidence=jsonable(record))
+    onnx_path = ctx.settings.cache_dir / "onnx" / f"{job.job_id}.onnx"
+    ctx.registry.register_job_version(job.model_name, job.job_id, after, tags, metrics, new_path, onnx_path,
+                                      tokenizer=scope.support.tokenizer, parent_version=job.base_version)
     fault_point("registered")  # crash tests only: MLflow has the version, the store does not know yet
+
+
+def _unlearn_and_register(ctx: PipelineContext, job, request_rows, info: ModelInfo,
+                          progress: Progress) -> JobState | None:
+    """An erasure: resolve -> measure -> apply and verify (escalating) -> register. Returns the job's final
+    state when it ends here (no records, or rejected); None once the new version is registered."""
+    scope = resolve_erasure(ctx, job, request_rows, info, progress)
+    if not scope.erase.any():
+        _finish_without_records(ctx, job, request_rows, scope.data, progress)
+        return JobState.SUCCEEDED
+    with ctx.store.write() as conn:
+        db.update_job(conn, job.job_id, records=int(scope.erase.sum()))
+    measure(ctx, job, info, scope, progress)
+    policy = effective_policy(info.policy, dict(job.policy_overrides))
+    after, record, outcome = unlearn(ctx, job, info, scope, progress, policy)
+    if outcome is not None and not outcome.passed:
+        with ctx.store.write() as conn:
+            db.update_job(conn, job.job_id, evidence=jsonable(record))
+        _reject(ctx, job, tuple(r.request_id for r in request_rows), record, outcome, progress)
+        return JobState.REJECTED_BY_VERIFICATION
+    frame = ctx.catalog.frame(scope.dataset_row.path)
+    # The erased training records, sealed per request for later updates' re-checks (service.sealed).
+    record["sealed"] = seal_erasure(ctx, job, request_rows, scope.data, scope.matched, scope.forget, policy, frame)
+    frame = frame[~frame["record_id"].astype(str).isin(set(scope.data.record_ids[scope.erase]))]
+    register_version(ctx, job, info, scope, after, record, frame, progress)
     return None
 
 

@@ -99,6 +99,10 @@ class Queries:
         return [PendingRequest(request_id, received_at, deadline, deadline is not None and deadline < now)
                 for request_id, received_at, deadline in rows]
 
+    def last_event_seq(self) -> int:
+        with self.ctx.store.read() as conn:
+            return db.last_event_seq(conn)
+
     def request_owners(self, request_ids: tuple[str, ...]) -> dict[str, str | None]:
         with self.ctx.store.read() as conn:
             return db.request_owners(conn, request_ids)

@@ -5,7 +5,8 @@ Nothing is written until every check passed: the request's fields, the policy, t
 (``Settings.dataset_roots``; refusals say nothing about the server's files), that the version was not trained
 on data erased since, how the version was logged (flavor and serialization format), the dataset's schema, that
 the model loads and accepts the data (a forward pass; for causal LMs the tokenizer, context and vocabulary),
-that the model factory builds the same model, and that no record of the dataset was erased before
+that the model factory builds the same model, that every method of the chain can run on the model (the task
+capability: a method's tasks and model check), and that no record of the dataset was erased before
 (tombstones): the model contract of docs/models.md, checked by :mod:`service.contract`. Then, in order: Lethe's
 own copy of the dataset, the MLflow version's tags, the serving alias, and one store transaction with the audit
 entry.
@@ -51,7 +52,7 @@ class Registrar:
         policy = _with_default_chain(policy, registration)
         violations = self._tombstone_violations(frame)
         if violations:
-            raise InvalidArgument("the dataset cannot be registered", tuple(violations))
+            raise InvalidArgument("the model cannot be registered", tuple(violations))
 
         path, digest = self.ctx.catalog.write_version(registration.model_name, frame, f"registered-v{version}")
         mlflow_version = self.ctx.registry.resolve(registration.model_name, version)
@@ -136,6 +137,12 @@ class Registrar:
             violations = contract.forward_violations(model, frame, registration.num_classes)
         if registration.model_factory and recipe is not None:
             violations += contract.factory_violations(registration.model_factory, recipe.seed, model)
+        chain = _with_default_chain(registration.policy, registration).method_chain
+        for index, step in enumerate(chain):  # every method of the chain can run on this model
+            reason = methods.unsupported_reason(step.name, registration.task_type.value, model)
+            if reason:
+                violations.append(FieldViolation("policy.default_method" if registration.chain_from_default_method
+                                                 else f"policy.method_chain[{index}].name", reason))
         return violations
 
     def _refuse_erased_versions(self, name: str, version: str, tags: dict[str, str]) -> None:

@@ -33,6 +33,16 @@ RESERVED_GRPC_WORKERS = 4
 submissions at once; unary calls last milliseconds, so a handful of threads serves many of them."""
 
 
+def stream_budgets(grpc_max_workers: int) -> tuple[int, int]:
+    """(Session streams, other streams) one replica serves at once: the threads left after the unary reserve,
+    a quarter (at least one) for the short-lived streams (``WatchJob``, server reflection, health ``Watch``)
+    and the rest for the long-lived ``Session`` streams. Separate budgets: a replica whose Sessions are at
+    their cap still answers a ``WatchJob`` or a reflection query from a new client."""
+    streams = grpc_max_workers - RESERVED_GRPC_WORKERS
+    others = max(1, streams // 4)
+    return streams - others, others
+
+
 def _default_code_version() -> str:
     """``lethe <package version>+g<commit>`` so a certificate names the exact code that produced it."""
     try:
@@ -81,12 +91,13 @@ class Settings(BaseSettings):
     grpc_port: int = Field(50051, ge=0, le=65535)
     """gRPC port (0 picks a free port, for tests)."""
 
-    grpc_max_workers: int = Field(32, ge=RESERVED_GRPC_WORKERS + 1, le=4096)
+    grpc_max_workers: int = Field(32, ge=RESERVED_GRPC_WORKERS + 2, le=4096)
     """Threads serving RPCs (``LETHE_GRPC_MAX_WORKERS``). Each open stream (``Session``, ``WatchJob``, health
-    ``Watch``) holds one thread for its whole life, which can be hours; a unary call holds one for
-    milliseconds. Open streams are therefore capped at this number minus ``RESERVED_GRPC_WORKERS`` (4), and a
-    stream over the cap is refused at once with RESOURCE_EXHAUSTED (clients back off or use another
-    replica). Why a reserve: gRPC queues a call that finds no free thread, so a pool filled with streams
+    ``Watch``, reflection) holds one thread for its whole life, which can be hours; a unary call holds one for
+    milliseconds. Open streams are therefore capped at this number minus ``RESERVED_GRPC_WORKERS`` (4), split
+    into two budgets (:func:`stream_budgets`: three quarters for ``Session`` streams, the rest for the others,
+    so a replica full of Sessions still serves ``WatchJob`` and reflection), and a stream over its budget is
+    refused at once with RESOURCE_EXHAUSTED (clients back off or use another replica). Why a reserve: gRPC queues a call that finds no free thread, so a pool filled with streams
     would queue the Kubernetes health probe behind them; the probe would time out and the kubelet would
     restart a replica that was merely busy, dropping every stream it held. Size it to the concurrent
     data-governance streams one replica should carry plus the reserve; scale out with replicas beyond that
@@ -134,6 +145,13 @@ class Settings(BaseSettings):
     code_version: str = Field(default_factory=_default_code_version)
     """Code version written into every certificate and model version tag. Default: package version and
     git commit when available; the container image sets it to the image tag."""
+
+    max_inline_update_rows: int = Field(1000, ge=1, le=100_000)
+    """Most records an update or rectification may carry inline (``records``); larger updates come as a
+    Parquet ``dataset_uri`` (bounded by ``max_update_rows``). Inline rows travel in one gRPC message."""
+
+    max_update_rows: int = Field(100_000, ge=1)
+    """Most records one update may bring from a Parquet ``dataset_uri``."""
 
     # ------------------------------------------------------------------------------------- scale-out
     executor: Literal["inprocess", "subprocess", "kubernetes", "external"] = "inprocess"

@@ -6,7 +6,9 @@ scale-out. An acknowledgement is only sent after :meth:`Store.write` has committ
 ``synchronous=FULL`` so that a committed transaction survives power loss, not only a process kill.
 
 Subject and record ids never reach this module in clear: requests keep keyed hashes (HMAC-SHA256 with the
-subject hash key) of both, tombstones keep the same keyed hashes of record ids.
+subject hash key) of both, tombstones keep the same keyed hashes of record ids. (The sealed verification sets
+of :mod:`service.sealed` hold erased records, but only as ciphertext outside the store; the store keeps
+their wrapped keys until the retention window ends.)
 
 The schema is created and upgraded by Alembic migrations (:mod:`service.migrations`) when a
 :class:`Store` opens, on SQLite and PostgreSQL alike; ``metadata`` below mirrors the head revision.
@@ -104,12 +106,16 @@ requests = sa.Table(
     sa.Column("policy_overrides", sa.JSON, nullable=False),
     _ts("deadline", nullable=True),
     _ts("received_at"),
-    sa.Column("state", sa.String(16), nullable=False, index=True),  # PENDING | COMPLETED
+    sa.Column("state", sa.String(16), nullable=False, index=True),  # PENDING | COMPLETED | CANCELLED | CLOSED
     sa.Column("first_event_seq", sa.Integer, nullable=False),
     sa.Column("outcome_job_ids", sa.JSON, nullable=False),
     _ts("completed_at", nullable=True),
     # Keyed hash of the authenticated identity that submitted the request: a submitter reads only its own.
     sa.Column("submitter_hash", sa.String(64), nullable=True, index=True),
+    sa.Column("state_reason", sa.Text),  # an operator's reason for a cancel or a close
+    # Updates and rectifications: where their records are staged until a job learns them ({"path", "digest",
+    # "rows", "artifact_uri"} per model); the records themselves (clear ids) are never in the job store.
+    sa.Column("payload", sa.JSON),
 )
 
 jobs = sa.Table(
@@ -143,6 +149,8 @@ job_requests = sa.Table(
     "job_requests", metadata,
     sa.Column("job_id", sa.String(64), primary_key=True),
     sa.Column("request_id", sa.String(_ID), primary_key=True, index=True),
+    # Which attempt of the request this job is: 1 for the submission, N for the (N-1)th RetryRequest.
+    sa.Column("attempt", sa.Integer, nullable=False, server_default="1"),
 )
 
 events = sa.Table(
@@ -192,6 +200,28 @@ tombstones = sa.Table(
     sa.Column("model_name", sa.String(_ID), nullable=False),
     sa.Column("job_id", sa.String(64), nullable=False),
     _ts("created_at"),
+)
+
+
+sealed_sets = sa.Table(  # one per (erasure job, request): the sealed verification set (service.sealed)
+    "sealed_sets", metadata,
+    sa.Column("job_id", sa.String(64), primary_key=True),
+    sa.Column("request_id", sa.String(_ID), primary_key=True),
+    sa.Column("model_name", sa.String(_ID), nullable=False, index=True),
+    sa.Column("kind", sa.String(16), nullable=False),  # records | classes
+    sa.Column("classes", sa.JSON, nullable=False),
+    sa.Column("rows", sa.Integer, nullable=False),
+    sa.Column("path", sa.Text),  # the ciphertext as the sealing process wrote it (None: nothing was kept)
+    sa.Column("artifact_uri", sa.Text),  # its MLflow copy, read by processes on other hosts
+    # The per-request AES-256-GCM key, itself wrapped (AES-GCM) with a key derived from the subject hash key;
+    # NULL once destroyed (crypto-shredding) or when nothing was kept.
+    sa.Column("wrapped_key", sa.Text),
+    sa.Column("key_fingerprint", sa.String(64)),  # what the audit chain names the key by
+    sa.Column("retention_days", sa.Float, nullable=False),
+    _ts("created_at"),
+    _ts("expires_at"),
+    _ts("destroyed_at", nullable=True),
+    sa.Column("destroyed_reason", sa.Text),
 )
 
 
@@ -391,6 +421,33 @@ def live_dataset_versions(conn: Connection, model_name: str | None = None) -> li
     return list(conn.execute(query.order_by(dataset_versions.c.id)))
 
 
+def staged_artifact_for(conn: Connection, path: str) -> str | None:
+    """The MLflow copy of a staged update file recorded at ``path`` (for a worker on another host)."""
+    for payload in conn.execute(sa.select(requests.c.payload).where(requests.c.payload.is_not(None),
+                                                                    requests.c.state == "PENDING")).scalars():
+        for staged in (payload or {}).values():
+            if staged.get("path") == path:
+                return staged.get("artifact_uri")
+    return None
+
+
+def erasure_selectors(conn: Connection, model_name: str) -> tuple[set[str], set[int]]:
+    """What may never come back to ``model_name`` through an update: the subject hashes of every erasure
+    request that targets it (pending or done), and the classes of its pending class erasures (done ones are
+    on the lineage's ``lethe.erased_classes`` tag)."""
+    subjects: set[str] = set()
+    classes: set[int] = set()
+    rows = conn.execute(sa.select(requests.c.model_names, requests.c.subject_hashes, requests.c.classes,
+                                  requests.c.state)
+                        .where(requests.c.kind == "erase", requests.c.state.in_(("PENDING", "COMPLETED"))))
+    for row in rows:
+        if model_name in (row.model_names or ()) or "*" in (row.model_names or ()):
+            subjects.update(row.subject_hashes or ())
+            if row.state == "PENDING":
+                classes.update(row.classes or ())
+    return subjects, classes
+
+
 def lineage_dataset_versions(conn: Connection, model_name: str) -> list[Row]:
     """Every dataset version of a model's lineage, removed ones included (their model versions are the lineage)."""
     return list(conn.execute(sa.select(dataset_versions).where(dataset_versions.c.model_name == model_name)
@@ -456,6 +513,12 @@ def complete_request(conn: Connection, request_id: str) -> None:
                  .values(state="COMPLETED", completed_at=utcnow()))
 
 
+def end_request(conn: Connection, request_id: str, state: str, reason: str) -> None:
+    """An operator's cancel or close: the request leaves PENDING (the clock stops) with the reason."""
+    conn.execute(sa.update(requests).where(requests.c.request_id == request_id, requests.c.state == "PENDING")
+                 .values(state=state, completed_at=utcnow(), state_reason=reason))
+
+
 def pending_requests(conn: Connection) -> list[tuple[str, datetime, datetime | None]]:
     """(request_id, received_at, deadline) of every PENDING request, oldest first."""
     rows = conn.execute(sa.select(requests.c.request_id, requests.c.received_at, requests.c.deadline)
@@ -480,8 +543,22 @@ def insert_job(conn: Connection, **values: Any) -> None:
     conn.execute(sa.insert(jobs).values(created_at=now, updated_at=now, **values))
 
 
-def link_request(conn: Connection, job_id: str, request_id: str) -> None:
-    conn.execute(sa.insert(job_requests).values(job_id=job_id, request_id=request_id))
+def link_request(conn: Connection, job_id: str, request_id: str, attempt: int = 1) -> None:
+    conn.execute(sa.insert(job_requests).values(job_id=job_id, request_id=request_id, attempt=attempt))
+
+
+def unlink_request(conn: Connection, job_id: str, request_id: str) -> None:
+    conn.execute(sa.delete(job_requests).where(job_requests.c.job_id == job_id,
+                                               job_requests.c.request_id == request_id))
+
+
+def request_attempts(conn: Connection, request_id: str) -> list[tuple[str, int]]:
+    """(job id, attempt) of every job that served the request, in attempt order."""
+    rows = conn.execute(sa.select(job_requests.c.job_id, job_requests.c.attempt)
+                        .where(job_requests.c.request_id == request_id)
+                        .join(jobs, jobs.c.job_id == job_requests.c.job_id)
+                        .order_by(job_requests.c.attempt, jobs.c.created_at))
+    return [(row.job_id, int(row.attempt)) for row in rows]
 
 
 def open_job_for(conn: Connection, model_name: str, coalesce_key: str, now: datetime) -> str | None:
@@ -529,13 +606,20 @@ def claim_candidates(conn: Connection, now: datetime, job_id: str | None = None,
     """Jobs a worker may claim now, oldest first, locked ``FOR UPDATE SKIP LOCKED`` (rows another claimer or
     an intake holds are skipped, not waited for):
 
-    - QUEUED jobs whose coalescing window has closed, of a model with no RUNNING job;
+    - QUEUED jobs whose coalescing window has closed, of a model with no RUNNING job and no older QUEUED job
+      (a lineage runs its jobs in arrival order);
     - RUNNING jobs whose lease has expired (their holder died or lost contact): reclaimed.
 
     ``job_id`` restricts the search to one job (``lethe worker --once --job-id``).
     """
     running = sa.select(jobs.c.model_name).where(jobs.c.state == "RUNNING").scalar_subquery()
-    runnable = sa.and_(jobs.c.state == "QUEUED", jobs.c.window_closes_at <= now, jobs.c.model_name.not_in(running))
+    # Arrival order per lineage (erasures, updates, rectifications alike): a job waits while an older job of
+    # its model is still queued, whatever their coalescing windows.
+    older = jobs.alias("older")
+    older_queued = sa.exists().where(older.c.model_name == jobs.c.model_name, older.c.state == "QUEUED",
+                                     older.c.created_at < jobs.c.created_at)
+    runnable = sa.and_(jobs.c.state == "QUEUED", jobs.c.window_closes_at <= now, jobs.c.model_name.not_in(running),
+                       ~older_queued)
     expired = sa.and_(jobs.c.state == "RUNNING",
                       sa.or_(jobs.c.lease_expires_at.is_(None), jobs.c.lease_expires_at <= now))
     query = sa.select(jobs).where(sa.or_(runnable, expired))
@@ -772,3 +856,56 @@ def indexed_matches(conn: Connection, dataset_ids: Sequence[int], subject_hashes
 
 def seconds_ago(seconds: float) -> datetime:
     return utcnow() - timedelta(seconds=seconds)
+
+
+# ----------------------------------------------------------------------------------------- sealed sets
+def sealed_set(conn: Connection, job_id: str, request_id: str) -> Row | None:
+    return conn.execute(sa.select(sealed_sets).where(sealed_sets.c.job_id == job_id,
+                                                     sealed_sets.c.request_id == request_id)).first()
+
+
+def insert_sealed_set(conn: Connection, **values: Any) -> None:
+    conn.execute(sa.insert(sealed_sets).values(**values))
+
+
+def update_sealed_set(conn: Connection, job_id: str, request_id: str, **values: Any) -> None:
+    conn.execute(sa.update(sealed_sets).where(sealed_sets.c.job_id == job_id,
+                                              sealed_sets.c.request_id == request_id).values(**values))
+
+
+def lineage_sealed_sets(conn: Connection, model_name: str) -> list[Row]:
+    """The sealed sets of the erasures on ``model_name``'s lineage, oldest first: those of jobs whose model
+    version was registered (``result_version`` set: succeeded, or failed after registering)."""
+    return list(conn.execute(sa.select(sealed_sets)
+                             .join(jobs, jobs.c.job_id == sealed_sets.c.job_id)
+                             .where(sealed_sets.c.model_name == model_name, jobs.c.result_version.is_not(None))
+                             .order_by(sealed_sets.c.created_at, sealed_sets.c.request_id)))
+
+
+def sealed_sets_to_destroy(conn: Connection, now: datetime, ended_states: Sequence[str],
+                           model_name: str | None = None) -> list[Row]:
+    """Sealed sets whose key still exists although their window has ended, or whose job ended
+    (``ended_states``) without registering a version, so erased nothing; of one model when ``model_name`` is
+    given."""
+    never_registered = sa.and_(jobs.c.state.in_(list(ended_states)), jobs.c.result_version.is_(None))
+    query = (sa.select(sealed_sets, jobs.c.state.label("job_state"))
+             .join(jobs, jobs.c.job_id == sealed_sets.c.job_id, isouter=True)
+             .where(sealed_sets.c.destroyed_at.is_(None),
+                    sa.or_(sealed_sets.c.expires_at <= now, never_registered, jobs.c.job_id.is_(None))))
+    if model_name is not None:
+        query = query.where(sealed_sets.c.model_name == model_name)
+    return list(conn.execute(query.order_by(sealed_sets.c.expires_at)))
+
+
+def destroy_sealed_key(conn: Connection, job_id: str, request_id: str, now: datetime, reason: str) -> bool:
+    """Overwrite the key with NULL and mark the set destroyed; False when another process did it first."""
+    result = conn.execute(sa.update(sealed_sets).where(
+        sealed_sets.c.job_id == job_id, sealed_sets.c.request_id == request_id,
+        sealed_sets.c.destroyed_at.is_(None)).values(wrapped_key=None, destroyed_at=now, destroyed_reason=reason))
+    return result.rowcount == 1
+
+
+def destroyed_sealed_sets_since(conn: Connection, since: datetime) -> list[Row]:
+    """Sets destroyed since ``since`` (their ciphertext copies are deleted again by housekeeping)."""
+    return list(conn.execute(sa.select(sealed_sets).where(sealed_sets.c.destroyed_at >= since,
+                                                          sealed_sets.c.path.is_not(None))))

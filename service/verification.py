@@ -45,19 +45,25 @@ from unlearn.tasks import TaskAdapter
 log = logging.getLogger(__name__)
 
 ONNX_TOLERANCE_LIMITS = (1e-7, 1e-3)
-OVERRIDE_LIMITS: dict[str, tuple[float, float]] = {**POLICY_LIMITS, "onnx_tolerance": ONNX_TOLERANCE_LIMITS}
+OVERRIDE_LIMITS: dict[str, tuple[float, float]] = {**POLICY_LIMITS, "onnx_tolerance": ONNX_TOLERANCE_LIMITS,
+                                                   "min_update_fit": (0.5, 1.0)}
 """Bounds of every policy value, at registration and in per-request overrides."""
+SEALED_RETENTION_LIMITS = (0.0, 3650.0)
+"""Days a sealed verification set may be kept (:mod:`service.sealed`): 0 keeps nothing; at most ten years."""
+POLICY_ONLY_LIMITS: dict[str, tuple[float, float]] = {"sealed_retention_days": SEALED_RETENTION_LIMITS}
+"""Bounds of policy values set at registration only (no per-request override)."""
 PARITY_BATCH = 64  # fixed batch for the PyTorch/onnxruntime comparison: the first audit records
 
 
-def limit_violations(values: dict[str, Any], prefix: str) -> list[FieldViolation]:
-    """Each known policy value must be a finite number within :data:`OVERRIDE_LIMITS`; unknown keys are refused."""
+def limit_violations(values: dict[str, Any], prefix: str,
+                     limits: dict[str, tuple[float, float]] = OVERRIDE_LIMITS) -> list[FieldViolation]:
+    """Each known policy value must be a finite number within ``limits``; unknown keys are refused."""
     violations = []
     for key, value in values.items():
-        if key not in OVERRIDE_LIMITS:
-            violations.append(FieldViolation(f"{prefix}.{key}", f"unknown; known: {sorted(OVERRIDE_LIMITS)}"))
+        if key not in limits:
+            violations.append(FieldViolation(f"{prefix}.{key}", f"unknown; known: {sorted(limits)}"))
             continue
-        low, high = OVERRIDE_LIMITS[key]
+        low, high = limits[key]
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
             violations.append(FieldViolation(f"{prefix}.{key}", f"must be a finite number, got {value!r}"))
         elif not low <= value <= high:
@@ -70,8 +76,9 @@ def override_violations(overrides: dict[str, Any]) -> list[FieldViolation]:
 
 
 def policy_violations(policy: VerificationPolicy) -> list[FieldViolation]:
-    numeric = {f.name: getattr(policy, f.name) for f in fields(policy) if f.name in OVERRIDE_LIMITS}
-    return limit_violations(numeric, "policy")
+    limits = {**OVERRIDE_LIMITS, **POLICY_ONLY_LIMITS}
+    numeric = {f.name: getattr(policy, f.name) for f in fields(policy) if f.name in limits}
+    return limit_violations(numeric, "policy", limits)
 
 
 def effective_policy(policy: VerificationPolicy, overrides: dict[str, Any]) -> VerificationPolicy:

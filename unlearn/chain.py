@@ -76,7 +76,7 @@ class ChainResult:
 
 def default_chain(task_name: str, has_training: bool = True) -> list[ChainStep]:
     """The default chain for a task adapter, without ``retrain`` when no training recipe is known."""
-    names = DEFAULT_CHAINS.get(task_name)
+    names = DEFAULT_CHAINS.get(registry.task_key(task_name))  # "causal-lm" (adapter) == "causal_lm" (service)
     if names is None:
         raise UnlearnError(f"no default method chain for task {task_name!r}")
     return [(name, {}) for name in names if has_training or not registry.get(name).exact]

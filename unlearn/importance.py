@@ -154,8 +154,10 @@ class TrainImportance:
     """I_D, the importance of the full training set D, for whichever method needs it.
 
     Bound to one data set; computed on first use per (model weights, batch size, variant) and kept in
-    memory and, when a cache is given, on disk. ``last_seconds`` says what the last call cost (0 on a hit)
-    so benchmarks can report the one-off cost apart from the per-request cost.
+    memory and, when a cache is given, on disk. ``last_seconds`` says what the last call cost (a lookup on
+    a hit) and ``last_hit`` whether it was one; ``compute_seconds`` adds up the seconds of the Fisher passes
+    actually run (misses only, the disk read of a hit excluded) and ``computed`` lists their
+    ``(batch_size, variant)``, so a benchmark reports the importance pass a method really used.
     """
 
     def __init__(self, task: TaskAdapter, train: ExampleSet, cache: ImportanceCache | None = None):
@@ -168,6 +170,8 @@ class TrainImportance:
         self._memory: dict[tuple[str, int, str], Importance] = {}
         self.last_seconds = 0.0
         self.last_hit = False
+        self.compute_seconds = 0.0
+        self.computed: list[tuple[int, str]] = []
 
     def __len__(self) -> int:
         return len(self.train)
@@ -181,7 +185,10 @@ class TrainImportance:
             importance = self.cache.load(model, self.dataset_digest, batch_size, variant)
         self.last_hit = importance is not None
         if importance is None:
+            computing = time.perf_counter()
             importance = estimate_importance(self.task, model, self.train, batch_size, variant, should_stop)
+            self.compute_seconds += time.perf_counter() - computing
+            self.computed.append((batch_size, variant))
             if self.cache is not None:
                 self.cache.store(importance, model, self.dataset_digest, batch_size, variant)
         self._memory[key] = importance

@@ -24,7 +24,9 @@ MAX_PAGE_SIZE = 1000
 MAX_AGE_S = 100 * 366 * 86400  # a filter age beyond any request's life (and within datetime's range)
 DEFAULT_PAGE_SIZE = 100
 
-_POLICY_FIELDS = ("max_utility_drop", "class_forget_max_accuracy", "onnx_tolerance", "min_forget_p", "mia_auc_margin")
+_OVERRIDE_FIELDS = ("max_utility_drop", "class_forget_max_accuracy", "onnx_tolerance", "min_forget_p",
+                    "mia_auc_margin")
+_POLICY_FIELDS = (*_OVERRIDE_FIELDS, "min_update_fit")
 _REPLACED_FIELD = ("record_forget_margin", "replaced by min_forget_p and mia_auc_margin: record erasure is gated on "
                                           "the membership test, not on accuracy")
 
@@ -49,6 +51,34 @@ def erasure_from_proto(erasure: types_pb2.Erasure, submitter_hash: str | None = 
         if erasure.HasField("policy_overrides") else {},
         submitter_hash=submitter_hash,
     )
+
+
+def update_from_proto(update: types_pb2.Update, submitter_hash: str | None = None) -> domain.UpdateSubmission:
+    """Paths in errors are relative to the ``Update`` message (``records[2].columns.label``)."""
+    return domain.UpdateSubmission(
+        request_id=update.request_id, model_name=update.model_name,
+        records=tuple(_record_from_proto(record, f"records[{index}]") for index, record in enumerate(update.records)),
+        dataset_uri=update.dataset_uri or None, strategy=update.strategy or None,
+        strategy_params=struct_to_dict(update.strategy_params, "strategy_params"),
+        deadline=timestamp_to_datetime(update.deadline, "deadline") if update.HasField("deadline") else None,
+        submitter_hash=submitter_hash)
+
+
+def rectification_from_proto(rectification: types_pb2.Rectification,
+                             submitter_hash: str | None = None) -> domain.RectificationSubmission:
+    return domain.RectificationSubmission(
+        request_id=rectification.request_id, subject_id=rectification.subject_id,
+        corrected=tuple(_record_from_proto(record, f"corrected_records[{index}]")
+                        for index, record in enumerate(rectification.corrected_records)),
+        model_names=tuple(rectification.model_names), strategy=rectification.strategy or None,
+        strategy_params=struct_to_dict(rectification.strategy_params, "strategy_params"),
+        deadline=(timestamp_to_datetime(rectification.deadline, "deadline")
+                  if rectification.HasField("deadline") else None),
+        submitter_hash=submitter_hash)
+
+
+def _record_from_proto(record: types_pb2.Record, path: str) -> domain.NewRecord:
+    return domain.NewRecord(record.record_id, record.subject_id, struct_to_dict(record.columns, f"{path}.columns"))
 
 
 def registration_from_proto(request: service_pb2.RegisterModelRequest) -> domain.ModelRegistration:
@@ -91,6 +121,11 @@ def policy_from_proto(policy: types_pb2.VerificationPolicy) -> domain.Verificati
     values["method_chain"] = tuple(chain)
     if policy.superseded_versions:
         values["superseded_versions"] = policy.superseded_versions
+    if policy.HasField("update_strategy"):
+        values["update_strategy"] = domain.MethodStep(policy.update_strategy.name,
+                                                      struct_to_dict(policy.update_strategy.params))
+    if policy.HasField("sealed_retention_days"):  # bounded by the engine (policy.sealed_retention_days)
+        values["sealed_retention_days"] = policy.sealed_retention_days
     return domain.VerificationPolicy(**values)
 
 
@@ -140,7 +175,7 @@ def _overrides_from_proto(overrides: types_pb2.PolicyOverrides, field: str) -> d
     if overrides.HasField(_REPLACED_FIELD[0]):
         raise domain.InvalidArgument("invalid policy override", (domain.FieldViolation(
             f"{field}.{_REPLACED_FIELD[0]}", _REPLACED_FIELD[1]),))
-    values = {name: getattr(overrides, name) for name in _POLICY_FIELDS if overrides.HasField(name)}
+    values = {name: getattr(overrides, name) for name in _OVERRIDE_FIELDS if overrides.HasField(name)}
     for name, value in values.items():
         if not math.isfinite(value):
             raise domain.InvalidArgument("policy override is not finite", (domain.FieldViolation(
@@ -180,6 +215,31 @@ def event_to_proto(event: domain.JobEvent) -> types_pb2.JobEvent:
     return message
 
 
+def retry_from_proto(request: service_pb2.RetryRequestRequest) -> domain.RetryRequest:
+    return domain.RetryRequest(
+        request_id=request.request_id, expected_attempt=request.expected_attempt, method=request.method or None,
+        method_params=struct_to_dict(request.method_params),
+        policy_overrides=_overrides_from_proto(request.policy_overrides, "policy_overrides")
+        if request.HasField("policy_overrides") else {})
+
+
+def request_to_proto(view: domain.RequestView) -> types_pb2.RequestStatus:
+    message = types_pb2.RequestStatus(
+        request_id=view.request_id, kind=view.kind, state=types_pb2.RequestState.Value(f"REQUEST_STATE_{view.state.value}"),
+        receive_time=datetime_to_timestamp(view.received_at), attempts=view.attempts, job_ids=list(view.job_ids),
+        certified_models=list(view.certified_models), state_reason=view.state_reason)
+    if view.completed_at is not None:
+        message.complete_time.CopyFrom(datetime_to_timestamp(view.completed_at))
+    if view.deadline is not None:
+        message.deadline.CopyFrom(datetime_to_timestamp(view.deadline))
+    return message
+
+
+def retry_to_proto(outcome: domain.RetryOutcome) -> service_pb2.RetryRequestResponse:
+    return service_pb2.RetryRequestResponse(request=request_to_proto(outcome.request), job_ids=list(outcome.job_ids),
+                                            attempt=outcome.attempt, created=outcome.created)
+
+
 def certificate_to_proto(certificate: domain.Certificate) -> types_pb2.Certificate:
     return types_pb2.Certificate(request_id=certificate.request_id, body_json=certificate.body_json,
                                  signature=certificate.signature)
@@ -192,10 +252,14 @@ def registered_model_to_proto(model: domain.RegisteredModel) -> types_pb2.Regist
         task_type=types_pb2.TaskType.Value(f"TASK_TYPE_{model.task_type.value.upper()}"),
         dataset_digest=model.dataset_digest, records=model.records,
         policy=types_pb2.VerificationPolicy(superseded_versions=policy.superseded_versions,
+                                            sealed_retention_days=policy.sealed_retention_days,
                                             **{name: getattr(policy, name) for name in _POLICY_FIELDS}),
     )
     for step in policy.method_chain:
         message.policy.method_chain.add(name=step.name).params.CopyFrom(dict_to_struct(step.params))
+    if policy.update_strategy is not None:
+        message.policy.update_strategy.name = policy.update_strategy.name
+        message.policy.update_strategy.params.CopyFrom(dict_to_struct(policy.update_strategy.params))
     return message
 
 

@@ -72,6 +72,7 @@ ALLOWED_ROLES: dict[str, frozenset[Role]] = {
     _SERVICE + "GetJob": frozenset({SUBMITTER, AUDITOR, OPERATOR}),
     _SERVICE + "WatchJob": frozenset({SUBMITTER, AUDITOR, OPERATOR}),
     _SERVICE + "GetCertificate": frozenset({SUBMITTER, AUDITOR, OPERATOR}),
+    _SERVICE + "GetRequest": frozenset({SUBMITTER, AUDITOR, OPERATOR}),
     _SERVICE + "ListJobs": READ_EVERYTHING,
     _SERVICE + "ListPendingRequests": READ_EVERYTHING,
     _SERVICE + "VerifyCertificate": READ_EVERYTHING,

@@ -197,17 +197,22 @@ class StreamLimitInterceptor(grpc.ServerInterceptor):
     """Caps the response streams open at once, so the server's remaining threads stay free for unary calls
     and health checks (the reasoning is at ``Settings.grpc_max_workers``).
 
-    A stream over the cap is refused at once with RESOURCE_EXHAUSTED instead of being queued: a queued
-    stream would wait for a thread that another stream may hold for hours, while its client could reconnect
-    to another replica now (``service.api.client`` retries RESOURCE_EXHAUSTED with back-off). The slot is
-    taken when the stream's handler starts and given back when its generator ends, fails or is cancelled.
+    Two budgets (:func:`service.settings.stream_budgets`): the long-lived ``Session`` streams, and every other
+    stream (``WatchJob``, server reflection, health ``Watch``), so a replica whose Sessions are at their cap
+    still answers a new client's ``WatchJob`` or reflection query. A stream over its budget is refused at
+    once with RESOURCE_EXHAUSTED instead of being queued: a queued stream would wait for a thread that
+    another stream may hold for hours, while its client could reconnect to another replica now
+    (``service.api.client`` retries RESOURCE_EXHAUSTED with back-off). The slot is taken when the stream's
+    handler starts and given back when its generator ends, fails or is cancelled.
     """
 
-    def __init__(self, max_streams: int, registry: CollectorRegistry | None = None):
-        if max_streams < 1:
-            raise ValueError(f"max_streams must be >= 1, got {max_streams}")
-        self.max_streams = max_streams
-        self._slots = threading.BoundedSemaphore(max_streams)
+    def __init__(self, session_streams: int, other_streams: int, session_methods: frozenset[str],
+                 registry: CollectorRegistry | None = None):
+        if session_streams < 1 or other_streams < 1:
+            raise ValueError(f"stream budgets must be >= 1, got {session_streams} and {other_streams}")
+        self._budgets = {True: (session_streams, threading.BoundedSemaphore(session_streams), "Session streams"),
+                         False: (other_streams, threading.BoundedSemaphore(other_streams), "other streams")}
+        self._session_methods = session_methods
         self._registry = registry
         self._open = rpc_metrics(registry).open_streams if registry is not None else None
 
@@ -219,11 +224,12 @@ class StreamLimitInterceptor(grpc.ServerInterceptor):
 
     @contextlib.contextmanager
     def _slot(self, method: str, context: grpc.ServicerContext):
-        if not self._slots.acquire(blocking=False):
+        budget, slots, what = self._budgets[method in self._session_methods]
+        if not slots.acquire(blocking=False):
             if self._registry is not None:
                 rpc_metrics(self._registry).limited.labels("streams").inc()
             raise domain.ResourceExhausted(
-                f"this replica already serves {self.max_streams} open streams (LETHE_GRPC_MAX_WORKERS minus the "
+                f"this replica already serves {budget} {what} (its share of LETHE_GRPC_MAX_WORKERS minus the "
                 "threads reserved for unary calls and health checks); retry with back-off or use another replica",
                 retry_after_s=StreamSlots.RETRY_AFTER_S)
         if self._open is not None:
@@ -233,7 +239,7 @@ class StreamLimitInterceptor(grpc.ServerInterceptor):
         finally:
             if self._open is not None:
                 self._open.dec()
-            self._slots.release()
+            slots.release()
 
 
 _IDENTITIES: "weakref.WeakKeyDictionary[grpc.ServicerContext, Identity]" = weakref.WeakKeyDictionary()

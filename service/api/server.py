@@ -32,7 +32,7 @@ from service.api.pb import SERVICE_NAME, service_grpc, service_pb2
 from service.api.servicer import UnlearningServicer
 from service.api.session import DEFAULT_POLL_S
 from service.api.tls import CertificateFiles, server_credentials
-from service.settings import RESERVED_GRPC_WORKERS, Settings
+from service.settings import Settings, stream_budgets
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +98,8 @@ def build_server(settings: Settings, engine: domain.EngineProtocol, *,
         interceptors.ErrorInterceptor(),
         interceptors.AccessInterceptor(authenticator, limiter, StreamSlots(settings.max_streams_per_identity),
                                        metrics_registry),
-        interceptors.StreamLimitInterceptor(settings.grpc_max_workers - RESERVED_GRPC_WORKERS, metrics_registry),
+        interceptors.StreamLimitInterceptor(*stream_budgets(settings.grpc_max_workers),
+                                            frozenset({f"/{SERVICE_NAME}/Session"}), metrics_registry),
         deadline,
         interceptors.DecodeInterceptor(in_band=frozenset({f"/{SERVICE_NAME}/Session"})),
     ]

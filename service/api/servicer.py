@@ -14,7 +14,7 @@ from service.api.interceptors import identity_of
 from service.api.limits import ApiLimits
 from service.api.pb import SERVICE_NAME, service_grpc, service_pb2
 from service.api.scope import Scope
-from service.api.session import CONTINUAL_LEARNING_NOT_BUILT, DEFAULT_POLL_S, SessionStream, watch_job
+from service.api.session import DEFAULT_POLL_S, SessionStream, watch_job
 
 
 class UnlearningServicer(service_grpc.UnlearningServiceServicer):
@@ -66,8 +66,29 @@ class UnlearningServicer(service_grpc.UnlearningServiceServicer):
         model = self._engine.register_model(converters.registration_from_proto(request))
         return service_pb2.RegisterModelResponse(model=converters.registered_model_to_proto(model))
 
+    def GetRequest(self, request, context):
+        self._scope(context, "GetRequest").require_request(request.request_id)
+        return service_pb2.GetRequestResponse(request=converters.request_to_proto(
+            self._engine.get_request(request.request_id)))
+
+    def CancelRequest(self, request, context):
+        view = self._engine.cancel_request(request.request_id, request.reason)
+        return service_pb2.CancelRequestResponse(request=converters.request_to_proto(view))
+
+    def RetryRequest(self, request, context):
+        return converters.retry_to_proto(self._engine.retry_request(converters.retry_from_proto(request)))
+
+    def CloseRequest(self, request, context):
+        view = self._engine.close_request(request.request_id, request.reason)
+        return service_pb2.CloseRequestResponse(request=converters.request_to_proto(view))
+
     def SubmitRectification(self, request, context):
-        raise domain.Unimplemented(CONTINUAL_LEARNING_NOT_BUILT.format(kind="Rectification"))
+        submitter = self._scope(context, "SubmitRectification").submitter_hash
+        outcome = self._engine.submit_rectification(converters.rectification_from_proto(request.rectification,
+                                                                                        submitter))
+        return service_pb2.SubmitRectificationResponse(accepted=converters.accepted_to_proto(outcome))
 
     def SubmitUpdate(self, request, context):
-        raise domain.Unimplemented(CONTINUAL_LEARNING_NOT_BUILT.format(kind="Update"))
+        submitter = self._scope(context, "SubmitUpdate").submitter_hash
+        outcome = self._engine.submit_update(converters.update_from_proto(request.update, submitter))
+        return service_pb2.SubmitUpdateResponse(accepted=converters.accepted_to_proto(outcome))

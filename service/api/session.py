@@ -33,6 +33,7 @@ database whose sequence values may commit out of order the invariant above would
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 from collections import defaultdict, deque
@@ -53,9 +54,6 @@ log = logging.getLogger(__name__)
 DEFAULT_POLL_S = 0.25
 """How long one ``engine.events`` call waits for new events. Bounds how late a newly watched request's
 first events start flowing (acks are not affected); 4 polls a second per idle stream is cheap."""
-
-CONTINUAL_LEARNING_NOT_BUILT = ("{kind} requests are part of the API design but not built yet: continual "
-                                "learning (the continual/ library) has not landed; erasures are supported")
 
 MAX_DISCARDED_POLLS = 3
 """Consecutive poll results dropped to keep seq order while requests join (see ``_poll``); bounded so a
@@ -227,21 +225,24 @@ class SessionStream:
                 self._limited("rate")
                 self._reject(error, request_id, f"Session.{kind or 'message'}")
                 return
-        if kind == "erasure":
+        if kind in ("erasure", "update", "rectification"):
+            submitter = self._scope.submitter_hash
             try:
-                outcome = self._engine.submit_erasure(converters.erasure_from_proto(message.erasure,
-                                                                                    self._scope.submitter_hash))
+                if kind == "erasure":
+                    outcome = self._engine.submit_erasure(converters.erasure_from_proto(message.erasure, submitter))
+                elif kind == "update":
+                    outcome = self._engine.submit_update(converters.update_from_proto(message.update, submitter))
+                else:
+                    outcome = self._engine.submit_rectification(converters.rectification_from_proto(
+                        message.rectification, submitter))
             except Exception as error:
-                self._reject(error, request_id, "Session.erasure")
+                self._reject(error, request_id, f"Session.{kind}")
                 return
             # The ack goes out before the request joins the watch set, so it precedes its events.
             self._answer(service_pb2.SessionResponse(accepted=converters.accepted_to_proto(outcome)))
             self._add_watch(_Watch((outcome.request_id,), max(outcome.first_event_seq - 1, 0), outcome.job_ids))
         elif kind == "resume":
             self._resume(message.resume)
-        elif kind in ("rectification", "update"):
-            error = domain.Unimplemented(CONTINUAL_LEARNING_NOT_BUILT.format(kind=kind.capitalize()))
-            self._reject(error, request_id, f"Session.{kind}")
         else:
             self._reject(domain.InvalidArgument("empty session message", (domain.FieldViolation(
                 "message", "set one of erasure, resume, rectification, update"),)), "", "Session")
@@ -309,6 +310,11 @@ class SessionStream:
             self._outbox.put(_Failure(error))
 
     def _start_watching(self, watch: _Watch) -> None:
+        # A Resume beyond the newest event is clamped to it: nothing newer exists to have been seen, and a
+        # cursor or floor in the future would hide every later event of this stream.
+        newest = self._engine.last_event_seq()
+        if watch.after_seq > newest:
+            watch = dataclasses.replace(watch, after_seq=newest)
         if watch.all_requests:
             self._all_requests = True
         for request_id in watch.request_ids:
@@ -402,4 +408,4 @@ def watch_job(engine: domain.EngineProtocol, job_id: str, after_seq: int,
                 return
 
 
-__all__ = ["CONTINUAL_LEARNING_NOT_BUILT", "SessionStream", "watch_job"]
+__all__ = ["SessionStream", "watch_job"]

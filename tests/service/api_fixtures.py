@@ -116,6 +116,10 @@ class ScriptedEngine:
             self._requests[request.request_id] = (request, outcome)
             return outcome
 
+    def last_event_seq(self) -> int:
+        with self._condition:
+            return self._events[-1].seq if self._events else 0
+
     def events(self, after_seq: int = 0, job_ids: tuple[str, ...] = (), request_ids: tuple[str, ...] = (),
                wait_s: float = 0.0) -> list[domain.JobEvent]:
         deadline = time.monotonic() + wait_s

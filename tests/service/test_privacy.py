@@ -19,7 +19,9 @@ made of, so
   (an unknown id therefore appears nowhere at all).
 
 Parquet files are checked by column values (their pages are compressed, so a byte search could miss an id
-in them); every other file by a byte search, compressed archives after decompression.
+in them); every other file by a byte search, compressed archives after decompression. The erasure's sealed
+verification set (:mod:`service.sealed`: the erased records, kept encrypted for the retention window) is one
+of those files, locally and as its MLflow copy: it must be ciphertext, holding no id in clear.
 """
 
 from __future__ import annotations
@@ -144,6 +146,8 @@ def test_no_sent_id_appears_in_clear_outside_the_training_data(privacy_run):
             control |= {path.parent.name if path.parent != state else path.name
                         for request_id in ("privacy-erase", "privacy-nobody") if request_id.encode() in content}
     assert data_files >= 1, "the test found no training-data copy to tell apart"
+    sealed = [p for p in state.rglob("*.bin") if "sealed" in str(p.relative_to(state))]
+    assert len(sealed) >= 2, f"the erasure's sealed set and its MLflow copy were not searched: {sealed}"
     assert {"logs", "lethe.db"} & control and "logs" in control, control
     assert not hits, f"ids in clear outside the training data: {hits}"
 
