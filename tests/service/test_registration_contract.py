@@ -135,6 +135,17 @@ def test_a_forward_pass_that_fails_names_dataset_features(lethe_engine, tmp_path
     assert "ValueError: this model expects a dict of named tensors" in error.violations[0].description
 
 
+def test_a_chain_method_that_cannot_run_on_the_model_is_refused(lethe_engine, tmp_path):
+    """The task capability (main) checked on the model the contract loads: GS-LoRA needs a vision
+    transformer, so a chain naming it for an MLP is refused at its index, and nothing is written."""
+    version = _log(lethe_engine, tiny_mlp(0), "contract-capability")
+    policy = replace(DEMO_POLICY, method_chain=(MethodStep("ssd-auto"), MethodStep("gslora")))
+    error = _refused(lethe_engine, _registration(tmp_path, "contract-capability", version, _frame("capability"),
+                                                 policy=policy), InvalidArgument)
+    assert [v.field for v in error.violations] == ["policy.method_chain[1].name"]
+    assert "cannot run on this model" in error.violations[0].description
+
+
 BAD_FACTORIES = {
     "another architecture": ("unlearn.models:digits_cnn", "features.0.weight [16, 1, 3, 3] is not in the "
                                                           "registered model"),
@@ -194,6 +205,8 @@ def test_bad_training_fields_are_refused_naming_the_field(lethe_engine, tmp_path
     assert field in {v.field for v in error.violations}, error.violations
 
 
+@pytest.mark.slow
+@pytest.mark.long  # ~30 s on a shared 2-core CPU (300-epoch training, then a retrain job)
 def test_the_recipe_travels_as_a_struct_and_retrain_uses_exactly_it(lethe_engine, tmp_path):
     """Issue 10, point 3: ``epochs 300`` arrives as ``300.0``; the stored recipe says 300 (an int), and the
     retrain job trains 300 epochs, never the default 30."""
