@@ -10,15 +10,19 @@ The never-seen level of a MISLABELLED record is measured on mislabelled records 
 ``test`` split's labels are flipped too (Lethe never reads that split). A model that never saw a mislabelled
 record predicts its true class, so its loss on the wrong label is high.
 
-FOUND (both tests are strict xfails until the gate changes): the gate compares the erased records' losses
-with the ``audit`` records', which are correctly labelled. Memorised mislabelled records have low losses, like
-correctly classified unseen records: on the unchanged model, loss-attack AUC 0.49 and KS p 0.03, so the
-membership checks PASS and a method that changes nothing would be accepted. Through the engine, ``ssd-auto``
-PASSES the gate with the erased records still memorised (mean loss 0.07 against 12.7 for never-seen
-mislabelled records, AUC 0.98; with other split keys it is rejected and ``gu+graddiff``, whose stop rule uses
-the equally clean ``tune`` split, passes the same way). An exact retrain, which forgets them perfectly, would
-FAIL as over-forgetting (AUC 0.01 against audit). A population reference cannot stand for records that are not
-exchangeable with it (mislabelled records, outliers).
+FOUND: the gate compared only the erased records' losses with the ``audit`` records', which are correctly
+labelled. Memorised mislabelled records have low losses, like correctly classified unseen records: on the
+unchanged model, loss-attack AUC 0.49 and KS p 0.03, so the membership checks PASS. An exact retrain, which
+forgets them perfectly, FAILS them as over-forgetting (AUC 0.01 against audit). A population reference cannot
+stand for records that are not exchangeable with it (mislabelled records, outliers).
+
+Since then the gate also runs ``forget_accuracy`` (unlearn.gate, check 4): the erased records' training labels
+may not be predicted significantly (one-sided Fisher exact) and by more than 0.05 better than audit's. The
+unchanged model now fails it (first test, passing). Through the engine (second test, still a strict xfail),
+``ssd-auto`` still passes with the records memorised (mean loss 0.07 against 12.7 for never-seen mislabelled
+records): with 36 erased and 56 audit records, 35/36 right against 44/56 is p 0.0098, above ``min_forget_p``
+0.005, so the check has power only at the extreme. Closing it needs more audit records or a reference that is
+labelled like the erased records.
 """
 
 from __future__ import annotations
@@ -113,27 +117,33 @@ def memorised(engine):
             "never_seen_mislabelled": _examples(frame, never_seen_mislabelled)}
 
 
-GATE_IS_BLIND = ("issue 10 finding: the gate's membership reference is the correctly labelled audit split, and "
-                 "memorised mislabelled records look like correctly classified unseen records (AUC ~0.49, KS p "
-                 "~0.03): the unchanged model passes the membership checks")
-PASSES_STILL_MEMORISED = ("issue 10 finding: ssd-auto passes the gate while the erased records are still memorised "
-                          "(AUC ~0.98 against never-seen mislabelled records); an exact retrain would be rejected")
+REJECTS = MEMBERSHIP | {"forget_accuracy"}
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=GATE_IS_BLIND)
 def test_the_gate_rejects_the_unchanged_memorising_model(memorised):
+    """The membership test alone is blind here (AUC ~0.49 against the correctly labelled audit split); the
+    one-sided forget_accuracy check is what fails: 36 of 36 training labels predicted against ~79% on audit."""
     assert accuracy(TASK, memorised["original"], memorised["train"]) == 1.0  # every flipped label memorised
     unchanged = judge(TASK, memorised["original"], memorised["original"], memorised["forget"], memorised["audit"],
                       memorised["audit"], GatePolicy())
-    assert MEMBERSHIP & set(unchanged.failures), unchanged.as_dict()
+    assert "forget_accuracy" in unchanged.failures, unchanged.as_dict()
+    assert not MEMBERSHIP & set(unchanged.failures), "the membership test saw it after all: update the docstring"
+
+
+PASSES_STILL_MEMORISED = (
+    "issue 10 finding, still open at this size: ssd-auto passes the gate while the erased records are still "
+    "memorised (AUC ~0.98 against never-seen mislabelled records). forget_accuracy catches the unchanged model "
+    "(36/36 against 44/56 on audit, Fisher p 0.0015) but has no power left once one record or the audit accuracy "
+    "moves (35/36 against 44/56: p 0.0098 > min_forget_p); 36 erased and 56 audit records are too few")
 
 
 @pytest.mark.slow
+@pytest.mark.long  # trains the memorising MLP, then a chain of up to three methods through the engine
 @pytest.mark.xfail(strict=True, raises=AssertionError, reason=PASSES_STILL_MEMORISED)
 def test_an_erasure_of_memorised_records_passes_only_if_they_are_forgotten(engine, tmp_path, memorised):
-    """Through the engine: REJECTED_BY_VERIFICATION with membership failures, or a new version on which the
-    erased records are at the never-seen level of mislabelled records."""
+    """Through the engine: REJECTED_BY_VERIFICATION with membership or forget_accuracy failures, or a new version
+    on which the erased records are at the never-seen level of mislabelled records."""
     # Teeth: against never-seen MISLABELLED records, the unchanged model's memorisation is plain.
     reference = compare(TASK, memorised["original"], memorised["forget"], memorised["never_seen_mislabelled"])
     assert not reference.ks_passes(DEMO_POLICY.min_forget_p) and reference.direction == "under", reference
@@ -154,7 +164,7 @@ def test_an_erasure_of_memorised_records_passes_only_if_they_are_forgotten(engin
                a["error"]) for a in attempts]
     if job.state is JobState.REJECTED_BY_VERIFICATION:
         judged = [a for a in attempts if a["verification"] is not None]
-        assert judged and all(MEMBERSHIP & set(a["failures"]) for a in judged), report
+        assert judged and all(REJECTS & set(a["failures"]) for a in judged), report
         assert engine.registry.serving_version("memorised-mlp") == version  # the alias did not move
         return
     assert job.state is JobState.SUCCEEDED, (job.state, job.message, report)
