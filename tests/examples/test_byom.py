@@ -13,6 +13,10 @@ import pytest
 
 SCRIPT = Path(__file__).resolve().parents[2] / "examples" / "byom" / "byom.py"
 
+# The whole script runs once per module (1-2.5 min on 2 shared cores: train, log, serve, erase, load in fresh processes): every
+# test here needs it, so every test is long (`make test` leaves them out, `make test-all` runs them).
+pytestmark = [pytest.mark.slow, pytest.mark.long]
+
 
 @pytest.fixture(scope="module")
 def byom(tmp_path_factory):
@@ -24,7 +28,6 @@ def byom(tmp_path_factory):
     return done, json.loads(lines[-1])
 
 
-@pytest.mark.slow
 def test_register_erase_and_verify_the_certificate(byom):
     done, summary = byom
     assert summary["registered_version"] == "1", done.stderr[-4000:]
@@ -36,14 +39,12 @@ def test_register_erase_and_verify_the_certificate(byom):
         assert f"[{step}/9]" in done.stderr
 
 
-@pytest.mark.slow
 def test_the_registered_version_loads_in_a_fresh_process(byom):
     """The original was logged with its module in code_paths: a new interpreter without this folder loads it."""
     _, summary = byom
     assert summary["original_loads_in_fresh_process"] is True, summary["original_load_detail"]
 
 
-@pytest.mark.slow
 def test_the_new_version_loads_in_a_fresh_process_and_takes_the_alias(byom):
     """What serving does next: the unlearned version loads without this folder (it carries the original's
     code_paths), the alias given at registration points to it, and the version trained on the erased patient
