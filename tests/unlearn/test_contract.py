@@ -28,7 +28,7 @@ CASES: dict[str, tuple[dict, object]] = {
     "gu+iau": ({"adam_lr": 0.1}, class_problem),
 }
 # Methods that need a model of their own (a transformer, a language model) are pinned in their own tests.
-NEEDS_OWN_MODEL = {name for name in registry.names() if name.startswith("gslora")} | {"flat", "simnpo", "gu+flat", "gu+simnpo"}
+NEEDS_OWN_MODEL = {name for name in registry.names() if name.startswith("gslora")} | {"flat", "simnpo", "simnpo+rt", "gu+flat", "gu+simnpo"}
 RETAIN_TOLERANCE = 0.10
 FORGET_DROP = 0.3  # forget accuracy must fall at least this much from ~1.0
 
