@@ -1,6 +1,7 @@
 """``lethe``: run the service, register models, submit and watch erasures, verify the audit chain, demo.
 
     lethe serve                                   # gRPC API + worker + /metrics, until SIGTERM
+    lethe worker [--once --job-id ID]             # run jobs from the store (no API); see service.worker
     lethe register --model digits --alias champion --task classification --dataset data.parquet
     lethe submit --subject subject-0007 --subject subject-0042     # progress bars, then certificates
     lethe watch --request-id 3f2a...                                # follow an earlier request
@@ -8,11 +9,16 @@
     lethe pending                                                   # the GDPR clock
     lethe certificate 3f2a... --verify
     lethe audit verify --state-dir .lethe                           # offline, no server needed
+    lethe health                                                    # exit 0 when SERVING (Kubernetes exec probe)
+    lethe token --roles submitter --name governance                 # a new token and its credentials-file line
     lethe demo                                                      # the whole story on the digits model
 
 Client commands talk to ``--target`` (default ``LETHE_GRPC_HOST:LETHE_GRPC_PORT``) with the bearer token
-``LETHE_AUTH_TOKEN`` when set. Exit status: 0 success, 1 a request was refused or did not succeed, 2 a
-usage or connection error.
+``LETHE_AUTH_TOKEN`` when set. They speak TLS when ``--tls-ca``/``--tls-cert`` (or ``LETHE_TLS_CA``,
+``LETHE_TLS_CERT``) are given: the server is verified against ``--tls-ca`` (default ``LETHE_TLS_CA``, else
+``LETHE_TLS_CLIENT_CA``, else the system roots) and ``--tls-cert``/``--tls-key`` (default ``LETHE_TLS_CERT``,
+``LETHE_TLS_KEY``: the same files the server reads) are presented for mutual TLS. Exit status: 0 success,
+1 a request was refused or did not succeed, 2 a usage or connection error.
 """
 
 from __future__ import annotations
@@ -20,8 +26,10 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import uuid
+from pathlib import Path
 from datetime import datetime, timedelta, timezone
 
 import grpc
@@ -37,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     # --log-level sets Lethe's own loggers; third-party libraries (MLflow, the ONNX exporter) stay at
     # WARNING so that an INFO server log is Lethe's story, not the exporter's optimisation passes.
-    level = args.log_level or ("INFO" if args.command == "serve" else "WARNING")
+    level = args.log_level or ("INFO" if args.command in ("serve", "worker") else "WARNING")
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for name in ("service", "unlearn"):
@@ -60,18 +68,40 @@ def _serve(args) -> int:
     return serve(_settings(args), grace_s=args.grace_s)
 
 
+def _worker(args) -> int:
+    from service import worker
+
+    settings = _settings(args)
+    if args.once:
+        if not args.job_id:
+            print("lethe worker: --once needs --job-id", file=sys.stderr)
+            return worker.EXIT_USAGE
+        return worker.run_once(settings, args.job_id, args.attempt)
+    if args.job_id or args.attempt is not None:
+        print("lethe worker: --job-id and --attempt go with --once", file=sys.stderr)
+        return worker.EXIT_USAGE
+    return worker.run_loop(settings, grace_s=args.grace_s)
+
+
 def _register(args) -> int:
     from service.api.pb import service_pb2, types_pb2
 
     policy = types_pb2.VerificationPolicy(default_method=args.default_method or "")
-    for name in ("max_utility_drop", "record_forget_margin", "class_forget_max_accuracy", "onnx_tolerance"):
+    for name in ("max_utility_drop", "class_forget_max_accuracy", "onnx_tolerance", "min_forget_p", "mia_auc_margin",
+                 "sealed_retention_days"):
         if getattr(args, name) is not None:
             setattr(policy, name, getattr(args, name))
     if args.method_params:
         policy.method_params.update(_json_object(args.method_params, "--method-params"))
+    for step in _json_list(args.method_chain, "--method-chain") if args.method_chain else ():
+        if not isinstance(step, dict) or not isinstance(step.get("name"), str):
+            raise SystemExit("error: --method-chain must be a JSON list of {\"name\": ..., \"params\": {...}}")
+        policy.method_chain.add(name=step["name"]).params.update(step.get("params") or {})
+    # A relative local path means "from here": the server accepts absolute paths inside its dataset roots only.
+    dataset = args.dataset if "://" in args.dataset else os.path.abspath(args.dataset)
     request = service_pb2.RegisterModelRequest(
         model_name=args.model, task_type=types_pb2.TaskType.Value(f"TASK_TYPE_{args.task.upper()}"),
-        dataset_uri=args.dataset, policy=policy, num_classes=args.num_classes or 0,
+        dataset_uri=dataset, policy=policy, num_classes=args.num_classes or 0,
         model_factory=args.model_factory or "")
     if args.train_recipe:
         request.train_recipe.update(_json_object(args.train_recipe, "--train-recipe"))
@@ -109,6 +139,65 @@ def _submit(args) -> int:
         return follow(client, [erasure], quiet=args.quiet)
 
 
+def _update(args) -> int:
+    """New records for a model: a Parquet file (sent as its path, read by the server inside its dataset
+    roots) or a JSON-lines file sent inline (one object per line: record_id, subject_id and the task's
+    columns)."""
+    from service.api.pb import types_pb2
+
+    update = types_pb2.Update(request_id=args.request_id or f"cli-{uuid.uuid4()}", model_name=args.model,
+                              strategy=args.strategy or "")
+    if args.dataset:
+        update.dataset_uri = str(Path(args.dataset).resolve()) if "://" not in args.dataset else args.dataset
+    for line_number, record in enumerate(_json_lines(args.records) if args.records else (), start=1):
+        if not isinstance(record, dict) or "record_id" not in record or "subject_id" not in record:
+            raise SystemExit(f"error: {args.records} line {line_number}: an object with record_id, subject_id and "
+                             "the task's columns")
+        message = update.records.add(record_id=str(record.pop("record_id")), subject_id=str(record.pop("subject_id")))
+        message.columns.update(record)
+    if args.params:
+        update.strategy_params.update(_json_object(args.params, "--params"))
+    if args.deadline:
+        update.deadline.FromDatetime(_parse_time(args.deadline))
+    return _send(args, update, "SubmitUpdate", "update")
+
+
+def _rectify(args) -> int:
+    """Corrected values for existing records of one subject: ``--set RECORD_ID JSON`` per record."""
+    from service.api.pb import types_pb2
+
+    rectification = types_pb2.Rectification(request_id=args.request_id or f"cli-{uuid.uuid4()}",
+                                             subject_id=args.subject, model_names=args.model,
+                                             strategy=args.strategy or "")
+    for record_id, columns in args.set:
+        rectification.corrected_records.add(record_id=record_id, subject_id=args.subject).columns.update(
+            _json_object(columns, "--set"))
+    if args.params:
+        rectification.strategy_params.update(_json_object(args.params, "--params"))
+    if args.deadline:
+        rectification.deadline.FromDatetime(_parse_time(args.deadline))
+    return _send(args, rectification, "SubmitRectification", "rectification")
+
+
+def _send(args, message, rpc: str, field: str) -> int:
+    """Submit an update or rectification and follow it (progress bars) to its certificates, or only ack."""
+    from service.api.pb import service_pb2
+
+    with _client(args) as client:
+        if args.no_wait:
+            request = getattr(service_pb2, f"{rpc}Request")(**{field: message})
+            _print_message(getattr(client.stub, rpc)(request, metadata=client.metadata).accepted)
+            return EXIT_OK
+        return follow(client, [message], quiet=args.quiet)
+
+
+def _json_lines(path: str) -> list:
+    try:
+        return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    except (OSError, json.JSONDecodeError) as error:
+        raise SystemExit(f"error: --records {path}: {error}") from error
+
+
 def _watch(args) -> int:
     from service.api.pb import service_pb2
 
@@ -126,6 +215,9 @@ def _watch(args) -> int:
             if last is not None:
                 for certificate in last.certificates:
                     print(certificate_json(certificate))
+                if _state_name(last.state) in ("REJECTED_BY_VERIFICATION", "FAILED"):
+                    print(f"job {args.job} {_state_name(last.state)}: {last.message}", file=sys.stderr)
+                    _print_evidence(client, args.job)
             return EXIT_OK if last is not None and _state_name(last.state) == "SUCCEEDED" else EXIT_NOT_SUCCEEDED
         if not args.request_id:
             print("lethe watch: give --request-id (one or more) or --job", file=sys.stderr)
@@ -184,13 +276,117 @@ def _certificate(args) -> int:
     return EXIT_OK if valid else EXIT_NOT_SUCCEEDED
 
 
+def _job(args) -> int:
+    """One job: state, stage, method chain attempts with the gate's verdict on each, and the reason."""
+    from service.api.pb import service_pb2
+
+    with _client(args) as client:
+        job = client.stub.GetJob(service_pb2.GetJobRequest(job_id=args.job_id), metadata=client.metadata).job
+    print(f"job {job.job_id} on model {job.model_name}: {_state_name(job.state)} (stage {job.stage}, "
+          f"{job.progress * 100:.0f}%), version {job.base_version} -> {job.result_version or '-'}, "
+          f"{job.records} record(s), requests {', '.join(job.request_ids) or '-'}")
+    if job.message:
+        print(f"  reason: {job.message}")
+    for line in evidence_summary(job.evidence):
+        print(f"  {line}")
+    return EXIT_OK
+
+
+def _request(args) -> int:
+    from service.api.pb import service_pb2
+
+    with _client(args) as client:
+        response = client.stub.GetRequest(service_pb2.GetRequestRequest(request_id=args.request_id),
+                                          metadata=client.metadata)
+    _print_request(response.request)
+    return EXIT_OK
+
+
+def _cancel(args) -> int:
+    from service.api.pb import service_pb2
+
+    with _client(args) as client:
+        response = client.stub.CancelRequest(service_pb2.CancelRequestRequest(request_id=args.request_id,
+                                                                              reason=args.reason or ""),
+                                             metadata=client.metadata)
+    _print_request(response.request)
+    return EXIT_OK
+
+
+def _retry(args) -> int:
+    from service.api.pb import service_pb2
+
+    request = service_pb2.RetryRequestRequest(request_id=args.request_id, expected_attempt=args.expected_attempt,
+                                              method=args.method or "")
+    if args.params:
+        request.method_params.update(_json_object(args.params, "--params"))
+    for assignment in args.override:
+        name, _, value = assignment.partition("=")
+        setattr(request.policy_overrides, name.strip(), float(value))
+    with _client(args) as client:
+        response = client.stub.RetryRequest(request, metadata=client.metadata)
+    print(f"attempt {response.attempt} of {args.request_id}: {'new' if response.created else 'already created'} "
+          f"job(s) {', '.join(response.job_ids) or '-'}")
+    _print_request(response.request)
+    return EXIT_OK
+
+
+def _close(args) -> int:
+    from service.api.pb import service_pb2
+
+    with _client(args) as client:
+        response = client.stub.CloseRequest(service_pb2.CloseRequestRequest(request_id=args.request_id,
+                                                                            reason=args.reason),
+                                            metadata=client.metadata)
+    _print_request(response.request)
+    return EXIT_OK
+
+
+def _print_request(request) -> None:
+    from service.api.pb import types_pb2
+
+    state = types_pb2.RequestState.Name(request.state).removeprefix("REQUEST_STATE_")
+    print(f"request {request.request_id} ({request.kind}): {state}, attempt {request.attempts}, "
+          f"jobs {', '.join(request.job_ids) or '-'}, certified models {', '.join(request.certified_models) or '-'}"
+          + (f", reason: {request.state_reason}" if request.state_reason else ""))
+
+
+def evidence_summary(evidence) -> list[str]:
+    """A job's evidence in a few lines: each attempt's method, whether it reached its own target, and the
+    gate's failing checks (value against limit)."""
+    from google.protobuf.json_format import MessageToDict
+
+    evidence = MessageToDict(evidence) if hasattr(evidence, "fields") else dict(evidence or {})
+    lines = []
+    for index, attempt in enumerate(evidence.get("attempts") or [], start=1):
+        verdict = "passed the gate" if attempt.get("gate_passed") else "rejected"
+        line = f"attempt {index}: {attempt.get('method')} (target reached: {attempt.get('target_reached')}) {verdict}"
+        if attempt.get("error"):
+            line += f": {attempt['error']}"
+        lines.append(line)
+        checks = (attempt.get("verification") or {}).get("checks") or []
+        for check in checks:
+            if check.get("passed") is False or check.get("passed") is None:
+                status = "FAILED" if check.get("passed") is False else "not checkable"
+                value, limit = check.get("value"), check.get("limit")
+                shown = f"{value:.4g} vs limit {limit:.4g}" if isinstance(value, float) and isinstance(limit, float) \
+                    else f"{value} vs limit {limit}"
+                lines.append(f"    {status} {check.get('name')}: {shown} ({check.get('rule')})"
+                             + (f"; {check['reason']}" if check.get("reason") else ""))
+    return lines
+
+
 def _audit_verify(args) -> int:
     from service import audit
 
     if not args.state_dir and not args.store_url:
         from service.settings import Settings
 
-        args.state_dir = str(Settings().state_dir)
+        settings = Settings()
+        if os.environ.get("LETHE_JOB_STORE_URL"):  # in a pod: the store the server uses (PostgreSQL when scaled out)
+            args.store_url = settings.job_store_url
+        else:
+            args.state_dir = str(settings.state_dir)
     forwarded = ["verify"]
     for option in ("state_dir", "store_url", "key_file", "certificate"):
         value = getattr(args, option)
@@ -199,8 +395,48 @@ def _audit_verify(args) -> int:
     return audit.main(forwarded)
 
 
+def _health(args) -> int:
+    """A probe: exit 0 when the server answers SERVING, 1 when it answers anything else, 2 when it cannot be
+    reached in time. Health checks need no credentials, only the transport (TLS files with mutual TLS)."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    with _client(args) as client:
+        try:
+            response = health_pb2_grpc.HealthStub(client.channel).Check(
+                health_pb2.HealthCheckRequest(service=args.service), timeout=args.timeout_s)
+        except grpc.RpcError as error:
+            print(f"lethe health: {error.code().name}: {error.details()}", file=sys.stderr)
+            return EXIT_ERROR if error.code() in (grpc.StatusCode.UNAVAILABLE,
+                                                  grpc.StatusCode.DEADLINE_EXCEEDED) else EXIT_NOT_SUCCEEDED
+    status = health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
+    print(status)
+    return EXIT_OK if response.status == health_pb2.HealthCheckResponse.SERVING else EXIT_NOT_SUCCEEDED
+
+
+def _token(args) -> int:
+    """Print a new bearer token and the ``LETHE_AUTH_TOKENS_FILE`` line that grants it (only its digest)."""
+    from service.api.auth import credentials_line, new_token
+    from service.domain import Role
+
+    try:
+        roles = [Role(role) for role in args.roles.split(",")]
+    except ValueError:
+        print(f"lethe token: --roles is a comma-separated list of {', '.join(r.value for r in Role)}", file=sys.stderr)
+        return EXIT_ERROR
+    if not args.name or any(c.isspace() for c in args.name) or not args.name.isprintable():
+        print("lethe token: --name must be printable, without spaces", file=sys.stderr)
+        return EXIT_ERROR
+    token = new_token()
+    print(json.dumps({"token": token, "line": credentials_line(roles, args.name, token)}, indent=2))
+    return EXIT_OK
+
+
 def _demo(args) -> int:
-    from service.demo import run_demo
+    try:
+        from lethe_demo.demo import run_demo
+    except ImportError:  # the service image ships the service, not the demo
+        print("error: the demo is not installed here (it ships with the source tree: `make demo`)", file=sys.stderr)
+        return 2
 
     return run_demo(state_dir=args.state_dir, subjects=args.subjects, keep=args.keep)
 
@@ -213,6 +449,7 @@ def follow(client, erasures, resume=(), quiet: bool = False, out=None) -> int:
 
     out = out or sys.stdout
     board = _board(quiet)
+    not_done: dict[str, list[tuple[str, str, str]]] = {}  # request id -> (job, state, reason) of failed jobs
     for erasure in erasures:
         board.add(erasure.request_id)
     for request_id, _ in resume:
@@ -231,22 +468,55 @@ def follow(client, erasures, resume=(), quiet: bool = False, out=None) -> int:
             event = response.event
             board.update(list(event.request_ids), status=_state_name(event.state), stage=event.stage,
                          fraction=event.fraction, done=event.kind == TERMINAL_EVENT)
+            if event.kind == TERMINAL_EVENT and _state_name(event.state) in ("REJECTED_BY_VERIFICATION", "FAILED"):
+                not_done.setdefault(entry.request_id, []).append((event.job_id, _state_name(event.state),
+                                                                  event.message))
 
     result = run_session(client, erasures, on_response, resume=resume)
     board.close()
     ok = True
     for entry in result.requests.values():
         if entry.rejected is not None:
-            print(f"{entry.request_id}: refused {entry.rejected.code} {entry.rejected.message}", file=sys.stderr)
+            print(f"{entry.request_id}: refused {_code_name(entry.rejected.code)} {entry.rejected.message}",
+                  file=sys.stderr)
             for violation in entry.rejected.field_violations:
                 print(f"  {violation.field}: {violation.description}", file=sys.stderr)
             ok = False
             continue
         states = {_state_name(state) for state in entry.states}
         ok = ok and states == {"SUCCEEDED"}
+        for job_id, state, reason in not_done.get(entry.request_id, []):
+            print(f"{entry.request_id}: job {job_id} {state}: {reason}", file=sys.stderr)
+            _print_evidence(client, job_id)
         for certificate in entry.certificates.values():
             print(certificate_json(certificate), file=out)
     return EXIT_OK if ok else EXIT_NOT_SUCCEEDED
+
+
+def _print_evidence(client, job_id: str) -> None:
+    """The failing checks of a rejected job (stderr), so the submitter sees why without another call."""
+    from service.api.pb import service_pb2
+
+    if not job_id:
+        return
+    try:
+        job = client.stub.GetJob(service_pb2.GetJobRequest(job_id=job_id), metadata=client.metadata).job
+    except grpc.RpcError:  # e.g. a submitter without read access to a coalesced job: the reason above stands
+        return
+    for line in evidence_summary(job.evidence):
+        print(f"  {line}", file=sys.stderr)
+    print(f"  (lethe job {job_id} shows the whole evidence; lethe retry / lethe close act on the request)",
+          file=sys.stderr)
+
+
+def _code_name(code: int) -> str:
+    """A gRPC status code by name (ALREADY_EXISTS), never a bare number."""
+    from google.rpc import code_pb2
+
+    try:
+        return code_pb2.Code.Name(code)
+    except ValueError:
+        return str(code)
 
 
 def certificate_json(certificate, indent: int | None = None) -> str:
@@ -287,7 +557,34 @@ def _client(args):
     settings = Settings()
     target = args.target or f"{settings.grpc_host}:{settings.grpc_port}"
     token = args.token or (settings.auth_token.get_secret_value() if settings.auth_token else None)
-    return Client(target, token)
+    ca = args.tls_ca or settings.tls_ca or settings.tls_client_ca
+    cert, key = args.tls_cert or settings.tls_cert, args.tls_key or settings.tls_key
+    if bool(cert) != bool(key):
+        raise SystemExit("lethe: --tls-cert and --tls-key go together")
+    credentials, server_name = None, args.tls_server_name
+    if ca or cert:
+        from service.api.tls import channel_credentials, first_dns_name
+
+        credentials = channel_credentials(ca, cert, key)
+        host = target.rsplit(":", 1)[0].strip("[]")
+        if server_name is None and cert and host in LOOPBACK_HOSTS:
+            # A probe inside the pod connects to itself with the pod's own certificate, whose names are the
+            # service's, not 127.0.0.1: expect the certificate's first DNS name.
+            server_name = first_dns_name(cert)
+    return Client(target, token, credentials, server_name)
+
+
+LOOPBACK_HOSTS = ("127.0.0.1", "::1", "localhost")
+
+
+def _json_list(text: str, option: str) -> list:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise SystemExit(f"error: {option} is not JSON: {error}") from error
+    if not isinstance(value, list):
+        raise SystemExit(f"error: {option} must be a JSON list")
+    return value
 
 
 def _json_object(text: str, option: str) -> dict:
@@ -322,6 +619,12 @@ def _parser() -> argparse.ArgumentParser:
         command = commands.add_parser(name, help=help_text)
         command.add_argument("--target", help="host:port of the Lethe API (default LETHE_GRPC_HOST:LETHE_GRPC_PORT)")
         command.add_argument("--token", help="bearer token (default LETHE_AUTH_TOKEN)")
+        command.add_argument("--tls-ca", help="PEM CA bundle to verify the server (default LETHE_TLS_CA, else "
+                             "LETHE_TLS_CLIENT_CA, else the system roots); implies TLS")
+        command.add_argument("--tls-cert", help="PEM client certificate for mutual TLS (default LETHE_TLS_CERT)")
+        command.add_argument("--tls-key", help="PEM key of --tls-cert (default LETHE_TLS_KEY)")
+        command.add_argument("--tls-server-name", help="name the server's certificate must carry (default: the "
+                             "target's host; for a loopback target, the first DNS name of --tls-cert)")
         return command
 
     serve = commands.add_parser("serve", help="run the gRPC API, the job worker and the metrics exporter")
@@ -331,6 +634,18 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--metrics-port", type=int, help="/metrics port, 0 = off (default LETHE_METRICS_PORT)")
     serve.add_argument("--grace-s", type=float, default=10.0, help="shutdown grace period for in-flight calls")
     serve.set_defaults(run=_serve)
+
+    worker = commands.add_parser(
+        "worker", help="run unlearning jobs from the job store (no API): a loop, or one job with --once",
+        description="Run unlearning jobs from the job store, talking only to the store and MLflow. Exit "
+                    "status of --once: 0 done (or nothing left to do), 3 the job FAILED (not retryable), "
+                    "2 usage, 75 retry later (could not claim, lease lost, store or MLflow unreachable).")
+    worker.add_argument("--once", action="store_true", help="run the job --job-id names, then exit")
+    worker.add_argument("--job-id", help="the job to run (with --once)")
+    worker.add_argument("--attempt", type=int, help="the attempt an executor started this worker for (with --once)")
+    worker.add_argument("--state-dir", help="local scratch and caches (default LETHE_STATE_DIR or .lethe)")
+    worker.add_argument("--grace-s", type=float, default=30.0, help="on SIGTERM, how long running jobs may finish")
+    worker.set_defaults(run=_worker)
 
     register = client_command("register", "make an MLflow model version unlearnable")
     register.add_argument("--model", required=True, help="registered model name in MLflow")
@@ -342,11 +657,20 @@ def _parser() -> argparse.ArgumentParser:
                           help="training data URI (Parquet: record_id, subject_id, split, task columns)")
     register.add_argument("--num-classes", type=int)
     register.add_argument("--max-utility-drop", type=float)
-    register.add_argument("--record-forget-margin", type=float)
     register.add_argument("--class-forget-max-accuracy", type=float)
     register.add_argument("--onnx-tolerance", type=float)
-    register.add_argument("--default-method", help="unlearning method used when a request names none")
-    register.add_argument("--method-params", help="JSON object of the default method's parameters")
+    register.add_argument("--min-forget-p", type=float,
+                          help="record erasure: KS p-value floor of erased vs never-seen losses (default 0.005)")
+    register.add_argument("--mia-auc-margin", type=float,
+                          help="record erasure: loss-attack AUC within 0.5 +- this (default 0.1)")
+    register.add_argument("--sealed-retention-days", type=float,
+                          help="days each erasure's sealed verification set is kept for later updates' re-checks, "
+                               "then crypto-shredded (default 30; 0 keeps nothing)")
+    register.add_argument("--method-chain",
+                          help='escalation chain as JSON, e.g. \'[{"name": "ssd-auto"}, {"name": "retrain"}]\'; '
+                               "default: the task's chain (ssd-auto, gu+graddiff, retrain when a recipe is given)")
+    register.add_argument("--default-method", help="a chain of one method (older form of --method-chain)")
+    register.add_argument("--method-params", help="JSON object of --default-method's parameters")
     register.add_argument("--model-factory", help="'module:function' building the untrained model (for retrain)")
     register.add_argument("--train-recipe", help="JSON object of the training recipe (for retrain)")
     register.set_defaults(run=_register)
@@ -368,6 +692,36 @@ def _parser() -> argparse.ArgumentParser:
     submit.add_argument("--no-wait", action="store_true", help="print the acknowledgement and return")
     submit.add_argument("--quiet", action="store_true", help="log lines instead of redrawn bars")
     submit.set_defaults(run=_submit)
+
+    update = client_command("update", "new records for a model to learn; follow it to its certificate")
+    update.add_argument("--model", required=True, help="registered model name")
+    records = update.add_mutually_exclusive_group(required=True)
+    records.add_argument("--records", help="JSON lines, one record per line: record_id, subject_id and the task's "
+                         "columns (features and label; or prompt and answer), sent inline")
+    records.add_argument("--dataset", help="Parquet file with the registered dataset's columns (read by the server, "
+                         "inside LETHE_DATASET_ROOTS)")
+    update.add_argument("--strategy", help="continual-learning strategy (default: the model policy's)")
+    update.add_argument("--params", help="JSON object of the strategy's parameters")
+    update.add_argument("--request-id", help="idempotency key (default: a new UUID)")
+    update.add_argument("--deadline", help="ISO 8601 time by which the update should be complete")
+    update.add_argument("--no-wait", action="store_true", help="print the acknowledgement and return")
+    update.add_argument("--quiet", action="store_true", help="log lines instead of redrawn bars")
+    update.set_defaults(run=_update)
+
+    rectify = client_command("rectify", "correct existing records of a subject (GDPR Art. 16): the old values "
+                             "are erased and the corrected ones learned, under one certificate")
+    rectify.add_argument("--subject", required=True, help="the data subject whose records are corrected")
+    rectify.add_argument("--set", nargs=2, action="append", required=True, metavar=("RECORD_ID", "JSON"),
+                         help='corrected columns of one record, e.g. --set person-3-q2 \'{"prompt": "...", '
+                              '"answer": "..."}\' (repeatable)')
+    rectify.add_argument("--model", action="append", default=[], help="model name (default: every model holding it)")
+    rectify.add_argument("--strategy", help="continual-learning strategy (default: the model policy's)")
+    rectify.add_argument("--params", help="JSON object of the strategy's parameters")
+    rectify.add_argument("--request-id", help="idempotency key (default: a new UUID)")
+    rectify.add_argument("--deadline", help="ISO 8601 time by which the rectification should be complete")
+    rectify.add_argument("--no-wait", action="store_true", help="print the acknowledgement and return")
+    rectify.add_argument("--quiet", action="store_true", help="log lines instead of redrawn bars")
+    rectify.set_defaults(run=_rectify)
 
     watch = client_command("watch", "follow earlier requests (or one job) to their end")
     watch.add_argument("--request-id", action="append", default=[], help="request to follow (repeatable)")
@@ -392,13 +746,52 @@ def _parser() -> argparse.ArgumentParser:
     certificate.add_argument("--verify", action="store_true", help="also verify each with the server")
     certificate.set_defaults(run=_certificate)
 
+    job = client_command("job", "one job: state, stage, each attempt's method and gate verdict, the reason")
+    job.add_argument("job_id")
+    job.set_defaults(run=_job)
+
+    request = client_command("request", "one request: state, attempts, jobs, certified models")
+    request.add_argument("request_id")
+    request.set_defaults(run=_request)
+
+    cancel = client_command("cancel", "cancel a request none of whose jobs has run (operator)")
+    cancel.add_argument("request_id")
+    cancel.add_argument("--reason", help="why (recorded in the request and the audit chain)")
+    cancel.set_defaults(run=_cancel)
+
+    retry = client_command("retry", "a new attempt for a rejected or failed request, same request id (operator)")
+    retry.add_argument("request_id")
+    retry.add_argument("--method", help="another unlearning method (default: the request's, or the policy chain)")
+    retry.add_argument("--params", help="JSON object of the method's parameters")
+    retry.add_argument("--override", action="append", default=[], metavar="NAME=VALUE",
+                       help="a STRICTER policy value, e.g. min_forget_p=0.01 (repeatable)")
+    retry.add_argument("--expected-attempt", type=int, default=0,
+                       help="the attempt this creates (idempotent: repeating the call returns it); 0 = the next")
+    retry.set_defaults(run=_retry)
+
+    close = client_command("close", "end a request with a written reason, e.g. handled by a manual retrain (operator)")
+    close.add_argument("request_id")
+    close.add_argument("--reason", required=True, help="why the request is closed (recorded and audited)")
+    close.set_defaults(run=_close)
+
+    health = client_command("health", "probe the server's health (exit 0 when SERVING); no credentials needed")
+    health.add_argument("--service", default="", help="service name to check (default: the whole server)")
+    health.add_argument("--timeout-s", type=float, default=5.0, help="give up after this many seconds")
+    health.set_defaults(run=_health)
+
+    token = commands.add_parser("token", help="print a new bearer token and its LETHE_AUTH_TOKENS_FILE line")
+    token.add_argument("--roles", required=True, help="comma-separated: submitter, auditor, operator")
+    token.add_argument("--name", required=True, help="identity name (owns the requests it submits)")
+    token.set_defaults(run=_token)
+
     audit = commands.add_parser("audit", help="offline audit tools")
     audit_commands = audit.add_subparsers(dest="audit_command", required=True)
     verify = audit_commands.add_parser("verify", help="check the hash chain and every certificate offline")
     verify.add_argument("--state-dir", default=None,
                         help="embedded state directory (default LETHE_STATE_DIR or .lethe)")
-    verify.add_argument("--store-url", help="SQLAlchemy URL of the job store (instead of --state-dir)")
-    verify.add_argument("--key-file", help="hex audit key (default <state-dir>/keys/audit.key)")
+    verify.add_argument("--store-url", help="SQLAlchemy URL of the job store (default LETHE_JOB_STORE_URL when set, "
+                        "instead of --state-dir)")
+    verify.add_argument("--key-file", help="hex audit key (default LETHE_AUDIT_KEY, else <state-dir>/keys/audit.key)")
     verify.add_argument("--certificate", help="also check one certificate (JSON with body_json and signature)")
     verify.set_defaults(run=_audit_verify)
 

@@ -17,10 +17,13 @@ Schema (classification): ``record_id`` (string), ``subject_id`` (string), ``spli
 from __future__ import annotations
 
 import hashlib
+import logging
+import os
 import re
 import shutil
 import threading
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,8 +34,10 @@ import pyarrow.parquet as pq
 import torch
 
 from service.audit import keyed_hash
-from service.domain import FieldViolation, InvalidArgument, TaskType
+from service.domain import FieldViolation, InvalidArgument, TaskType, id_problem, preview
 from unlearn.data import ExampleSet, classification_examples
+
+log = logging.getLogger(__name__)
 
 SPLITS = ("train", "holdout", "test")
 REQUIRED_SPLITS = ("train", "holdout")
@@ -43,7 +48,8 @@ MAX_VIOLATIONS = 20  # enough to point a data engineer at the problem without fl
 
 @dataclass(frozen=True)
 class LoadedDataset:
-    """A dataset version in memory, with keyed subject hashes computed once (never the clear ids)."""
+    """A dataset version in memory, with keyed subject and record hashes computed once: requests carry only
+    those hashes, never the clear ids."""
 
     path: str
     digest: str
@@ -54,6 +60,7 @@ class LoadedDataset:
     labels: np.ndarray  # int64 [N] (-1 for causal-LM records)
     prompts: np.ndarray | None = None  # str [N], causal LM only
     answers: np.ndarray | None = None  # str [N], causal LM only
+    record_hashes: np.ndarray | None = None  # str [N], keyed hashes (the tombstone hash of each record id)
 
     def __len__(self) -> int:
         return len(self.record_ids)
@@ -65,13 +72,14 @@ class LoadedDataset:
     def split_mask(self, split: str) -> np.ndarray:
         return self.splits == split
 
-    def match(self, subject_hashes: set[str], record_ids: set[str], classes: set[int]) -> np.ndarray:
-        """Boolean mask of the records a request names: its subjects' records, its record ids, its classes."""
+    def match(self, subject_hashes: set[str], record_hashes: set[str], classes: set[int]) -> np.ndarray:
+        """Boolean mask of the records a request names: its subjects' records (keyed subject hashes), its
+        records (keyed record hashes, :func:`record_tombstone`), its classes."""
         mask = np.zeros(len(self), dtype=bool)
         if subject_hashes:
             mask |= np.isin(self.subject_hashes, list(subject_hashes))
-        if record_ids:
-            mask |= np.isin(self.record_ids, list(record_ids))
+        if record_hashes:
+            mask |= np.isin(self.record_hashes, list(record_hashes))
         if classes:
             mask |= np.isin(self.labels, list(classes))
         return mask
@@ -83,16 +91,56 @@ def safe_name(model_name: str) -> str:
     return f"{slug}-{hashlib.sha256(model_name.encode()).hexdigest()[:8]}"
 
 
-def read_parquet(uri: str) -> pd.DataFrame:
-    path = uri[len("file://"):] if uri.startswith("file://") else uri
+OUTSIDE_ROOTS = ("dataset_uri is not inside a dataset root this server accepts (LETHE_DATASET_ROOTS; "
+                 "<state_dir>/incoming is always accepted)")
+UNREADABLE = "no readable Parquet dataset at dataset_uri (missing, unreadable or not Parquet)"
+
+
+def resolve_dataset_uri(uri: str, roots: list[str], import_dir: Path) -> str:
+    """The location to read for a client's ``dataset_uri``, or InvalidArgument when it lies outside every
+    accepted root (``Settings.dataset_roots`` plus ``import_dir``).
+
+    Local paths (plain or ``file://``) must be absolute; they are resolved (``..`` and symbolic links
+    followed) BEFORE the comparison, so no spelling escapes a root. A URI with another scheme must start
+    with a configured URI prefix of that scheme and hold no ``..`` segment, query or fragment. The refusal
+    is one fixed sentence: it never quotes the URI and says nothing about what exists on the server.
+    """
+    refused = InvalidArgument("dataset_uri is outside the accepted dataset roots",
+                              (FieldViolation("dataset_uri", OUTSIDE_ROOTS),))
+    if not isinstance(uri, str) or not uri or not uri.isprintable() or len(uri) > 4096:
+        raise refused
+    scheme, separator, rest = uri.partition("://")
+    if separator and scheme.lower() != "file":
+        if ".." in rest.split("/") or "?" in rest or "#" in rest or "\\" in rest:
+            raise refused
+        for root in roots:
+            prefix = root if root.endswith("/") else root + "/"
+            if "://" in root and uri.startswith(prefix) and len(uri) > len(prefix):
+                return uri
+        raise refused
+    local = rest if separator else uri
+    if not Path(local).is_absolute():
+        raise refused
+    resolved = Path(os.path.realpath(local))
+    for root in [*(r for r in roots if "://" not in r), str(import_dir)]:
+        if resolved.is_relative_to(Path(os.path.realpath(root))):
+            return str(resolved)
+    raise refused
+
+
+def read_parquet(location: str) -> pd.DataFrame:
+    """Read a dataset already checked by :func:`resolve_dataset_uri`. Any failure is one fixed answer:
+    pyarrow's own text names paths and file contents ("Parquet magic bytes not found") and stays in the
+    debug log."""
     try:
-        return pq.read_table(path).to_pandas()
-    except (OSError, pa.ArrowException) as error:
-        raise InvalidArgument(f"cannot read the dataset at {uri!r}: {error}",
-                              (FieldViolation("dataset_uri", f"not a readable Parquet file: {error}"),)) from error
+        return pq.read_table(location).to_pandas()
+    except (OSError, pa.ArrowException, ValueError) as error:
+        log.debug("dataset read failed: %s", type(error).__name__)
+        raise InvalidArgument("the dataset cannot be read", (FieldViolation("dataset_uri", UNREADABLE),)) from None
 
 
-def validate_frame(frame: pd.DataFrame, task_type: TaskType, num_classes: int | None) -> list[FieldViolation]:
+def validate_frame(frame: pd.DataFrame, task_type: TaskType, num_classes: int | None,
+                   max_id_length: int = 256) -> list[FieldViolation]:
     """Every problem of a dataset, as field violations (empty list = valid)."""
     if task_type not in TASK_COLUMNS:
         return [FieldViolation("task_type", f"datasets of task {task_type.value!r} are not supported yet")]
@@ -100,19 +148,25 @@ def validate_frame(frame: pd.DataFrame, task_type: TaskType, num_classes: int | 
     missing = [c for c in (*BASE_COLUMNS, *TASK_COLUMNS[task_type]) if c not in frame.columns]
     if missing:
         return [FieldViolation("dataset.columns", f"required column(s) missing: {', '.join(missing)}")]
-    record_ids = frame["record_id"]
-    if record_ids.isna().any() or not all(isinstance(r, str) and r for r in record_ids):
-        violations.append(FieldViolation("dataset.record_id", "every record needs a non-empty string id"))
-    duplicated = record_ids[record_ids.duplicated()].unique()
-    if len(duplicated):
-        shown = ", ".join(map(str, duplicated[:5]))
-        violations.append(FieldViolation("dataset.record_id", f"{len(duplicated)} duplicate record ids (e.g. {shown})"))
-    if frame["subject_id"].isna().any() or not all(isinstance(s, str) and s for s in frame["subject_id"]):
-        violations.append(FieldViolation("dataset.subject_id", "every record needs a non-empty string subject id"))
+    # The one id rule of requests holds for the data too: an id a request could not name (a control or
+    # bidirectional-override character, too long) would make its record impossible to erase. Problems are
+    # reported by row number, never by quoting ids (refusals are logged).
+    for column, what in (("record_id", "record id"), ("subject_id", "subject id")):
+        values = frame[column]
+        bad_rows = [row for row, value in enumerate(values) if id_problem(value, max_id_length)]
+        if bad_rows:
+            violations.append(FieldViolation(f"dataset.{column}", f"{len(bad_rows)} record(s) without a valid {what} "
+                                             f"(non-empty, printable, at most {max_id_length} characters); first at "
+                                             f"row {bad_rows[0]}"))
+    duplicated_rows = np.flatnonzero(frame["record_id"].duplicated().to_numpy())
+    if len(duplicated_rows):
+        violations.append(FieldViolation("dataset.record_id", f"{len(duplicated_rows)} duplicate record ids; first "
+                                                              f"repeated at row {duplicated_rows[0]}"))
     splits = frame["split"].astype(str)
     unknown = sorted(set(splits) - set(SPLITS))
     if unknown:
-        violations.append(FieldViolation("dataset.split", f"unknown split values {unknown[:5]}; allowed {list(SPLITS)}"))
+        shown = ", ".join(preview(value, 20) for value in unknown[:5])
+        violations.append(FieldViolation("dataset.split", f"unknown split values {shown}; allowed {list(SPLITS)}"))
     for split in REQUIRED_SPLITS:
         if not (splits == split).any():
             violations.append(FieldViolation("dataset.split", f"the {split!r} split is empty"))
@@ -163,19 +217,61 @@ def content_digest(frame: pd.DataFrame) -> str:
     return digest.hexdigest()
 
 
+def dataset_columns(frame: pd.DataFrame) -> pd.DataFrame:
+    """The frame's dataset columns only, in schema order, with a fresh index."""
+    task_columns = TASK_COLUMNS[TaskType.CAUSAL_LM if "prompt" in frame.columns else TaskType.CLASSIFICATION]
+    return frame[[*BASE_COLUMNS, *task_columns]].reset_index(drop=True)
+
+
+def dataset_table(frame: pd.DataFrame) -> pa.Table:
+    """A frame of :func:`dataset_columns` as an Arrow table in the dataset's Parquet schema (classification:
+    float32 feature lists and int64 labels; causal LM: strings)."""
+    if "prompt" in frame.columns:  # causal LM
+        return pa.Table.from_pandas(frame.astype(str), schema=pa.schema(
+            [(c, pa.string()) for c in (*BASE_COLUMNS, "prompt", "answer")]), preserve_index=False)
+    return pa.Table.from_pandas(frame.assign(features=[np.asarray(v, dtype=np.float32).tolist()
+                                                       for v in frame["features"]]),
+                                schema=pa.schema([("record_id", pa.string()), ("subject_id", pa.string()),
+                                                  ("split", pa.string()), ("features", pa.list_(pa.float32())),
+                                                  ("label", pa.int64())]), preserve_index=False)
+
+
 def record_tombstone(key: bytes, record_id: str) -> str:
     return keyed_hash(key, "record", record_id)
 
 
 class DatasetCatalog:
-    """Reads, writes and deletes dataset versions; loaded versions are cached in memory by path."""
+    """Reads, writes and deletes dataset versions; loaded versions are cached in memory by path.
 
-    def __init__(self, datasets_dir: Path, subject_key: bytes, cache_size: int = 8):
+    Paths in the job store are the writing process's. A process on another host (a worker pod) finds the
+    same file under its own ``datasets_dir`` (same ``<model>/<name>.parquet`` layout), fetched on first use
+    from the version's MLflow copy through ``fetch_missing(recorded_path, local_path)``, which the engine
+    wires to the registry; deleting a version removes both.
+    """
+
+    def __init__(self, datasets_dir: Path, subject_key: bytes, cache_size: int = 8,
+                 fetch_missing: Callable[[str, Path], None] | None = None):
         self.datasets_dir = datasets_dir
         self.subject_key = subject_key
+        self.fetch_missing = fetch_missing
         self._cache: OrderedDict[str, LoadedDataset] = OrderedDict()
         self._cache_size = cache_size
         self._lock = threading.Lock()
+
+    def _mirror(self, path: str | Path) -> Path:
+        """Where this process keeps its own copy of a version recorded at ``path`` by another process."""
+        recorded = Path(path)
+        return self.datasets_dir / recorded.parent.name / recorded.name
+
+    def local_path(self, path: str | Path) -> Path:
+        """A readable local file of the version recorded at ``path`` (fetched when this host lacks it)."""
+        recorded = Path(path)
+        if recorded.exists():
+            return recorded
+        mirror = self._mirror(path)
+        if not mirror.exists() and self.fetch_missing is not None:
+            self.fetch_missing(str(path), mirror)
+        return mirror
 
     def subject_hash(self, subject_id: str) -> str:
         return keyed_hash(self.subject_key, "subject", subject_id)
@@ -191,27 +287,14 @@ class DatasetCatalog:
         directory = self.datasets_dir / safe_name(model_name)
         directory.mkdir(parents=True, exist_ok=True)
         path = directory / f"{name}.parquet"
-        if "prompt" in frame.columns:  # causal LM
-            frame = frame[[*BASE_COLUMNS, "prompt", "answer"]].reset_index(drop=True)
-            table = pa.Table.from_pandas(frame.astype(str), schema=pa.schema(
-                [(c, pa.string()) for c in (*BASE_COLUMNS, "prompt", "answer")]), preserve_index=False)
-            partial = path.with_suffix(".partial")
-            pq.write_table(table, partial)
-            partial.replace(path)
-            return path, content_digest(frame)
-        frame = frame[[*BASE_COLUMNS, "features", "label"]].reset_index(drop=True)
-        table = pa.Table.from_pandas(frame.assign(features=[np.asarray(v, dtype=np.float32).tolist()
-                                                            for v in frame["features"]]),
-                                     schema=pa.schema([("record_id", pa.string()), ("subject_id", pa.string()),
-                                                       ("split", pa.string()), ("features", pa.list_(pa.float32())),
-                                                       ("label", pa.int64())]), preserve_index=False)
+        frame = dataset_columns(frame)
         partial = path.with_suffix(".partial")
-        pq.write_table(table, partial)
+        pq.write_table(dataset_table(frame), partial)
         partial.replace(path)
         return path, content_digest(frame)
 
     def frame(self, path: str | Path) -> pd.DataFrame:
-        return pq.read_table(str(path)).to_pandas()
+        return pq.read_table(str(self.local_path(path))).to_pandas()
 
     def load(self, path: str | Path, digest: str) -> LoadedDataset:
         key = str(path)
@@ -219,10 +302,19 @@ class DatasetCatalog:
             if key in self._cache:
                 self._cache.move_to_end(key)
                 return self._cache[key]
-        frame = self.frame(path)
+        loaded = self.from_frame(self.frame(path), key, digest)
+        with self._lock:
+            self._cache[key] = loaded
+            while len(self._cache) > self._cache_size:
+                self._cache.popitem(last=False)
+        return loaded
+
+    def from_frame(self, frame: pd.DataFrame, path: str = "", digest: str = "") -> LoadedDataset:
+        """A dataset frame in memory, with keyed subject and record hashes computed once (never kept in clear
+        anywhere else). Also builds the combined data of an update (base version plus staged records)."""
         lm = "prompt" in frame.columns
-        loaded = LoadedDataset(
-            path=key, digest=digest,
+        return LoadedDataset(
+            path=str(path), digest=digest,
             record_ids=frame["record_id"].astype(str).to_numpy(),
             subject_hashes=np.array([self.subject_hash(s) for s in frame["subject_id"].astype(str)]),
             splits=frame["split"].astype(str).to_numpy(),
@@ -230,12 +322,8 @@ class DatasetCatalog:
                       else np.stack([np.asarray(v, dtype=np.float32) for v in frame["features"]])),
             labels=np.full(len(frame), -1, dtype=np.int64) if lm else frame["label"].to_numpy(dtype=np.int64),
             prompts=frame["prompt"].astype(str).to_numpy() if lm else None,
-            answers=frame["answer"].astype(str).to_numpy() if lm else None)
-        with self._lock:
-            self._cache[key] = loaded
-            while len(self._cache) > self._cache_size:
-                self._cache.popitem(last=False)
-        return loaded
+            answers=frame["answer"].astype(str).to_numpy() if lm else None,
+            record_hashes=np.array([self.tombstone(r) for r in frame["record_id"].astype(str)]))
 
     def forget_cached(self, path: str | Path) -> None:
         with self._lock:
@@ -245,6 +333,7 @@ class DatasetCatalog:
         """Remove a dataset version's local copy (missing is fine: a resumed purge repeats this)."""
         self.forget_cached(path)
         Path(path).unlink(missing_ok=True)
+        self._mirror(path).unlink(missing_ok=True)
 
 
 def remove_tree(path: Path) -> None:

@@ -2,13 +2,18 @@
 
 Naming follows Prometheus conventions (``lethe_`` prefix, base units, ``_total`` for counters) and every
 label has a bounded set of values: request kinds, outcomes, method names from the registry, pipeline
-stages. Subject ids, request ids and model names never become labels (unbounded, and subject ids are
-personal data). The front adds its own RPC metrics to :attr:`Metrics.registry`.
+stages, job states, and registered model names (a set the operator controls, on the verification evidence
+gauges only). Subject ids and request ids never become labels (unbounded, and subject ids are personal
+data). The front adds its own RPC metrics to :attr:`Metrics.registry`, and
+:class:`service.store_metrics.StoreCollector` the gauges read from the job store and the audit chain at
+scrape time. The Helm chart's dashboard and alert rules (``helm/lethe``) name these metrics; ``tests/helm``
+checks that a live server exports every one of them.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Mapping
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
@@ -54,10 +59,64 @@ class Metrics:
             registry=self.registry)
         if overdue_pending_count is not None:
             self.overdue_pending.set_function(overdue_pending_count)
+        self.updates = Counter("lethe_updates_total", "Update and rectification jobs, by kind and outcome.",
+                               ["kind", "outcome"], registry=self.registry)
+        self.records_learned = Counter("lethe_records_learned_total",
+                                       "Records learned by verified updates and rectifications.",
+                                       registry=self.registry)
+        self.update_regressions = Counter(
+            "lethe_update_regressions_total",
+            "Earlier erasures an update made come back (re-checked on their sealed sets), before escalation.",
+            registry=self.registry)
+        self.update_bwt = Gauge("lethe_update_utility_change", "Utility after minus before of the model's last "
+                                "verified update (a backward-transfer view; negative = forgetting).",
+                                ["model"], registry=self.registry)
+        self.update_stability_gap = Gauge(
+            "lethe_update_stability_gap", "Utility before the model's last verified update minus the lowest "
+            "utility measured during it (De Lange et al.'s stability gap).", ["model"], registry=self.registry)
         self.certificates_late = Counter(
             "lethe_certificates_late_total",
             "Certificates issued after their request's deadline (the erasure was still done, late).",
             registry=self.registry)
+        # Evidence of the last verification of each model, whatever its verdict, so a dashboard shows how
+        # close the gate runs to its limits (labels: registered model names, a set the operator controls).
+        self.membership_auc = Gauge(
+            "lethe_verification_membership_auc",
+            "Loss-attack ROC AUC of erased vs never-seen (audit) records after the model's last verified job "
+            "(0.5 = indistinguishable; near 1 = still remembered; well below 0.5 = over-forgotten).", ["model"],
+            registry=self.registry)
+        self.forget_quality = Gauge(
+            "lethe_verification_forget_quality",
+            "KS-test p-value of erased vs never-seen (audit) per-example losses after the model's last verified "
+            "job (forget quality: high = indistinguishable).", ["model"], registry=self.registry)
+        self.utility_ratio = Gauge(
+            "lethe_verification_utility_ratio",
+            "Utility after / utility before of the model's last verified job (1 = nothing lost).", ["model"],
+            registry=self.registry)
+        self.forget_accuracy = Gauge(
+            "lethe_verification_forget_accuracy",
+            "Accuracy on the erased records (or class) after the model's last verified job.", ["model"],
+            registry=self.registry)
+        self.worker_heartbeat = Gauge(
+            "lethe_worker_last_heartbeat_timestamp_seconds",
+            "Unix time this process's job workers last showed life: each pass of the claim loop and each "
+            "progress report of a running job.", registry=self.registry)
+
+    def heartbeat(self) -> None:
+        self.worker_heartbeat.set(time.time())
+
+    def record_evidence(self, model: str, evidence: Mapping) -> None:
+        """Set the evidence gauges of ``model`` from a verification's evidence (keys absent: left as they were)."""
+        membership = evidence.get("membership_after") or {}  # record erasures (unlearn.gate); classes have none
+        if membership.get("auc") is not None:
+            self.membership_auc.labels(model).set(membership["auc"])
+        if membership.get("ks_p_value") is not None:
+            self.forget_quality.labels(model).set(membership["ks_p_value"])
+        before, after = evidence.get("utility_acc_before"), evidence.get("utility_acc_after")
+        if before and after is not None:
+            self.utility_ratio.labels(model).set(after / before)
+        if evidence.get("forget_acc_after") is not None:
+            self.forget_accuracy.labels(model).set(evidence["forget_acc_after"])
 
 
 def start_metrics_server(metrics: Metrics, port: int, host: str = "127.0.0.1"):

@@ -12,8 +12,12 @@ unknown ``LETHE_`` environment variables are ignored, because pydantic-settings 
 
 from __future__ import annotations
 
+import json
+import hashlib
+import hmac
 import os
 import secrets
+import socket
 import subprocess
 from functools import cached_property
 from pathlib import Path
@@ -27,6 +31,16 @@ RESERVED_GRPC_WORKERS = 4
 """gRPC server threads that streams may never take: kept for unary calls and health checks (see
 ``Settings.grpc_max_workers``). Four covers a probe, a metrics-minded operator and a couple of unary
 submissions at once; unary calls last milliseconds, so a handful of threads serves many of them."""
+
+
+def stream_budgets(grpc_max_workers: int) -> tuple[int, int]:
+    """(Session streams, other streams) one replica serves at once: the threads left after the unary reserve,
+    a quarter (at least one) for the short-lived streams (``WatchJob``, server reflection, health ``Watch``)
+    and the rest for the long-lived ``Session`` streams. Separate budgets: a replica whose Sessions are at
+    their cap still answers a ``WatchJob`` or a reflection query from a new client."""
+    streams = grpc_max_workers - RESERVED_GRPC_WORKERS
+    others = max(1, streams // 4)
+    return streams - others, others
 
 
 def _default_code_version() -> str:
@@ -60,7 +74,9 @@ class Settings(BaseSettings):
 
     mlflow_artifact_root: str | None = None
     """Where Lethe's MLflow experiment stores artifacts (models, dataset copies). Default
-    ``<state_dir>/mlartifacts``. Ignored when the experiment already exists on a tracking server."""
+    ``<state_dir>/mlartifacts`` in the embedded mode; with an ``http(s)://`` tracking server, the server's
+    default (``mlflow-artifacts:/...`` when it runs with ``--serve-artifacts``, so every artifact is written,
+    read and deleted through the server, never a local disk). Ignored when the experiment already exists."""
 
     mlflow_experiment: str = "lethe"
     """MLflow experiment holding Lethe's unlearning runs and registrations."""
@@ -75,12 +91,13 @@ class Settings(BaseSettings):
     grpc_port: int = Field(50051, ge=0, le=65535)
     """gRPC port (0 picks a free port, for tests)."""
 
-    grpc_max_workers: int = Field(32, ge=RESERVED_GRPC_WORKERS + 1, le=4096)
+    grpc_max_workers: int = Field(32, ge=RESERVED_GRPC_WORKERS + 2, le=4096)
     """Threads serving RPCs (``LETHE_GRPC_MAX_WORKERS``). Each open stream (``Session``, ``WatchJob``, health
-    ``Watch``) holds one thread for its whole life, which can be hours; a unary call holds one for
-    milliseconds. Open streams are therefore capped at this number minus ``RESERVED_GRPC_WORKERS`` (4), and a
-    stream over the cap is refused at once with RESOURCE_EXHAUSTED (clients back off or use another
-    replica). Why a reserve: gRPC queues a call that finds no free thread, so a pool filled with streams
+    ``Watch``, reflection) holds one thread for its whole life, which can be hours; a unary call holds one for
+    milliseconds. Open streams are therefore capped at this number minus ``RESERVED_GRPC_WORKERS`` (4), split
+    into two budgets (:func:`stream_budgets`: three quarters for ``Session`` streams, the rest for the others,
+    so a replica full of Sessions still serves ``WatchJob`` and reflection), and a stream over its budget is
+    refused at once with RESOURCE_EXHAUSTED (clients back off or use another replica). Why a reserve: gRPC queues a call that finds no free thread, so a pool filled with streams
     would queue the Kubernetes health probe behind them; the probe would time out and the kubelet would
     restart a replica that was merely busy, dropping every stream it held. Size it to the concurrent
     data-governance streams one replica should carry plus the reserve; scale out with replicas beyond that
@@ -93,7 +110,9 @@ class Settings(BaseSettings):
     """Address the metrics exporter binds (``0.0.0.0`` in a container)."""
 
     auth_token: SecretStr | None = None
-    """Bearer token every gRPC call must present; unset = no authentication (embedded, local only)."""
+    """A single bearer token with every role (embedded mode). With neither it nor ``auth_tokens_file`` set
+    there is no authentication at all (embedded, local only); with either set, every call but health checks
+    must present a valid credential."""
 
     max_ids_per_request: int = Field(10000, ge=1)
     """Most subject or record ids one request may carry (larger requests are INVALID_ARGUMENT)."""
@@ -127,11 +146,21 @@ class Settings(BaseSettings):
     """Code version written into every certificate and model version tag. Default: package version and
     git commit when available; the container image sets it to the image tag."""
 
+    max_inline_update_rows: int = Field(1000, ge=1, le=100_000)
+    """Most records an update or rectification may carry inline (``records``); larger updates come as a
+    Parquet ``dataset_uri`` (bounded by ``max_update_rows``). Inline rows travel in one gRPC message."""
+
+    max_update_rows: int = Field(100_000, ge=1)
+    """Most records one update may bring from a Parquet ``dataset_uri``."""
+
     # ------------------------------------------------------------------------------------- scale-out
-    executor: Literal["inprocess", "subprocess", "kubernetes"] = "inprocess"
+    executor: Literal["inprocess", "subprocess", "kubernetes", "external"] = "inprocess"
     """Where a claimed job runs: ``inprocess`` (worker threads of this process, the embedded default),
     ``subprocess`` (each job in a fresh ``lethe worker --once --job-id ID`` process: the same contract as a
-    Kubernetes Job) or ``kubernetes`` (one ``batch/v1`` Job per unlearning job, on GPU nodes)."""
+    Kubernetes Job), ``kubernetes`` (one ``batch/v1`` Job per unlearning job, on GPU nodes) or ``external``
+    (this process runs no job: a pool of ``lethe worker`` processes, e.g. a Deployment, claims them from the
+    shared job store). ``subprocess`` and ``kubernetes`` run at most ``worker_threads`` jobs at once per
+    process."""
 
     job_lease_s: float = Field(60.0, ge=1.0, le=3600.0)
     """How long a worker's claim on a job lasts without a heartbeat. The holder renews it every third of
@@ -142,9 +171,10 @@ class Settings(BaseSettings):
     """Claims of one job before it is marked FAILED: a job that kills its worker this often (out of
     memory, a poisoned input) stops being retried forever."""
 
-    worker_id: str | None = None
+    worker_id: str = Field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}", min_length=1,
+                           max_length=120)
     """Identity of this process in job leases and logs. Default ``<hostname>-<pid>``; the chart sets the
-    pod name."""
+    pod name. Each engine adds a random suffix (``<worker_id>/<6 hex>``) so leases never collide."""
 
     kubernetes_namespace: str = "default"
     """Namespace the ``kubernetes`` executor creates its Jobs in (the chart sets its release namespace)."""
@@ -189,29 +219,67 @@ class Settings(BaseSettings):
 
     # -------------------------------------------------------------------------------------- security
     tls_cert: Path | None = None
-    """PEM server certificate chain. With ``tls_key`` the gRPC port speaks TLS only; the files are re-read
-    when they change (cert-manager rotation) without a restart."""
+    """PEM certificate chain this process presents. The server (with ``tls_key``) then speaks TLS only on its
+    gRPC port, and re-reads the files when they change (cert-manager rotation) without a restart: the next
+    TLS handshake uses the new pair. Client commands (``lethe submit``, ``lethe health``...) present it as
+    their client certificate when the server asks for one (mutual TLS), so a pod's own certificate serves its
+    exec probe."""
 
     tls_key: Path | None = None
-    """PEM private key of ``tls_cert``."""
+    """PEM private key of ``tls_cert`` (both or neither)."""
 
     tls_client_ca: Path | None = None
-    """PEM CA bundle for mutual TLS: when set, clients must present a certificate signed by it."""
+    """PEM CA bundle for mutual TLS: when set, clients must present a certificate signed by it, or the TLS
+    handshake fails before any RPC. Re-read on change like the certificate. The server refuses to start with
+    it but without ``tls_cert`` (it would otherwise serve plaintext); clients use it as their trust root when
+    ``tls_ca`` is unset."""
+
+    tls_ca: Path | None = None
+    """PEM CA bundle that CLIENTS (the CLI, ``lethe health``) use to verify the server's certificate. Unset:
+    ``tls_client_ca`` when that is set (one CA for both sides, cert-manager's usual ``ca.crt``), else the
+    system roots. Setting it (or ``tls_cert``) makes client commands connect with TLS."""
 
     auth_tokens_file: Path | None = None
-    """File of scoped credentials, one per line: ``<role> <name> sha256:<hex of the token>`` (roles:
-    ``submitter``, ``auditor``, ``operator``). Tokens are stored hashed; several may be valid at once
-    (rotation). ``auth_token`` (a single all-roles token) stays for the embedded mode."""
+    """File of scoped credentials, one per line: ``<roles> <name> <credential>``, ``#`` starts a comment.
+    ``roles`` is one or more of ``submitter``, ``auditor``, ``operator`` joined by commas; ``name`` is the
+    identity (no spaces) that owns the requests it submits; ``credential`` is ``sha256:<hex of the token>``
+    (a bearer token, stored hashed: ``lethe token`` prints a fresh one with its line) or
+    ``x509-cn:<common name>`` (a mutual-TLS client certificate's subject CN). Several lines may share a name
+    and roles (rotation: add the new token, move clients, delete the old line). Re-read when the file
+    changes. ``auth_token`` (a single all-roles token) may be set beside it for the embedded mode."""
 
-    @model_validator(mode="after")
-    def _refuse_unbuilt(self) -> Settings:
-        """Settings whose feature is not built yet fail at start-up instead of being silently ignored."""
-        unbuilt = {name: reason for name, reason in NOT_BUILT.items() if _is_set(getattr(self, name))}
-        if "executor" in unbuilt and self.executor == "inprocess":
-            del unbuilt["executor"]
-        if unbuilt:
-            raise ValueError("; ".join(f"LETHE_{n.upper()}: {r}" for n, r in unbuilt.items()))
-        return self
+    rate_limit_per_s: float = Field(200.0, ge=0.0)
+    """Calls and Session messages one identity may make per second, sustained (a token bucket; 0 = no
+    limit). Over the limit a call answers RESOURCE_EXHAUSTED with ``google.rpc.RetryInfo`` saying when to
+    retry (on a stream: a ``SubmissionRejected`` with ``retry_delay``). Health checks are never limited."""
+
+    rate_limit_burst: int = Field(400, ge=1)
+    """Size of each identity's token bucket: how many calls may arrive at once after a quiet period."""
+
+    max_streams_per_identity: int = Field(16, ge=1)
+    """Open streams (``Session``, ``WatchJob``) one identity may hold on this replica, so one client cannot
+    take every stream slot of ``grpc_max_workers``; RESOURCE_EXHAUSTED with retry info beyond it."""
+
+    max_unacked_messages: int = Field(1000, ge=1)
+    """Session submissions read but not yet answered (their ack or rejection still waiting for the client
+    to read it). A client that keeps sending without reading gets RESOURCE_EXHAUSTED rejections with a
+    retry delay beyond this many, and the server stops reading its stream at twice this many, so a stalled
+    reader cannot grow the server's memory. Event delivery waits (back-pressure) rather than buffering more."""
+
+    max_message_bytes: int = Field(4 * 1024 * 1024, ge=1024, le=64 * 1024 * 1024)
+    """Largest request message accepted, in bytes (gRPC refuses a larger one with RESOURCE_EXHAUSTED before
+    decoding it, so before any database work). 4 MiB holds ``max_ids_per_request`` ids of 256 characters."""
+
+    unary_deadline_s: float = Field(120.0, gt=0.0, le=3600.0)
+    """Server-side deadline of every unary call (the client's own deadline applies when shorter). A call
+    past it answers DEADLINE_EXCEEDED, but its work may still commit afterwards: clients must replay a
+    submission with the same ``request_id`` (idempotent) rather than assume it was dropped."""
+
+    dataset_roots: list[str] = Field(default_factory=list)
+    """Where ``RegisterModel`` may read training data, as a JSON list: absolute directories
+    (``["/data/training"]``) and URI prefixes (``["s3://bucket/datasets/"]``; the scheme must match).
+    ``<state_dir>/incoming`` is always accepted. A dataset URI outside every root is refused without
+    touching the file system, with one answer that says nothing about the server's files."""
 
     @model_validator(mode="after")
     def _embedded_defaults(self) -> Settings:
@@ -219,17 +287,36 @@ class Settings(BaseSettings):
         object.__setattr__(self, "state_dir", state)
         if self.mlflow_tracking_uri is None:
             object.__setattr__(self, "mlflow_tracking_uri", f"sqlite:///{state / 'mlflow.db'}")
-        if self.mlflow_artifact_root is None:
+        if self.mlflow_artifact_root is None and not self.mlflow_tracking_uri.startswith(("http://", "https://")):
             object.__setattr__(self, "mlflow_artifact_root", str(state / "mlartifacts"))
         if self.job_store_url is None:
             object.__setattr__(self, "job_store_url", f"sqlite:///{state / 'lethe.db'}")
         return self
+
+    def as_environment(self) -> dict[str, str]:
+        """These settings as ``LETHE_*`` variables (secrets included): what a worker process this one starts
+        needs to see the same store, MLflow and keys, whatever mix of environment and code built them."""
+        environment = {}
+        for name, value in self.model_dump().items():
+            if value is None or name in ("worker_id", "executor"):  # the worker's own, never inherited
+                continue
+            if isinstance(value, SecretStr):
+                value = value.get_secret_value()
+            elif isinstance(value, (dict, list)):
+                value = json.dumps(value)
+            environment[f"LETHE_{name.upper()}"] = str(value)
+        return environment
 
     # ------------------------------------------------------------------------------------- derived paths
     @property
     def datasets_dir(self) -> Path:
         """Lethe's own copies of training datasets, one file per dataset version."""
         return self.state_dir / "datasets"
+
+    @property
+    def dataset_import_dir(self) -> Path:
+        """``<state_dir>/incoming``: a drop box always accepted as a dataset root (see ``dataset_roots``)."""
+        return self.state_dir / "incoming"
 
     @property
     def cache_dir(self) -> Path:
@@ -244,19 +331,11 @@ class Settings(BaseSettings):
     def subject_hash_key_bytes(self) -> bytes:
         return _key_bytes(self.subject_hash_key, self.state_dir / "keys" / "subject-hash.key")
 
-
-NOT_BUILT: dict[str, str] = {
-    "executor": "only 'inprocess' is built so far (subprocess and kubernetes executors are in progress)",
-    "tls_cert": "TLS is not built yet",
-    "tls_key": "TLS is not built yet",
-    "tls_client_ca": "mutual TLS is not built yet",
-    "auth_tokens_file": "scoped credentials are not built yet; use LETHE_AUTH_TOKEN",
-}
-"""Declared settings whose feature is still being built; setting one is an error, never a silent no-op."""
-
-
-def _is_set(value: Any) -> bool:
-    return value not in (None, "", "inprocess")
+    @cached_property
+    def split_key_bytes(self) -> bytes:
+        """Key of the tune/audit split of never-trained records (:mod:`unlearn.splits`), derived from the
+        subject hash key: stable for the life of the deployment, unknown to clients."""
+        return hmac.new(self.subject_hash_key_bytes, b"lethe tune/audit split v1", hashlib.sha256).digest()
 
 
 def _key_bytes(configured: SecretStr | None, path: Path) -> bytes:

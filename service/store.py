@@ -5,24 +5,43 @@ is SQLite-only (portable types, JSON columns, no triggers), so the same tables r
 scale-out. An acknowledgement is only sent after :meth:`Store.write` has committed, and SQLite runs with
 ``synchronous=FULL`` so that a committed transaction survives power loss, not only a process kill.
 
-Subject ids never reach this module in clear: requests keep keyed hashes (HMAC-SHA256 with the subject
-hash key), tombstones keep keyed hashes of record ids.
+Subject and record ids never reach this module in clear: requests keep keyed hashes (HMAC-SHA256 with the
+subject hash key) of both, tombstones keep the same keyed hashes of record ids. (The sealed verification sets
+of :mod:`service.sealed` hold erased records, but only as ciphertext outside the store; the store keeps
+their wrapped keys until the retention window ends.)
 
-Writers are serialised: in one process by a lock, across processes by SQLite's ``BEGIN IMMEDIATE`` (a
-deferred transaction that upgrades from read to write can fail with SQLITE_BUSY at once instead of
-waiting). Every committed write wakes :meth:`Store.wait_for_change`, so event streams wait on a condition
-instead of polling.
+The schema is created and upgraded by Alembic migrations (:mod:`service.migrations`) when a
+:class:`Store` opens, on SQLite and PostgreSQL alike; ``metadata`` below mirrors the head revision.
+
+Concurrency (several API replicas and workers on one store, issue 11):
+
+- SQLite: writers are serialised, in one process by a lock, across processes by ``BEGIN IMMEDIATE`` (a
+  deferred transaction that upgrades from read to write can fail with SQLITE_BUSY at once instead of
+  waiting).
+- PostgreSQL (READ COMMITTED): writers run concurrently; what must be serial is serialised by the
+  database itself: claims lock job rows ``FOR UPDATE SKIP LOCKED`` and one RUNNING job per model is a
+  partial unique index (:func:`claim_next`); a coalescing decision holds an advisory lock on its
+  (model, key) (:func:`lock_coalescing`); and every transaction that appends events or audit entries takes
+  the LOG lock (:func:`lock_log`, a transaction-scoped advisory lock) before its first append and keeps it
+  to commit. The log lock makes event ``seq`` values commit in increasing order (a reader that saw seq n
+  never later finds an n' < n committed) and the audit chain gap-free and linear. Deadlock freedom rests on
+  one rule: within a transaction, row and coalescing locks come first, the log lock last.
+
+Every committed write wakes :meth:`Store.wait_for_change` in this process, so event streams wait on a
+condition instead of polling (writes of other processes are seen by the waiters' bounded re-reads).
 """
 
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator, Sequence
+import zlib
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
 import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, Row
 
 metadata = sa.MetaData()
@@ -42,6 +61,7 @@ models = sa.Table(
     sa.Column("policy", sa.JSON, nullable=False),
     sa.Column("training", sa.JSON, nullable=False),  # model factory + recipe, for exact retraining
     sa.Column("serving_version", sa.String(32), nullable=False),  # head of Lethe's lineage of this model
+    sa.Column("serving_alias", sa.String(_ID)),  # the MLflow alias Lethe moves (None: settings.serving_alias)
     _ts("registered_at"),
 )
 
@@ -58,7 +78,18 @@ dataset_versions = sa.Table(
     sa.Column("mlflow_artifact_uri", sa.Text),  # the copy logged to MLflow, removed with the local one
     _ts("created_at"),
     _ts("removed_at", nullable=True),  # set once every copy of it is deleted
+    _ts("indexed_at", nullable=True),  # set once record_index holds all its records
     sa.UniqueConstraint("model_name", "version"),
+)
+
+record_index = sa.Table(  # keyed hashes of a live dataset version's records: intake resolves requests here
+    "record_index", metadata,
+    sa.Column("dataset_id", sa.Integer, primary_key=True),
+    sa.Column("record_hash", sa.String(64), primary_key=True),  # keyed hash of the record id (tombstone form)
+    sa.Column("subject_hash", sa.String(64), nullable=False),  # keyed hash of the subject id
+    sa.Column("label", sa.Integer, nullable=True),  # class of a classification record
+    sa.Index("ix_record_index_subject", "subject_hash", "dataset_id"),
+    sa.Index("ix_record_index_label", "dataset_id", "label"),
 )
 
 requests = sa.Table(
@@ -67,7 +98,7 @@ requests = sa.Table(
     sa.Column("payload_digest", sa.String(64), nullable=False),
     sa.Column("kind", sa.String(16), nullable=False),
     sa.Column("subject_hashes", sa.JSON, nullable=False),  # keyed hashes, never clear ids
-    sa.Column("record_ids", sa.JSON, nullable=False),
+    sa.Column("record_hashes", sa.JSON, nullable=False),  # keyed hashes (the tombstone hash), never clear ids
     sa.Column("classes", sa.JSON, nullable=False),
     sa.Column("model_names", sa.JSON, nullable=False),
     sa.Column("method", sa.String(64)),
@@ -75,10 +106,16 @@ requests = sa.Table(
     sa.Column("policy_overrides", sa.JSON, nullable=False),
     _ts("deadline", nullable=True),
     _ts("received_at"),
-    sa.Column("state", sa.String(16), nullable=False, index=True),  # PENDING | COMPLETED
+    sa.Column("state", sa.String(16), nullable=False, index=True),  # PENDING | COMPLETED | CANCELLED | CLOSED
     sa.Column("first_event_seq", sa.Integer, nullable=False),
     sa.Column("outcome_job_ids", sa.JSON, nullable=False),
     _ts("completed_at", nullable=True),
+    # Keyed hash of the authenticated identity that submitted the request: a submitter reads only its own.
+    sa.Column("submitter_hash", sa.String(64), nullable=True, index=True),
+    sa.Column("state_reason", sa.Text),  # an operator's reason for a cancel or a close
+    # Updates and rectifications: where their records are staged until a job learns them ({"path", "digest",
+    # "rows", "artifact_uri"} per model); the records themselves (clear ids) are never in the job store.
+    sa.Column("payload", sa.JSON),
 )
 
 jobs = sa.Table(
@@ -102,12 +139,18 @@ jobs = sa.Table(
     _ts("window_closes_at"),
     _ts("created_at"),
     _ts("updated_at"),
+    sa.Column("lease_owner", sa.String(160)),  # who holds the claim (a worker, or an executor dispatching it)
+    _ts("lease_expires_at", nullable=True),  # renewed by the holder's heartbeat; past it, anyone may reclaim
+    sa.Index("uq_jobs_one_running_per_model", "model_name", unique=True,
+             sqlite_where=sa.text("state = 'RUNNING'"), postgresql_where=sa.text("state = 'RUNNING'")),
 )
 
 job_requests = sa.Table(
     "job_requests", metadata,
     sa.Column("job_id", sa.String(64), primary_key=True),
     sa.Column("request_id", sa.String(_ID), primary_key=True, index=True),
+    # Which attempt of the request this job is: 1 for the submission, N for the (N-1)th RetryRequest.
+    sa.Column("attempt", sa.Integer, nullable=False, server_default="1"),
 )
 
 events = sa.Table(
@@ -160,6 +203,28 @@ tombstones = sa.Table(
 )
 
 
+sealed_sets = sa.Table(  # one per (erasure job, request): the sealed verification set (service.sealed)
+    "sealed_sets", metadata,
+    sa.Column("job_id", sa.String(64), primary_key=True),
+    sa.Column("request_id", sa.String(_ID), primary_key=True),
+    sa.Column("model_name", sa.String(_ID), nullable=False, index=True),
+    sa.Column("kind", sa.String(16), nullable=False),  # records | classes
+    sa.Column("classes", sa.JSON, nullable=False),
+    sa.Column("rows", sa.Integer, nullable=False),
+    sa.Column("path", sa.Text),  # the ciphertext as the sealing process wrote it (None: nothing was kept)
+    sa.Column("artifact_uri", sa.Text),  # its MLflow copy, read by processes on other hosts
+    # The per-request AES-256-GCM key, itself wrapped (AES-GCM) with a key derived from the subject hash key;
+    # NULL once destroyed (crypto-shredding) or when nothing was kept.
+    sa.Column("wrapped_key", sa.Text),
+    sa.Column("key_fingerprint", sa.String(64)),  # what the audit chain names the key by
+    sa.Column("retention_days", sa.Float, nullable=False),
+    _ts("created_at"),
+    _ts("expires_at"),
+    _ts("destroyed_at", nullable=True),
+    sa.Column("destroyed_reason", sa.Text),
+)
+
+
 def utcnow() -> datetime:
     return datetime.now(timezone.utc)
 
@@ -171,13 +236,21 @@ def as_utc(value: datetime | None) -> datetime | None:
     return value if value.tzinfo else value.replace(tzinfo=timezone.utc)
 
 
-class Store:
-    """Connection handling, the write lock and the change condition; queries are functions below."""
+LOG_LOCK_KEY = 7_304_119_002
+"""pg_advisory_xact_lock key serialising event and audit appends (see the module docstring)."""
 
-    def __init__(self, url: str):
+
+class Store:
+    """Connection handling, migrations, the write discipline and the change condition; queries are
+    functions below."""
+
+    def __init__(self, url: str, migrate: bool = True):
         self.url = url
         self.is_sqlite = url.startswith("sqlite")
-        self._write_lock = threading.RLock()
+        self.is_postgres = url.startswith("postgresql")
+        # SQLite has one writer at a time anyway: a process lock spares the others busy-waiting. PostgreSQL
+        # runs this process's writers concurrently; the database serialises what must be serial.
+        self._write_lock: threading.RLock | None = threading.RLock() if self.is_sqlite else None
         self._changed = threading.Condition()
         self._generation = 0
         if self.is_sqlite:
@@ -185,8 +258,13 @@ class Store:
             sa.event.listen(self.engine, "connect", self._sqlite_connect)
             sa.event.listen(self.engine, "begin", self._sqlite_begin)
         else:
-            self.engine = sa.create_engine(url, pool_pre_ping=True)
-        metadata.create_all(self.engine)
+            # Enough connections for the gRPC threads' reads, the workers, heartbeats and group commits.
+            self.engine = sa.create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
+        if migrate:
+            from service import migrations
+
+            with self.write() as connection:
+                migrations.upgrade(connection)
 
     @staticmethod
     def _sqlite_connect(dbapi_connection, _record) -> None:
@@ -203,8 +281,8 @@ class Store:
 
     @contextmanager
     def write(self) -> Iterator[Connection]:
-        """One serialised read-write transaction, committed on exit; wakes event waiters afterwards."""
-        with self._write_lock, self.engine.connect() as connection:
+        """One read-write transaction, committed on exit; wakes event waiters afterwards."""
+        with self._process_write_lock(), self.engine.connect() as connection:
             connection.info["lethe_write"] = True
             try:
                 with connection.begin():
@@ -214,6 +292,14 @@ class Store:
         with self._changed:
             self._generation += 1
             self._changed.notify_all()
+
+    @contextmanager
+    def _process_write_lock(self) -> Iterator[None]:
+        if self._write_lock is None:
+            yield
+            return
+        with self._write_lock:
+            yield
 
     @contextmanager
     def read(self) -> Iterator[Connection]:
@@ -240,13 +326,49 @@ class Store:
         self.engine.dispose()
 
 
+def _advisory_lock(conn: Connection, key: int) -> None:
+    conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({int(key)})")
+
+
+def lock_log(conn: Connection) -> None:
+    """Take the LOG lock before appending events or audit entries (held to commit; once per transaction).
+
+    A no-op on SQLite, where ``BEGIN IMMEDIATE`` already makes the whole transaction the only writer.
+    """
+    if conn.dialect.name != "postgresql":
+        return
+    transaction = conn.get_transaction()
+    if conn.info.get("lethe_log_locked") is transaction:
+        return
+    _advisory_lock(conn, LOG_LOCK_KEY)
+    conn.info["lethe_log_locked"] = transaction
+
+
+def lock_coalescing(conn: Connection, keys: Iterable[tuple[str, str]]) -> None:
+    """Serialise coalescing decisions on (model, coalesce key) across replicas: two intakes can neither both
+    open a job for one key nor join a job a claim is taking. Keys are locked in sorted order (no deadlock
+    between two batches), and before any log lock (see the module docstring)."""
+    if conn.dialect.name != "postgresql":
+        return
+    for model_name, key in sorted(set(keys)):
+        digest = zlib.crc32(f"coalesce\n{model_name}\n{key}".encode())
+        _advisory_lock(conn, (1 << 32) + digest)  # above the constant keys' range
+
+
+def _insert_ignoring_duplicates(conn: Connection, table: sa.Table):
+    """INSERT ... ON CONFLICT DO NOTHING for either database (concurrent writers may insert the same key)."""
+    dialect = postgresql if conn.dialect.name == "postgresql" else sqlite
+    return dialect.insert(table).on_conflict_do_nothing()
+
+
 # ------------------------------------------------------------------------------------------------ models
 def upsert_model(conn: Connection, model_name: str, version: str, task_type: str, num_classes: int | None,
-                 policy: dict[str, Any], training: dict[str, Any]) -> None:
+                 policy: dict[str, Any], training: dict[str, Any], serving_alias: str | None = None) -> None:
     conn.execute(sa.delete(models).where(models.c.model_name == model_name))
     conn.execute(sa.insert(models).values(model_name=model_name, registered_version=version, task_type=task_type,
                                           num_classes=num_classes, policy=policy, training=training,
-                                          serving_version=version, registered_at=utcnow()))
+                                          serving_version=version, serving_alias=serving_alias,
+                                          registered_at=utcnow()))
 
 
 def set_serving_version(conn: Connection, model_name: str, version: str) -> None:
@@ -279,6 +401,15 @@ def dataset_for_model_version(conn: Connection, model_name: str, model_version: 
         .order_by(dataset_versions.c.version.desc())).first()
 
 
+def dataset_by_path(conn: Connection, path: str) -> Row | None:
+    return conn.execute(sa.select(dataset_versions).where(dataset_versions.c.path == path)
+                        .order_by(dataset_versions.c.id.desc())).first()
+
+
+def removed_dataset_versions(conn: Connection) -> list[Row]:
+    return list(conn.execute(sa.select(dataset_versions).where(dataset_versions.c.removed_at.is_not(None))))
+
+
 def dataset_written_by_job(conn: Connection, job_id: str) -> Row | None:
     return conn.execute(sa.select(dataset_versions).where(dataset_versions.c.job_id == job_id)).first()
 
@@ -290,7 +421,60 @@ def live_dataset_versions(conn: Connection, model_name: str | None = None) -> li
     return list(conn.execute(query.order_by(dataset_versions.c.id)))
 
 
+def staged_artifact_for(conn: Connection, path: str) -> str | None:
+    """The MLflow copy of a staged update file recorded at ``path`` (for a worker on another host)."""
+    for payload in conn.execute(sa.select(requests.c.payload).where(requests.c.payload.is_not(None),
+                                                                    requests.c.state == "PENDING")).scalars():
+        for staged in (payload or {}).values():
+            if staged.get("path") == path:
+                return staged.get("artifact_uri")
+    return None
+
+
+def erasure_selectors(conn: Connection, model_name: str) -> tuple[set[str], set[int]]:
+    """What may never come back to ``model_name`` through an update: the subject hashes of every erasure
+    request that targets it (pending or done), and the classes of its pending class erasures (done ones are
+    on the lineage's ``lethe.erased_classes`` tag)."""
+    subjects: set[str] = set()
+    classes: set[int] = set()
+    rows = conn.execute(sa.select(requests.c.model_names, requests.c.subject_hashes, requests.c.classes,
+                                  requests.c.state)
+                        .where(requests.c.kind == "erase", requests.c.state.in_(("PENDING", "COMPLETED"))))
+    for row in rows:
+        if model_name in (row.model_names or ()) or "*" in (row.model_names or ()):
+            subjects.update(row.subject_hashes or ())
+            if row.state == "PENDING":
+                classes.update(row.classes or ())
+    return subjects, classes
+
+
+def lineage_dataset_versions(conn: Connection, model_name: str) -> list[Row]:
+    """Every dataset version of a model's lineage, removed ones included (their model versions are the lineage)."""
+    return list(conn.execute(sa.select(dataset_versions).where(dataset_versions.c.model_name == model_name)
+                             .order_by(dataset_versions.c.id)))
+
+
+def erasures_since(conn: Connection, model_name: str, versions: Sequence[str]) -> tuple[int, int, int]:
+    """(jobs, distinct subjects, records) erased by succeeded jobs of ``model_name`` that started from one of
+    ``versions``: what those versions' weights still carry."""
+    job_ids = list(conn.execute(sa.select(jobs.c.job_id).where(
+        jobs.c.model_name == model_name, jobs.c.state == "SUCCEEDED", jobs.c.base_version.in_(list(versions)),
+        jobs.c.records > 0)).scalars())
+    if not job_ids:
+        return 0, 0, 0
+    request_ids = list(conn.execute(sa.select(job_requests.c.request_id).where(
+        job_requests.c.job_id.in_(job_ids))).scalars())
+    subjects: set[str] = set()
+    for row in conn.execute(sa.select(requests.c.subject_hashes).where(requests.c.request_id.in_(request_ids))):
+        subjects.update(row.subject_hashes or ())
+    records = conn.execute(sa.select(sa.func.count()).select_from(tombstones).where(
+        tombstones.c.job_id.in_(job_ids))).scalar_one()
+    return len(job_ids), len(subjects), int(records)
+
+
 def mark_dataset_removed(conn: Connection, dataset_id: int) -> None:
+    """The version's copies are gone: so are its record index rows (no keyed hash outlives its data)."""
+    conn.execute(sa.delete(record_index).where(record_index.c.dataset_id == dataset_id))
     conn.execute(sa.update(dataset_versions).where(dataset_versions.c.id == dataset_id).values(removed_at=utcnow()))
 
 
@@ -308,6 +492,17 @@ def insert_request(conn: Connection, **values: Any) -> None:
     conn.execute(sa.insert(requests).values(**values))
 
 
+def request_owners(conn: Connection, request_ids: Sequence[str]) -> dict[str, str | None]:
+    """request id -> submitter_hash for the known ones among ``request_ids``."""
+    found: dict[str, str | None] = {}
+    ids = list(dict.fromkeys(request_ids))
+    for start in range(0, len(ids), 500):  # stay below every backend's bound-parameter limit
+        rows = conn.execute(sa.select(requests.c.request_id, requests.c.submitter_hash)
+                            .where(requests.c.request_id.in_(ids[start:start + 500])))
+        found.update({row.request_id: row.submitter_hash for row in rows})
+    return found
+
+
 def set_request_jobs(conn: Connection, request_id: str, job_ids: Sequence[str]) -> None:
     conn.execute(sa.update(requests).where(requests.c.request_id == request_id)
                  .values(outcome_job_ids=list(job_ids)))
@@ -316,6 +511,12 @@ def set_request_jobs(conn: Connection, request_id: str, job_ids: Sequence[str]) 
 def complete_request(conn: Connection, request_id: str) -> None:
     conn.execute(sa.update(requests).where(requests.c.request_id == request_id, requests.c.state == "PENDING")
                  .values(state="COMPLETED", completed_at=utcnow()))
+
+
+def end_request(conn: Connection, request_id: str, state: str, reason: str) -> None:
+    """An operator's cancel or close: the request leaves PENDING (the clock stops) with the reason."""
+    conn.execute(sa.update(requests).where(requests.c.request_id == request_id, requests.c.state == "PENDING")
+                 .values(state=state, completed_at=utcnow(), state_reason=reason))
 
 
 def pending_requests(conn: Connection) -> list[tuple[str, datetime, datetime | None]]:
@@ -342,15 +543,32 @@ def insert_job(conn: Connection, **values: Any) -> None:
     conn.execute(sa.insert(jobs).values(created_at=now, updated_at=now, **values))
 
 
-def link_request(conn: Connection, job_id: str, request_id: str) -> None:
-    conn.execute(sa.insert(job_requests).values(job_id=job_id, request_id=request_id))
+def link_request(conn: Connection, job_id: str, request_id: str, attempt: int = 1) -> None:
+    conn.execute(sa.insert(job_requests).values(job_id=job_id, request_id=request_id, attempt=attempt))
+
+
+def unlink_request(conn: Connection, job_id: str, request_id: str) -> None:
+    conn.execute(sa.delete(job_requests).where(job_requests.c.job_id == job_id,
+                                               job_requests.c.request_id == request_id))
+
+
+def request_attempts(conn: Connection, request_id: str) -> list[tuple[str, int]]:
+    """(job id, attempt) of every job that served the request, in attempt order."""
+    rows = conn.execute(sa.select(job_requests.c.job_id, job_requests.c.attempt)
+                        .where(job_requests.c.request_id == request_id)
+                        .join(jobs, jobs.c.job_id == job_requests.c.job_id)
+                        .order_by(job_requests.c.attempt, jobs.c.created_at))
+    return [(row.job_id, int(row.attempt)) for row in rows]
 
 
 def open_job_for(conn: Connection, model_name: str, coalesce_key: str, now: datetime) -> str | None:
-    """A QUEUED job of this model and key whose coalescing window is still open, if any."""
+    """A QUEUED job of this model and key whose coalescing window is still open, if any, locked for this
+    transaction (``FOR UPDATE``: a claim taking it waits, or skips it, until the request is linked; a claim
+    that took it first made it RUNNING, and READ COMMITTED's re-check then drops it from the result). Call
+    under :func:`lock_coalescing` for the same key."""
     return conn.execute(sa.select(jobs.c.job_id).where(
         jobs.c.model_name == model_name, jobs.c.coalesce_key == coalesce_key, jobs.c.state == "QUEUED",
-        jobs.c.window_closes_at > now).order_by(jobs.c.created_at)).scalar()
+        jobs.c.window_closes_at > now).order_by(jobs.c.created_at).limit(1).with_for_update()).scalar()
 
 
 def update_job(conn: Connection, job_id: str, **values: Any) -> None:
@@ -384,14 +602,93 @@ def list_jobs(conn: Connection, states: Sequence[str], model_name: str | None, c
     return list(conn.execute(query.order_by(jobs.c.created_at.desc()).limit(limit)))
 
 
-def next_runnable_job(conn: Connection, now: datetime, busy_models: Sequence[str]) -> Row | None:
-    """The oldest QUEUED job whose window has closed and whose model lineage has nothing RUNNING."""
-    running = sa.select(jobs.c.model_name).where(jobs.c.state == "RUNNING")
-    query = sa.select(jobs).where(jobs.c.state == "QUEUED", jobs.c.window_closes_at <= now,
-                                  jobs.c.model_name.not_in(running))
-    if busy_models:
-        query = query.where(jobs.c.model_name.not_in(list(busy_models)))
-    return conn.execute(query.order_by(jobs.c.created_at).limit(1)).first()
+def claim_candidates(conn: Connection, now: datetime, job_id: str | None = None, limit: int = 8) -> list[Row]:
+    """Jobs a worker may claim now, oldest first, locked ``FOR UPDATE SKIP LOCKED`` (rows another claimer or
+    an intake holds are skipped, not waited for):
+
+    - QUEUED jobs whose coalescing window has closed, of a model with no RUNNING job and no older QUEUED job
+      (a lineage runs its jobs in arrival order);
+    - RUNNING jobs whose lease has expired (their holder died or lost contact): reclaimed.
+
+    ``job_id`` restricts the search to one job (``lethe worker --once --job-id``).
+    """
+    running = sa.select(jobs.c.model_name).where(jobs.c.state == "RUNNING").scalar_subquery()
+    # Arrival order per lineage (erasures, updates, rectifications alike): a job waits while an older job of
+    # its model is still queued, whatever their coalescing windows.
+    older = jobs.alias("older")
+    older_queued = sa.exists().where(older.c.model_name == jobs.c.model_name, older.c.state == "QUEUED",
+                                     older.c.created_at < jobs.c.created_at)
+    runnable = sa.and_(jobs.c.state == "QUEUED", jobs.c.window_closes_at <= now, jobs.c.model_name.not_in(running),
+                       ~older_queued)
+    expired = sa.and_(jobs.c.state == "RUNNING",
+                      sa.or_(jobs.c.lease_expires_at.is_(None), jobs.c.lease_expires_at <= now))
+    query = sa.select(jobs).where(sa.or_(runnable, expired))
+    if job_id is not None:
+        query = query.where(jobs.c.job_id == job_id)
+    query = query.order_by(jobs.c.created_at).limit(limit).with_for_update(skip_locked=True)
+    return list(conn.execute(query))
+
+
+def lock_lineage(conn: Connection, model_name: str) -> bool:
+    """Lock the model's row for this transaction (the lineage lock a claim holds while it checks that no job
+    of the model is RUNNING); False when another claimer holds it (skipped, never waited for)."""
+    return conn.execute(sa.select(models.c.model_name).where(models.c.model_name == model_name)
+                        .with_for_update(skip_locked=True)).first() is not None
+
+
+def lineage_running(conn: Connection, model_name: str) -> bool:
+    return conn.execute(sa.select(jobs.c.job_id).where(jobs.c.model_name == model_name,
+                                                       jobs.c.state == "RUNNING").limit(1)).first() is not None
+
+
+def lock_job(conn: Connection, job_id: str) -> Row | None:
+    """The job's row, locked for this transaction (the fence of a lease holder's writes)."""
+    return conn.execute(sa.select(jobs).where(jobs.c.job_id == job_id).with_for_update()).first()
+
+
+def take_lease(conn: Connection, job_id: str, owner: str, expires_at: datetime, **values: Any) -> None:
+    update_job(conn, job_id, lease_owner=owner, lease_expires_at=expires_at, **values)
+
+
+def renew_lease(conn: Connection, job_id: str, owner: str, attempt: int, expires_at: datetime) -> bool:
+    """Extend a lease its holder still has (same owner and attempt, job still RUNNING); False once lost."""
+    result = conn.execute(sa.update(jobs).where(
+        jobs.c.job_id == job_id, jobs.c.lease_owner == owner, jobs.c.attempts == attempt,
+        jobs.c.state == "RUNNING").values(lease_expires_at=expires_at))
+    return result.rowcount == 1
+
+
+def hand_over_lease(conn: Connection, job_id: str, from_owner: str, attempt: int, to_owner: str,
+                    expires_at: datetime) -> bool:
+    """A worker takes over the lease an executor holds while it starts that worker (same attempt)."""
+    result = conn.execute(sa.update(jobs).where(
+        jobs.c.job_id == job_id, jobs.c.lease_owner == from_owner, jobs.c.attempts == attempt,
+        jobs.c.state == "RUNNING").values(lease_owner=to_owner, lease_expires_at=expires_at, updated_at=utcnow()))
+    return result.rowcount == 1
+
+
+def expire_lease(conn: Connection, job_id: str, owner: str, attempt: int) -> bool:
+    """Give a lease up at once (its holder is known to be gone): the job is reclaimable now."""
+    result = conn.execute(sa.update(jobs).where(
+        jobs.c.job_id == job_id, jobs.c.lease_owner == owner, jobs.c.attempts == attempt,
+        jobs.c.state == "RUNNING").values(lease_expires_at=None))
+    return result.rowcount == 1
+
+
+def release_claim(conn: Connection, job_id: str, owner: str, attempt: int) -> bool:
+    """Undo a claim whose worker never started (the executor could not launch it): QUEUED again, the
+    attempt not counted, so an outage of the launcher does not use up the job's attempts."""
+    result = conn.execute(sa.update(jobs).where(
+        jobs.c.job_id == job_id, jobs.c.lease_owner == owner, jobs.c.attempts == attempt,
+        jobs.c.state == "RUNNING").values(state="QUEUED", attempts=attempt - 1, lease_owner=None,
+                                          lease_expires_at=None, updated_at=utcnow()))
+    return result.rowcount == 1
+
+
+def running_leases(conn: Connection) -> list[Row]:
+    """(job_id, lease_owner, lease_expires_at) of every RUNNING job."""
+    return list(conn.execute(sa.select(jobs.c.job_id, jobs.c.lease_owner, jobs.c.lease_expires_at)
+                             .where(jobs.c.state == "RUNNING")))
 
 
 def next_window_close(conn: Connection) -> datetime | None:
@@ -408,9 +705,22 @@ def count_jobs(conn: Connection, states: Sequence[str]) -> int:
                             .where(jobs.c.state.in_(list(states)))).scalar() or 0)
 
 
+def job_counts_by_state(conn: Connection) -> dict[str, int]:
+    """Jobs per state, store-wide (one indexed GROUP BY; for the ``lethe_jobs`` gauge)."""
+    rows = conn.execute(sa.select(jobs.c.state, sa.func.count()).group_by(jobs.c.state))
+    return {state: int(count) for state, count in rows}
+
+
+def running_job_last_progress(conn: Connection) -> list[tuple[str, datetime]]:
+    """(stage, time of the last progress write) of every RUNNING job: how long each has been silent."""
+    rows = conn.execute(sa.select(jobs.c.stage, jobs.c.updated_at).where(jobs.c.state == "RUNNING"))
+    return [(row.stage, as_utc(row.updated_at)) for row in rows]
+
+
 # ------------------------------------------------------------------------------------------------ events
 def add_event(conn: Connection, job_id: str, request_ids: Sequence[str], kind: str, state: str, stage: str,
               fraction: float, message: str, certificate_id: str | None = None) -> int:
+    lock_log(conn)  # seq values commit in increasing order (module docstring)
     seq = conn.execute(sa.insert(events).values(
         job_id=job_id, request_ids=list(request_ids), kind=kind, state=state, stage=stage, fraction=fraction,
         message=message, certificate_id=certificate_id, time=utcnow())).inserted_primary_key[0]
@@ -460,6 +770,7 @@ def all_certificates(conn: Connection) -> list[Row]:
 
 # ----------------------------------------------------------------------------------------------- audit
 def audit_tail(conn: Connection) -> tuple[int, str] | None:
+    """The chain's last (seq, hash). Appenders call it under :func:`lock_log` (AuditLog.append does)."""
     row = conn.execute(sa.select(audit_log.c.seq, audit_log.c.entry_hash)
                        .order_by(audit_log.c.seq.desc()).limit(1)).first()
     return (row.seq, row.entry_hash) if row else None
@@ -475,14 +786,21 @@ def audit_entries(conn: Connection) -> Iterator[Row]:
     yield from conn.execute(sa.select(audit_log).order_by(audit_log.c.seq))
 
 
+def audit_entries_from(conn: Connection, first_seq: int, limit: int) -> list[Row]:
+    """At most ``limit`` chain entries from ``first_seq`` on, in order (a bounded slice of the chain)."""
+    return list(conn.execute(sa.select(audit_log).where(audit_log.c.seq >= first_seq)
+                             .order_by(audit_log.c.seq).limit(limit)))
+
+
 # -------------------------------------------------------------------------------------------- tombstones
 def add_tombstones(conn: Connection, record_hashes: Sequence[str], model_name: str, job_id: str) -> None:
     known = tombstoned(conn, record_hashes)
     fresh = sorted(set(record_hashes) - known)
-    if fresh:
+    if fresh:  # a record id in two models' data may be erased by two concurrent jobs: first one wins
         now = utcnow()
-        conn.execute(sa.insert(tombstones), [{"record_hash": h, "model_name": model_name, "job_id": job_id,
-                                              "created_at": now} for h in fresh])
+        conn.execute(_insert_ignoring_duplicates(conn, tombstones),
+                     [{"record_hash": h, "model_name": model_name, "job_id": job_id, "created_at": now}
+                      for h in fresh])
 
 
 def tombstoned(conn: Connection, record_hashes: Sequence[str]) -> set[str]:
@@ -495,5 +813,99 @@ def tombstoned(conn: Connection, record_hashes: Sequence[str]) -> set[str]:
     return found
 
 
+# ------------------------------------------------------------------------------------------ record index
+INDEX_CHUNK = 5000  # rows per INSERT: well under every backend's bound-parameter limit (4 columns each)
+
+
+def index_dataset(conn: Connection, dataset_id: int, rows: Iterable[dict[str, Any]]) -> bool:
+    """Insert a dataset version's index rows and mark it indexed; False (nothing written) when another
+    process indexed it first or it was removed meanwhile. Rows: record_hash, subject_hash, label."""
+    row = conn.execute(sa.select(dataset_versions.c.indexed_at, dataset_versions.c.removed_at)
+                       .where(dataset_versions.c.id == dataset_id).with_for_update()).first()
+    if row is None or row.indexed_at is not None or row.removed_at is not None:
+        return False
+    batch: list[dict[str, Any]] = []
+    for values in rows:
+        batch.append({"dataset_id": dataset_id, **values})
+        if len(batch) >= INDEX_CHUNK:
+            conn.execute(_insert_ignoring_duplicates(conn, record_index), batch)
+            batch = []
+    if batch:
+        conn.execute(_insert_ignoring_duplicates(conn, record_index), batch)
+    conn.execute(sa.update(dataset_versions).where(dataset_versions.c.id == dataset_id).values(indexed_at=utcnow()))
+    return True
+
+
+def indexed_matches(conn: Connection, dataset_ids: Sequence[int], subject_hashes: Sequence[str],
+                    record_hashes: Sequence[str], classes: Sequence[int]) -> dict[int, int]:
+    """Per dataset version: how many of its records a request names (its subjects', its record ids, its
+    classes), counted on the index; versions with no match are absent."""
+    if not dataset_ids or not (subject_hashes or record_hashes or classes):
+        return {}
+    selectors = []
+    if subject_hashes:
+        selectors.append(record_index.c.subject_hash.in_(list(subject_hashes)))
+    if record_hashes:
+        selectors.append(record_index.c.record_hash.in_(list(record_hashes)))
+    if classes:
+        selectors.append(record_index.c.label.in_(list(classes)))
+    rows = conn.execute(sa.select(record_index.c.dataset_id, sa.func.count()).where(
+        record_index.c.dataset_id.in_(list(dataset_ids)), sa.or_(*selectors)).group_by(record_index.c.dataset_id))
+    return {int(dataset_id): int(count) for dataset_id, count in rows}
+
+
 def seconds_ago(seconds: float) -> datetime:
     return utcnow() - timedelta(seconds=seconds)
+
+
+# ----------------------------------------------------------------------------------------- sealed sets
+def sealed_set(conn: Connection, job_id: str, request_id: str) -> Row | None:
+    return conn.execute(sa.select(sealed_sets).where(sealed_sets.c.job_id == job_id,
+                                                     sealed_sets.c.request_id == request_id)).first()
+
+
+def insert_sealed_set(conn: Connection, **values: Any) -> None:
+    conn.execute(sa.insert(sealed_sets).values(**values))
+
+
+def update_sealed_set(conn: Connection, job_id: str, request_id: str, **values: Any) -> None:
+    conn.execute(sa.update(sealed_sets).where(sealed_sets.c.job_id == job_id,
+                                              sealed_sets.c.request_id == request_id).values(**values))
+
+
+def lineage_sealed_sets(conn: Connection, model_name: str) -> list[Row]:
+    """The sealed sets of the erasures on ``model_name``'s lineage, oldest first: those of jobs whose model
+    version was registered (``result_version`` set: succeeded, or failed after registering)."""
+    return list(conn.execute(sa.select(sealed_sets)
+                             .join(jobs, jobs.c.job_id == sealed_sets.c.job_id)
+                             .where(sealed_sets.c.model_name == model_name, jobs.c.result_version.is_not(None))
+                             .order_by(sealed_sets.c.created_at, sealed_sets.c.request_id)))
+
+
+def sealed_sets_to_destroy(conn: Connection, now: datetime, ended_states: Sequence[str],
+                           model_name: str | None = None) -> list[Row]:
+    """Sealed sets whose key still exists although their window has ended, or whose job ended
+    (``ended_states``) without registering a version, so erased nothing; of one model when ``model_name`` is
+    given."""
+    never_registered = sa.and_(jobs.c.state.in_(list(ended_states)), jobs.c.result_version.is_(None))
+    query = (sa.select(sealed_sets, jobs.c.state.label("job_state"))
+             .join(jobs, jobs.c.job_id == sealed_sets.c.job_id, isouter=True)
+             .where(sealed_sets.c.destroyed_at.is_(None),
+                    sa.or_(sealed_sets.c.expires_at <= now, never_registered, jobs.c.job_id.is_(None))))
+    if model_name is not None:
+        query = query.where(sealed_sets.c.model_name == model_name)
+    return list(conn.execute(query.order_by(sealed_sets.c.expires_at)))
+
+
+def destroy_sealed_key(conn: Connection, job_id: str, request_id: str, now: datetime, reason: str) -> bool:
+    """Overwrite the key with NULL and mark the set destroyed; False when another process did it first."""
+    result = conn.execute(sa.update(sealed_sets).where(
+        sealed_sets.c.job_id == job_id, sealed_sets.c.request_id == request_id,
+        sealed_sets.c.destroyed_at.is_(None)).values(wrapped_key=None, destroyed_at=now, destroyed_reason=reason))
+    return result.rowcount == 1
+
+
+def destroyed_sealed_sets_since(conn: Connection, since: datetime) -> list[Row]:
+    """Sets destroyed since ``since`` (their ciphertext copies are deleted again by housekeeping)."""
+    return list(conn.execute(sa.select(sealed_sets).where(sealed_sets.c.destroyed_at >= since,
+                                                          sealed_sets.c.path.is_not(None))))

@@ -80,7 +80,7 @@ class ChainResult:
 
 def default_chain(task_name: str, has_training: bool = True) -> list[ChainStep]:
     """The default chain for a task adapter, without ``retrain`` when no training recipe is known."""
-    names = DEFAULT_CHAINS.get(task_name)
+    names = DEFAULT_CHAINS.get(registry.task_key(task_name))  # "causal-lm" (adapter) == "causal_lm" (service)
     if names is None:
         raise UnlearnError(f"no default method chain for task {task_name!r}")
     return [(name, {}) for name in names if has_training or not registry.get(name).exact]
@@ -88,10 +88,16 @@ def default_chain(task_name: str, has_training: bool = True) -> list[ChainStep]:
 
 def run_chain(model: nn.Module, request: UnlearnRequest, chain: Sequence[ChainStep],
               judge: Callable[[UnlearnResult], GateResult],
-              on_attempt: Callable[[Attempt], None] | None = None) -> ChainResult:
-    """Try each ``(method, params)`` on ``model`` (never changed) until ``judge`` passes a result."""
+              on_attempt: Callable[[Attempt], None] | None = None,
+              before_attempt: Callable[[int, str], None] | None = None) -> ChainResult:
+    """Try each ``(method, params)`` on ``model`` (never changed) until ``judge`` passes a result.
+
+    ``before_attempt(index, method)`` and ``on_attempt(attempt)`` let a caller report progress.
+    """
     outcome = ChainResult()
-    for method, params in chain:
+    for index, (method, params) in enumerate(chain):
+        if before_attempt is not None:
+            before_attempt(index, method)
         started = time.perf_counter()
         attempt = Attempt(method, dict(params), 0.0)
         try:

@@ -50,3 +50,20 @@ class UnknownMethodError(UnlearnError, KeyError):
 
 class CacheMismatchError(UnlearnError):
     """A cached artefact (importance, trained model) does not belong to the model or data at hand."""
+
+
+class UnsupportedTaskError(InvalidParameterError):
+    """The method does not support the model's task (or this model): a request naming it is invalid.
+
+    An :class:`InvalidParameterError` on the field ``method``, so callers that map parameter errors to
+    INVALID_ARGUMENT with field violations need no new case; ``method`` and ``task`` say which pair failed.
+    """
+
+    def __init__(self, method: str, task: str, reason: str):
+        super().__init__("method", reason)
+        self.method = method
+        self.task = task
+
+
+class Cancelled(UnlearnError):
+    """A long computation gave way when its caller asked it to stop (e.g. a background precomputation)."""

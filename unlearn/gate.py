@@ -9,7 +9,11 @@ Checks (each a :class:`GateCheck` with its value, limit and rule):
 
 1. ``utility``: accuracy on ``utility`` after >= before - ``max_utility_drop``. The caller chooses the
    set: a classifier's ``audit`` records of the classes that stay; a causal LM's retained people (never-seen
-   people's answers are not knowledge a model can have).
+   people's answers are not knowledge a model can have). For class erasure "before" is the original model
+   with the erased classes' logits masked out (:func:`unlearn.tasks.accuracy_without_classes`): what a
+   model retrained without them reaches on the rest. Erasing a class makes the remaining problem easier (on
+   the benchmark's tabular MLP the retrained model's kept-class accuracy was 2 to 5 points above the
+   original's plain one), so comparing with the plain accuracy let through models well below a retrain.
 2. class erasure: ``forgetting`` = accuracy on the forget set <= ``class_forget_max_accuracy``, and
    ``forgetting_earlier`` (Acc_o) on whatever records of classes erased by earlier jobs remain. When none
    remain the check cannot run: it is reported with ``passed=None`` and a reason, never as a silent pass.
@@ -34,7 +38,7 @@ from torch import nn
 from unlearn.data import ExampleSet
 from unlearn.errors import InvalidDataError, InvalidParameterError
 from unlearn.membership import CONFIDENCE_Z, DEFAULT_AUC_MARGIN, DEFAULT_MIN_P, compare
-from unlearn.tasks import TaskAdapter, accuracy
+from unlearn.tasks import TaskAdapter, accuracy, accuracy_without_classes
 
 POLICY_LIMITS: dict[str, tuple[float, float]] = {
     "max_utility_drop": (0.0, 0.10),
@@ -117,14 +121,21 @@ def judge(task: TaskAdapter, before: nn.Module, after: nn.Module, forget: Exampl
 
     ``forget`` holds this job's erased training records; ``utility`` the set utility is measured on (already
     without the erased classes); ``audit`` never-trained records no method saw (the membership reference);
-    ``utility_before`` a cached measurement of ``before`` on ``utility``; ``earlier`` the remaining records
+    ``utility_before`` a cached measurement of ``before`` on ``utility`` (for class erasure, with the erased
+    classes masked, as computed here when it is None); ``earlier`` the remaining records
     of classes erased by earlier jobs on the lineage (``earlier_classes``).
     """
     for name, examples in (("forget", forget), ("utility", utility), ("audit", audit)):
         if len(examples) == 0:
             raise InvalidDataError(name, "the gate cannot judge on an empty set")
     checks: list[GateCheck] = []
-    before_acc = accuracy(task, before, utility) if utility_before is None else utility_before
+    erased = tuple(forget_classes or ()) + tuple(earlier_classes)
+    if utility_before is not None:
+        before_acc = utility_before
+    elif erased:
+        before_acc = accuracy_without_classes(task, before, utility, erased)
+    else:
+        before_acc = accuracy(task, before, utility)
     after_acc = accuracy(task, after, utility)
     floor = before_acc - policy.max_utility_drop
     checks.append(GateCheck("utility", after_acc, floor, after_acc >= floor - 1e-12,
@@ -132,6 +143,7 @@ def judge(task: TaskAdapter, before: nn.Module, after: nn.Module, forget: Exampl
     forget_before, forget_after = accuracy(task, before, forget), accuracy(task, after, forget)
     evidence: dict[str, Any] = {
         "utility_acc_before": before_acc, "utility_acc_after": after_acc,
+        "utility_reference": ("before, erased classes masked" if erased else "before"),
         "forget_acc_before": forget_before, "forget_acc_after": forget_after,
         "sizes": {"forget": len(forget), "utility": len(utility), "audit": len(audit)},
         "scenario": "class" if forget_classes else "records",
@@ -153,9 +165,12 @@ def judge(task: TaskAdapter, before: nn.Module, after: nn.Module, forget: Exampl
             f"loss-attack AUC forget vs audit within 0.5 +- (mia_auc_margin + {CONFIDENCE_Z} * null sd); "
             f"limit = that half-width; smallest detectable member AUC here "
             f"{0.5 + slack:.3f}"))
+    if forget_classes or earlier_classes:
+        evidence["continual"] = _continual_evidence(task, before, after, forget_classes, forget_after,
+                                                    earlier_classes, earlier)
     if earlier_classes:
         if earlier is not None and len(earlier):
-            acc_o = accuracy(task, after, earlier)
+            acc_o = evidence["continual"]["acc_o"]
             checks.append(GateCheck("forgetting_earlier", acc_o, policy.class_forget_max_accuracy,
                                     acc_o <= policy.class_forget_max_accuracy + 1e-12,
                                     "classes erased by earlier jobs: accuracy on their remaining records "
@@ -167,3 +182,27 @@ def judge(task: TaskAdapter, before: nn.Module, after: nn.Module, forget: Exampl
                 reason="not checkable: every record of the earlier-erased classes was purged by the earlier "
                        "erasures; their forgetting is attested by those versions' certificates"))
     return GateResult(tuple(checks), evidence)
+
+
+def _continual_evidence(task: TaskAdapter, before: nn.Module, after: nn.Module,
+                        forget_classes: tuple[int, ...] | None, forget_after: float,
+                        earlier_classes: tuple[int, ...], earlier: ExampleSet | None) -> dict[str, Any]:
+    """Acc_f (this task's classes) and Acc_o (classes of earlier tasks) of the continual class-erasure view
+    (GS-LoRA's metrics, METHODS.md)."""
+    count = len(earlier) if earlier is not None else 0
+    if not earlier_classes:
+        note = "no class was erased on this lineage before this job: Acc_o is not defined"
+    elif count:
+        note = f"Acc_o measured on the {count} remaining record(s) of the earlier-erased classes"
+    else:
+        note = ("no record of the earlier-erased classes remains (their records were purged by the earlier "
+                "erasures), so Acc_o was evaluated on nothing and has no value; their forgetting is attested "
+                "by the earlier versions' certificates")
+    return {
+        "task_classes": sorted(forget_classes or ()), "earlier_classes": sorted(earlier_classes),
+        "erased_classes": sorted(set(forget_classes or ()) | set(earlier_classes)),
+        "acc_f": forget_after if forget_classes else None,
+        "acc_o": accuracy(task, after, earlier) if count else None,
+        "acc_o_before": accuracy(task, before, earlier) if count else None,
+        "acc_o_records": count, "acc_o_note": note,
+    }

@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Literal
 
@@ -26,7 +27,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from unlearn.data import ExampleSet
-from unlearn.errors import CacheMismatchError, InvalidDataError
+from unlearn.errors import CacheMismatchError, Cancelled, InvalidDataError
 from unlearn.tasks import TaskAdapter
 
 Variant = Literal["fisher", "label_free"]
@@ -40,10 +41,13 @@ def estimate_importance(
     examples: ExampleSet,
     batch_size: int,
     variant: Variant = "fisher",
+    should_stop: Callable[[], bool] | None = None,
 ) -> Importance:
     """Importance of every trainable parameter element over ``examples`` (see module docstring).
 
     Parameters that receive no gradient get zero importance. The result lives on the model's device.
+    ``should_stop`` is asked before every batch; when it answers True the pass is abandoned with
+    :class:`unlearn.errors.Cancelled` (a background precomputation giving way to a real request).
     """
     if variant not in VARIANTS:
         raise InvalidDataError("variant", f"unknown importance variant {variant!r}")
@@ -58,6 +62,8 @@ def estimate_importance(
     batches = 0
     try:
         for batch in examples.batches(batch_size, device):
+            if should_stop is not None and should_stop():
+                raise Cancelled("importance estimation was cancelled")
             if variant == "fisher":
                 objective = task.batch_loss(model, batch)
             else:
@@ -148,8 +154,10 @@ class TrainImportance:
     """I_D, the importance of the full training set D, for whichever method needs it.
 
     Bound to one data set; computed on first use per (model weights, batch size, variant) and kept in
-    memory and, when a cache is given, on disk. ``last_seconds`` says what the last call cost (0 on a hit)
-    so benchmarks can report the one-off cost apart from the per-request cost.
+    memory and, when a cache is given, on disk. ``last_seconds`` says what the last call cost (a lookup on
+    a hit) and ``last_hit`` whether it was one; ``compute_seconds`` adds up the seconds of the Fisher passes
+    actually run (misses only, the disk read of a hit excluded) and ``computed`` lists their
+    ``(batch_size, variant)``, so a benchmark reports the importance pass a method really used.
     """
 
     def __init__(self, task: TaskAdapter, train: ExampleSet, cache: ImportanceCache | None = None):
@@ -162,11 +170,14 @@ class TrainImportance:
         self._memory: dict[tuple[str, int, str], Importance] = {}
         self.last_seconds = 0.0
         self.last_hit = False
+        self.compute_seconds = 0.0
+        self.computed: list[tuple[int, str]] = []
 
     def __len__(self) -> int:
         return len(self.train)
 
-    def get(self, model: nn.Module, batch_size: int, variant: Variant = "fisher") -> Importance:
+    def get(self, model: nn.Module, batch_size: int, variant: Variant = "fisher",
+            should_stop: Callable[[], bool] | None = None) -> Importance:
         started = time.perf_counter()
         key = (weights_digest(model), batch_size, variant)
         importance = self._memory.get(key)
@@ -174,7 +185,10 @@ class TrainImportance:
             importance = self.cache.load(model, self.dataset_digest, batch_size, variant)
         self.last_hit = importance is not None
         if importance is None:
-            importance = estimate_importance(self.task, model, self.train, batch_size, variant)
+            computing = time.perf_counter()
+            importance = estimate_importance(self.task, model, self.train, batch_size, variant, should_stop)
+            self.compute_seconds += time.perf_counter() - computing
+            self.computed.append((batch_size, variant))
             if self.cache is not None:
                 self.cache.store(importance, model, self.dataset_digest, batch_size, variant)
         self._memory[key] = importance

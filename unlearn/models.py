@@ -1,4 +1,4 @@
-"""Small models the project trains itself (no downloads): the digits CNN and a tiny MLP for tests."""
+"""Small models the project trains itself (no downloads): the digits CNN, the tabular MLP and a tiny MLP for tests."""
 
 from __future__ import annotations
 
@@ -41,6 +41,28 @@ class TinyMLP(nn.Module):
         return self.layers(inputs)
 
 
+class TabularMLP(nn.Module):
+    """An MLP for tabular features with BatchNorm AND dropout in every hidden block (the benchmark's
+    ``tabular`` family).
+
+    ``Linear -> BatchNorm1d -> ReLU -> Dropout`` twice, then a linear head. Both layer kinds are there on
+    purpose: BatchNorm makes training mode and eval mode differ (importance and gradients must be taken in
+    eval mode; a training batch of one example crashes it), and dropout makes training random (the training
+    loop must seed it for a retrain to be exact).
+    """
+
+    def __init__(self, in_features: int, num_classes: int, hidden: int = 128, dropout: float = 0.1):
+        super().__init__()
+        self.layers = nn.Sequential(
+            nn.Linear(in_features, hidden), nn.BatchNorm1d(hidden), nn.ReLU(), nn.Dropout(dropout),
+            nn.Linear(hidden, hidden), nn.BatchNorm1d(hidden), nn.ReLU(), nn.Dropout(dropout),
+            nn.Linear(hidden, num_classes),
+        )
+
+    def forward(self, inputs: Tensor) -> Tensor:
+        return self.layers(inputs)
+
+
 def digits_cnn(seed: int, num_classes: int = 10) -> DigitsCNN:
     """Factory with seeded initialisation (the retrain baseline calls this with the recipe's seed)."""
     with torch.random.fork_rng(devices=[]):  # seeded without disturbing the caller's RNG
@@ -52,3 +74,10 @@ def tiny_mlp(seed: int, in_features: int = 64, num_classes: int = 10) -> TinyMLP
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return TinyMLP(in_features, num_classes)
+
+
+def tabular_mlp(seed: int, in_features: int, num_classes: int, hidden: int = 128, dropout: float = 0.1) -> TabularMLP:
+    """Factory with seeded initialisation (the retrain baseline calls it with the recipe's seed)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return TabularMLP(in_features, num_classes, hidden, dropout)

@@ -8,19 +8,19 @@ a method: it looks the method up here, validates the client's parameters with :f
 from __future__ import annotations
 
 import dataclasses
-import math
 import re
-import types
 import typing
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch import nn
 
+from unlearn.config import coerce as _coerce  # shared with continual.registry
+from unlearn.config import require  # noqa: F401  (re-exported: methods import it from here)
 from unlearn.data import ExampleSet
-from unlearn.errors import InvalidDataError, InvalidParameterError, UnknownMethodError
+from unlearn.errors import InvalidDataError, InvalidParameterError, UnknownMethodError, UnsupportedTaskError
 from unlearn.importance import TrainImportance
 from unlearn.tasks import TaskAdapter
 from unlearn.training import TrainRecipe
@@ -107,19 +107,37 @@ class MethodSpec:
     needs_retain: bool
     exact: bool
     erases: str = "any"  # "any": records or classes; "classes": whole-class erasure only (e.g. GS-LoRA)
+    tasks: tuple[str, ...] = ("classification", "causal_lm")  # task adapter names (TaskAdapter.name) it runs on
+    model_check: Callable[[nn.Module], str | None] | None = None  # None = any model of those tasks
 
+
+TASK_NAMES = ("classification", "causal_lm")
+"""Task names a method may declare: the service's task types, which name the task adapters
+(:attr:`unlearn.tasks.TaskAdapter.name`; the causal-LM adapter spells its name ``causal-lm``, so names are
+compared with ``-`` and ``_`` alike, :func:`task_key`)."""
+
+
+def task_key(task_name: str) -> str:
+    """The canonical form of a task name: ``causal-lm`` (the adapter) and ``causal_lm`` (the service) agree."""
+    return task_name.replace("-", "_")
 
 _REGISTRY: dict[str, MethodSpec] = {}
 
 
-def register(name: str, config_cls: type, *, needs_retain: bool, exact: bool = False, erases: str = "any"):
+def register(name: str, config_cls: type, *, needs_retain: bool, exact: bool = False, erases: str = "any",
+             tasks: tuple[str, ...] = TASK_NAMES, model_check: Callable[[nn.Module], str | None] | None = None):
     """Decorator registering ``run`` under ``name``; duplicate or malformed names are rejected.
 
     ``erases="classes"`` marks a method that only erases whole classes, so a caller can refuse a record
-    erasure up front instead of failing inside the method.
+    erasure up front instead of failing inside the method. ``tasks`` names the task adapters the method
+    supports (default: every adapter, for methods written against :class:`~unlearn.tasks.TaskAdapter` alone);
+    ``model_check(model)`` returns why a model of a supported task still cannot be served (e.g. GS-LoRA
+    needs a vision transformer), or None. :func:`supports` answers both for callers.
     """
     if erases not in ("any", "classes"):
         raise ValueError(f"erases must be 'any' or 'classes', got {erases!r}")
+    if not tasks or any(task not in TASK_NAMES for task in tasks):
+        raise ValueError(f"tasks of {name!r} must be a non-empty subset of {TASK_NAMES}, got {tasks!r}")
     if not _NAME.match(name):
         raise ValueError(f"method name {name!r} must be lowercase letters, digits, '-' or '+'")
     if not (dataclasses.is_dataclass(config_cls) and config_cls.__dataclass_params__.frozen):
@@ -129,7 +147,8 @@ def register(name: str, config_cls: type, *, needs_retain: bool, exact: bool = F
         if name in _REGISTRY:
             raise ValueError(f"method {name!r} is already registered")
         summary = (run.__doc__ or "").strip().splitlines()[0] if run.__doc__ else name
-        _REGISTRY[name] = MethodSpec(name, config_cls, run, summary, needs_retain, exact, erases)
+        _REGISTRY[name] = MethodSpec(name, config_cls, run, summary, needs_retain, exact, erases, tuple(tasks),
+                                     model_check)
         return run
 
     return decorate
@@ -146,6 +165,32 @@ def get(name: str) -> MethodSpec:
 def names() -> list[str]:
     _load_builtin()
     return sorted(_REGISTRY)
+
+
+def supports(name: str, task_name: str, model: nn.Module | None = None) -> bool:
+    """Can method ``name`` run on a model of task ``task_name`` (and on ``model``, when given)?
+
+    For the service at registration (a model's policy chain) and at submission (a requested method).
+    :func:`unsupported_reason` says why not.
+    """
+    return unsupported_reason(name, task_name, model) is None
+
+
+def unsupported_reason(name: str, task_name: str, model: nn.Module | None = None) -> str | None:
+    """None when ``name`` supports ``task_name`` (and ``model``), else a sentence saying why not."""
+    spec = get(name)
+    if task_key(task_name) not in spec.tasks:
+        return (f"method {name!r} supports task(s) {', '.join(spec.tasks)}, not {task_name!r}")
+    if model is not None and spec.model_check is not None:
+        reason = spec.model_check(model)
+        if reason:
+            return f"method {name!r} cannot run on this model: {reason}"
+    return None
+
+
+def names_for(task_name: str) -> list[str]:
+    """Every registered method that supports ``task_name``, sorted."""
+    return [name for name in names() if task_key(task_name) in _REGISTRY[name].tasks]
 
 
 def _load_builtin() -> None:
@@ -173,6 +218,9 @@ def parse_config(name: str, params: Mapping[str, Any] | None = None) -> Any:
 def validate_request(spec: MethodSpec, model: nn.Module, request: UnlearnRequest) -> None:
     """Checks shared by every method, before any weight is touched."""
     task = request.task
+    reason = unsupported_reason(spec.name, task.name, model)
+    if reason is not None:
+        raise UnsupportedTaskError(spec.name, task.name, reason)
     task.validate(model, request.forget, "forget")
     if request.retain is not None:
         if len(request.retain) == 0:
@@ -197,55 +245,6 @@ def run(name: str, model: nn.Module, request: UnlearnRequest,
 
 def config_to_dict(config: Any) -> dict[str, Any]:
     return dataclasses.asdict(config)
-
-
-def _coerce(key: str, value: Any, annotation: Any) -> Any:
-    origin = typing.get_origin(annotation)
-    if origin in (typing.Union, types.UnionType):
-        options = typing.get_args(annotation)
-        if value is None and type(None) in options:
-            return None
-        errors = []
-        for option in options:
-            if option is type(None):
-                continue
-            try:
-                return _coerce(key, value, option)
-            except InvalidParameterError as error:
-                errors.append(error.reason)
-        raise InvalidParameterError(key, "; ".join(errors))
-    if origin is Literal:
-        choices = typing.get_args(annotation)
-        if value not in choices:
-            raise InvalidParameterError(key, f"must be one of {list(choices)}, got {value!r}")
-        return value
-    if annotation is bool:
-        if not isinstance(value, bool):
-            raise InvalidParameterError(key, f"must be a boolean, got {type(value).__name__}")
-        return value
-    if annotation is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            if isinstance(value, float) and value.is_integer():
-                return int(value)
-            raise InvalidParameterError(key, f"must be an integer, got {value!r}")
-        return value
-    if annotation is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise InvalidParameterError(key, f"must be a number, got {value!r}")
-        if not math.isfinite(value):
-            raise InvalidParameterError(key, f"must be finite, got {value!r}")
-        return float(value)
-    if annotation is str:
-        if not isinstance(value, str):
-            raise InvalidParameterError(key, f"must be a string, got {type(value).__name__}")
-        return value
-    raise InvalidParameterError(key, f"parameters of type {annotation!r} cannot be set by clients")
-
-
-def require(condition: bool, field_name: str, reason: str) -> None:
-    """Range check for config ``__post_init__`` methods."""
-    if not condition:
-        raise InvalidParameterError(field_name, reason)
 
 
 def copy_model(model: nn.Module) -> nn.Module:

@@ -1,22 +1,56 @@
 """The training recipe shared by original training, the retrain baseline and fine-tuning.
 
-One straight loop (forward, loss, backward, step), deterministic for a given seed: the shuffling order
-comes from a generator seeded by the recipe, and model initialisation from the factory's seed.
+One straight loop (forward, loss, backward, clip-free step, schedule), deterministic for a given seed:
+
+- model initialisation comes from the factory's seed (``model_factory(recipe.seed)``);
+- the shuffling order comes from a generator seeded with ``recipe.seed``;
+- every other random draw of the forward pass (dropout masks, stochastic depth, ...) comes from torch's
+  global generator, which the loop FORKS and seeds with :func:`training_seed` for the duration of the run.
+  Two trainings with the same recipe, data and seed therefore give bit-identical weights on one device, and
+  the caller's global random state is the same after the call as before it. Without the fork, dropout drew
+  from whatever state the process happened to be in, so "exact" retrain was not reproducible (issue 9).
+
+BatchNorm cannot normalise a batch of one example in training mode (``BatchNorm1d`` raises "Expected more
+than 1 value per channel"). An epoch's last batch is therefore never of size one: when the set size is
+``k * batch_size + 1``, the single leftover example joins the previous batch (that batch has
+``batch_size + 1`` examples). Every example is still seen once per epoch. :func:`epoch_batch_count` gives
+the resulting number of steps per epoch, which the learning-rate schedule uses.
+
+Learning-rate schedules (``TrainRecipe.lr_schedule``), as a multiplier of ``lr`` before optimiser step
+``s`` (0-based) of ``total = epochs * epoch_batch_count`` steps, with ``w = warmup_steps``; the same
+definitions as ``transformers.get_constant_schedule_with_warmup``, ``get_linear_schedule_with_warmup`` and
+``get_cosine_schedule_with_warmup`` (0.5 cycles):
+
+- warm-up, ``s < w``: ``s / w`` (the first step of a warm-up runs at lr 0, as in transformers);
+- ``constant``: 1;
+- ``linear``: ``max(0, (total - s) / (total - w))``; with ``w = 0`` that is ``1 - s / total``, the decay of
+  :func:`unlearn.lm.model.train_lm` (so the LM benchmark's retrain can repeat the original recipe: with
+  ``optimizer="adamw"`` the two loops are step for step the same whenever no epoch ends in a lone example,
+  ``tests/unlearn/test_training.py`` pins it against a ``LambdaLR`` loop);
+- ``cosine``: ``0.5 * (1 + cos(pi * (s - w) / (total - w)))``.
+
+The default (``constant``, no warm-up) is the loop as it was before schedules existed.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import math
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
 from torch import nn
 
-from unlearn.data import ExampleSet
+from unlearn.data import Batch, ExampleSet
 from unlearn.errors import InvalidParameterError
 from unlearn.gradient_restriction import gradient_restriction_penalty
 from unlearn.tasks import TaskAdapter
+
+LR_SCHEDULES = ("constant", "linear", "cosine")
+_DROPOUT_SEED_OFFSET = 0x5EED
+"""Added to the recipe seed for the forked global generator, so dropout draws differ from the shuffling order's
+and from the factory's initialisation draws (both also seeded with ``recipe.seed``)."""
 
 
 @dataclass(frozen=True)
@@ -24,13 +58,17 @@ class TrainRecipe:
     """How a model was trained; the retrain baseline repeats it exactly on Dr.
 
     epochs: passes over the training set.
-    batch_size: mini-batch size.
-    lr: learning rate.
+    batch_size: mini-batch size (an epoch's last batch is never of size one; see the module docstring).
+    lr: peak learning rate.
     weight_decay: L2 penalty (decoupled for AdamW).
     optimizer: ``adam``, ``adamw`` or ``sgd`` (momentum 0.9).
-    seed: seeds model initialisation (through the factory) and the shuffling order.
+    seed: seeds model initialisation (through the factory), the shuffling order and, through a forked
+        generator, dropout (:func:`training_seed`).
     gradient_restriction: weight alpha_gr of IAU's gradient-restriction penalty (arXiv 2507.23257; paper value
         0.005, see :mod:`unlearn.gradient_restriction`); 0 trains without it.
+    lr_schedule: ``constant`` (default), ``linear`` decay to 0, or ``cosine`` decay to 0 over the whole run
+        (module docstring for the exact multipliers).
+    warmup_steps: optimiser steps of linear warm-up from 0 before the schedule (0 = none).
     """
 
     epochs: int = 30
@@ -40,11 +78,24 @@ class TrainRecipe:
     optimizer: Literal["adam", "adamw", "sgd"] = "adam"
     seed: int = 0
     gradient_restriction: float = 0.0
+    lr_schedule: Literal["constant", "linear", "cosine"] = "constant"
+    warmup_steps: int = 0
 
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.batch_size < 1 or not self.lr > 0 or self.weight_decay < 0 \
                 or not 0 <= self.gradient_restriction <= 1:
             raise InvalidParameterError("recipe", f"invalid training recipe {self}")
+        if self.optimizer not in ("adam", "adamw", "sgd"):
+            raise InvalidParameterError("optimizer", f"must be 'adam', 'adamw' or 'sgd', got {self.optimizer!r}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise InvalidParameterError("lr_schedule", f"must be one of {list(LR_SCHEDULES)}, got {self.lr_schedule!r}")
+        if isinstance(self.warmup_steps, bool) or not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
+            raise InvalidParameterError("warmup_steps", f"must be a non-negative integer, got {self.warmup_steps!r}")
+
+
+def training_seed(recipe: TrainRecipe) -> int:
+    """The seed of the forked global generator during training (dropout and other forward-pass draws)."""
+    return recipe.seed + _DROPOUT_SEED_OFFSET
 
 
 def make_optimizer(recipe: TrainRecipe, params) -> torch.optim.Optimizer:
@@ -55,6 +106,43 @@ def make_optimizer(recipe: TrainRecipe, params) -> torch.optim.Optimizer:
     return torch.optim.SGD(params, lr=recipe.lr, momentum=0.9, weight_decay=recipe.weight_decay)
 
 
+def lr_multiplier(schedule: str, step: int, total_steps: int, warmup_steps: int = 0) -> float:
+    """The factor applied to the peak learning rate before optimiser step ``step`` (module docstring)."""
+    if step < warmup_steps:
+        return step / max(1, warmup_steps)
+    if schedule == "constant":
+        return 1.0
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    if schedule == "linear":
+        return max(0.0, 1.0 - progress)
+    if schedule == "cosine":
+        return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
+    raise InvalidParameterError("lr_schedule", f"must be one of {list(LR_SCHEDULES)}, got {schedule!r}")
+
+
+def epoch_batch_count(size: int, batch_size: int) -> int:
+    """Optimiser steps per epoch over ``size`` examples: a lone last example joins the previous batch."""
+    full, rest = divmod(size, batch_size)
+    return full + (1 if rest > 1 or (rest == 1 and full == 0) else 0)
+
+
+def epoch_batches(examples: ExampleSet, batch_size: int, device: torch.device,
+                  shuffle: torch.Generator) -> Iterator[Batch]:
+    """One epoch of shuffled batches; a size-one last batch is merged into the one before (BatchNorm)."""
+    count = len(examples)
+    order = torch.randperm(count, generator=shuffle)
+    bounds = list(range(0, count, batch_size)) + [count]
+    if len(bounds) > 2 and bounds[-1] - bounds[-2] == 1:
+        del bounds[-2]
+    for start, end in zip(bounds[:-1], bounds[1:]):
+        index = order[start:end]
+        yield {name: t[index].to(device) for name, t in examples.tensors.items()}
+
+
+def _fork_devices(device: torch.device) -> list[int]:
+    return [device.index or 0] if device.type == "cuda" else []
+
+
 def train(
     task: TaskAdapter,
     model: nn.Module,
@@ -63,23 +151,34 @@ def train(
     epochs: int | None = None,
     progress: Callable[[float, str], None] | None = None,
 ) -> nn.Module:
-    """Train ``model`` IN PLACE on ``examples`` with ``recipe`` (``epochs`` overrides the recipe's)."""
+    """Train ``model`` IN PLACE on ``examples`` with ``recipe`` (``epochs`` overrides the recipe's).
+
+    The schedule spans the epochs actually run. The caller's global random state is left as it was.
+    """
     device = next(iter(model.parameters())).device
     epochs = recipe.epochs if epochs is None else epochs
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = make_optimizer(recipe, params)
+    total_steps = epochs * epoch_batch_count(len(examples), recipe.batch_size)
     shuffle = torch.Generator().manual_seed(recipe.seed)
-    model.train()
-    for epoch in range(epochs):
-        for batch in examples.batches(recipe.batch_size, device, shuffle_generator=shuffle):
-            loss = task.batch_loss(model, batch)
-            if recipe.gradient_restriction > 0:  # IAU's GR: + alpha_gr * sum_W ||grad_W loss||_2 (double backprop)
-                loss = loss + recipe.gradient_restriction * gradient_restriction_penalty(loss, params)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-        if progress is not None:
-            progress((epoch + 1) / epochs, f"epoch {epoch + 1}/{epochs}")
+    step = 0
+    with torch.random.fork_rng(devices=_fork_devices(device)):
+        torch.manual_seed(training_seed(recipe))  # dropout masks: reproducible per recipe seed
+        model.train()
+        for epoch in range(epochs):
+            for batch in epoch_batches(examples, recipe.batch_size, device, shuffle):
+                for group in optimizer.param_groups:
+                    group["lr"] = recipe.lr * lr_multiplier(recipe.lr_schedule, step, total_steps,
+                                                            recipe.warmup_steps)
+                loss = task.batch_loss(model, batch)
+                if recipe.gradient_restriction > 0:  # IAU's GR: + alpha_gr * sum_W ||grad_W loss||_2 (double backprop)
+                    loss = loss + recipe.gradient_restriction * gradient_restriction_penalty(loss, params)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                step += 1
+            if progress is not None:
+                progress((epoch + 1) / epochs, f"epoch {epoch + 1}/{epochs}")
     model.eval()
     return model
 

@@ -23,11 +23,19 @@ RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED, grpc.Status
 
 
 class Client:
-    """Channel + stub + bearer token. ``with Client(target) as client: client.stub.GetJob(...)``."""
+    """Channel + stub + bearer token. ``with Client(target) as client: client.stub.GetJob(...)``.
 
-    def __init__(self, target: str, token: str | None = None):
+    ``credentials`` (``service.api.tls.channel_credentials``) makes the channel TLS (mutual TLS when they hold
+    a client certificate); ``server_name`` overrides the name the server's certificate must carry (a probe
+    connecting to 127.0.0.1 expects the service's DNS name).
+    """
+
+    def __init__(self, target: str, token: str | None = None, credentials: grpc.ChannelCredentials | None = None,
+                 server_name: str | None = None):
         self.target = target
-        self.channel = grpc.insecure_channel(target)
+        options = [("grpc.ssl_target_name_override", server_name)] if server_name else []
+        self.channel = (grpc.secure_channel(target, credentials, options=options) if credentials is not None
+                        else grpc.insecure_channel(target, options=options))
         self.metadata: tuple[tuple[str, str], ...] = (("authorization", f"Bearer {token}"),) if token else ()
         self.stub = service_grpc.UnlearningServiceStub(self.channel)
 
@@ -69,9 +77,10 @@ def field_violations(error: grpc.RpcError) -> list[tuple[str, str]]:
 
 @dataclass
 class RequestProgress:
-    """What the client knows about one request of a session."""
+    """What the client knows about one request of a session. ``erasure`` holds the submission: an Erasure,
+    an Update or a Rectification message."""
 
-    erasure: types_pb2.Erasure
+    erasure: types_pb2.Erasure | types_pb2.Update | types_pb2.Rectification
     accepted: types_pb2.SubmissionAccepted | None = None
     rejected: types_pb2.SubmissionRejected | None = None
     last_seq: int = 0  # highest event seq seen for this request: its resume point
@@ -105,11 +114,12 @@ class SessionResult:
     reconnects: int
 
 
-def run_session(client: Client, erasures: Iterable[types_pb2.Erasure],
+def run_session(client: Client, erasures: Iterable[types_pb2.Erasure | types_pb2.Update | types_pb2.Rectification],
                 on_response: Callable[[service_pb2.SessionResponse, RequestProgress | None], None] | None = None,
                 resume: Iterable[tuple[str, int]] = (), max_reconnects: int = 10,
                 backoff_s: float = 0.5, timeout_s: float | None = None) -> SessionResult:
-    """Submit ``erasures`` on one Session and follow them until every one is settled.
+    """Submit ``erasures`` (or updates and rectifications) on one Session and follow them until every one is
+    settled.
 
     ``resume`` adds requests submitted earlier, as (request_id, after_seq), to watch without submitting.
     On a retryable failure the stream is reopened (up to ``max_reconnects`` times) and resumed. Raises
@@ -157,7 +167,10 @@ def _outgoing(progress: dict[str, RequestProgress]) -> Iterator[service_pb2.Sess
                 request_ids=[entry.request_id]))
     for entry in list(progress.values()):
         if entry.accepted is None and entry.rejected is None:
-            yield service_pb2.SessionRequest(erasure=entry.erasure)
+            yield service_pb2.SessionRequest(**{_SUBMISSION_FIELD[type(entry.erasure).__name__]: entry.erasure})
+
+
+_SUBMISSION_FIELD = {"Erasure": "erasure", "Update": "update", "Rectification": "rectification"}
 
 
 def _apply(progress: dict[str, RequestProgress], response: service_pb2.SessionResponse) -> RequestProgress | None:
@@ -170,8 +183,10 @@ def _apply(progress: dict[str, RequestProgress], response: service_pb2.SessionRe
         return entry
     if kind == "rejected":
         entry = progress.get(response.rejected.request_id)
-        if entry is not None:
+        if entry is not None and response.rejected.code != grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]:
             entry.rejected = response.rejected
+        # RESOURCE_EXHAUSTED (a rate limit, too many unread answers): nothing was stored; the submission
+        # stays unacknowledged and is re-sent on the next connection, after the back-off.
         return entry
     event = response.event
     entry = None

@@ -21,16 +21,22 @@ from service import domain
 from service.api.pb import service_pb2, types_pb2
 
 MAX_PAGE_SIZE = 1000
+MAX_AGE_S = 100 * 366 * 86400  # a filter age beyond any request's life (and within datetime's range)
 DEFAULT_PAGE_SIZE = 100
 
-_POLICY_FIELDS = ("max_utility_drop", "record_forget_margin", "class_forget_max_accuracy", "onnx_tolerance")
+_OVERRIDE_FIELDS = ("max_utility_drop", "class_forget_max_accuracy", "onnx_tolerance", "min_forget_p",
+                    "mia_auc_margin")
+_POLICY_FIELDS = (*_OVERRIDE_FIELDS, "min_update_fit")
+_REPLACED_FIELD = ("record_forget_margin", "replaced by min_forget_p and mia_auc_margin: record erasure is gated on "
+                                          "the membership test, not on accuracy")
 
 
 # ------------------------------------------------------------------------------------- proto -> domain
-def erasure_from_proto(erasure: types_pb2.Erasure) -> domain.ErasureRequest:
+def erasure_from_proto(erasure: types_pb2.Erasure, submitter_hash: str | None = None) -> domain.ErasureRequest:
     """Field paths in errors are relative to the ``Erasure`` message (``deadline``, not ``erasure.deadline``),
     so a refusal names the same path on the unary call and on the stream (see
-    :class:`service.domain.FieldViolation`)."""
+    :class:`service.domain.FieldViolation`). ``submitter_hash`` is the authenticated caller's, never the
+    client's word."""
     return domain.ErasureRequest(
         request_id=erasure.request_id,
         subject_ids=tuple(erasure.subject_ids),
@@ -38,12 +44,41 @@ def erasure_from_proto(erasure: types_pb2.Erasure) -> domain.ErasureRequest:
         classes=tuple(erasure.classes),
         model_names=tuple(erasure.model_names),
         method=erasure.method or None,
-        method_params=struct_to_dict(erasure.method_params),
+        method_params=struct_to_dict(erasure.method_params, "method_params"),
         deadline=(timestamp_to_datetime(erasure.deadline, "deadline")
                   if erasure.HasField("deadline") else None),
         policy_overrides=_overrides_from_proto(erasure.policy_overrides, "policy_overrides")
         if erasure.HasField("policy_overrides") else {},
+        submitter_hash=submitter_hash,
     )
+
+
+def update_from_proto(update: types_pb2.Update, submitter_hash: str | None = None) -> domain.UpdateSubmission:
+    """Paths in errors are relative to the ``Update`` message (``records[2].columns.label``)."""
+    return domain.UpdateSubmission(
+        request_id=update.request_id, model_name=update.model_name,
+        records=tuple(_record_from_proto(record, f"records[{index}]") for index, record in enumerate(update.records)),
+        dataset_uri=update.dataset_uri or None, strategy=update.strategy or None,
+        strategy_params=struct_to_dict(update.strategy_params, "strategy_params"),
+        deadline=timestamp_to_datetime(update.deadline, "deadline") if update.HasField("deadline") else None,
+        submitter_hash=submitter_hash)
+
+
+def rectification_from_proto(rectification: types_pb2.Rectification,
+                             submitter_hash: str | None = None) -> domain.RectificationSubmission:
+    return domain.RectificationSubmission(
+        request_id=rectification.request_id, subject_id=rectification.subject_id,
+        corrected=tuple(_record_from_proto(record, f"corrected_records[{index}]")
+                        for index, record in enumerate(rectification.corrected_records)),
+        model_names=tuple(rectification.model_names), strategy=rectification.strategy or None,
+        strategy_params=struct_to_dict(rectification.strategy_params, "strategy_params"),
+        deadline=(timestamp_to_datetime(rectification.deadline, "deadline")
+                  if rectification.HasField("deadline") else None),
+        submitter_hash=submitter_hash)
+
+
+def _record_from_proto(record: types_pb2.Record, path: str) -> domain.NewRecord:
+    return domain.NewRecord(record.record_id, record.subject_id, struct_to_dict(record.columns, f"{path}.columns"))
 
 
 def registration_from_proto(request: service_pb2.RegisterModelRequest) -> domain.ModelRegistration:
@@ -57,30 +92,59 @@ def registration_from_proto(request: service_pb2.RegisterModelRequest) -> domain
         policy=policy_from_proto(request.policy) if request.HasField("policy") else domain.VerificationPolicy(),
         num_classes=request.num_classes or None,
         model_factory=request.model_factory or None,
-        train_recipe=struct_to_dict(request.train_recipe),
+        train_recipe=struct_to_dict(request.train_recipe, "train_recipe"),
+        chain_from_default_method=request.HasField("policy") and bool(request.policy.default_method),
     )
 
 
 def policy_from_proto(policy: types_pb2.VerificationPolicy) -> domain.VerificationPolicy:
-    """Unset fields keep the domain defaults, so a client states only what differs."""
+    """Unset fields keep the domain defaults, so a client states only what differs.
+
+    ``method_chain`` is the full form of the escalation chain; an older client's ``default_method`` (with
+    ``method_params``) is a chain of that one method. Giving both is refused.
+    """
+    if policy.HasField(_REPLACED_FIELD[0]):
+        raise domain.InvalidArgument("invalid policy", (domain.FieldViolation(f"policy.{_REPLACED_FIELD[0]}",
+                                                                              _REPLACED_FIELD[1]),))
     values: dict[str, Any] = {name: getattr(policy, name) for name in _POLICY_FIELDS if policy.HasField(name)}
+    chain = [domain.MethodStep(step.name, struct_to_dict(step.params, f"policy.method_chain[{index}].params"))
+             for index, step in enumerate(policy.method_chain)]
     if policy.default_method:
-        values["default_method"] = policy.default_method
-    if policy.HasField("method_params"):
-        values["method_params"] = struct_to_dict(policy.method_params)
+        if chain:
+            raise domain.InvalidArgument("invalid policy", (domain.FieldViolation(
+                "policy.default_method", "give either method_chain or default_method, not both"),))
+        chain = [domain.MethodStep(policy.default_method, struct_to_dict(policy.method_params,
+                                                                         "policy.method_params"))]
+    elif policy.HasField("method_params") and policy.method_params.fields:
+        raise domain.InvalidArgument("invalid policy", (domain.FieldViolation(
+            "policy.method_params", "method_params belong to default_method; use method_chain[i].params"),))
+    values["method_chain"] = tuple(chain)
+    if policy.superseded_versions:
+        values["superseded_versions"] = policy.superseded_versions
+    if policy.HasField("update_strategy"):
+        values["update_strategy"] = domain.MethodStep(policy.update_strategy.name,
+                                                      struct_to_dict(policy.update_strategy.params))
+    if policy.HasField("sealed_retention_days"):  # bounded by the engine (policy.sealed_retention_days)
+        values["sealed_retention_days"] = policy.sealed_retention_days
     return domain.VerificationPolicy(**values)
 
 
-def job_filter_from_proto(request: service_pb2.ListJobsRequest) -> domain.JobFilter:
+def job_filter_from_proto(request: service_pb2.ListJobsRequest, max_id_length: int = 256) -> domain.JobFilter:
+    if request.model_name and domain.id_problem(request.model_name, max_id_length):
+        raise domain.InvalidArgument("invalid model_name", (domain.FieldViolation(
+            "model_name", domain.id_problem(request.model_name, max_id_length)),))
+    if len(request.states) > len(types_pb2.JobState.values()):
+        raise domain.InvalidArgument("too many states", (domain.FieldViolation(
+            "states", "name each state at most once"),))
     if not 0 <= request.page_size <= MAX_PAGE_SIZE:
         raise domain.InvalidArgument("page_size out of range", (domain.FieldViolation(
             "page_size", f"must be between 0 (default {DEFAULT_PAGE_SIZE}) and {MAX_PAGE_SIZE}"),))
     min_age_s = None
     if request.HasField("min_age"):
         min_age_s = request.min_age.seconds + request.min_age.nanos / 1e9
-        if min_age_s < 0:
-            raise domain.InvalidArgument("min_age is negative", (domain.FieldViolation(
-                "min_age", "must not be negative"),))
+        if not 0 <= min_age_s <= MAX_AGE_S:
+            raise domain.InvalidArgument("min_age out of range", (domain.FieldViolation(
+                "min_age", f"must lie between 0 and {MAX_AGE_S} seconds (100 years)"),))
     return domain.JobFilter(
         states=tuple(job_state_from_proto(state, f"states[{index}]") for index, state in enumerate(request.states)),
         model_name=request.model_name or None,
@@ -108,7 +172,10 @@ def job_state_from_proto(value: int, field: str) -> domain.JobState:
 
 
 def _overrides_from_proto(overrides: types_pb2.PolicyOverrides, field: str) -> dict[str, float]:
-    values = {name: getattr(overrides, name) for name in _POLICY_FIELDS if overrides.HasField(name)}
+    if overrides.HasField(_REPLACED_FIELD[0]):
+        raise domain.InvalidArgument("invalid policy override", (domain.FieldViolation(
+            f"{field}.{_REPLACED_FIELD[0]}", _REPLACED_FIELD[1]),))
+    values = {name: getattr(overrides, name) for name in _OVERRIDE_FIELDS if overrides.HasField(name)}
     for name, value in values.items():
         if not math.isfinite(value):
             raise domain.InvalidArgument("policy override is not finite", (domain.FieldViolation(
@@ -148,6 +215,31 @@ def event_to_proto(event: domain.JobEvent) -> types_pb2.JobEvent:
     return message
 
 
+def retry_from_proto(request: service_pb2.RetryRequestRequest) -> domain.RetryRequest:
+    return domain.RetryRequest(
+        request_id=request.request_id, expected_attempt=request.expected_attempt, method=request.method or None,
+        method_params=struct_to_dict(request.method_params),
+        policy_overrides=_overrides_from_proto(request.policy_overrides, "policy_overrides")
+        if request.HasField("policy_overrides") else {})
+
+
+def request_to_proto(view: domain.RequestView) -> types_pb2.RequestStatus:
+    message = types_pb2.RequestStatus(
+        request_id=view.request_id, kind=view.kind, state=types_pb2.RequestState.Value(f"REQUEST_STATE_{view.state.value}"),
+        receive_time=datetime_to_timestamp(view.received_at), attempts=view.attempts, job_ids=list(view.job_ids),
+        certified_models=list(view.certified_models), state_reason=view.state_reason)
+    if view.completed_at is not None:
+        message.complete_time.CopyFrom(datetime_to_timestamp(view.completed_at))
+    if view.deadline is not None:
+        message.deadline.CopyFrom(datetime_to_timestamp(view.deadline))
+    return message
+
+
+def retry_to_proto(outcome: domain.RetryOutcome) -> service_pb2.RetryRequestResponse:
+    return service_pb2.RetryRequestResponse(request=request_to_proto(outcome.request), job_ids=list(outcome.job_ids),
+                                            attempt=outcome.attempt, created=outcome.created)
+
+
 def certificate_to_proto(certificate: domain.Certificate) -> types_pb2.Certificate:
     return types_pb2.Certificate(request_id=certificate.request_id, body_json=certificate.body_json,
                                  signature=certificate.signature)
@@ -159,13 +251,15 @@ def registered_model_to_proto(model: domain.RegisteredModel) -> types_pb2.Regist
         model_name=model.model_name, version=model.version, serving_alias=model.serving_alias,
         task_type=types_pb2.TaskType.Value(f"TASK_TYPE_{model.task_type.value.upper()}"),
         dataset_digest=model.dataset_digest, records=model.records,
-        policy=types_pb2.VerificationPolicy(
-            max_utility_drop=policy.max_utility_drop, record_forget_margin=policy.record_forget_margin,
-            class_forget_max_accuracy=policy.class_forget_max_accuracy, onnx_tolerance=policy.onnx_tolerance,
-            default_method=policy.default_method,
-        ),
+        policy=types_pb2.VerificationPolicy(superseded_versions=policy.superseded_versions,
+                                            sealed_retention_days=policy.sealed_retention_days,
+                                            **{name: getattr(policy, name) for name in _POLICY_FIELDS}),
     )
-    message.policy.method_params.CopyFrom(dict_to_struct(policy.method_params))
+    for step in policy.method_chain:
+        message.policy.method_chain.add(name=step.name).params.CopyFrom(dict_to_struct(step.params))
+    if policy.update_strategy is not None:
+        message.policy.update_strategy.name = policy.update_strategy.name
+        message.policy.update_strategy.params.CopyFrom(dict_to_struct(policy.update_strategy.params))
     return message
 
 
@@ -196,8 +290,13 @@ def job_state_to_proto(state: domain.JobState) -> int:
 
 
 # ------------------------------------------------------------------------------------- scalars
-def struct_to_dict(struct: struct_pb2.Struct) -> dict[str, Any]:
-    return json_format.MessageToDict(struct)
+def struct_to_dict(struct: struct_pb2.Struct, field: str = "") -> dict[str, Any]:
+    """A Struct as JSON-like values; NaN and infinities (which JSON cannot hold) are INVALID_ARGUMENT."""
+    try:
+        return json_format.MessageToDict(struct)
+    except ValueError:
+        raise domain.InvalidArgument("a parameter is not a finite number", (domain.FieldViolation(
+            field or "struct", "numbers must be finite (no NaN or infinity)"),)) from None
 
 
 def dict_to_struct(values: Mapping[str, Any] | None) -> struct_pb2.Struct:

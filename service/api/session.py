@@ -14,7 +14,18 @@ Session protocol (see unlearning_service.proto for the client's view):
   feed. Per request, events therefore always arrive in increasing ``seq``, which is the invariant a
   reconnecting client relies on: resuming a request with ``after_seq`` = the highest seq it saw for that
   request loses nothing.
-* The gRPC thread only yields what the two threads queue.
+* The gRPC thread only yields what the two threads queue (the :class:`_Outbox`).
+
+Limits (``service.api.limits.ApiLimits``): each submission or Resume message takes a token from the
+caller's rate limit; a submission that arrives while ``max_unacked_messages`` answers are still waiting for
+the client to read them is rejected RESOURCE_EXHAUSTED with a ``retry_delay``, and at twice that many the
+reader stops reading (gRPC flow control then holds the client back). Events never overflow: the poller waits
+for room instead. So a client that does not read its responses costs a bounded amount of memory.
+
+Scope (:class:`service.api.scope.Scope`): a submitter's submissions carry its identity's keyed hash; it may
+resume only its own requests (another's answers PERMISSION_DENIED per request, whether or not it exists),
+may not watch ``all_requests``, and never sees other requests' ids or certificates in coalesced jobs' events.
+A message that does not decode is rejected INVALID_ARGUMENT in band; the stream stays open.
 
 The engine's ``seq`` is global and strictly increasing in commit order (one SQLite writer); with a
 database whose sequence values may commit out of order the invariant above would need a settle delay.
@@ -22,10 +33,10 @@ database whose sequence values may commit out of order the invariant above would
 
 from __future__ import annotations
 
+import dataclasses
 import logging
-import queue
 import threading
-from collections import defaultdict
+from collections import defaultdict, deque
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -33,7 +44,10 @@ import grpc
 
 from service import domain
 from service.api import converters, errors
+from service.api.interceptors import Undecodable
+from service.api.limits import ApiLimits
 from service.api.pb import service_pb2
+from service.api.scope import Scope
 
 log = logging.getLogger(__name__)
 
@@ -41,12 +55,12 @@ DEFAULT_POLL_S = 0.25
 """How long one ``engine.events`` call waits for new events. Bounds how late a newly watched request's
 first events start flowing (acks are not affected); 4 polls a second per idle stream is cheap."""
 
-CONTINUAL_LEARNING_NOT_BUILT = ("{kind} requests are part of the API design but not built yet: continual "
-                                "learning (the continual/ library) has not landed; erasures are supported")
-
 MAX_DISCARDED_POLLS = 3
 """Consecutive poll results dropped to keep seq order while requests join (see ``_poll``); bounded so a
 steady stream of submissions cannot starve event delivery."""
+
+UNACKED_RETRY_S = 1.0
+"""Retry delay of a submission refused for too many unread answers: the client needs to read, not wait long."""
 
 _END = object()
 
@@ -66,16 +80,62 @@ class _Failure:
         self.error = error
 
 
+class _Outbox:
+    """Responses queued for the gRPC thread, with the counts the Session limits read: ``answers`` (acks and
+    rejections not yet handed to gRPC: the client's unacknowledged submissions) and ``events``."""
+
+    WAIT_SLICE_S = 0.25  # producers waiting for room re-check whether the stream has stopped this often
+
+    def __init__(self):
+        self._items: deque = deque()
+        self._condition = threading.Condition()
+        self.answers = 0
+        self.events = 0
+
+    def put(self, item, kind: str = "control") -> None:
+        """``kind``: ``answer`` (ack or rejection), ``event``, or ``control`` (end, failure: never held)."""
+        with self._condition:
+            self._items.append((kind, item))
+            if kind == "answer":
+                self.answers += 1
+            elif kind == "event":
+                self.events += 1
+            self._condition.notify_all()
+
+    def wait_for_room(self, kind: str, most: int, stop: threading.Event) -> bool:
+        """Block while ``most`` or more items of ``kind`` wait (back-pressure); False when ``stop`` was set."""
+        with self._condition:
+            while (self.answers if kind == "answer" else self.events) >= most:
+                if stop.is_set():
+                    return False
+                self._condition.wait(self.WAIT_SLICE_S)
+        return not stop.is_set()
+
+    def get(self):
+        with self._condition:
+            while not self._items:
+                self._condition.wait()
+            kind, item = self._items.popleft()
+            if kind == "answer":
+                self.answers -= 1
+            elif kind == "event":
+                self.events -= 1
+            self._condition.notify_all()
+            return item
+
+
 class SessionStream:
     """One ``Session`` RPC. ``responses()`` is what the servicer returns to gRPC."""
 
     def __init__(self, engine: domain.EngineProtocol, requests: Iterator[service_pb2.SessionRequest],
-                 context: grpc.ServicerContext, poll_s: float = DEFAULT_POLL_S):
+                 context: grpc.ServicerContext, poll_s: float = DEFAULT_POLL_S, scope: Scope | None = None):
         self._engine = engine
         self._requests = requests
         self._context = context
         self._poll_s = poll_s
-        self._outbox: queue.Queue = queue.Queue()
+        self._scope = scope or Scope(engine, None, ApiLimits())
+        self._limits = self._scope.limits
+        self._outbox = _Outbox()
         self._lock = threading.Lock()
         self._incoming_watches: list[_Watch] = []
         self._client_done = False  # the client half-closed (or went away)
@@ -121,6 +181,10 @@ class SessionStream:
                 if self._stop.is_set():
                     return
                 self._handle(message)
+                # At twice the cap of unread answers, stop reading: the client is not reading its answers,
+                # and gRPC's flow control now holds it back instead of the server's memory growing.
+                if not self._outbox.wait_for_room("answer", 2 * self._limits.max_unacked_messages, self._stop):
+                    return
         except Exception as error:  # the client cancelled or the connection broke: nothing to answer
             if not self._stop.is_set():
                 log.debug("session request stream ended: %r", error)
@@ -129,37 +193,81 @@ class SessionStream:
                 self._client_done = True
             self._work.set()
 
-    def _handle(self, message: service_pb2.SessionRequest) -> None:
+    def _answer(self, response: service_pb2.SessionResponse) -> None:
+        self._outbox.put(response, "answer")
+
+    def _reject(self, error: BaseException, request_id: str, where: str) -> None:
+        self._answer(service_pb2.SessionResponse(rejected=errors.rejection(error, request_id, where)))
+
+    def _limited(self, limit: str) -> None:
+        if self._limits.limited is not None:
+            self._limits.limited.labels(limit).inc()
+
+    def _handle(self, message) -> None:
+        if isinstance(message, Undecodable):
+            self._reject(message.error(), "", "Session")
+            return
         kind = message.WhichOneof("message")
-        if kind == "erasure":
-            request_id = message.erasure.request_id
+        request_id = getattr(message, kind).request_id if kind in ("erasure", "rectification", "update") else ""
+        if kind in ("erasure", "rectification", "update") and \
+                self._outbox.answers >= self._limits.max_unacked_messages:
+            self._limited("unacked")
+            self._reject(domain.ResourceExhausted(
+                f"{self._outbox.answers} answers on this stream are still unread (at most "
+                f"{self._limits.max_unacked_messages}); read them, then re-send this submission",
+                retry_after_s=UNACKED_RETRY_S), request_id, f"Session.{kind}")
+            return
+        identity = self._scope.identity
+        if self._limits.rate is not None and identity is not None:
             try:
-                outcome = self._engine.submit_erasure(converters.erasure_from_proto(message.erasure))
+                self._limits.rate.check(identity.name)
+            except domain.ResourceExhausted as error:
+                self._limited("rate")
+                self._reject(error, request_id, f"Session.{kind or 'message'}")
+                return
+        if kind in ("erasure", "update", "rectification"):
+            submitter = self._scope.submitter_hash
+            try:
+                if kind == "erasure":
+                    outcome = self._engine.submit_erasure(converters.erasure_from_proto(message.erasure, submitter))
+                elif kind == "update":
+                    outcome = self._engine.submit_update(converters.update_from_proto(message.update, submitter))
+                else:
+                    outcome = self._engine.submit_rectification(converters.rectification_from_proto(
+                        message.rectification, submitter))
             except Exception as error:
-                self._outbox.put(service_pb2.SessionResponse(
-                    rejected=errors.rejection(error, request_id, "Session.erasure")))
+                self._reject(error, request_id, f"Session.{kind}")
                 return
             # The ack goes out before the request joins the watch set, so it precedes its events.
-            self._outbox.put(service_pb2.SessionResponse(accepted=converters.accepted_to_proto(outcome)))
+            self._answer(service_pb2.SessionResponse(accepted=converters.accepted_to_proto(outcome)))
             self._add_watch(_Watch((outcome.request_id,), max(outcome.first_event_seq - 1, 0), outcome.job_ids))
         elif kind == "resume":
-            resume = message.resume
-            if resume.after_seq < 0:
-                self._outbox.put(service_pb2.SessionResponse(rejected=errors.rejection(domain.InvalidArgument(
-                    "after_seq is negative", (domain.FieldViolation("resume.after_seq", "must be >= 0"),)),
-                    "", "Session.resume")))
-                return
-            self._add_watch(_Watch(tuple(dict.fromkeys(resume.request_ids)), resume.after_seq,
-                                   all_requests=resume.all_requests))
-        elif kind in ("rectification", "update"):
-            request_id = getattr(message, kind).request_id
-            error = domain.Unimplemented(CONTINUAL_LEARNING_NOT_BUILT.format(kind=kind.capitalize()))
-            self._outbox.put(service_pb2.SessionResponse(rejected=errors.rejection(error, request_id,
-                                                                                    f"Session.{kind}")))
+            self._resume(message.resume)
         else:
-            self._outbox.put(service_pb2.SessionResponse(rejected=errors.rejection(domain.InvalidArgument(
-                "empty session message", (domain.FieldViolation("message", "set one of erasure, resume, "
-                                                                "rectification, update"),)), "", "Session")))
+            self._reject(domain.InvalidArgument("empty session message", (domain.FieldViolation(
+                "message", "set one of erasure, resume, rectification, update"),)), "", "Session")
+
+    def _resume(self, resume: service_pb2.Resume) -> None:
+        if resume.after_seq < 0:
+            self._reject(domain.InvalidArgument("after_seq is negative", (domain.FieldViolation(
+                "resume.after_seq", "must be >= 0"),)), "", "Session.resume")
+            return
+        try:
+            self._scope.check_ids(resume.request_ids, "resume.request_ids")
+            if resume.all_requests and self._scope.restricted:
+                self._scope.denied()  # counted; the message below says which part of the Resume was refused
+                raise domain.PermissionDenied("watching every request needs a role that reads every request")
+            request_ids = tuple(dict.fromkeys(resume.request_ids))
+            mine = self._scope.own_requests(request_ids)
+        except Exception as error:
+            self._reject(error, "", "Session.resume")
+            return
+        for request_id in request_ids:
+            if request_id not in mine:  # the same answer whether it exists or not
+                self._reject(self._scope.denied(), request_id, "Session.resume")
+        request_ids = tuple(r for r in request_ids if r in mine)
+        if request_ids or resume.all_requests:
+            self._add_watch(_Watch(request_ids, resume.after_seq, all_requests=resume.all_requests))
 
     def _add_watch(self, watch: _Watch) -> None:
         with self._lock:
@@ -202,6 +310,11 @@ class SessionStream:
             self._outbox.put(_Failure(error))
 
     def _start_watching(self, watch: _Watch) -> None:
+        # A Resume beyond the newest event is clamped to it: nothing newer exists to have been seen, and a
+        # cursor or floor in the future would hide every later event of this stream.
+        newest = self._engine.last_event_seq()
+        if watch.after_seq > newest:
+            watch = dataclasses.replace(watch, after_seq=newest)
         if watch.all_requests:
             self._all_requests = True
         for request_id in watch.request_ids:
@@ -219,9 +332,8 @@ class SessionStream:
             if not history and not watch.job_ids:
                 # Every accepted request has an ACCEPTED event committed with it: this one was never accepted.
                 self._forget(request_id)
-                self._outbox.put(service_pb2.SessionResponse(rejected=errors.rejection(domain.NotFound(
-                    f"no request {request_id!r} to resume", (domain.FieldViolation(
-                        "resume.request_ids", f"unknown request {request_id!r}"),)), request_id, "Session.resume")))
+                self._reject(domain.NotFound(f"no request {domain.preview(request_id)} to resume", (
+                    domain.FieldViolation("resume.request_ids", "unknown request"),)), request_id, "Session.resume")
                 continue
             for event in history:
                 if event.seq > self._cursor:
@@ -242,7 +354,12 @@ class SessionStream:
             # An event already shown to the client for every watched request it concerns is not re-sent.
             if not watched or all(event.seq <= self._floor_by_request[rid] for rid in watched):
                 return
-        self._outbox.put(service_pb2.SessionResponse(event=converters.event_to_proto(event)))
+        visible = self._scope.event(event, set(self._floor_by_request))  # a submitter sees only its own
+        if visible is not None:
+            # Back-pressure: a client reading its events slower than they come (or a large history replay)
+            # holds the poller here rather than growing the queue.
+            self._outbox.wait_for_room("event", self._limits.max_unacked_messages, self._stop)
+            self._outbox.put(service_pb2.SessionResponse(event=converters.event_to_proto(visible)), "event")
 
     def _learn(self, event: domain.JobEvent) -> None:
         for request_id in event.request_ids:
@@ -259,23 +376,29 @@ class SessionStream:
 
 
 def watch_job(engine: domain.EngineProtocol, job_id: str, after_seq: int,
-              poll_s: float = DEFAULT_POLL_S, context: grpc.ServicerContext | None = None
-              ) -> Iterator[service_pb2.WatchJobResponse]:
+              poll_s: float = DEFAULT_POLL_S, context: grpc.ServicerContext | None = None,
+              scope: Scope | None = None) -> Iterator[service_pb2.WatchJobResponse]:
     """One job's events after ``after_seq``, ending once the job is terminal and its TERMINAL events (one
     per request it settled, each with that request's certificate; one for all when rejected) are sent, or
-    at once when the job is already terminal and the client has seen its end."""
+    at once when the job is already terminal and the client has seen its end. A submitter (``scope``) sees
+    only the events of its own requests."""
+    scope = scope or Scope(engine, None, ApiLimits())
     if after_seq < 0:
         raise domain.InvalidArgument("after_seq is negative", (domain.FieldViolation("after_seq", "must be >= 0"),))
-    job = engine.get_job(job_id)  # NotFound for an unknown job, before any streaming
+    mine = set(scope.job(job_id).request_ids)  # NotFound / PermissionDenied before any streaming
+    job = engine.get_job(job_id)
     cursor = after_seq
     terminal_requests: set[str] = set()
     while context is None or context.is_active():
         events = engine.events(after_seq=cursor, job_ids=(job_id,), wait_s=poll_s)
         if any(event.kind is domain.EventKind.TERMINAL for event in events):
             job = engine.get_job(job_id)
+            mine = scope.own_requests(job.request_ids)  # a request of this caller may have joined the job
         for event in events:
             cursor = max(cursor, event.seq)
-            yield service_pb2.WatchJobResponse(event=converters.event_to_proto(event))
+            visible = scope.event(event, mine)
+            if visible is not None:
+                yield service_pb2.WatchJobResponse(event=converters.event_to_proto(visible))
             terminal_requests.update(event.request_ids if event.kind is domain.EventKind.TERMINAL else ())
             if job.state.terminal and set(job.request_ids) <= terminal_requests:
                 return
@@ -285,4 +408,4 @@ def watch_job(engine: domain.EngineProtocol, job_id: str, after_seq: int,
                 return
 
 
-__all__ = ["CONTINUAL_LEARNING_NOT_BUILT", "SessionStream", "watch_job"]
+__all__ = ["SessionStream", "watch_job"]

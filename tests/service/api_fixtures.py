@@ -21,6 +21,7 @@ from service.settings import Settings
 class RunningApi:
     api: ApiServer
     client: Client
+    registry: object = None  # the metrics registry, when the test passed one
 
     @property
     def stub(self):
@@ -33,12 +34,13 @@ class RunningApi:
 
 @contextlib.contextmanager
 def running_api(settings: Settings, engine: domain.EngineProtocol, token: str | None = None,
-                poll_s: float = 0.05) -> Iterator[RunningApi]:
-    """A started server on a free loopback port and a connected client; stopped on exit."""
+                poll_s: float = 0.05, credentials=None, metrics_registry=None) -> Iterator[RunningApi]:
+    """A started server on a free loopback port and a connected client (TLS with ``credentials``); stopped
+    on exit."""
     settings = settings.model_copy(update={"grpc_host": "127.0.0.1", "grpc_port": 0})
-    api = build_server(settings, engine, poll_s=poll_s)
+    api = build_server(settings, engine, poll_s=poll_s, metrics_registry=metrics_registry)
     api.start()
-    client = Client(f"127.0.0.1:{api.port}", token)
+    client = Client(f"127.0.0.1:{api.port}", token, credentials)
     try:
         client.wait_ready(10)
         yield RunningApi(api, client)
@@ -114,6 +116,10 @@ class ScriptedEngine:
             self._requests[request.request_id] = (request, outcome)
             return outcome
 
+    def last_event_seq(self) -> int:
+        with self._condition:
+            return self._events[-1].seq if self._events else 0
+
     def events(self, after_seq: int = 0, job_ids: tuple[str, ...] = (), request_ids: tuple[str, ...] = (),
                wait_s: float = 0.0) -> list[domain.JobEvent]:
         deadline = time.monotonic() + wait_s
@@ -150,6 +156,9 @@ class ScriptedEngine:
 
     def pending_requests(self) -> list[domain.PendingRequest]:
         return []
+
+    def request_owners(self, request_ids: tuple[str, ...]) -> dict[str, str | None]:
+        return {r: self._requests[r][0].submitter_hash for r in request_ids if r in self._requests}
 
     def _add(self, job_id, request_ids, kind, state, stage, fraction, certificate=None) -> int:
         with self._condition:

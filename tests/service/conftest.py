@@ -16,16 +16,19 @@ from pathlib import Path
 
 import pytest
 
-from service.demo_data import build_digits_demo
+from lethe_demo.data import build_digits_demo
 from service.domain import ErasureRequest, FieldViolation, JobView
 from service.engine import Engine
 from service.settings import Settings
+from tests.service.scaleout_fixtures import mlflow_server, postgres_server, postgres_url, store_url  # noqa: F401
 
 _SUBJECTS = itertools.count(0)
 
 
 def make_settings(state_dir: Path, **overrides) -> Settings:
-    """Embedded settings in ``state_dir`` with a short coalescing window and no metrics port."""
+    """Embedded settings in ``state_dir`` with a short coalescing window and no metrics port. Datasets may
+    be registered from anywhere under the state directory's parent (pytest's temporary directories)."""
+    overrides.setdefault("dataset_roots", [str(Path(state_dir).absolute().parent)])
     return Settings(state_dir=state_dir, coalescing_window_s=overrides.pop("coalescing_window_s", 0.3),
                     metrics_port=0, grpc_port=0, device="cpu", **overrides)
 

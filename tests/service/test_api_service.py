@@ -7,6 +7,7 @@ auth and RPC metrics."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from datetime import datetime, timedelta, timezone
 
 import grpc
@@ -18,15 +19,17 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from grpc_status import rpc_status
 
+from lethe_demo.data import DEMO_POLICY, build_digits_demo, digits_frame
 from service import domain
 from service import store as db
 from service.api import converters
 from service.api.client import field_violations
 from service.api.pb import SERVICE_NAME, service_pb2, types_pb2
-from service.demo_data import digits_frame
+from service.domain import MethodStep
+from service.engine import Engine
 from service.settings import Settings
 from tests.service.api_fixtures import ScriptedEngine, running_api
-from tests.service.conftest import assert_erasure_paths, fresh_subjects
+from tests.service.conftest import assert_erasure_paths, fresh_subjects, make_settings
 from unlearn.models import tiny_mlp
 
 STAGES = ["resolve", "measure", "apply", "verify", "register", "purge", "audit"]
@@ -175,15 +178,26 @@ def test_idempotent_replay_returns_the_same_outcome_and_other_payload_is_refused
 
 
 @pytest.mark.slow
-def test_rejected_by_verification_leaves_the_alias_and_keeps_the_request_pending(api, lethe_engine, digits_model):
+def test_rejected_by_verification_leaves_the_alias_and_keeps_the_request_pending(tmp_path):
+    # A model whose whole chain is one method that collapses utility (alpha and lambda this small dampen
+    # nearly every weight): every attempt is rejected, so the job must be.
+    lethe_engine = Engine(make_settings(tmp_path))
+    digits_model = build_digits_demo(lethe_engine.settings, lethe_engine, model_name="digits-one-method",
+                                     policy=replace(DEMO_POLICY, method_chain=(
+                                         MethodStep("ssd", {"alpha": 1e-6, "lam": 1e-6}),)))
+    lethe_engine.start()
+    with running_api(lethe_engine.settings, lethe_engine) as api:
+        _rejected_job_is_visible_and_pending(api, lethe_engine, digits_model)
+    lethe_engine.stop(10)
+    lethe_engine.store.dispose()
+
+
+def _rejected_job_is_visible_and_pending(api, lethe_engine, digits_model):
     serving_before = lethe_engine.registry.serving_version(digits_model)
-    (subject,) = fresh_subjects(1)
-    # alpha and lambda this small dampen nearly every weight: utility collapses and the gate must refuse.
     deadline = Timestamp()
     deadline.FromDatetime(datetime.now(timezone.utc) + timedelta(days=30))
     accepted = api.stub.SubmitErasure(service_pb2.SubmitErasureRequest(erasure=_erasure(
-        "api-reject", subject_ids=[subject], model_names=[digits_model], method="ssd",
-        method_params={"alpha": 1e-6, "lam": 1e-6}, deadline=deadline))).accepted
+        "api-reject", subject_ids=["subject-0007"], model_names=[digits_model], deadline=deadline))).accepted
     (job_id,) = accepted.job_ids
     events = [r.event for r in api.stub.WatchJob(service_pb2.WatchJobRequest(job_id=job_id), timeout=JOB_TIMEOUT_S)]
     terminal = events[-1]
@@ -193,7 +207,8 @@ def test_rejected_by_verification_leaves_the_alias_and_keeps_the_request_pending
     assert lethe_engine.registry.serving_version(digits_model) == serving_before
     job = api.stub.GetJob(service_pb2.GetJobRequest(job_id=job_id)).job
     assert job.state == types_pb2.JOB_STATE_REJECTED_BY_VERIFICATION and not job.result_version
-    checks = {c["name"]: c for c in job.evidence["verification"]["checks"]}
+    (attempt,) = job.evidence["attempts"]
+    checks = {c["name"]: c for c in attempt["verification"]["checks"]}
     assert checks["utility"]["passed"] is False
     pending = api.stub.ListPendingRequests(service_pb2.ListPendingRequestsRequest())
     assert "api-reject" in {p.request_id for p in pending.pending_requests} and pending.oldest_age_seconds > 0
@@ -287,7 +302,9 @@ def test_bad_erasures_get_their_status_and_field_violation_and_write_nothing(api
 def _register_request(tmp_path, frame: pd.DataFrame, **fields) -> service_pb2.RegisterModelRequest:
     path = tmp_path / "data.parquet"
     frame.to_parquet(path, index=False)
-    request = service_pb2.RegisterModelRequest(model_name="digits-cnn", version="1",
+    # The serving alias names the head of the lineage: earlier versions hold subjects other tests erased, and
+    # are refused (FAILED_PRECONDITION) before their dataset is even read (tests/service/test_engine_lineage.py).
+    request = service_pb2.RegisterModelRequest(model_name="digits-cnn", alias="serving",
                                                task_type=types_pb2.TASK_TYPE_CLASSIFICATION,
                                                dataset_uri=str(path), num_classes=10, **fields)
     return request
@@ -456,7 +473,8 @@ def test_register_model_through_the_cli_and_the_rpc(api, lethe_engine, digits_mo
     # A second MLflow model (the digits weights again) with its own records and subjects: fresh record ids,
     # because records erased earlier in this session are tombstoned and may never be re-ingested, and fresh
     # subject ids, so that the other tests' erasures (which name no model) never reach this model.
-    lethe_engine.registry.log_initial_model(lethe_engine.registry.load_model(digits_model, "1"), "api-digits-copy",
+    lethe_engine.registry.log_initial_model(lethe_engine.registry.load_model(
+        digits_model, lethe_engine.registry.serving_version(digits_model)), "api-digits-copy",
                                             run_name="api-copy")
     frame = digits_frame()
     frame["record_id"] = "copy-" + frame["record_id"]
@@ -473,7 +491,7 @@ def test_register_model_through_the_cli_and_the_rpc(api, lethe_engine, digits_mo
     assert registered["task_type"] == "TASK_TYPE_CLASSIFICATION"
     assert int(registered["records"]) == len(frame)  # proto3 JSON writes int64 as a string
     assert registered["policy"]["max_utility_drop"] == 0.03
-    assert registered["policy"]["method_params"] == {"max_utility_drop": 0.03}
+    assert registered["policy"]["method_chain"] == [{"name": "ssd-auto", "params": {"max_utility_drop": 0.03}}]
 
     # Registering it again through the RPC with an alias resolves to the same version.
     again = api.stub.RegisterModel(service_pb2.RegisterModelRequest(

@@ -11,9 +11,10 @@ import time
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from service.api.pb import service_pb2, types_pb2
-from service.settings import RESERVED_GRPC_WORKERS, Settings
+from service.api.pb import SERVICE_NAME, service_pb2, types_pb2
+from service.settings import RESERVED_GRPC_WORKERS, Settings, stream_budgets
 from tests.service.api_fixtures import ScriptedEngine, running_api
 
 TERMINAL = types_pb2.EVENT_KIND_TERMINAL
@@ -108,6 +109,23 @@ def test_resume_after_a_broken_stream_loses_and_repeats_nothing(scripted):
     assert events[-1].kind == TERMINAL and events[-1].certificates[0].request_id == "r1"
 
 
+def test_a_resume_beyond_the_newest_event_is_clamped_and_later_events_still_arrive(scripted):
+    """An outside client sent Resume(after_seq far in the future) and then a real erasure on the same stream:
+    the erasure's TERMINAL event never came. The cursor is now clamped to the newest event."""
+    engine, api = scripted
+    driver = _drive(engine, ["settled"])
+    list(api.stub.Session(iter([_erasure("settled")]), timeout=10))
+    driver.join(5)
+    future = service_pb2.SessionRequest(resume=service_pb2.Resume(after_seq=10**9, request_ids=["settled"]))
+    driver = _drive(engine, ["later"])
+    responses = list(api.stub.Session(iter([future, _erasure("later")]), timeout=10))
+    driver.join(5)
+    events = [r.event for r in responses if r.WhichOneof("message") == "event"]
+    terminal = [e for e in events if e.kind == TERMINAL and list(e.request_ids) == ["later"]]
+    assert terminal and terminal[0].certificates[0].request_id == "later"
+    assert not [e for e in events if "settled" in e.request_ids]  # nothing of "settled" is newer than newest
+
+
 def test_idempotent_replay_of_a_settled_request_replays_its_history(scripted):
     engine, api = scripted
     driver = _drive(engine, ["r1"])
@@ -197,11 +215,14 @@ def test_resuming_an_unknown_request_is_refused_and_the_stream_ends(scripted):
 
 
 def test_streams_beyond_the_worker_cap_are_refused_and_health_checks_still_answer(tmp_path):
-    """With LETHE_GRPC_MAX_WORKERS = reserve + 1, one stream fills every thread streams may take: a second
-    stream gets RESOURCE_EXHAUSTED at once (not queued), while health checks and unary calls, fired
-    concurrently, still find the reserved threads. Closing the stream gives its slot back."""
+    """With LETHE_GRPC_MAX_WORKERS = reserve + 2, one Session fills the Session budget and one WatchJob the
+    other: a second Session and a second WatchJob each get RESOURCE_EXHAUSTED at once (not queued), while
+    the open Session does not keep a new client's WatchJob or reflection query out (separate budgets), and
+    health checks and unary calls, fired concurrently, still find the reserved threads. Closing a stream
+    gives its slot back."""
     engine = ScriptedEngine()
-    settings = Settings(state_dir=tmp_path, grpc_max_workers=RESERVED_GRPC_WORKERS + 1)
+    settings = Settings(state_dir=tmp_path, grpc_max_workers=RESERVED_GRPC_WORKERS + 2)
+    assert stream_budgets(settings.grpc_max_workers) == (1, 1)
     with running_api(settings, engine) as api:
         release = threading.Event()
 
@@ -214,9 +235,33 @@ def test_streams_beyond_the_worker_cap_are_refused_and_health_checks_still_answe
         job_id = engine.job_of("held")
 
         with pytest.raises(grpc.RpcError) as refused:
-            next(api.stub.WatchJob(service_pb2.WatchJobRequest(job_id=job_id), timeout=5))
+            next(api.stub.Session(iter([_erasure("second")]), timeout=5))
         assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-        assert "LETHE_GRPC_MAX_WORKERS" in refused.value.details()
+        assert "Session streams" in refused.value.details()
+
+        # Sessions at their cap: a new client's reflection query and WatchJob still get through.
+        reflection = reflection_pb2_grpc.ServerReflectionStub(api.client.channel)
+        (listed,) = list(reflection.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(
+            list_services="")]), timeout=5))
+        assert SERVICE_NAME in {s.name for s in listed.list_services_response.service}
+        opened: list = []
+
+        def watch_opened() -> bool:  # the reflection stream's slot is given back as its handler unwinds
+            try:
+                watch = api.stub.WatchJob(service_pb2.WatchJobRequest(job_id=job_id), timeout=20)
+                opened.append((watch, next(watch)))
+                return True
+            except grpc.RpcError as error:
+                if error.code() != grpc.StatusCode.RESOURCE_EXHAUSTED:
+                    raise
+                return False
+
+        _wait_for(watch_opened)
+        watch, first = opened[-1]
+        assert first.event.job_id == job_id  # open: it holds the one other-stream slot
+        with pytest.raises(grpc.RpcError) as second_watch:
+            next(api.stub.WatchJob(service_pb2.WatchJobRequest(job_id=job_id), timeout=5))
+        assert second_watch.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
 
         health = health_pb2_grpc.HealthStub(api.client.channel)
         answers: list = []
@@ -236,6 +281,7 @@ def test_streams_beyond_the_worker_cap_are_refused_and_health_checks_still_answe
         release.set()
         engine.succeed(job_id)
         assert list(held)[-1].event.kind == TERMINAL  # the session ends once its request is settled
+        list(watch)  # the watch ends after the TERMINAL event
 
         def watch_opens() -> bool:
             try:

@@ -8,14 +8,17 @@ import hashlib
 import json
 import time
 from datetime import datetime, timedelta, timezone
+from dataclasses import replace
 from pathlib import Path
 
 import pandas as pd
 import pytest
 
+from lethe_demo.data import DEMO_POLICY, build_digits_demo
 from service import store as db
-from service.domain import AlreadyExists, ErasureRequest, EventKind, JobState, NotFound
-from tests.service.conftest import fresh_subjects, wait_for_jobs
+from service.domain import AlreadyExists, ErasureRequest, EventKind, JobState, MethodStep, NotFound
+from service.engine import Engine
+from tests.service.conftest import fresh_subjects, make_settings, wait_for_jobs
 from unlearn.digits import load_digits_records
 
 
@@ -70,10 +73,12 @@ def test_erasure_happy_path_coalesces_registers_purges_and_certifies(lethe_engin
         assert body["deadline"] is None  # the request set no deadline
         # The claim matches what happened to the weights (ssd-auto may find nothing to dampen).
         assert ("left the model's weights unchanged" in body["statement"]) is not body["model"]["weights_changed"]
-        assert {c["name"] for c in body["verification"]["checks"]} == {"utility", "forgetting", "onnx_parity",
-                                                                        "onnx_utility"}
+        assert {c["name"] for c in body["verification"]["checks"]} == {
+            "utility", "membership_ks", "membership_auc", "onnx_parity", "onnx_utility"}
         assert body["verification"]["onnx"]["providers"] == ["CPUExecutionProvider"]
-        assert "loss_attack_auc_after" in body["verification"]["mia"]
+        assert body["verification"]["membership_after"]["reference_size"] == body["verification"]["sizes"]["audit"]
+        assert [a["method"] for a in body["attempts"]][-1] == body["method"]["name"]
+        assert body["attempts"][-1]["gate_passed"] is True
         assert not any(s in certificate.body_json for s in subjects)
         assert engine.verify_certificate(certificate.body_json, certificate.signature).valid
     assert not {o.request_id for o in outcomes} & {p.request_id for p in engine.pending_requests()}
@@ -128,24 +133,46 @@ def test_unknown_subject_gets_a_no_records_certificate_at_once(lethe_engine):
     assert kinds == [EventKind.ACCEPTED, EventKind.TERMINAL]
 
 
-def test_rejection_keeps_alias_and_request_pending(lethe_engine, digits_model):
+def test_a_rejected_method_escalates_along_the_policy_chain(lethe_engine, digits_model):
     engine = lethe_engine
-    serving_before = engine.registry.serving_version(digits_model)
     (subject,) = fresh_subjects(1)
-    # alpha and lambda this small dampen almost every weight to near zero: utility collapses.
-    outcome = engine.submit_erasure(ErasureRequest(request_id="reject-1", subject_ids=(subject,), method="ssd",
+    # alpha and lambda this small dampen almost every weight to near zero: utility collapses, the gate rejects
+    # it, and the next method of the model's chain starts again from the same base version.
+    outcome = engine.submit_erasure(ErasureRequest(request_id="escalate-1", subject_ids=(subject,), method="ssd",
                                                    method_params={"alpha": 1e-6, "lam": 1e-6}))
+    (job,) = wait_for_jobs(engine, outcome.job_ids)
+    assert job.state is JobState.SUCCEEDED, job.message
+    body = _body(engine.get_certificate("escalate-1")[0])
+    first, *rest = body["attempts"]
+    assert first["method"] == "ssd" and first["gate_passed"] is False and "utility" in first["failures"]
+    assert rest and rest[-1]["gate_passed"] is True and body["method"]["name"] == rest[-1]["method"] != "ssd"
+    assert body["method"]["attempt"] == len(body["attempts"])
+
+
+def test_rejection_by_every_method_keeps_alias_and_request_pending(tmp_path):
+    # A model whose chain is one method that collapses utility: nothing can pass the gate.
+    engine = Engine(make_settings(tmp_path))
+    strict = build_digits_demo(engine.settings, engine, model_name="digits-one-method", policy=replace(
+        DEMO_POLICY, method_chain=(MethodStep("ssd", {"alpha": 1e-6, "lam": 1e-6}),)))
+    engine.start()
+    serving_before = engine.registry.serving_version(strict)
+    outcome = engine.submit_erasure(ErasureRequest(request_id="reject-1", subject_ids=("subject-0007",),
+                                                   model_names=(strict,)))
     (job,) = wait_for_jobs(engine, outcome.job_ids)
     assert job.state is JobState.REJECTED_BY_VERIFICATION, job.message
     assert "utility" in job.message and job.result_version is None
-    checks = {c["name"]: c for c in job.evidence["verification"]["checks"]}
-    assert not checks["utility"]["passed"]
-    assert engine.registry.serving_version(digits_model) == serving_before
-    assert engine.registry.version_for_job(digits_model, job.job_id) is None
+    (attempt,) = job.evidence["attempts"]
+    checks = {c["name"]: c for c in attempt["verification"]["checks"]}
+    assert checks["utility"]["passed"] is False
+    assert attempt["verification"]["onnx"] == {"skipped": "the library checks failed; the model was not exported"}
+    assert engine.registry.serving_version(strict) == serving_before
+    assert engine.registry.version_for_job(strict, job.job_id) is None
     assert "reject-1" in {p.request_id for p in engine.pending_requests()}
     with pytest.raises(NotFound):
         engine.get_certificate("reject-1")
     assert engine.metrics.registry.get_sample_value("lethe_oldest_pending_request_age_seconds") > 0
+    engine.stop(10)
+    engine.store.dispose()
 
 
 def test_class_erasure_forgets_the_class(lethe_engine, digits_model):

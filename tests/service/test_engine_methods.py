@@ -21,12 +21,15 @@ def test_gu_wrapped_gradient_method_runs_through_the_engine(lethe_engine, digits
                                                          method="gu+graddiff"))
     (job,) = wait_for_jobs(lethe_engine, outcome.job_ids)
     assert job.method == "gu+graddiff"
-    assert job.state in (JobState.SUCCEEDED, JobState.REJECTED_BY_VERIFICATION), job.message
-    if job.state is JobState.SUCCEEDED:
-        (certificate,) = lethe_engine.get_certificate(outcome.request_id)
-        body = json.loads(certificate.body_json)
-        assert body["method"]["name"] == "gu+graddiff"
-        assert "rank" in body["method"]["params"]  # the GU half of the config is recorded too
+    # The requested method runs first; if the gate rejects it, the model's chain continues (and the digits
+    # chain ends with an exact retrain, so the request is certified either way).
+    assert job.state is JobState.SUCCEEDED, job.message
+    (certificate,) = lethe_engine.get_certificate(outcome.request_id)
+    body = json.loads(certificate.body_json)
+    first = body["attempts"][0]
+    assert first["method"] == "gu+graddiff" and "rank" in first["config"]  # the GU half of the config too
+    assert first["target_reached"] is not None  # the method said whether it reached its own stop target
+    assert body["attempts"][-1]["gate_passed"] is True
 
 
 @pytest.mark.parametrize("method", ["ga", "npo", "iau", "gu+ga"])

@@ -24,7 +24,7 @@ def test_crash_after_registration_resumes_exactly_once(tmp_path):
     crashed = threading.Event()
     original = engine.registry.set_serving
 
-    def crash_once(name, version):  # MLflow already holds the job's version; the store does not know yet
+    def crash_once(name, version, alias=None):  # MLflow already holds the job's version; the store does not know yet
         crashed.set()
         raise SimulatedCrash
 

@@ -12,8 +12,9 @@ import pytest
 import pydantic
 
 from service import store as db
-from service.demo_data import DEMO_POLICY, digits_frame
+from lethe_demo.data import DEMO_POLICY, digits_frame
 from service.domain import (
+    MethodStep,
     DeadlineExceeded,
     ErasureRequest,
     FailedPrecondition,
@@ -97,10 +98,12 @@ def test_model_not_registered_as_unlearnable(lethe_engine):
     assert _snapshot(engine) == before
 
 
-def _registration(tmp_path, frame: pd.DataFrame, name="digits-cnn", version="1") -> ModelRegistration:
+def _registration(tmp_path, frame: pd.DataFrame, name="digits-cnn") -> ModelRegistration:
+    """A registration of the head of the lineage (the serving alias): older versions hold subjects other tests
+    erased and are refused before their dataset is read (tests/service/test_engine_lineage.py)."""
     path = tmp_path / "data.parquet"
     frame.to_parquet(path, index=False)
-    return ModelRegistration(model_name=name, version=version, alias=None, task_type=TaskType.CLASSIFICATION,
+    return ModelRegistration(model_name=name, version=None, alias="serving", task_type=TaskType.CLASSIFICATION,
                              dataset_uri=str(path), policy=DEMO_POLICY, num_classes=10)
 
 
@@ -134,8 +137,19 @@ def test_malformed_datasets_are_refused(lethe_engine, tmp_path, case):
 def test_registration_bad_policy_and_unknown_model(lethe_engine, tmp_path):
     registration = _registration(tmp_path, digits_frame().head(50))
     with pytest.raises(InvalidArgument) as raised:
-        lethe_engine.register_model(replace(registration, policy=replace(DEMO_POLICY, default_method="nope")))
-    assert "policy.default_method" in {v.field for v in raised.value.violations}
+        lethe_engine.register_model(replace(registration, policy=replace(
+            DEMO_POLICY, method_chain=(MethodStep("ssd-auto"), MethodStep("nope")))))
+    assert "policy.method_chain[1].name" in {v.field for v in raised.value.violations}
+    # The gate cannot be configured away: every policy value is bounded, and the refusal names the field.
+    before = _snapshot(lethe_engine)
+    with pytest.raises(InvalidArgument) as raised:
+        lethe_engine.register_model(replace(registration, policy=replace(
+            DEMO_POLICY, max_utility_drop=1.0, min_forget_p=0.0, mia_auc_margin=0.5, class_forget_max_accuracy=1.0,
+            onnx_tolerance=1.0)))
+    assert {v.field for v in raised.value.violations} == {
+        "policy.max_utility_drop", "policy.min_forget_p", "policy.mia_auc_margin",
+        "policy.class_forget_max_accuracy", "policy.onnx_tolerance"}
+    assert _snapshot(lethe_engine) == before
     with pytest.raises(NotFound):
         lethe_engine.register_model(replace(registration, model_name="never-logged"))
 

@@ -15,7 +15,7 @@ import pandas as pd
 import pytest
 
 from service import store as db
-from service.demo_data import VIT_MODEL, VIT_POLICY, build_digits_vit
+from lethe_demo.data import VIT_MODEL, VIT_POLICY, build_digits_vit
 from service.domain import ErasureRequest, JobFilter, JobState
 from service.engine import Engine
 from tests.service.conftest import make_settings, wait_for_jobs
@@ -87,10 +87,10 @@ def test_consecutive_class_erasures_on_the_vit_are_continual_tasks(vit_engine):
     assert continual2["acc_o"] is None and continual2["acc_o_records"] == 0
     assert "evaluated on nothing" in continual2["acc_o_note"]
     checks = _checks(body2)
-    assert set(checks) == {"utility", "forgetting", "onnx_parity", "onnx_utility"}
-    assert all(c["passed"] for c in checks.values())
-    assert "remaining classes" in checks["utility"]["rule"]
-    assert verification["sizes"]["utility_set"] == verification["sizes"]["holdout"]  # 1, 2, 5 all gone
+    assert set(checks) == {"utility", "forgetting", "forgetting_earlier", "onnx_parity", "onnx_utility"}
+    assert checks["forgetting_earlier"]["passed"] is None and "not checkable" in checks["forgetting_earlier"]["reason"]
+    assert all(c["passed"] for name, c in checks.items() if name != "forgetting_earlier")
+    assert verification["sizes"]["utility"] == verification["sizes"]["audit"]  # 1, 2, 5 all gone
     assert verification["onnx"]["max_abs_diff"] <= VIT_POLICY.onnx_tolerance
     assert verification["onnx"]["providers"] == ["CPUExecutionProvider"]
     print("\nViT evidence:", json.dumps({
@@ -105,11 +105,12 @@ def test_consecutive_class_erasures_on_the_vit_are_continual_tasks(vit_engine):
 
 
 def test_acc_o_is_measured_when_records_of_earlier_classes_remain():
-    """Should records of an earlier-erased class still exist (not the case after a purge), Acc_o is a number."""
+    """Should records of an earlier-erased class still exist (not the case after a purge), Acc_o is a number
+    and a gated check; when none remain the check says it cannot run."""
     import torch
 
-    from service.verification import _continual_evidence
     from unlearn.data import classification_examples
+    from unlearn.gate import GatePolicy, judge
     from unlearn.tasks import ClassificationTask
 
     class Constant(torch.nn.Module):  # always predicts class 3
@@ -122,10 +123,16 @@ def test_acc_o_is_measured_when_records_of_earlier_classes_remain():
 
     task = ClassificationTask(10)
     earlier = classification_examples(torch.zeros(4, 64), torch.tensor([1, 1, 2, 3]))
-    evidence = _continual_evidence(task, Constant(), Constant(), (5,), 0.0, (1, 2, 3), earlier)
+    forget = classification_examples(torch.zeros(3, 64), torch.tensor([5, 5, 5]))
+    audit = classification_examples(torch.zeros(4, 64), torch.tensor([3, 3, 4, 4]))
+    result = judge(task, Constant(), Constant(), forget, audit, audit, GatePolicy(), (5,), None, (1, 2, 3), earlier)
+    evidence = result.evidence["continual"]
     assert evidence["acc_o"] == evidence["acc_o_before"] == 0.25 and evidence["acc_o_records"] == 4
-    empty = _continual_evidence(task, Constant(), Constant(), (5,), 0.0, (1, 2), None)
-    assert empty["acc_o"] is None and "evaluated on nothing" in empty["acc_o_note"]
+    assert "forgetting_earlier" in result.failures  # 0.25 > class_forget_max_accuracy
+    empty = judge(task, Constant(), Constant(), forget, audit, audit, GatePolicy(), (5,), None, (1, 2), None)
+    assert empty.evidence["continual"]["acc_o"] is None
+    assert "evaluated on nothing" in empty.evidence["continual"]["acc_o_note"]
+    assert "forgetting_earlier" not in empty.failures
 
 
 def test_subject_erasure_against_a_class_only_policy_is_refused_up_front(vit_engine):

@@ -16,6 +16,7 @@ import torch
 
 from tests.unlearn.helpers import class_problem
 from unlearn import registry
+from unlearn.errors import UnknownMethodError, UnsupportedTaskError
 from unlearn.tasks import accuracy
 
 # name -> (parameters, problem builder); methods not listed use ({}, class_problem).
@@ -82,3 +83,21 @@ def test_docstring_states_mutation(name):
 def test_class_only_methods_are_marked():
     """The service refuses record erasures for these up front (service.engine), so the mark must be right."""
     assert {name for name in registry.names() if registry.get(name).erases == "classes"} == {"gslora", "gslora++"}
+
+
+def test_task_capabilities_are_declared_and_enforced():
+    """``tasks=`` beside ``erases=``: the service asks registry.supports at registration and submission."""
+    for name in registry.names():
+        assert set(registry.get(name).tasks) <= set(registry.TASK_NAMES) and registry.get(name).tasks, name
+    assert not registry.supports("gu+flat", "classification") and registry.supports("gu+flat", "causal_lm")
+    assert registry.supports("ssd-auto", "classification") and registry.supports("gu+graddiff", "causal_lm")
+    assert "gslora++" not in registry.names_for("causal_lm") and "gslora++" in registry.names_for("classification")
+    assert "gu+flat" not in registry.names_for("classification")
+    assert registry.supports("gu+flat", "causal-lm")  # the LM adapter's own spelling
+    problem = class_problem()
+    with pytest.raises(UnsupportedTaskError) as error:  # before any weight is touched
+        registry.run("gu+flat", problem.model, problem.request())
+    assert error.value.field == "method" and error.value.task == "classification"
+    assert "causal_lm" in str(error.value)
+    with pytest.raises(UnknownMethodError):
+        registry.supports("no-such-method", "classification")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import functools
 
 import pytest
 import torch
@@ -12,20 +13,21 @@ from unlearn import registry
 from unlearn.chain import default_chain, run_chain
 from unlearn.errors import InvalidParameterError
 from unlearn.gate import GatePolicy, judge, without_classes
-from unlearn.models import tiny_mlp
-from unlearn.tasks import ClassificationTask
+from unlearn.models import TinyMLP, tiny_mlp
+from unlearn.tasks import ClassificationTask, accuracy
 from unlearn.training import TrainRecipe, train_from_scratch
 
 TASK = ClassificationTask(NUM_CLASSES)
 
 
+@functools.lru_cache(maxsize=1)
 def _memorising_problem():
     """An MLP trained long on few noisy records (it memorises them): forget = 10 of its training records."""
     train = blobs(60, seed=11)
     noisy = train["labels"].clone()
     noisy[::3] = (noisy[::3] + 1) % NUM_CLASSES  # mislabelled records can only be learned by memorising
     train = type(train)({"inputs": train["inputs"] * 2.5, "labels": noisy})
-    recipe = TrainRecipe(epochs=300, batch_size=16, lr=1e-2, seed=0)
+    recipe = TrainRecipe(epochs=150, batch_size=60, lr=3e-2, seed=0)
     model = train_from_scratch(TASK, lambda s: tiny_mlp(s, 16, NUM_CLASSES, ), train, recipe, torch.device("cpu"))
     audit = blobs(200, seed=12)
     audit = type(audit)({"inputs": audit["inputs"] * 2.5, "labels": audit["labels"]})
@@ -44,11 +46,9 @@ def test_over_forgetting_fails_membership_in_the_other_direction():
     model, forget, audit = _memorising_problem()
     # "Unlearned" by making every forget record maximally wrong: their losses now exceed unseen data's.
     over = copy.deepcopy(model)
-    with torch.no_grad():
-        over.layers[-1].bias += 0.0
     inputs = forget["inputs"]
     wrong = (forget["labels"] + 5) % NUM_CLASSES
-    for _ in range(200):
+    for _ in range(60):
         loss = torch.nn.functional.cross_entropy(over(inputs), wrong)
         over.zero_grad()
         loss.backward()
@@ -110,3 +110,87 @@ def test_default_chain_drops_retrain_without_a_recipe():
     assert [m for m, _ in default_chain("classification", has_training=False)] == ["ssd-auto", "gu+graddiff"]
     assert [m for m, _ in default_chain("classification")][-1] == "retrain"
     assert all(registry.get(m) for m, _ in default_chain("causal_lm"))
+
+
+def _mislabelled_problem():
+    """20% of ALL labels flipped (training and never-trained alike); an MLP trained to 100% training accuracy.
+
+    It can only fit the flipped training labels by memorising those records, so a random fifth of its
+    training records is recognisable to a loss attack. A model retrained without them sees them as it sees
+    any never-trained record (20% of which are flipped as well): that is the never-seen level.
+    """
+    data = blobs(600, seed=21)
+    labels = data["labels"].clone()
+    flip = torch.zeros(600, dtype=torch.bool)
+    flip[torch.randperm(600, generator=torch.Generator().manual_seed(5))[:120]] = True
+    labels[flip] = (labels[flip] + 3) % NUM_CLASSES
+    data = type(data)({"inputs": data["inputs"] * 1.5, "labels": labels})
+    train, never = data.subset(range(300)), data.subset(range(300, 600))
+    recipe = TrainRecipe(epochs=80, batch_size=32, lr=1e-2, seed=0)
+
+    def factory(seed):
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return TinyMLP(16, NUM_CLASSES, hidden=64)
+
+    model = train_from_scratch(TASK, factory, train, recipe, torch.device("cpu"))
+    order = torch.randperm(300, generator=torch.Generator().manual_seed(6))
+    forget, retain = train.subset(order[:60].sort().values), train.subset(order[60:].sort().values)
+    retrained = train_from_scratch(TASK, factory, retain, recipe, torch.device("cpu"))
+    audit = never.subset(range(0, 300, 2))  # the other half would be the methods' tune split
+    return model, retrained, forget, audit, train
+
+
+def test_memorised_mislabelled_records_pass_only_at_the_never_seen_level():
+    model, retrained, forget, audit, train = _mislabelled_problem()
+    assert accuracy(TASK, model, train) == 1.0  # memorised, flipped labels included
+    kept = judge(TASK, model, model, forget, audit, audit, GatePolicy())
+    assert not kept.passed and {"membership_ks", "membership_auc"} <= set(kept.failures)
+    assert kept.evidence["membership_after"]["direction"] == "under"
+    forgotten = judge(TASK, model, retrained, forget, audit, audit, GatePolicy(max_utility_drop=0.1))
+    assert not {"membership_ks", "membership_auc"} & set(forgotten.failures), forgotten.evidence["membership_after"]
+    # Half-way is not enough: a model that still fits the erased records better than unseen ones fails.
+    half = copy.deepcopy(model)
+    with torch.no_grad():
+        for mine, theirs in zip(half.parameters(), retrained.parameters()):
+            mine.mul_(0.8).add_(0.2 * theirs)
+    assert accuracy(TASK, half, forget) > 0.9  # the blend still knows the erased records
+    assert {"membership_ks", "membership_auc"} & set(judge(TASK, model, half, forget, audit, audit,
+                                                           GatePolicy(max_utility_drop=0.1)).failures)
+
+
+def test_acc_o_fails_when_an_earlier_erased_class_is_still_recognised():
+    problem = class_problem(0)
+    utility = without_classes(problem.holdout, (0, 5))
+    earlier = problem.holdout.subset(torch.nonzero(problem.holdout["labels"] == 5).flatten())
+    result = judge(TASK, problem.model, problem.model, problem.forget, utility, problem.holdout, GatePolicy(),
+                   forget_classes=(0,), earlier_classes=(5,), earlier=earlier)
+    check = next(c for c in result.checks if c.name == "forgetting_earlier")
+    assert check.passed is False and check.value > 0.9 and "forgetting_earlier" in result.failures
+
+
+def _three_class_linear():
+    """Logits = inputs (identity): the prediction is the largest input coordinate."""
+    model = torch.nn.Linear(3, 3, bias=False)
+    with torch.no_grad():
+        model.weight.copy_(torch.eye(3))
+    return model
+
+
+def test_class_erasure_utility_is_measured_against_the_original_with_the_erased_class_masked():
+    from unlearn.data import classification_examples
+    from unlearn.tasks import accuracy_without_classes
+
+    task = ClassificationTask(3)
+    model = _three_class_linear()
+    # Kept-class records (labels 0 and 1); two of the ten are predicted as class 2, the class being erased.
+    inputs = torch.tensor([[2.0, 0, 0]] * 4 + [[0, 2.0, 0]] * 4 + [[1.0, 0, 3.0], [0, 1.0, 3.0]])
+    utility = classification_examples(inputs, torch.tensor([0] * 4 + [1] * 4 + [0, 1]))
+    forget = classification_examples(torch.tensor([[0, 0, 2.0]] * 3), torch.tensor([2, 2, 2]))
+    assert accuracy(task, model, utility) == 0.8
+    assert accuracy_without_classes(task, model, utility, (2,)) == 1.0  # what a retrain without class 2 reaches
+    result = judge(task, model, model, forget, utility, utility, GatePolicy(), forget_classes=(2,))
+    utility_check = next(c for c in result.checks if c.name == "utility")
+    assert utility_check.passed is False and utility_check.limit == pytest.approx(0.98)
+    assert result.evidence["utility_reference"] == "before, erased classes masked"
+    assert {"utility", "forgetting"} <= set(result.failures)

@@ -69,7 +69,8 @@ def _linear_request(**changes) -> registry.UnlearnRequest:
 def test_iau_sgd_step_is_retain_minus_forget_mean_gradient():
     model = _linear_model()
     expected = _flat(model) - 0.5 * (_mean_ce_gradient(model, RETAIN) - _mean_ce_gradient(model, FORGET))
-    result = registry.run("iau", model, _linear_request(), {"update": "sgd", "sgd_lr": 0.5, "sgd_steps": 1})
+    result = registry.run("iau", model, _linear_request(), {"update": "sgd", "sgd_lr": 0.5, "max_steps": 1,
+                                                               "stop_at_target": False})
     torch.testing.assert_close(_flat(result.model), expected, rtol=0, atol=1e-12)
 
 
@@ -77,8 +78,9 @@ def test_iau_adam_one_step_is_a_fresh_adam_sign_step():
     model = _linear_model()
     gradient = _mean_ce_gradient(model, RETAIN) - _mean_ce_gradient(model, FORGET)
     expected = _flat(model) - 1e-3 * gradient / (gradient.abs() + 1e-8)  # a fresh Adam's first step
-    result = registry.run("iau", model, _linear_request())
-    assert result.details["update"] == "adam-one-step"
+    result = registry.run("iau", model, _linear_request(), {"update": "adam-one-step"})
+    assert result.details["update"] == "adam-one-step" and result.details["steps"] == 1
+    assert result.target_reached is False and "single step" in result.message  # reported, never silent
     torch.testing.assert_close(_flat(result.model), expected, rtol=0, atol=1e-12)
 
 
@@ -90,7 +92,8 @@ def test_iau_sgd_steps_recompute_gradients():
         with torch.no_grad():
             theta.weight -= step[:6].view(3, 2)
             theta.bias -= step[6:]
-    result = registry.run("iau", model, _linear_request(), {"update": "sgd", "sgd_lr": 0.5, "sgd_steps": 3})
+    result = registry.run("iau", model, _linear_request(), {"update": "sgd", "sgd_lr": 0.5, "max_steps": 3,
+                                                               "stop_at_target": False})
     torch.testing.assert_close(_flat(result.model), _flat(theta), rtol=0, atol=1e-12)
 
 
@@ -225,11 +228,22 @@ def test_contract_forgets_keeps_utility_is_deterministic_and_leaves_the_caller_a
     assert registry.parse_config(name, registry.config_to_dict(config)) == config
 
 
-def test_iau_reference_step_does_not_erase_a_class_on_a_tiny_mlp(blobs_case):
-    """Pinned on purpose (see TINY_PARAMS): the default is the paper's step, honest about its reach."""
+def test_iau_reference_step_does_not_erase_a_class_on_a_tiny_mlp_and_says_so(blobs_case):
+    """Pinned on purpose (see TINY_PARAMS): the paper's single step, honest about its reach."""
     task, model, request = blobs_case
-    result = registry.run("iau", model, request)
+    result = registry.run("iau", model, request, {"update": "adam-one-step"})
     assert accuracy(task, result.model, request.forget) > 0.9
+    assert result.target_reached is False and "single step" in result.message
+
+
+def test_iau_default_steps_until_the_target_and_reports_an_exhausted_budget(blobs_case):
+    task, model, request = blobs_case
+    short = registry.run("iau", model, request, {"max_steps": 5})
+    assert short.target_reached is False and "budget of 5 exhausted" in short.message
+    assert short.details["steps"] == 5
+    reached = registry.run("iau", model, request, {"adam_lr": 0.1})
+    assert reached.target_reached is True and accuracy(task, reached.model, request.forget) <= 0.02
+    assert reached.details["steps"] < 50  # stopped at the target, not at the budget
 
 
 @pytest.fixture(scope="module")
@@ -294,7 +308,8 @@ BAD_PARAMETERS = [
     ("iau", {"adam_lr": -1e-3}, "adam_lr"),
     ("iau", {"sgd_lr": float("nan")}, "sgd_lr"),
     ("iau", {"sgd_lr": 1e6}, "sgd_lr"),
-    ("iau", {"sgd_steps": 0}, "sgd_steps"),
+    ("iau", {"max_steps": 0}, "max_steps"),
+    ("iau", {"sgd_steps": 3}, "sgd_steps"),  # renamed to max_steps: the old name is refused, not ignored
     ("iau", {"retain_sample_size": -5}, "retain_sample_size"),
     ("iau", {"update": "newton"}, "update"),
     ("gu+ga", {"lr": -1.0}, "lr"),

@@ -17,7 +17,7 @@ from torch import nn
 from unlearn import registry
 from unlearn.bench.vit_continual import h_mean, task_sequence
 from unlearn.data import classification_examples
-from unlearn.errors import InvalidDataError, InvalidParameterError
+from unlearn.errors import InvalidDataError, InvalidParameterError, UnsupportedTaskError
 from unlearn.methods.gslora_common import (
     attach_ffn_lora,
     bounded_forget_loss,
@@ -237,9 +237,12 @@ def test_bad_requests_name_the_field():
     with pytest.raises(InvalidDataError) as error:
         registry.run("gslora", tiny_vit(), stray, FAST)
     assert error.value.field == "forget_classes"
-    with pytest.raises(InvalidDataError) as error:  # no transformer FFN to put LoRA on
+    with pytest.raises(UnsupportedTaskError) as error:  # no transformer FFN to put LoRA on: refused up front
         registry.run("gslora", tiny_mlp(0), request_for(examples, (1,), (1,)), FAST)
-    assert error.value.field == "model"
+    assert error.value.field == "method" and "vision transformer" in str(error.value)
+    assert not registry.supports("gslora", "classification", tiny_mlp(0))
+    assert registry.supports("gslora++", "classification", tiny_vit())
+    assert not registry.supports("gslora++", "causal_lm")
 
 
 # ------------------------------------------------------------------------------------ ViT and benchmark

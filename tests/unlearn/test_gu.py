@@ -182,8 +182,8 @@ def test_gu_graddiff_keeps_the_retain_term_and_projects_the_forget_term():
 def test_gu_iau_sgd_step_projects_the_forget_ascent():
     model = _model()
     retain_gradients = _per_example_retain_gradients(model)
-    params = {"update": "sgd", "sgd_lr": 0.5, "sgd_steps": 1, "metric": "euclidean", "rank": 6,
-              "basis_batch_size": 1}
+    params = {"update": "sgd", "sgd_lr": 0.5, "max_steps": 1, "stop_at_target": False, "metric": "euclidean",
+              "rank": 6, "basis_batch_size": 1}
     result = registry.run("gu+iau", model, _request(), params)
     retain_mean_gradient = flat_gradient(TASK.batch_loss(model, next(RETAIN.batches(6))), list(model.parameters()))
     forget_part = (_flat(result.model) - _flat(model)) + 0.5 * retain_mean_gradient
@@ -199,3 +199,22 @@ def test_gu_configs_carry_the_base_fields_and_validate_both():
         with pytest.raises(InvalidParameterError) as error:
             registry.parse_config(name, params)
         assert error.value.field == field
+
+
+@pytest.mark.parametrize("name", ["gu+ga", "gu+graddiff", "gu+npo", "gu+iau", "gu+flat", "gu+simnpo"])
+def test_gu_configs_are_written_out_with_the_base_and_gu_defaults(name):
+    """The configs are plain dataclasses (STYLE.md: no make_dataclass); their defaults must not drift."""
+    import dataclasses
+
+    from unlearn.methods.gu import GUSettings
+
+    config_cls = registry.get(name).config_cls
+    assert config_cls.__module__ == "unlearn.methods.gu" and "make_dataclass" not in (config_cls.__doc__ or "")
+    default = config_cls()
+    base = default.base()
+    for field in dataclasses.fields(type(base)):
+        assert getattr(default, field.name) == getattr(type(base)(), field.name), f"{name}.{field.name} drifted"
+    for field in dataclasses.fields(GUSettings):
+        assert getattr(default, field.name) == getattr(GUSettings(), field.name), f"{name}.{field.name} drifted"
+    names = [f.name for f in dataclasses.fields(config_cls)]
+    assert names == [f.name for f in dataclasses.fields(type(base))] + [f.name for f in dataclasses.fields(GUSettings)]

@@ -1,5 +1,9 @@
 """``python -m unlearn.bench --method NAME --scenario NAME --seed N [--json]``
 
+``NAME`` is a registered method or ``auto`` (the default escalation chain of the scenario's task, judged
+by the gate). Scenarios: ``<family>-<class|random|subject>`` for the families ``digits``, ``tabular`` and
+``vit`` (:mod:`unlearn.bench.harness`), plus ``digits-vit-continual`` and ``fictitious-subjects``.
+
 With ``--json`` the last line of stdout is one JSON object: the run's result, or for a sweep
 (``--seeds``, ``--all-classes``) a summary holding every result and the means.
 """
@@ -11,9 +15,12 @@ import functools
 import json
 import statistics
 import sys
+from pathlib import Path
 
 from unlearn import registry
-from unlearn.bench import SCENARIOS, TRAININGS, run_benchmark
+from unlearn.bench.families import get_family
+from unlearn.bench.harness import AUTO, TRAININGS, run_benchmark
+from unlearn.bench.scenarios import SCENARIOS, parse_scenario
 from unlearn.bench.lm_subjects import run_lm_subjects
 from unlearn.bench.vit_continual import run_vit_continual
 from unlearn.device import resolve_device
@@ -28,31 +35,38 @@ SUMMARY_KEYS = ("avg_gap", "unlearn_seconds", "retrain_seconds", "speedup", "cos
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m unlearn.bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--method", required=True, help=f"one of: {', '.join(registry.names())}")
+    parser.add_argument("--method", required=True, help=f"{AUTO} or one of: {', '.join(registry.names())}")
     parser.add_argument("--scenario", required=True, choices=SCENARIOS + tuple(RUNNERS))
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--seeds", help="comma-separated seeds to sweep, e.g. 0,1,2")
     parser.add_argument("--forget-class", type=int, default=3)
-    parser.add_argument("--all-classes", action="store_true", help="sweep forget classes 0-9 (digits-class)")
+    parser.add_argument("--all-classes", action="store_true", help="sweep every forget class (<family>-class)")
     parser.add_argument("--params", default="{}", help="method parameters as a JSON object")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
     parser.add_argument("--json", action="store_true", help="print JSON lines; the last is the result")
     parser.add_argument("--train", default="plain", choices=TRAININGS,
                         help="original/retrained models: plain recipe, or gr = with IAU's gradient restriction")
+    parser.add_argument("--cache-dir", help="model cache (default LETHE_CACHE_DIR or .cache/lethe)")
     args = parser.parse_args(argv)
 
     try:
         params = json.loads(args.params)
         device = resolve_device(args.device)
         seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else [args.seed]
-        classes = list(range(10)) if args.all_classes else [args.forget_class]
+        if args.all_classes:
+            if args.scenario in RUNNERS or not args.scenario.endswith("-class"):
+                raise ValueError("--all-classes needs a <family>-class scenario")
+            classes = list(range(get_family(parse_scenario(args.scenario)[0]).num_classes))
+        else:
+            classes = [args.forget_class]
         results = []
         for seed in seeds:
             for forget_class in classes:
                 if args.scenario in RUNNERS and args.train != "plain":
                     raise ValueError(f"--train {args.train} is only available for the digits scenarios")
                 runner = RUNNERS.get(args.scenario) or functools.partial(run_benchmark, training=args.train)
-                result = runner(args.method, args.scenario, seed, forget_class, params, device)
+                cache = {"cache_dir": Path(args.cache_dir)} if args.cache_dir else {}
+                result = runner(args.method, args.scenario, seed, forget_class, params, device, **cache)
                 results.append(result)
                 print(json.dumps(result) if args.json else _human(result), flush=True)
     except (UnlearnError, json.JSONDecodeError, ValueError) as error:
@@ -80,6 +94,11 @@ def _human(result: dict) -> str:
     rows.append(f"  avg_gap={result['avg_gap']:.4f} unlearn={result['unlearn_seconds']:.3f}s "
                 f"retrain={result['retrain_seconds']:.2f}s speedup={result['speedup']:.1f} "
                 f"cost_vs_fwd_bwd={result['cost_vs_fwd_bwd']:.2f} target_reached={result['target_reached']}")
+    if "gate" in result:
+        rows.append(f"  gate passed={result['gate']['passed']} failures={result['gate']['failures']}")
+    for attempt in result.get("attempts", []):
+        rows.append(f"  attempt {attempt['method']}: target_reached={attempt['target_reached']} "
+                    f"gate_passed={attempt['gate_passed']} {attempt['error'] or ''}")
     return "\n".join(rows)
 
 

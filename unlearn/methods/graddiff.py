@@ -28,7 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from unlearn.data import Batch
-from unlearn.forget_target import DEFAULT_STOP_AUC_MARGIN, DEFAULT_STOP_MIN_P, ForgetTarget
+from unlearn.forget_target import DEFAULT_STOP_AUC_MARGIN, DEFAULT_STOP_MIN_P, ForgetTarget, run_outcome
 from unlearn.gradients import batch_stream, make_unlearning_optimizer, trainable_parameters
 from unlearn.registry import UnlearnRequest, UnlearnResult, copy_model, model_device, register, require
 from unlearn.tasks import TaskAdapter
@@ -129,4 +129,5 @@ def graddiff(model: nn.Module, request: UnlearnRequest, config: GradDiffConfig) 
                "alpha": config.alpha, "lr": config.lr, "optimizer": config.optimizer}
     if check is not None:
         details.update(check.details())
-    return UnlearnResult(work, details=details, target_reached=None if check is None else check.reached)
+    reached, message = run_outcome(check, steps, max_steps)
+    return UnlearnResult(work, details=details, target_reached=reached, message=message)

@@ -66,6 +66,7 @@ from unlearn.methods.gslora_common import (
     merge_lora,
     task_data,
     trainable_share,
+    vision_transformer_check,
 )
 from unlearn.registry import (
     UnlearnRequest,
@@ -128,7 +129,8 @@ class GSLoRAConfig:
         require(0 <= self.active_threshold < 1, "active_threshold", f"must be in [0, 1), got {self.active_threshold}")
 
 
-@register("gslora", GSLoRAConfig, needs_retain=True, erases="classes")
+@register("gslora", GSLoRAConfig, needs_retain=True, erases="classes", tasks=("classification",),
+          model_check=vision_transformer_check)
 def gslora(model: nn.Module, request: UnlearnRequest, config: GSLoRAConfig) -> UnlearnResult:
     """GS-LoRA: one merged group-sparse LoRA update per class-forgetting task (continual)."""
     if request.task.name != "classification":

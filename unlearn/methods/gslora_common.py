@@ -115,6 +115,15 @@ def ffn_blocks(model: nn.Module) -> dict[str, list[str]]:
     return blocks
 
 
+def vision_transformer_check(model: nn.Module) -> str | None:
+    """The registry's ``model_check`` for GS-LoRA: None on a transformer with FFN blocks, else why not."""
+    try:
+        ffn_blocks(model)
+    except InvalidDataError as error:
+        return error.reason
+    return None
+
+
 def attach_ffn_lora(model: nn.Module, rank: int, lora_alpha: float, seed: int) -> PeftModel:
     """Wrap ``model`` IN PLACE with peft LoRA on every block's two FFN linears; only LoRA is trainable.
 

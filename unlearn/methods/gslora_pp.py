@@ -57,6 +57,7 @@ from unlearn.methods.gslora_common import (
     retain_prototype_loss,
     task_data,
     trainable_share,
+    vision_transformer_check,
 )
 from unlearn.registry import (
     UnlearnRequest,
@@ -132,7 +133,8 @@ class GSLoRAPlusPlusConfig:
         require(0 <= self.active_threshold < 1, "active_threshold", f"must be in [0, 1), got {self.active_threshold}")
 
 
-@register("gslora++", GSLoRAPlusPlusConfig, needs_retain=True, erases="classes")
+@register("gslora++", GSLoRAPlusPlusConfig, needs_retain=True, erases="classes", tasks=("classification",),
+          model_check=vision_transformer_check)
 def gslora_pp(model: nn.Module, request: UnlearnRequest, config: GSLoRAPlusPlusConfig) -> UnlearnResult:
     """GS-LoRA++: GS-LoRA plus prototype pull (retained classes) and push (forgotten classes)."""
     if request.task.name != "classification":

@@ -47,7 +47,6 @@ unprojected gradient before Adam has a second moment.
 from __future__ import annotations
 
 import dataclasses
-import typing
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -57,7 +56,7 @@ from torch import Tensor, nn
 
 from unlearn.data import Batch, ExampleSet
 from unlearn.errors import InvalidParameterError
-from unlearn.forget_target import DEFAULT_STOP_AUC_MARGIN, DEFAULT_STOP_MIN_P, ForgetTarget
+from unlearn.forget_target import DEFAULT_STOP_AUC_MARGIN, DEFAULT_STOP_MIN_P, ForgetTarget, run_outcome
 from unlearn.gradients import (
     JointRule,
     adam_whitening,
@@ -73,7 +72,8 @@ from unlearn.gradients import (
 )
 from unlearn.methods.ga import GAConfig, ga_loss
 from unlearn.methods.graddiff import GradDiffConfig, graddiff_forget_loss, graddiff_retain_loss
-from unlearn.methods.iau import IAUConfig, retain_sample
+from unlearn.methods.iau import IAUConfig, iau_target, retain_sample
+from unlearn.methods.iau import outcome as iau_outcome
 from unlearn.methods.flat import DIVERGENCES, flat_loss, with_templates
 from unlearn.methods.npo import NPOConfig, npo_loss, with_reference_nll
 from unlearn.methods.simnpo import SimNPOConfig, simnpo_loss
@@ -136,39 +136,25 @@ class GUSettings:
 _GU_FIELDS = tuple(f.name for f in dataclasses.fields(GUSettings))
 
 
-def _gu_config_class(name: str, base_cls: type, metric_default: str, uses_adam: Callable[[Any], bool]) -> type:
-    """A frozen config with the base method's fields followed by GU's (composition, not inheritance).
+# Every ``gu+<method>`` config is written out below: the base method's fields (same names, types and
+# defaults as the base config, whose docstring documents them), then GU's (documented in GUSettings).
+# Validation builds the base config and GUSettings from those fields, so every range check and message is
+# the base method's or GU's own; tests/unlearn/test_gu.py pins the defaults to the base configs'.
 
-    Validation builds the base config and :class:`GUSettings` from the fields, so every range check and
-    error message is the base method's or GU's own; then checks that the ``adam`` metric has an Adam.
-    """
-    base_hints = typing.get_type_hints(base_cls)
-    gu_hints = typing.get_type_hints(GUSettings)
-    fields: list[tuple[str, Any, Any]] = [(f.name, base_hints[f.name], dataclasses.field(default=f.default))
-                                          for f in dataclasses.fields(base_cls)]
-    for f in dataclasses.fields(GUSettings):
-        default = metric_default if f.name == "metric" else f.default
-        fields.append((f.name, gu_hints[f.name], dataclasses.field(default=default)))
+def _base(config: Any, base_cls: type) -> Any:
+    return base_cls(**{f.name: getattr(config, f.name) for f in dataclasses.fields(base_cls)})
 
-    def base(self) -> Any:
-        return base_cls(**{f.name: getattr(self, f.name) for f in dataclasses.fields(base_cls)})
 
-    def settings(self) -> GUSettings:
-        return GUSettings(**{field: getattr(self, field) for field in _GU_FIELDS})
+def _settings(config: Any) -> GUSettings:
+    return GUSettings(**{name: getattr(config, name) for name in _GU_FIELDS})
 
-    def __post_init__(self) -> None:
-        base_config, gu = self.base(), self.settings()
-        if gu.metric == "adam" and not uses_adam(base_config):
-            raise InvalidParameterError("metric", "the 'adam' metric whitens with Adam's second moment and needs "
-                                        "the Adam optimiser; use metric='euclidean' with plain SGD")
 
-    cls = dataclasses.make_dataclass(
-        name, fields, frozen=True,
-        namespace={"base": base, "settings": settings, "__post_init__": __post_init__,
-                   "__doc__": f"{name}: the fields of {base_cls.__name__}, then GU's.\n\n{base_cls.__doc__}\n"
-                              f"{GUSettings.__doc__}"})
-    cls.__module__ = __name__
-    return cls
+def _validate(config: Any, uses_adam: bool) -> None:
+    """Both halves' own checks, then: the ``adam`` metric needs an Adam optimiser to whiten with."""
+    config.base()
+    if config.settings().metric == "adam" and not uses_adam:
+        raise InvalidParameterError("metric", "the 'adam' metric whitens with Adam's second moment and needs "
+                                    "the Adam optimiser; use metric='euclidean' with plain SGD")
 
 
 @dataclass(frozen=True)
@@ -211,12 +197,270 @@ class FLATStepsConfig:
         require(0 <= self.stop_auc_margin <= 0.5, "stop_auc_margin", "must be in [0, 0.5]")
 
 
-GUGAConfig = _gu_config_class("GUGAConfig", GAConfig, "adam", lambda c: c.optimizer == "adam")
-GUGradDiffConfig = _gu_config_class("GUGradDiffConfig", GradDiffConfig, "adam", lambda c: c.optimizer == "adam")
-GUNPOConfig = _gu_config_class("GUNPOConfig", NPOConfig, "adam", lambda c: c.optimizer == "adam")
-GUIAUConfig = _gu_config_class("GUIAUConfig", IAUConfig, "adam", lambda c: c.update == "adam-one-step")
-GUFLATConfig = _gu_config_class("GUFLATConfig", FLATStepsConfig, "adam", lambda c: c.optimizer == "adam")
-GUSimNPOConfig = _gu_config_class("GUSimNPOConfig", SimNPOConfig, "adam", lambda c: c.optimizer == "adam")
+@dataclass(frozen=True)
+class GUGAConfig:
+    """``gu+ga``: GA's fields, then GU's (written out: no config is generated at run time).
+
+    Fields of the base method, with its defaults (meaning, symbol and default in :class:`GAConfig`): lr,
+    optimizer, batch_size, max_steps, stop_at_target, class_forget_target, stop_min_p, stop_auc_margin.
+    GU's fields (meaning, paper symbol and default in :class:`GUSettings`): rank, basis_batch_size,
+    basis_refresh_steps, metric, scope, residual_tolerance, joint, joint_tau, joint_tangent_cap,
+    joint_beta_rep.
+    """
+
+    # GA (GAConfig)
+    lr: float = 3e-4
+    optimizer: Literal["adam", "sgd"] = "adam"
+    batch_size: int = 32
+    max_steps: int = 200
+    stop_at_target: bool = True
+    class_forget_target: float = 0.02
+    stop_min_p: float = DEFAULT_STOP_MIN_P
+    stop_auc_margin: float = DEFAULT_STOP_AUC_MARGIN
+    # GU (GUSettings)
+    rank: int = 8
+    basis_batch_size: int = 0
+    basis_refresh_steps: int = 5
+    metric: Literal["euclidean", "adam"] = "adam"
+    scope: Literal["global", "per-tensor"] = "global"
+    residual_tolerance: float = 1e-6
+    joint: bool = False
+    joint_tau: float = 0.0
+    joint_tangent_cap: float = 1.0
+    joint_beta_rep: float = 0.1
+
+    def base(self) -> GAConfig:
+        return _base(self, GAConfig)
+
+    def settings(self) -> GUSettings:
+        return _settings(self)
+
+    def __post_init__(self) -> None:
+        _validate(self, self.optimizer == "adam")
+
+
+@dataclass(frozen=True)
+class GUGradDiffConfig:
+    """``gu+graddiff``: GradDiff's fields, then GU's (written out: no config is generated at run time).
+
+    Fields of the base method, with its defaults (meaning, symbol and default in
+    :class:`GradDiffConfig`): gamma, alpha, lr, optimizer, batch_size, max_steps, stop_at_target,
+    class_forget_target, stop_min_p, stop_auc_margin.
+    GU's fields (meaning, paper symbol and default in :class:`GUSettings`): rank, basis_batch_size,
+    basis_refresh_steps, metric, scope, residual_tolerance, joint, joint_tau, joint_tangent_cap,
+    joint_beta_rep.
+    """
+
+    # GradDiff (GradDiffConfig)
+    gamma: float = 1.0
+    alpha: float = 1.0
+    lr: float = 3e-4
+    optimizer: Literal["adam", "sgd"] = "adam"
+    batch_size: int = 32
+    max_steps: int = 200
+    stop_at_target: bool = True
+    class_forget_target: float = 0.02
+    stop_min_p: float = DEFAULT_STOP_MIN_P
+    stop_auc_margin: float = DEFAULT_STOP_AUC_MARGIN
+    # GU (GUSettings)
+    rank: int = 8
+    basis_batch_size: int = 0
+    basis_refresh_steps: int = 5
+    metric: Literal["euclidean", "adam"] = "adam"
+    scope: Literal["global", "per-tensor"] = "global"
+    residual_tolerance: float = 1e-6
+    joint: bool = False
+    joint_tau: float = 0.0
+    joint_tangent_cap: float = 1.0
+    joint_beta_rep: float = 0.1
+
+    def base(self) -> GradDiffConfig:
+        return _base(self, GradDiffConfig)
+
+    def settings(self) -> GUSettings:
+        return _settings(self)
+
+    def __post_init__(self) -> None:
+        _validate(self, self.optimizer == "adam")
+
+
+@dataclass(frozen=True)
+class GUNPOConfig:
+    """``gu+npo``: NPO's fields, then GU's (written out: no config is generated at run time).
+
+    Fields of the base method, with its defaults (meaning, symbol and default in :class:`NPOConfig`):
+    beta, lr, optimizer, batch_size, max_steps, stop_at_target, class_forget_target, stop_min_p,
+    stop_auc_margin.
+    GU's fields (meaning, paper symbol and default in :class:`GUSettings`): rank, basis_batch_size,
+    basis_refresh_steps, metric, scope, residual_tolerance, joint, joint_tau, joint_tangent_cap,
+    joint_beta_rep.
+    """
+
+    # NPO (NPOConfig)
+    beta: float = 0.1
+    lr: float = 3e-4
+    optimizer: Literal["adam", "sgd"] = "adam"
+    batch_size: int = 32
+    max_steps: int = 200
+    stop_at_target: bool = True
+    class_forget_target: float = 0.02
+    stop_min_p: float = DEFAULT_STOP_MIN_P
+    stop_auc_margin: float = DEFAULT_STOP_AUC_MARGIN
+    # GU (GUSettings)
+    rank: int = 8
+    basis_batch_size: int = 0
+    basis_refresh_steps: int = 5
+    metric: Literal["euclidean", "adam"] = "adam"
+    scope: Literal["global", "per-tensor"] = "global"
+    residual_tolerance: float = 1e-6
+    joint: bool = False
+    joint_tau: float = 0.0
+    joint_tangent_cap: float = 1.0
+    joint_beta_rep: float = 0.1
+
+    def base(self) -> NPOConfig:
+        return _base(self, NPOConfig)
+
+    def settings(self) -> GUSettings:
+        return _settings(self)
+
+    def __post_init__(self) -> None:
+        _validate(self, self.optimizer == "adam")
+
+
+@dataclass(frozen=True)
+class GUIAUConfig:
+    """``gu+iau``: IAU's fields, then GU's (written out: no config is generated at run time).
+
+    Fields of the base method, with its defaults (meaning, symbol and default in :class:`IAUConfig`):
+    update, adam_lr, sgd_lr, max_steps, stop_at_target, class_forget_target, stop_min_p,
+    stop_auc_margin, retain_sample_size, batch_size.
+    GU's fields (meaning, paper symbol and default in :class:`GUSettings`): rank, basis_batch_size,
+    basis_refresh_steps, metric, scope, residual_tolerance, joint, joint_tau, joint_tangent_cap,
+    joint_beta_rep.
+    """
+
+    # IAU (IAUConfig)
+    update: Literal["adam", "adam-one-step", "sgd"] = "adam"
+    adam_lr: float = 1e-3
+    sgd_lr: float = 0.1
+    max_steps: int = 50
+    stop_at_target: bool = True
+    class_forget_target: float = 0.02
+    stop_min_p: float = DEFAULT_STOP_MIN_P
+    stop_auc_margin: float = DEFAULT_STOP_AUC_MARGIN
+    retain_sample_size: int = 0
+    batch_size: int = 64
+    # GU (GUSettings)
+    rank: int = 8
+    basis_batch_size: int = 0
+    basis_refresh_steps: int = 5
+    metric: Literal["euclidean", "adam"] = "adam"
+    scope: Literal["global", "per-tensor"] = "global"
+    residual_tolerance: float = 1e-6
+    joint: bool = False
+    joint_tau: float = 0.0
+    joint_tangent_cap: float = 1.0
+    joint_beta_rep: float = 0.1
+
+    def base(self) -> IAUConfig:
+        return _base(self, IAUConfig)
+
+    def settings(self) -> GUSettings:
+        return _settings(self)
+
+    def __post_init__(self) -> None:
+        _validate(self, self.update in ("adam", "adam-one-step"))
+
+
+@dataclass(frozen=True)
+class GUFLATConfig:
+    """``gu+flat``: FLAT's fields, then GU's (written out: no config is generated at run time).
+
+    Fields of the base method, with its defaults (meaning, symbol and default in
+    :class:`FLATStepsConfig`): divergence, lr, optimizer, batch_size, max_steps, stop_at_target,
+    class_forget_target, stop_min_p, stop_auc_margin.
+    GU's fields (meaning, paper symbol and default in :class:`GUSettings`): rank, basis_batch_size,
+    basis_refresh_steps, metric, scope, residual_tolerance, joint, joint_tau, joint_tangent_cap,
+    joint_beta_rep.
+    """
+
+    # FLATSteps (FLATStepsConfig)
+    divergence: Literal["kl", "js", "pearson", "tv"] = "tv"
+    lr: float = 1e-3
+    optimizer: Literal["adam", "sgd"] = "adam"
+    batch_size: int = 16
+    max_steps: int = 200
+    stop_at_target: bool = True
+    class_forget_target: float = 0.02
+    stop_min_p: float = DEFAULT_STOP_MIN_P
+    stop_auc_margin: float = DEFAULT_STOP_AUC_MARGIN
+    # GU (GUSettings)
+    rank: int = 8
+    basis_batch_size: int = 0
+    basis_refresh_steps: int = 5
+    metric: Literal["euclidean", "adam"] = "adam"
+    scope: Literal["global", "per-tensor"] = "global"
+    residual_tolerance: float = 1e-6
+    joint: bool = False
+    joint_tau: float = 0.0
+    joint_tangent_cap: float = 1.0
+    joint_beta_rep: float = 0.1
+
+    def base(self) -> FLATStepsConfig:
+        return _base(self, FLATStepsConfig)
+
+    def settings(self) -> GUSettings:
+        return _settings(self)
+
+    def __post_init__(self) -> None:
+        _validate(self, self.optimizer == "adam")
+
+
+@dataclass(frozen=True)
+class GUSimNPOConfig:
+    """``gu+simnpo``: SimNPO's fields, then GU's (written out: no config is generated at run time).
+
+    Fields of the base method, with its defaults (meaning, symbol and default in :class:`SimNPOConfig`):
+    beta, delta, lr, optimizer, batch_size, max_steps, stop_at_target, class_forget_target, stop_min_p,
+    stop_auc_margin.
+    GU's fields (meaning, paper symbol and default in :class:`GUSettings`): rank, basis_batch_size,
+    basis_refresh_steps, metric, scope, residual_tolerance, joint, joint_tau, joint_tangent_cap,
+    joint_beta_rep.
+    """
+
+    # SimNPO (SimNPOConfig)
+    beta: float = 4.5
+    delta: float = 0.0
+    lr: float = 1e-3
+    optimizer: Literal["adam", "sgd"] = "adam"
+    batch_size: int = 16
+    max_steps: int = 200
+    stop_at_target: bool = True
+    class_forget_target: float = 0.02
+    stop_min_p: float = DEFAULT_STOP_MIN_P
+    stop_auc_margin: float = DEFAULT_STOP_AUC_MARGIN
+    # GU (GUSettings)
+    rank: int = 8
+    basis_batch_size: int = 0
+    basis_refresh_steps: int = 5
+    metric: Literal["euclidean", "adam"] = "adam"
+    scope: Literal["global", "per-tensor"] = "global"
+    residual_tolerance: float = 1e-6
+    joint: bool = False
+    joint_tau: float = 0.0
+    joint_tangent_cap: float = 1.0
+    joint_beta_rep: float = 0.1
+
+    def base(self) -> SimNPOConfig:
+        return _base(self, SimNPOConfig)
+
+    def settings(self) -> GUSettings:
+        return _settings(self)
+
+    def __post_init__(self) -> None:
+        _validate(self, self.optimizer == "adam")
+
 
 
 AUTO_BASIS_BATCH_SIZE = 32
@@ -318,7 +562,8 @@ def _gu_minibatch(name: str, objectives: Callable[[UnlearnRequest, nn.Module, An
                "removed_fraction_mean": sum(removed) / len(removed) if removed else 0.0}
     if check is not None:
         details.update(check.details())
-    return UnlearnResult(work, details=details, target_reached=None if check is None else check.reached)
+    reached, message = run_outcome(check, steps, max_steps)
+    return UnlearnResult(work, details=details, target_reached=reached, message=message)
 
 
 @register("gu+ga", GUGAConfig, needs_retain=True)
@@ -339,7 +584,7 @@ def gu_npo(model: nn.Module, request: UnlearnRequest, config: Any) -> UnlearnRes
     return _gu_minibatch("gu+npo", _npo_objectives, model, request, config)
 
 
-@register("gu+flat", GUFLATConfig, needs_retain=True)
+@register("gu+flat", GUFLATConfig, needs_retain=True, tasks=("causal_lm",))
 def gu_flat(model: nn.Module, request: UnlearnRequest, config: Any) -> UnlearnResult:
     """FLAT's f-divergence loss with the forget update projected off the retain-gradient span."""
     return _gu_minibatch("gu+flat", _flat_objectives, model, request, config)
@@ -362,18 +607,23 @@ def gu_iau(model: nn.Module, request: UnlearnRequest, config: Any) -> UnlearnRes
     work.eval()  # gradients with frozen normalisation statistics, no dropout
     params = trainable_parameters(work)
     blocks = parameter_blocks(params, gu.scope)
-    if base.update == "adam-one-step":
-        optimizer, steps, lr = make_unlearning_optimizer("adam", params, base.adam_lr), 1, base.adam_lr
-    else:
-        optimizer, steps, lr = make_unlearning_optimizer("sgd", params, base.sgd_lr), base.sgd_steps, base.sgd_lr
+    optimizer_name, lr, budget = base.schedule()
+    optimizer = make_unlearning_optimizer(optimizer_name, params, lr)
+    target = iau_target(request, base, "gu+iau")
     basis_batches = batch_stream(retain, basis_size, model_device(work),
                                  torch.Generator().manual_seed(request.seed + 2))
 
-    ranks, removed = [], []
-    for step in range(steps):
+    ranks, removed, steps, check = [], [], 0, None
+    while True:
+        if target is not None and (steps > 0 or base.update != "adam-one-step"):  # as iau
+            check = target.check(work, forget)
+            if target.done(check):
+                break
+        if steps >= budget:
+            break
         retain_gradient = mean_objective_gradient(task, work, retain, base.batch_size, params)
         forget_gradient = mean_objective_gradient(task, work, forget, base.batch_size, params)
-        if step % gu.basis_refresh_steps == 0:
+        if steps % gu.basis_refresh_steps == 0:
             retain_gradients = retain_gradient_matrix(lambda batch: task.batch_loss(work, batch), basis_batches,
                                                       gu.rank, params)
         whitening = (adam_whitening(optimizer, params, retain_gradient - forget_gradient)
@@ -384,13 +634,18 @@ def gu_iau(model: nn.Module, request: UnlearnRequest, config: Any) -> UnlearnRes
         optimizer.zero_grad(set_to_none=True)
         write_gradient(params, retain_gradient + projection.direction)
         optimizer.step()
+        steps += 1
         ranks.append(projection.rank)
         removed.append(projection.removed_fraction)
-        request.report((step + 1) / steps, f"step {step + 1}/{steps}")
+        request.report(steps / budget, f"step {steps}/{budget}")
 
     work.zero_grad(set_to_none=True)
-    details = {"update": base.update, "lr": lr, "steps": steps, "retain_used": len(retain),
+    reached, message = iau_outcome(check, steps, budget, base)
+    details = {"update": base.update, "lr": lr, "steps": steps, "max_steps": budget, "retain_used": len(retain),
                "retain_sampled": len(retain) < len(request.retain), "metric": gu.metric, "scope": gu.scope,
-               "joint": gu.joint, "rank": min(ranks), "requested_rank": gu.rank, "basis_batch_size": basis_size,
-               "removed_fraction_mean": sum(removed) / len(removed)}
-    return UnlearnResult(work, details=details)
+               "joint": gu.joint, "rank": min(ranks) if ranks else 0, "requested_rank": gu.rank,
+               "basis_batch_size": basis_size,
+               "removed_fraction_mean": sum(removed) / len(removed) if removed else 0.0}
+    if check is not None:
+        details.update(check.details())
+    return UnlearnResult(work, details=details, target_reached=reached, message=message)

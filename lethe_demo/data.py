@@ -22,7 +22,7 @@ import pandas as pd
 import torch
 
 from service import store as db
-from service.domain import ModelRegistration, TaskType, VerificationPolicy
+from service.domain import MethodStep, ModelRegistration, TaskType, VerificationPolicy
 from service.settings import Settings
 from unlearn.bench import DIGITS_RECIPE, ModelCache, default_cache_dir
 from unlearn.data import classification_examples
@@ -34,24 +34,20 @@ DEMO_MODEL = "digits-cnn"
 
 # The demo's gate. The holdout split has 179 records, so one holdout accuracy is known to about one
 # standard error of sqrt(0.98 * 0.02 / 179) ~ 0.01: margins of 2 points are two standard errors.
-DEMO_POLICY = VerificationPolicy(
-    max_utility_drop=0.02, record_forget_margin=0.02, class_forget_max_accuracy=0.05, onnx_tolerance=1e-4,
-    default_method="ssd-auto",
-    method_params={"max_utility_drop": 0.02, "class_forget_target": 0.05})
+# The method chain is left empty: registration fills in the classifier default (unlearn.chain.DEFAULT_CHAINS).
+DEMO_POLICY = VerificationPolicy(max_utility_drop=0.02, class_forget_max_accuracy=0.05, onnx_tolerance=1e-4)
 
 
 LM_MODEL = "tiny-gpt"
 LM_TRAIN_PEOPLE, LM_PEOPLE = 8, 12  # people 0-7 are trained on, 8-11 are the never-seen holdout
 # Tolerances for a 1-layer model; the method is the LM benchmark's best trade-off (docs/results/lm.md).
-LM_POLICY = VerificationPolicy(max_utility_drop=0.05, record_forget_margin=0.08, default_method="gu+graddiff",
-                               method_params={"alpha": 3.0})
+LM_POLICY = VerificationPolicy(max_utility_drop=0.05, method_chain=(MethodStep("gu+graddiff", {"alpha": 3.0}),))
 VIT_MODEL = "digits-vit"
 # The ViT's gate: class erasure by GS-LoRA++ (issue 6). Forgetting and ONNX limits as the CNN's; utility on
 # the remaining classes may fall by 3 points, the issue's tolerance for Acc_r against a retrained model
 # (docs/results/gslora.md: on the digits ViT GS-LoRA++ keeps Acc_r within 0.011 of the retrained model).
-VIT_POLICY = VerificationPolicy(
-    max_utility_drop=0.03, record_forget_margin=0.02, class_forget_max_accuracy=0.05, onnx_tolerance=1e-4,
-    default_method="gslora++", method_params={})
+VIT_POLICY = VerificationPolicy(max_utility_drop=0.03, class_forget_max_accuracy=0.05, onnx_tolerance=1e-4,
+                                method_chain=(MethodStep("gslora++"),))
 
 
 def digits_frame() -> pd.DataFrame:
@@ -62,7 +58,8 @@ def digits_frame() -> pd.DataFrame:
                          "label": records.labels})
 
 
-def build_digits_demo(settings: Settings, engine=None, model_name: str = DEMO_MODEL) -> str:
+def build_digits_demo(settings: Settings, engine=None, model_name: str = DEMO_MODEL,
+                      policy: VerificationPolicy = DEMO_POLICY) -> str:
     """Train (or take from the cache), log, write the Parquet dataset and register; returns the model name.
 
     ``engine`` is an :class:`service.engine.Engine` on ``settings`` (one is created when omitted; it need
@@ -77,7 +74,7 @@ def build_digits_demo(settings: Settings, engine=None, model_name: str = DEMO_MO
     model, seconds = ModelCache(default_cache_dir()).get_or_train("original", ClassificationTask(10), examples,
                                                                   DIGITS_RECIPE, torch.device("cpu"))
     log.info("digits CNN ready (training took %.1f s when it was trained)", seconds)
-    _log_and_register(engine, model, model_name, "digits-cnn-train", DEMO_POLICY, "unlearn.models:digits_cnn",
+    _log_and_register(engine, model, model_name, "digits-cnn-train", policy, "unlearn.models:digits_cnn",
                       asdict(DIGITS_RECIPE))
     return model_name
 
@@ -129,13 +126,19 @@ def build_tiny_lm(settings: Settings, engine=None, model_name: str = LM_MODEL) -
         "subject_id": [f"person-{p.subject_id:02d}" for p in pairs],
         "split": ["train" if p.subject_id < LM_TRAIN_PEOPLE else "holdout" for p in pairs],
         "prompt": [p.prompt for p in pairs], "answer": [p.answer for p in pairs]})
-    with tempfile.TemporaryDirectory(prefix="lethe-demo-") as staging:
+    with _staging(engine) as staging:
         path = Path(staging) / "people.parquet"
         frame.to_parquet(path, index=False)
         engine.register_model(ModelRegistration(model_name=model_name, version=version, alias=None,
                                                 task_type=TaskType.CAUSAL_LM, dataset_uri=str(path),
                                                 policy=LM_POLICY))
     return model_name
+
+
+def _staging(engine) -> tempfile.TemporaryDirectory:
+    """A scratch directory inside ``<state_dir>/incoming``, the dataset root every server accepts."""
+    engine.settings.dataset_import_dir.mkdir(parents=True, exist_ok=True)
+    return tempfile.TemporaryDirectory(prefix="lethe-demo-", dir=engine.settings.dataset_import_dir)
 
 
 def _registered(engine, model_name: str) -> bool:
@@ -155,7 +158,7 @@ def _log_and_register(engine, model: torch.nn.Module, model_name: str, run_name:
     version = engine.registry.log_initial_model(model.cpu().eval(), model_name, run_name=run_name)
     # The Parquet file plays the data platform's copy; registration copies it into Lethe's catalog, and the
     # staging file is removed so that no copy outside the catalog outlives a later purge.
-    with tempfile.TemporaryDirectory(prefix="lethe-demo-") as staging:
+    with _staging(engine) as staging:
         path = Path(staging) / "digits.parquet"
         digits_frame().to_parquet(path, index=False)
         engine.register_model(ModelRegistration(

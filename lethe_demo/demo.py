@@ -2,8 +2,8 @@
 
 1. A fresh state directory (temporary unless given): embedded MLflow (SQLite) and job store.
 2. Train the digits CNN (or take it from the benchmark cache) and register it unlearnable
-   (:func:`service.demo_data.build_digits_demo`); train a tiny GPT on 8 fictitious people and register it
-   with its tokenizer and prompt/answer dataset (:func:`service.demo_data.build_tiny_lm`).
+   (:func:`lethe_demo.data.build_digits_demo`); train a tiny GPT on 8 fictitious people and register it
+   with its tokenizer and prompt/answer dataset (:func:`lethe_demo.data.build_tiny_lm`).
 3. Start the engine, the Prometheus exporter and the gRPC server in this process (the server runs on
    its own threads, exactly as ``lethe serve`` would).
 4. Through ONE bidirectional ``Session`` stream: 20 erasures for different data subjects, one
@@ -55,7 +55,7 @@ def _run(root: Path, subject_count: int, out) -> int:
     from service.api.server import build_server
     from service.audit import verify_audit
     from service.cli import follow
-    from service.demo_data import build_digits_demo, build_tiny_lm
+    from lethe_demo.data import build_digits_demo, build_tiny_lm
     from service.engine import Engine
     from service.metrics import start_metrics_server
     from service.settings import Settings

@@ -1,7 +1,7 @@
 """Coalescing benchmark: N erasure requests for one model inside one window versus one request, and versus
 the same N requests without coalescing (every request its own job).
 
-``nice python -m service.bench_coalescing --requests 50 --window-s 2 --seed 0 [--uncoalesced 50] [--json]``
+``nice python -m lethe_bench.coalescing --requests 50 --window-s 2 --seed 0 [--uncoalesced 50] [--json]``
 
 Each scenario runs on a fresh embedded state directory (its own MLflow and job store) with the digits demo
 model, and measures wall seconds from the first submission until every request holds its certificate.
@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from service.demo_data import build_digits_demo
+from lethe_demo.data import build_digits_demo
 from service.domain import ErasureRequest
 from service.engine import Engine
 from service.settings import Settings
@@ -102,7 +102,7 @@ def _report(name: str, result: dict) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m service.bench_coalescing", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m lethe_bench.coalescing", description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=50, help="requests in the coalesced burst")
     parser.add_argument("--window-s", type=float, default=2.0, help="coalescing window for the first two runs")
     parser.add_argument("--uncoalesced", type=int, default=50, help="requests run without coalescing (0: skip)")

@@ -1,0 +1,243 @@
+"""Durable-acknowledgement throughput and latency of the gRPC API (issues 3 and 11, "Measured").
+
+    python -m lethe_bench.acks [--store sqlite|postgres] [--replicas 1|2] [--requests 2000] [--streams 8]
+                               [--window 1] [--json out.json]
+    python -m lethe_bench.acks --matrix --json docs/bench_acks.json    # SQLite and PostgreSQL x 1 and 2 replicas
+
+Builds a real deployment on this machine: the digits model registered (embedded MLflow on SQLite), the job
+store on SQLite (WAL, ``synchronous=FULL``) or on PostgreSQL (a pgserver instance the benchmark starts, with
+its default ``fsync=on``, ``synchronous_commit=on``), and ``--replicas`` separate ``lethe serve`` processes on
+loopback (executor ``external``: no job runs in them). It then sends ``--requests`` erasure requests over
+``--streams`` concurrent ``Session`` streams, spread round-robin over the replicas, each stream on its own
+channel and keeping at most ``--window`` requests unacknowledged (1 = closed loop). An ack is the server's
+``SubmissionAccepted``, sent only after the request, its job link, its ACCEPTED event and its audit entry
+are committed; latency is measured on the client from handing the request to gRPC to receiving its ack.
+
+Each request names one of ~300 real subjects (``subject-NNNN``, seeded by its index), so the submit path
+does its whole work: keyed hashing, resolution on the record index, coalescing into the open job. The
+coalescing window is an hour, so no unlearning job runs: the numbers are the API and durable-commit path
+alone. A warm-up (not measured) precedes the run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+KEY_HEX = "5a" * 32
+SUBJECT_KEY_HEX = "c3" * 32
+
+
+def run(requests: int, streams: int, window: int, store: str = "sqlite", replicas: int = 1, warmup: int = 40,
+        state_dir: Path | None = None) -> dict:
+    from lethe_demo.data import build_digits_demo
+    from service.engine import Engine
+    from service.settings import Settings
+
+    root = state_dir or Path(tempfile.mkdtemp(prefix="lethe-bench-acks-"))
+    postgres = None
+    servers: list[subprocess.Popen] = []
+    try:
+        if store == "postgres":
+            import pgserver
+
+            postgres = pgserver.get_server(Path(tempfile.mkdtemp(prefix="lethe-pg-", dir="/tmp")), cleanup_mode="stop")
+            postgres.psql("CREATE DATABASE lethe_bench;")
+            store_url = f"postgresql+psycopg://postgres:@/lethe_bench?host={postgres.pgdata}"
+        else:
+            store_url = f"sqlite:///{root / 'registrar' / 'lethe.db'}"
+        settings = Settings(state_dir=root / "registrar", job_store_url=store_url, audit_key=KEY_HEX,
+                            subject_hash_key=SUBJECT_KEY_HEX, metrics_port=0, device="cpu")
+        registrar = Engine(settings)
+        build_digits_demo(settings, registrar)
+        registrar.store.dispose()
+        targets = []
+        for index in range(replicas):
+            port = _free_port()
+            env = {**os.environ, **settings.as_environment(), "LETHE_GRPC_HOST": "127.0.0.1",
+                   "LETHE_GRPC_PORT": str(port), "LETHE_EXECUTOR": "external", "LETHE_COALESCING_WINDOW_S": "3600",
+                   "LETHE_METRICS_PORT": "0", "LETHE_WORKER_ID": f"bench-api-{index}", "OMP_NUM_THREADS": "1"}
+            log = open(root / f"api-{index}.log", "ab")
+            servers.append(subprocess.Popen([sys.executable, "-m", "service.cli", "serve", "--grace-s", "1"],
+                                            env=env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT))
+            targets.append(f"127.0.0.1:{port}")
+        for target in targets:
+            _wait_ready(target, servers, root)
+        from service.api.pb import service_pb2, types_pb2
+
+        for index, target in enumerate(targets):  # warm-up: every replica's caches and connections
+            _drive(target, [_erasure(types_pb2, f"warmup-{index}-{i}", i) for i in range(warmup)], window, service_pb2)
+        per_stream = [[_erasure(types_pb2, f"bench-{s}-{i}", s * requests + i) for i in range(s, requests, streams)]
+                      for s in range(streams)]
+        results: list[list[float]] = [[] for _ in range(streams)]
+        errors: list[BaseException] = []
+        barrier = threading.Barrier(streams + 1)
+
+        def stream_worker(index: int) -> None:
+            try:
+                barrier.wait()
+                results[index] = _drive(targets[index % replicas], per_stream[index], window, service_pb2)
+            except BaseException as error:  # reported below, never swallowed
+                errors.append(error)
+
+        threads = [threading.Thread(target=stream_worker, args=(i,)) for i in range(streams)]
+        for thread in threads:
+            thread.start()
+        barrier.wait()
+        started = time.perf_counter()
+        for thread in threads:
+            thread.join()
+        elapsed_s = time.perf_counter() - started
+        if errors:
+            raise errors[0]
+        latencies_ms = sorted(latency * 1000 for stream in results for latency in stream)
+        from service import store as db
+
+        check = db.Store(store_url, migrate=False)
+        with check.read() as conn:
+            pending = len(db.pending_requests(conn))
+        check.dispose()
+        return {
+            "store": "PostgreSQL 16 (pgserver), fsync on" if store == "postgres" else "SQLite WAL, synchronous=FULL",
+            "replicas": replicas, "requests": len(latencies_ms), "streams": streams, "window_per_stream": window,
+            "elapsed_s": round(elapsed_s, 3), "acks_per_s": round(len(latencies_ms) / elapsed_s, 1),
+            "latency_ms": {**{f"p{p}": round(_percentile(latencies_ms, p), 2) for p in (50, 90, 99)},
+                           "max": round(latencies_ms[-1], 2), "mean": round(statistics.fmean(latencies_ms), 2)},
+            "durably_pending_after": pending,
+            "machine": {"cpus": _cpus(), "python": platform.python_version(), "platform": platform.platform(),
+                        "load_avg_1m_at_end": round(os.getloadavg()[0], 2)},
+        }
+    finally:
+        for server in servers:
+            if server.poll() is None:
+                server.send_signal(signal.SIGTERM)
+        for server in servers:
+            try:
+                server.wait(20)
+            except subprocess.TimeoutExpired:
+                server.kill()
+        if postgres is not None:
+            postgres.cleanup()
+        if state_dir is None:
+            shutil.rmtree(root, ignore_errors=True)
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _wait_ready(target: str, servers: list[subprocess.Popen], root: Path, timeout_s: float = 300) -> None:
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    deadline = time.monotonic() + timeout_s
+    with grpc.insecure_channel(target) as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        while time.monotonic() < deadline:
+            if any(server.poll() is not None for server in servers):
+                logs = "\n".join(path.read_text()[-2000:] for path in root.glob("api-*.log"))
+                raise RuntimeError(f"an API replica exited:\n{logs}")
+            try:
+                if health.Check(health_pb2.HealthCheckRequest(), timeout=1).status == \
+                        health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError:
+                time.sleep(0.5)
+    raise RuntimeError(f"{target} not serving after {timeout_s} s")
+
+
+def _erasure(types_pb2, request_id: str, index: int):
+    # ~300 subjects in the digits data; every request names a real one, so the submit path does its
+    # full work (keyed hashing, resolution on the record index, coalescing into the open job).
+    return types_pb2.Erasure(request_id=request_id, subject_ids=[f"subject-{index % 299:04d}"])
+
+
+def _drive(target: str, erasures: list, window: int, service_pb2) -> list[float]:
+    """Send ``erasures`` on one Session, at most ``window`` unacknowledged; returns ack latencies (s)."""
+    from service.api.client import Client
+
+    slots = threading.Semaphore(window)
+    sent_at: dict[str, float] = {}
+    latencies: list[float] = []
+    done = threading.Event()
+
+    def requests():
+        for erasure in erasures:
+            slots.acquire()
+            sent_at[erasure.request_id] = time.perf_counter()
+            yield service_pb2.SessionRequest(erasure=erasure)
+        done.wait()  # keep the stream open until every ack is in, then half-close
+
+    with Client(target) as client:
+        client.wait_ready(30)
+        call = client.stub.Session(requests(), timeout=1800)
+        try:
+            for response in call:
+                kind = response.WhichOneof("message")
+                if kind == "rejected":
+                    raise RuntimeError(f"request refused: {response.rejected}")
+                if kind == "accepted":
+                    latencies.append(time.perf_counter() - sent_at[response.accepted.request_id])
+                    slots.release()
+                    if len(latencies) == len(erasures):
+                        break
+        finally:
+            done.set()
+            call.cancel()  # the requests stay queued behind the hour-long window: do not wait for them
+    return latencies
+
+
+def _percentile(sorted_values: list[float], percent: float) -> float:
+    """Nearest-rank percentile."""
+    rank = max(1, round(percent / 100 * len(sorted_values)))
+    return sorted_values[min(rank, len(sorted_values)) - 1]
+
+
+def _cpus() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m lethe_bench.acks", description=__doc__.splitlines()[0])
+    parser.add_argument("--requests", type=int, default=2000)
+    parser.add_argument("--streams", type=int, default=8)
+    parser.add_argument("--window", type=int, default=1, help="unacknowledged requests per stream (1 = closed loop)")
+    parser.add_argument("--store", choices=["sqlite", "postgres"], default="sqlite")
+    parser.add_argument("--replicas", type=int, default=1, choices=[1, 2, 3, 4])
+    parser.add_argument("--matrix", action="store_true", help="SQLite and PostgreSQL, 1 and 2 replicas")
+    parser.add_argument("--json", help="also write the result(s) to this file")
+    args = parser.parse_args(argv)
+    configurations = ([(s, r) for s in ("sqlite", "postgres") for r in (1, 2)] if args.matrix
+                      else [(args.store, args.replicas)])
+    results = []
+    for store, replicas in configurations:
+        result = run(args.requests, args.streams, args.window, store, replicas)
+        results.append(result)
+        latency = result["latency_ms"]
+        print(f"{store}, {replicas} replica(s): {result['requests']} durable acks over {result['streams']} streams "
+              f"(window {result['window_per_stream']}) in {result['elapsed_s']} s: {result['acks_per_s']} acks/s, "
+              f"p50 {latency['p50']} ms, p99 {latency['p99']} ms", file=sys.stderr)
+    text = json.dumps(results if args.matrix else results[0], indent=2)
+    print(text)
+    if args.json:
+        Path(args.json).write_text(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,134 @@
+"""Steady-state cost of SSD-family erasures through a real server (issue 9, "Honest costs"; ``make bench-steady``).
+
+``nice python -m lethe_bench.steady --jobs 20 --seed 0 --gap-s 3``
+
+A fresh embedded state directory with the digits demo model (policy chain ``ssd-auto`` -> ``gu+graddiff``
+-> ``retrain``) behind an in-process gRPC server; ``--jobs`` subject erasures arrive one at a time through
+the ``SubmitErasure`` RPC: each is sent after the previous one's certificate arrived plus ``--gap-s`` seconds
+(the time a data-governance system takes between two requests, which is when the worker precomputes the
+training set's importance I_D for the version the last job registered, :mod:`service.prefetch`).
+
+Per job: the apply stage's seconds (every attempt of the chain, without the gate), and the unit it is
+compared with, one forward+backward pass over that job's forget set on the job's base version, timed in
+this process after warm-up (median of 5). ``cost_vs_fwd_bwd`` = apply seconds / unit, and whether the job
+found I_D cached. The last stdout line is one JSON object:
+``{"jobs": 20, "apply_cost_vs_fwd_bwd_median": x, "apply_cost_vs_fwd_bwd_max": y, ...}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from lethe_demo.data import build_digits_demo
+from service.api.pb import service_pb2, types_pb2
+from service.engine import Engine
+from service.settings import Settings
+from unlearn.data import classification_examples
+from unlearn.digits import load_digits_records
+from unlearn.tasks import ClassificationTask
+
+WARM_UP_PASSES = 3
+
+
+def _subjects(count: int, seed: int) -> list[str]:
+    records = load_digits_records()
+    train_subjects = np.unique(records.subject_ids[records.indices("train")])
+    return [str(s) for s in np.random.default_rng(seed).choice(train_subjects, count, replace=False)]
+
+
+def fwd_bwd_seconds(model: torch.nn.Module, examples, batch_size: int = 64, repeats: int = 5) -> float:
+    """Median seconds of one forward+backward pass over ``examples`` (after ``WARM_UP_PASSES`` untimed)."""
+    task = ClassificationTask(10)
+    timings = []
+    for index in range(WARM_UP_PASSES + repeats):
+        started = time.perf_counter()
+        for batch in examples.batches(batch_size):
+            model.zero_grad(set_to_none=True)
+            task.batch_loss(model, batch).backward()
+        if index >= WARM_UP_PASSES:
+            timings.append(time.perf_counter() - started)
+    return statistics.median(timings)
+
+
+def run(jobs: int, seed: int, gap_s: float) -> dict:
+    from service.api.client import Client
+    from service.api.server import build_server
+
+    with tempfile.TemporaryDirectory(prefix="lethe-steady-") as state:
+        settings = Settings(state_dir=Path(state), coalescing_window_s=0, metrics_port=0, grpc_port=0, device="cpu")
+        engine = Engine(settings)
+        model_name = build_digits_demo(settings, engine)
+        engine.start()
+        server = build_server(settings, engine)
+        server.start()
+        client = Client(f"127.0.0.1:{server.port}", None)
+        rows = []
+        try:
+            client.wait_ready(10)
+            time.sleep(gap_s)  # the registered version's I_D is precomputed meanwhile, as in steady state
+            for index, subject in enumerate(_subjects(jobs, seed)):
+                accepted = client.stub.SubmitErasure(service_pb2.SubmitErasureRequest(erasure=types_pb2.Erasure(
+                    request_id=f"steady-{index}", subject_ids=[subject], model_names=[model_name]))).accepted
+                (job_id,) = accepted.job_ids
+                for _ in client.stub.WatchJob(service_pb2.WatchJobRequest(job_id=job_id), timeout=600):
+                    pass
+                job = engine.get_job(job_id)
+                rows.append(_measure(engine, model_name, job, subject))
+                print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+                time.sleep(gap_s)
+        finally:
+            client.close()
+            server.stop(1)
+            engine.stop(30)
+            engine.store.dispose()
+    costs = [row["cost_vs_fwd_bwd"] for row in rows if row["cost_vs_fwd_bwd"] is not None]
+    return {"jobs": len(rows), "apply_cost_vs_fwd_bwd_median": statistics.median(costs) if costs else None,
+            "apply_cost_vs_fwd_bwd_max": max(costs) if costs else None,
+            "importance_cached": sum(bool(row["importance_cached"]) for row in rows),
+            "states": {s: sum(row["state"] == s for row in rows) for s in sorted({row["state"] for row in rows})},
+            "methods": {m: sum(row["method"] == m for row in rows) for m in sorted({str(row["method"]) for row in rows})},
+            "seed": seed, "gap_s": gap_s, "machine": f"{platform.machine()}, {platform.processor() or 'cpu'}",
+            "torch_threads": torch.get_num_threads(), "rows": rows}
+
+
+def _measure(engine: Engine, model_name: str, job, subject: str) -> dict:
+    evidence = job.evidence or {}
+    attempts = evidence.get("attempts", [])
+    apply_s = sum(float(a["seconds"]) for a in attempts)
+    records = load_digits_records()  # the subject's training records, as the job's forget set held them
+    index = np.flatnonzero((records.subject_ids == subject) & (records.splits == "train"))
+    forget = classification_examples(torch.from_numpy(records.features[index]), torch.from_numpy(records.labels[index]))
+    unit = None
+    if len(index):
+        # The job's result version: the base version's weights were purged as superseded (same architecture).
+        unit = fwd_bwd_seconds(engine.registry.load_model(model_name, job.result_version), forget)
+    importance = evidence.get("train_importance", {})
+    return {"job_id": job.job_id, "state": job.state.value, "forget_records": int(len(index)),
+            "method": evidence.get("method", {}).get("name"), "attempts": [a["method"] for a in attempts],
+            "apply_seconds": round(apply_s, 4), "fwd_bwd_seconds": unit,
+            "cost_vs_fwd_bwd": round(apply_s / unit, 2) if unit else None,
+            "importance_cached": importance.get("cached"), "importance_seconds": importance.get("seconds")}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m lethe_bench.steady", description=__doc__.splitlines()[0])
+    parser.add_argument("--jobs", type=int, default=20)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--gap-s", type=float, default=3.0, help="seconds between a certificate and the next request")
+    args = parser.parse_args(argv)
+    print(json.dumps(run(args.jobs, args.seed, args.gap_s)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,167 @@
+"""``python -m unlearn.bench.calibration``: how often does a model that never saw the records pass the gate?
+
+Issue 9: a true retrain must pass the gate's membership checks (:func:`unlearn.gate.judge` with the default
+:class:`~unlearn.gate.GatePolicy`: KS p-value >= ``min_forget_p`` and loss-attack AUC within
+``0.5 +- (mia_auc_margin + z * null sd)``) at least 99% of the time. Two measurements per family:
+
+1. **Pseudo-forget draws** (many): the original model never trained on its ``tune`` records, so any set
+   drawn from them is "erased records of a perfectly retrained model". ``--draws`` sets are drawn per
+   model and size, the size of the family's ``random`` scenario (10% of the training records, drawn
+   uniformly from ``tune``) and of its ``subject`` scenario (20 subjects' records among ``tune``), and each
+   is judged against ``audit`` on the model's weights. The draws overlap (they come from one ``tune``
+   split), so the rate is conditional on that split; it is repeated for every seed's model.
+2. **Real forget sets on real retrains** (fewer, but the exact case): for every ``--retrain-seeds`` seed,
+   the ``random`` and ``subject`` scenarios' forget sets judged against ``audit`` on a model retrained from
+   scratch without them with the family's recipe (the harness's retrained reference).
+
+Only the membership checks are counted (utility and class forgetting are not about membership); a run
+passes when both ``membership_ks`` and ``membership_auc`` pass. The last stdout line is one JSON object
+with every rate.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from dataclasses import replace
+
+import numpy as np
+import torch
+
+from unlearn.bench.families import get_family
+from unlearn.bench.harness import split_indices
+from unlearn.bench.scenarios import RANDOM_FRACTION, SUBJECT_COUNT, select_forget
+from unlearn.cache import ModelCache
+from unlearn.device import resolve_device
+from unlearn.gate import GatePolicy
+from unlearn.membership import compare
+from unlearn.training import train_from_scratch
+
+MEMBERSHIP_CHECKS = ("membership_ks", "membership_auc")
+
+
+def membership_passes(policy: GatePolicy, result) -> dict[str, bool]:
+    """The gate's two membership checks on one :class:`unlearn.membership.MembershipResult`."""
+    ks, auc = result.ks_passes(policy.min_forget_p), result.auc_passes(policy.mia_auc_margin)
+    return {"membership_ks": ks, "membership_auc": auc, "both": ks and auc}
+
+
+def _rate(flags: list[bool]) -> float:
+    return float(np.mean(flags)) if flags else float("nan")
+
+
+def _retrained_case(family, selector: str, seed: int, device: torch.device, policy: GatePolicy) -> dict:
+    """The real case: a scenario's forget set judged against audit on a model retrained without it."""
+    records = family.load_records()
+    index = split_indices(records)
+    train_index = index["train"]
+    selection = select_forget(f"{family.name}-{selector}", records.labels[train_index],
+                              records.subject_ids[train_index], family.num_classes, seed)
+    forget_mask = np.zeros(len(train_index), dtype=bool)
+    forget_mask[selection.positions] = True
+    forget = family.examples(records, train_index[forget_mask])
+    retain = family.examples(records, train_index[~forget_mask])
+    audit = family.examples(records, index["audit"])
+    recipe = replace(family.recipe, seed=seed)
+    model = train_from_scratch(family.task(), family.model_factory, retain, recipe, device)
+    result = compare(family.task(), model, forget, audit)
+    return {"selector": selector, "seed": seed, "forget_size": len(forget), "ks_p": result.ks_p_value,
+            "auc": result.auc, **membership_passes(policy, result)}
+
+
+def _pseudo_draws(family, seed: int, draws: int, device: torch.device, policy: GatePolicy,
+                  cache_dir) -> dict[str, dict[str, list[bool]]]:
+    """Pseudo-forget sets drawn from ``tune``, judged against ``audit`` on the original model of ``seed``."""
+    records = family.load_records()
+    index = split_indices(records)
+    recipe = replace(family.recipe, seed=seed)
+    task = family.task()
+    train = family.examples(records, index["train"])
+    model = ModelCache(cache_dir).trained(family.namespace, task, family.model_factory, train, recipe, device,
+                                          "original", family.architecture).model
+    tune, audit = family.examples(records, index["tune"]), family.examples(records, index["audit"])
+    tune_subjects = records.subject_ids[index["tune"]]
+    unique_subjects = np.unique(tune_subjects)
+    random_size = min(round(RANDOM_FRACTION * len(index["train"])), len(tune) // 2)
+    rng = np.random.default_rng(7000 + seed)
+    flags: dict[str, dict[str, list[bool]]] = {"random": {}, "subject": {}}
+    for _ in range(draws):
+        for kind in ("random", "subject"):
+            if kind == "random":
+                chosen = rng.choice(len(tune), random_size, replace=False)
+            else:
+                subjects = rng.choice(unique_subjects, min(SUBJECT_COUNT, len(unique_subjects)), replace=False)
+                chosen = np.flatnonzero(np.isin(tune_subjects, subjects))
+            result = compare(task, model, tune.subset(np.sort(chosen)), audit)
+            for name, passed in membership_passes(policy, result).items():
+                flags[kind].setdefault(name, []).append(passed)
+    return flags
+
+
+def calibrate_family(family_name: str, seeds: list[int], retrain_seeds: list[int], draws: int,
+                     device: torch.device, policy: GatePolicy, cache_dir=None) -> dict:
+    """Both measurements (module docstring) for one family."""
+    family = get_family(family_name)
+    pseudo: dict[str, dict[str, list[bool]]] = {"random": {}, "subject": {}}
+    for seed in seeds:
+        for kind, checks in _pseudo_draws(family, seed, draws, device, policy, cache_dir).items():
+            for name, flags in checks.items():
+                pseudo[kind].setdefault(name, []).extend(flags)
+    real = [_retrained_case(family, selector, seed, device, policy)
+            for seed in retrain_seeds for selector in ("random", "subject")]
+    return {
+        "family": family_name, "seeds": seeds, "draws_per_seed": draws, "retrain_seeds": retrain_seeds,
+        "pseudo_forget": {kind: {name: _rate(flags) for name, flags in checks.items()}
+                          | {"draws": len(checks.get("both", []))} for kind, checks in pseudo.items()},
+        "retrained": {"passed": sum(r["both"] for r in real), "runs": len(real),
+                      "ks_passed": sum(r["membership_ks"] for r in real),
+                      "auc_passed": sum(r["membership_auc"] for r in real), "cases": real},
+    }
+
+
+def table(results: list[dict]) -> str:
+    rows = ["| family | pseudo-forget draws (random-size) | both checks pass | KS pass | AUC pass | "
+            "pseudo-forget draws (20 subjects) | both checks pass | real forget sets on retrained models, passed |",
+            "|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        rnd, sub = r["pseudo_forget"]["random"], r["pseudo_forget"]["subject"]
+        passed, runs = r["retrained"]["passed"], r["retrained"]["runs"]
+        rows.append(f"| {r['family']} | {rnd['draws']} | {rnd['both']:.4f} | {rnd['membership_ks']:.4f} | "
+                    f"{rnd['membership_auc']:.4f} | {sub['draws']} | {sub['both']:.4f} | {passed}/{runs} |")
+    return "\n".join(rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m unlearn.bench.calibration", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--families", default="digits,tabular,vit")
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--draws", type=int, default=500, help="pseudo-forget draws per model and size")
+    parser.add_argument("--retrain-seeds", default="0-9",
+                        help="seeds of the real cases (random and subject forget sets, each retrained), e.g. 0-9")
+    parser.add_argument("--device", default="auto")
+    args = parser.parse_args(argv)
+    device = resolve_device(args.device)
+    policy = GatePolicy()
+    started = time.perf_counter()
+    seeds = [int(s) for s in args.seeds.split(",")]
+    first, _, last = args.retrain_seeds.partition("-")
+    retrain_seeds = list(range(int(first), int(last or first) + 1))
+    results = []
+    for family in [f for f in args.families.split(",") if f]:
+        results.append(calibrate_family(family, seeds, retrain_seeds, args.draws, device, policy))
+        print(f"{family}: {json.dumps(results[-1]['pseudo_forget'])}", file=sys.stderr, flush=True)
+    print(f"Command: python -m unlearn.bench.calibration --families {args.families} --seeds {args.seeds} "
+          f"--draws {args.draws} --retrain-seeds {args.retrain_seeds}")
+    print(f"Policy: {policy}; machine {platform.machine()}, {torch.get_num_threads()} torch threads, device "
+          f"{device}; total {time.perf_counter() - started:.0f} s\n")
+    print(table(results))
+    print(json.dumps({"policy": policy.__dict__, "families": results}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

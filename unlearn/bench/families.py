@@ -1,0 +1,172 @@
+"""Benchmark families: a model, a task, a record set with subjects and a training recipe.
+
+A *family* is everything a classifier benchmark needs that is not a forget request (issue 9, "a harness
+that takes any model and data set"):
+
+- ``model_factory(seed) -> nn.Module`` (seeded initialisation; the retrain baseline calls it) and the
+  architecture's cache ``namespace``;
+- the task adapter (:class:`unlearn.tasks.ClassificationTask` with the family's class count);
+- :class:`Records`: features, labels, ``record_id`` and ``subject_id`` per record, and which records the
+  original model is trained on. Every other record is *never trained*; the harness deals those into
+  ``tune`` and ``audit`` with :func:`unlearn.splits.audit_mask` and :data:`unlearn.splits.BENCH_SPLIT_KEY`;
+- the :class:`~unlearn.training.TrainRecipe` of the original model (repeated exactly by ``retrain``).
+
+Families (``FAMILIES``; scenario names are ``<family>-<class|random|subject>``):
+
+- ``digits``: scikit-learn's 8x8 digits (:mod:`unlearn.digits`, 1,797 records, 10 classes) and the digits
+  CNN (:func:`unlearn.models.digits_cnn`, ~39k parameters, BatchNorm2d). Trained on the ``train`` split
+  (1,168 records); ``holdout`` and ``test`` (629) are never trained.
+- ``tabular``: 3,000 records of ``sklearn.datasets.make_classification`` (20 features, 10 informative,
+  4 redundant, 6 classes of 2 clusters, ``flip_y=0.05``, ``class_sep=1.0``, ``random_state=0``),
+  standardised with the training split's mean and deviation, and an MLP with BatchNorm1d AND dropout
+  (:class:`unlearn.models.TabularMLP`, 128-128, dropout 0.1, ~21k parameters). 60% of each class is trained
+  on (1,800), 40% never (1,200). Why this set: it ships with scikit-learn (generated, nothing downloaded),
+  and it is hard in the way the digits are not. 5% of its labels are flipped at random and its clusters
+  overlap, so the MLP can only fit its training set by memorising records: 97% training accuracy against
+  77% on never-trained records. A random 10% of the training records is then clearly recognisable to a loss
+  attack (AUC 0.64, KS p 1e-7 on seed 0) and a retrained model classifies the same records at 76%: record
+  erasure is not passed by doing nothing, unlike on the digits CNN, which generalises (a retrained model
+  still gets 99% of erased digits right).
+- ``vit``: the digits again, with the small vision transformer of :mod:`unlearn.vit` (4 blocks, hidden 128,
+  ~534k parameters, LayerNorm, no BatchNorm, no dropout) and its AdamW recipe: another architecture on the
+  same records, so the families differ by the model alone. GS-LoRA runs here only.
+
+Subjects: records are dealt to synthetic subjects (digits: 6 records each, :mod:`unlearn.digits`; tabular:
+5 each, shuffled with a fixed seed), so a subject owns records of several classes.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from unlearn.data import ExampleSet, classification_examples
+from unlearn.errors import InvalidParameterError
+from unlearn.models import digits_cnn, tabular_mlp
+from unlearn.tasks import ClassificationTask
+from unlearn.training import TrainRecipe
+
+DIGITS_RECIPE = TrainRecipe(epochs=30, batch_size=32, lr=1e-3, optimizer="adam")
+"""The digits CNN's recipe (also the service demo's)."""
+TABULAR_RECIPE = TrainRecipe(epochs=60, batch_size=64, lr=1e-3, optimizer="adam")
+"""The tabular MLP's recipe: 60 epochs, so that it memorises its noisy records (97% train accuracy)."""
+TABULAR_SAMPLES, TABULAR_FEATURES, TABULAR_CLASSES = 3000, 20, 6
+TABULAR_TRAIN_FRACTION = 0.6
+TABULAR_RECORDS_PER_SUBJECT = 5
+
+
+@dataclass(frozen=True)
+class Records:
+    """A family's records. ``trained`` marks the original model's training set; the rest is never trained."""
+
+    features: np.ndarray  # float32 [N, F]
+    labels: np.ndarray  # int64 [N]
+    record_ids: np.ndarray  # str [N]
+    subject_ids: np.ndarray  # str [N]
+    trained: np.ndarray  # bool [N]
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+@dataclass(frozen=True)
+class Family:
+    """Model factory, task, records and recipe of one benchmark family (module docstring)."""
+
+    name: str
+    summary: str
+    num_classes: int
+    namespace: str  # the architecture's name in the model cache
+    model_factory: Callable[[int], nn.Module]
+    recipe: TrainRecipe
+    load_records: Callable[[], Records]
+    architecture: dict[str, Any] = field(default_factory=dict)  # what else determines the model (cache key)
+
+    def task(self) -> ClassificationTask:
+        return ClassificationTask(self.num_classes)
+
+    def examples(self, records: Records, index: np.ndarray) -> ExampleSet:
+        return classification_examples(torch.from_numpy(records.features[index]),
+                                       torch.from_numpy(records.labels[index]))
+
+    def with_recipe(self, recipe: TrainRecipe) -> Family:
+        return replace(self, recipe=recipe)
+
+
+@functools.cache
+def digits_records() -> Records:
+    from unlearn.digits import load_digits_records
+
+    digits = load_digits_records()
+    return Records(digits.features, digits.labels, digits.record_ids.astype(str), digits.subject_ids.astype(str),
+                   digits.splits == "train")
+
+
+@functools.cache
+def tabular_records() -> Records:
+    """The tabular family's records (module docstring); deterministic for a given scikit-learn."""
+    from sklearn.datasets import make_classification
+
+    features, labels = make_classification(
+        n_samples=TABULAR_SAMPLES, n_features=TABULAR_FEATURES, n_informative=10, n_redundant=4,
+        n_classes=TABULAR_CLASSES, n_clusters_per_class=2, flip_y=0.05, class_sep=1.0, random_state=0)
+    rng = np.random.default_rng(0)
+    trained = np.zeros(len(labels), dtype=bool)
+    for label in range(TABULAR_CLASSES):  # stratified: every class keeps the same share in training
+        members = rng.permutation(np.flatnonzero(labels == label))
+        trained[members[: round(TABULAR_TRAIN_FRACTION * len(members))]] = True
+    mean, deviation = features[trained].mean(axis=0), features[trained].std(axis=0)
+    features = ((features - mean) / deviation).astype(np.float32)
+    owner_order = rng.permutation(len(labels))
+    subject_ids = np.empty(len(labels), dtype=object)
+    subject_ids[owner_order] = [f"subject-{i // TABULAR_RECORDS_PER_SUBJECT:04d}" for i in range(len(labels))]
+    record_ids = np.array([f"tabular-{i:05d}" for i in range(len(labels))])
+    return Records(features, labels.astype(np.int64), record_ids, subject_ids.astype(str), trained)
+
+
+def _tabular_factory(seed: int) -> nn.Module:
+    return tabular_mlp(seed, TABULAR_FEATURES, TABULAR_CLASSES)
+
+
+def _vit_factory(seed: int) -> nn.Module:
+    from unlearn.vit import digits_vit  # transformers takes seconds to import: only the vit family pays it
+
+    return digits_vit(seed)
+
+
+def _digits() -> Family:
+    return Family("digits", "digits CNN (BatchNorm2d, ~39k parameters) on scikit-learn's 8x8 digits", 10,
+                  "digits-cnn", digits_cnn, DIGITS_RECIPE, digits_records)
+
+
+def _tabular() -> Family:
+    return Family("tabular", "MLP 128-128 with BatchNorm1d and dropout 0.1 on make_classification "
+                  "(3,000 records, 20 features, 6 classes, 5% flipped labels)", TABULAR_CLASSES,
+                  "tabular-mlp", _tabular_factory, TABULAR_RECIPE, tabular_records,
+                  {"hidden": 128, "dropout": 0.1, "features": TABULAR_FEATURES})
+
+
+def _vit() -> Family:
+    from dataclasses import asdict
+
+    from unlearn.vit import DIGITS_VIT, DIGITS_VIT_RECIPE
+
+    return Family("vit", "ViT (4 blocks, hidden 128, ~534k parameters) on scikit-learn's 8x8 digits", 10,
+                  "digits-vit", _vit_factory, DIGITS_VIT_RECIPE, digits_records, {"vit": asdict(DIGITS_VIT)})
+
+
+FAMILIES: dict[str, Callable[[], Family]] = {"digits": _digits, "tabular": _tabular, "vit": _vit}
+"""Family builders by name (built on demand: the ViT imports transformers)."""
+
+
+def get_family(name: str) -> Family:
+    try:
+        return FAMILIES[name]()
+    except KeyError:
+        raise InvalidParameterError("family", f"unknown family {name!r}; known: {', '.join(FAMILIES)}") from None
