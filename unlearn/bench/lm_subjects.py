@@ -130,9 +130,10 @@ def check_no_metric_on_tune(request: UnlearnRequest, evaluated: dict[str, Exampl
 def registry_retrain_matches(recipe: TrainRecipe) -> bool:
     """Whether the registry's ``retrain`` would repeat :func:`unlearn.lm.model.train_lm` exactly.
 
-    ``retrain`` trains with :func:`unlearn.training.train`, whose recipe had no learning-rate schedule when
-    this was written; the GPTs are trained with the rate decayed linearly to 0. Until the recipe carries a
-    matching schedule, the benchmark's ``retrain`` is its in-process :func:`train_lm`, and the ``auto`` chain
+    ``retrain`` trains with :func:`unlearn.training.train`; the GPTs are trained by :func:`train_lm` with the
+    rate decayed linearly to 0 while :data:`LM_RECIPE` says ``lr_schedule="constant"`` (the recipe gained
+    ``lr_schedule`` after this benchmark was written; a ``linear`` LM recipe has not been checked to repeat
+    :func:`train_lm`). Until it does, the benchmark's ``retrain`` is its in-process :func:`train_lm`, and the ``auto`` chain
     leaves the registry's ``retrain`` out (a retrain without the decay is not the original recipe: it stops
     at 85-90% memorisation and would be judged against a model it is not).
     """

@@ -71,6 +71,12 @@ class FictitiousSubjects:
     audit_subjects: tuple[int, ...]
     context: int
 
+    @property
+    def holdout_subjects(self) -> tuple[int, ...]:
+        """Every never-trained person, tune and audit together, in id order (the split before issue 9; the
+        continual scenario deals them itself)."""
+        return tuple(sorted(self.tune_subjects + self.audit_subjects))
+
     def pairs_of(self, subjects: Iterable[int]) -> list[QAPair]:
         chosen = set(subjects)
         found = [pair for pair in self.pairs if pair.subject_id in chosen]
