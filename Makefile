@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PIP_FLAGS := --disable-pip-version-check --quiet
 
-.PHONY: install test test-all crash fuzz soak helm-test helm-lint bench bench-calibration bench-vit bench-lm bench-continual bench-acks bench-steady demo proto-lint clean
+.PHONY: install test test-all crash fuzz soak helm-test helm-lint bench bench-calibration bench-vit bench-lm bench-continual bench-acks bench-steady bench-updates demo proto-lint clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
@@ -76,6 +76,11 @@ bench-continual: $(STAMP)
 # Trains the digits CNN and a tiny GPT, registers both in embedded MLflow, streams 22 erasures through gRPC.
 demo: $(STAMP)
 	$(BIN)/lethe demo
+
+# An update of 100 records through the service (seconds per stage) against a joint retrain of the same
+# model, and 20 updates coalesced into one job against one (docs/benchmarks.md, "Updates").
+bench-updates: $(STAMP)
+	OMP_NUM_THREADS=1 $(BIN)/python -m lethe_bench.updates --records 100 --coalesced 20 --seed 0
 
 # Durable acks/s and latency: SQLite and PostgreSQL, 1 and 2 API replicas, 8 streams (docs/benchmarks.md).
 # 20 subject erasures one at a time through a real server: apply-stage cost per job in forward+backward passes

@@ -18,6 +18,7 @@ import tempfile
 from dataclasses import asdict
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import torch
 
@@ -44,6 +45,10 @@ LM_TRAIN_PEOPLE, LM_PEOPLE = 8, 12  # people 0-7 are trained on, 8-11 are the ne
 # simnpo+rt (the LM default chain's first method, docs/results/lm.md) is the escalation.
 LM_POLICY = VerificationPolicy(max_utility_drop=0.05, method_chain=(MethodStep("gu+graddiff", {"alpha": 3.0}),
                                                                  MethodStep("simnpo+rt", {})))
+# One corrected fact of the tiny GPT is a single short sequence: more passes at a higher rate than the
+# policy's default update strategy gives a batch of new records, and replay batches of 64 old records so
+# that one new sequence does not outweigh what the model keeps (the rectification's strategy parameters).
+LM_RECTIFY_STRATEGY = ("replay", {"alpha": 0.3, "beta": 1.0, "epochs": 40, "lr_scale": 5.0, "buffer_batch_size": 64})
 VIT_MODEL = "digits-vit"
 # The ViT's gate: class erasure by GS-LoRA++ (issue 6). Forgetting and ONNX limits as the CNN's; utility on
 # the remaining classes may fall by 3 points, the issue's tolerance for Acc_r against a retrained model
@@ -105,7 +110,13 @@ def build_tiny_lm(settings: Settings, engine=None, model_name: str = LM_MODEL) -
     """A tiny GPT memorising 8 fictitious people (unlearn.lm, seconds to train), logged to MLflow with its
     tokenizer (transformers flavor) and registered with its prompt/answer dataset; returns the name."""
     from service.engine import Engine
-    from unlearn.lm.model import TINY_RECIPE, TINY_SPEC, GPTFactory, train_lm, train_tokenizer
+    from unlearn.lm.model import (
+        TINY_RECIPE,
+        TINY_SPEC,
+        GPTFactory,
+        train_lm,
+        train_tokenizer,
+    )
     from unlearn.lm.people import corpus, generate_people, question_pairs
     from unlearn.lm.task import CausalLMTask
 
@@ -167,3 +178,33 @@ def _log_and_register(engine, model: torch.nn.Module, model_name: str, run_name:
             model_name=model_name, version=version, alias=None, task_type=TaskType.CLASSIFICATION,
             dataset_uri=str(path), policy=policy, num_classes=10, model_factory=model_factory,
             train_recipe=train_recipe))
+
+
+def shifted_digits(count: int, prefix: str, start: int = 0, per_subject: int = 4,
+                   without: tuple[int, ...] = ()) -> list[dict]:
+    """``count`` train digits shifted one pixel right (a scan from another device: data the digits model
+    never saw, of known classes; none of the classes ``without``) as new records: ``record_id``,
+    ``subject_id``, ``features``, ``label``."""
+    frame = digits_frame()
+    rows = frame[(frame["split"] == "train") & ~frame["label"].isin(list(without))].iloc[start:start + count]
+    records = []
+    for index, (features, label) in enumerate(zip(rows["features"], rows["label"])):
+        image = np.roll(np.asarray(features, dtype=np.float32).reshape(8, 8), 1, axis=1)
+        image[:, 0] = 0.0
+        records.append({"record_id": f"{prefix}-{index:04d}", "subject_id": f"{prefix}-subject-{index // per_subject:03d}",
+                        "features": image.ravel().tolist(), "label": int(label)})
+    return records
+
+
+def birthplace_record(frame: pd.DataFrame, person: str) -> pd.Series:
+    """The tiny GPT's birthplace question of ``person`` (a row of its dataset frame)."""
+    mine = frame[frame["subject_id"] == person]
+    asks = mine["prompt"].str.contains("born|birthplace", regex=True) & ~mine["prompt"].str.contains("year|When",
+                                                                                                      regex=True)
+    return mine[asks].iloc[0]
+
+
+def corrected_birthplace(answer: str, city: str) -> str:
+    """The answer with its city replaced (every answer frame starts with the city)."""
+    old_city = answer.strip(" .").split(",")[0].split(" is ")[0]
+    return answer.replace(old_city, city, 1)

@@ -64,7 +64,13 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from service import store as db
 from service.audit import sha256_hex
 from service.context import PipelineContext
-from service.datasets import DatasetCatalog, LoadedDataset, dataset_columns, dataset_table, safe_name
+from service.datasets import (
+    DatasetCatalog,
+    LoadedDataset,
+    dataset_columns,
+    dataset_table,
+    safe_name,
+)
 from service.domain import JobState
 from unlearn.data import ExampleSet
 from unlearn.gate import GateCheck, GateResult

@@ -38,7 +38,13 @@ from torch import nn
 from service import store as db
 from service.audit import jsonable, sha256_hex
 from service.context import ModelInfo, PipelineContext
-from service.domain import FieldViolation, InvalidArgument, JobState, MethodStep, TaskType
+from service.domain import (
+    FieldViolation,
+    InvalidArgument,
+    JobState,
+    MethodStep,
+    TaskType,
+)
 from service.lineage_state import load_buffer, load_state, save_pending
 from service.pipeline import (
     STAGES,
@@ -46,13 +52,18 @@ from service.pipeline import (
     Scope,
     _factory,
     _recipe,
-    _reject,
     build_scope,
     measure,
     register_version,
     unlearn,
 )
-from service.sealed import RECHECK, erasure_rechecks, open_sealed, seal_erasure, sealed_examples
+from service.sealed import (
+    RECHECK,
+    erasure_rechecks,
+    open_sealed,
+    seal_erasure,
+    sealed_examples,
+)
 from service.verification import effective_policy
 from unlearn.errors import InvalidParameterError, UnlearnError
 from unlearn.gate import GateCheck, GateResult

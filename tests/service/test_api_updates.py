@@ -10,20 +10,23 @@ import json
 import time
 
 import grpc
-import numpy as np
 import pandas as pd
 import pytest
 from google.protobuf import struct_pb2
 
-from lethe_demo.data import LM_MODEL, build_tiny_lm, digits_frame
+from lethe_demo.data import (
+    LM_RECTIFY_STRATEGY,
+    birthplace_record,
+    build_tiny_lm,
+    corrected_birthplace,
+    shifted_digits,
+)
 from service import store as db
 from service.api.pb import service_pb2, types_pb2
 from tests.service.api_fixtures import running_api
 from tests.service.conftest import make_engine
 
 JOB_TIMEOUT_S = 600
-# One fact is a single short sequence: more passes at a higher rate than a batch of new records needs.
-LM_RECTIFY_PARAMS = {"alpha": 0.3, "beta": 1.0, "epochs": 40, "lr_scale": 5.0}
 TERMINAL = types_pb2.EVENT_KIND_TERMINAL
 SUCCEEDED = types_pb2.JOB_STATE_SUCCEEDED
 
@@ -62,13 +65,8 @@ def _wait_terminal(engine, job_id: str):
 @pytest.mark.slow
 def test_an_update_on_the_session_stream_is_acked_progresses_and_is_certified(served):
     api, engine, digits, _ = served
-    train = digits_frame().query("split == 'train'").iloc[:40]
-    records = []
-    for index, (features, label) in enumerate(zip(train["features"], train["label"])):
-        image = np.roll(np.asarray(features, dtype=np.float32).reshape(8, 8), 1, axis=1)
-        image[:, 0] = 0.0
-        records.append(_record(f"api-new-{index:03d}", f"api-new-subject-{index // 4:02d}",
-                               features=image.ravel().tolist(), label=int(label)))
+    records = [_record(r["record_id"], r["subject_id"], features=r["features"], label=r["label"])
+               for r in shifted_digits(40, "api-new")]
     update = types_pb2.Update(request_id="api-update-1", model_name=digits, records=records)
     responses = list(api.stub.Session(iter([service_pb2.SessionRequest(update=update)]), timeout=JOB_TIMEOUT_S))
     kinds = [r.WhichOneof("message") for r in responses]
@@ -91,20 +89,15 @@ def test_a_rectified_birthplace_is_learned_and_the_old_one_forgotten(served):
         dataset = db.dataset_for_model_version(conn, lm, db.get_model(conn, lm).serving_version)
     frame: pd.DataFrame = engine.catalog.frame(dataset.path)
     person = frame[(frame["split"] == "train")]["subject_id"].iloc[0]
-    mine = frame[frame["subject_id"] == person]
-    birthplace = mine[mine["prompt"].str.contains("born|birthplace", regex=True)
-                      & ~mine["prompt"].str.contains("year|When", regex=True)].iloc[0]
+    birthplace = birthplace_record(frame, person)
     old_answer = str(birthplace["answer"])
-    other = frame[(frame["subject_id"] != person) & (frame["record_id"] == birthplace["record_id"])]
-    assert other.empty
-    new_city = "Valparaiso"
-    new_answer = old_answer.replace(old_answer.strip(" .").split(",")[0].split(" is ")[0], new_city, 1)
-    assert new_answer != old_answer and new_city in new_answer
+    new_answer = corrected_birthplace(old_answer, "Valparaiso")
+    assert new_answer != old_answer and "Valparaiso" in new_answer
     rectification = types_pb2.Rectification(
-        request_id="api-rectify-1", subject_id=person, model_names=[lm], strategy="replay",
+        request_id="api-rectify-1", subject_id=person, model_names=[lm], strategy=LM_RECTIFY_STRATEGY[0],
         corrected_records=[_record(str(birthplace["record_id"]), person, prompt=str(birthplace["prompt"]),
                                    answer=new_answer)])
-    rectification.strategy_params.update(LM_RECTIFY_PARAMS)
+    rectification.strategy_params.update(LM_RECTIFY_STRATEGY[1])
     accepted = api.stub.SubmitRectification(service_pb2.SubmitRectificationRequest(rectification=rectification))
     assert accepted.accepted.request_id == "api-rectify-1"
     job = _wait_terminal(engine, accepted.accepted.job_ids[0])

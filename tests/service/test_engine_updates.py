@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import copy
 import json
-from dataclasses import replace
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -33,8 +33,6 @@ from service.domain import (
 )
 from service.lineage_state import load_buffer
 from tests.service.conftest import make_engine, wait_for_jobs
-
-
 
 ORIGINAL = {}  # the registered version's model, loaded before any job of this module purges its weights
 
