@@ -41,6 +41,7 @@ from mlflow.store.artifact.artifact_repository_registry import get_artifact_repo
 from torch import nn
 
 from service.domain import FieldViolation, NotFound, preview
+from service.faults import fault_point
 
 TAG_PREFIX = "lethe."
 # Every class erased so far on a model lineage, as a JSON list of ints: each version a job registers carries
@@ -279,6 +280,7 @@ class MlflowRegistry:
                 if onnx_path is not None and onnx_path.exists():
                     mlflow.log_artifact(str(onnx_path), "onnx")
                 artifact_uri = f"{run.info.artifact_uri}/lethe-dataset/{dataset_path.name}"
+        fault_point("mlflow.run_logged")  # crash tests only: the run holds the artifacts, no version exists yet
         all_tags = {key: tag_value(value) for key, value in {**tags, "lethe.job_id": job_id,
                                                               "lethe.dataset_uri": artifact_uri}.items()}
         version = self.client.create_model_version(name, source=info.model_uri, run_id=run.info.run_id,
