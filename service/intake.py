@@ -312,7 +312,7 @@ class Intake:
         """Phase two for one request: its audit entry, ACCEPTED events and "no records" certificates."""
         request, targets = submission.request, submission.targets
         self.ctx.audit.append(conn, "request_received", {
-            "request_id": request.request_id, "kind": "erase", "payload_digest": submission.digest,
+            "request_id": request.request_id, "request_kind": "erase", "payload_digest": submission.digest,
             "subjects": len(submission.subject_hashes), "records": len(request.record_ids),
             "classes": sorted(request.classes), "models": [t["info"].name for t in targets]})
         seqs = [db.add_event(conn, job_id, (request.request_id,), EventKind.ACCEPTED.value, JobState.QUEUED.value,

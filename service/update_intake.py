@@ -319,7 +319,7 @@ class UpdateIntake:
                 seqs.append(db.add_event(conn, job_id, (request_id,), EventKind.ACCEPTED.value,
                                          JobState.QUEUED.value, "queued", 0.0, message))
             self.ctx.audit.append(conn, "request_received", {
-                "request_id": request_id, "kind": kind, "payload_digest": digest, "subjects": len(subject_hashes),
+                "request_id": request_id, "request_kind": kind, "payload_digest": digest, "subjects": len(subject_hashes),
                 "records": sum(t[3] for t in targets), "models": [t[0].name for t in targets]})
             db.set_request_jobs(conn, request_id, job_ids)
             conn.execute(db.requests.update().where(db.requests.c.request_id == request_id)

@@ -125,6 +125,7 @@ def learn_and_register(ctx: PipelineContext, job, request_rows, info: ModelInfo,
                if rectify else {})
     scope = build_scope(ctx, job, info, data, dataset_row, matched)
     scope.retain &= ~new_rows  # the current training data: what the model knows before the update
+    scope.resolution["dataset_records"] = len(base_frame)  # the version the update starts from
     for row in request_rows:  # what each request brings (its certificate's "records")
         mine = new_rows & np.isin(data.record_ids, batches[row.request_id]["record_id"].astype(str).to_numpy())
         entry = scope.resolution["requests"].setdefault(row.request_id, {"matched": 0, "erased_from_training": 0})
@@ -381,10 +382,10 @@ def _refuse(ctx: PipelineContext, job, request_rows, record: dict[str, Any], gat
         db.add_event(conn, job.job_id, request_ids, EventKind.TERMINAL.value,
                      JobState.REJECTED_BY_VERIFICATION.value, "verify", 1.0, message)
         ctx.audit.append(conn, "job_rejected", {"job_id": job.job_id, "model_name": job.model_name,
-                                                "kind": job.selector, "request_ids": list(request_ids),
+                                                "job_kind": job.selector, "request_ids": list(request_ids),
                                                 "failures": list(gate.failures),
                                                 "evidence_sha256": sha256_hex(canonical_json(jsonable(record)))})
-    ctx.metrics.update_regressions.inc(sum(1 for name in gate.failures if name.startswith("erasure:")))
+    ctx.metrics.update_regressions.inc(sum(1 for name in gate.failures if name.startswith(f"{RECHECK}[")))
     ctx.metrics.updates.labels(job.selector, "rejected").inc()
 
 
