@@ -35,6 +35,7 @@ from typing import Any
 import mlflow
 import mlflow.pytorch
 from mlflow import MlflowClient
+from mlflow.entities import ViewType
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
@@ -270,6 +271,7 @@ class MlflowRegistry:
         if existing is not None:
             log.info("job %s already registered %s version %s; reusing it", job_id, name, existing.version)
             return str(existing.version), existing.tags.get("lethe.dataset_uri", "")
+        self.discard_unregistered_runs(job_id)
         with tempfile.TemporaryDirectory(prefix="lethe-carried-") as directory:
             carried = self.carried_from(name, parent_version, Path(directory)) if parent_version else {}
             with self._fluent(), mlflow.start_run(experiment_id=self.experiment_id, run_name=f"lethe-{job_id}",
@@ -286,6 +288,33 @@ class MlflowRegistry:
         version = self.client.create_model_version(name, source=info.model_uri, run_id=run.info.run_id,
                                                    tags=all_tags, model_id=info.model_id)
         return str(version.version), artifact_uri
+
+    def discard_unregistered_runs(self, job_id: str) -> list[str]:
+        """Runs an earlier attempt of this job logged without creating its version (a process killed between
+        the run and ``create_model_version``): their artifacts (the dataset copy, the ONNX export) and their
+        logged models' artifacts are deleted, the logged models and the runs marked deleted. Called only while no version carries the job's id, so every
+        run tagged with it is such an orphan. Without this, a later erasure's purge (which follows dataset
+        versions, not runs) would never reach the orphan's dataset copy. Returns the discarded run ids."""
+        discarded = []
+        for run in self.client.search_runs([self.experiment_id], f"tags.`lethe.job_id` = '{_quote(job_id)}'",
+                                           run_view_type=ViewType.ALL):
+            repository = get_artifact_repository(run.info.artifact_uri, tracking_uri=self.tracking_uri)
+            try:
+                repository.delete_artifacts()
+            except (OSError, MlflowException) as error:
+                if not _gone(run.info.artifact_uri):
+                    raise
+                log.debug("artifacts of run %s already gone: %s", run.info.run_id, error)
+            for logged in self.client.search_logged_models([self.experiment_id],
+                                                           filter_string=f"source_run_id = '{run.info.run_id}'"):
+                get_artifact_repository(logged.artifact_location, tracking_uri=self.tracking_uri).delete_artifacts()
+                self.client.delete_logged_model(logged.model_id)
+            if run.info.lifecycle_stage != "deleted":
+                self.client.delete_run(run.info.run_id)
+            log.info("job %s: discarded run %s, logged by an earlier attempt that registered no version", job_id,
+                     run.info.run_id)
+            discarded.append(run.info.run_id)
+        return discarded
 
     def set_serving(self, name: str, version: str, alias: str | None = None) -> None:
         """Move ``alias`` (default: the settings' serving alias) to ``version``."""
