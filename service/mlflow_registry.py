@@ -223,8 +223,10 @@ class MlflowRegistry:
         with self._fluent(), mlflow.start_run(experiment_id=self.experiment_id, run_name=run_name):
             info = self._log(model, tokenizer)
             run_id = mlflow.active_run().info.run_id
-        version = self.client.create_model_version(name if self.model_exists(name) else self._create(name),
-                                                   source=info.model_uri, run_id=run_id, model_id=info.model_id)
+        registered_name = name if self.model_exists(name) else self._create(name)
+        with self._fluent():  # MLflow's registry store looks the logged model up through the GLOBAL tracking URI
+            version = self.client.create_model_version(registered_name, source=info.model_uri, run_id=run_id,
+                                                       model_id=info.model_id)
         return str(version.version)
 
     def _create(self, name: str) -> str:
@@ -285,8 +287,9 @@ class MlflowRegistry:
         fault_point("mlflow.run_logged")  # crash tests only: the run holds the artifacts, no version exists yet
         all_tags = {key: tag_value(value) for key, value in {**tags, "lethe.job_id": job_id,
                                                               "lethe.dataset_uri": artifact_uri}.items()}
-        version = self.client.create_model_version(name, source=info.model_uri, run_id=run.info.run_id,
-                                                   tags=all_tags, model_id=info.model_id)
+        with self._fluent():  # as in log_initial_model: another registry's thread may have moved the global URI
+            version = self.client.create_model_version(name, source=info.model_uri, run_id=run.info.run_id,
+                                                       tags=all_tags, model_id=info.model_id)
         return str(version.version), artifact_uri
 
     def discard_unregistered_runs(self, job_id: str) -> list[str]:
