@@ -40,8 +40,10 @@ DEMO_POLICY = VerificationPolicy(max_utility_drop=0.02, class_forget_max_accurac
 
 LM_MODEL = "tiny-gpt"
 LM_TRAIN_PEOPLE, LM_PEOPLE = 8, 12  # people 0-7 are trained on, 8-11 are the never-seen holdout
-# Tolerances for a 1-layer model; the method is the LM benchmark's best trade-off (docs/results/lm.md).
-LM_POLICY = VerificationPolicy(max_utility_drop=0.05, method_chain=(MethodStep("gu+graddiff", {"alpha": 3.0}),))
+# Tolerances for a 1-layer model; gu+graddiff (alpha 3) erases a person of this tiny GPT within them,
+# simnpo+rt (the LM default chain's first method, docs/results/lm.md) is the escalation.
+LM_POLICY = VerificationPolicy(max_utility_drop=0.05, method_chain=(MethodStep("gu+graddiff", {"alpha": 3.0}),
+                                                                 MethodStep("simnpo+rt", {})))
 VIT_MODEL = "digits-vit"
 # The ViT's gate: class erasure by GS-LoRA++ (issue 6). Forgetting and ONNX limits as the CNN's; utility on
 # the remaining classes may fall by 3 points, the issue's tolerance for Acc_r against a retrained model

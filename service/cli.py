@@ -9,6 +9,7 @@
     lethe pending                                                   # the GDPR clock
     lethe certificate 3f2a... --verify
     lethe audit verify --state-dir .lethe                           # offline, no server needed
+    lethe dataset check data.parquet --task classification --num-classes 10   # offline schema check
     lethe health                                                    # exit 0 when SERVING (Kubernetes exec probe)
     lethe token --roles submitter --name governance                 # a new token and its credentials-file line
     lethe demo                                                      # the whole story on the digits model
@@ -25,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import sys
 import uuid
@@ -43,13 +43,11 @@ TERMINAL_NAMES = {"JOB_STATE_SUCCEEDED": "SUCCEEDED", "JOB_STATE_REJECTED_BY_VER
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
-    # --log-level sets Lethe's own loggers; third-party libraries (MLflow, the ONNX exporter) stay at
-    # WARNING so that an INFO server log is Lethe's story, not the exporter's optimisation passes.
-    level = args.log_level or ("INFO" if args.command in ("serve", "worker") else "WARNING")
-    logging.basicConfig(level=logging.WARNING, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    for name in ("service", "unlearn"):
-        logging.getLogger(name).setLevel(getattr(logging, level))
+    # --log-level sets Lethe's own loggers; other libraries' warnings and progress bars (MLflow, the ONNX
+    # exporter, transformers) show only under DEBUG, so the console is Lethe's story (service.console).
+    from service.console import configure
+
+    configure(args.log_level or ("INFO" if args.command in ("serve", "worker") else "WARNING"))
     try:
         return args.run(args)
     except grpc.RpcError as error:
@@ -395,6 +393,45 @@ def _audit_verify(args) -> int:
     return audit.main(forwarded)
 
 
+def _dataset_check(args) -> int:
+    """Offline: read a Parquet file and print every schema problem with its rows and column."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from service.datasets import SPLITS, schema_problems
+    from service.domain import TaskType
+
+    if not os.path.isfile(args.file):
+        print(f"lethe dataset check: {args.file}: no such file", file=sys.stderr)
+        return EXIT_ERROR
+    try:
+        frame = pq.read_table(args.file).to_pandas()
+    except (OSError, pa.ArrowException) as error:
+        print(f"lethe dataset check: {args.file}: not a readable Parquet file: {error}", file=sys.stderr)
+        return EXIT_ERROR
+    problems = schema_problems(frame, TaskType(args.task), args.num_classes, max_rows=args.max_rows)
+    for problem in problems:
+        where = "" if problem.column == "columns" else f"column {problem.column}: "
+        print(f"{args.file}: {where}{problem.problem}" + (f" ({problem.count} row(s))" if problem.count else ""))
+        for row, detail in problem.rows:
+            print(f"  row {row}, column {problem.column}: {detail}")
+        if problem.count > len(problem.rows):
+            print(f"  ... and {problem.count - len(problem.rows)} more row(s) (--max-rows to list more)")
+    if problems:
+        print(f"{args.file}: {len(problems)} problem(s); rows are 0-based positions in the file", file=sys.stderr)
+        return EXIT_ERROR
+    splits = frame["split"].value_counts()
+    summary = ", ".join(f"{int(splits[s])} {s}" for s in SPLITS if s in splits)
+    if args.task == "classification":
+        width = len(frame["features"].iloc[0])
+        labels = frame["label"]
+        summary += f"; {width} features per record; labels {labels.min()}..{labels.max()}"
+        if args.num_classes is None:
+            summary += " (give --num-classes to check the range)"
+    print(f"{args.file}: OK, {len(frame)} records ({summary}), {frame['subject_id'].nunique()} subjects")
+    return EXIT_OK
+
+
 def _health(args) -> int:
     """A probe: exit 0 when the server answers SERVING, 1 when it answers anything else, 2 when it cannot be
     reached in time. Health checks need no credentials, only the transport (TLS files with mutual TLS)."""
@@ -611,8 +648,9 @@ def _print_message(message) -> None:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lethe", description="Lethe machine-unlearning service",
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    parser.add_argument("--log-level", default=None, help="default INFO for serve, WARNING otherwise",
-                        choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    parser.add_argument("--log-level", default=None, choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+                        help="Lethe's log level (default INFO for serve and worker, WARNING otherwise); DEBUG also "
+                             "shows other libraries' warnings and progress bars")
     commands = parser.add_subparsers(dest="command", required=True)
 
     def client_command(name: str, help_text: str) -> argparse.ArgumentParser:
@@ -795,12 +833,30 @@ def _parser() -> argparse.ArgumentParser:
     verify.add_argument("--certificate", help="also check one certificate (JSON with body_json and signature)")
     verify.set_defaults(run=_audit_verify)
 
+    _dataset_parser(commands)
+
     demo = commands.add_parser("demo", help="train, register, serve and erase on the digits model, end to end")
     demo.add_argument("--state-dir", help="state directory (default: a fresh temporary one)")
     demo.add_argument("--subjects", type=int, default=20, help="subject erasures to stream (default 20)")
     demo.add_argument("--keep", action="store_true", help="keep the temporary state directory")
     demo.set_defaults(run=_demo)
     return parser
+
+
+def _dataset_parser(commands) -> None:
+    dataset = commands.add_parser("dataset", help="offline dataset tools (no server needed)")
+    dataset_commands = dataset.add_subparsers(dest="dataset_command", required=True)
+    check = dataset_commands.add_parser(
+        "check", help="report every schema problem of a Parquet dataset, with row and column",
+        description="Check a Parquet file against Lethe's dataset schema (docs/models.md) without a server: "
+                    "every problem is printed with its column and rows (0-based positions in the file). "
+                    "Exit status 0 when the file is clean, 2 otherwise.")
+    check.add_argument("file", help="the Parquet file")
+    check.add_argument("--task", required=True, choices=["classification", "causal_lm"])
+    check.add_argument("--num-classes", type=int, help="classification: labels must lie in [0, N)")
+    check.add_argument("--max-rows", type=int, default=20, help="rows listed per problem (default 20); all are "
+                                                                "counted")
+    check.set_defaults(run=_dataset_check)
 
 
 if __name__ == "__main__":

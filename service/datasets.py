@@ -8,10 +8,10 @@ version is registered, every older copy of that lineage (they all contain the er
 locally and in MLflow. Keyed hashes of erased record ids stay behind as tombstones, and registration
 refuses any dataset that contains one, so erased records are never re-ingested.
 
-Schema (classification): ``record_id`` (string), ``subject_id`` (string), ``split`` (``train`` /
-``holdout`` / ``test``; train and holdout must be non-empty), ``features`` (list<float>, one length),
-``label`` (int in [0, num_classes)). Causal LM: ``prompt`` and ``answer`` (non-empty strings) instead of
-``features`` and ``label`` (:mod:`service.lm_support`).
+Schema (docs/models.md; :func:`schema_problems` checks it and names every bad row): ``record_id`` (string,
+unique), ``subject_id`` (string), ``split`` (``train`` / ``holdout`` / ``test``; train and holdout must be
+non-empty), ``features`` (ONE list<float> column, one length), ``label`` (int in [0, num_classes)). Causal
+LM: ``prompt`` and ``answer`` (non-empty strings) instead of ``features`` and ``label``.
 """
 
 from __future__ import annotations
@@ -44,6 +44,7 @@ REQUIRED_SPLITS = ("train", "holdout")
 BASE_COLUMNS = ("record_id", "subject_id", "split")
 TASK_COLUMNS = {TaskType.CLASSIFICATION: ("features", "label"), TaskType.CAUSAL_LM: ("prompt", "answer")}
 MAX_VIOLATIONS = 20  # enough to point a data engineer at the problem without flooding the status
+MAX_ROWS_PER_VIOLATION = 5  # rows named in one violation; `lethe dataset check` lists more
 
 
 @dataclass(frozen=True)
@@ -139,64 +140,200 @@ def read_parquet(location: str) -> pd.DataFrame:
         raise InvalidArgument("the dataset cannot be read", (FieldViolation("dataset_uri", UNREADABLE),)) from None
 
 
-def validate_frame(frame: pd.DataFrame, task_type: TaskType, num_classes: int | None,
-                   max_id_length: int = 256) -> list[FieldViolation]:
-    """Every problem of a dataset, as field violations (empty list = valid)."""
-    if task_type not in TASK_COLUMNS:
-        return [FieldViolation("task_type", f"datasets of task {task_type.value!r} are not supported yet")]
-    violations: list[FieldViolation] = []
-    missing = [c for c in (*BASE_COLUMNS, *TASK_COLUMNS[task_type]) if c not in frame.columns]
-    if missing:
-        return [FieldViolation("dataset.columns", f"required column(s) missing: {', '.join(missing)}")]
-    # The one id rule of requests holds for the data too: an id a request could not name (a control or
-    # bidirectional-override character, too long) would make its record impossible to erase. Problems are
-    # reported by row number, never by quoting ids (refusals are logged).
-    for column, what in (("record_id", "record id"), ("subject_id", "subject id")):
-        values = frame[column]
-        bad_rows = [row for row, value in enumerate(values) if id_problem(value, max_id_length)]
-        if bad_rows:
-            violations.append(FieldViolation(f"dataset.{column}", f"{len(bad_rows)} record(s) without a valid {what} "
-                                             f"(non-empty, printable, at most {max_id_length} characters); first at "
-                                             f"row {bad_rows[0]}"))
-    duplicated_rows = np.flatnonzero(frame["record_id"].duplicated().to_numpy())
-    if len(duplicated_rows):
-        violations.append(FieldViolation("dataset.record_id", f"{len(duplicated_rows)} duplicate record ids; first "
-                                                              f"repeated at row {duplicated_rows[0]}"))
-    splits = frame["split"].astype(str)
-    unknown = sorted(set(splits) - set(SPLITS))
-    if unknown:
-        shown = ", ".join(preview(value, 20) for value in unknown[:5])
-        violations.append(FieldViolation("dataset.split", f"unknown split values {shown}; allowed {list(SPLITS)}"))
-    for split in REQUIRED_SPLITS:
-        if not (splits == split).any():
-            violations.append(FieldViolation("dataset.split", f"the {split!r} split is empty"))
-    if task_type is TaskType.CAUSAL_LM:
-        from service.lm_support import column_violations
+@dataclass(frozen=True)
+class SchemaProblem:
+    """One problem of a dataset file: a column (or ``columns`` for the file's schema) and the rows it affects.
 
-        return (violations + column_violations(frame))[:MAX_VIOLATIONS]
-    lengths = set()
-    bad_features = 0
-    for value in frame["features"]:
+    ``rows`` holds the first rows found, as (0-based row position in the file, what is wrong with that row);
+    ``count`` is how many rows have the problem in all (0 for a problem of a whole column or of the file).
+    """
+
+    column: str
+    problem: str
+    rows: tuple[tuple[int, str], ...] = ()
+    count: int = 0
+
+    @property
+    def field(self) -> str:
+        return f"dataset.{self.column}"
+
+    def describe(self, max_rows: int | None = None) -> str:
+        """One line: the problem, how many rows, and the first rows (all of ``rows`` unless ``max_rows``)."""
+        if not self.count:
+            return self.problem
+        shown = self.rows if max_rows is None else self.rows[:max_rows]
+        listed = "; ".join(f"row {row}: {detail}" for row, detail in shown)
+        more = f"; {self.count - len(shown)} more" if self.count > len(shown) else ""
+        return f"{self.problem} ({self.count} row(s)): {listed}{more}"
+
+
+class _Rows:
+    """Collects the rows of one problem: every row is counted, the first ``limit`` are kept."""
+
+    def __init__(self, column: str, problem: str, limit: int):
+        self.column, self.problem, self.limit = column, problem, limit
+        self.rows: list[tuple[int, str]] = []
+        self.count = 0
+
+    def add(self, row: int, detail: str) -> None:
+        self.count += 1
+        if len(self.rows) < self.limit:
+            self.rows.append((row, detail))
+
+    def problems(self) -> list[SchemaProblem]:
+        return [SchemaProblem(self.column, self.problem, tuple(self.rows), self.count)] if self.count else []
+
+
+def schema_problems(frame: pd.DataFrame, task_type: TaskType, num_classes: int | None, max_rows: int = 20,
+                    max_id_length: int = 256) -> list[SchemaProblem]:
+    """Every schema problem of a dataset (empty list = valid), each with up to ``max_rows`` of its rows.
+
+    Rows are named by their position, never by quoting an id or a value that may be personal data (refusals
+    are logged): a row's detail says what is wrong (``NaN at position 3``, ``length 10``).
+
+    The schema (docs/models.md): ``record_id`` and ``subject_id`` ids by the one id rule of requests
+    (:func:`service.domain.id_problem`: a record whose id no request could name could never be erased),
+    ``record_id`` unique;
+    ``split`` one of :data:`SPLITS` with ``train`` and ``holdout`` non-empty; a classifier's ``features``
+    ONE list column of finite numbers, one length for every row, and ``label`` an integer column in
+    ``[0, num_classes)``; a causal LM's ``prompt`` and ``answer`` non-empty strings. Other columns are
+    ignored. Every present column is checked even when another is missing.
+    """
+    if task_type not in TASK_COLUMNS:
+        return [SchemaProblem("task_type", f"datasets of task {task_type.value!r} are not supported yet")]
+    problems: list[SchemaProblem] = []
+    required = (*BASE_COLUMNS, *TASK_COLUMNS[task_type])
+    missing = [c for c in required if c not in frame.columns]
+    if missing:
+        problems.append(SchemaProblem("columns", _missing_columns(frame, missing, task_type)))
+    if len(frame) == 0:
+        return problems + [SchemaProblem("columns", "the file holds no records")]
+    for column, what in (("record_id", "record id"), ("subject_id", "subject id")):
+        if column in frame.columns:
+            bad = _Rows(column, f"every record needs a valid {what} (non-empty, printable, at most "
+                                f"{max_id_length} characters)", max_rows)
+            for row, value in enumerate(frame[column]):
+                reason = id_problem(value, max_id_length)
+                if reason:
+                    bad.add(row, reason)
+            problems += bad.problems()
+    if "record_id" in frame.columns:
+        duplicates = _Rows("record_id", "duplicate record id", max_rows)
+        first_row: dict[str, int] = {}
+        for row, value in enumerate(frame["record_id"]):
+            if isinstance(value, str) and value:
+                if value in first_row:
+                    duplicates.add(row, f"same record id as row {first_row[value]}")
+                else:
+                    first_row[value] = row
+        problems += duplicates.problems()
+    if "split" in frame.columns:
+        unknown = _Rows("split", f"split must be one of {', '.join(SPLITS)}", max_rows)
+        for row, value in enumerate(frame["split"]):
+            if value not in SPLITS:
+                unknown.add(row, preview(value, 20))
+        problems += unknown.problems()
+        present = set(frame["split"])
+        problems += [SchemaProblem("split", f"the {split!r} split is empty (no row has split = {split!r})")
+                     for split in REQUIRED_SPLITS if split not in present]
+    if task_type is TaskType.CAUSAL_LM:
+        for column in TASK_COLUMNS[task_type]:
+            if column in frame.columns:
+                problems += _text_problems(frame, column, max_rows)
+        return problems
+    if "features" in frame.columns:
+        problems += _feature_problems(frame["features"], max_rows)
+    if "label" in frame.columns:
+        problems += _label_problems(frame["label"], num_classes, max_rows)
+    return problems
+
+
+def _missing_columns(frame: pd.DataFrame, missing: list[str], task_type: TaskType) -> str:
+    text = f"required column(s) missing: {', '.join(missing)}"
+    numeric = [c for c in frame.columns
+               if c not in (*BASE_COLUMNS, "label") and pd.api.types.is_numeric_dtype(frame[c])]
+    if task_type is TaskType.CLASSIFICATION and "features" in missing and len(numeric) > 1:
+        named = ", ".join(map(str, numeric[:4])) + (", ..." if len(numeric) > 4 else "")
+        text += (f"; the file has {len(numeric)} numeric columns ({named}): Lethe takes a record's features as ONE "
+                 "list column, e.g. frame['features'] = frame[columns].to_numpy('float32').tolist()")
+    return text
+
+
+def _text_problems(frame: pd.DataFrame, column: str, max_rows: int) -> list[SchemaProblem]:
+    bad = _Rows(column, f"{column} must be a non-empty string", max_rows)
+    for row, value in enumerate(frame[column]):
+        if not isinstance(value, str):
+            bad.add(row, f"not a string ({_kind(value)})")
+        elif not value.strip():
+            bad.add(row, "empty")
+    return bad.problems()
+
+
+def _kind(value) -> str:
+    """What a bad value is, without quoting it (it may be personal data)."""
+    if value is None or (isinstance(value, float) and np.isnan(value)):
+        return "missing"
+    return type(value).__name__
+
+
+def _feature_problems(column: pd.Series, max_rows: int) -> list[SchemaProblem]:
+    """Each row a 1-D vector of finite numbers, every vector as long as the most common length."""
+    if pd.api.types.is_numeric_dtype(column):
+        return [SchemaProblem("features", f"features must be a list column (one vector per record), got scalar "
+                                          f"{column.dtype} values; see docs/models.md")]
+    not_vectors = _Rows("features", "features must be a non-empty list of numbers", max_rows)
+    not_finite = _Rows("features", "features must be finite numbers", max_rows)
+    lengths: dict[int, int] = {}
+    by_row: list[tuple[int, int]] = []
+    for row, value in enumerate(column):
         try:
             array = np.asarray(value, dtype=np.float64)
         except (TypeError, ValueError):
-            bad_features += 1
+            not_vectors.add(row, f"not numbers ({_kind(value)})")
             continue
-        if array.ndim != 1 or not np.isfinite(array).all():
-            bad_features += 1
-        lengths.add(array.shape[0] if array.ndim == 1 else -1)
-    if bad_features:
-        violations.append(FieldViolation("dataset.features", f"{bad_features} records have non-numeric, NaN or "
-                                                             "infinite features"))
+        if array.ndim != 1 or array.shape[0] == 0:
+            not_vectors.add(row, "empty" if array.ndim == 1 else f"{array.ndim}-dimensional ({_kind(value)})")
+            continue
+        if not np.isfinite(array).all():
+            position = int(np.flatnonzero(~np.isfinite(array))[0])
+            not_finite.add(row, f"{array[position]} at position {position}")
+        lengths[array.shape[0]] = lengths.get(array.shape[0], 0) + 1
+        by_row.append((row, array.shape[0]))
+    problems = not_vectors.problems() + not_finite.problems()
     if len(lengths) > 1:
-        violations.append(FieldViolation("dataset.features", f"feature vectors differ in length: {sorted(lengths)[:5]}"))
-    labels = frame["label"]
+        common = max(lengths, key=lambda n: (lengths[n], -n))
+        wrong = _Rows("features", f"feature vectors must all have one length ({common}, the most common)", max_rows)
+        for row, length in by_row:
+            if length != common:
+                wrong.add(row, f"length {length}")
+        problems += wrong.problems()
+    return problems
+
+
+def _label_problems(labels: pd.Series, num_classes: int | None, max_rows: int) -> list[SchemaProblem]:
+    """An integer column (int64) with every value in [0, num_classes) (or >= 0 without num_classes)."""
+    upper = f"{num_classes})" if num_classes is not None else "num_classes)"
+    problems = []
     if not pd.api.types.is_integer_dtype(labels):
-        violations.append(FieldViolation("dataset.label", f"labels must be integers, got {labels.dtype}"))
-    elif num_classes is not None and len(labels) and (labels.min() < 0 or labels.max() >= num_classes):
-        violations.append(FieldViolation("dataset.label", f"labels must lie in [0, {num_classes}), found "
-                                                          f"[{labels.min()}, {labels.max()}]"))
-    return violations[:MAX_VIOLATIONS]
+        problems.append(SchemaProblem("label", f"label must be an integer column (int64), got {labels.dtype}"))
+    not_integers = _Rows("label", "label must be an integer", max_rows)
+    out_of_range = _Rows("label", f"label must lie in [0, {upper}", max_rows)
+    for row, value in enumerate(labels):
+        if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)) \
+                or not np.isfinite(value) or value != int(value):
+            not_integers.add(row, repr(value) if isinstance(value, (float, np.floating)) else _kind(value))
+        elif value < 0 or (num_classes is not None and value >= num_classes):
+            out_of_range.add(row, str(int(value)))
+    return problems + not_integers.problems() + out_of_range.problems()
+
+
+def validate_frame(frame: pd.DataFrame, task_type: TaskType, num_classes: int | None,
+                   max_id_length: int = 256) -> list[FieldViolation]:
+    """Every problem of a dataset as field violations (empty list = valid), each naming its first rows and
+    how many rows it affects (:func:`schema_problems`; ``lethe dataset check`` prints them all)."""
+    problems = schema_problems(frame, task_type, num_classes, max_id_length=max_id_length)
+    return [FieldViolation(problem.field, problem.describe(MAX_ROWS_PER_VIOLATION)) for problem in problems][
+        :MAX_VIOLATIONS]
 
 
 def content_digest(frame: pd.DataFrame) -> str:

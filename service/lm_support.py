@@ -30,20 +30,8 @@ from unlearn.lm.task import CausalLMTask, model_context_length, model_vocab_size
 if TYPE_CHECKING:
     from service.datasets import LoadedDataset
 
-LM_COLUMNS = ("prompt", "answer")
 MAX_ROW_VIOLATIONS = 10
 PARITY_BATCH = 64
-
-
-def column_violations(frame: pd.DataFrame) -> list[FieldViolation]:
-    """Empty or non-string prompts and answers (the other columns are checked by the catalog)."""
-    violations = []
-    for column in LM_COLUMNS:
-        bad = [str(r) for r, v in zip(frame["record_id"], frame[column]) if not isinstance(v, str) or not v.strip()]
-        if bad:
-            violations.append(FieldViolation(f"dataset.{column}", f"{len(bad)} record(s) have an empty {column} "
-                                                                  f"(e.g. {', '.join(bad[:3])})"))
-    return violations
 
 
 def subject_numbers(subject_keys: np.ndarray) -> list[int]:

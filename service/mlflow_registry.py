@@ -141,6 +141,30 @@ class MlflowRegistry:
                                f"class ids, got {text!r}")
         return tuple(sorted(set(values)))
 
+    def flavor_info(self, name: str, version: str) -> dict[str, Any]:
+        """How a version was logged, read from its MLmodel file and artifact listing WITHOUT loading it.
+
+        ``flavors``: the MLmodel's flavor configurations by name; ``serialization_format``: ``pickle`` or
+        ``pt2`` for a pytorch-flavor model (MLflow 3 writes no format key: the model data file tells,
+        ``model.pth`` or ``model.pt2``), else None; ``code_paths``: whether code was logged with the model.
+        """
+        from mlflow.models import get_model_info
+
+        uri = f"models:/{name}/{version}"
+        with self._fluent():
+            flavors = dict(get_model_info(uri).flavors)
+            serialization_format = None
+            pytorch = flavors.get("pytorch")
+            if pytorch is not None:
+                data = pytorch.get("model_data", "data")
+                repository = get_artifact_repository(uri, tracking_uri=self.tracking_uri,
+                                                     registry_uri=self.tracking_uri)
+                files = {Path(item.path).name for item in repository.list_artifacts(data)}
+                serialization_format = ("pt2" if "model.pt2" in files else "pickle" if "model.pth" in files
+                                        else "unknown")
+        code = any(conf.get("code") for conf in flavors.values() if isinstance(conf, dict))
+        return {"flavors": flavors, "serialization_format": serialization_format, "code_paths": code}
+
     def load_model(self, name: str, version: str) -> nn.Module:
         with self._fluent():
             model = mlflow.pytorch.load_model(f"models:/{name}/{version}")

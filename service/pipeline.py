@@ -18,7 +18,6 @@ subject ids (:meth:`service.datasets.LoadedDataset.match`).
 
 from __future__ import annotations
 
-import importlib
 import json
 import logging
 import time
@@ -33,6 +32,7 @@ from torch import nn
 from service.faults import fault_point
 from service import store as db
 from service.audit import NO_RECORDS, canonical_json, issue_job_certificates, jsonable, sha256_hex
+from service.contract import import_factory
 from service.datasets import LoadedDataset, remove_tree, safe_name
 from service.context import ModelInfo, PipelineContext
 from service.domain import EventKind, JobState
@@ -47,7 +47,7 @@ from unlearn.importance import ImportanceCache, TrainImportance, weights_digest
 from unlearn.registry import UnlearnRequest
 from unlearn.splits import audit_mask
 from unlearn.tasks import TaskAdapter
-from unlearn.training import TrainRecipe
+from unlearn.training import TrainRecipe, recipe_from_values
 
 log = logging.getLogger(__name__)
 
@@ -96,14 +96,12 @@ class Progress:
 
 def _factory(training: dict[str, Any]):
     target = training.get("model_factory")
-    if not target:
-        return None
-    module, _, function = target.partition(":")
-    return getattr(importlib.import_module(module), function)
+    return import_factory(target) if target else None
 
 
 def _recipe(training: dict[str, Any]) -> TrainRecipe | None:
-    return TrainRecipe(**training["train_recipe"]) if training.get("train_recipe") else None
+    """The stored recipe (converted at registration; converting again also reads rows stored before that)."""
+    return recipe_from_values(training["train_recipe"]) if training.get("train_recipe") else None
 
 
 def correct_before(ctx: PipelineContext, info: ModelInfo, version: str, data: LoadedDataset, task: TaskAdapter,

@@ -1,10 +1,15 @@
 """Registration: make an MLflow model version unlearnable, after checking everything it will need.
 
-Nothing is written until every check passed: the request's fields, the policy, that the dataset lies inside
-an accepted dataset root (``Settings.dataset_roots``; refusals say nothing about the server's files), the
-dataset's schema, that no record of the dataset was erased before (tombstones), and that the model accepts
-the data (a forward pass; for causal LMs the tokenizer, context and vocabulary). Then, in order: Lethe's own copy of the
-dataset, the MLflow version's tags, the serving alias, and one store transaction with the audit entry.
+Nothing is written until every check passed: the request's fields, the policy, the training recipe
+(converted by its field types), that the dataset lies inside an accepted dataset root
+(``Settings.dataset_roots``; refusals say nothing about the server's files), that the version was not trained
+on data erased since, how the version was logged (flavor and serialization format), the dataset's schema, that
+the model loads and accepts the data (a forward pass; for causal LMs the tokenizer, context and vocabulary),
+that the model factory builds the same model, that every method of the chain can run on the model (the task
+capability: a method's tasks and model check), and that no record of the dataset was erased before
+(tombstones): the model contract of docs/models.md, checked by :mod:`service.contract`. Then, in order: Lethe's
+own copy of the dataset, the MLflow version's tags, the serving alias, and one store transaction with the audit
+entry.
 """
 
 from __future__ import annotations
@@ -12,10 +17,7 @@ from __future__ import annotations
 from dataclasses import asdict, replace
 from typing import Any
 
-import numpy as np
-import torch
-
-from service import lm_support
+from service import contract, lm_support
 from service import store as db
 from service.context import PipelineContext
 from service.datasets import read_parquet, record_tombstone, resolve_dataset_uri, validate_frame
@@ -35,9 +37,7 @@ from service.domain import (
 from service.verification import policy_violations
 from unlearn import registry as methods
 from unlearn.chain import default_chain
-from unlearn.data import classification_examples
-from unlearn.errors import InvalidDataError, InvalidParameterError, UnknownMethodError
-from unlearn.tasks import ClassificationTask
+from unlearn.errors import InvalidParameterError, UnknownMethodError
 
 
 class Registrar:
@@ -48,32 +48,13 @@ class Registrar:
 
     def register_model(self, registration: ModelRegistration) -> RegisteredModel:
         """Validate everything, then write the dataset copy, MLflow tags and the store rows."""
-        version, frame, policy = self._validate_registration(registration)
+        version, frame, policy, training = self._validate_registration(registration)
         policy = _with_default_chain(policy, registration)
         violations = self._tombstone_violations(frame)
-        if registration.task_type is TaskType.CAUSAL_LM:  # tokenizer, context and vocabulary checks
-            model, tokenizer = self.ctx.registry.load_lm(registration.model_name, version)
-            violations += lm_support.registration_violations(model, tokenizer, frame)
-        else:
-            model = self.ctx.registry.load_model(registration.model_name, version)
-            holdout = frame[frame["split"] == "holdout"].head(4)  # the model must accept the data's features
-            examples = classification_examples(
-                torch.from_numpy(np.stack([np.asarray(v, dtype=np.float32) for v in holdout["features"]])),
-                torch.from_numpy(holdout["label"].to_numpy(dtype=np.int64, copy=True)))
-            try:
-                ClassificationTask(registration.num_classes).validate(model, examples, "dataset.features")
-            except InvalidDataError as error:
-                violations.append(FieldViolation(error.field, error.reason))
-        for index, step in enumerate(policy.method_chain):  # every method of the chain can run on this model
-            reason = methods.unsupported_reason(step.name, registration.task_type.value, model)
-            if reason:
-                violations.append(FieldViolation("policy.default_method" if registration.chain_from_default_method
-                                                 else f"policy.method_chain[{index}].name", reason))
         if violations:
             raise InvalidArgument("the model cannot be registered", tuple(violations))
 
         path, digest = self.ctx.catalog.write_version(registration.model_name, frame, f"registered-v{version}")
-        training = {"model_factory": registration.model_factory, "train_recipe": dict(registration.train_recipe)}
         mlflow_version = self.ctx.registry.resolve(registration.model_name, version)
         artifact_uri = self.ctx.registry.attach_dataset(mlflow_version, path, {
             "lethe.unlearnable": "true", "lethe.task_type": registration.task_type.value,
@@ -94,6 +75,8 @@ class Registrar:
                                policy)
 
     def _validate_registration(self, registration: ModelRegistration):
+        """Every check, cheapest first (docs/models.md, :mod:`service.contract`); returns (version, dataset
+        frame, policy, the training to store with its recipe converted)."""
         violations: list[FieldViolation] = []
         limit = self.ctx.settings.max_id_length
         problem = id_problem(registration.model_name, limit)
@@ -109,9 +92,9 @@ class Registrar:
                                                                   or registration.num_classes < 2):
             violations.append(FieldViolation("num_classes", "a classifier needs num_classes >= 2"))
         violations += _policy_violations(registration.policy, registration.chain_from_default_method)
-        if registration.model_factory and (":" not in registration.model_factory
-                                           or id_problem(registration.model_factory, limit)):
-            violations.append(FieldViolation("model_factory", "expected 'module:function'"))
+        recipe, training_violations = contract.training_violations(registration.model_factory,
+                                                                   registration.train_recipe, limit)
+        violations += training_violations
         if violations:
             raise InvalidArgument("invalid model registration", tuple(violations))
         # The location is checked before MLflow or the file system is touched: a URI outside the dataset
@@ -124,11 +107,43 @@ class Registrar:
         resolved = self.ctx.registry.resolve(registration.model_name, registration.version, registration.alias)
         version = str(resolved.version)
         self._refuse_erased_versions(registration.model_name, version, resolved.tags)
+        version_field = "version" if registration.version else "alias"
+        refusal = contract.format_refusal(self.ctx.registry.flavor_info(registration.model_name, version),
+                                          registration.task_type, version_field)
+        if refusal is not None:
+            raise refusal
         frame = read_parquet(location)
         violations = validate_frame(frame, registration.task_type, registration.num_classes, limit)
         if violations:
             raise InvalidArgument("the dataset cannot be registered", tuple(violations))
-        return version, frame, registration.policy
+        violations = self._model_violations(registration, version, version_field, frame, recipe)
+        if violations:
+            raise InvalidArgument("the model does not fit its registration", tuple(violations))
+        return version, frame, registration.policy, contract.stored_training(registration.model_factory, recipe)
+
+    def _model_violations(self, registration: ModelRegistration, version: str, version_field: str, frame,
+                          recipe) -> list[FieldViolation]:
+        """Load the version; it must take the dataset's rows, and the factory must build the same model."""
+        try:
+            if registration.task_type is TaskType.CAUSAL_LM:
+                model, tokenizer = self.ctx.registry.load_lm(registration.model_name, version)
+            else:
+                model = self.ctx.registry.load_model(registration.model_name, version)
+        except Exception as error:  # the client's model and code: a failure to load is theirs to fix
+            raise contract.load_refusal(error, version_field) from error
+        if registration.task_type is TaskType.CAUSAL_LM:  # tokenizer, context and vocabulary checks
+            violations = lm_support.registration_violations(model, tokenizer, frame)
+        else:
+            violations = contract.forward_violations(model, frame, registration.num_classes)
+        if registration.model_factory and recipe is not None:
+            violations += contract.factory_violations(registration.model_factory, recipe.seed, model)
+        chain = _with_default_chain(registration.policy, registration).method_chain
+        for index, step in enumerate(chain):  # every method of the chain can run on this model
+            reason = methods.unsupported_reason(step.name, registration.task_type.value, model)
+            if reason:
+                violations.append(FieldViolation("policy.default_method" if registration.chain_from_default_method
+                                                 else f"policy.method_chain[{index}].name", reason))
+        return violations
 
     def _refuse_erased_versions(self, name: str, version: str, tags: dict[str, str]) -> None:
         """A version trained on data erased since may never serve again: not after a purge or archive

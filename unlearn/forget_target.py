@@ -84,7 +84,14 @@ class ForgetTarget:
         forget_acc = accuracy(self.task, model, forget)
         if self.forget_classes:
             return ForgetCheck(forget_acc <= self.class_forget_target, forget_acc, self.class_forget_target)
-        membership = compare(self.task, model, forget, self.tune)
+        return self.decide(compare(self.task, model, forget, self.tune), forget_acc)
+
+    def decide(self, membership: MembershipResult, forget_acc: float) -> ForgetCheck:
+        """Record erasure's verdict on a membership test of the forget set against the tune records.
+
+        :meth:`check` computes the test on the current weights; a method that already holds the per-example
+        losses (e.g. from its own forward passes) passes the test here and gets the same verdict.
+        """
         indistinguishable = membership.ks_p_value >= self.stop_min_p
         over = not indistinguishable and membership.auc < 0.5 - self.stop_auc_margin
         reached = indistinguishable and membership.auc <= 0.5 + self.stop_auc_margin

@@ -35,9 +35,10 @@ The default (``constant``, no warm-up) is the loop as it was before schedules ex
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
-from typing import Literal
+import typing
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, fields
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -82,15 +83,59 @@ class TrainRecipe:
     warmup_steps: int = 0
 
     def __post_init__(self) -> None:
-        if self.epochs < 1 or self.batch_size < 1 or not self.lr > 0 or self.weight_decay < 0 \
-                or not 0 <= self.gradient_restriction <= 1:
-            raise InvalidParameterError("recipe", f"invalid training recipe {self}")
+        for name, valid, rule in (("epochs", self.epochs >= 1, "must be >= 1"),
+                                  ("batch_size", self.batch_size >= 1, "must be >= 1"),
+                                  ("lr", self.lr > 0, "must be > 0"),
+                                  ("weight_decay", self.weight_decay >= 0, "must be >= 0"),
+                                  ("gradient_restriction", 0 <= self.gradient_restriction <= 1, "must be in [0, 1]")):
+            if not valid:
+                raise InvalidParameterError(name, f"{rule}, got {getattr(self, name)!r}")
         if self.optimizer not in ("adam", "adamw", "sgd"):
             raise InvalidParameterError("optimizer", f"must be 'adam', 'adamw' or 'sgd', got {self.optimizer!r}")
         if self.lr_schedule not in LR_SCHEDULES:
             raise InvalidParameterError("lr_schedule", f"must be one of {list(LR_SCHEDULES)}, got {self.lr_schedule!r}")
         if isinstance(self.warmup_steps, bool) or not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
             raise InvalidParameterError("warmup_steps", f"must be a non-negative integer, got {self.warmup_steps!r}")
+
+
+def recipe_from_values(values: Mapping[str, Any]) -> TrainRecipe:
+    """A :class:`TrainRecipe` from loosely typed values, converted by the dataclass's field types.
+
+    Recipes reach the service as JSON or a ``google.protobuf.Struct``, where every number is a float: an
+    ``int`` field accepts an integral float (``300.0`` becomes ``300``), never ``300.5``; a ``float`` field
+    accepts any finite number; a ``Literal`` field one of its values. An unknown key, a wrong type or a value
+    out of range raises :class:`InvalidParameterError` naming the field: a recipe is never silently replaced by
+    defaults (the retrain baseline must repeat exactly the training the client describes).
+    """
+    hints = typing.get_type_hints(TrainRecipe)
+    known = {item.name for item in fields(TrainRecipe)}
+    converted: dict[str, Any] = {}
+    for name, value in values.items():
+        if name not in known:
+            raise InvalidParameterError(name, f"unknown recipe field; known: {', '.join(sorted(known))}")
+        converted[name] = _convert(name, hints[name], value)
+    return TrainRecipe(**converted)
+
+
+def _convert(name: str, kind: Any, value: Any) -> Any:
+    if typing.get_origin(kind) is Literal:
+        choices = typing.get_args(kind)
+        if value not in choices:
+            raise InvalidParameterError(name, f"must be one of {', '.join(map(repr, choices))}, got {value!r}")
+        return value
+    if kind is str:
+        if not isinstance(value, str):
+            raise InvalidParameterError(name, f"must be a string, got {value!r}")
+        return value
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise InvalidParameterError(name, f"must be a finite number, got {value!r}")
+    if kind is int:
+        if value != int(value):
+            raise InvalidParameterError(name, f"must be an integer, got {value!r}")
+        return int(value)
+    if kind is float:
+        return float(value)
+    raise TypeError(f"TrainRecipe.{name} has a type recipe_from_values does not convert: {kind!r}")
 
 
 def training_seed(recipe: TrainRecipe) -> int:

@@ -2,7 +2,8 @@
 
 :func:`erase` runs :func:`unlearn.chain.run_chain` with the task's default chain
 (:data:`unlearn.chain.DEFAULT_CHAINS`: ``ssd-auto`` -> ``gu+graddiff`` -> ``retrain`` for classifiers,
-``gu+graddiff`` -> ``retrain`` for causal LMs), every attempt from the same starting model, and keeps the
+``simnpo+rt`` -> ``retrain`` for causal LMs) or the chain a scenario names (``fictitious-updates`` keeps
+``gu+graddiff`` -> ``retrain``, the chain its results were measured with), every attempt from the same starting model, and keeps the
 first result that :func:`unlearn.gate.judge` passes with the default :class:`unlearn.gate.GatePolicy`:
 
 - utility on ``utility`` (classifiers: audit records of the classes that stay; causal LMs: retained people's
@@ -22,7 +23,7 @@ erased.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from torch import nn
@@ -35,10 +36,13 @@ from unlearn.tasks import accuracy
 
 
 def erase(model: nn.Module, request: UnlearnRequest, kind: str, utility: ExampleSet, audit: ExampleSet,
-          params: Mapping[str, dict] | None = None) -> tuple[nn.Module, dict[str, Any]]:
-    """The first result of the default chain for ``kind`` that passes the gate, and every attempt's evidence."""
+          params: Mapping[str, dict] | None = None,
+          methods: Sequence[str] | None = None) -> tuple[nn.Module, dict[str, Any]]:
+    """The first result of the chain (``methods``, default: the default chain for ``kind``) that passes the
+    gate, and every attempt's evidence."""
     params = params or {}
-    chain = [(name, params.get(name, {})) for name, _ in default_chain(kind)]
+    names = list(methods) if methods is not None else [name for name, _ in default_chain(kind)]
+    chain = [(name, params.get(name, {})) for name in names]
     task, policy = request.task, GatePolicy()
     utility_before = accuracy(task, model, utility)
     forced: dict[str, Any] = {}

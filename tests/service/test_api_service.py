@@ -372,17 +372,26 @@ def test_front_end_checks_map_to_field_violations(api):
 
 
 # ------------------------------------------------------------------------------------------ API surface
-@pytest.mark.parametrize("rpc, request_message", [
+@pytest.mark.parametrize("rpc, request_message, code, field", [
     ("SubmitRectification", service_pb2.SubmitRectificationRequest(
-        rectification=types_pb2.Rectification(request_id="api-fix", subject_id="subject-0001"))),
+        rectification=types_pb2.Rectification(request_id="api-fix", subject_id="subject-0001")),
+     grpc.StatusCode.INVALID_ARGUMENT, "corrected_records"),
     ("SubmitUpdate", service_pb2.SubmitUpdateRequest(update=types_pb2.Update(request_id="api-upd",
-                                                                                model_name="digits-cnn"))),
+                                                                                model_name="digits-cnn")),
+     grpc.StatusCode.INVALID_ARGUMENT, "records"),
+    ("SubmitUpdate", service_pb2.SubmitUpdateRequest(update=types_pb2.Update(
+        request_id="api-upd-2", model_name="no-such-model", records=[types_pb2.Record(record_id="n-1",
+                                                                                      subject_id="s-1")])),
+     grpc.StatusCode.NOT_FOUND, "model_name"),
 ])
-def test_rectify_and_update_answer_unimplemented(api, rpc, request_message):
+def test_rectify_and_update_refuse_bad_input_with_the_field(api, rpc, request_message, code, field):
     with pytest.raises(grpc.RpcError) as refused:
         getattr(api.stub, rpc)(request_message)
-    assert refused.value.code() == grpc.StatusCode.UNIMPLEMENTED
-    assert "continual learning" in refused.value.details()
+    assert refused.value.code() == code
+    assert field in dict(field_violations(refused.value))
+    with pytest.raises(grpc.RpcError) as unknown:  # nothing was stored
+        api.stub.GetRequest(service_pb2.GetRequestRequest(request_id=request_message.ListFields()[0][1].request_id))
+    assert unknown.value.code() == grpc.StatusCode.NOT_FOUND
 
 
 def test_health_and_reflection(api):

@@ -1,4 +1,4 @@
-"""The registry contract for the causal-LM methods (``flat``, ``simnpo`` and their GU wrappers) on a tiny GPT, and the gradient
+"""The registry contract for the causal-LM methods (``flat``, ``simnpo``, ``simnpo+rt`` and GU wrappers) on a tiny GPT, and the gradient
 family (GA, GradDiff, NPO, IAU and their GU wrappers) running unchanged on the causal-LM adapter.
 
 Contract: forget NLL rises, retain NLL stays within tolerance, the caller's model is unchanged, the same
@@ -19,6 +19,8 @@ from unlearn import registry
 LM_CASES = {
     "flat": {"lr": 1e-3, "epochs": 4, "stop_at_target": False},
     "simnpo": {"lr": 1e-3, "max_steps": 4, "stop_at_target": False, "batch_size": 8},
+    "simnpo+rt": {"lr": 1e-3, "max_steps": 4, "stop_at_target": False, "batch_size": 8, "retain_batch_size": 8,
+                  "delta": 30.0, "retain_weight": 1.0},
     "gu+flat": {"lr": 1e-3, "max_steps": 4, "stop_at_target": False, "batch_size": 8, "basis_batch_size": 4,
                 "rank": 4, "basis_refresh_steps": 3},
     "gu+simnpo": {"lr": 1e-3, "max_steps": 4, "stop_at_target": False, "batch_size": 8, "basis_batch_size": 4,
@@ -83,3 +85,34 @@ def test_flat_reports_whether_it_reached_the_never_seen_level():
     assert result.target_reached is (reached and not result.details["overshoot"])
     if not result.target_reached and not result.details["overshoot"]:
         assert result.details["epochs"] == 2  # stopped by the budget, and said so
+
+
+# simnpo+rt on the tiny GPT: 2 forget people (10 answers), 4 tune people (20), 6 retained people (30).
+SIMNPO_RT_TINY = {"lr": 5e-3, "retain_weight": 20.0, "max_steps": 40, "batch_size": 16, "retain_batch_size": 32,
+                  "check_every": 2}
+
+
+def test_simnpo_rt_reaches_the_never_seen_level_and_keeps_the_retained_answers():
+    from unlearn.membership import compare
+    from unlearn.tasks import accuracy
+
+    problem = lm_problem()
+    retain_before = accuracy(problem.task, problem.model, problem.retain)
+    result = registry.run("simnpo+rt", problem.model, problem.request(), SIMNPO_RT_TINY)
+    assert result.target_reached is True, result.message
+    assert "reached" in result.message and result.details["steps"] < SIMNPO_RT_TINY["max_steps"]
+    # delta from the tune people: beta times the 0.8 quantile of their answer NLLs (~8 nats on this GPT).
+    assert result.details["delta"] > 4.5 * 5
+    # The returned weights themselves pass the stop rule against the tune people ...
+    stop = compare(problem.task, result.model, problem.forget, problem.holdout)
+    assert stop.ks_p_value >= 0.1 and stop.auc <= 0.55
+    # ... and the retained people's answers survive (teacher-forced exact match).
+    assert accuracy(problem.task, result.model, problem.retain) >= retain_before - 0.1
+
+
+def test_simnpo_rt_says_when_its_budget_ran_out():
+    problem = lm_problem()
+    result = registry.run("simnpo+rt", problem.model, problem.request(), {**SIMNPO_RT_TINY, "max_steps": 2})
+    assert result.target_reached is False
+    assert "budget of 2 exhausted" in result.message and result.details["steps"] == 2
+    assert result.details["stop_membership_tune"]["auc"] > 0.55  # the check ran on the returned weights

@@ -123,3 +123,20 @@ def test_bad_method_parameters():
     with pytest.raises(InvalidParameterError) as error:
         registry.parse_config("simnpo", {"gamma": 1.0})
     assert error.value.field == "gamma"
+
+
+def test_concatenated_batches_give_each_example_the_same_answer_nll():
+    """simnpo+rt forwards its forget and retain batches in one padded pass: padding must change nothing."""
+    from unlearn.lm.task import concat_batches
+
+    problem = lm_problem()
+    task = problem.task
+    short = task.encode(["Question: Who?\nAnswer:"], [" Velmora."], [1], 64)
+    first, second = dict(short.tensors), dict(problem.retain.subset([0, 1, 2]).tensors)
+    joint = concat_batches([first, second], task.eos_token_id)
+    assert joint["input_ids"].shape == (4, max(first["input_ids"].shape[1], second["input_ids"].shape[1]))
+    with torch.no_grad():
+        separate = torch.cat([task.per_example_loss(problem.model, first), task.per_example_loss(problem.model, second)])
+        together = task.per_example_loss(problem.model, joint)
+    assert torch.allclose(separate, together, atol=1e-4)
+    assert torch.equal(task.target_lengths(joint), torch.cat([task.target_lengths(first), task.target_lengths(second)]))

@@ -14,8 +14,10 @@ Issue 9: a true retrain must pass the gate's membership checks (:func:`unlearn.g
    the ``random`` and ``subject`` scenarios' forget sets judged against ``audit`` on a model retrained from
    scratch without them with the family's recipe (the harness's retrained reference).
 
-Only the membership checks are counted (utility and class forgetting are not about membership); a run
-passes when both ``membership_ks`` and ``membership_auc`` pass. The last stdout line is one JSON object
+Only the checks about the erased records are counted (utility and class forgetting are not about them): a
+run passes ("both") when ``membership_ks`` and ``membership_auc`` pass; ``forget_accuracy`` (the one-sided
+check that the forget records' labels are predicted no better than audit's) is counted beside them, and
+"all" is the three together. The last stdout line is one JSON object
 with every rate.
 """
 
@@ -36,11 +38,23 @@ from unlearn.bench.harness import split_indices
 from unlearn.bench.scenarios import RANDOM_FRACTION, SUBJECT_COUNT, select_forget
 from unlearn.cache import ModelCache
 from unlearn.device import resolve_device
-from unlearn.gate import GatePolicy
+from unlearn.gate import FORGET_ACCURACY_MARGIN, GatePolicy, forget_accuracy_p
 from unlearn.membership import compare
+from unlearn.tasks import accuracy
 from unlearn.training import train_from_scratch
 
 MEMBERSHIP_CHECKS = ("membership_ks", "membership_auc")
+
+
+def forget_accuracy_passes(policy: GatePolicy, task, model, forget, audit) -> bool:
+    """The gate's ``forget_accuracy`` check (:func:`unlearn.gate.judge`) of ``model`` on one forget set."""
+    forget_acc, audit_acc = accuracy(task, model, forget), accuracy(task, model, audit)
+    return not (forget_acc > audit_acc + FORGET_ACCURACY_MARGIN + 1e-12
+                and forget_accuracy_p(forget_acc, len(forget), audit_acc, len(audit)) < policy.min_forget_p)
+
+
+def _with_forget_accuracy(flags: dict[str, bool], forget_accuracy: bool) -> dict[str, bool]:
+    return {**flags, "forget_accuracy": forget_accuracy, "all": flags["both"] and forget_accuracy}
 
 
 def membership_passes(policy: GatePolicy, result) -> dict[str, bool]:
@@ -68,8 +82,11 @@ def _retrained_case(family, selector: str, seed: int, device: torch.device, poli
     recipe = replace(family.recipe, seed=seed)
     model = train_from_scratch(family.task(), family.model_factory, retain, recipe, device)
     result = compare(family.task(), model, forget, audit)
+    flags = _with_forget_accuracy(membership_passes(policy, result),
+                                  forget_accuracy_passes(policy, family.task(), model, forget, audit))
     return {"selector": selector, "seed": seed, "forget_size": len(forget), "ks_p": result.ks_p_value,
-            "auc": result.auc, **membership_passes(policy, result)}
+            "auc": result.auc, "forget_acc": accuracy(family.task(), model, forget),
+            "audit_acc": accuracy(family.task(), model, audit), **flags}
 
 
 def _pseudo_draws(family, seed: int, draws: int, device: torch.device, policy: GatePolicy,
@@ -95,8 +112,11 @@ def _pseudo_draws(family, seed: int, draws: int, device: torch.device, policy: G
             else:
                 subjects = rng.choice(unique_subjects, min(SUBJECT_COUNT, len(unique_subjects)), replace=False)
                 chosen = np.flatnonzero(np.isin(tune_subjects, subjects))
-            result = compare(task, model, tune.subset(np.sort(chosen)), audit)
-            for name, passed in membership_passes(policy, result).items():
+            forget = tune.subset(np.sort(chosen))
+            result = compare(task, model, forget, audit)
+            checks = _with_forget_accuracy(membership_passes(policy, result),
+                                           forget_accuracy_passes(policy, task, model, forget, audit))
+            for name, passed in checks.items():
                 flags[kind].setdefault(name, []).append(passed)
     return flags
 
@@ -118,19 +138,24 @@ def calibrate_family(family_name: str, seeds: list[int], retrain_seeds: list[int
                           | {"draws": len(checks.get("both", []))} for kind, checks in pseudo.items()},
         "retrained": {"passed": sum(r["both"] for r in real), "runs": len(real),
                       "ks_passed": sum(r["membership_ks"] for r in real),
-                      "auc_passed": sum(r["membership_auc"] for r in real), "cases": real},
+                      "auc_passed": sum(r["membership_auc"] for r in real),
+                      "forget_accuracy_passed": sum(r["forget_accuracy"] for r in real),
+                      "all_passed": sum(r["all"] for r in real), "cases": real},
     }
 
 
 def table(results: list[dict]) -> str:
     rows = ["| family | pseudo-forget draws (random-size) | both checks pass | KS pass | AUC pass | "
-            "pseudo-forget draws (20 subjects) | both checks pass | real forget sets on retrained models, passed |",
-            "|---|---|---|---|---|---|---|---|"]
+            "forget_accuracy pass | pseudo-forget draws (20 subjects) | both checks pass | forget_accuracy pass | "
+            "real forget sets on retrained models, passed (membership / forget_accuracy / all) |",
+            "|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         rnd, sub = r["pseudo_forget"]["random"], r["pseudo_forget"]["subject"]
-        passed, runs = r["retrained"]["passed"], r["retrained"]["runs"]
+        real = r["retrained"]
         rows.append(f"| {r['family']} | {rnd['draws']} | {rnd['both']:.4f} | {rnd['membership_ks']:.4f} | "
-                    f"{rnd['membership_auc']:.4f} | {sub['draws']} | {sub['both']:.4f} | {passed}/{runs} |")
+                    f"{rnd['membership_auc']:.4f} | {rnd['forget_accuracy']:.4f} | {sub['draws']} | "
+                    f"{sub['both']:.4f} | {sub['forget_accuracy']:.4f} | {real['passed']}/{real['runs']} / "
+                    f"{real['forget_accuracy_passed']}/{real['runs']} / {real['all_passed']}/{real['runs']} |")
     return "\n".join(rows)
 
 

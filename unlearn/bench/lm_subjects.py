@@ -1,31 +1,48 @@
-"""Scenario ``fictitious-subjects``: erase 10% of the training people from a tiny GPT (issue 5).
+"""Scenario ``fictitious-subjects``: erase 10% of the training people from a tiny GPT (issues 5 and 9).
 
-``nice python -m unlearn.bench --method npo --scenario fictitious-subjects --seed 0 --json``
+``OMP_NUM_THREADS=1 nice python -m unlearn.bench --method auto --scenario fictitious-subjects --seed 0 --json``
 
-Data (:mod:`unlearn.lm.fictitious`): 120 fictitious people, 100 trained on and 20 held out, five questions
-each. The run's seed draws the forget people (``numpy.random.default_rng(4000 + seed)``, 10 of the 100) and
-seeds the models. The original GPT is trained on every training person, the retain-only reference on the
-other 90, both with :data:`unlearn.lm.fictitious.LM_RECIPE` and cached by recipe, architecture, data and
-seed under ``<cache>/lm/`` with the seconds their training took (``retrain_seconds`` stays a measurement).
+Data (:mod:`unlearn.lm.fictitious`): 200 fictitious people, five questions each; 100 trained on, 100 never
+trained on and split by keyed hash into ``tune`` and ``audit`` people. The run's seed draws the 10 forget
+people among the 100 trained ones (``numpy.random.default_rng(4000 + seed)``) and seeds the models.
 
-The request holds ``forget`` (the forget people's questions), ``retain`` (the other training people's),
-``holdout`` (the held-out people's; methods that stop at a forgetting target use its exact-match level as
-the "never seen" level), the GPT factory and recipe.
+Who sees what (:class:`PeopleSplits`, checked by :func:`check_no_metric_on_tune` before anything runs):
 
-Result (the classifier scenarios' keys, with the LM's M): ``original`` / ``retrained`` / ``unlearned`` hold
-:class:`unlearn.lm.metrics.LMMetrics` (forget/retain/holdout ROUGE-L recall, forget truth ratio, model
-utility, MIA AUC with the LOSS and Min-K% attacks); top level ``forget_quality`` (KS p-value of the forget
-truth ratios, unlearned vs retain-only), ``forget_quality_original`` (the same for the original model),
-``avg_gap`` (mean |unlearned - retain-only| over :data:`GAP_METRICS`), ``unlearn_seconds``,
-``retrain_seconds``, ``speedup``, ``cost_vs_fwd_bwd``, ``memorisation`` (the original model on its training
-answers: greedy exact match and ROUGE-L recall) and ``targets`` (issue 5's targets, each a boolean).
+- the method: ``forget`` (the forget people's questions), ``retain`` (the other 90 training people's),
+  ``tune`` (the tune people's; methods stop when the forget answers' NLL looks like theirs), the GPT factory
+  and the recipe;
+- the evaluation and the gate: the forget, retained and ``audit`` people. Every membership number (the LOSS
+  and Min-K% attacks' AUC, the KS test of answer NLLs, the gate's membership checks) is forget against
+  audit; no metric touches a tune person.
+
+Models: the original GPT is trained on the 100 training people with :data:`unlearn.lm.fictitious.LM_RECIPE`
+(:func:`unlearn.lm.model.train_lm`: AdamW, learning rate decayed linearly to 0) and cached; its training
+time divides nothing. The retain-only reference is RETRAINED IN THIS PROCESS with the same function, recipe
+and seed on the 90 retained people, after the warm-up and right after the unlearning run, and timed:
+``retrain_seconds`` and ``speedup`` compare two wall times measured under the same load. It is also the
+gold model the metrics compare with. ``--method retrain`` is that same retrain (the original recipe,
+schedule included; its speed-up is 1 by construction); the registry's ``retrain`` is not used on LMs while
+:class:`unlearn.training.TrainRecipe` cannot express the schedule (see :func:`registry_retrain_matches`).
+
+``--method auto`` runs the default escalation chain for causal LMs (:data:`unlearn.chain.DEFAULT_CHAINS`
+``["causal_lm"]``) judged by :func:`unlearn.gate.judge` with the default :class:`unlearn.gate.GatePolicy`:
+utility on the retained people (teacher-forced exact match), membership of the forget people against the
+audit people. Its JSON adds ``attempts`` and ``gate``; every other method's JSON has ``gate`` too (the
+gate's verdict on its result), so single methods and chains read alike.
+
+Result: ``original`` / ``retrained`` / ``unlearned`` hold :class:`unlearn.lm.metrics.LMMetrics`; top level
+``forget_quality`` (KS p-value of the forget truth ratios, unlearned vs the in-process retrain),
+``forget_quality_original``, ``avg_gap`` (mean |unlearned - retrained| over :data:`GAP_METRICS`),
+``unlearn_seconds``, ``retrain_seconds``, ``speedup``, ``cost_vs_fwd_bwd``, ``membership`` (the unlearned
+model's forget-vs-audit test), ``memorisation`` (the original model on its training answers), and
+``targets`` (issue 9's four, each a boolean) with ``targets_met``.
 """
 
 from __future__ import annotations
 
 import statistics
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -33,22 +50,103 @@ import numpy as np
 import torch
 
 from unlearn import registry
-from unlearn.bench import default_cache_dir, fwd_bwd_seconds
-from unlearn.errors import InvalidParameterError
-from unlearn.lm.fictitious import LM_RECIPE, LM_SPEC, load_fictitious_subjects
+from unlearn.bench import default_cache_dir, fwd_bwd_seconds, warm_up
+from unlearn.chain import default_chain, run_chain
+from unlearn.data import ExampleSet
+from unlearn.errors import InvalidDataError, InvalidParameterError
+from unlearn.gate import GatePolicy, GateResult, judge
+from unlearn.lm.fictitious import LM_RECIPE, LM_SPEC, FictitiousSubjects, load_fictitious_subjects
 from unlearn.lm.metrics import evaluate_lm, forget_quality, rouge_l_recall
-from unlearn.lm.model import GPTFactory, LMCache
+from unlearn.lm.model import GPTFactory, LMCache, train_lm
+from unlearn.registry import UnlearnRequest, UnlearnResult
+from unlearn.training import TrainRecipe
 
 SCENARIO = "fictitious-subjects"
+CHAIN_TASK = "causal_lm"  # the key of unlearn.chain.DEFAULT_CHAINS (the service's task type)
 FORGET_FRACTION = 0.10
-GAP_METRICS = ("forget_rouge", "retain_rouge", "holdout_rouge", "model_utility", "mia_auc")
+GAP_METRICS = ("forget_rouge", "retain_rouge", "audit_rouge", "model_utility", "mia_auc")
 TIMING_BATCH_SIZE = 32
-# Issue 5's targets.
+# Issue 9's targets (evaluated on the audit people).
 FORGET_QUALITY_TARGET = 0.05
 UTILITY_FRACTION = 0.9
-ROUGE_TOLERANCE = 0.1
-MIA_TOLERANCE = 0.05
+MIA_AUC_MARGIN = 0.1
 SPEEDUP_TARGET = 10.0
+
+
+@dataclass(frozen=True)
+class PeopleSplits:
+    """The four disjoint groups of people of one run (subject ids)."""
+
+    forget: tuple[int, ...]
+    retain: tuple[int, ...]
+    tune: tuple[int, ...]
+    audit: tuple[int, ...]
+
+    def __post_init__(self) -> None:
+        groups = {"forget": self.forget, "retain": self.retain, "tune": self.tune, "audit": self.audit}
+        for name, group in groups.items():
+            if not group:
+                raise InvalidDataError(name, "the benchmark needs at least one person in every group")
+        names = list(groups)
+        for i, first in enumerate(names):
+            for second in names[i + 1:]:
+                shared = set(groups[first]) & set(groups[second])
+                if shared:
+                    raise InvalidDataError(f"{first}/{second}", f"people {sorted(shared)[:5]} are in both groups")
+
+
+def people_splits(data: FictitiousSubjects, seed: int) -> PeopleSplits:
+    """Forget = a seeded 10% of the training people; retain = the rest; tune and audit from the data set."""
+    rng = np.random.default_rng(4000 + seed)
+    count = round(FORGET_FRACTION * len(data.train_subjects))
+    forget = tuple(sorted(int(s) for s in rng.choice(data.train_subjects, count, replace=False)))
+    retain = tuple(s for s in data.train_subjects if s not in set(forget))
+    return PeopleSplits(forget, retain, data.tune_subjects, data.audit_subjects)
+
+
+def subjects_of(examples: ExampleSet | None) -> set[int]:
+    return set() if examples is None else {int(s) for s in examples["subject_id"].tolist()}
+
+
+def check_no_metric_on_tune(request: UnlearnRequest, evaluated: dict[str, ExampleSet]) -> None:
+    """Issue 9's rule: no metric is computed on data a method stopped or searched on.
+
+    A method sees ``request.tune``; the evaluation sees ``evaluated`` (name -> example set). Raises
+    :class:`InvalidDataError` when a person of the tune set appears in any evaluated set, or when the audit set
+    (the never-seen reference) contains a person the method saw in any role.
+    """
+    tune = subjects_of(request.tune)
+    for name, examples in evaluated.items():
+        shared = tune & subjects_of(examples)
+        if shared:
+            raise InvalidDataError(name, f"people {sorted(shared)[:5]} are in the method's tune set and would "
+                                   "be scored: no metric may use data a method stopped or searched on")
+    audit = subjects_of(evaluated.get("audit"))
+    seen = subjects_of(request.forget) | subjects_of(request.retain) | tune
+    if audit & seen:
+        raise InvalidDataError("audit", f"people {sorted(audit & seen)[:5]} of the audit set reach the method")
+
+
+def registry_retrain_matches(recipe: TrainRecipe) -> bool:
+    """Whether the registry's ``retrain`` would repeat :func:`unlearn.lm.model.train_lm` exactly.
+
+    ``retrain`` trains with :func:`unlearn.training.train`; the GPTs are trained by :func:`train_lm` with the
+    rate decayed linearly to 0 while :data:`LM_RECIPE` says ``lr_schedule="constant"`` (the recipe gained
+    ``lr_schedule`` after this benchmark was written; a ``linear`` LM recipe has not been checked to repeat
+    :func:`train_lm`). Until it does, the benchmark's ``retrain`` is its in-process :func:`train_lm`, and the ``auto`` chain
+    leaves the registry's ``retrain`` out (a retrain without the decay is not the original recipe: it stops
+    at 85-90% memorisation and would be judged against a model it is not).
+    """
+    return getattr(recipe, "lr_schedule", None) in ("linear", "linear-decay", "linear_decay")
+
+
+def timed_retrain(task, factory: GPTFactory, retain: ExampleSet, recipe: TrainRecipe,
+                  device: torch.device) -> tuple[torch.nn.Module, float]:
+    """A fresh GPT trained on ``retain`` exactly as the original was (same function, recipe and seed), timed."""
+    started = time.perf_counter()
+    model = factory(recipe.seed).to(device)
+    train_lm(task, model, retain, recipe)
+    return model.eval(), time.perf_counter() - started
 
 
 def run_lm_subjects(method: str, scenario_name: str, seed: int, forget_class: int = 3,
@@ -57,62 +155,96 @@ def run_lm_subjects(method: str, scenario_name: str, seed: int, forget_class: in
     """One erasure request on the fictitious-subjects GPT; ``forget_class`` is ignored (run_benchmark's signature)."""
     if scenario_name != SCENARIO:
         raise InvalidParameterError("scenario", f"this runner only knows {SCENARIO!r}")
+    if method == "auto" and params:
+        raise InvalidParameterError("params", "'auto' runs the default chain with its own parameters")
     device = device or torch.device("cpu")
     cache_dir = cache_dir or default_cache_dir()
     torch.manual_seed(seed)
     data = load_fictitious_subjects(cache_dir)
     task = data.task
-    rng = np.random.default_rng(4000 + seed)
-    forget_subjects = sorted(int(s) for s in rng.choice(data.train_subjects, round(FORGET_FRACTION * len(data.train_subjects)),
-                                                        replace=False))
-    retain_subjects = [s for s in data.train_subjects if s not in set(forget_subjects)]
-    train, forget, retain = (data.examples(s) for s in (data.train_subjects, forget_subjects, retain_subjects))
-    holdout = data.examples(data.holdout_subjects)
-
+    people = people_splits(data, seed)
+    forget, retain, tune, audit = (data.examples(group) for group in
+                                   (people.forget, people.retain, people.tune, people.audit))
+    train = data.examples(data.train_subjects)
     factory = GPTFactory(len(data.tokenizer), LM_SPEC, data.tokenizer.eos_token_id)
     recipe = replace(LM_RECIPE, seed=seed)
-    models = LMCache(cache_dir)
-    original, original_meta = models.get_or_train("original", task, factory, train, recipe, device)
-    retrained, retrained_meta = models.get_or_train("retrained", task, factory, retain, recipe, device)
+    original, _ = LMCache(cache_dir).get_or_train("original", task, factory, train, recipe, device)
 
-    config = registry.parse_config(method, params)
-    batch_size = getattr(config, "batch_size", TIMING_BATCH_SIZE)
-    request = registry.UnlearnRequest(task=task, forget=forget, retain=retain, tune=holdout,
-                                      model_factory=factory, recipe=recipe, seed=seed)
+    request = UnlearnRequest(task=task, forget=forget, retain=retain, tune=tune, model_factory=factory,
+                             recipe=recipe, seed=seed)
+    check_no_metric_on_tune(request, {"forget": forget, "retain": retain, "audit": audit})
+    policy = GatePolicy()
+    utility_before = None
+
+    def gate(result: UnlearnResult) -> GateResult:
+        nonlocal utility_before
+        verdict = judge(task, original, result.model, forget, retain, audit, policy, utility_before=utility_before)
+        utility_before = verdict.evidence["utility_acc_before"]
+        return verdict
+
+    batch_size = TIMING_BATCH_SIZE if method in ("auto", "retrain") else getattr(
+        registry.parse_config(method, params), "batch_size", TIMING_BATCH_SIZE)
+    warm_up(device)
     unit = fwd_bwd_seconds(task, original, forget, batch_size)  # also warms up autograd before the timing
-    started = time.perf_counter()
-    result = registry.run(method, original, request, params)
-    unlearn_seconds = time.perf_counter() - started
+    attempts = None
+    if method == "retrain":  # the original recipe, in this process: the unlearned model IS the retrain
+        retrained, retrain_seconds = timed_retrain(task, factory, retain, recipe, device)
+        result, unlearn_seconds = UnlearnResult(retrained, details={"recipe": "train_lm, as the original"},
+                                                exact=True), retrain_seconds
+        verdict = gate(result)
+    else:
+        started = time.perf_counter()
+        if method == "auto":
+            outcome = run_chain(original, request, default_chain(CHAIN_TASK, registry_retrain_matches(recipe)), gate)
+            unlearn_seconds = time.perf_counter() - started  # the whole chain, its gate evaluations included
+            attempts = [a.summary() for a in outcome.attempts]
+            last = outcome.chosen or next((a for a in reversed(outcome.attempts) if a.gate is not None), None)
+            if outcome.result is not None:
+                result = outcome.result
+            else:  # nothing passed: report the original model (what the service would keep serving)
+                result = UnlearnResult(original, details={"chain": "no attempt passed the gate"},
+                                       target_reached=False, message="chain ended without a verified result")
+            verdict = last.gate if last is not None and outcome.result is not None else gate(result)
+        else:
+            result = registry.run(method, original, request, params)
+            unlearn_seconds = time.perf_counter() - started
+            verdict = gate(result)
+        retrained, retrain_seconds = timed_retrain(task, factory, retain, recipe, device)
 
-    splits = [data.split(s) for s in (forget_subjects, retain_subjects, data.holdout_subjects)]
-    (before, before_forget), (gold, gold_forget), (after, after_forget) = (
+    splits = [data.split(group) for group in (people.forget, people.retain, people.audit)]
+    (before, before_forget, _), (gold, gold_forget, gold_membership), (after, after_forget, membership) = (
         evaluate_lm(task, model, *splits) for model in (original, retrained, result.model))
     quality = forget_quality(after_forget.truth_ratio, gold_forget.truth_ratio)
-    retrain_seconds = float(retrained_meta["train_seconds"])
+    speedup = retrain_seconds / unlearn_seconds
     targets = {
         "forget_quality": quality >= FORGET_QUALITY_TARGET,
         "model_utility": after.model_utility >= UTILITY_FRACTION * before.model_utility,
-        "forget_rouge": abs(after.forget_rouge - gold.forget_rouge) <= ROUGE_TOLERANCE,
-        "mia_auc": abs(after.mia_auc_loss - gold.mia_auc_loss) <= MIA_TOLERANCE
-                   and abs(after.mia_auc_min_k - gold.mia_auc_min_k) <= MIA_TOLERANCE,
-        "speedup": retrain_seconds / unlearn_seconds >= SPEEDUP_TARGET,
+        "mia_auc": abs(after.mia_auc - 0.5) <= MIA_AUC_MARGIN,
+        "speedup": speedup >= SPEEDUP_TARGET,
     }
-    return {
-        "scenario": scenario_name, "method": method, "seed": seed, "train": "plain", "forget_class": None,
-        "forget_size": len(forget), "retain_size": len(retain), "holdout_size": len(holdout),
-        "forget_subjects": forget_subjects,
+    out = {
+        "scenario": scenario_name, "method": method, "params": params or {}, "seed": seed, "train": "plain",
+        "forget_class": None, "forget_size": len(forget), "retain_size": len(retain), "tune_size": len(tune),
+        "audit_size": len(audit),
+        "people": {"forget": list(people.forget), "tune": list(people.tune), "audit": list(people.audit)},
         "original": before.as_dict(), "retrained": gold.as_dict(), "unlearned": after.as_dict(),
         "forget_quality": quality,
         "forget_quality_original": forget_quality(before_forget.truth_ratio, gold_forget.truth_ratio),
         "avg_gap": statistics.fmean(abs(after.as_dict()[k] - gold.as_dict()[k]) for k in GAP_METRICS),
-        "unlearn_seconds": unlearn_seconds, "retrain_seconds": retrain_seconds,
-        "speedup": retrain_seconds / unlearn_seconds,
+        "unlearn_seconds": unlearn_seconds, "retrain_seconds": retrain_seconds, "speedup": speedup,
         "cost_vs_fwd_bwd": unlearn_seconds / unit, "fwd_bwd_seconds": unit,
+        "membership": membership.as_dict(), "membership_retrained": gold_membership.as_dict(),
         "memorisation": memorisation(task, original, data.split(data.train_subjects)),
-        "targets": targets, "target_reached": result.target_reached, "message": result.message,
+        "targets": targets, "targets_met": all(targets.values()),
+        "target_reached": result.target_reached, "message": result.message,
         "details": {k: v for k, v in result.details.items() if k != "search"},
-        "device": str(device), "original_train_seconds": float(original_meta["train_seconds"]),
+        "gate": {"passed": verdict.passed, "failures": list(verdict.failures),
+                 "checks": [c.as_dict() for c in verdict.checks]},
+        "device": str(device), "torch_threads": torch.get_num_threads(),
     }
+    if attempts is not None:
+        out["attempts"] = attempts
+    return out
 
 
 def memorisation(task, model, split) -> dict[str, float]:

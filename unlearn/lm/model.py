@@ -108,7 +108,7 @@ class LMCache:
         self.directory = directory / "lm"
 
     def path(self, kind: str, recipe: TrainRecipe, spec: GPTSpec, vocab_size: int, data_digest: str) -> Path:
-        key = hashlib.sha256(json.dumps([kind, asdict(recipe), asdict(spec), vocab_size, data_digest]).encode())
+        key = hashlib.sha256(json.dumps([kind, lm_recipe_key(recipe), asdict(spec), vocab_size, data_digest]).encode())
         return self.directory / f"{kind}-{key.hexdigest()[:24]}"
 
     def get_or_train(self, kind: str, task, factory: GPTFactory, examples: ExampleSet, recipe: TrainRecipe,
@@ -139,6 +139,21 @@ class LMCache:
 # service demo use it (the benchmark uses GPTSpec's defaults and its own recipe).
 TINY_SPEC = GPTSpec(layers=1, width=48, heads=2, context=64)
 TINY_RECIPE = TrainRecipe(epochs=60, batch_size=8, lr=1e-2, optimizer="adamw", seed=0)
+
+
+LM_LR_SCHEDULE = "linear-decay-to-0"
+"""The learning-rate schedule :func:`train_lm` applies (the recipe's rate, decayed linearly to 0 over the run)."""
+
+
+def lm_recipe_key(recipe: TrainRecipe) -> dict:
+    """Exactly what :func:`train_lm` reads from a recipe, plus its schedule: the cache key of a trained GPT.
+
+    Fields :func:`train_lm` ignores stay out, so that a field added to :class:`TrainRecipe` for other
+    trainings does not invalidate every cached GPT.
+    """
+    return {"epochs": recipe.epochs, "batch_size": recipe.batch_size, "lr": recipe.lr,
+            "weight_decay": recipe.weight_decay, "optimizer": "adamw", "seed": recipe.seed,
+            "lr_schedule": LM_LR_SCHEDULE}
 
 
 def train_lm(task, model: torch.nn.Module, examples: ExampleSet, recipe: TrainRecipe) -> torch.nn.Module:

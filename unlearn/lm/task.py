@@ -60,6 +60,27 @@ def answer_token_log_probs(logits: Tensor, input_ids: Tensor, answer_mask: Tenso
     return log_probs.gather(-1, targets.unsqueeze(-1)).squeeze(-1), answer_mask[:, 1:].to(log_probs.dtype)
 
 
+def concat_batches(batches: Sequence[Batch], pad_token_id: int) -> Batch:
+    """One batch of several, right-padded to the widest (padding: ``pad_token_id``, masks 0), in order.
+
+    Lets a method forward its forget and retain mini-batches in ONE pass: on a small model the per-call
+    overhead dominates, and padding changes no answer token's log-probability (causal attention, padding
+    after the last real token, masked out of every loss).
+    """
+    width = max(int(b["input_ids"].shape[1]) for b in batches)
+    out: Batch = {}
+    for name in batches[0]:
+        parts = []
+        for batch in batches:
+            tensor = batch[name]
+            if tensor.dim() == 2 and tensor.shape[1] < width:
+                fill = pad_token_id if name == "input_ids" else 0
+                tensor = F.pad(tensor, (0, width - tensor.shape[1]), value=fill)
+            parts.append(tensor)
+        out[name] = torch.cat(parts)
+    return out
+
+
 class CausalLMTask:
     """A causal LM (``transformers``-style: ``model(input_ids=..., attention_mask=...).logits``) with its tokenizer.
 

@@ -9,3 +9,4 @@ from unlearn.methods import gu  # noqa: F401
 from unlearn.methods import gslora, gslora_pp  # noqa: F401  (GS-LoRA family, issue 6)
 from unlearn.methods import flat  # noqa: F401  (causal LMs, issue 5)
 from unlearn.methods import simnpo  # noqa: F401  (issue 5)
+from unlearn.methods import simnpo_rt  # noqa: F401  (causal LMs, issue 9)

@@ -1,0 +1,111 @@
+"""How often does a GPT that never saw the "erased" people pass the gate's membership checks? (issue 9, item 2)
+
+``OMP_NUM_THREADS=1 nice python -m unlearn.bench.lm_gate_calibration --seeds 0,1,2,3,4 --draws 400 --json``
+
+A model retrained without the forget people is what exact unlearning produces; the gate must pass it (issue
+9: at least 99% of the time with the default :class:`unlearn.gate.GatePolicy`), or every honest retrain
+would be rejected. Two kinds of draws, on the fictitious-subjects data (:mod:`unlearn.bench.lm_subjects`):
+
+- ``retrained``: per seed, the GPT retrained without that seed's 10 forget people, judged by
+  :func:`unlearn.gate.judge` itself on those people against the ``audit`` people (the benchmark's case);
+- ``pseudo``: per seed, both that seed's original and retrained GPTs, and ``draws`` random sets of 10
+  ``tune`` people (never trained on by any model) as the "erased" set, against the ``audit`` people. The
+  per-question answer NLLs are computed once per model with :func:`unlearn.membership.membership_losses`
+  (what ``judge`` computes) and each draw runs :func:`unlearn.membership.membership_test` with the policy's
+  thresholds (what ``judge``'s ``membership_ks`` and ``membership_auc`` checks apply).
+
+Draws overlap (10 of 56 tune people each time), so they are not independent: the rate is an estimate of the
+pass probability, its spread across models says more than a binomial interval would.
+
+The GPTs come from the benchmark's cache (``<cache>/lm/``, trained with the original recipe); no timing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from dataclasses import asdict, replace
+
+import numpy as np
+import torch
+
+from unlearn.bench import default_cache_dir
+from unlearn.bench.lm_subjects import people_splits
+from unlearn.gate import GatePolicy, judge
+from unlearn.lm.fictitious import LM_RECIPE, LM_SPEC, load_fictitious_subjects
+from unlearn.lm.model import GPTFactory, LMCache
+from unlearn.membership import membership_losses, membership_test
+
+PSEUDO_FORGET_PEOPLE = 10
+
+
+def calibrate(seeds: list[int], draws: int, policy: GatePolicy, device: torch.device) -> dict:
+    cache = default_cache_dir()
+    data = load_fictitious_subjects(cache)
+    task = data.task
+    factory = GPTFactory(len(data.tokenizer), LM_SPEC, data.tokenizer.eos_token_id)
+    models = LMCache(cache)
+    audit = data.examples(data.audit_subjects)
+    tune_people = np.array(data.tune_subjects)
+    retrained_rows, pseudo_rows = [], []
+    for seed in seeds:
+        people = people_splits(data, seed)
+        recipe = replace(LM_RECIPE, seed=seed)
+        retain, forget = data.examples(people.retain), data.examples(people.forget)
+        original, _ = models.get_or_train("original", task, factory, data.examples(data.train_subjects), recipe, device)
+        retrained, _ = models.get_or_train("retrained", task, factory, retain, recipe, device)
+        verdict = judge(task, retrained, retrained, forget, retain, audit, policy)
+        checks = {c.name: c for c in verdict.checks}
+        retrained_rows.append({
+            "seed": seed, "passed": all(checks[n].passed for n in ("membership_ks", "membership_auc")),
+            "ks_p": checks["membership_ks"].value, "auc": checks["membership_auc"].value,
+            "auc_limit": checks["membership_auc"].limit})
+        audit_losses = None
+        for kind, model in (("original", original), ("retrained", retrained)):
+            audit_losses = membership_losses(task, model, audit)
+            tune_losses = {s: membership_losses(task, model, data.examples([s])) for s in tune_people.tolist()}
+            rng = np.random.default_rng(7000 + seed)
+            passes, ks_fail, auc_fail = 0, 0, 0
+            for _ in range(draws):
+                chosen = rng.choice(tune_people, PSEUDO_FORGET_PEOPLE, replace=False)
+                losses = np.concatenate([tune_losses[int(s)] for s in chosen])
+                result = membership_test(losses, audit_losses)
+                ks_ok, auc_ok = result.ks_passes(policy.min_forget_p), result.auc_passes(policy.mia_auc_margin)
+                passes += ks_ok and auc_ok
+                ks_fail += not ks_ok
+                auc_fail += not auc_ok
+            pseudo_rows.append({"seed": seed, "model": kind, "draws": draws, "pass_rate": passes / draws,
+                                "ks_failures": ks_fail, "auc_failures": auc_fail})
+    total = sum(r["draws"] for r in pseudo_rows)
+    return {
+        "policy": asdict(policy), "seeds": seeds,
+        "retrained": retrained_rows,
+        "retrained_pass_rate": statistics.fmean(r["passed"] for r in retrained_rows),
+        "pseudo": pseudo_rows,
+        "pseudo_pass_rate": sum(r["pass_rate"] * r["draws"] for r in pseudo_rows) / total,
+        "pseudo_min_model_pass_rate": min(r["pass_rate"] for r in pseudo_rows),
+        "audit_questions": len(audit), "pseudo_forget_questions": PSEUDO_FORGET_PEOPLE * 5,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m unlearn.bench.lm_gate_calibration", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seeds", default="0,1,2,3,4")
+    parser.add_argument("--draws", type=int, default=400)
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args(argv)
+    summary = calibrate([int(s) for s in args.seeds.split(",")], args.draws, GatePolicy(), torch.device("cpu"))
+    if args.json:
+        print(json.dumps(summary))
+    else:
+        print(f"retrained on the real forget people: {summary['retrained_pass_rate']:.3f}; "
+              f"pseudo-forget draws: {summary['pseudo_pass_rate']:.4f} "
+              f"(lowest model {summary['pseudo_min_model_pass_rate']:.4f})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
