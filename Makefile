@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PIP_FLAGS := --disable-pip-version-check --quiet
 
-.PHONY: install test test-all crash fuzz soak helm-test helm-lint bench bench-calibration bench-vit bench-lm bench-continual bench-acks bench-steady bench-updates demo proto-lint clean
+.PHONY: install test test-all crash fuzz soak helm-test helm-lint bench bench-calibration bench-vit bench-lm bench-continual bench-acks bench-load bench-steady bench-updates demo proto-lint clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
@@ -24,6 +24,10 @@ test: $(STAMP)
 
 test-all: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not soak" --durations=30
+
+# The kill -9 crash matrix (docs/reliability.md), long cells included.
+crash: $(STAMP)
+	$(BIN)/python -m pytest -q -m crash --durations=30
 
 # The fuzzed API with a long budget (make test runs the same properties with a bounded one, < 60 s).
 FUZZ_EXAMPLES ?= 2000
@@ -90,6 +94,10 @@ bench-steady: $(STAMP)
 
 bench-acks: $(STAMP)
 	nice $(BIN)/python -m lethe_bench.acks --matrix --requests 2000 --streams 8 --json docs/bench_acks.json
+
+# 10,000 erasures over 16 Session streams against one server: nothing lost, ack latency, server RSS.
+bench-load: $(STAMP)
+	nice $(BIN)/python -m lethe_bench.load --requests 10000 --streams 16 --json docs/bench_load.json
 
 proto-lint: $(STAMP)
 	$(BIN)/buf lint proto && $(BIN)/buf format --diff --exit-code proto

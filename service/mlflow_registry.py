@@ -35,12 +35,14 @@ from typing import Any
 import mlflow
 import mlflow.pytorch
 from mlflow import MlflowClient
+from mlflow.entities import ViewType
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
 from torch import nn
 
 from service.domain import FieldViolation, NotFound, preview
+from service.faults import fault_point
 
 TAG_PREFIX = "lethe."
 # Every class erased so far on a model lineage, as a JSON list of ints: each version a job registers carries
@@ -245,8 +247,10 @@ class MlflowRegistry:
         with self._fluent(), mlflow.start_run(experiment_id=self.experiment_id, run_name=run_name):
             info = self._log(model, tokenizer)
             run_id = mlflow.active_run().info.run_id
-        version = self.client.create_model_version(name if self.model_exists(name) else self._create(name),
-                                                   source=info.model_uri, run_id=run_id, model_id=info.model_id)
+        registered_name = name if self.model_exists(name) else self._create(name)
+        with self._fluent():  # MLflow's registry store looks the logged model up through the GLOBAL tracking URI
+            version = self.client.create_model_version(registered_name, source=info.model_uri, run_id=run_id,
+                                                       model_id=info.model_id)
         return str(version.version)
 
     def _create(self, name: str) -> str:
@@ -293,6 +297,7 @@ class MlflowRegistry:
         if existing is not None:
             log.info("job %s already registered %s version %s; reusing it", job_id, name, existing.version)
             return str(existing.version), existing.tags.get("lethe.dataset_uri", "")
+        self.discard_unregistered_runs(job_id)
         with tempfile.TemporaryDirectory(prefix="lethe-carried-") as directory:
             carried = self.carried_from(name, parent_version, Path(directory)) if parent_version else {}
             with self._fluent(), mlflow.start_run(experiment_id=self.experiment_id, run_name=f"lethe-{job_id}",
@@ -303,11 +308,40 @@ class MlflowRegistry:
                 if onnx_path is not None and onnx_path.exists():
                     mlflow.log_artifact(str(onnx_path), "onnx")
                 artifact_uri = f"{run.info.artifact_uri}/lethe-dataset/{dataset_path.name}"
+        fault_point("mlflow.run_logged")  # crash tests only: the run holds the artifacts, no version exists yet
         all_tags = {key: tag_value(value) for key, value in {**tags, "lethe.job_id": job_id,
                                                               "lethe.dataset_uri": artifact_uri}.items()}
-        version = self.client.create_model_version(name, source=info.model_uri, run_id=run.info.run_id,
-                                                   tags=all_tags, model_id=info.model_id)
+        with self._fluent():  # as in log_initial_model: another registry's thread may have moved the global URI
+            version = self.client.create_model_version(name, source=info.model_uri, run_id=run.info.run_id,
+                                                       tags=all_tags, model_id=info.model_id)
         return str(version.version), artifact_uri
+
+    def discard_unregistered_runs(self, job_id: str) -> list[str]:
+        """Runs an earlier attempt of this job logged without creating its version (a process killed between
+        the run and ``create_model_version``): their artifacts (the dataset copy, the ONNX export) and their
+        logged models' artifacts are deleted, the logged models and the runs marked deleted. Called only while no version carries the job's id, so every
+        run tagged with it is such an orphan. Without this, a later erasure's purge (which follows dataset
+        versions, not runs) would never reach the orphan's dataset copy. Returns the discarded run ids."""
+        discarded = []
+        for run in self.client.search_runs([self.experiment_id], f"tags.`lethe.job_id` = '{_quote(job_id)}'",
+                                           run_view_type=ViewType.ALL):
+            repository = get_artifact_repository(run.info.artifact_uri, tracking_uri=self.tracking_uri)
+            try:
+                repository.delete_artifacts()
+            except (OSError, MlflowException) as error:
+                if not _gone(run.info.artifact_uri):
+                    raise
+                log.debug("artifacts of run %s already gone: %s", run.info.run_id, error)
+            for logged in self.client.search_logged_models([self.experiment_id],
+                                                           filter_string=f"source_run_id = '{run.info.run_id}'"):
+                get_artifact_repository(logged.artifact_location, tracking_uri=self.tracking_uri).delete_artifacts()
+                self.client.delete_logged_model(logged.model_id)
+            if run.info.lifecycle_stage != "deleted":
+                self.client.delete_run(run.info.run_id)
+            log.info("job %s: discarded run %s, logged by an earlier attempt that registered no version", job_id,
+                     run.info.run_id)
+            discarded.append(run.info.run_id)
+        return discarded
 
     def set_serving(self, name: str, version: str, alias: str | None = None) -> None:
         """Move ``alias`` (default: the settings' serving alias) to ``version``."""

@@ -252,6 +252,7 @@ def _finish(ctx: PipelineContext, job, request_rows, info: ModelInfo, record: di
         lineage = sorted({row.model_version for row in db.lineage_dataset_versions(conn, job.model_name)} - {version},
                          key=int)
     purge_dataset_copies(ctx, stale)  # the base version's too: a resumed job reads only its stored evidence
+    fault_point("stage:purge:inside")  # crash tests only: dataset copies deleted, older versions not superseded
     removed = [row.version for row in stale]
     # Only versions trained on data erased since are superseded: an update erases nothing.
     superseded = ([ctx.registry.supersede(job.model_name, older, version, info.policy.superseded_versions,
@@ -509,6 +510,8 @@ def _issue(ctx: PipelineContext, job, request_rows, resolved: dict[str, dict[str
     with ctx.store.write() as conn:
         late = issue_job_certificates(conn, ctx.audit, job, request_rows, resolved, shared, label, JobState.SUCCEEDED,
                                       message)
+        fault_point("stage:audit:inside")  # crash tests only: everything written, the transaction not committed
+    fault_point("audited")  # crash tests only: committed; what follows the job in its process not done
     # Counted after the commit: a rolled-back audit transaction (the job is then retried) counts nothing.
     ctx.metrics.certificates_late.inc(late)
 

@@ -36,6 +36,7 @@ import torch
 from torch import nn
 
 from service import store as db
+from service.faults import fault_point
 from service.audit import jsonable, sha256_hex
 from service.context import ModelInfo, PipelineContext
 from service.domain import (
@@ -145,6 +146,7 @@ def learn_and_register(ctx: PipelineContext, job, request_rows, info: ModelInfo,
             entry.update(matched=int(mine.sum()), record_ids_sha256=entry["learned_record_ids_sha256"])
     with ctx.store.write() as conn:
         db.update_job(conn, job.job_id, records=int(new_rows.sum() + scope.erase.sum()))
+    fault_point("stage:resolve:inside")  # crash tests only: staged records resolved, nothing measured yet
 
     # ---- measure before -----------------------------------------------------------------------------
     measure(ctx, job, info, scope, progress)
@@ -169,6 +171,7 @@ def learn_and_register(ctx: PipelineContext, job, request_rows, info: ModelInfo,
     # ---- learn: the continual strategy from the (post-erasure) current version ---------------------------
     progress.stage("apply", f"learning {int(learn.sum())} record(s) with {strategy}")
     result, stability = _learn(ctx, job, info, scope, model, learn, strategy, strategy_params, progress)
+    fault_point("stage:apply:inside")  # crash tests only: the strategy returned, its result not yet judged
 
     # ---- verify: the update gate ----------------------------------------------------------------------
     progress.stage("verify", "new records learned, utility kept, earlier erasures still hold, ONNX export")
@@ -330,6 +333,7 @@ def update_gate(ctx: PipelineContext, job, info: ModelInfo, scope: Scope, after:
     if any(check.passed is False for check in checks):
         evidence["onnx"] = {"skipped": "the update's other checks failed; the model was not exported"}
         return GateResult(tuple(checks), evidence)
+    fault_point("stage:verify:inside")  # crash tests only: the update's checks done, the ONNX export not yet
     onnx_path = ctx.settings.cache_dir / "onnx" / f"{job.job_id}.onnx"
     onnx = scope.support.onnx_evidence(after, audit, utility, onnx_path)
     checks += [GateCheck("onnx_parity", onnx["max_abs_diff"], policy.onnx_tolerance,

@@ -37,6 +37,7 @@ import torch
 from torch import nn
 
 from service.domain import FieldViolation, VerificationPolicy
+from service.faults import fault_point
 from unlearn.data import ExampleSet
 from unlearn.errors import InvalidParameterError
 from unlearn.gate import POLICY_LIMITS, GateCheck, GatePolicy, GateResult, judge
@@ -146,6 +147,7 @@ def verify(support, task: TaskAdapter, before: nn.Module, after: nn.Module, forg
     """
     result = judge(task, before, after, forget, utility, audit, gate_policy(policy), forget_classes,
                    utility_before, earlier_classes, earlier)
+    fault_point("stage:verify:inside")  # crash tests only: library checks done, ONNX export not yet
     evidence = {**result.evidence, "policy": asdict(policy), "task_type": support.task_type.value}
     if not result.passed:
         evidence["onnx"] = {"skipped": "the library checks failed; the model was not exported"}

@@ -27,3 +27,29 @@ def test_fault_points_are_inert_without_the_variable():
 def test_a_named_point_kills_the_process_like_kill_9():
     result = _run("other,b.after")
     assert result.returncode == -signal.SIGKILL and result.stdout == "passed a\n"
+
+
+def test_an_arm_file_fires_once_and_says_which_point(tmp_path):
+    arm = tmp_path / "arm"
+    assert _run(f"@{arm}").returncode == 0  # no file: nothing armed
+    arm.write_text("b.after\n")
+    result = _run(f"@{arm}")
+    assert result.returncode == -signal.SIGKILL and result.stdout == "passed a\n"
+    assert not arm.exists() and (tmp_path / "arm.fired").read_text() == "b.after"
+    assert _run(f"@{arm}").returncode == 0  # fired once: the restarted process runs through
+
+
+def test_every_fault_point_in_the_code_is_listed_and_every_listed_one_is_placed():
+    import re
+    from pathlib import Path
+
+    from service.faults import INSIDE, POINTS, STAGES
+
+    root = Path(__file__).resolve().parents[2] / "service"
+    placed = set()
+    for path in root.rglob("*.py"):
+        placed |= set(re.findall(r'fault_point\(f?"([^"]+)"\)', path.read_text()))
+    # Progress.stage places every "stage:<name>" through one f-string.
+    expanded = {p for p in placed if "{" not in p} | {f"stage:{stage}" for stage in STAGES}
+    assert expanded == set(POINTS)
+    assert set(INSIDE) == set(STAGES) and all(f"stage:{stage}:inside" in placed for stage in STAGES)
