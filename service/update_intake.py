@@ -25,6 +25,7 @@ ALREADY_EXISTS. A staged file whose transaction then failed is unreferenced scra
 
 from __future__ import annotations
 
+import json
 import math
 import uuid
 from datetime import timedelta
@@ -84,6 +85,16 @@ class UpdateIntake:
                                              "Parquet dataset_uri)"))
         if violations:
             raise InvalidArgument("invalid update", tuple(violations))
+        # Idempotency first, on the submission as sent: a client replaying after a lost ack gets its original
+        # answer even once the job ran (its records are then training data, which the checks below refuse).
+        deadline = _utc(request.deadline)
+        digest = self._submission_digest("update", request.request_id, {
+            "model": request.model_name, "records": _records_json(request.records),
+            "dataset_uri": request.dataset_uri, "strategy": request.strategy, "params": request.strategy_params,
+            "deadline": deadline.isoformat() if deadline else None})
+        replay = self._replay(request.request_id, digest, request.submitter_hash)
+        if replay is not None:
+            return replay
         info, data = self._model(request.model_name, "model_name")
         strategy, params = update_strategy(info, request.strategy, request.strategy_params)
         frame = (self._inline_frame(request.records, info, data, "records") if request.records
@@ -94,13 +105,6 @@ class UpdateIntake:
             field = f"records[{int(np.flatnonzero(existing)[0])}].record_id" if request.records else "dataset.record_id"
             raise InvalidArgument("a record id of the update is already in the training data", (FieldViolation(
                 field, "already in the training data: correct an existing record with a rectification"),))
-        deadline = _utc(request.deadline)
-        digest = self._digest("update", request.request_id, frame, {
-            "model": request.model_name, "strategy": strategy, "params": params,
-            "deadline": deadline.isoformat() if deadline else None})
-        replay = self._replay(request.request_id, digest, request.submitter_hash)
-        if replay is not None:
-            return replay
         if deadline is not None and deadline <= db.utcnow():
             raise DeadlineExceeded(f"the request's deadline {deadline.isoformat()} has already passed",
                                    (FieldViolation("deadline", "already passed at submission"),))
@@ -131,6 +135,14 @@ class UpdateIntake:
         if violations:
             raise InvalidArgument("invalid rectification", tuple(violations))
         subject_hash = self.ctx.catalog.subject_hash(request.subject_id)
+        deadline = _utc(request.deadline)  # idempotency first, as for an update (the old values go after it)
+        digest = self._submission_digest("rectify", request.request_id, {
+            "subject": subject_hash, "corrected": _records_json(request.corrected),
+            "models": list(request.model_names), "strategy": request.strategy, "params": request.strategy_params,
+            "deadline": deadline.isoformat() if deadline else None})
+        replay = self._replay(request.request_id, digest, request.submitter_hash)
+        if replay is not None:
+            return replay
         old_hashes = [self.ctx.catalog.tombstone(r.record_id) for r in request.corrected]
         suffix = sha256_hex(request.request_id)[:8]
         with self.ctx.store.read() as conn:
@@ -158,14 +170,6 @@ class UpdateIntake:
             missing = int(np.flatnonzero(~found)[0])
             raise NotFound("no record of this subject with this id in any model's training data", (
                 FieldViolation(f"corrected_records[{missing}].record_id", "not a record of this subject"),))
-        deadline = _utc(request.deadline)
-        digest = self._digest("rectify", request.request_id, pd.concat([t[4] for t in targets]), {
-            "subject": subject_hash, "old": sorted(old_hashes), "models": [t[0].name for t in targets],
-            "strategy": request.strategy, "params": request.strategy_params,
-            "deadline": deadline.isoformat() if deadline else None})
-        replay = self._replay(request.request_id, digest, request.submitter_hash)
-        if replay is not None:
-            return replay
         if deadline is not None and deadline <= db.utcnow():
             raise DeadlineExceeded(f"the request's deadline {deadline.isoformat()} has already passed",
                                    (FieldViolation("deadline", "already passed at submission"),))
@@ -257,11 +261,10 @@ class UpdateIntake:
                     FieldViolation(f"{field}[{index}].columns.label", f"class {int(row.label)} was erased "
                                                                        "from the model"),))
 
-    def _digest(self, kind: str, request_id: str, frame: pd.DataFrame, extra: dict[str, Any]) -> str:
-        rows = [[str(r.record_id), self.ctx.catalog.subject_hash(str(r.subject_id)),
-                 sha256_hex(canonical_json(_jsonable_row(r._asdict())))] for r in frame.itertuples(index=False)]
+    def _submission_digest(self, kind: str, request_id: str, submission: dict[str, Any]) -> str:
+        """The keyed digest of a submission as sent (record and subject ids only inside the keyed hash)."""
         return keyed_hash(self.ctx.settings.subject_hash_key_bytes, "payload",
-                          canonical_json({"kind": kind, "rows": rows, **extra}))
+                          canonical_json({"kind": kind, **submission}))
 
     def _replay(self, request_id: str, digest: str, submitter_hash: str | None) -> SubmitOutcome | None:
         with self.ctx.store.read() as conn:
@@ -376,5 +379,7 @@ def _row_of(record_hashes: np.ndarray, record_hash: str) -> int:
     return int(rows[0]) if len(rows) else -1
 
 
-def _jsonable_row(row: dict[str, Any]) -> dict[str, Any]:
-    return {k: (v.tolist() if hasattr(v, "tolist") else v) for k, v in row.items()}
+def _records_json(records) -> list[list[Any]]:
+    """Records as sent, in a canonical form for the submission digest (columns as JSON, NaN kept as text)."""
+    return [[str(r.record_id), str(r.subject_id), json.dumps(r.columns, sort_keys=True, default=str)]
+            for r in records]

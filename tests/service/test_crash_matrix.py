@@ -59,13 +59,6 @@ CLASS_POINTS = ("stage:resolve:inside", "stage:apply:inside", "stage:verify:insi
                 "registered", "stage:audit:inside")
 CLASSES = (9, 8, 7, 6, 5, 4)
 UPDATE_LABELS = (0, 1, 2, 3)  # never a class the class cells erase (an update of an erased class is refused)
-# Bug in main's update path (service/update_intake.py, UpdateIntake._submit_update): the "record id already in
-# the training data" check runs before the request-id replay check, so a retried SubmitUpdate (same request id,
-# same payload) is refused INVALID_ARGUMENT once its job has succeeded, instead of being acknowledged again as
-# the same request. The crash invariants are checked BEFORE the replay, so an update cell is xfailed only
-# for this, never for a broken invariant.
-UPDATE_REPLAY_BUG = ("main's update intake refuses a replay of a completed update (same request id and payload) "
-                     "with INVALID_ARGUMENT 'already in the training data' instead of acknowledging it again")
 # Not long: the subject cells measured under 20 s on the loaded 2-core development machine (12-18 s:
 # docs/reliability.md), so `make test` (not long) runs the crash marker too. They cover a stage boundary
 # (measure, apply), the registration window (mlflow.run_logged: the orphan run; registered: the version the
@@ -289,13 +282,7 @@ def test_kill_9_at_a_fault_point_then_restart_keeps_every_invariant(deployment, 
     check_invariants(dep)
     # A client whose ack was lost retries with the same request id and payload, possibly after the job ended:
     # it must get the same request back (same job), and nothing new may be created.
-    try:
-        replay = _submit(dep, kind, request_id, payload)
-    except grpc.RpcError as error:
-        if kind == "update" and error.code() == grpc.StatusCode.INVALID_ARGUMENT \
-                and "already in the training data" in error.details():
-            pytest.xfail(UPDATE_REPLAY_BUG)
-        raise
+    replay = _submit(dep, kind, request_id, payload)
     assert not replay.created and list(replay.job_ids) == list(accepted.job_ids)
     check_invariants(dep)
 

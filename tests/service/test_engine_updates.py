@@ -22,6 +22,7 @@ from continual import registry as strategies
 from lethe_demo.data import DEMO_POLICY, digits_frame
 from service import store as db
 from service.domain import (
+    AlreadyExists,
     ErasureRequest,
     FailedPrecondition,
     InvalidArgument,
@@ -146,6 +147,10 @@ def test_update_learns_new_records_registers_a_version_and_certifies(lethe_engin
     (job,) = wait_for_jobs(engine, outcome.job_ids, timeout_s=600)
     assert job.state is JobState.SUCCEEDED, job.message
     assert int(job.result_version) > int(base_version)
+    after = engine.submit_update(UpdateSubmission("upd-100", model, records=records))  # a lost ack, retried late
+    assert after.job_ids == outcome.job_ids and not after.created
+    with pytest.raises(AlreadyExists):  # the same id with another payload changes nothing
+        engine.submit_update(UpdateSubmission("upd-100", model, records=records[:-1]))
 
     body = _certificate(engine, "upd-100")
     assert body["label"] == "update" and body["kind"] == "update"
