@@ -88,7 +88,7 @@ def test_a_rectified_birthplace_is_learned_and_the_old_one_forgotten(served):
     with engine.store.read() as conn:
         dataset = db.dataset_for_model_version(conn, lm, db.get_model(conn, lm).serving_version)
     frame: pd.DataFrame = engine.catalog.frame(dataset.path)
-    person = frame[(frame["split"] == "train")]["subject_id"].iloc[0]
+    person = "person-03"  # the demo's rectified person (lethe_demo.demo.LM_RECTIFIED_PERSON)
     birthplace = birthplace_record(frame, person)
     old_answer = str(birthplace["answer"])
     new_answer = corrected_birthplace(old_answer, "Valparaiso")
