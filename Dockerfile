@@ -32,6 +32,7 @@ COPY pyproject.toml README.md ./
 COPY constraints ./constraints
 COPY proto ./proto
 COPY unlearn ./unlearn
+COPY continual ./continual
 COPY service ./service
 # Editable install: the gRPC code is generated at build time next to the sources (as root), so the
 # unprivileged runtime user finds it fresh and never needs to write into the image.
