@@ -95,6 +95,15 @@ class ScriptedEngine:
         return self._requests[request_id][1].job_ids[0]
 
     # ------------------------------------------------------------------------------------ protocol
+    def submit_update(self, request: domain.UpdateSubmission) -> domain.SubmitOutcome:
+        """Scripted: every update is refused as the real engine refuses one without records."""
+        raise domain.InvalidArgument("invalid update", (domain.FieldViolation("records", "no records"),))
+
+    def submit_rectification(self, request: domain.RectificationSubmission) -> domain.SubmitOutcome:
+        """Scripted: every rectification is refused as the real engine refuses one without records."""
+        raise domain.InvalidArgument("invalid rectification", (domain.FieldViolation(
+            "corrected_records", "name at least one record to correct"),))
+
     def submit_erasure(self, request: domain.ErasureRequest) -> domain.SubmitOutcome:
         self.submit_calls += 1
         if not request.request_id:

@@ -152,11 +152,12 @@ def test_refused_submissions_keep_the_stream_open(scripted):
     driver.join(5)
     rejected = [r.rejected for r in responses if r.WhichOneof("message") == "rejected"]
     assert [(r.request_id, grpc.StatusCode(_code(r.code))) for r in rejected] == [
-        ("", grpc.StatusCode.INVALID_ARGUMENT), ("fix-1", grpc.StatusCode.UNIMPLEMENTED),
-        ("upd-1", grpc.StatusCode.UNIMPLEMENTED), ("", grpc.StatusCode.INVALID_ARGUMENT)]
+        ("", grpc.StatusCode.INVALID_ARGUMENT), ("fix-1", grpc.StatusCode.INVALID_ARGUMENT),
+        ("upd-1", grpc.StatusCode.INVALID_ARGUMENT), ("", grpc.StatusCode.INVALID_ARGUMENT)]
     assert [(v.field, v.description) for v in rejected[0].field_violations] == [
         ("request_id", "must not be empty")]
-    assert "continual learning" in rejected[1].message
+    assert [v.field for v in rejected[1].field_violations] == ["corrected_records"]
+    assert [v.field for v in rejected[2].field_violations] == ["records"]
     assert any(r.WhichOneof("message") == "accepted" and r.accepted.request_id == "good" for r in responses)
     assert responses[-1].event.kind == TERMINAL
 
