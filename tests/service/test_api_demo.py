@@ -12,6 +12,7 @@ from lethe_demo.demo import run_demo
 
 
 @pytest.mark.slow
+@pytest.mark.long  # runs the whole demo: make test-all and make demo
 def test_demo_streams_erasures_prints_verified_certificates_audit_and_metrics(tmp_path, capsys):
     out = io.StringIO()
     assert run_demo(state_dir=str(tmp_path / "state"), subjects=3, out=out) == 0

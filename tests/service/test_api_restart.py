@@ -66,6 +66,7 @@ def _stop(server: subprocess.Popen) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.long  # over a minute: make test-all (the crash matrix covers kill -9 in make test)
 def test_sigkill_mid_job_then_restart_completes_every_acknowledged_request_exactly_once(tmp_path):
     state = tmp_path / "state"
     engine, model_name = make_engine(state, start=False)  # trained + registered, then closed

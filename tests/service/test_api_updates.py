@@ -26,6 +26,10 @@ from service.api.pb import service_pb2, types_pb2
 from tests.service.api_fixtures import running_api
 from tests.service.conftest import make_engine
 
+# Its own engine, the tiny GPT and a server (a minute or more): make test-all. make test covers the same paths
+# through the engine (tests/service/test_engine_updates.py) and the API's refusals (test_api_service.py).
+pytestmark = pytest.mark.long
+
 JOB_TIMEOUT_S = 600
 TERMINAL = types_pb2.EVENT_KIND_TERMINAL
 SUCCEEDED = types_pb2.JOB_STATE_SUCCEEDED

@@ -30,6 +30,7 @@ def _pieces(level: str, state_dir: Path) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.slow
+@pytest.mark.long  # runs the whole demo: make test-all and make demo
 def test_third_party_lines_stay_off_the_console_unless_debug(tmp_path):
     quiet = _pieces("WARNING", tmp_path / "quiet")
     assert quiet.returncode == 0, quiet.stderr[-3000:]
