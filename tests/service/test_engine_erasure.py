@@ -74,7 +74,7 @@ def test_erasure_happy_path_coalesces_registers_purges_and_certifies(lethe_engin
         # The claim matches what happened to the weights (ssd-auto may find nothing to dampen).
         assert ("left the model's weights unchanged" in body["statement"]) is not body["model"]["weights_changed"]
         assert {c["name"] for c in body["verification"]["checks"]} == {
-            "utility", "membership_ks", "membership_auc", "onnx_parity", "onnx_utility"}
+            "utility", "membership_ks", "membership_auc", "forget_accuracy", "onnx_parity", "onnx_utility"}
         assert body["verification"]["onnx"]["providers"] == ["CPUExecutionProvider"]
         assert body["verification"]["membership_after"]["reference_size"] == body["verification"]["sizes"]["audit"]
         assert [a["method"] for a in body["attempts"]][-1] == body["method"]["name"]

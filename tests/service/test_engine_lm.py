@@ -127,7 +127,7 @@ def test_subject_erasure_of_a_causal_lm_passes_the_lm_gate(lm_engine):
     print("LM gate:", json.dumps(summary), "membership:", json.dumps(evidence["membership_after"]),
           "em:", json.dumps({k: evidence[k] for k in ("forget_acc_before", "forget_acc_after", "utility_acc_before")}),
           "sizes:", json.dumps(evidence["sizes"]))
-    assert {"utility", "membership_ks", "membership_auc", "onnx_parity", "onnx_utility"} == set(summary)
+    assert {"utility", "membership_ks", "membership_auc", "forget_accuracy", "onnx_parity", "onnx_utility"} == set(summary)
     assert evidence["onnx"]["providers"] == ["CPUExecutionProvider"]
     assert evidence["onnx"]["max_abs_diff"] <= POLICY.onnx_tolerance
     assert job.state is JobState.SUCCEEDED, f"{job.message}: {summary}"
