@@ -37,7 +37,7 @@ from service.engine import Engine
 from service.settings import Settings
 from tests.service.scaleout_fixtures import free_port
 
-pytestmark = [pytest.mark.postgres, pytest.mark.slow]
+pytestmark = [pytest.mark.postgres, pytest.mark.slow, pytest.mark.long]  # API replicas and workers as processes
 ROOT = Path(__file__).resolve().parents[2]
 KEY_HEX = "5a" * 32
 SUBJECT_KEY_HEX = "c3" * 32
