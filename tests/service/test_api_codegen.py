@@ -64,6 +64,24 @@ def _buf() -> str | None:
     return str(beside_python) if beside_python.exists() else shutil.which("buf")
 
 
+# The first lethe.v1 protos (Update and Rectification designed, UNIMPLEMENTED) and the protos before updates
+# and rectifications were built: the API only grew since (buf's FILE rules).
+BREAKING_BASELINES = ("3a96133", "9236620")
+
+
+@pytest.mark.skipif(_buf() is None, reason="buf is not installed (pip install buf-bin)")
+@pytest.mark.parametrize("baseline", BREAKING_BASELINES)
+def test_protos_have_no_breaking_change_against_earlier_versions(baseline):
+    import subprocess
+
+    if subprocess.run(["git", "cat-file", "-e", f"{baseline}^{{commit}}"], cwd=codegen.REPO_ROOT,
+                      capture_output=True).returncode != 0:
+        pytest.skip(f"commit {baseline} is not in this clone's history (a shallow clone): nothing to compare")
+    result = subprocess.run([_buf(), "breaking", "proto", "--against", f".git#ref={baseline},subdir=proto"],
+                            cwd=codegen.REPO_ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
 @pytest.mark.skipif(_buf() is None, reason="buf is not installed (pip install buf-bin)")
 def test_protos_pass_buf_lint_and_format():
     import subprocess
