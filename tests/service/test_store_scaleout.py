@@ -257,7 +257,7 @@ def test_coalescing_is_race_free_across_replicas(store_url, tmp_path):
     def submit(replica: int) -> None:
         for index in range(40):
             request = ErasureRequest(request_id=f"r-{replica}-{index}", subject_ids=(f"s-{index}",))
-            replicas[replica]._group.submit(_Submission(request, [f"h-{index}"], f"d-{replica}-{index}", None,
+            replicas[replica]._group.submit(_Submission(request, [f"h-{index}"], [], f"d-{replica}-{index}", None,
                                                         [_target("m")]))
             time.sleep(0.01)
 
@@ -342,7 +342,7 @@ def test_group_commit_answers_each_caller_with_its_own_outcome(store_url, tmp_pa
         digest = "same" if index < 30 else f"other-{index}"
         try:
             outcomes[index] = intake._group.submit(_Submission(
-                ErasureRequest(request_id=request_id, subject_ids=("s",)), ["h"], f"{request_id}-{digest}", None,
+                ErasureRequest(request_id=request_id, subject_ids=("s",)), ["h"], [], f"{request_id}-{digest}", None,
                 [_target("m")]))
         except AlreadyExists as error:
             outcomes[index] = error
