@@ -18,9 +18,10 @@ $(STAMP): $(BIN)/python pyproject.toml constraints/cpu.txt
 install: $(STAMP)
 
 # CI's suite, within its 15-minute budget on 2 cores (install included): every test except those marked `long`
-# (end-to-end or multi-process, over ~20 s each) and `soak`. `make test-all` runs the long ones too.
+# (end-to-end or multi-process, and the costly cases listed in tests/conftest.py) and `soak`, on two workers
+# (pytest-xdist; each test file runs whole, in order, on one worker). `make test-all` runs the long ones too.
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -m "not long and not soak" --durations=15
+	$(BIN)/python -m pytest -q -m "not long and not soak" -n 2 --dist loadfile --durations=15
 
 test-all: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not soak" --durations=30

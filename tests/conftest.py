@@ -11,8 +11,10 @@ from __future__ import annotations
 import pytest
 
 LONG_IN_CI = {
-    # the ViT through the engine (135 s); unlearn/test_gslora.py keeps GS-LoRA++ on the ViT
+    # the ViT through the engine (trains the ViT: 138 s on a clean machine); unlearn/test_gslora.py keeps
+    # GS-LoRA++ on the ViT
     "tests/service/test_engine_vit.py::test_consecutive_class_erasures_on_the_vit_are_continual_tasks",
+    "tests/service/test_engine_vit.py::test_subject_erasure_against_a_class_only_policy_is_refused_up_front",
     # the benchmark CLI's auto chain end to end (85 s); test_bench's other CLI tests stay
     "tests/unlearn/test_bench.py::test_cli_auto_json_last_line",
     # GU-wrapped gradient methods on the blobs case (32-47 s each); test_contract keeps gu+graddiff
@@ -26,6 +28,14 @@ LONG_IN_CI = {
     "tests/unlearn/test_contract.py::test_method_contract[gu+npo]",
     "tests/unlearn/test_contract.py::test_method_contract[gu+ga]",
     "tests/unlearn/test_contract.py::test_method_contract[npo]",
+    "tests/unlearn/test_contract.py::test_method_contract[ga]",
+    # gu+graddiff's contract (48 s on a clean machine) and graddiff's second contract test (18 s): the service's
+    # escalation tests run gu+graddiff, test_contract keeps graddiff
+    "tests/unlearn/test_contract.py::test_method_contract[gu+graddiff]",
+    "tests/unlearn/test_gradient_methods.py::test_contract_forgets_keeps_utility_is_deterministic_and_leaves_the_caller_alone[graddiff]",
+    # retrained models pass forget_accuracy (33 s: trains three); its calibration is in docs/benchmarks.md, and the
+    # test where forget_accuracy fails stays
+    "tests/unlearn/test_gate.py::test_retrained_models_pass_forget_accuracy",
     # FLAT and IAU on the LM adapter (33 s, 7 s); test_lm_contract keeps the other LM methods
     "tests/unlearn/test_lm_contract.py::test_lm_method_contract[flat]",
     "tests/unlearn/test_lm_contract.py::test_gradient_family_runs_on_the_lm_adapter[iau]",

@@ -71,13 +71,18 @@ BREAKING_BASELINES = ("3a96133", "9236620")
 
 @pytest.mark.skipif(_buf() is None, reason="buf is not installed (pip install buf-bin)")
 @pytest.mark.parametrize("baseline", BREAKING_BASELINES)
-def test_protos_have_no_breaking_change_against_earlier_versions(baseline):
+def test_protos_have_no_breaking_change_against_earlier_versions(baseline, tmp_path):
     import subprocess
+    import tarfile
 
-    if subprocess.run(["git", "cat-file", "-e", f"{baseline}^{{commit}}"], cwd=codegen.REPO_ROOT,
-                      capture_output=True).returncode != 0:
-        pytest.skip(f"commit {baseline} is not in this clone's history (a shallow clone): nothing to compare")
-    result = subprocess.run([_buf(), "breaking", "proto", "--against", f".git#ref={baseline},subdir=proto"],
+    archive = tmp_path / "baseline.tar"
+    exported = subprocess.run(["git", "archive", "--format=tar", "-o", str(archive), baseline, "proto"],
+                              cwd=codegen.REPO_ROOT, capture_output=True, text=True)
+    if exported.returncode != 0:
+        pytest.skip(f"commit {baseline} is not in this clone's history (a shallow clone?): {exported.stderr.strip()}")
+    with tarfile.open(archive) as tar:
+        tar.extractall(tmp_path / "baseline", filter="data")
+    result = subprocess.run([_buf(), "breaking", "proto", "--against", str(tmp_path / "baseline" / "proto")],
                             cwd=codegen.REPO_ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stdout + result.stderr
 

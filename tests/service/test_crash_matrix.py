@@ -59,10 +59,10 @@ CLASS_POINTS = ("stage:resolve:inside", "stage:apply:inside", "stage:verify:insi
                 "registered", "stage:audit:inside")
 CLASSES = (9, 8, 7, 6, 5, 4)
 UPDATE_LABELS = (0, 1, 2, 3)  # never a class the class cells erase (an update of an erased class is refused)
-# Not long (make test, CI's 15-minute budget): two subject cells, a stage boundary (apply) and the
-# registration window (registered: the version the store does not know yet). Every other cell is long:
+# Not long (make test, CI's 15-minute budget): one subject cell, the registration window (registered: the
+# version the store does not know yet). Every other cell is long:
 # `make crash` runs the whole matrix (docs/reliability.md).
-FAST = {("subject", "stage:apply"), ("subject", "registered")}
+FAST = {("subject", "registered")}
 
 
 def _cells():

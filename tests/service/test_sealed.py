@@ -37,13 +37,23 @@ from service.sealed import (
 from service.task_support import task_support
 from service.context import ModelInfo
 from service.verification import policy_violations
-from tests.service.conftest import wait_for_jobs
+from tests.service.conftest import make_engine, wait_for_jobs
 from unlearn.splits import audit_mask
 
 POLICY = VerificationPolicy()  # 30 days
 
 
 # ------------------------------------------------------------------------------------------ fixtures
+@pytest.fixture(scope="module")
+def lethe_engine(tmp_path_factory):
+    """This module's own started engine: other modules' erasures tombstone digits records, which would refuse
+    this module's registration of the digits data on the session engine."""
+    engine, _ = make_engine(tmp_path_factory.mktemp("sealed") / "state")
+    yield engine
+    engine.stop(30)
+    engine.store.dispose()
+
+
 @pytest.fixture(scope="module")
 def digits(lethe_engine, tmp_path_factory):
     """The digits data as a dataset file of this module (a stand-in base version) and its loaded form."""
