@@ -54,7 +54,7 @@ def test_unlearn_registry_keeps_its_names_after_the_move():
     assert error.value.field == "alpah"
 
 
-@pytest.mark.parametrize("name", [n for n in REQUIRED if n.startswith("wise-ft+")])
+@pytest.mark.parametrize("name", sorted(n for n in REQUIRED if n.startswith("wise-ft+")))
 def test_each_wise_ft_config_is_its_base_config_plus_wise_fts_fields(name):
     config_cls = registry.get(name).config_cls
     base_cls = registry.get(name.split("+", 1)[1]).config_cls
