@@ -79,7 +79,8 @@ def run(requests: int, streams: int, window: int, store: str = "sqlite", replica
         from service.api.pb import service_pb2, types_pb2
 
         for index, target in enumerate(targets):  # warm-up: every replica's caches and connections
-            _drive(target, [_erasure(types_pb2, f"warmup-{index}-{i}", i) for i in range(warmup)], window, service_pb2)
+            drive_session(target, [_erasure(types_pb2, f"warmup-{index}-{i}", i) for i in range(warmup)], window,
+                          service_pb2)
         per_stream = [[_erasure(types_pb2, f"bench-{s}-{i}", s * requests + i) for i in range(s, requests, streams)]
                       for s in range(streams)]
         results: list[list[float]] = [[] for _ in range(streams)]
@@ -89,7 +90,7 @@ def run(requests: int, streams: int, window: int, store: str = "sqlite", replica
         def stream_worker(index: int) -> None:
             try:
                 barrier.wait()
-                results[index] = _drive(targets[index % replicas], per_stream[index], window, service_pb2)
+                results[index] = drive_session(targets[index % replicas], per_stream[index], window, service_pb2)[0]
             except BaseException as error:  # reported below, never swallowed
                 errors.append(error)
 
@@ -167,13 +168,15 @@ def _erasure(types_pb2, request_id: str, index: int):
     return types_pb2.Erasure(request_id=request_id, subject_ids=[f"subject-{index % 299:04d}"])
 
 
-def _drive(target: str, erasures: list, window: int, service_pb2) -> list[float]:
-    """Send ``erasures`` on one Session, at most ``window`` unacknowledged; returns ack latencies (s)."""
+def drive_session(target: str, erasures: list, window: int, service_pb2) -> tuple[list[float], list[str]]:
+    """Send ``erasures`` on one Session, at most ``window`` unacknowledged; returns (ack latencies in s, the
+    request id of every ack received, duplicates included)."""
     from service.api.client import Client
 
     slots = threading.Semaphore(window)
     sent_at: dict[str, float] = {}
     latencies: list[float] = []
+    acked: list[str] = []
     done = threading.Event()
 
     def requests():
@@ -185,21 +188,23 @@ def _drive(target: str, erasures: list, window: int, service_pb2) -> list[float]
 
     with Client(target) as client:
         client.wait_ready(30)
-        call = client.stub.Session(requests(), timeout=1800)
+        call = client.stub.Session(requests(), timeout=3600)
         try:
             for response in call:
                 kind = response.WhichOneof("message")
                 if kind == "rejected":
                     raise RuntimeError(f"request refused: {response.rejected}")
                 if kind == "accepted":
-                    latencies.append(time.perf_counter() - sent_at[response.accepted.request_id])
+                    request_id = response.accepted.request_id
+                    acked.append(request_id)
+                    latencies.append(time.perf_counter() - sent_at[request_id])
                     slots.release()
-                    if len(latencies) == len(erasures):
+                    if len(set(acked)) == len(erasures):
                         break
         finally:
             done.set()
             call.cancel()  # the requests stay queued behind the hour-long window: do not wait for them
-    return latencies
+    return latencies, acked
 
 
 def _percentile(sorted_values: list[float], percent: float) -> float:

@@ -41,7 +41,16 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from lethe_bench.acks import KEY_HEX, ROOT, SUBJECT_KEY_HEX, _cpus, _free_port, _percentile, _wait_ready
+from lethe_bench.acks import (
+    KEY_HEX,
+    ROOT,
+    SUBJECT_KEY_HEX,
+    _cpus,
+    _free_port,
+    _percentile,
+    _wait_ready,
+    drive_session,
+)
 
 PREFIX = "load-"
 
@@ -80,7 +89,7 @@ def run(requests: int, streams: int, window: int = 1, warmup: int = 64, state_di
         _wait_ready(target, [server], root)
         rss_start = rss_kib(server.pid)
         warm = [_erasure(types_pb2, f"warmup-{i}", i) for i in range(warmup)]
-        _drive(target, warm, window, service_pb2)
+        drive_session(target, warm, window, service_pb2)
         rss_warm = rss_kib(server.pid)
 
         per_stream = [[_erasure(types_pb2, f"{PREFIX}{s}-{i}", s * requests + i) for i in range(s, requests, streams)]
@@ -94,7 +103,7 @@ def run(requests: int, streams: int, window: int = 1, warmup: int = 64, state_di
         def stream_worker(index: int) -> None:
             try:
                 barrier.wait()
-                results[index] = _drive(target, per_stream[index], window, service_pb2)
+                results[index] = drive_session(target, per_stream[index], window, service_pb2)
             except BaseException as error:  # reported below, never swallowed
                 errors.append(error)
 
@@ -195,45 +204,6 @@ def check_store(store_url: str, root: Path, sent: set[str], acked: Counter) -> d
 
 def _erasure(types_pb2, request_id: str, index: int):
     return types_pb2.Erasure(request_id=request_id, subject_ids=[f"subject-{index % 299:04d}"])
-
-
-def _drive(target: str, erasures: list, window: int, service_pb2) -> tuple[list[float], list[str]]:
-    """Send ``erasures`` on one Session, at most ``window`` unacknowledged; returns (ack latencies in s, the
-    request id of every ack received, duplicates included)."""
-    from service.api.client import Client
-
-    slots = threading.Semaphore(window)
-    sent_at: dict[str, float] = {}
-    latencies: list[float] = []
-    acked: list[str] = []
-    done = threading.Event()
-
-    def requests():
-        for erasure in erasures:
-            slots.acquire()
-            sent_at[erasure.request_id] = time.perf_counter()
-            yield service_pb2.SessionRequest(erasure=erasure)
-        done.wait()  # keep the stream open until every ack is in, then half-close
-
-    with Client(target) as client:
-        client.wait_ready(30)
-        call = client.stub.Session(requests(), timeout=3600)
-        try:
-            for response in call:
-                kind = response.WhichOneof("message")
-                if kind == "rejected":
-                    raise RuntimeError(f"request refused: {response.rejected}")
-                if kind == "accepted":
-                    request_id = response.accepted.request_id
-                    acked.append(request_id)
-                    latencies.append(time.perf_counter() - sent_at[request_id])
-                    slots.release()
-                    if len(set(acked)) == len(erasures):
-                        break
-        finally:
-            done.set()
-            call.cancel()  # the requests stay queued behind the hour-long window: do not wait for them
-    return latencies, acked
 
 
 def _stop(server: subprocess.Popen) -> None:
