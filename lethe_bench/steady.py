@@ -115,6 +115,8 @@ def _measure(engine: Engine, model_name: str, job, subject: str) -> dict:
     importance = evidence.get("train_importance", {})
     return {"job_id": job.job_id, "state": job.state.value, "forget_records": int(len(index)),
             "method": evidence.get("method", {}).get("name"), "attempts": [a["method"] for a in attempts],
+            "rejected_by": {a["method"]: a.get("failures") or a.get("error") for a in attempts if not a.get("gate_passed")},
+            "tune_scores": evidence.get("method", {}).get("details", {}).get("tune_scores"),
             "apply_seconds": round(apply_s, 4), "fwd_bwd_seconds": unit,
             "cost_vs_fwd_bwd": round(apply_s / unit, 2) if unit else None,
             "importance_cached": importance.get("cached"), "importance_seconds": importance.get("seconds")}

@@ -40,12 +40,12 @@ from service.mlflow_registry import ERASED_CLASSES_TAG
 from service.sealed import certificate_summary, seal_erasure
 from service.task_support import task_support
 from service.verification import effective_policy, verify
+from service.version_cache import TUNE_SCORE_READERS, importance_dir, never_trained_sides, tune_scores
 from unlearn import registry as methods
 from unlearn.chain import ChainResult, run_chain
 from unlearn.gate import GateResult
 from unlearn.importance import ImportanceCache, TrainImportance, weights_digest
 from unlearn.registry import UnlearnRequest
-from unlearn.splits import audit_mask
 from unlearn.tasks import TaskAdapter
 from unlearn.training import TrainRecipe, recipe_from_values
 
@@ -134,10 +134,6 @@ def correct_flags(task: TaskAdapter, model: nn.Module, examples, batch_size: int
         flags += task.correct(model, batch).cpu().tolist()
     model.train(was_training)
     return flags
-
-
-def importance_dir(ctx: PipelineContext, model_name: str, version: str) -> Path:
-    return ctx.settings.cache_dir / "importance" / safe_name(model_name) / version
 
 
 def job_chain(job, policy, erases_classes: bool, task_type: str) -> list[tuple[str, dict[str, Any]]]:
@@ -329,7 +325,7 @@ def build_scope(ctx: PipelineContext, job, info: ModelInfo, data: LoadedDataset,
     """The masks of a job over ``data``: ``matched`` holds, per request, the records it erases (an update
     erases none; a rectification its old values)."""
     erase = np.logical_or.reduce(list(matched.values())) if matched else np.zeros(len(data), dtype=bool)
-    train, holdout_all = data.split_mask("train"), data.split_mask("holdout")
+    train = data.split_mask("train")
     # Consecutive class erasures on one model lineage are consecutive tasks (issue 6): the method is told
     # EVERY class erased so far (the parent version's ``lethe.erased_classes`` tag plus this job's classes).
     # The forget set stays this job's records: the earlier classes' records were purged from the dataset by
@@ -344,8 +340,8 @@ def build_scope(ctx: PipelineContext, job, info: ModelInfo, data: LoadedDataset,
     lineage_classes = tuple(sorted(set(earlier_classes) | set(classes or ())))
     # Never-trained records, dealt into tune (methods may stop or search on it) and audit (only the gate),
     # by keyed hash of the record id: stable across dataset versions (unlearn.splits).
-    never_trained = holdout_all & ~erase & ~earlier_mask
-    audit_side = audit_mask(data.record_ids.astype(str), ctx.settings.split_key_bytes)
+    tune_side, audit_side = never_trained_sides(ctx, data)
+    kept = ~erase & ~earlier_mask
     resolution = {
         "requests": {request_id: {"matched": int(mask.sum()), "erased_from_training": int((mask & train).sum()),
                                   "record_ids_sha256": sha256_hex("\n".join(sorted(data.record_ids[mask].astype(str))))}
@@ -354,7 +350,7 @@ def build_scope(ctx: PipelineContext, job, info: ModelInfo, data: LoadedDataset,
         "dataset_digest": dataset_row.digest, "dataset_records": len(data), "lineage_classes": list(lineage_classes),
     }
     scope = Scope(data, dataset_row, task_support(info), erase, erase & train, train & ~erase,
-                  never_trained & ~audit_side, never_trained & audit_side, earlier_mask & ~erase, classes,
+                  tune_side & kept, audit_side & kept, earlier_mask & ~erase, classes,
                   earlier_classes, lineage_classes, resolution, matched)
     if not (scope.tune.any() and scope.audit.any()):
         raise RuntimeError("the job would leave no never-trained records in the tune or audit split "
@@ -395,6 +391,9 @@ def unlearn(ctx: PipelineContext, job, info: ModelInfo, scope: Scope, progress: 
     chain = job_chain(job, policy, bool(scope.classes), info.task_type.value)
     request = UnlearnRequest(task=scope.task, forget=forget, retain=scope.examples(scope.retain),
                              tune=scope.examples(scope.tune),
+                             tune_scores=(tune_scores(ctx, job.model_name, job.base_version, scope.base_model, scope.data,
+                                                      scope.dataset_row.digest, scope.tune)
+                                          if any(name in TUNE_SCORE_READERS for name, _ in chain) else None),
                              train_importance=TrainImportance(scope.task, scope.examples(scope.forget | scope.retain),
                                                               ImportanceCache(importance_dir(ctx, job.model_name,
                                                                                              job.base_version))),

@@ -5,10 +5,14 @@ SSD's I_D (:mod:`unlearn.importance`) depends on the model version and its train
 request; every job registers a new version, so without this the next SSD-family request would pay a pass
 over the whole training set (for a 6-record subject out of ~1,200 records, ~200 forget-set passes). After
 a job registers version v+1 (and after registration and start-up), the :class:`ImportancePrefetcher`
-computes I_D for the serving version into the importance cache the pipeline reads:
+computes I_D for the serving version into the importance cache the pipeline reads, and the unchanged
+model's scores on its never-trained ``tune`` records (:mod:`unlearn.heldout`: per-record loss and correctness,
+what ``ssd-auto`` compares the forget set with before it dampens anything), so that a request on a model
+that already scores its records like unseen ones pays one forward pass over its forget set:
 
-- only for models whose policy chain holds an SSD-family method, with each such method's batch size and
-  variant (``lfssd`` is label-free);
+- I_D only for models whose policy chain holds an SSD-family method, with each such method's batch size and
+  variant (``lfssd`` is label-free); the tune scores for chains with a method that reads them
+  (:data:`service.version_cache.TUNE_SCORE_READERS`);
 - at the lowest priority: its thread is niced to 19, it starts only while no job runs, and claiming a job
   cancels a running precomputation between two batches (:class:`unlearn.errors.Cancelled`); it is retried
   once the job has ended (usually superseded by the version that job registers).
@@ -26,8 +30,10 @@ import threading
 from service import store as db
 from service.context import ModelInfo, PipelineContext
 from service.task_support import task_support
+from service.version_cache import TUNE_SCORE_READERS, importance_dir, never_trained_sides
 from unlearn import registry as methods
 from unlearn.errors import Cancelled
+from unlearn.heldout import HeldOutCache, score
 from unlearn.importance import ImportanceCache, TrainImportance
 
 log = logging.getLogger(__name__)
@@ -114,17 +120,27 @@ class ImportancePrefetcher:
             info = ModelInfo.from_row(row)
             dataset = db.dataset_for_model_version(conn, model_name, info.serving_version)
         needs = importance_needs(info)
-        if not needs or dataset is None:
+        wants_scores = any(step.name in TUNE_SCORE_READERS for step in info.policy.method_chain)
+        if not (needs or wants_scores) or dataset is None:
             return
-        from service.pipeline import importance_dir  # the directory the pipeline reads
-
         support = task_support(info)
         model = support.load(self.ctx, model_name, info.serving_version)
         data = self.ctx.catalog.load(dataset.path, dataset.digest)
-        examples = support.examples(data, model)(data.split_mask("train"))
-        importance = TrainImportance(support.task(), examples,
-                                     ImportanceCache(importance_dir(self.ctx, model_name, info.serving_version)))
-        for batch_size, variant in needs:
-            importance.get(model, batch_size, variant, should_stop=self._should_stop)
+        examples_of = support.examples(data, model)
+        directory = importance_dir(self.ctx, model_name, info.serving_version)
+        if wants_scores and data.record_hashes is not None:  # the cheaper of the two first
+            cache = HeldOutCache(directory)
+            tune, _ = never_trained_sides(self.ctx, data)
+            if tune.any() and cache.load(model, dataset.digest) is None:
+                if self._should_stop():
+                    raise Cancelled("a job was claimed")
+                cache.store(score(support.task(), model, examples_of(tune), data.record_hashes[tune]), model,
+                            dataset.digest)
+        if needs:
+            importance = TrainImportance(support.task(), examples_of(data.split_mask("train")),
+                                         ImportanceCache(directory))
+            for batch_size, variant in needs:
+                importance.get(model, batch_size, variant, should_stop=self._should_stop)
         self.completed.append((model_name, info.serving_version))
-        log.info("importance of %s version %s precomputed (%s)", model_name, info.serving_version, needs)
+        log.info("importance and tune scores of %s version %s precomputed (%s)", model_name,
+                 info.serving_version, needs)

@@ -13,6 +13,7 @@ a bug and propagates.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -53,6 +54,7 @@ class Attempt:
     gate: GateResult | None = None
     error: str | None = None
     message: str = ""
+    details: dict[str, Any] = field(default_factory=dict)  # the method's scalar details (lists and logs left out)
 
     @property
     def gate_passed(self) -> bool:
@@ -61,7 +63,7 @@ class Attempt:
     def summary(self) -> dict[str, Any]:
         return {"method": self.method, "params": dict(self.params), "target_reached": self.target_reached,
                 "gate_passed": self.gate_passed, "failures": list(self.gate.failures) if self.gate else [],
-                "seconds": self.seconds, "error": self.error, "message": self.message}
+                "seconds": self.seconds, "error": self.error, "message": self.message, "details": dict(self.details)}
 
 
 @dataclass
@@ -108,6 +110,9 @@ def run_chain(model: nn.Module, request: UnlearnRequest, chain: Sequence[ChainSt
         else:
             attempt.seconds = time.perf_counter() - started  # the method's cost, without the gate's
             attempt.target_reached, attempt.message = result.target_reached, result.message
+            attempt.details = {key: value for key, value in result.details.items()
+                               if value is None or isinstance(value, (bool, int, str))
+                               or (isinstance(value, float) and math.isfinite(value))}
             attempt.gate = judge(result)
             if attempt.gate.passed:
                 outcome.result = result

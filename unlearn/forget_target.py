@@ -22,11 +22,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 from torch import nn
 
 from unlearn.data import ExampleSet
 from unlearn.errors import InvalidDataError
-from unlearn.membership import MembershipResult, compare
+from unlearn.heldout import score
+from unlearn.membership import MembershipResult, membership_losses, membership_test
 from unlearn.tasks import TaskAdapter, accuracy
 
 DEFAULT_STOP_MIN_P = 0.05
@@ -80,11 +82,16 @@ class ForgetTarget:
         self.class_forget_target = class_forget_target
         self.stop_min_p, self.stop_auc_margin = stop_min_p, stop_auc_margin
 
-    def check(self, model: nn.Module, forget: ExampleSet) -> ForgetCheck:
-        forget_acc = accuracy(self.task, model, forget)
+    def check(self, model: nn.Module, forget: ExampleSet, tune_losses: np.ndarray | None = None) -> ForgetCheck:
+        """The target on the current weights. ``tune_losses``: the tune records' membership losses on these
+        same weights when already known (:mod:`unlearn.heldout`), instead of a forward pass over ``tune``."""
         if self.forget_classes:
+            forget_acc = accuracy(self.task, model, forget)
             return ForgetCheck(forget_acc <= self.class_forget_target, forget_acc, self.class_forget_target)
-        return self.decide(compare(self.task, model, forget, self.tune), forget_acc)
+        scores = score(self.task, model, forget, np.arange(len(forget)))  # losses and accuracy, one forward pass
+        if tune_losses is None:
+            tune_losses = membership_losses(self.task, model, self.tune)
+        return self.decide(membership_test(scores.losses, tune_losses), scores.accuracy)
 
     def decide(self, membership: MembershipResult, forget_acc: float) -> ForgetCheck:
         """Record erasure's verdict on a membership test of the forget set against the tune records.

@@ -21,6 +21,7 @@ from unlearn.config import coerce as _coerce  # shared with continual.registry
 from unlearn.config import require  # noqa: F401  (re-exported: methods import it from here)
 from unlearn.data import ExampleSet
 from unlearn.errors import InvalidDataError, InvalidParameterError, UnknownMethodError, UnsupportedTaskError
+from unlearn.heldout import HeldOutScores
 from unlearn.importance import TrainImportance
 from unlearn.tasks import TaskAdapter
 from unlearn.training import TrainRecipe
@@ -36,7 +37,10 @@ class UnlearnRequest:
     ``forget`` is Df; ``retain`` is Dr (or a sample of it, which the caller reports); ``tune`` never-trained
     records a method may stop or search on (the ``tune`` split of :mod:`unlearn.splits`; the ``audit`` split is
     kept from methods, for the verification gate alone); ``train_importance`` gives I_D over the full
-    training set D = Dr u Df, cached per model version; ``model_factory`` and ``recipe`` describe the
+    training set D = Dr u Df, cached per model version; ``tune_scores``, when the caller precomputed them for
+    this model version (:mod:`unlearn.heldout`), are the unchanged model's per-record losses and correctness on
+    ``tune``, in ``tune``'s order (a method may use them instead of a pass over ``tune`` on the unchanged
+    weights; None means compute); ``model_factory`` and ``recipe`` describe the
     original training, for the retrain and fine-tune baselines. ``forget_classes`` is set for whole-class
     erasure (the retrained model then never predicts those classes).
     """
@@ -46,6 +50,7 @@ class UnlearnRequest:
     retain: ExampleSet | None = None
     tune: ExampleSet | None = None
     train_importance: TrainImportance | None = None
+    tune_scores: HeldOutScores | None = None
     model_factory: Callable[[int], nn.Module] | None = None
     recipe: TrainRecipe | None = None
     forget_classes: tuple[int, ...] | None = None

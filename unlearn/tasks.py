@@ -7,6 +7,7 @@ classifier today and on a causal language model (answer-token losses, prompt mas
 from __future__ import annotations
 
 from typing import Protocol
+from weakref import WeakKeyDictionary
 
 import torch
 import torch.nn.functional as F
@@ -47,6 +48,9 @@ class TaskAdapter(Protocol):
     def correct(self, model: nn.Module, batch: Batch) -> Tensor:
         """Boolean per example: is the prediction right?"""
 
+    def correct_from_outputs(self, outputs: Tensor, batch: Batch) -> Tensor:
+        """:meth:`correct` from already computed outputs (one forward pass for losses and correctness)."""
+
     def validate(self, model: nn.Module, examples: ExampleSet, field: str) -> None:
         """Raise :class:`InvalidDataError` naming ``field`` when the examples cannot feed the model."""
 
@@ -60,6 +64,15 @@ class ClassificationTask:
         if num_classes < 2:
             raise InvalidDataError("num_classes", f"a classifier needs at least 2 classes, got {num_classes}")
         self.num_classes = num_classes
+        # Input shapes each model (weakly held) was probed with and answered [batch, num_classes] for: one probe
+        # per model and shape, not one per example set of a request.
+        self._fits: WeakKeyDictionary[nn.Module, set[tuple[int, ...]]] = WeakKeyDictionary()
+
+    def __getstate__(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if k != "_fits"}  # weak references do not pickle
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state, _fits=WeakKeyDictionary())
 
     def outputs(self, model: nn.Module, batch: Batch) -> Tensor:
         return model(batch["inputs"])
@@ -80,7 +93,10 @@ class ClassificationTask:
         return self.outputs(model, batch).pow(2).sum(dim=1).mean()
 
     def correct(self, model: nn.Module, batch: Batch) -> Tensor:
-        return self.outputs(model, batch).argmax(dim=1) == batch["labels"]
+        return self.correct_from_outputs(self.outputs(model, batch), batch)
+
+    def correct_from_outputs(self, outputs: Tensor, batch: Batch) -> Tensor:
+        return outputs.argmax(dim=1) == batch["labels"]
 
     def validate(self, model: nn.Module, examples: ExampleSet, field: str) -> None:
         if len(examples) == 0:
@@ -97,6 +113,9 @@ class ClassificationTask:
             raise InvalidDataError(field, "labels must be a 1-D int64 tensor")
         if labels.min() < 0 or labels.max() >= self.num_classes:
             raise InvalidDataError(field, f"labels must lie in [0, {self.num_classes})")
+        shape = tuple(inputs.shape[1:])
+        if shape in self._fits.get(model, ()):  # this model already took inputs of this shape
+            return
         device = next(iter(model.parameters())).device
         was_training = model.training
         model.eval()
@@ -110,6 +129,7 @@ class ClassificationTask:
         if logits.dim() != 2 or logits.shape[1] != self.num_classes:
             raise InvalidDataError(field, f"model gives outputs of shape {tuple(logits.shape)}, "
                                    f"expected [batch, {self.num_classes}]")
+        self._fits.setdefault(model, set()).add(shape)
 
 
 @torch.no_grad()

@@ -189,7 +189,10 @@ class CausalLMTask:
 
     def correct(self, model: nn.Module, batch: Batch) -> Tensor:
         """Teacher-forced exact match: every answer token (and the end token) is the argmax."""
-        logits = self.outputs(model, batch)[:, :-1]
+        return self.correct_from_outputs(self.outputs(model, batch), batch)
+
+    def correct_from_outputs(self, outputs: Tensor, batch: Batch) -> Tensor:
+        logits = outputs[:, :-1]
         hits = logits.argmax(dim=-1) == batch["input_ids"][:, 1:]
         mask = batch["answer_mask"][:, 1:].bool()
         return (hits | ~mask).all(dim=1)

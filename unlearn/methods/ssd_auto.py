@@ -62,6 +62,7 @@ from torch import nn
 from unlearn.data import ExampleSet
 from unlearn.errors import InvalidDataError
 from unlearn.forget_target import DEFAULT_STOP_AUC_MARGIN, DEFAULT_STOP_MIN_P, ForgetTarget
+from unlearn.heldout import HeldOutScores
 from unlearn.importance import Importance, estimate_importance
 from unlearn.methods.assd import importance_ratio, percentile_alpha
 from unlearn.registry import UnlearnRequest, UnlearnResult, copy_model, register, require
@@ -159,6 +160,40 @@ def ssd_auto(model: nn.Module, request: UnlearnRequest, config: SSDAutoConfig) -
     source = request.require_train_importance("ssd-auto")
     utility_set = _utility_sample(request)
     task = request.task
+    target = ForgetTarget(task, request.tune, request.forget_classes, config.class_forget_target,
+                          config.stop_min_p, config.stop_auc_margin, "ssd-auto")
+    # The unchanged model's tune scores, precomputed per model version (unlearn.heldout) where the caller has
+    # them: record erasure only (class erasure's reference masks the erased classes' logits).
+    scores = None if request.forget_classes else request.tune_scores
+    if scores is not None:
+        reference_utility = scores.accuracy
+    else:
+        reference_utility = (accuracy_without_classes(task, model, utility_set, request.forget_classes)
+                             if request.forget_classes else accuracy(task, model, utility_set))  # as the gate
+    trials: list[Trial] = []
+
+    def record(trial: Trial) -> Trial:
+        trials.append(trial)
+        request.report(0.05 if math.isinf(trial.alpha) else 0.2 + 0.75 * len(trials) / config.max_trials,
+                       f"alpha {trial.alpha:.4g}: forget acc {trial.forget_acc:.3f}, tune acc {trial.utility_acc:.3f}")
+        return trial
+
+    # The mildest dampening of all is none: a model that already scores the forget records no better than
+    # unseen data (typical for random records of a model that generalises) needs no change. Checked before
+    # anything is copied or any importance computed: with precomputed tune scores it costs one forward pass
+    # over Df.
+    check = target.check(model, request.forget, None if scores is None else scores.losses)
+    untouched_utility = reference_utility if scores is not None else accuracy(task, model, utility_set)
+    untouched = record(Trial(math.inf, check.forget_acc, untouched_utility, check.reached,
+                             untouched_utility >= reference_utility - config.max_utility_drop, check.over))
+    if untouched.forgets and untouched.useful:
+        request.report(1.0, "the forget set is already at the held-out level; no dampening needed")
+        return UnlearnResult(copy_model(model), details={"start_alpha": None, "trials": 1, "alpha": None,
+                                                         "lam": config.lam, "reference_utility": reference_utility,
+                                                         "tune_scores": _provenance(scores),
+                                                         "search": [vars(untouched)]},
+                             target_reached=True, message="forget accuracy already at the held-out level; "
+                                                          "weights unchanged")
     train_importance = source.get(model, config.batch_size, "fisher")
     work = copy_model(model)
     request.report(0.1, "importance of the forget set")
@@ -166,34 +201,15 @@ def ssd_auto(model: nn.Module, request: UnlearnRequest, config: SSDAutoConfig) -
     ratio = importance_ratio(train_importance, forget_importance)
     start_alpha, _ = percentile_alpha(ratio, len(request.forget), len(source))
     start_alpha = min(max(start_alpha, config.alpha_min), config.alpha_max)
-    reference_utility = (accuracy_without_classes(task, work, utility_set, request.forget_classes)
-                         if request.forget_classes else accuracy(task, work, utility_set))  # as the gate
     dampener = _Dampener(work, ratio, config.lam)
-    target = ForgetTarget(task, request.tune, request.forget_classes, config.class_forget_target,
-                          config.stop_min_p, config.stop_auc_margin, "ssd-auto")
-    trials: list[Trial] = []
 
     def trial(alpha: float) -> Trial:
         dampener.apply(alpha)
         check = target.check(work, request.forget)
         utility_acc = accuracy(task, work, utility_set)
-        result = Trial(alpha, check.forget_acc, utility_acc, check.reached,
-                       utility_acc >= reference_utility - config.max_utility_drop, check.over)
-        trials.append(result)
-        request.report(0.2 + 0.75 * len(trials) / config.max_trials,
-                       f"alpha {alpha:.4g}: forget acc {check.forget_acc:.3f}, tune acc {utility_acc:.3f}")
-        return result
+        return record(Trial(alpha, check.forget_acc, utility_acc, check.reached,
+                            utility_acc >= reference_utility - config.max_utility_drop, check.over))
 
-    # The mildest dampening of all is none: a model that already scores the forget records no better than
-    # unseen data (typical for random records of a model that generalises) needs no change.
-    untouched = trial(math.inf)
-    if untouched.forgets and untouched.useful:
-        request.report(1.0, "the forget set is already at the held-out level; no dampening needed")
-        return UnlearnResult(work, details={"start_alpha": start_alpha, "trials": 1, "alpha": None,
-                                            "lam": config.lam, "reference_utility": reference_utility,
-                                            "search": [vars(untouched)]},
-                             target_reached=True, message="forget accuracy already at the held-out level; "
-                                                          "weights unchanged")
     # Bracket the mildest acceptable alpha between `strong` (a trial that is NOT too mild: it forgets, or it
     # already broke utility) and `mild` (too mild: useful but not forgetting). Forgetting is not monotone in
     # alpha for record erasure (heavy dampening lowers the held-out accuracy the target is relative to), so
@@ -228,6 +244,7 @@ def ssd_auto(model: nn.Module, request: UnlearnRequest, config: SSDAutoConfig) -
     accepted = [t for t in trials if t.forgets and t.useful]
     log = [vars(t) for t in trials]
     details = {"start_alpha": start_alpha, "trials": len(trials), "reference_utility": reference_utility,
+               "tune_scores": _provenance(scores),
                "utility_set": "tune, kept classes, eval mode" + (", erased classes masked in the reference"
                                                                  if request.forget_classes else ""),
                "search": log}
@@ -250,3 +267,8 @@ def ssd_auto(model: nn.Module, request: UnlearnRequest, config: SSDAutoConfig) -
         details.update(alpha=None, lam=config.lam)
     request.report(1.0, message)
     return UnlearnResult(work, details=details, target_reached=False, message=message)
+
+
+def _provenance(scores: HeldOutScores | None) -> str:
+    return ("precomputed for the model version" if scores is not None
+            else "computed for this request")

@@ -1,0 +1,67 @@
+"""The worker precomputes a new version's derived state in the background (service.prefetch): I_D and the
+unchanged model's scores on its never-trained tune records, which the next job's ``ssd-auto`` reads instead
+of a pass over ``tune``."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import torch
+
+from service import store as db
+from service.context import ModelInfo
+from service.domain import ErasureRequest, JobState
+from service.task_support import task_support
+from service.version_cache import never_trained_sides, tune_scores
+from tests.service.conftest import fresh_subjects, wait_for_jobs
+from unlearn.heldout import score
+from unlearn.registry import copy_model
+
+
+def _precomputed(engine, model_name: str, timeout_s: float = 120) -> str:
+    version = engine.registry.serving_version(model_name)
+    deadline = time.monotonic() + timeout_s
+    while (model_name, version) not in engine.prefetcher.completed:
+        assert time.monotonic() < deadline, f"version {version} of {model_name} was never precomputed"
+        time.sleep(0.2)
+    return version
+
+
+def test_precomputed_tune_scores_are_the_versions_own_and_refused_for_other_weights(lethe_engine, digits_model):
+    engine = lethe_engine
+    version = _precomputed(engine, digits_model)
+    ctx = engine.context
+    with engine.store.read() as conn:
+        info = ModelInfo.from_row(db.get_model(conn, digits_model))
+        dataset = db.dataset_for_model_version(conn, digits_model, version)
+    support = task_support(info)
+    model = support.load(ctx, digits_model, version)
+    data = ctx.catalog.load(dataset.path, dataset.digest)
+    tune, audit = never_trained_sides(ctx, data)
+    assert tune.any() and audit.any() and not (tune & audit).any()
+    job_tune = tune.copy()
+    job_tune[np.flatnonzero(tune)[:5]] = False  # a job's own never-trained records leave its tune split
+    held = tune_scores(ctx, digits_model, version, model, data, dataset.digest, job_tune)
+    assert held is not None and len(held) == int(job_tune.sum())
+    expected = score(support.task(), model, data.examples(job_tune), data.record_hashes[job_tune])
+    assert np.array_equal(held.keys, expected.keys)
+    assert np.allclose(held.losses, expected.losses, atol=1e-6) and np.array_equal(held.correct, expected.correct)
+    # Records the version's pool does not hold (audit records): not served, computed by the method instead.
+    assert tune_scores(ctx, digits_model, version, model, data, dataset.digest, job_tune | audit) is None
+    other = copy_model(model)
+    with torch.no_grad():
+        next(other.parameters()).mul_(1.01)
+    assert tune_scores(ctx, digits_model, version, other, data, dataset.digest, job_tune) is None
+
+
+def test_the_next_job_reads_the_precomputed_scores(lethe_engine, digits_model):
+    engine = lethe_engine
+    _precomputed(engine, digits_model)
+    (subject,) = fresh_subjects(1)
+    outcome = engine.submit_erasure(ErasureRequest(request_id="prefetch-1", subject_ids=(subject,)))
+    (job,) = wait_for_jobs(engine, outcome.job_ids)
+    assert job.state is JobState.SUCCEEDED, job.message
+    first = job.evidence["attempts"][0]
+    assert first["method"] == "ssd-auto"
+    assert first["details"]["tune_scores"] == "precomputed for the model version", first["details"]
