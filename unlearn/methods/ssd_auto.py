@@ -32,8 +32,12 @@ Procedure (lambda fixed at the paper's 1):
    (``target_reached=False``) and return the useful trial with the lowest forget accuracy, or the
    unchanged weights if no trial was useful: never a collapsed model.
 
-Cost: one forward/backward pass over Df (as SSD) plus, per trial, an element-wise pass over the
-parameters and forward passes over Df and the held-out sample; at most ``max_trials`` trials.
+Cost: the untouched check comes first, before the model is copied or any importance computed: a forward
+pass over Df, plus one over the held-out sample unless the caller precomputed the unchanged model's scores
+on it (``request.tune_scores``, :mod:`unlearn.heldout`; the service does, per model version). Only when
+dampening is needed: I_D (cached), one forward/backward pass over Df (as SSD) and, per trial, an
+element-wise pass over the parameters and forward passes over Df and the held-out sample; at most
+``max_trials`` trials.
 
 Mutates in place: no.
 
