@@ -29,6 +29,7 @@ import time
 from pathlib import Path
 from typing import Protocol
 
+from service import store as db
 from service.context import PipelineContext
 from service.domain import JobState
 from service.pipeline import run_job
@@ -118,7 +119,7 @@ class _ThreadedExecutor:
     def _work(self) -> None:
         while not self._stopping.is_set():
             self.ctx.metrics.heartbeat()
-            generation = self.ctx.store.generation()
+            looked_at = db.utcnow()
             try:
                 claim = self._claim()
             except Exception:  # the store is unreachable for now: retry, do not die
@@ -126,7 +127,12 @@ class _ThreadedExecutor:
                 self._stopping.wait(1.0)
                 continue
             if claim is None:
-                self.ctx.store.wait_for_change(generation, self.scheduler.idle_timeout_s())
+                # The generation is read AFTER the claim: the claim's own write transaction, which changed
+                # nothing, is not a change to wake for (read before it, it woke this wait at once: an idle
+                # worker spun at a full core). A job committed before this point is in the store and its
+                # window bounds the timeout; one committed after it wakes the wait.
+                generation = self.ctx.store.generation()
+                self.ctx.store.wait_for_change(generation, self.scheduler.idle_timeout_s(looked_at))
                 continue
             try:
                 self._run(claim)

@@ -58,6 +58,12 @@ STAGES: dict[str, tuple[float, float]] = {
 }
 
 
+METHOD_PROGRESS_INTERVAL_S = 0.5
+"""A method's own progress reports become events at most this often: each event is a committed (fsynced)
+write, which for a forget set of a few records costs more than the unlearning itself; stage changes are
+always written."""
+
+
 class Progress:
     """Writes stage changes and method progress as events and times every stage into the metrics."""
 
@@ -65,6 +71,7 @@ class Progress:
         self.ctx, self.job_id, self.request_ids, self.method = ctx, job_id, request_ids, method
         self.current: str | None = None
         self.started = time.perf_counter()
+        self.last_event = time.monotonic()
 
     def stage(self, name: str, message: str) -> None:
         self._close_stage()
@@ -74,13 +81,17 @@ class Progress:
 
     def event(self, fraction: float, message: str) -> None:
         self.ctx.metrics.heartbeat()  # a long job is a live worker too
+        self.last_event = time.monotonic()
         with self.ctx.store.write() as conn:
             db.update_job(conn, self.job_id, stage=self.current, progress=fraction)
             db.add_event(conn, self.job_id, self.request_ids, EventKind.PROGRESS.value, JobState.RUNNING.value,
                          self.current, fraction, message)
 
     def method_progress(self, fraction: float, message: str) -> None:
-        """The method's own progress (0..1), mapped into the apply stage's share of the job."""
+        """The method's own progress (0..1), mapped into the apply stage's share of the job; at most one event
+        per :data:`METHOD_PROGRESS_INTERVAL_S`."""
+        if time.monotonic() - self.last_event < METHOD_PROGRESS_INTERVAL_S:
+            return
         low, high = STAGES["apply"]
         self.event(low + (high - low) * fraction, message)
 

@@ -34,7 +34,7 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import IntegrityError
@@ -186,10 +186,13 @@ class Scheduler:
             row = db.get_job(conn, job_id)
         return None if row is None else (row.state, row.attempts, row.lease_owner)
 
-    def idle_timeout_s(self) -> float:
-        """How long a worker may wait before the next claim: until the next window closes, at most a second."""
+    def idle_timeout_s(self, looked_at: datetime) -> float:
+        """How long a worker that found nothing to claim at ``looked_at`` may wait before the next claim: until
+        the next window that was not yet closed then closes, at most :data:`IDLE_WAIT_S`. A job whose window
+        had closed and that still was not claimable waits for its lineage's running job, whose end is a write
+        that wakes the worker (or for that job's lease to expire, within the bound)."""
         with self.ctx.store.read() as conn:
-            closes = db.next_window_close(conn)
+            closes = db.next_window_close(conn, after=looked_at)
         if closes is None:
             return IDLE_WAIT_S
         return min(IDLE_WAIT_S, max(0.01, (closes - db.utcnow()).total_seconds()))

@@ -691,9 +691,12 @@ def running_leases(conn: Connection) -> list[Row]:
                              .where(jobs.c.state == "RUNNING")))
 
 
-def next_window_close(conn: Connection) -> datetime | None:
-    return as_utc(conn.execute(sa.select(sa.func.min(jobs.c.window_closes_at))
-                               .where(jobs.c.state == "QUEUED")).scalar())
+def next_window_close(conn: Connection, after: datetime | None = None) -> datetime | None:
+    """The earliest coalescing window of a QUEUED job that closes after ``after`` (any, when None)."""
+    query = sa.select(sa.func.min(jobs.c.window_closes_at)).where(jobs.c.state == "QUEUED")
+    if after is not None:
+        query = query.where(jobs.c.window_closes_at > after)
+    return as_utc(conn.execute(query).scalar())
 
 
 def running_jobs(conn: Connection) -> list[Row]:
