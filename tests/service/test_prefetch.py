@@ -65,3 +65,21 @@ def test_the_next_job_reads_the_precomputed_scores(lethe_engine, digits_model):
     first = job.evidence["attempts"][0]
     assert first["method"] == "ssd-auto"
     assert first["details"]["tune_scores"] == "precomputed for the model version", first["details"]
+
+
+def test_an_idle_worker_waits_instead_of_spinning(lethe_engine):
+    """An idle in-process worker once woke itself with its own (empty) claim transaction: ~290 transactions a
+    second and a full core while nothing ran. Idle, it claims about once a second (IDLE_WAIT_S)."""
+    engine = lethe_engine
+    deadline = time.monotonic() + 120
+    while True:  # idle: no job queued or running (earlier tests' jobs have ended)
+        with engine.store.read() as conn:
+            if db.count_jobs(conn, ["QUEUED", "RUNNING"]) == 0:
+                break
+        assert time.monotonic() < deadline, "jobs still queued or running"
+        time.sleep(0.2)
+    before, cpu_before = engine.store.generation(), time.process_time()
+    time.sleep(2.0)
+    writes = engine.store.generation() - before
+    assert writes <= 8, f"{writes} write transactions in 2 s of idleness"
+    assert time.process_time() - cpu_before < 1.0  # the whole test process, prefetch included
