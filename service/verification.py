@@ -118,7 +118,7 @@ def classifier_onnx_evidence(model: nn.Module, parity: ExampleSet, utility: Exam
     """Export, run with onnxruntime on the CPU, compare outputs, and measure accuracy on ``utility``."""
     import onnxruntime
 
-    device = next(model.parameters()).device
+    device, was_training = next(model.parameters()).device, model.training
     batch = parity["inputs"][:PARITY_BATCH]
     exporter = export_onnx(model.cpu(), batch.cpu(), path)
     model.to(device)
@@ -126,6 +126,7 @@ def classifier_onnx_evidence(model: nn.Module, parity: ExampleSet, utility: Exam
     input_name = session.get_inputs()[0].name
     with torch.no_grad():
         reference = model.eval()(batch.to(device)).cpu().numpy()
+    model.train(was_training)  # the model may be the base version's own object (UnlearnResult): leave it as found
     exported = session.run(None, {input_name: batch.cpu().numpy()})[0]
     right = 0
     for start in range(0, len(utility), 512):

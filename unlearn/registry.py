@@ -92,6 +92,11 @@ class UnlearnRequest:
 class UnlearnResult:
     """A method's output: a NEW model (the caller's is never changed) and honest details.
 
+    One exception: a method that decides to leave the weights unchanged may return the caller's own model
+    object rather than a copy (``ssd-auto`` when the forget set is already at the never-seen level; copying a
+    model costs more than that whole decision). Callers treat ``model`` as read-only: they evaluate, export
+    and register it, and train only copies.
+
     ``target_reached`` is the method's own check when it has one (``ssd-auto``), None otherwise; the
     service's verification gate decides independently. ``exact`` marks a true retrain.
     """

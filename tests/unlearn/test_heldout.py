@@ -73,7 +73,8 @@ def test_ssd_auto_untouched_check_reads_the_precomputed_scores_and_skips_importa
     assert precomputed.details["tune_scores"] == "precomputed for the model version"
     assert computed.details["tune_scores"] == "computed for this request"
     assert request.train_importance.last_seconds == 0 and not request.train_importance.computed  # no I_D pass
-    assert precomputed.model is not problem.model  # a copy, never the caller's model
+    assert precomputed.model is problem.model  # unchanged: the caller's own object, no copy
+    assert computed.model is problem.model
 
 
 def test_ssd_auto_does_not_trust_scores_it_was_not_given_for_and_dampens_when_they_say_known():

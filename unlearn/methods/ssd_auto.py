@@ -192,7 +192,8 @@ def ssd_auto(model: nn.Module, request: UnlearnRequest, config: SSDAutoConfig) -
                              untouched_utility >= reference_utility - config.max_utility_drop, check.over))
     if untouched.forgets and untouched.useful:
         request.report(1.0, "the forget set is already at the held-out level; no dampening needed")
-        return UnlearnResult(copy_model(model), details={"start_alpha": None, "trials": 1, "alpha": None,
+        # The caller's own object, unchanged (UnlearnResult: read-only for callers), not a copy.
+        return UnlearnResult(model, details={"start_alpha": None, "trials": 1, "alpha": None,
                                                          "lam": config.lam, "reference_utility": reference_utility,
                                                          "tune_scores": _provenance(scores),
                                                          "search": [vars(untouched)]},
