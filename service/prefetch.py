@@ -63,9 +63,17 @@ class ImportancePrefetcher:
         self.completed: list[tuple[str, str]] = []  # (model, version) computed, for tests and logs
 
     def start(self) -> None:
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._run, name="lethe-importance-prefetch", daemon=True)
-            self._thread.start()
+        """Start (or, after :meth:`stop`, restart) the background thread. A restart begins with an empty queue:
+        the engine schedules every model when it starts."""
+        if self._thread is not None and self._thread.is_alive():
+            if not self._stopping:
+                return
+            self._thread.join(timeout=60)  # a stop in progress: the old thread ends at its next check
+        with self._idle:
+            self._stopping = False
+        self._queue = queue.Queue()  # a stop's end marker must not end the new thread
+        self._thread = threading.Thread(target=self._run, name="lethe-importance-prefetch", daemon=True)
+        self._thread.start()
 
     def stop(self) -> None:
         with self._idle:

@@ -20,7 +20,10 @@ from unlearn.registry import copy_model
 
 
 def _precomputed(engine, model_name: str, timeout_s: float = 120) -> str:
+    """The serving version, once this engine's prefetcher has precomputed it (scheduled here too, in case the
+    version was registered by another engine on the shared state)."""
     version = engine.registry.serving_version(model_name)
+    engine.prefetcher.schedule(model_name)
     deadline = time.monotonic() + timeout_s
     while (model_name, version) not in engine.prefetcher.completed:
         assert time.monotonic() < deadline, f"version {version} of {model_name} was never precomputed"
@@ -83,3 +86,14 @@ def test_an_idle_worker_waits_instead_of_spinning(lethe_engine):
     writes = engine.store.generation() - before
     assert writes <= 8, f"{writes} write transactions in 2 s of idleness"
     assert time.process_time() - cpu_before < 1.0  # the whole test process, prefetch included
+
+
+def test_the_prefetcher_survives_an_engine_stop_and_start(lethe_engine, digits_model):
+    """Stopping the engine stops its prefetcher; starting it again must start a new one (it once stayed dead,
+    and every later version paid its importance in the request)."""
+    engine = lethe_engine
+    assert engine.stop(60)
+    engine.start()
+    assert engine.prefetcher._thread.is_alive()
+    engine.prefetcher.completed.clear()
+    _precomputed(engine, digits_model)
