@@ -32,6 +32,7 @@ from service.context import ModelInfo, PipelineContext
 from service.task_support import task_support
 from service.version_cache import TUNE_SCORE_READERS, importance_dir, never_trained_sides
 from unlearn import registry as methods
+from unlearn.atomic_files import remove_stale_partials
 from unlearn.errors import Cancelled
 from unlearn.heldout import HeldOutCache, score
 from unlearn.importance import ImportanceCache, TrainImportance
@@ -72,6 +73,7 @@ class ImportancePrefetcher:
         with self._idle:
             self._stopping = False
         self._queue = queue.Queue()  # a stop's end marker must not end the new thread
+        remove_stale_partials(self.ctx.settings.cache_dir / "importance")  # what a killed writer left
         self._thread = threading.Thread(target=self._run, name="lethe-importance-prefetch", daemon=True)
         self._thread.start()
 

@@ -31,6 +31,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from unlearn.atomic_files import partial_path
 from unlearn.data import ExampleSet
 from unlearn.errors import CacheMismatchError, InvalidDataError
 from unlearn.importance import weights_digest
@@ -121,7 +122,7 @@ class HeldOutCache:
         weights = weights_digest(model)
         path = self.path(weights, dataset_digest)
         path.parent.mkdir(parents=True, exist_ok=True)
-        partial = path.with_suffix(".partial")
+        partial = partial_path(path)
         with open(partial, "wb") as handle:
             np.savez(handle, keys=scores.keys.astype(str), losses=scores.losses, correct=scores.correct,
                      weights=np.array(weights), dataset=np.array(dataset_digest))

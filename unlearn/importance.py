@@ -26,6 +26,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from unlearn.atomic_files import partial_path
 from unlearn.data import ExampleSet
 from unlearn.errors import CacheMismatchError, Cancelled, InvalidDataError
 from unlearn.tasks import TaskAdapter
@@ -144,7 +145,7 @@ class ImportanceCache:
         path.parent.mkdir(parents=True, exist_ok=True)
         metadata = {"weights": weights, "dataset": dataset_digest, "batch_size": str(batch_size),
                     "variant": variant}
-        partial = path.with_suffix(".partial")
+        partial = partial_path(path)
         save_file({n: t.detach().cpu().contiguous() for n, t in importance.items()}, str(partial), metadata)
         partial.replace(path)  # atomic: readers see the whole file or none
         return path
