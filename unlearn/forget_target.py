@@ -88,7 +88,7 @@ class ForgetTarget:
         if self.forget_classes:
             forget_acc = accuracy(self.task, model, forget)
             return ForgetCheck(forget_acc <= self.class_forget_target, forget_acc, self.class_forget_target)
-        scores = score(self.task, model, forget, np.arange(len(forget)))  # losses and accuracy, one forward pass
+        scores = score(self.task, model, forget)  # losses and accuracy, one forward pass
         if tune_losses is None:
             tune_losses = membership_losses(self.task, model, self.tune)
         return self.decide(membership_test(scores.losses, tune_losses), scores.accuracy)

@@ -70,9 +70,11 @@ class HeldOutScores:
 
 
 @torch.no_grad()
-def score(task: TaskAdapter, model: nn.Module, examples: ExampleSet, keys: np.ndarray,
+def score(task: TaskAdapter, model: nn.Module, examples: ExampleSet, keys: np.ndarray | None = None,
           batch_size: int = 256) -> HeldOutScores:
-    """Loss per target token and correctness of every example, eval mode; the model's mode is restored."""
+    """Loss per target token and correctness of every example, eval mode; the model's mode is restored.
+    ``keys`` name the records (positions when None: scores that are not cached)."""
+    keys = np.arange(len(examples)) if keys is None else np.asarray(keys).astype(str)
     if len(examples) != len(keys):
         raise InvalidDataError("keys", f"{len(keys)} key(s) for {len(examples)} example(s)")
     if len(examples) == 0:
@@ -88,7 +90,7 @@ def score(task: TaskAdapter, model: nn.Module, examples: ExampleSet, keys: np.nd
             correct.append(task.correct_from_outputs(outputs, batch).cpu())
     finally:
         model.train(was_training)
-    return HeldOutScores(np.asarray(keys).astype(str), torch.cat(losses).numpy(), torch.cat(correct).numpy().astype(bool))
+    return HeldOutScores(keys, torch.cat(losses).numpy(), torch.cat(correct).numpy().astype(bool))
 
 
 class HeldOutCache:
