@@ -29,10 +29,17 @@ Concurrency (several API replicas and workers on one store, issue 11):
 
 Every committed write wakes :meth:`Store.wait_for_change` in this process, so event streams wait on a
 condition instead of polling (writes of other processes are seen by the waiters' bounded re-reads).
+
+The statements on the acknowledgement path (intake's reads, its group commit's bulk writes)
+are built once, as module constants with bind parameters: executing the same construct again skips
+SQLAlchemy's statement construction and cache-key generation, which cost more CPU than SQLite's own work
+(issue 11's profile). The group commit writes a batch of requests with one statement per table
+(``executemany``), not one per request.
 """
 
 from __future__ import annotations
 
+import functools
 import threading
 import zlib
 from collections.abc import Iterable, Iterator, Sequence
@@ -375,12 +382,24 @@ def set_serving_version(conn: Connection, model_name: str, version: str) -> None
     conn.execute(sa.update(models).where(models.c.model_name == model_name).values(serving_version=version))
 
 
+_LIST_MODELS = sa.select(models).order_by(models.c.model_name)
+_SERVING_DATASETS = (sa.select(dataset_versions).join(models, sa.and_(
+    models.c.model_name == dataset_versions.c.model_name, models.c.serving_version == dataset_versions.c.model_version))
+    .order_by(dataset_versions.c.version))
+
+
 def get_model(conn: Connection, model_name: str) -> Row | None:
     return conn.execute(sa.select(models).where(models.c.model_name == model_name)).first()
 
 
 def list_models(conn: Connection) -> list[Row]:
-    return list(conn.execute(sa.select(models).order_by(models.c.model_name)))
+    return list(conn.execute(_LIST_MODELS))
+
+
+def serving_datasets(conn: Connection) -> dict[str, Row]:
+    """Per registered model, the dataset version of its serving version (what
+    :func:`dataset_for_model_version` returns for each, in one statement)."""
+    return {row.model_name: row for row in conn.execute(_SERVING_DATASETS)}  # the highest version wins
 
 
 # -------------------------------------------------------------------------------------- dataset versions
@@ -484,12 +503,42 @@ def set_dataset_artifact(conn: Connection, dataset_id: int, artifact_uri: str) -
 
 
 # ---------------------------------------------------------------------------------------------- requests
+_REQUEST_BY_ID = sa.select(requests).where(requests.c.request_id == sa.bindparam("request_id"))
+_REQUESTS_BY_IDS = sa.select(requests).where(requests.c.request_id.in_(sa.bindparam("request_ids", expanding=True)))
+_INSERT_REQUEST = sa.insert(requests)
+_SET_FIRST_EVENT_SEQ = (sa.update(requests).where(requests.c.request_id == sa.bindparam("the_request_id"))
+                        .values(first_event_seq=sa.bindparam("the_seq")))
+
+
 def get_request(conn: Connection, request_id: str) -> Row | None:
-    return conn.execute(sa.select(requests).where(requests.c.request_id == request_id)).first()
+    return conn.execute(_REQUEST_BY_ID, {"request_id": request_id}).first()
+
+
+def requests_by_id(conn: Connection, request_ids: Sequence[str]) -> dict[str, Row]:
+    """The stored requests among ``request_ids`` (a group commit's idempotency check, one statement)."""
+    found: dict[str, Row] = {}
+    ids = list(dict.fromkeys(request_ids))
+    for start in range(0, len(ids), 500):  # stay below every backend's bound-parameter limit
+        found.update((row.request_id, row) for row in conn.execute(_REQUESTS_BY_IDS,
+                                                                   {"request_ids": ids[start:start + 500]}))
+    return found
 
 
 def insert_request(conn: Connection, **values: Any) -> None:
     conn.execute(sa.insert(requests).values(**values))
+
+
+def insert_requests(conn: Connection, rows: Sequence[dict[str, Any]]) -> None:
+    """Many request rows, one ``executemany`` (each row names every column :func:`insert_request` takes)."""
+    if rows:
+        conn.execute(_INSERT_REQUEST, list(rows))
+
+
+def set_first_event_seqs(conn: Connection, first_seqs: dict[str, int]) -> None:
+    """Each request's first event seq (known only once its events are appended, under the log lock)."""
+    if first_seqs:
+        conn.execute(_SET_FIRST_EVENT_SEQ, [{"the_request_id": request_id, "the_seq": seq}
+                                            for request_id, seq in first_seqs.items()])
 
 
 def request_owners(conn: Connection, request_ids: Sequence[str]) -> dict[str, str | None]:
@@ -543,8 +592,41 @@ def insert_job(conn: Connection, **values: Any) -> None:
     conn.execute(sa.insert(jobs).values(created_at=now, updated_at=now, **values))
 
 
+_INSERT_JOB = sa.insert(jobs)
+_INSERT_LINK = sa.insert(job_requests)
+_OPEN_JOB = (sa.select(jobs.c.job_id).where(
+    jobs.c.model_name == sa.bindparam("model_name"), jobs.c.coalesce_key == sa.bindparam("coalesce_key"),
+    jobs.c.state == "QUEUED", jobs.c.window_closes_at > sa.bindparam("now"))
+    .order_by(jobs.c.created_at).limit(1).with_for_update())
+_ADD_JOB_RECORDS = (sa.update(jobs).where(jobs.c.job_id == sa.bindparam("the_job_id"))
+                    .values(records=jobs.c.records + sa.bindparam("added", type_=sa.Integer),
+                            updated_at=sa.bindparam("now")))
+
+
+def insert_jobs(conn: Connection, rows: Sequence[dict[str, Any]]) -> None:
+    """Many job rows, one ``executemany`` (each row names every column :func:`insert_job` takes, and the
+    times)."""
+    if rows:
+        conn.execute(_INSERT_JOB, list(rows))
+
+
 def link_request(conn: Connection, job_id: str, request_id: str, attempt: int = 1) -> None:
     conn.execute(sa.insert(job_requests).values(job_id=job_id, request_id=request_id, attempt=attempt))
+
+
+def link_requests(conn: Connection, links: Sequence[tuple[str, str]]) -> None:
+    """(job id, request id) pairs of first attempts, one ``executemany``."""
+    if links:
+        conn.execute(_INSERT_LINK, [{"job_id": job_id, "request_id": request_id, "attempt": 1}
+                                    for job_id, request_id in links])
+
+
+def add_job_records(conn: Connection, added: dict[str, int], now: datetime) -> None:
+    """Add to the matched-record count of jobs that requests just joined (the row is locked by
+    :func:`open_job_for`, so the increment is the database's, not read-modify-write)."""
+    if added:
+        conn.execute(_ADD_JOB_RECORDS, [{"the_job_id": job_id, "added": count, "now": now}
+                                        for job_id, count in added.items()])
 
 
 def unlink_request(conn: Connection, job_id: str, request_id: str) -> None:
@@ -566,9 +648,7 @@ def open_job_for(conn: Connection, model_name: str, coalesce_key: str, now: date
     transaction (``FOR UPDATE``: a claim taking it waits, or skips it, until the request is linked; a claim
     that took it first made it RUNNING, and READ COMMITTED's re-check then drops it from the result). Call
     under :func:`lock_coalescing` for the same key."""
-    return conn.execute(sa.select(jobs.c.job_id).where(
-        jobs.c.model_name == model_name, jobs.c.coalesce_key == coalesce_key, jobs.c.state == "QUEUED",
-        jobs.c.window_closes_at > now).order_by(jobs.c.created_at).limit(1).with_for_update()).scalar()
+    return conn.execute(_OPEN_JOB, {"model_name": model_name, "coalesce_key": coalesce_key, "now": now}).scalar()
 
 
 def update_job(conn: Connection, job_id: str, **values: Any) -> None:
@@ -718,15 +798,28 @@ def running_job_last_progress(conn: Connection) -> list[tuple[str, datetime]]:
 
 
 # ------------------------------------------------------------------------------------------------ events
+_INSERT_EVENTS = sa.insert(events).returning(events.c.seq, sort_by_parameter_order=True)
+_INSERT_EVENT_REQUESTS = sa.insert(event_requests)
+
+
 def add_event(conn: Connection, job_id: str, request_ids: Sequence[str], kind: str, state: str, stage: str,
               fraction: float, message: str, certificate_id: str | None = None) -> int:
+    return add_events(conn, [{"job_id": job_id, "request_ids": list(request_ids), "kind": kind, "state": state,
+                              "stage": stage, "fraction": fraction, "message": message,
+                              "certificate_id": certificate_id}])[0]
+
+
+def add_events(conn: Connection, rows: Sequence[dict[str, Any]]) -> list[int]:
+    """Append events (dicts of :func:`add_event`'s arguments) with one multi-row INSERT; their seqs, in order."""
+    if not rows:
+        return []
     lock_log(conn)  # seq values commit in increasing order (module docstring)
-    seq = conn.execute(sa.insert(events).values(
-        job_id=job_id, request_ids=list(request_ids), kind=kind, state=state, stage=stage, fraction=fraction,
-        message=message, certificate_id=certificate_id, time=utcnow())).inserted_primary_key[0]
-    if request_ids:
-        conn.execute(sa.insert(event_requests), [{"seq": seq, "request_id": r} for r in request_ids])
-    return int(seq)
+    now = utcnow()
+    seqs = [int(seq) for seq in conn.execute(_INSERT_EVENTS, [{"time": now, **row} for row in rows]).scalars()]
+    links = [{"seq": seq, "request_id": request_id} for seq, row in zip(seqs, rows) for request_id in row["request_ids"]]
+    if links:
+        conn.execute(_INSERT_EVENT_REQUESTS, links)
+    return seqs
 
 
 def events_after(conn: Connection, after_seq: int, job_ids: Sequence[str], request_ids: Sequence[str],
@@ -769,17 +862,20 @@ def all_certificates(conn: Connection) -> list[Row]:
 
 
 # ----------------------------------------------------------------------------------------------- audit
+_AUDIT_TAIL = sa.select(audit_log.c.seq, audit_log.c.entry_hash).order_by(audit_log.c.seq.desc()).limit(1)
+_INSERT_AUDIT = sa.insert(audit_log)
+
+
 def audit_tail(conn: Connection) -> tuple[int, str] | None:
     """The chain's last (seq, hash). Appenders call it under :func:`lock_log` (AuditLog.append does)."""
-    row = conn.execute(sa.select(audit_log.c.seq, audit_log.c.entry_hash)
-                       .order_by(audit_log.c.seq.desc()).limit(1)).first()
+    row = conn.execute(_AUDIT_TAIL).first()
     return (row.seq, row.entry_hash) if row else None
 
 
-def insert_audit(conn: Connection, seq: int, prev_hash: str, body_json: str, entry_hash: str,
-                 signature: str) -> None:
-    conn.execute(sa.insert(audit_log).values(seq=seq, prev_hash=prev_hash, body_json=body_json,
-                                             entry_hash=entry_hash, signature=signature))
+def insert_audit_entries(conn: Connection, rows: Sequence[dict[str, Any]]) -> None:
+    """Chain entries (seq, prev_hash, body_json, entry_hash, signature), one ``executemany``."""
+    if rows:
+        conn.execute(_INSERT_AUDIT, list(rows))
 
 
 def audit_entries(conn: Connection) -> Iterator[Row]:
@@ -842,16 +938,25 @@ def indexed_matches(conn: Connection, dataset_ids: Sequence[int], subject_hashes
     classes), counted on the index; versions with no match are absent."""
     if not dataset_ids or not (subject_hashes or record_hashes or classes):
         return {}
-    selectors = []
-    if subject_hashes:
-        selectors.append(record_index.c.subject_hash.in_(list(subject_hashes)))
-    if record_hashes:
-        selectors.append(record_index.c.record_hash.in_(list(record_hashes)))
-    if classes:
-        selectors.append(record_index.c.label.in_(list(classes)))
-    rows = conn.execute(sa.select(record_index.c.dataset_id, sa.func.count()).where(
-        record_index.c.dataset_id.in_(list(dataset_ids)), sa.or_(*selectors)).group_by(record_index.c.dataset_id))
+    statement = _indexed_matches_statement(bool(subject_hashes), bool(record_hashes), bool(classes))
+    rows = conn.execute(statement, {"dataset_ids": list(dataset_ids), "subject_hashes": list(subject_hashes),
+                                    "record_hashes": list(record_hashes), "classes": list(classes)})
     return {int(dataset_id): int(count) for dataset_id, count in rows}
+
+
+@functools.cache
+def _indexed_matches_statement(subjects: bool, records: bool, classes: bool) -> sa.Select:
+    """:func:`indexed_matches`'s query for one combination of selectors, built once."""
+    selectors = []
+    if subjects:
+        selectors.append(record_index.c.subject_hash.in_(sa.bindparam("subject_hashes", expanding=True)))
+    if records:
+        selectors.append(record_index.c.record_hash.in_(sa.bindparam("record_hashes", expanding=True)))
+    if classes:
+        selectors.append(record_index.c.label.in_(sa.bindparam("classes", expanding=True)))
+    return (sa.select(record_index.c.dataset_id, sa.func.count())
+            .where(record_index.c.dataset_id.in_(sa.bindparam("dataset_ids", expanding=True)), sa.or_(*selectors))
+            .group_by(record_index.c.dataset_id))
 
 
 def seconds_ago(seconds: float) -> datetime:

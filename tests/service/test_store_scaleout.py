@@ -246,7 +246,7 @@ def _target(name: str) -> dict:
 
 
 def test_coalescing_is_race_free_across_replicas(store_url, tmp_path):
-    from service.intake import _Submission
+    from service.intake_commit import Submission as _Submission
 
     ctx = make_context(store_url, tmp_path, coalescing_window_s=0.15)
     add_model(ctx, "m")
@@ -330,7 +330,7 @@ def test_the_record_index_counts_what_the_dataset_matches(store_url, tmp_path):
 
 def test_group_commit_answers_each_caller_with_its_own_outcome(store_url, tmp_path):
     from service.domain import AlreadyExists
-    from service.intake import _Submission
+    from service.intake_commit import Submission as _Submission
 
     ctx = make_context(store_url, tmp_path, coalescing_window_s=60)
     add_model(ctx, "m")
