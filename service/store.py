@@ -243,6 +243,10 @@ def as_utc(value: datetime | None) -> datetime | None:
     return value if value.tzinfo else value.replace(tzinfo=timezone.utc)
 
 
+POOL_SIZE = 20
+"""Connections a :class:`Store` keeps open (a PostgreSQL server's default ``max_connections`` of 100 still
+serves four processes' full pools)."""
+
 LOG_LOCK_KEY = 7_304_119_002
 """pg_advisory_xact_lock key serialising event and audit appends (see the module docstring)."""
 
@@ -260,13 +264,15 @@ class Store:
         self._write_lock: threading.RLock | None = threading.RLock() if self.is_sqlite else None
         self._changed = threading.Condition()
         self._generation = 0
+        # Connections kept open: enough for every Session stream's reader and poller, the group commit, the
+        # workers and heartbeats at once. A connection opened beyond the pool is closed when returned, and
+        # opening one costs more than the statements it runs (SQLite's PRAGMAs; a PostgreSQL backend start).
         if self.is_sqlite:
-            self.engine = sa.create_engine(url, connect_args={"timeout": 30})
+            self.engine = sa.create_engine(url, connect_args={"timeout": 30}, pool_size=POOL_SIZE, max_overflow=20)
             sa.event.listen(self.engine, "connect", self._sqlite_connect)
             sa.event.listen(self.engine, "begin", self._sqlite_begin)
         else:
-            # Enough connections for the gRPC threads' reads, the workers, heartbeats and group commits.
-            self.engine = sa.create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
+            self.engine = sa.create_engine(url, pool_pre_ping=True, pool_size=POOL_SIZE, max_overflow=10)
         if migrate:
             from service import migrations
 
