@@ -30,7 +30,7 @@ Concurrency (several API replicas and workers on one store, issue 11):
 Every committed write wakes :meth:`Store.wait_for_change` in this process, so event streams wait on a
 condition instead of polling (writes of other processes are seen by the waiters' bounded re-reads).
 
-The statements on the acknowledgement path (intake's reads, its group commit's bulk writes)
+The statements on the acknowledgement path (intake's reads, its group commit's bulk writes, the event feed)
 are built once, as module constants with bind parameters: executing the same construct again skips
 SQLAlchemy's statement construction and cache-key generation, which cost more CPU than SQLite's own work
 (issue 11's profile). The group commit writes a batch of requests with one statement per table
@@ -828,8 +828,14 @@ def add_events(conn: Connection, rows: Sequence[dict[str, Any]]) -> list[int]:
     return seqs
 
 
+_EVENTS_AFTER = (sa.select(events).where(events.c.seq > sa.bindparam("after_seq")).order_by(events.c.seq)
+                 .limit(sa.bindparam("limit", type_=sa.Integer)))
+
+
 def events_after(conn: Connection, after_seq: int, job_ids: Sequence[str], request_ids: Sequence[str],
                  limit: int = 1000) -> list[Row]:
+    if not (job_ids or request_ids):  # every event (the event feed's read): the statement built once
+        return list(conn.execute(_EVENTS_AFTER, {"after_seq": after_seq, "limit": limit}))
     query = sa.select(events).where(events.c.seq > after_seq)
     selectors = []
     if job_ids:
