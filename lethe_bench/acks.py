@@ -7,7 +7,9 @@
 Builds a real deployment on this machine: the digits model registered (embedded MLflow on SQLite), the job
 store on SQLite (WAL, ``synchronous=FULL``) or on PostgreSQL (a pgserver instance the benchmark starts, with
 its default ``fsync=on``, ``synchronous_commit=on``), and ``--replicas`` separate ``lethe serve`` processes on
-loopback (executor ``external``: no job runs in them). It then sends ``--requests`` erasure requests over
+loopback (executor ``external``: no job runs in them; the per-identity rate limit off, since every stream
+of this one client is the same identity and the default limit, 200 calls/s, is below the rate measured). It
+then sends ``--requests`` erasure requests over
 ``--streams`` concurrent ``Session`` streams, spread round-robin over the replicas, each stream on its own
 channel and keeping at most ``--window`` requests unacknowledged (1 = closed loop). An ack is the server's
 ``SubmissionAccepted``, sent only after the request, its job link, its ACCEPTED event and its audit entry
@@ -17,6 +19,11 @@ Each request names one of ~300 real subjects (``subject-NNNN``, seeded by its in
 does its whole work: keyed hashing, resolution on the record index, coalescing into the open job. The
 coalescing window is an hour, so no unlearning job runs: the numbers are the API and durable-commit path
 alone. A warm-up (not measured) precedes the run.
+
+Where the CPU goes: over the measured run, the CPU time (user + system, from ``/proc``) of the API replicas,
+of this client (its 8 gRPC streams run on the same cores) and of PostgreSQL's processes, per ack
+(``cpu_ms_per_ack``), and their sum against the cores' capacity over the run (``cpu_busy_share``: 1.0 means
+every core was busy with this benchmark alone).
 """
 
 from __future__ import annotations
@@ -69,7 +76,8 @@ def run(requests: int, streams: int, window: int, store: str = "sqlite", replica
             port = _free_port()
             env = {**os.environ, **settings.as_environment(), "LETHE_GRPC_HOST": "127.0.0.1",
                    "LETHE_GRPC_PORT": str(port), "LETHE_EXECUTOR": "external", "LETHE_COALESCING_WINDOW_S": "3600",
-                   "LETHE_METRICS_PORT": "0", "LETHE_WORKER_ID": f"bench-api-{index}", "OMP_NUM_THREADS": "1"}
+                   "LETHE_METRICS_PORT": "0", "LETHE_RATE_LIMIT_PER_S": "0",
+                   "LETHE_WORKER_ID": f"bench-api-{index}", "OMP_NUM_THREADS": "1"}
             log = open(root / f"api-{index}.log", "ab")
             servers.append(subprocess.Popen([sys.executable, "-m", "service.cli", "serve", "--grace-s", "1"],
                                             env=env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT))
@@ -97,11 +105,13 @@ def run(requests: int, streams: int, window: int, store: str = "sqlite", replica
         threads = [threading.Thread(target=stream_worker, args=(i,)) for i in range(streams)]
         for thread in threads:
             thread.start()
+        cpu_before = _cpu_seconds(servers, postgres)
         barrier.wait()
         started = time.perf_counter()
         for thread in threads:
             thread.join()
         elapsed_s = time.perf_counter() - started
+        cpu_used = {part: seconds - cpu_before[part] for part, seconds in _cpu_seconds(servers, postgres).items()}
         if errors:
             raise errors[0]
         latencies_ms = sorted(latency * 1000 for stream in results for latency in stream)
@@ -118,6 +128,8 @@ def run(requests: int, streams: int, window: int, store: str = "sqlite", replica
             "latency_ms": {**{f"p{p}": round(_percentile(latencies_ms, p), 2) for p in (50, 90, 99)},
                            "max": round(latencies_ms[-1], 2), "mean": round(statistics.fmean(latencies_ms), 2)},
             "durably_pending_after": pending,
+            "cpu_ms_per_ack": {part: round(1000 * seconds / len(latencies_ms), 2) for part, seconds in cpu_used.items()},
+            "cpu_busy_share": round(sum(cpu_used.values()) / (elapsed_s * _cpus()), 2),
             "machine": {"cpus": _cpus(), "python": platform.python_version(), "platform": platform.platform(),
                         "load_avg_1m_at_end": round(os.getloadavg()[0], 2)},
         }
@@ -134,6 +146,38 @@ def run(requests: int, streams: int, window: int, store: str = "sqlite", replica
             postgres.cleanup()
         if state_dir is None:
             shutil.rmtree(root, ignore_errors=True)
+
+
+def _cpu_seconds(servers: list[subprocess.Popen], postgres) -> dict[str, float]:
+    """CPU seconds (user + system) used so far by the API replicas, this process, and PostgreSQL."""
+    used = {"api_replicas": sum(_process_cpu_s(server.pid) for server in servers), "client": time.process_time()}
+    if postgres is not None:
+        postmaster = int((Path(postgres.pgdata) / "postmaster.pid").read_text().split()[0])
+        # The postmaster's own time, its exited backends' (reaped: in its children's fields), its live ones'.
+        used["postgres"] = _process_cpu_s(postmaster, with_reaped_children=True) + sum(
+            _process_cpu_s(pid) for pid in _children(postmaster))
+    return used
+
+
+def _process_cpu_s(pid: int, with_reaped_children: bool = False) -> float:
+    """From ``/proc/PID/stat``: utime and stime, plus cutime and cstime when asked (Linux)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    except (FileNotFoundError, ProcessLookupError):  # it exited meanwhile
+        return 0.0
+    ticks = fields[11:15] if with_reaped_children else fields[11:13]  # fields 14-17 of proc(5)
+    return sum(int(tick) for tick in ticks) / os.sysconf("SC_CLK_TCK")
+
+
+def _children(parent: int) -> list[int]:
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            if int(stat.read_text().rpartition(")")[2].split()[1]) == parent:
+                found.append(int(stat.parent.name))
+        except (FileNotFoundError, ProcessLookupError, ValueError):
+            continue
+    return found
 
 
 def _free_port() -> int:
@@ -236,7 +280,8 @@ def main(argv: list[str] | None = None) -> int:
         latency = result["latency_ms"]
         print(f"{store}, {replicas} replica(s): {result['requests']} durable acks over {result['streams']} streams "
               f"(window {result['window_per_stream']}) in {result['elapsed_s']} s: {result['acks_per_s']} acks/s, "
-              f"p50 {latency['p50']} ms, p99 {latency['p99']} ms", file=sys.stderr)
+              f"p50 {latency['p50']} ms, p99 {latency['p99']} ms; CPU ms per ack {result['cpu_ms_per_ack']}",
+              file=sys.stderr)
     text = json.dumps(results if args.matrix else results[0], indent=2)
     print(text)
     if args.json:
