@@ -154,29 +154,28 @@ class Intake:
     def _look_up(self, request: ErasureRequest, subject_hashes: list[str], record_hashes: list[str],
                  idempotency: bool) -> _Found:
         """One read transaction: the request stored under this id (``idempotency``; nothing else is read when
-        there is one), the registered models, their serving versions' datasets, and per dataset how many of
-        its records the request names (the record index; a version no process has indexed yet is indexed
-        first, once)."""
+        there is one), then every registered model with how many records of its serving dataset the request
+        names (the record index; a version no process has indexed yet is indexed first, once)."""
+        classes = list(request.classes)
         with self.ctx.store.read() as conn:
             existing = db.get_request(conn, request.request_id) if idempotency else None
             if existing is not None:
-                return _Found(existing, {}, {}, {})
-            models = {row.model_name: row for row in db.list_models(conn)}
-            datasets = db.serving_datasets(conn)
-            searched = [datasets[name] for name in (request.model_names or sorted(models)) if name in datasets]
-            unindexed = [row for row in searched if row.indexed_at is None]
-            if not unindexed:
-                return _Found(None, models, datasets, db.indexed_matches(
-                    conn, [row.id for row in searched], subject_hashes, record_hashes, list(request.classes)))
-        for row in unindexed:
-            ensure_indexed(self.ctx, row)
-        with self.ctx.store.read() as conn:
-            return _Found(None, models, datasets, db.indexed_matches(
-                conn, [row.id for row in searched], subject_hashes, record_hashes, list(request.classes)))
+                return _Found(existing, {})
+            models = db.serving_matches(conn, subject_hashes, record_hashes, classes)
+        searched = [models[name] for name in (request.model_names or sorted(models)) if name in models]
+        unindexed = [row for row in searched if row.dataset_id is not None and row.dataset_indexed_at is None]
+        if unindexed:
+            with self.ctx.store.read() as conn:
+                datasets = [db.dataset_for_model_version(conn, row.model_name, row.serving_version) for row in unindexed]
+            for dataset in datasets:
+                ensure_indexed(self.ctx, dataset)
+            with self.ctx.store.read() as conn:
+                models = db.serving_matches(conn, subject_hashes, record_hashes, classes)
+        return _Found(None, models)
 
     def _targets(self, request: ErasureRequest, found: _Found) -> list[dict[str, Any]]:
         """Per model the request touches: method, parameters, and how many records it matches now."""
-        rows, datasets = found.models, found.datasets
+        rows = found.models
         names = list(request.model_names) or sorted(rows)
         for index, name in enumerate(request.model_names):
             if name not in rows:
@@ -208,7 +207,7 @@ class Intake:
                 if value >= info.num_classes:
                     violations.append(FieldViolation(f"classes[{index}]",
                                                      f"model {name!r} has {info.num_classes} classes"))
-            matched = found.matches.get(datasets[name].id, 0) if name in datasets else 0
+            matched = rows[name].matched or 0
             if not (request.model_names or matched):
                 continue
             if methods.get(method).erases == "classes" and not request.classes:
@@ -229,9 +228,7 @@ class _Found:
     """What one read transaction found for a submission (:meth:`Intake._look_up`)."""
 
     existing: Any  # the request already stored under this id, or None
-    models: dict[str, Any]  # registered models' rows by name
-    datasets: dict[str, Any]  # their serving versions' dataset rows by name
-    matches: dict[int, int]  # dataset version id -> records of it the request names
+    models: dict[str, Any]  # registered models by name (store.serving_matches: with the records matched)
 
 
 @functools.lru_cache(maxsize=1024)

@@ -389,9 +389,6 @@ def set_serving_version(conn: Connection, model_name: str, version: str) -> None
 
 
 _LIST_MODELS = sa.select(models).order_by(models.c.model_name)
-_SERVING_DATASETS = (sa.select(dataset_versions).join(models, sa.and_(
-    models.c.model_name == dataset_versions.c.model_name, models.c.serving_version == dataset_versions.c.model_version))
-    .order_by(dataset_versions.c.version))
 
 
 def get_model(conn: Connection, model_name: str) -> Row | None:
@@ -402,10 +399,30 @@ def list_models(conn: Connection) -> list[Row]:
     return list(conn.execute(_LIST_MODELS))
 
 
-def serving_datasets(conn: Connection) -> dict[str, Row]:
-    """Per registered model, the dataset version of its serving version (what
-    :func:`dataset_for_model_version` returns for each, in one statement)."""
-    return {row.model_name: row for row in conn.execute(_SERVING_DATASETS)}  # the highest version wins
+def serving_matches(conn: Connection, subject_hashes: Sequence[str], record_hashes: Sequence[str],
+                    classes: Sequence[int]) -> dict[str, Row]:
+    """Every registered model (its ``models`` columns) with its serving version's dataset (``dataset_id``,
+    ``dataset_indexed_at``; None when it has none) and how many of that dataset's records a request names
+    (``matched``, counted on the record index as :func:`indexed_matches` does; 0 while it is unindexed), by
+    model name: intake's resolution in one statement."""
+    statement = _serving_matches_statement(bool(subject_hashes), bool(record_hashes), bool(classes))
+    rows = conn.execute(statement, {"subject_hashes": list(subject_hashes), "record_hashes": list(record_hashes),
+                                    "classes": list(classes)})
+    return {row.model_name: row for row in rows}  # ordered by dataset version: the highest one wins
+
+
+@functools.cache
+def _serving_matches_statement(subjects: bool, records: bool, classes: bool) -> sa.Select:
+    """:func:`serving_matches`'s query for one combination of selectors, built once."""
+    serving = sa.and_(dataset_versions.c.model_name == models.c.model_name,
+                      dataset_versions.c.model_version == models.c.serving_version)
+    matched = (sa.select(sa.func.count()).select_from(record_index)
+               .where(record_index.c.dataset_id == dataset_versions.c.id, _index_selector(subjects, records, classes))
+               .scalar_subquery())
+    return (sa.select(models, dataset_versions.c.id.label("dataset_id"),
+                      dataset_versions.c.indexed_at.label("dataset_indexed_at"), matched.label("matched"))
+            .select_from(models.outerjoin(dataset_versions, serving))
+            .order_by(models.c.model_name, dataset_versions.c.version))
 
 
 # -------------------------------------------------------------------------------------- dataset versions
@@ -959,6 +976,15 @@ def indexed_matches(conn: Connection, dataset_ids: Sequence[int], subject_hashes
 @functools.cache
 def _indexed_matches_statement(subjects: bool, records: bool, classes: bool) -> sa.Select:
     """:func:`indexed_matches`'s query for one combination of selectors, built once."""
+    return (sa.select(record_index.c.dataset_id, sa.func.count())
+            .where(record_index.c.dataset_id.in_(sa.bindparam("dataset_ids", expanding=True)),
+                   _index_selector(subjects, records, classes))
+            .group_by(record_index.c.dataset_id))
+
+
+def _index_selector(subjects: bool, records: bool, classes: bool) -> sa.ColumnElement[bool]:
+    """Index rows a request names: any of its subjects, record ids or classes (bound when executed); none
+    when it names none of them."""
     selectors = []
     if subjects:
         selectors.append(record_index.c.subject_hash.in_(sa.bindparam("subject_hashes", expanding=True)))
@@ -966,9 +992,7 @@ def _indexed_matches_statement(subjects: bool, records: bool, classes: bool) -> 
         selectors.append(record_index.c.record_hash.in_(sa.bindparam("record_hashes", expanding=True)))
     if classes:
         selectors.append(record_index.c.label.in_(sa.bindparam("classes", expanding=True)))
-    return (sa.select(record_index.c.dataset_id, sa.func.count())
-            .where(record_index.c.dataset_id.in_(sa.bindparam("dataset_ids", expanding=True)), sa.or_(*selectors))
-            .group_by(record_index.c.dataset_id))
+    return sa.or_(*selectors) if selectors else sa.false()
 
 
 def seconds_ago(seconds: float) -> datetime:
