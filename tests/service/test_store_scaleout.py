@@ -359,3 +359,20 @@ def test_group_commit_answers_each_caller_with_its_own_outcome(store_url, tmp_pa
         assert len(jobs) == 1 and len(db.job_request_ids(conn, jobs[0].job_id)) == 20
         assert verify_chain(conn, KEY).valid
     ctx.store.dispose()
+
+
+@pytest.mark.postgres
+def test_a_connection_that_died_idle_in_the_pool_is_replaced_before_use(postgres_url, monkeypatch):
+    store = db.Store(postgres_url)
+    try:
+        with store.read() as conn:
+            backend = conn.exec_driver_sql("SELECT pg_backend_pid()").scalar()
+        killer = sa.create_engine(postgres_url)
+        with killer.connect() as conn:
+            conn.exec_driver_sql(f"SELECT pg_terminate_backend({int(backend)})")
+        killer.dispose()
+        monkeypatch.setattr(db, "PING_IDLE_S", 0.0)  # the pooled connection counts as idle: pinged, found dead
+        with store.read() as conn:
+            assert conn.exec_driver_sql("SELECT pg_backend_pid()").scalar() != backend
+    finally:
+        store.dispose()
