@@ -376,3 +376,31 @@ def test_a_connection_that_died_idle_in_the_pool_is_replaced_before_use(postgres
             assert conn.exec_driver_sql("SELECT pg_backend_pid()").scalar() != backend
     finally:
         store.dispose()
+
+
+def test_sqlite_writers_of_other_processes_queue_on_the_writer_lock(tmp_path):
+    """A writer waits on the flock another process holds (woken when it is released), rather than polling
+    SQLite's busy handler; the lock is the database's name plus ``.writer-lock``."""
+    import fcntl
+    import os
+
+    store = db.Store(f"sqlite:///{tmp_path / 'lethe.db'}")
+    other_process = os.open(tmp_path / "lethe.db.writer-lock", os.O_RDWR | os.O_CREAT)
+    written = threading.Event()
+
+    def write() -> None:
+        with store.write() as conn:
+            db.upsert_model(conn, "m", "1", "classification", 10, {}, {})
+        written.set()
+
+    try:
+        fcntl.flock(other_process, fcntl.LOCK_EX)
+        writer = threading.Thread(target=write)
+        writer.start()
+        assert not written.wait(0.5), "wrote while another process held the writer lock"
+        fcntl.flock(other_process, fcntl.LOCK_UN)
+        assert written.wait(10)
+        writer.join()
+    finally:
+        os.close(other_process)
+        store.dispose()
