@@ -314,7 +314,9 @@ class Store:
 
     @staticmethod
     def _sqlite_begin(connection: Connection) -> None:
-        connection.exec_driver_sql("BEGIN IMMEDIATE" if connection.info.get("lethe_write") else "BEGIN")
+        # On the driver's connection: through SQLAlchemy, this statement cost as much as a query (issue 11).
+        connection.connection.dbapi_connection.execute(
+            "BEGIN IMMEDIATE" if connection.info.get("lethe_write") else "BEGIN")
 
     @contextmanager
     def write(self) -> Iterator[Connection]:
