@@ -158,7 +158,7 @@ class Intake:
         names (the record index; a version no process has indexed yet is indexed first, once)."""
         classes = list(request.classes)
         with self.ctx.store.read() as conn:
-            existing = db.get_request(conn, request.request_id) if idempotency else None
+            existing = db.request_outcome(conn, request.request_id) if idempotency else None
             if existing is not None:
                 return _Found(existing, {})
             models = db.serving_matches(conn, subject_hashes, record_hashes, classes)

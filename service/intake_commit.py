@@ -64,7 +64,7 @@ def commit_batch(ctx: PipelineContext, batch: list[Submission]) -> list[SubmitOu
     with ctx.store.write() as conn:
         db.lock_coalescing(conn, [(t["info"].name, coalesce_key(s, t)) for s in batch for t in s.targets
                                   if t["matched"]])
-        stored = db.requests_by_id(conn, [submission.request.request_id for submission in batch])
+        stored = db.request_outcomes(conn, [submission.request.request_id for submission in batch])
         for index, submission in enumerate(batch):
             request_id = submission.request.request_id
             if request_id in stored:

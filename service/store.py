@@ -599,7 +599,13 @@ def set_dataset_artifact(conn: Connection, dataset_id: int, artifact_uri: str) -
 
 # ---------------------------------------------------------------------------------------------- requests
 _REQUEST_BY_ID = sa.select(requests).where(requests.c.request_id == sa.bindparam("request_id"))
-_REQUESTS_BY_IDS = sa.select(requests).where(requests.c.request_id.in_(sa.bindparam("request_ids", expanding=True)))
+# What an idempotent retry needs of a stored request, and no more: every column a query returns costs the
+# driver (psycopg builds a column description per column per execution) and SQLAlchemy.
+_OUTCOME_COLUMNS = (requests.c.request_id, requests.c.payload_digest, requests.c.submitter_hash,
+                    requests.c.outcome_job_ids, requests.c.first_event_seq)
+_OUTCOME_BY_ID = sa.select(*_OUTCOME_COLUMNS).where(requests.c.request_id == sa.bindparam("request_id"))
+_OUTCOMES_BY_IDS = sa.select(*_OUTCOME_COLUMNS).where(requests.c.request_id.in_(sa.bindparam("request_ids",
+                                                                                             expanding=True)))
 _INSERT_REQUEST = sa.insert(requests)
 _SET_FIRST_EVENT_SEQ = (sa.update(requests).where(requests.c.request_id == sa.bindparam("the_request_id"))
                         .values(first_event_seq=sa.bindparam("the_seq")))
@@ -609,12 +615,19 @@ def get_request(conn: Connection, request_id: str) -> Row | None:
     return conn.execute(_REQUEST_BY_ID, {"request_id": request_id}).first()
 
 
-def requests_by_id(conn: Connection, request_ids: Sequence[str]) -> dict[str, Row]:
-    """The stored requests among ``request_ids`` (a group commit's idempotency check, one statement)."""
+def request_outcome(conn: Connection, request_id: str) -> Row | None:
+    """A stored request's request_id, payload_digest, submitter_hash, outcome_job_ids and first_event_seq:
+    what an idempotent retry is answered from (intake's idempotency check)."""
+    return conn.execute(_OUTCOME_BY_ID, {"request_id": request_id}).first()
+
+
+def request_outcomes(conn: Connection, request_ids: Sequence[str]) -> dict[str, Row]:
+    """:func:`request_outcome` of the stored requests among ``request_ids`` (a group commit's idempotency
+    check, one statement)."""
     found: dict[str, Row] = {}
     ids = list(dict.fromkeys(request_ids))
     for start in range(0, len(ids), 500):  # stay below every backend's bound-parameter limit
-        found.update((row.request_id, row) for row in conn.execute(_REQUESTS_BY_IDS,
+        found.update((row.request_id, row) for row in conn.execute(_OUTCOMES_BY_IDS,
                                                                    {"request_ids": ids[start:start + 500]}))
     return found
 
