@@ -95,6 +95,8 @@ bench-steady: $(STAMP)
 
 bench-acks: $(STAMP)
 	nice $(BIN)/python -m lethe_bench.acks --matrix --requests 2000 --streams 8 --json docs/bench_acks.json
+	nice $(BIN)/python -m lethe_bench.acks --matrix --in-process --requests 2000 --streams 8 \
+		--json docs/bench_acks_inprocess.json
 
 # 10,000 erasures over 16 Session streams against one server: nothing lost, ack latency, server RSS.
 bench-load: $(STAMP)

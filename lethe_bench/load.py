@@ -4,7 +4,8 @@
 
 One ``lethe serve`` process on loopback (embedded SQLite job store, WAL, ``synchronous=FULL``; embedded
 MLflow on SQLite; executor ``external`` and an hour-long coalescing window, so no unlearning job runs: the
-load is the API, intake and durable-commit path) with the digits demo model registered. ``--streams``
+load is the API, intake and durable-commit path; the per-identity rate limit off, since all streams are one
+client identity) with the digits demo model registered. ``--streams``
 concurrent ``Session`` streams, each on its own channel and keeping at most ``--window`` requests
 unacknowledged, send ``--requests`` erasure requests between them (request ids ``load-<stream>-<n>``, each
 naming one of ~300 real subjects, so intake does its whole work: keyed hashing, resolution on the record
@@ -81,7 +82,8 @@ def run(requests: int, streams: int, window: int = 1, warmup: int = 64, state_di
         port = _free_port()
         env = {**os.environ, **settings.as_environment(), "LETHE_GRPC_HOST": "127.0.0.1",
                "LETHE_GRPC_PORT": str(port), "LETHE_EXECUTOR": "external", "LETHE_COALESCING_WINDOW_S": "3600",
-               "LETHE_METRICS_PORT": "0", "LETHE_WORKER_ID": "bench-load", "OMP_NUM_THREADS": "1"}
+               "LETHE_METRICS_PORT": "0", "LETHE_RATE_LIMIT_PER_S": "0",
+               "LETHE_WORKER_ID": "bench-load", "OMP_NUM_THREADS": "1"}
         log = open(root / "api-0.log", "ab")
         server = subprocess.Popen([sys.executable, "-m", "service.cli", "serve", "--grace-s", "1"], env=env,
                                   stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)

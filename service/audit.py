@@ -29,6 +29,7 @@ import logging
 import os
 import sys
 import threading
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -78,15 +79,30 @@ class AuditLog:
     def append(self, conn: Connection, kind: str, body: dict[str, Any]) -> tuple[int, str]:
         """Append one entry. Appenders in several processes are serialised by the store's log lock, held
         to the transaction's commit, so ``seq`` stays gap-free and every ``prev_hash`` is the entry before."""
-        if "kind" in body or "time" in body:  # would silently replace the entry's own kind or time
-            raise ValueError(f"audit entry body of {kind!r} may not set 'kind' or 'time'")
+        return self.append_many(conn, [(kind, body)])[0]
+
+    def append_many(self, conn: Connection, entries: Sequence[tuple[str, dict[str, Any]]]) -> list[tuple[int, str]]:
+        """Append ``(kind, body)`` entries in order, chained as :meth:`append` would one by one, with one read
+        of the chain's tail and one INSERT (a group commit's ``request_received`` entries); their (seq, hash)."""
+        for kind, body in entries:
+            if "kind" in body or "time" in body:  # would silently replace the entry's own kind or time
+                raise ValueError(f"audit entry body of {kind!r} may not set 'kind' or 'time'")
+        if not entries:
+            return []
         db.lock_log(conn)
-        tail = db.audit_tail(conn)
-        seq, prev_hash = (tail[0] + 1, tail[1]) if tail else (1, GENESIS_HASH)
-        body_json = canonical_json({"kind": kind, "time": db.utcnow().isoformat(), **body})
-        entry_hash = _entry_hash(seq, prev_hash, body_json)
-        db.insert_audit(conn, seq, prev_hash, body_json, entry_hash, _sign(self.key, entry_hash))
-        return seq, entry_hash
+        seq, prev_hash = db.audit_tail(conn) or (0, GENESIS_HASH)
+        time = db.utcnow().isoformat()
+        rows, appended = [], []
+        for kind, body in entries:
+            seq += 1
+            body_json = canonical_json({"kind": kind, "time": time, **body})
+            entry_hash = _entry_hash(seq, prev_hash, body_json)
+            rows.append({"seq": seq, "prev_hash": prev_hash, "body_json": body_json, "entry_hash": entry_hash,
+                         "signature": _sign(self.key, entry_hash)})
+            appended.append((seq, entry_hash))
+            prev_hash = entry_hash
+        db.insert_audit_entries(conn, rows)
+        return appended
 
     def sign_certificate(self, body: dict[str, Any]) -> Certificate:
         body_json = canonical_json({"schema": CERTIFICATE_SCHEMA, **body})

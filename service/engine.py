@@ -78,7 +78,7 @@ class Engine:
                                        self.settings.mlflow_experiment, self.settings.serving_alias)
         self.context = PipelineContext(self.settings, self.store, self.registry, self.catalog, self.audit,
                                        self.metrics, resolve_device(self.settings.device))
-        self.queries.ctx = self.context
+        self.queries.attach(self.context)
         self.registrar = Registrar(self.context)
         self.intake = Intake(self.context)
         self.update_intake = UpdateIntake(self.context)

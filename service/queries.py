@@ -1,4 +1,8 @@
-"""Reads: jobs, events (with a wait that needs no polling), certificates, the pending requests' clock."""
+"""Reads: jobs, events (with a wait that needs no polling), certificates, the pending requests' clock.
+
+Events are served from this process's :class:`service.event_feed.EventFeed` (the newest events, read from the
+store once per change for every waiter) whenever it holds the cursor asked for, from the store otherwise.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +12,7 @@ import time
 
 from service import store as db
 from service.context import PipelineContext
+from service.event_feed import EventFeed
 from service.domain import (
     Certificate,
     CertificateCheck,
@@ -29,9 +34,15 @@ IDLE_WAIT_S = 1.0  # bound of one wait on the store's change condition (writes o
 class Queries:
     """The read side of ``EngineProtocol``. ``stopping`` ends waits when the engine shuts down."""
 
-    def __init__(self, ctx: PipelineContext, stopping: threading.Event):
-        self.ctx = ctx
+    def __init__(self, ctx: PipelineContext | None, stopping: threading.Event):
         self._stopping = stopping
+        if ctx is not None:
+            self.attach(ctx)
+
+    def attach(self, ctx: PipelineContext) -> None:
+        """Read from ``ctx``'s store (the engine builds the queries before the context: the metrics need them)."""
+        self.ctx = ctx
+        self._feed = EventFeed(ctx.store, self._event)
 
     def get_job(self, job_id: str) -> JobView:
         with self.ctx.store.read() as conn:
@@ -55,10 +66,12 @@ class Queries:
         deadline = time.monotonic() + max(0.0, wait_s)
         while True:
             generation = self.ctx.store.generation()
-            with self.ctx.store.read() as conn:
-                rows = db.events_after(conn, after_seq, job_ids, request_ids)
-                if rows:
-                    return [self._event(conn, row) for row in rows]
+            found = self._feed.after(after_seq, job_ids, request_ids)
+            if found is None:  # older than what the feed holds
+                with self.ctx.store.read() as conn:
+                    found = [self._event(conn, row) for row in db.events_after(conn, after_seq, job_ids, request_ids)]
+            if found:
+                return found
             remaining = deadline - time.monotonic()
             if remaining <= 0 or self._stopping.is_set():
                 return []

@@ -15,9 +15,9 @@ The schema is created and upgraded by Alembic migrations (:mod:`service.migratio
 
 Concurrency (several API replicas and workers on one store, issue 11):
 
-- SQLite: writers are serialised, in one process by a lock, across processes by ``BEGIN IMMEDIATE`` (a
-  deferred transaction that upgrades from read to write can fail with SQLITE_BUSY at once instead of
-  waiting).
+- SQLite: writers are serialised, in one process by a lock, across processes by an ``flock`` on
+  ``<database>.writer-lock`` (:class:`_SqliteWriteLock`) and by ``BEGIN IMMEDIATE`` (a deferred transaction
+  that upgrades from read to write can fail with SQLITE_BUSY at once instead of waiting).
 - PostgreSQL (READ COMMITTED): writers run concurrently; what must be serial is serialised by the
   database itself: claims lock job rows ``FOR UPDATE SKIP LOCKED`` and one RUNNING job per model is a
   partial unique index (:func:`claim_next`); a coalescing decision holds an advisory lock on its
@@ -29,11 +29,21 @@ Concurrency (several API replicas and workers on one store, issue 11):
 
 Every committed write wakes :meth:`Store.wait_for_change` in this process, so event streams wait on a
 condition instead of polling (writes of other processes are seen by the waiters' bounded re-reads).
+
+The statements on the acknowledgement path (intake's reads, its group commit's bulk writes, the event feed)
+are built once, as module constants with bind parameters: executing the same construct again skips
+SQLAlchemy's statement construction and cache-key generation, which cost more CPU than SQLite's own work
+(issue 11's profile). The group commit writes a batch of requests with one statement per table
+(``executemany``), not one per request.
 """
 
 from __future__ import annotations
 
+import fcntl
+import functools
+import os
 import threading
+import time
 import zlib
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -236,6 +246,13 @@ def as_utc(value: datetime | None) -> datetime | None:
     return value if value.tzinfo else value.replace(tzinfo=timezone.utc)
 
 
+PING_IDLE_S = 1.0
+"""A pooled PostgreSQL connection idle this long is pinged before use (:meth:`Store._ping_if_idle`)."""
+
+POOL_SIZE = 20
+"""Connections a :class:`Store` keeps open (a PostgreSQL server's default ``max_connections`` of 100 still
+serves four processes' full pools)."""
+
 LOG_LOCK_KEY = 7_304_119_002
 """pg_advisory_xact_lock key serialising event and audit appends (see the module docstring)."""
 
@@ -248,18 +265,22 @@ class Store:
         self.url = url
         self.is_sqlite = url.startswith("sqlite")
         self.is_postgres = url.startswith("postgresql")
-        # SQLite has one writer at a time anyway: a process lock spares the others busy-waiting. PostgreSQL
-        # runs this process's writers concurrently; the database serialises what must be serial.
-        self._write_lock: threading.RLock | None = threading.RLock() if self.is_sqlite else None
+        # SQLite has one writer at a time anyway: a lock spares the others busy-waiting. PostgreSQL runs this
+        # process's writers concurrently; the database serialises what must be serial.
+        self._write_lock = _SqliteWriteLock(sa.engine.make_url(url).database) if self.is_sqlite else None
         self._changed = threading.Condition()
         self._generation = 0
+        # Connections kept open: enough for every Session stream's reader and poller, the group commit, the
+        # workers and heartbeats at once. A connection opened beyond the pool is closed when returned, and
+        # opening one costs more than the statements it runs (SQLite's PRAGMAs; a PostgreSQL backend start).
         if self.is_sqlite:
-            self.engine = sa.create_engine(url, connect_args={"timeout": 30})
+            self.engine = sa.create_engine(url, connect_args={"timeout": 30}, pool_size=POOL_SIZE, max_overflow=20)
             sa.event.listen(self.engine, "connect", self._sqlite_connect)
             sa.event.listen(self.engine, "begin", self._sqlite_begin)
         else:
-            # Enough connections for the gRPC threads' reads, the workers, heartbeats and group commits.
-            self.engine = sa.create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
+            self.engine = sa.create_engine(url, pool_size=POOL_SIZE, max_overflow=10)
+            sa.event.listen(self.engine, "checkin", _note_checkin)
+            sa.event.listen(self.engine, "checkout", self._ping_if_idle)
         if migrate:
             from service import migrations
 
@@ -275,9 +296,27 @@ class Store:
         cursor.execute("PRAGMA busy_timeout=30000")
         cursor.close()
 
+    def _ping_if_idle(self, dbapi_connection, record, _proxy) -> None:
+        """Pessimistic disconnect handling for connections that sat in the pool: one that was idle for
+        PING_IDLE_S or more is pinged, and a dead one is replaced (the pool retries the checkout on
+        DisconnectionError). SQLAlchemy's ``pool_pre_ping`` pinged on EVERY checkout: a round trip and a
+        statement in the server per transaction, 60 us of this process's CPU each, under a load that checks
+        connections out hundreds of times a second. A server that went away during the last PING_IDLE_S
+        fails the statement instead; SQLAlchemy then invalidates the whole pool, so one transaction fails."""
+        if time.monotonic() - record.info.get("lethe_checked_in_at", 0.0) < PING_IDLE_S:
+            return
+        try:
+            alive = self.engine.dialect.do_ping(dbapi_connection)
+        except self.engine.dialect.loaded_dbapi.Error as error:
+            raise sa.exc.DisconnectionError(str(error)) from error
+        if not alive:
+            raise sa.exc.DisconnectionError("the connection did not answer a ping")
+
     @staticmethod
     def _sqlite_begin(connection: Connection) -> None:
-        connection.exec_driver_sql("BEGIN IMMEDIATE" if connection.info.get("lethe_write") else "BEGIN")
+        # On the driver's connection: through SQLAlchemy, this statement cost as much as a query (issue 11).
+        connection.connection.dbapi_connection.execute(
+            "BEGIN IMMEDIATE" if connection.info.get("lethe_write") else "BEGIN")
 
     @contextmanager
     def write(self) -> Iterator[Connection]:
@@ -298,7 +337,7 @@ class Store:
         if self._write_lock is None:
             yield
             return
-        with self._write_lock:
+        with self._write_lock.hold():
             yield
 
     @contextmanager
@@ -324,6 +363,52 @@ class Store:
 
     def dispose(self) -> None:
         self.engine.dispose()
+        if self._write_lock is not None:
+            self._write_lock.close()
+
+
+class _SqliteWriteLock:
+    """Serialises a SQLite store's writers: this process's threads by a lock, processes by an ``flock`` on
+    ``<database>.writer-lock``. Both wake the next writer as soon as the holder lets go.
+
+    ``BEGIN IMMEDIATE`` alone serialises processes too, but a writer that finds the database locked sleeps in
+    SQLite's busy handler (1, 2, 5, 10, ... 100 ms between tries) while the other process's next transaction
+    takes the lock at once: with two API replicas, acknowledgements waited up to 1.3 s (issue 11). The kernel
+    releases an flock when its holder dies (kill -9): nothing to clean up. Re-entrant in a thread, as a
+    transaction's code may open another. The lock file is opened at the first write (a read-only user, such as
+    ``lethe audit verify``, never creates it)."""
+
+    def __init__(self, database: str | None):
+        self._path = f"{database}.writer-lock" if database and database != ":memory:" else None
+        self._threads = threading.RLock()
+        self._depth = 0
+        self._fd: int | None = None
+
+    @contextmanager
+    def hold(self) -> Iterator[None]:
+        with self._threads:
+            self._depth += 1
+            outermost = self._depth == 1 and self._path is not None
+            try:
+                if outermost:
+                    if self._fd is None:
+                        self._fd = os.open(self._path, os.O_RDWR | os.O_CREAT, 0o600)
+                    fcntl.flock(self._fd, fcntl.LOCK_EX)
+                yield
+            finally:
+                if outermost and self._fd is not None:
+                    fcntl.flock(self._fd, fcntl.LOCK_UN)
+                self._depth -= 1
+
+    def close(self) -> None:
+        with self._threads:
+            if self._fd is not None:
+                os.close(self._fd)
+                self._fd = None
+
+
+def _note_checkin(_dbapi_connection, record) -> None:
+    record.info["lethe_checked_in_at"] = time.monotonic()
 
 
 def _advisory_lock(conn: Connection, key: int) -> None:
@@ -375,12 +460,41 @@ def set_serving_version(conn: Connection, model_name: str, version: str) -> None
     conn.execute(sa.update(models).where(models.c.model_name == model_name).values(serving_version=version))
 
 
+_LIST_MODELS = sa.select(models).order_by(models.c.model_name)
+
+
 def get_model(conn: Connection, model_name: str) -> Row | None:
     return conn.execute(sa.select(models).where(models.c.model_name == model_name)).first()
 
 
 def list_models(conn: Connection) -> list[Row]:
-    return list(conn.execute(sa.select(models).order_by(models.c.model_name)))
+    return list(conn.execute(_LIST_MODELS))
+
+
+def serving_matches(conn: Connection, subject_hashes: Sequence[str], record_hashes: Sequence[str],
+                    classes: Sequence[int]) -> dict[str, Row]:
+    """Every registered model (its ``models`` columns) with its serving version's dataset (``dataset_id``,
+    ``dataset_indexed_at``; None when it has none) and how many of that dataset's records a request names
+    (``matched``, counted on the record index as :func:`indexed_matches` does; 0 while it is unindexed), by
+    model name: intake's resolution in one statement."""
+    statement = _serving_matches_statement(bool(subject_hashes), bool(record_hashes), bool(classes))
+    rows = conn.execute(statement, {"subject_hashes": list(subject_hashes), "record_hashes": list(record_hashes),
+                                    "classes": list(classes)})
+    return {row.model_name: row for row in rows}  # ordered by dataset version: the highest one wins
+
+
+@functools.cache
+def _serving_matches_statement(subjects: bool, records: bool, classes: bool) -> sa.Select:
+    """:func:`serving_matches`'s query for one combination of selectors, built once."""
+    serving = sa.and_(dataset_versions.c.model_name == models.c.model_name,
+                      dataset_versions.c.model_version == models.c.serving_version)
+    matched = (sa.select(sa.func.count()).select_from(record_index)
+               .where(record_index.c.dataset_id == dataset_versions.c.id, _index_selector(subjects, records, classes))
+               .scalar_subquery())
+    return (sa.select(models, dataset_versions.c.id.label("dataset_id"),
+                      dataset_versions.c.indexed_at.label("dataset_indexed_at"), matched.label("matched"))
+            .select_from(models.outerjoin(dataset_versions, serving))
+            .order_by(models.c.model_name, dataset_versions.c.version))
 
 
 # -------------------------------------------------------------------------------------- dataset versions
@@ -484,12 +598,55 @@ def set_dataset_artifact(conn: Connection, dataset_id: int, artifact_uri: str) -
 
 
 # ---------------------------------------------------------------------------------------------- requests
+_REQUEST_BY_ID = sa.select(requests).where(requests.c.request_id == sa.bindparam("request_id"))
+# What an idempotent retry needs of a stored request, and no more: every column a query returns costs the
+# driver (psycopg builds a column description per column per execution) and SQLAlchemy.
+_OUTCOME_COLUMNS = (requests.c.request_id, requests.c.payload_digest, requests.c.submitter_hash,
+                    requests.c.outcome_job_ids, requests.c.first_event_seq)
+_OUTCOME_BY_ID = sa.select(*_OUTCOME_COLUMNS).where(requests.c.request_id == sa.bindparam("request_id"))
+_OUTCOMES_BY_IDS = sa.select(*_OUTCOME_COLUMNS).where(requests.c.request_id.in_(sa.bindparam("request_ids",
+                                                                                             expanding=True)))
+_INSERT_REQUEST = sa.insert(requests)
+_SET_FIRST_EVENT_SEQ = (sa.update(requests).where(requests.c.request_id == sa.bindparam("the_request_id"))
+                        .values(first_event_seq=sa.bindparam("the_seq")))
+
+
 def get_request(conn: Connection, request_id: str) -> Row | None:
-    return conn.execute(sa.select(requests).where(requests.c.request_id == request_id)).first()
+    return conn.execute(_REQUEST_BY_ID, {"request_id": request_id}).first()
+
+
+def request_outcome(conn: Connection, request_id: str) -> Row | None:
+    """A stored request's request_id, payload_digest, submitter_hash, outcome_job_ids and first_event_seq:
+    what an idempotent retry is answered from (intake's idempotency check)."""
+    return conn.execute(_OUTCOME_BY_ID, {"request_id": request_id}).first()
+
+
+def request_outcomes(conn: Connection, request_ids: Sequence[str]) -> dict[str, Row]:
+    """:func:`request_outcome` of the stored requests among ``request_ids`` (a group commit's idempotency
+    check, one statement)."""
+    found: dict[str, Row] = {}
+    ids = list(dict.fromkeys(request_ids))
+    for start in range(0, len(ids), 500):  # stay below every backend's bound-parameter limit
+        found.update((row.request_id, row) for row in conn.execute(_OUTCOMES_BY_IDS,
+                                                                   {"request_ids": ids[start:start + 500]}))
+    return found
 
 
 def insert_request(conn: Connection, **values: Any) -> None:
     conn.execute(sa.insert(requests).values(**values))
+
+
+def insert_requests(conn: Connection, rows: Sequence[dict[str, Any]]) -> None:
+    """Many request rows, one ``executemany`` (each row names every column :func:`insert_request` takes)."""
+    if rows:
+        conn.execute(_INSERT_REQUEST, list(rows))
+
+
+def set_first_event_seqs(conn: Connection, first_seqs: dict[str, int]) -> None:
+    """Each request's first event seq (known only once its events are appended, under the log lock)."""
+    if first_seqs:
+        conn.execute(_SET_FIRST_EVENT_SEQ, [{"the_request_id": request_id, "the_seq": seq}
+                                            for request_id, seq in first_seqs.items()])
 
 
 def request_owners(conn: Connection, request_ids: Sequence[str]) -> dict[str, str | None]:
@@ -543,8 +700,41 @@ def insert_job(conn: Connection, **values: Any) -> None:
     conn.execute(sa.insert(jobs).values(created_at=now, updated_at=now, **values))
 
 
+_INSERT_JOB = sa.insert(jobs)
+_INSERT_LINK = sa.insert(job_requests)
+_OPEN_JOB = (sa.select(jobs.c.job_id).where(
+    jobs.c.model_name == sa.bindparam("model_name"), jobs.c.coalesce_key == sa.bindparam("coalesce_key"),
+    jobs.c.state == "QUEUED", jobs.c.window_closes_at > sa.bindparam("now"))
+    .order_by(jobs.c.created_at).limit(1).with_for_update())
+_ADD_JOB_RECORDS = (sa.update(jobs).where(jobs.c.job_id == sa.bindparam("the_job_id"))
+                    .values(records=jobs.c.records + sa.bindparam("added", type_=sa.Integer),
+                            updated_at=sa.bindparam("now")))
+
+
+def insert_jobs(conn: Connection, rows: Sequence[dict[str, Any]]) -> None:
+    """Many job rows, one ``executemany`` (each row names every column :func:`insert_job` takes, and the
+    times)."""
+    if rows:
+        conn.execute(_INSERT_JOB, list(rows))
+
+
 def link_request(conn: Connection, job_id: str, request_id: str, attempt: int = 1) -> None:
     conn.execute(sa.insert(job_requests).values(job_id=job_id, request_id=request_id, attempt=attempt))
+
+
+def link_requests(conn: Connection, links: Sequence[tuple[str, str]]) -> None:
+    """(job id, request id) pairs of first attempts, one ``executemany``."""
+    if links:
+        conn.execute(_INSERT_LINK, [{"job_id": job_id, "request_id": request_id, "attempt": 1}
+                                    for job_id, request_id in links])
+
+
+def add_job_records(conn: Connection, added: dict[str, int], now: datetime) -> None:
+    """Add to the matched-record count of jobs that requests just joined (the row is locked by
+    :func:`open_job_for`, so the increment is the database's, not read-modify-write)."""
+    if added:
+        conn.execute(_ADD_JOB_RECORDS, [{"the_job_id": job_id, "added": count, "now": now}
+                                        for job_id, count in added.items()])
 
 
 def unlink_request(conn: Connection, job_id: str, request_id: str) -> None:
@@ -566,9 +756,7 @@ def open_job_for(conn: Connection, model_name: str, coalesce_key: str, now: date
     transaction (``FOR UPDATE``: a claim taking it waits, or skips it, until the request is linked; a claim
     that took it first made it RUNNING, and READ COMMITTED's re-check then drops it from the result). Call
     under :func:`lock_coalescing` for the same key."""
-    return conn.execute(sa.select(jobs.c.job_id).where(
-        jobs.c.model_name == model_name, jobs.c.coalesce_key == coalesce_key, jobs.c.state == "QUEUED",
-        jobs.c.window_closes_at > now).order_by(jobs.c.created_at).limit(1).with_for_update()).scalar()
+    return conn.execute(_OPEN_JOB, {"model_name": model_name, "coalesce_key": coalesce_key, "now": now}).scalar()
 
 
 def update_job(conn: Connection, job_id: str, **values: Any) -> None:
@@ -721,19 +909,38 @@ def running_job_last_progress(conn: Connection) -> list[tuple[str, datetime]]:
 
 
 # ------------------------------------------------------------------------------------------------ events
+_INSERT_EVENTS = sa.insert(events).returning(events.c.seq, sort_by_parameter_order=True)
+_INSERT_EVENT_REQUESTS = sa.insert(event_requests)
+
+
 def add_event(conn: Connection, job_id: str, request_ids: Sequence[str], kind: str, state: str, stage: str,
               fraction: float, message: str, certificate_id: str | None = None) -> int:
+    return add_events(conn, [{"job_id": job_id, "request_ids": list(request_ids), "kind": kind, "state": state,
+                              "stage": stage, "fraction": fraction, "message": message,
+                              "certificate_id": certificate_id}])[0]
+
+
+def add_events(conn: Connection, rows: Sequence[dict[str, Any]]) -> list[int]:
+    """Append events (dicts of :func:`add_event`'s arguments) with one multi-row INSERT; their seqs, in order."""
+    if not rows:
+        return []
     lock_log(conn)  # seq values commit in increasing order (module docstring)
-    seq = conn.execute(sa.insert(events).values(
-        job_id=job_id, request_ids=list(request_ids), kind=kind, state=state, stage=stage, fraction=fraction,
-        message=message, certificate_id=certificate_id, time=utcnow())).inserted_primary_key[0]
-    if request_ids:
-        conn.execute(sa.insert(event_requests), [{"seq": seq, "request_id": r} for r in request_ids])
-    return int(seq)
+    now = utcnow()
+    seqs = [int(seq) for seq in conn.execute(_INSERT_EVENTS, [{"time": now, **row} for row in rows]).scalars()]
+    links = [{"seq": seq, "request_id": request_id} for seq, row in zip(seqs, rows) for request_id in row["request_ids"]]
+    if links:
+        conn.execute(_INSERT_EVENT_REQUESTS, links)
+    return seqs
+
+
+_EVENTS_AFTER = (sa.select(events).where(events.c.seq > sa.bindparam("after_seq")).order_by(events.c.seq)
+                 .limit(sa.bindparam("limit", type_=sa.Integer)))
 
 
 def events_after(conn: Connection, after_seq: int, job_ids: Sequence[str], request_ids: Sequence[str],
                  limit: int = 1000) -> list[Row]:
+    if not (job_ids or request_ids):  # every event (the event feed's read): the statement built once
+        return list(conn.execute(_EVENTS_AFTER, {"after_seq": after_seq, "limit": limit}))
     query = sa.select(events).where(events.c.seq > after_seq)
     selectors = []
     if job_ids:
@@ -772,17 +979,20 @@ def all_certificates(conn: Connection) -> list[Row]:
 
 
 # ----------------------------------------------------------------------------------------------- audit
+_AUDIT_TAIL = sa.select(audit_log.c.seq, audit_log.c.entry_hash).order_by(audit_log.c.seq.desc()).limit(1)
+_INSERT_AUDIT = sa.insert(audit_log)
+
+
 def audit_tail(conn: Connection) -> tuple[int, str] | None:
     """The chain's last (seq, hash). Appenders call it under :func:`lock_log` (AuditLog.append does)."""
-    row = conn.execute(sa.select(audit_log.c.seq, audit_log.c.entry_hash)
-                       .order_by(audit_log.c.seq.desc()).limit(1)).first()
+    row = conn.execute(_AUDIT_TAIL).first()
     return (row.seq, row.entry_hash) if row else None
 
 
-def insert_audit(conn: Connection, seq: int, prev_hash: str, body_json: str, entry_hash: str,
-                 signature: str) -> None:
-    conn.execute(sa.insert(audit_log).values(seq=seq, prev_hash=prev_hash, body_json=body_json,
-                                             entry_hash=entry_hash, signature=signature))
+def insert_audit_entries(conn: Connection, rows: Sequence[dict[str, Any]]) -> None:
+    """Chain entries (seq, prev_hash, body_json, entry_hash, signature), one ``executemany``."""
+    if rows:
+        conn.execute(_INSERT_AUDIT, list(rows))
 
 
 def audit_entries(conn: Connection) -> Iterator[Row]:
@@ -845,16 +1055,32 @@ def indexed_matches(conn: Connection, dataset_ids: Sequence[int], subject_hashes
     classes), counted on the index; versions with no match are absent."""
     if not dataset_ids or not (subject_hashes or record_hashes or classes):
         return {}
-    selectors = []
-    if subject_hashes:
-        selectors.append(record_index.c.subject_hash.in_(list(subject_hashes)))
-    if record_hashes:
-        selectors.append(record_index.c.record_hash.in_(list(record_hashes)))
-    if classes:
-        selectors.append(record_index.c.label.in_(list(classes)))
-    rows = conn.execute(sa.select(record_index.c.dataset_id, sa.func.count()).where(
-        record_index.c.dataset_id.in_(list(dataset_ids)), sa.or_(*selectors)).group_by(record_index.c.dataset_id))
+    statement = _indexed_matches_statement(bool(subject_hashes), bool(record_hashes), bool(classes))
+    rows = conn.execute(statement, {"dataset_ids": list(dataset_ids), "subject_hashes": list(subject_hashes),
+                                    "record_hashes": list(record_hashes), "classes": list(classes)})
     return {int(dataset_id): int(count) for dataset_id, count in rows}
+
+
+@functools.cache
+def _indexed_matches_statement(subjects: bool, records: bool, classes: bool) -> sa.Select:
+    """:func:`indexed_matches`'s query for one combination of selectors, built once."""
+    return (sa.select(record_index.c.dataset_id, sa.func.count())
+            .where(record_index.c.dataset_id.in_(sa.bindparam("dataset_ids", expanding=True)),
+                   _index_selector(subjects, records, classes))
+            .group_by(record_index.c.dataset_id))
+
+
+def _index_selector(subjects: bool, records: bool, classes: bool) -> sa.ColumnElement[bool]:
+    """Index rows a request names: any of its subjects, record ids or classes (bound when executed); none
+    when it names none of them."""
+    selectors = []
+    if subjects:
+        selectors.append(record_index.c.subject_hash.in_(sa.bindparam("subject_hashes", expanding=True)))
+    if records:
+        selectors.append(record_index.c.record_hash.in_(sa.bindparam("record_hashes", expanding=True)))
+    if classes:
+        selectors.append(record_index.c.label.in_(sa.bindparam("classes", expanding=True)))
+    return sa.or_(*selectors) if selectors else sa.false()
 
 
 def seconds_ago(seconds: float) -> datetime:

@@ -55,7 +55,8 @@ from service.domain import (
     id_problem,
     preview,
 )
-from service.intake import MAX_VIOLATIONS, _outcome, _replay_or_refuse, _utc
+from service.intake import MAX_VIOLATIONS, _outcome, _utc
+from service.intake_commit import replay_or_refuse
 from service.updates import update_strategy
 
 MAX_TEXT_LENGTH = 4096  # characters of one prompt or answer
@@ -271,7 +272,7 @@ class UpdateIntake:
             existing = db.get_request(conn, request_id)
         if existing is None:
             return None
-        return _replay_or_refuse(_Caller(request_id, submitter_hash), digest, existing)
+        return replay_or_refuse(_Caller(request_id, submitter_hash), digest, existing)
 
     def _stage(self, info: ModelInfo, frame: pd.DataFrame, request_id: str) -> dict[str, Any]:
         """The records as a staged training-data file (catalog + MLflow); returns its description."""
@@ -289,7 +290,7 @@ class UpdateIntake:
         with self.ctx.store.write() as conn:
             existing = db.get_request(conn, request_id)
             if existing is not None:  # stored meanwhile by another call
-                return _replay_or_refuse(_Caller(request_id, submitter_hash), digest, existing)
+                return replay_or_refuse(_Caller(request_id, submitter_hash), digest, existing)
             db.insert_request(conn, request_id=request_id, payload_digest=digest, kind=kind,
                               subject_hashes=subject_hashes, record_hashes=record_hashes,
                               submitter_hash=submitter_hash, classes=[], model_names=[t[0].name for t in targets],

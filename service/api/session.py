@@ -73,6 +73,9 @@ class _Watch:
     after_seq: int
     job_ids: tuple[str, ...] = ()  # known from the ack
     all_requests: bool = False
+    # The watch of a request just acknowledged: after_seq is its first event's seq - 1, so nothing of it lies
+    # at or below after_seq, and after_seq is below the newest event.
+    acknowledged: bool = False
 
 
 class _Failure:
@@ -240,7 +243,8 @@ class SessionStream:
                 return
             # The ack goes out before the request joins the watch set, so it precedes its events.
             self._answer(service_pb2.SessionResponse(accepted=converters.accepted_to_proto(outcome)))
-            self._add_watch(_Watch((outcome.request_id,), max(outcome.first_event_seq - 1, 0), outcome.job_ids))
+            self._add_watch(_Watch((outcome.request_id,), max(outcome.first_event_seq - 1, 0), outcome.job_ids,
+                                   acknowledged=True))
         elif kind == "resume":
             self._resume(message.resume)
         else:
@@ -312,9 +316,10 @@ class SessionStream:
     def _start_watching(self, watch: _Watch) -> None:
         # A Resume beyond the newest event is clamped to it: nothing newer exists to have been seen, and a
         # cursor or floor in the future would hide every later event of this stream.
-        newest = self._engine.last_event_seq()
-        if watch.after_seq > newest:
-            watch = dataclasses.replace(watch, after_seq=newest)
+        if not watch.acknowledged:
+            newest = self._engine.last_event_seq()
+            if watch.after_seq > newest:
+                watch = dataclasses.replace(watch, after_seq=newest)
         if watch.all_requests:
             self._all_requests = True
         for request_id in watch.request_ids:
@@ -324,6 +329,8 @@ class SessionStream:
             self._jobs_by_request[request_id].update(watch.job_ids)  # (creates the entry: watched)
         if self._cursor is None:
             self._cursor = watch.after_seq
+        if watch.acknowledged and watch.after_seq >= self._cursor:
+            return  # every event of the request lies above the cursor: the live poll delivers them all
         # Backfill: what the live poll will never return again (seq <= cursor). The whole history is read,
         # so that a resumed request whose events all precede after_seq still learns its jobs and whether
         # they are settled; only events after the client's floor are sent.

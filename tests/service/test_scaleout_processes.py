@@ -43,6 +43,7 @@ KEY_HEX = "5a" * 32
 SUBJECT_KEY_HEX = "c3" * 32
 START_TIMEOUT_S = 300  # a process imports torch and MLflow: slow on 2 loaded cores
 KILL_POINTS = ("stage:apply", "registered", "stage:audit")
+WAVE_GAP_S = 2.5  # between the killed-workers test's waves of erasures: more than the coalescing window (1 s)
 
 
 class Cluster:
@@ -188,8 +189,23 @@ def assert_exactly_once(cluster: Cluster, request_ids: list[str], mlflow_url: st
 def test_killed_workers_leases_expire_and_every_request_is_certified_once(cluster, mlflow_server):
     doomed = {point: cluster.start_worker(f"doomed-{index}", kill_at=point) for index, point in enumerate(KILL_POINTS)}
     batch = erasures("kill", range(10, 26), cluster.model)
-    outcome: dict = {}
-    streams = threading.Thread(target=lambda: outcome.setdefault("results", stream_over_both(cluster, batch, 1500)))
+    # One job per kill point at least, whoever claims first: a doomed worker that resumes a job past its point
+    # finishes it, so each needs a job of its own to reach. The waves are a coalescing window apart; in one
+    # wave, intake takes the requests into one job (fast intake coalesces the whole batch into one).
+    waves = [batch[index::len(KILL_POINTS)] for index in range(len(KILL_POINTS))]
+    outcome: dict = {"results": []}
+
+    def stream_in_waves() -> None:
+        threads = []
+        for wave in waves:
+            threads.append(threading.Thread(target=lambda wave=wave: outcome["results"].extend(
+                stream_over_both(cluster, wave, 1500))))
+            threads[-1].start()
+            time.sleep(WAVE_GAP_S)
+        for thread in threads:
+            thread.join()
+
+    streams = threading.Thread(target=stream_in_waves)
     streams.start()
     deadline = time.monotonic() + 1200
     while any(process.poll() is None for process in doomed.values()):  # each dies at its point, one job

@@ -246,7 +246,7 @@ def _target(name: str) -> dict:
 
 
 def test_coalescing_is_race_free_across_replicas(store_url, tmp_path):
-    from service.intake import _Submission
+    from service.intake_commit import Submission as _Submission
 
     ctx = make_context(store_url, tmp_path, coalescing_window_s=0.15)
     add_model(ctx, "m")
@@ -330,7 +330,7 @@ def test_the_record_index_counts_what_the_dataset_matches(store_url, tmp_path):
 
 def test_group_commit_answers_each_caller_with_its_own_outcome(store_url, tmp_path):
     from service.domain import AlreadyExists
-    from service.intake import _Submission
+    from service.intake_commit import Submission as _Submission
 
     ctx = make_context(store_url, tmp_path, coalescing_window_s=60)
     add_model(ctx, "m")
@@ -359,3 +359,48 @@ def test_group_commit_answers_each_caller_with_its_own_outcome(store_url, tmp_pa
         assert len(jobs) == 1 and len(db.job_request_ids(conn, jobs[0].job_id)) == 20
         assert verify_chain(conn, KEY).valid
     ctx.store.dispose()
+
+
+@pytest.mark.postgres
+def test_a_connection_that_died_idle_in_the_pool_is_replaced_before_use(postgres_url, monkeypatch):
+    store = db.Store(postgres_url)
+    try:
+        with store.read() as conn:
+            backend = conn.exec_driver_sql("SELECT pg_backend_pid()").scalar()
+        killer = sa.create_engine(postgres_url)
+        with killer.connect() as conn:
+            conn.exec_driver_sql(f"SELECT pg_terminate_backend({int(backend)})")
+        killer.dispose()
+        monkeypatch.setattr(db, "PING_IDLE_S", 0.0)  # the pooled connection counts as idle: pinged, found dead
+        with store.read() as conn:
+            assert conn.exec_driver_sql("SELECT pg_backend_pid()").scalar() != backend
+    finally:
+        store.dispose()
+
+
+def test_sqlite_writers_of_other_processes_queue_on_the_writer_lock(tmp_path):
+    """A writer waits on the flock another process holds (woken when it is released), rather than polling
+    SQLite's busy handler; the lock is the database's name plus ``.writer-lock``."""
+    import fcntl
+    import os
+
+    store = db.Store(f"sqlite:///{tmp_path / 'lethe.db'}")
+    other_process = os.open(tmp_path / "lethe.db.writer-lock", os.O_RDWR | os.O_CREAT)
+    written = threading.Event()
+
+    def write() -> None:
+        with store.write() as conn:
+            db.upsert_model(conn, "m", "1", "classification", 10, {}, {})
+        written.set()
+
+    try:
+        fcntl.flock(other_process, fcntl.LOCK_EX)
+        writer = threading.Thread(target=write)
+        writer.start()
+        assert not written.wait(0.5), "wrote while another process held the writer lock"
+        fcntl.flock(other_process, fcntl.LOCK_UN)
+        assert written.wait(10)
+        writer.join()
+    finally:
+        os.close(other_process)
+        store.dispose()
