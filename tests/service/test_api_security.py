@@ -581,7 +581,10 @@ def test_dataset_refusals_inside_a_root_say_nothing_about_the_file(engine_api, l
     assert tmp_path.is_relative_to(root) and not outside.is_relative_to(root)
     answers = set()
     for path in (link, not_parquet, tmp_path / "missing.parquet"):
-        request = service_pb2.RegisterModelRequest(model_name="digits-cnn", version="1", dataset_uri=str(path),
+        # The serving alias, not version 1: earlier tests on this worker's shared engine may have erased from
+        # version 1, and a lineage refusal would come before the dataset's.
+        request = service_pb2.RegisterModelRequest(model_name="digits-cnn", alias=lethe_engine.settings.serving_alias,
+                                                   dataset_uri=str(path),
                                                    task_type=types_pb2.TASK_TYPE_CLASSIFICATION, num_classes=10)
         with pytest.raises(grpc.RpcError) as refused:
             engine_api.stub.RegisterModel(request, timeout=30)
