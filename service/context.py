@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -11,6 +11,7 @@ from service import store as db
 from service.audit import AuditLog
 from service.datasets import DatasetCatalog
 from service.domain import MethodStep, TaskType, VerificationPolicy
+from service.loaded_models import LoadedModels
 from service.metrics import Metrics
 from service.mlflow_registry import MlflowRegistry
 from service.settings import Settings
@@ -27,6 +28,7 @@ class PipelineContext:
     audit: AuditLog
     metrics: Metrics
     device: torch.device
+    models: LoadedModels = field(default_factory=lambda: LoadedModels(0))  # the engine sizes it from settings
 
 
 @dataclass(frozen=True)

@@ -43,6 +43,7 @@ from service.executors import build_executor
 from service.housekeeping import delete_removed_copies, purge_superseded
 from service.intake import Intake
 from service.update_intake import UpdateIntake
+from service.loaded_models import LoadedModels
 from service.metrics import Metrics
 from service.mlflow_registry import MlflowRegistry
 from service.pipeline import STAGES
@@ -77,7 +78,8 @@ class Engine:
         self.registry = MlflowRegistry(self.settings.mlflow_tracking_uri, self.settings.mlflow_artifact_root,
                                        self.settings.mlflow_experiment, self.settings.serving_alias)
         self.context = PipelineContext(self.settings, self.store, self.registry, self.catalog, self.audit,
-                                       self.metrics, resolve_device(self.settings.device))
+                                       self.metrics, resolve_device(self.settings.device),
+                                       LoadedModels(self.settings.loaded_models))
         self.queries.attach(self.context)
         self.registrar = Registrar(self.context)
         self.intake = Intake(self.context)

@@ -265,6 +265,9 @@ def _finish(ctx: PipelineContext, job, request_rows, info: ModelInfo, record: di
     superseded = ([ctx.registry.supersede(job.model_name, older, version, info.policy.superseded_versions,
                                           f"trained on records erased by job {job_id}") for older in lineage]
                   if resolution["tombstones"] else [])
+    if resolution["tombstones"]:  # nor kept in this process's memory (service.loaded_models)
+        for older in lineage:
+            ctx.models.forget(job.model_name, older)
     for staged in record.get("staged", []):  # an update's staged records now live in the new dataset version
         ctx.registry.delete_artifact(staged.get("artifact_uri") or "")
         ctx.catalog.delete_local(staged["path"])
@@ -372,7 +375,12 @@ def build_scope(ctx: PipelineContext, job, info: ModelInfo, data: LoadedDataset,
 def measure(ctx: PipelineContext, job, info: ModelInfo, scope: Scope, progress: Progress) -> None:
     """measure before (cached per model version): the base model, its task adapter and utility before."""
     progress.stage("measure", f"measuring version {job.base_version}")
-    scope.base_model = scope.support.load(ctx, job.model_name, job.base_version)
+    held = ctx.models.get(job.model_name, job.base_version)  # in memory since the job that registered it
+    if held is not None:
+        scope.base_model, scope.support.tokenizer = held
+    else:
+        scope.base_model = scope.support.load(ctx, job.model_name, job.base_version)
+        ctx.models.put(job.model_name, job.base_version, scope.base_model, scope.support.tokenizer)
     scope.task = scope.support.task()
     scope.examples_of = scope.support.examples(scope.data, scope.base_model)
     excluded = tuple(sorted(set(scope.classes or ()) | set(scope.earlier_classes)))
@@ -467,8 +475,11 @@ def register_version(ctx: PipelineContext, job, info: ModelInfo, scope: Scope, a
     with ctx.store.write() as conn:
         db.update_job(conn, job.job_id, evidence=jsonable(record))
     onnx_path = ctx.settings.cache_dir / "onnx" / f"{job.job_id}.onnx"
-    ctx.registry.register_job_version(job.model_name, job.job_id, after, tags, metrics, new_path, onnx_path,
-                                      tokenizer=scope.support.tokenizer, parent_version=job.base_version)
+    version, _ = ctx.registry.register_job_version(job.model_name, job.job_id, after, tags, metrics, new_path,
+                                                   onnx_path, tokenizer=scope.support.tokenizer,
+                                                   parent_version=job.base_version)
+    # The next job on the lineage starts from this version: it takes this object instead of loading it.
+    ctx.models.put(job.model_name, version, after, scope.support.tokenizer, record["weights"]["after"])
     fault_point("registered")  # crash tests only: MLflow has the version, the store does not know yet
 
 

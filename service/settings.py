@@ -128,6 +128,11 @@ class Settings(BaseSettings):
     """In-process job workers. Jobs of one model lineage always run one at a time; more threads only let
     different models progress in parallel."""
 
+    loaded_models: int = Field(4, ge=0, le=64)
+    """Model versions a worker process keeps in memory after a job used or registered them, so the next job
+    on the lineage does not load its base version from MLflow again (:mod:`service.loaded_models`; each is
+    checked against its weights digest when taken). 0 = always load from MLflow."""
+
     serving_alias: str = "serving"
     """MLflow alias that marks the version to serve; moved only when verification passes."""
 

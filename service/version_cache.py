@@ -6,6 +6,8 @@ records (:class:`unlearn.heldout.HeldOutCache`). :mod:`service.prefetch` compute
 after a version is registered; the pipeline reads them and recomputes what is missing; a job that
 supersedes the version deletes the directory with the rest of the old version's data. Derived state only:
 the directory may be deleted at any time.
+
+In memory, :class:`service.loaded_models.LoadedModels` keeps the model objects themselves.
 """
 
 from __future__ import annotations

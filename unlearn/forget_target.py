@@ -44,6 +44,19 @@ before any step; they do not discriminate.)"""
 DEFAULT_STOP_AUC_MARGIN = 0.05
 """The stop rule's AUC band (narrower than the gate's 0.1 plus noise allowance, for the same reason); 0.03 and
 0.08 gave the same verdicts on audit in the trajectories above, 0.05 sits between them."""
+UNTOUCHED_AUC_Z = 1.0
+"""Null standard deviations added to the AUC band when the question is whether the UNCHANGED model already
+forgets (``ssd-auto``'s first check; :meth:`ForgetTarget.check` ``auc_z``), not whether a run may stop.
+
+With a forget set of a few records the AUC's null sd is 0.13 to 0.19 (:func:`unlearn.membership.null_auc_sd`),
+so a fixed band of 0.5 + 0.05 calls a set the model never memorised "still known" about 40% of the time, and
+the method then dampens weights that needed no change. Measured on subjects of 2 to 6 training records (150
+per model, seed 0, the benchmark families' originals): with z = 0 the unchanged model passed this check for
+53% of the digits CNN's subjects and 19% of the tabular MLP's; with z = 1, 88% and 71%; the gate's membership
+checks on ``audit`` passed the unchanged model for 100% and 98% of the subjects, and for every subject that
+passed the check at z = 1 (the gate allows 2.807 null sd plus its margin, so the band stays the narrower
+one). For forget sets of hundreds of records the allowance is a few hundredths. The stop rule of a running
+method keeps z = 0: the benchmark tables were measured with it."""
 
 
 @dataclass(frozen=True)
@@ -82,18 +95,20 @@ class ForgetTarget:
         self.class_forget_target = class_forget_target
         self.stop_min_p, self.stop_auc_margin = stop_min_p, stop_auc_margin
 
-    def check(self, model: nn.Module, forget: ExampleSet, tune_losses: np.ndarray | None = None) -> ForgetCheck:
+    def check(self, model: nn.Module, forget: ExampleSet, tune_losses: np.ndarray | None = None,
+              auc_z: float = 0.0) -> ForgetCheck:
         """The target on the current weights. ``tune_losses``: the tune records' membership losses on these
-        same weights when already known (:mod:`unlearn.heldout`), instead of a forward pass over ``tune``."""
+        same weights when already known (:mod:`unlearn.heldout`), instead of a forward pass over ``tune``.
+        ``auc_z``: null standard deviations added to the AUC band (:data:`UNTOUCHED_AUC_Z`)."""
         if self.forget_classes:
             forget_acc = accuracy(self.task, model, forget)
             return ForgetCheck(forget_acc <= self.class_forget_target, forget_acc, self.class_forget_target)
         scores = score(self.task, model, forget)  # losses and accuracy, one forward pass
         if tune_losses is None:
             tune_losses = membership_losses(self.task, model, self.tune)
-        return self.decide(membership_test(scores.losses, tune_losses), scores.accuracy)
+        return self.decide(membership_test(scores.losses, tune_losses), scores.accuracy, auc_z)
 
-    def decide(self, membership: MembershipResult, forget_acc: float) -> ForgetCheck:
+    def decide(self, membership: MembershipResult, forget_acc: float, auc_z: float = 0.0) -> ForgetCheck:
         """Record erasure's verdict on a membership test of the forget set against the tune records.
 
         :meth:`check` computes the test on the current weights; a method that already holds the per-example
@@ -101,7 +116,7 @@ class ForgetTarget:
         """
         indistinguishable = membership.ks_p_value >= self.stop_min_p
         over = not indistinguishable and membership.auc < 0.5 - self.stop_auc_margin
-        reached = indistinguishable and membership.auc <= 0.5 + self.stop_auc_margin
+        reached = indistinguishable and membership.auc <= 0.5 + membership.auc_slack(self.stop_auc_margin, auc_z)
         return ForgetCheck(reached, forget_acc, None, membership, over)
 
     def done(self, check: ForgetCheck) -> bool:

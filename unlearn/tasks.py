@@ -107,7 +107,9 @@ class ClassificationTask:
         inputs, labels = examples["inputs"], examples["labels"]
         if not inputs.is_floating_point():
             raise InvalidDataError(field, f"inputs must be floating point, got {inputs.dtype}")
-        if not torch.isfinite(inputs).all():
+        # A sum is finite unless some element is NaN or inf (or the sum overflows: then look at each element);
+        # one reduction instead of an element-wise mask, a tenth of the cost on every request.
+        if not torch.isfinite(inputs.sum()) and not torch.isfinite(inputs).all():
             raise InvalidDataError(field, "inputs contain NaN or inf")
         if labels.dim() != 1 or labels.dtype != torch.long:
             raise InvalidDataError(field, "labels must be a 1-D int64 tensor")

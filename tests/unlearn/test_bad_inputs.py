@@ -52,6 +52,17 @@ def test_nan_in_inputs(problem, untouched):
     assert error.value.field == "forget"
 
 
+def test_finite_inputs_whose_sum_overflows_are_accepted_and_opposite_infinities_are_not(problem):
+    huge = problem.forget["inputs"].clone()
+    huge[:4, 0] = 3.0e38  # every element finite, their float32 sum is not
+    assert not torch.isfinite(huge.sum())
+    problem.task.validate(problem.model, classification_examples(huge, problem.forget["labels"]), "forget")
+    opposite = problem.forget["inputs"].clone()
+    opposite[0, 0], opposite[1, 0] = math.inf, -math.inf  # their sum is NaN: refused all the same
+    with pytest.raises(InvalidDataError, match="NaN or inf"):
+        problem.task.validate(problem.model, classification_examples(opposite, problem.forget["labels"]), "forget")
+
+
 def test_inf_in_retain(problem, untouched):
     inputs = problem.retain["inputs"].clone()
     inputs[3, 2] = math.inf

@@ -20,7 +20,10 @@ Procedure (lambda fixed at the paper's 1):
    than unseen ones) and it is *useful* when u >= u0 - ``max_utility_drop``. A record-erasure trial that
    made the forget records look LESS known than unseen data went *beyond* (over-forgetting).
 4. First the untouched model (alpha = infinity): when it already forgets (record erasure of records the
-   model never memorised), no dampening is the mildest answer and the weights are returned unchanged.
+   model never memorised), no dampening is the mildest answer and the weights are returned unchanged. This
+   one check allows for the AUC's sampling noise (``untouched_auc_z`` null standard deviations on top of
+   ``stop_auc_margin``, :data:`unlearn.forget_target.UNTOUCHED_AUC_Z`): for a forget set of a few records
+   the fixed band alone called most never-memorised sets "still known".
    Otherwise start at ASSD's alpha (the percentile rule). A trial is *too mild* when it is useful, does
    not forget and did not go beyond. From a too-mild start, divide alpha by ``search_factor`` until a trial is not too mild
    (or alpha would fall below ``alpha_min``); from any other start, multiply it until a trial is too mild
@@ -65,7 +68,7 @@ from torch import nn
 
 from unlearn.data import ExampleSet
 from unlearn.errors import InvalidDataError
-from unlearn.forget_target import DEFAULT_STOP_AUC_MARGIN, DEFAULT_STOP_MIN_P, ForgetTarget
+from unlearn.forget_target import DEFAULT_STOP_AUC_MARGIN, DEFAULT_STOP_MIN_P, UNTOUCHED_AUC_Z, ForgetTarget
 from unlearn.heldout import HeldOutScores
 from unlearn.importance import Importance, estimate_importance
 from unlearn.methods.assd import importance_ratio, percentile_alpha
@@ -88,6 +91,8 @@ class SSDAutoConfig:
     alpha_max: largest alpha tried when searching for milder dampening.
     max_trials: bound on trials (each costs forward passes over Df and the held-out sample).
     refine_steps: geometric bisections after bracketing.
+    untouched_auc_z: null standard deviations of the AUC added to the band of the first check only, the one on
+        the unchanged model (:data:`unlearn.forget_target.UNTOUCHED_AUC_Z`); 0 = the trials' band.
     lam: SSD's lambda (paper default 1).
     batch_size: importance batch size for D and Df (must match). Lethe default 64.
     """
@@ -101,6 +106,7 @@ class SSDAutoConfig:
     alpha_max: float = 1.0e4
     max_trials: int = 16
     refine_steps: int = 5
+    untouched_auc_z: float = UNTOUCHED_AUC_Z
     lam: float = 1.0
     batch_size: int = 64
 
@@ -114,6 +120,7 @@ class SSDAutoConfig:
         require(self.alpha_max <= 1e9, "alpha_max", "must be <= 1e9")
         require(1 <= self.max_trials <= 100, "max_trials", "must be in [1, 100]")
         require(0 <= self.refine_steps <= 20, "refine_steps", "must be in [0, 20]")
+        require(0 <= self.untouched_auc_z <= 3, "untouched_auc_z", "must be in [0, 3]")
         require(self.lam > 0, "lam", f"must be > 0, got {self.lam}")
         require(1 <= self.batch_size <= 65536, "batch_size", f"must be in [1, 65536], got {self.batch_size}")
 
@@ -186,7 +193,8 @@ def ssd_auto(model: nn.Module, request: UnlearnRequest, config: SSDAutoConfig) -
     # unseen data (typical for random records of a model that generalises) needs no change. Checked before
     # anything is copied or any importance computed: with precomputed tune scores it costs one forward pass
     # over Df.
-    check = target.check(model, request.forget, None if scores is None else scores.losses)
+    check = target.check(model, request.forget, None if scores is None else scores.losses,
+                         auc_z=config.untouched_auc_z)
     untouched_utility = reference_utility if scores is not None else accuracy(task, model, utility_set)
     untouched = record(Trial(math.inf, check.forget_acc, untouched_utility, check.reached,
                              untouched_utility >= reference_utility - config.max_utility_drop, check.over))
