@@ -110,6 +110,12 @@ def membership_losses(task: TaskAdapter, model: nn.Module, examples: ExampleSet,
     return torch.cat(losses).numpy()
 
 
+# SciPy's ks_2samp without its NaN-policy wrapper, which costs five times the test itself on the small sets
+# of a steady-state erasure (0.25 ms against 0.04): the losses are checked finite above. Where SciPy does not
+# expose the wrapped function, the public one (tests/unlearn/test_membership.py compares both).
+_ks_2samp = getattr(stats.ks_2samp, "__wrapped__", stats.ks_2samp)
+
+
 def loss_auc(forget_losses: np.ndarray, reference_losses: np.ndarray) -> float:
     """``P(loss_forget < loss_reference)`` with ties counted one half (the Mann-Whitney U over n1 * n2)."""
     forget_losses, reference_losses = np.asarray(forget_losses, float), np.asarray(reference_losses, float)
@@ -134,7 +140,7 @@ def membership_test(forget_losses: np.ndarray, reference_losses: np.ndarray) -> 
             raise InvalidDataError(name, "the membership test needs at least one record on each side")
         if not np.isfinite(values).all():
             raise InvalidDataError(name, "losses contain NaN or inf")
-    ks = stats.ks_2samp(forget_losses, reference_losses, alternative="two-sided", method="auto")
+    ks = _ks_2samp(forget_losses, reference_losses, alternative="two-sided", method="auto")
     return MembershipResult(
         forget_size=int(forget_losses.size), reference_size=int(reference_losses.size),
         ks_statistic=float(ks.statistic), ks_p_value=float(ks.pvalue),

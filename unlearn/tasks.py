@@ -6,6 +6,7 @@ classifier today and on a causal language model (answer-token losses, prompt mas
 
 from __future__ import annotations
 
+import threading
 from typing import Protocol
 from weakref import WeakKeyDictionary
 
@@ -55,6 +56,13 @@ class TaskAdapter(Protocol):
         """Raise :class:`InvalidDataError` naming ``field`` when the examples cannot feed the model."""
 
 
+_FITS: WeakKeyDictionary[nn.Module, set[tuple[int, tuple[int, ...]]]] = WeakKeyDictionary()
+_FITS_LOCK = threading.Lock()
+"""(class count, input shape) pairs each model (weakly held) was probed with and answered ``[batch, class
+count]`` for: one probe per model, class count and shape in the process, shared by every ClassificationTask
+(a service job builds a new task for a model object an earlier job already probed)."""
+
+
 class ClassificationTask:
     """Any ``nn.Module`` mapping a float tensor batch ``inputs`` to logits; integer ``labels``."""
 
@@ -64,15 +72,6 @@ class ClassificationTask:
         if num_classes < 2:
             raise InvalidDataError("num_classes", f"a classifier needs at least 2 classes, got {num_classes}")
         self.num_classes = num_classes
-        # Input shapes each model (weakly held) was probed with and answered [batch, num_classes] for: one probe
-        # per model and shape, not one per example set of a request.
-        self._fits: WeakKeyDictionary[nn.Module, set[tuple[int, ...]]] = WeakKeyDictionary()
-
-    def __getstate__(self) -> dict:
-        return {k: v for k, v in self.__dict__.items() if k != "_fits"}  # weak references do not pickle
-
-    def __setstate__(self, state: dict) -> None:
-        self.__dict__.update(state, _fits=WeakKeyDictionary())
 
     def outputs(self, model: nn.Module, batch: Batch) -> Tensor:
         return model(batch["inputs"])
@@ -115,9 +114,10 @@ class ClassificationTask:
             raise InvalidDataError(field, "labels must be a 1-D int64 tensor")
         if labels.min() < 0 or labels.max() >= self.num_classes:
             raise InvalidDataError(field, f"labels must lie in [0, {self.num_classes})")
-        shape = tuple(inputs.shape[1:])
-        if shape in self._fits.get(model, ()):  # this model already took inputs of this shape
-            return
+        key = (self.num_classes, tuple(inputs.shape[1:]))
+        with _FITS_LOCK:
+            if key in _FITS.get(model, ()):  # this model already took inputs of this shape
+                return
         device = next(iter(model.parameters())).device
         was_training = model.training
         model.eval()
@@ -131,7 +131,8 @@ class ClassificationTask:
         if logits.dim() != 2 or logits.shape[1] != self.num_classes:
             raise InvalidDataError(field, f"model gives outputs of shape {tuple(logits.shape)}, "
                                    f"expected [batch, {self.num_classes}]")
-        self._fits.setdefault(model, set()).add(shape)
+        with _FITS_LOCK:
+            _FITS.setdefault(model, set()).add(key)
 
 
 @torch.no_grad()

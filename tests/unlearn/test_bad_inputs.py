@@ -141,3 +141,17 @@ def test_cache_file_of_another_model_is_refused(problem, tmp_path):
 def test_example_sets_reject_ragged_tensors():
     with pytest.raises(InvalidDataError):
         ExampleSet({"inputs": torch.zeros(3, 2), "labels": torch.zeros(4, dtype=torch.long)})
+
+
+def test_a_model_is_probed_once_per_class_count_and_shape_across_task_objects(problem):
+    from unlearn.tasks import ClassificationTask
+
+    model = copy.deepcopy(problem.model)  # a model object no other test probed
+    calls = []
+    model.register_forward_hook(lambda *_: calls.append(1))
+    ClassificationTask(10).validate(model, problem.forget, "forget")
+    ClassificationTask(10).validate(model, problem.retain, "retain")  # another task object: no second probe
+    assert len(calls) == 1
+    with pytest.raises(InvalidDataError, match=r"expected \[batch, 3\]"):  # another class count is probed anew
+        ClassificationTask(3).validate(model, problem.forget, "forget")
+    assert len(calls) == 2

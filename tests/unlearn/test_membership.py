@@ -68,3 +68,16 @@ def test_split_is_keyed_stable_and_about_half():
     assert (audit_mask(ids[::-1], BENCH_SPLIT_KEY) == mask[::-1]).all()  # per record, not per position
     assert (audit_mask(ids, b"another key") != mask).any()
     assert is_audit("record-7", BENCH_SPLIT_KEY) == bool(mask[7])
+
+
+def test_the_unwrapped_ks_test_is_scipys():
+    from scipy import stats
+
+    from unlearn.membership import _ks_2samp
+
+    rng = np.random.default_rng(3)
+    for forget_size in (1, 3, 40):
+        forget, reference = rng.normal(size=forget_size), rng.normal(0.3, 1.0, size=150)
+        ours = _ks_2samp(forget, reference, alternative="two-sided", method="auto")
+        theirs = stats.ks_2samp(forget, reference, alternative="two-sided", method="auto")
+        assert (ours.statistic, ours.pvalue) == (theirs.statistic, theirs.pvalue)
