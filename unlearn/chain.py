@@ -32,9 +32,9 @@ DEFAULT_CHAINS: dict[str, tuple[str, ...]] = {
     # an exact retrain (only when the original recipe is registered) always can.
     "classification": ("ssd-auto", "gu+graddiff", "retrain"),
     # docs/results/lm.md (fictitious-subjects GPT, metrics and gate on the audit people): simnpo+rt with its
-    # defaults passed the gate on 3 of 5 seeds at an estimated 7-10x speed-up over a retrain; gu+graddiff with
-    # its defaults failed the gate (utility) on the one seed it was run on, at about a retrain's cost. Neither
-    # meets issue 9's four targets on any seed; an exact retrain with the original recipe always passes.
+    # defaults passed the gate on 2 of 5 seeds at 6.1-11.9x the speed of an in-process retrain (timed), meeting
+    # issue 9's four targets on 1 of 5; gu+graddiff with its defaults failed the gate (utility) on the one seed
+    # it was run on, at about a retrain's cost. An exact retrain with the original recipe always passes.
     "causal_lm": ("simnpo+rt", "retrain"),
 }
 """Default escalation chain per task adapter name (methods that need what the request lacks are skipped
