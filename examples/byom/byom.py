@@ -255,7 +255,7 @@ def start_server(root: Path, tracking_uri: str) -> tuple[subprocess.Popen, str]:
 def aliases(tracking_uri: str) -> dict[str, str]:
     import mlflow
 
-    registered = mlflow.MlflowClient(tracking_uri).get_registered_model(MODEL_NAME)
+    registered = mlflow.MlflowClient(tracking_uri, registry_uri=tracking_uri).get_registered_model(MODEL_NAME)
     return {alias: str(version) for alias, version in registered.aliases.items()}
 
 

@@ -135,7 +135,8 @@ def test_sigkill_mid_job_then_restart_completes_every_acknowledged_request_exact
         _stop(server)
 
     # Exactly once: the registered version plus one version per job, each job id on exactly one version.
-    versions = mlflow.MlflowClient(f"sqlite:///{state / 'mlflow.db'}").search_model_versions(f"name='{model_name}'")
+    uri = f"sqlite:///{state / 'mlflow.db'}"  # registry URI explicit: never the process-global one
+    versions = mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri).search_model_versions(f"name='{model_name}'")
     job_tags = sorted(v.tags.get("lethe.job_id") for v in versions if v.tags.get("lethe.job_id"))
     job_ids = sorted({ack.job_ids[0] for ack in acks.values()})
     assert job_tags == job_ids, f"versions per job: {job_tags}"

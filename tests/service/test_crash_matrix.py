@@ -333,7 +333,10 @@ def _check_versions(dep: Deployment, jobs) -> None:
     from mlflow import MlflowClient
     from mlflow.entities import ViewType
 
-    client = MlflowClient(f"sqlite:///{dep.state / 'mlflow.db'}")
+    uri = f"sqlite:///{dep.state / 'mlflow.db'}"
+    # The registry URI too: without it MLflow takes the process-global one, which a shared engine of an earlier
+    # test on this pytest worker may have set to its own store (this test then read another deployment's versions).
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
     versions = client.search_model_versions(f"name='{dep.model}'")
     by_job: dict[str, list[str]] = {}
     for version in versions:
