@@ -28,7 +28,9 @@ Metrics (answers scored token by token with the prompt masked; :mod:`unlearn.lm.
   1, which comes before the erasure;
 - ``erased_mia_auc``: the loss-attack AUC of :func:`unlearn.membership.compare` (per-example answer NLL per
   token) of the erased people's answers against the report-audit people's; null for update 1 (its KS p-value
-  is in ``per_update``).
+  is in ``per_update``). The same test right after the erasure, before update 2 trains anything, is in the
+  erasure's evidence (``erasures[0].erased_right_after``): it tells what the erasure left from what the later
+  updates brought back.
 """
 
 from __future__ import annotations
@@ -124,9 +126,16 @@ def fictitious_updates(seed: int, cache_dir: Path, device: torch.device) -> Scen
                                                                                retain_after.examples)),
                                    model_factory=factory, recipe=recipe, seed=seed)
 
+    erased_split, audit = data.split(erased), data.examples(report_audit)
+
     def erase_people(current):
-        return erase(current, erase_request, CAUSAL_LM, utility=tune, audit=data.examples(chain_audit),
-                     params=CHAIN_PARAMS, methods=CHAIN_METHODS)
+        model, evidence = erase(current, erase_request, CAUSAL_LM, utility=tune, audit=data.examples(chain_audit),
+                                params=CHAIN_PARAMS, methods=CHAIN_METHODS)
+        # Right after the erasure, on the report-audit people (neither the method nor its gate saw them): tells
+        # what the erasure left apart from what the later updates do.
+        right_after = compare(task, model, erased_split.answers, audit)
+        evidence["erased_right_after"] = {"mia_auc": right_after.auc, "membership_ks_p": right_after.ks_p_value}
+        return model, evidence
 
     erasure = Erasure(f"{ERASED_PEOPLE} people", erase_people, record_ids=frozenset(erased_keyed.record_ids),
                       subject_hashes=frozenset(erased_keyed.subject_hashes))
@@ -142,8 +151,6 @@ def fictitious_updates(seed: int, cache_dir: Path, device: torch.device) -> Scen
         stage.retain = retain
         stages.append(stage)
         retain = retain.join(update)
-
-    erased_split, audit = data.split(erased), data.examples(report_audit)
 
     def per_update(strategy: str, u: int, current) -> dict:
         if u < 2:
