@@ -63,6 +63,12 @@ class LoadedModels:
             while len(self._entries) > self.capacity:
                 self._entries.popitem(last=False)
 
+    def digest(self, model_name: str, version: str) -> str | None:
+        """The weights digest the version was kept with (checked by the last :meth:`get`), or None."""
+        with self._lock:
+            entry = self._entries.get((model_name, version))
+        return None if entry is None else entry[2]
+
     def forget(self, model_name: str, version: str | None = None) -> None:
         """Drop one version, or every version of ``model_name``."""
         with self._lock:

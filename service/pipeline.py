@@ -184,6 +184,7 @@ class Scope:
     matched: dict[str, np.ndarray] = field(default_factory=dict)  # per request, the records it erases
     # Filled by measure():
     base_model: nn.Module | None = None
+    base_digest: str | None = None  # its weights digest when measure() already has it (service.loaded_models)
     task: TaskAdapter | None = None
     examples_of: Any = None
     utility_mask: np.ndarray | None = None
@@ -381,6 +382,7 @@ def measure(ctx: PipelineContext, job, info: ModelInfo, scope: Scope, progress: 
     else:
         scope.base_model = scope.support.load(ctx, job.model_name, job.base_version)
         ctx.models.put(job.model_name, job.base_version, scope.base_model, scope.support.tokenizer)
+    scope.base_digest = ctx.models.digest(job.model_name, job.base_version)  # None when nothing is kept
     scope.task = scope.support.task()
     scope.examples_of = scope.support.examples(scope.data, scope.base_model)
     excluded = tuple(sorted(set(scope.classes or ()) | set(scope.earlier_classes)))
@@ -470,7 +472,8 @@ def register_version(ctx: PipelineContext, job, info: ModelInfo, scope: Scope, a
     }
     metrics = {k: float(v) for k, v in tags["lethe.metrics"].items() if isinstance(v, (int, float))}
     record.update(resolution=scope.resolution,
-                  weights={"before": weights_digest(scope.base_model), "after": weights_digest(after)},
+                  weights={"before": scope.base_digest or weights_digest(scope.base_model),
+                           "after": weights_digest(after)},
                   dataset_after={"path": str(new_path), "digest": new_digest, "records": len(frame)})
     with ctx.store.write() as conn:
         db.update_job(conn, job.job_id, evidence=jsonable(record))

@@ -24,6 +24,7 @@ def test_held_objects_come_back_least_recently_used_go_first():
     assert models.get("m", "1") == (a, None)  # now the most recently used
     models.put("n", "1", c)
     assert models.get("m", "2") is None and models.get("m", "1")[0] is a and models.get("n", "1")[0] is c
+    assert models.digest("m", "2") is None and models.digest("m", "1") == weights_digest(a)
     models.forget("m")
     assert models.get("m", "1") is None and len(models) == 1
     off = LoadedModels(0)
@@ -63,4 +64,5 @@ def test_the_next_job_starts_from_the_version_the_last_one_registered(lethe_engi
     assert next_job.state is JobState.SUCCEEDED, next_job.message
     assert next_job.base_version == job.result_version
     assert (digits_model, job.result_version) not in loads  # taken from memory, not from MLflow
+    assert next_job.evidence["weights"]["before"] == job.evidence["weights"]["after"]  # its kept digest
     assert engine.context.models.get(digits_model, job.base_version) is None  # superseded: not kept either
