@@ -17,7 +17,10 @@ reported number is measured on ``test`` records, which nothing selects or stops 
   (:mod:`continual.bench.erasure`): every record of class 3, then every record of 10 subjects (drawn with
   seed 5000 + run seed among the subjects with training records in classes 0, 1, 2, 4, 5). Later updates
   leave out the erased subjects' records (an update carrying one is refused, which the run checks:
-  ``erased_update_refused``); buffers are purged. Class 3 is left out of task 0's evaluation in every row (it
+  ``erased_update_refused``); buffers are purged. After each later update both erasures are re-checked as the
+  service's update gate does (class accuracy on its erased records; the subjects' membership against the gate's
+  audit records) and a regressed one is erased again with the chain's approximate methods
+  (:func:`continual.bench.harness.keep_erased`). Class 3 is left out of task 0's evaluation in every row (it
   is meant to be forgotten). Here the holdout split is dealt into ``tune`` and ``audit`` halves by
   :mod:`unlearn.splits` (benchmark key): strategies and unlearning methods see ``tune``, the chain's gate
   judges on ``audit``, and the reported numbers use ``test``. After each later update:
@@ -36,9 +39,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from continual.bench.erasure import erase
+from continual.bench.erasure import erase, erase_again, recheck
 from continual.bench.harness import Erasure, Keyed, Scenario, Stage, subject_hash
 from continual.errors import ErasedDataError
+from continual.examples import join
 from continual.registry import CLASSIFICATION
 from unlearn.bench import DIGITS_RECIPE, ModelCache
 from unlearn.data import ExampleSet, classification_examples
@@ -56,7 +60,7 @@ ERASED_CLASS = 3
 ERASED_SUBJECTS = 10
 DOMAIN_UPDATES = 4
 # The update policy of the digits scenarios: 10 passes over each update, old-task accuracy every 2 steps, a
-# replay buffer of 200 records (about a third of the base training data, a sixth of all).
+# replay buffer of 500 records (the DER++ paper's reference size; about 43% of the training records).
 UPDATE_EPOCHS = 10
 PROBE_EVERY = 2
 BUFFER_CAPACITY = 500
@@ -210,10 +214,24 @@ def digits_erase_then_update(seed: int, cache_dir: Path, device: torch.device) -
     def erase_subjects(current):
         return erase(current, subject_request, CLASSIFICATION, utility=audit_after, audit=audit_after)
 
+    def audit_of(retain_now: Keyed) -> ExampleSet:  # the audit records of every class the lineage now has
+        return data.examples(data.index(AUDIT, sorted({int(c) for c in retain_now.examples["labels"]})))
+
+    def again(request: UnlearnRequest, current, retain_now: Keyed):
+        request = replace(request, retain=retain_now.examples,
+                          train_importance=TrainImportance(task, join(request.forget, retain_now.examples)))
+        audit_now = audit_of(retain_now)
+        return erase_again(current, request, CLASSIFICATION, utility=audit_now, audit=audit_now)
+
     erasures = (Erasure(f"class {ERASED_CLASS}", erase_class, record_ids=frozenset(class_records.record_ids),
-                        classes=frozenset({ERASED_CLASS})),
+                        classes=frozenset({ERASED_CLASS}),
+                        recheck=lambda current: recheck(task, current, class_records.examples, audit_after,
+                                                        classes=(ERASED_CLASS,)),
+                        reerase=lambda current, retain_now: again(class_request, current, retain_now)),
                 Erasure(f"{ERASED_SUBJECTS} subjects", erase_subjects, subject_hashes=erased_subjects,
-                        record_ids=frozenset(subject_records.record_ids)))
+                        record_ids=frozenset(subject_records.record_ids),
+                        recheck=lambda current: recheck(task, current, subject_records.examples, audit_after),
+                        reerase=lambda current, retain_now: again(subject_request, current, retain_now)))
     stages = [Stage(update=update_1, retain=base, tune=tune_before, new_classes=(first_new,))]
     later = _incremental_stages(data, retain_after, known_after, later_new, excluded_subjects=erased_subjects,
                                 dropped_class=ERASED_CLASS, tune_split=TUNE)

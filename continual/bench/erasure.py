@@ -2,9 +2,9 @@
 
 :func:`erase` runs :func:`unlearn.chain.run_chain` with the task's default chain
 (:data:`unlearn.chain.DEFAULT_CHAINS`: ``ssd-auto`` -> ``gu+graddiff`` -> ``retrain`` for classifiers,
-``simnpo+rt`` -> ``retrain`` for causal LMs) or the chain a scenario names (``fictitious-updates`` keeps
-``gu+graddiff`` -> ``retrain``, the chain its results were measured with), every attempt from the same starting model, and keeps the
-first result that :func:`unlearn.gate.judge` passes with the default :class:`unlearn.gate.GatePolicy`:
+``simnpo+rt`` -> ``retrain`` for causal LMs) or the chain a scenario names, every attempt from the same
+starting model, and keeps the first result that :func:`unlearn.gate.judge` passes with the default
+:class:`unlearn.gate.GatePolicy`:
 
 - utility on ``utility`` (classifiers: audit records of the classes that stay; causal LMs: retained people's
   questions) at most 2 points below the starting model's;
@@ -19,6 +19,10 @@ One departure from the service, so that the scenario's data state can go on: an 
 that the gate rejects is still accepted, with the gate's failures recorded (``accepted_despite_gate``). In
 the service the request would stay pending; here the lineage must not keep data the scenario declared
 erased.
+
+After every later update the scenarios re-check each erasure as the service's update gate does
+(:func:`recheck`) and erase a regressed one again with the chain's approximate methods (:func:`erase_again`;
+wired by :func:`continual.bench.harness.keep_erased`).
 """
 
 from __future__ import annotations
@@ -28,11 +32,13 @@ from typing import Any
 
 from torch import nn
 
+from unlearn import registry
 from unlearn.chain import default_chain, run_chain
 from unlearn.data import ExampleSet
 from unlearn.gate import GatePolicy, GateResult, judge
+from unlearn.membership import compare
 from unlearn.registry import UnlearnRequest, UnlearnResult
-from unlearn.tasks import accuracy
+from unlearn.tasks import TaskAdapter, accuracy
 
 
 def erase(model: nn.Module, request: UnlearnRequest, kind: str, utility: ExampleSet, audit: ExampleSet,
@@ -40,8 +46,44 @@ def erase(model: nn.Module, request: UnlearnRequest, kind: str, utility: Example
           methods: Sequence[str] | None = None) -> tuple[nn.Module, dict[str, Any]]:
     """The first result of the chain (``methods``, default: the default chain for ``kind``) that passes the
     gate, and every attempt's evidence."""
-    params = params or {}
     names = list(methods) if methods is not None else [name for name, _ in default_chain(kind)]
+    result, evidence = _first_passing(model, request, names, utility, audit, params, accept_exact=True)
+    if result is None:
+        raise RuntimeError(f"no method of the chain passed the gate and none is exact: {evidence['attempts']}")
+    return result, evidence
+
+
+def erase_again(model: nn.Module, request: UnlearnRequest, kind: str, utility: ExampleSet, audit: ExampleSet,
+                params: Mapping[str, dict] | None = None,
+                methods: Sequence[str] | None = None) -> tuple[nn.Module | None, dict[str, Any]]:
+    """A regressed erasure erased again on an updated model, as the service's update job does it
+    (``service.updates._reerase``): the chain's approximate methods only (an exact retrain would also drop
+    what the update just learned), judged by the gate against the updated model. Returns the first passing
+    model, or None with every attempt's evidence."""
+    names = list(methods) if methods is not None else [name for name, _ in default_chain(kind)]
+    approximate = [name for name in names if not registry.get(name).exact]
+    return _first_passing(model, request, approximate, utility, audit, params, accept_exact=False)
+
+
+def recheck(task: TaskAdapter, model: nn.Module, forget: ExampleSet, audit: ExampleSet,
+            classes: Sequence[int] = ()) -> dict[str, Any]:
+    """The service's erased-stays-erased check (``service.sealed.recheck_erasures``) with the default
+    :class:`unlearn.gate.GatePolicy`: a class erasure by the class's accuracy on its erased records, a record
+    or subject erasure by the two-sided membership test of the erased records against ``audit``."""
+    policy = GatePolicy()
+    if classes:
+        value = accuracy(task, model, forget)
+        return {"passed": value <= policy.class_forget_max_accuracy + 1e-12, "accuracy": value,
+                "limit": policy.class_forget_max_accuracy}
+    test = compare(task, model, forget, audit)
+    return {"passed": test.passes(policy.min_forget_p, policy.mia_auc_margin), **test.as_dict(),
+            "auc_slack": test.auc_slack(policy.mia_auc_margin)}
+
+
+def _first_passing(model: nn.Module, request: UnlearnRequest, names: Sequence[str], utility: ExampleSet,
+                   audit: ExampleSet, params: Mapping[str, dict] | None,
+                   accept_exact: bool) -> tuple[nn.Module | None, dict[str, Any]]:
+    params = params or {}
     chain = [(name, params.get(name, {})) for name in names]
     task, policy = request.task, GatePolicy()
     utility_before = accuracy(task, model, utility)
@@ -50,7 +92,7 @@ def erase(model: nn.Module, request: UnlearnRequest, kind: str, utility: Example
     def verdict(result: UnlearnResult) -> GateResult:
         gate = judge(task, model, result.model, request.forget, utility, audit, policy, request.forget_classes,
                      utility_before)
-        if result.exact and not gate.passed:  # see the module docstring
+        if accept_exact and result.exact and not gate.passed:  # see the module docstring
             forced.update(accepted_despite_gate=list(gate.failures))
             return GateResult((), {"gate": gate.as_dict(), "accepted_because": "exact"})
         return gate
@@ -58,7 +100,6 @@ def erase(model: nn.Module, request: UnlearnRequest, kind: str, utility: Example
     outcome = run_chain(model, request, chain, verdict)
     attempts = [attempt.summary() for attempt in outcome.attempts]
     if not outcome.passed:
-        raise RuntimeError(f"no method of the chain passed the gate and none is exact: {attempts}")
-    chosen = outcome.chosen
-    return outcome.result.model, {"method": chosen.method, "exact": outcome.result.exact, "attempts": attempts,
-                                  **forced}
+        return None, {"method": None, "attempts": attempts}
+    return outcome.result.model, {"method": outcome.chosen.method, "exact": outcome.result.exact,
+                                  "attempts": attempts, **forced}

@@ -10,6 +10,8 @@ data of every task and the tune data. :func:`run_lineage` takes one strategy thr
         measure old-task accuracy just before the update;
         run ONE registry call with an OldTaskProbe as the request's monitor (old-task accuracy every k steps);
         time it, minus the probe's own seconds;
+        erased stays erased (:func:`keep_erased`): every erasure made so far is re-checked on the result, and
+            one that regressed is erased again (timed with the update: the service's update job does this);
         R row u: accuracy on every task's evaluation data; the scenario's extra per-update metrics.
 
 Timing: :func:`warm_up` pays torch's one-off costs before anything is timed, every strategy is timed in
@@ -78,6 +80,13 @@ class Erasure:
     record_ids: frozenset[str] = frozenset()
     subject_hashes: frozenset[str] = frozenset()
     classes: frozenset[int] = frozenset()
+    # The service's update gate, check 3 (service.sealed.recheck_erasures): the erasure re-checked on the
+    # lineage's model after every later update, ``model -> {"passed": bool, ...measurements}``; None: not re-checked.
+    recheck: Callable[[nn.Module], dict] | None = None
+    # Its escalation of a regression (service.updates._reerase): the erasure's approximate methods again on the
+    # updated model, ``(model, retain data now) -> (the re-erased model, or None when no method passed the
+    # gate; evidence)``.
+    reerase: Callable[[nn.Module, Keyed], tuple[nn.Module | None, dict]] | None = None
 
 
 @dataclass
@@ -124,6 +133,7 @@ class LineageRun:
     details: list[dict]
     erasures: list[dict]
     before_rows: list[list[float]] = field(default_factory=list)  # every task's accuracy just before update u
+    rechecks: list[list[dict]] = field(default_factory=list)  # per update: each earlier erasure re-checked
     final_model: nn.Module | None = None
 
     def metrics(self) -> dict:
@@ -165,11 +175,13 @@ def run_lineage(scenario: Scenario, strategy: str, params: dict | None) -> Linea
     buffer = initial_buffer(scenario) if spec.stores == "buffer" else None
     state = None
     run = LineageRun(strategy, [evaluate_row(scenario, model)], [], [], [], [], [])
+    done: list[Erasure] = []  # the erasures this lineage made (approximately or not), re-checked after updates
     for u, stage in enumerate(scenario.stages, start=1):
         for erasure in stage.erasures_before:
             if strategy != "joint":  # joint retrains on the purged retain data anyway
                 model, evidence = erasure.erase(model)
                 run.erasures.append({"before_update": u, "request": erasure.name, **evidence})
+                done.append(erasure)
             if buffer is not None:
                 buffer.purge(erasure.record_ids, erasure.subject_hashes, erasure.classes)
         run.before_rows.append(evaluate_row(scenario, model))  # after any erasure: where the update starts
@@ -186,15 +198,47 @@ def run_lineage(scenario: Scenario, strategy: str, params: dict | None) -> Linea
             monitor=None if spec.exact else probe)
         started = time.perf_counter()
         result = registry.run(strategy, model, request, params)
-        run.update_seconds.append(time.perf_counter() - started - probe.seconds)
+        seconds = time.perf_counter() - started - probe.seconds
         model, buffer, state = result.model, result.buffer, result.state
         if not spec.exact:  # the end of the update counts as "during" too (it is where training stopped)
             run.traces.append(UpdateTrace(u, before, probe.records + [probe.measure(model, -1)]))
+        model, rechecks, reerase_seconds = keep_erased(done, model, stage.retain.join(stage.update))
+        run.update_seconds.append(seconds + reerase_seconds)  # the update job pays its re-erasures
+        run.rechecks.append(rechecks)
         run.r_matrix.append(evaluate_row(scenario, model))
         run.per_update.append(scenario.per_update(strategy, u, model) if scenario.per_update else {})
         run.details.append(_evidence(result.details))
     run.final_model = model
     return run
+
+
+def keep_erased(erasures: list[Erasure], model: nn.Module, retain: Keyed) -> tuple[nn.Module, list[dict], float]:
+    """Erased stays erased, as the service's update job does it: each erasure in ``erasures`` that has a
+    ``recheck`` is checked on ``model`` (the update's result); one that regressed is erased again with its
+    ``reerase`` (the model it returns replaces ``model``; when no method passes, ``model`` stays and the
+    record says so, where the service would refuse the update). Returns the model, one record per re-checked
+    erasure, and the seconds the re-erasures took (the update job pays them; the checks are the gate's).
+
+    Differences from the service: each regressed erasure is erased again on its own (the service runs one
+    chain over every regressed set together), and a failed re-erasure keeps the updated model so the lineage
+    can go on (the service registers nothing)."""
+    records, seconds = [], 0.0
+    for erasure in erasures:
+        if erasure.recheck is None:
+            continue
+        check = erasure.recheck(model)
+        record: dict[str, Any] = {"request": erasure.name, "recheck": check, "reerased": False}
+        if not check["passed"] and erasure.reerase is not None:
+            started = time.perf_counter()
+            erased, evidence = erasure.reerase(model, retain)
+            took = time.perf_counter() - started
+            seconds += took
+            record.update(reerase={**evidence, "passed": erased is not None, "seconds": took})
+            if erased is not None:
+                model = erased
+                record.update(reerased=True, recheck_after=erasure.recheck(model))
+        records.append(record)
+    return model, records, seconds
 
 
 def _evidence(details: dict) -> dict:
@@ -233,6 +277,7 @@ def compare(scenario: Scenario, strategy: str, params: dict | None,
         "finetune": finetune, "joint": joint,
         "per_update": runs[strategy].per_update, "details": runs[strategy].details,
         "erasures": runs[strategy].erasures, "before_update_rows": runs[strategy].before_rows,
+        "erasure_rechecks": runs[strategy].rechecks,
         "update_epochs": scenario.update_epochs, "probe_every_steps": scenario.probe_every,
         "buffer_capacity": scenario.buffer_capacity if registry.get(strategy).stores == "buffer" else None,
         "eval_sizes": [len(examples) for examples in scenario.eval_sets],

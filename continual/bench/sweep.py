@@ -21,9 +21,10 @@ from pathlib import Path
 
 # The parameters of each strategy on each scenario. The replay settings for the digits: the update's share
 # of each step is 1/6 (beta 5: the buffer's cross-entropy weighs five times the update's), the logits it
-# matches are the current version's, and the learning rate is 8x the original recipe's (updates are short:
-# 12 passes over ~117 records).
-DIGITS_REPLAY = {"alpha": 0.6, "beta": 5.0, "buffer_batch_size": 32, "stored_logits": "current", "lr_scale": 8.0,
+# matches are the current version's, the learning rate is 8x the original recipe's (updates are short:
+# 12 passes over ~117 records), and each buffer batch holds 64 records (with 32, class-incremental ACC ended
+# 3.1 points under joint on seed 0 and 3.0 on seed 2; 64 costs one more forward/backward of 64 rows a step).
+DIGITS_REPLAY = {"alpha": 0.6, "beta": 5.0, "buffer_batch_size": 64, "stored_logits": "current", "lr_scale": 8.0,
                  "epochs": 12}
 DIGITS_FAST = {"lr_scale": 8.0, "epochs": 12}  # the other strategies at the same learning rate and length
 LM_REPLAY = {"alpha": 0.3, "beta": 1.0}
