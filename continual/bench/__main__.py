@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 from continual import registry
+from continual.bench.harness import REERASE_POLICIES
 from continual.bench.scenarios import SCENARIOS, run_scenario
 from unlearn.device import resolve_device
 from unlearn.errors import UnlearnError
@@ -30,11 +31,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cache-dir", default=os.environ.get("LETHE_CACHE_DIR", ".cache/lethe"),
                         help="where base models are cached (their training time is never used)")
     parser.add_argument("--buffer-capacity", type=int, help="replay-buffer size (default: the scenario's)")
+    parser.add_argument("--reerase", default="on-regression", choices=REERASE_POLICIES,
+                        help="when an earlier erasure is erased again after an update: when its re-check fails "
+                             "(the service's update job; default) or after every update")
     parser.add_argument("--json", action="store_true", help="print the result as one JSON line")
     args = parser.parse_args(argv)
     try:
         result = run_scenario(args.scenario, args.strategy, args.seed, json.loads(args.params),
-                              resolve_device(args.device), Path(args.cache_dir), args.buffer_capacity)
+                              resolve_device(args.device), Path(args.cache_dir), args.buffer_capacity,
+                              args.reerase)
     except (UnlearnError, json.JSONDecodeError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

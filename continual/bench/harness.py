@@ -119,6 +119,10 @@ class Scenario:
     buffer_capacity: int
     splits: dict[str, str]  # which split each reported number comes from
     per_update: Callable[[str, int, nn.Module], dict] | None = None  # (strategy, u, model) -> extra metrics
+    # When an earlier erasure is erased again after an update (keep_erased): "on-regression" (the service's
+    # update job) or "after-every-update" (each update ends with the erasure's approximate method run again,
+    # which stops at once when its own stop rule already holds on the tune people).
+    reerase: str = "on-regression"
     device: torch.device = torch.device("cpu")
     notes: dict[str, Any] = field(default_factory=dict)
 
@@ -202,7 +206,8 @@ def run_lineage(scenario: Scenario, strategy: str, params: dict | None) -> Linea
         model, buffer, state = result.model, result.buffer, result.state
         if not spec.exact:  # the end of the update counts as "during" too (it is where training stopped)
             run.traces.append(UpdateTrace(u, before, probe.records + [probe.measure(model, -1)]))
-        model, rechecks, reerase_seconds = keep_erased(done, model, stage.retain.join(stage.update))
+        model, rechecks, reerase_seconds = keep_erased(done, model, stage.retain.join(stage.update),
+                                                       always=scenario.reerase == "after-every-update")
         run.update_seconds.append(seconds + reerase_seconds)  # the update job pays its re-erasures
         run.rechecks.append(rechecks)
         run.r_matrix.append(evaluate_row(scenario, model))
@@ -212,12 +217,17 @@ def run_lineage(scenario: Scenario, strategy: str, params: dict | None) -> Linea
     return run
 
 
-def keep_erased(erasures: list[Erasure], model: nn.Module, retain: Keyed) -> tuple[nn.Module, list[dict], float]:
+REERASE_POLICIES = ("on-regression", "after-every-update")
+
+
+def keep_erased(erasures: list[Erasure], model: nn.Module, retain: Keyed,
+                always: bool = False) -> tuple[nn.Module, list[dict], float]:
     """Erased stays erased, as the service's update job does it: each erasure in ``erasures`` that has a
-    ``recheck`` is checked on ``model`` (the update's result); one that regressed is erased again with its
-    ``reerase`` (the model it returns replaces ``model``; when no method passes, ``model`` stays and the
-    record says so, where the service would refuse the update). Returns the model, one record per re-checked
-    erasure, and the seconds the re-erasures took (the update job pays them; the checks are the gate's).
+    ``recheck`` is checked on ``model`` (the update's result); one that regressed (or every one, when
+    ``always``) is erased again with its ``reerase`` (the model it returns replaces ``model``; when no method
+    passes, ``model`` stays and the record says so, where the service would refuse the update). Returns the
+    model, one record per re-checked erasure, and the seconds the re-erasures took (the update job pays them;
+    the checks are the gate's).
 
     Differences from the service: each regressed erasure is erased again on its own (the service runs one
     chain over every regressed set together), and a failed re-erasure keeps the updated model so the lineage
@@ -228,7 +238,7 @@ def keep_erased(erasures: list[Erasure], model: nn.Module, retain: Keyed) -> tup
             continue
         check = erasure.recheck(model)
         record: dict[str, Any] = {"request": erasure.name, "recheck": check, "reerased": False}
-        if not check["passed"] and erasure.reerase is not None:
+        if (always or not check["passed"]) and erasure.reerase is not None:
             started = time.perf_counter()
             erased, evidence = erasure.reerase(model, retain)
             took = time.perf_counter() - started
@@ -277,7 +287,7 @@ def compare(scenario: Scenario, strategy: str, params: dict | None,
         "finetune": finetune, "joint": joint,
         "per_update": runs[strategy].per_update, "details": runs[strategy].details,
         "erasures": runs[strategy].erasures, "before_update_rows": runs[strategy].before_rows,
-        "erasure_rechecks": runs[strategy].rechecks,
+        "erasure_rechecks": runs[strategy].rechecks, "reerase_policy": scenario.reerase,
         "update_epochs": scenario.update_epochs, "probe_every_steps": scenario.probe_every,
         "buffer_capacity": scenario.buffer_capacity if registry.get(strategy).stores == "buffer" else None,
         "eval_sizes": [len(examples) for examples in scenario.eval_sets],

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from continual import registry
-from continual.bench.harness import LineageRun, compare
+from continual.bench.harness import REERASE_POLICIES, LineageRun, compare
 from continual.registry import CAUSAL_LM, CLASSIFICATION
 
 ACC_TOLERANCE = 0.03
@@ -87,13 +87,17 @@ SCENARIOS = {
 
 
 def run_scenario(name: str, strategy: str, seed: int, params: dict | None, device: torch.device,
-                 cache_dir: Path, buffer_capacity: int | None = None) -> dict:
+                 cache_dir: Path, buffer_capacity: int | None = None, reerase: str = "on-regression") -> dict:
     """One run; ``buffer_capacity`` overrides the scenario's replay-buffer size (a service policy, not a
-    strategy parameter)."""
+    strategy parameter); ``reerase`` says when earlier erasures are erased again after an update
+    (:data:`continual.bench.harness.REERASE_POLICIES`)."""
+    if reerase not in REERASE_POLICIES:
+        raise ValueError(f"reerase: {reerase!r} is not one of {', '.join(REERASE_POLICIES)}")
     kind, build, finish = SCENARIOS[name]
     registry.parse_config(strategy, params, kind)  # an unknown parameter or task kind fails before any work
     torch.manual_seed(seed)
     scenario = build(seed, cache_dir, device)
     if buffer_capacity is not None:
         scenario = replace(scenario, buffer_capacity=buffer_capacity)
+    scenario = replace(scenario, reerase=reerase)
     return compare(scenario, strategy, params, finish)

@@ -4,6 +4,8 @@ left alone, and a failed re-erasure is recorded, never hidden."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from torch import nn
 
@@ -99,3 +101,22 @@ def test_recheck_of_records_is_the_gates_two_sided_membership_test():
     assert member["auc"] > never_seen["auc"]
     assert {"passed", "auc", "ks_p_value", "auc_slack"} <= set(member)
     assert torch.isfinite(torch.tensor(member["auc_slack"]))
+
+
+def test_after_every_update_erases_again_even_when_the_check_passes():
+    calls: list[str] = []
+    model = nn.Linear(2, 2)
+    kept, records, seconds = keep_erased([_erasure("a", True, "model", calls)], model, _keyed(blobs(3, 0)),
+                                         always=True)
+    assert calls == ["check a", "reerase a on 3 retained", "check a"]
+    assert kept is not model and records[0]["reerased"] is True and seconds > 0.0
+
+
+def test_run_scenario_refuses_an_unknown_reerase_policy_before_any_work():
+    import pytest
+
+    from continual.bench.scenarios import run_scenario
+
+    with pytest.raises(ValueError, match="reerase: 'sometimes' is not one of on-regression, after-every-update"):
+        run_scenario("digits-incremental", "replay", 0, {}, torch.device("cpu"), Path("/nonexistent"),
+                     reerase="sometimes")
