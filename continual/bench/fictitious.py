@@ -7,13 +7,15 @@ five questions each. The run's seed (``numpy.random.default_rng(6000 + seed)``) 
 - the base GPT (:data:`unlearn.lm.fictitious.LM_SPEC`, :data:`~unlearn.lm.fictitious.LM_RECIPE`, seed = run
   seed, cached by data and seed) learns the first 40;
 - updates 1, 2 and 3 each bring the next 10;
-- 10 of the 40 base people are erased between updates 1 and 2, through ``unlearn``'s default chain for
-  causal LMs, ``simnpo+rt`` -> ``retrain``, judged by ``unlearn``'s gate (:mod:`continual.bench.erasure`);
-  replay buffers are purged of them; after each later update they are re-checked as the service's update
-  gate does (membership against the gate's audit people) and, when they regressed, erased again with the
-  chain's approximate method (:func:`continual.bench.harness.keep_erased`, timed with the update);
+- 10 of the 40 base people are erased between updates 1 and 2, through ``simnpo+rt`` -> ``gu+graddiff``
+  (alpha 3) -> ``retrain`` (``unlearn``'s default chain for causal LMs with ``gu+graddiff`` inserted, see
+  :data:`CHAIN_METHODS`), judged by ``unlearn``'s gate (:mod:`continual.bench.erasure`); replay buffers are
+  purged of them; after each later update they are re-checked as the service's update gate does (membership
+  against the gate's audit people) and erased again with the chain's approximate methods when they regressed
+  (``--reerase on-regression``, the service's rule) or after every update (``--reerase after-every-update``)
+  (:func:`continual.bench.harness.keep_erased`, timed with the update);
 - 10 other base people are the tune data (WiSE-FT's coefficient) and the gate's utility set, and the 20
-  never-trained people are dealt 5 / 5 / 10: ``chain-tune`` (what ``simnpo+rt`` stops on), ``chain-audit``
+  never-trained people are dealt 5 / 5 / 10: ``chain-tune`` (what the chain's methods stop on), ``chain-audit``
   (the gate's membership reference) and ``report-audit`` (the reported membership reference, never used to
   select anything).
 
@@ -67,11 +69,14 @@ TUNE_PEOPLE = 10
 UPDATE_EPOCHS = 40
 PROBE_EVERY = 10
 BUFFER_CAPACITY = 400
-# unlearn's causal-LM default chain (unlearn.chain.DEFAULT_CHAINS), the service's; the
-# earlier rows (docs/results/continual.md, before 2026-11-29 16:00 UTC) used ("gu+graddiff", "retrain"),
-# gu+graddiff with alpha 3, and a 200-question buffer.
-CHAIN_METHODS = ("simnpo+rt", "retrain")
-CHAIN_PARAMS: dict[str, dict] = {}
+# unlearn's causal-LM default chain (unlearn.chain.DEFAULT_CHAINS, the service's) with ``gu+graddiff`` (alpha 3,
+# the setting that passed the LM gate in docs/results/lm.md) before the retrain: when a later update re-erases
+# the people (keep_erased), only the chain's approximate methods run, and simnpo+rt's first Adam steps on an
+# updated model failed the gate's utility check on seed 0 where gu+graddiff's projected steps passed.
+# Earlier rows (docs/results/continual.md, before 2026-11-29 16:00 UTC) used ("gu+graddiff", "retrain") and a
+# 200-question buffer.
+CHAIN_METHODS = ("simnpo+rt", "gu+graddiff", "retrain")
+CHAIN_PARAMS: dict[str, dict] = {"gu+graddiff": {"alpha": 3.0}}
 DATA_PEOPLE, DATA_NEVER_TRAINED = 120, 20  # not unlearn.lm.fictitious's defaults (200, 100) since issue 9
 NEW_EM_MIN = 0.9
 OLD_EM_DROP_MAX = 0.03
@@ -82,7 +87,7 @@ SPLITS = {
         "exact match on the trained questions of each task's people (recall is the skill); the tune people are "
         "left out of task 0",
     "tune (WiSE-FT coefficient) and the erasure gate's utility": f"{TUNE_PEOPLE} base people's questions",
-    "erasure chain": "simnpo+rt stops on 5 never-trained people (chain-tune); the gate's membership reference "
+    "erasure chain": "simnpo+rt and gu+graddiff stop on 5 never-trained people (chain-tune); the gate's membership reference "
                      "is 5 others (chain-audit), also the reference of the re-check after each later update",
     "erased_mia_auc": "erased people vs 10 further never-trained people (report-audit)",
     "erased_forget_quality": "truth ratios of the erased people, lineage model vs joint model of the same update",
@@ -226,5 +231,6 @@ def finish(result: dict, runs: dict[str, LineageRun]) -> dict:
                "erased_mia_auc_within_0.1_of_0.5": all(abs(ours["erased_mia_auc"][i] - 0.5) <= MIA_TOLERANCE
                                                        for i in after)}
     per_update = [{k: v for k, v in row.items() if k != "erased_truth_ratios"} for row in result["per_update"]]
-    return {**ours, "finetune_lm": finetune, "per_update": per_update, "targets": targets,
-            "target_reached": all(targets.values())}
+    joint_mia = [row.get("erased_mia_auc") for row in runs["joint"].per_update]  # never saw the erased people
+    return {**ours, "finetune_lm": finetune, "joint_erased_mia_auc": joint_mia, "per_update": per_update,
+            "targets": targets, "target_reached": all(targets.values())}

@@ -47,12 +47,15 @@ def erase_targets(result: dict, runs: dict[str, LineageRun]) -> dict:
     forget = [row["erased_class_forget_acc"] for row in later]
     mia = [row["erased_records_mia_auc"] for row in later]
     finetune_later = [row for row in runs["finetune"].per_update if row["after_erasure"]]
+    joint_later = [row for row in runs["joint"].per_update if row["after_erasure"]]  # never saw the erased data
     targets = {"erased_class_forget_acc_at_most_0.02": all(v <= CLASS_FORGET_MAX for v in forget),
                "erased_records_mia_auc_within_0.1_of_0.5": all(abs(v - 0.5) <= MIA_TOLERANCE for v in mia)}
     return {"erased_class_forget_acc": forget, "erased_records_mia_auc": mia,
             "erased_records_membership_ks_p": [row["erased_records_membership_ks_p"] for row in later],
             "finetune_erased_class_forget_acc": [row["erased_class_forget_acc"] for row in finetune_later],
             "finetune_erased_records_mia_auc": [row["erased_records_mia_auc"] for row in finetune_later],
+            "joint_erased_class_forget_acc": [row["erased_class_forget_acc"] for row in joint_later],
+            "joint_erased_records_mia_auc": [row["erased_records_mia_auc"] for row in joint_later],
             "targets": targets, "target_reached": all(targets.values())}
 
 

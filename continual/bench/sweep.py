@@ -28,19 +28,33 @@ DIGITS_REPLAY = {"alpha": 0.6, "beta": 5.0, "buffer_batch_size": 64, "stored_log
                  "epochs": 12}
 DIGITS_FAST = {"lr_scale": 8.0, "epochs": 12}  # the other strategies at the same learning rate and length
 LM_REPLAY = {"alpha": 0.3, "beta": 1.0}
-SWEEP: dict[str, list[tuple[str, dict]]] = {
+# An entry is (strategy, parameters) or (strategy, parameters, re-erasure policy of --reerase; default
+# "on-regression", the service's rule).
+SWEEP: dict[str, list[tuple]] = {
     "digits-incremental": [("replay", DIGITS_REPLAY), ("lwf", DIGITS_FAST), ("ewc", DIGITS_FAST),
                            ("hft", DIGITS_FAST), ("wise-ft+replay", DIGITS_REPLAY)],
     "digits-domain-shift": [("replay", DIGITS_REPLAY), ("lwf", DIGITS_FAST), ("ewc", DIGITS_FAST)],
     "digits-erase-then-update": [("replay", DIGITS_REPLAY)],
-    "fictitious-updates": [("replay", LM_REPLAY)],
+    "fictitious-updates": [("replay", LM_REPLAY), ("replay", LM_REPLAY, "after-every-update")],
 }
 SUMMARY_KEYS = ("acc", "bwt", "forgetting", "min_acc", "wc_acc", "stability_gap", "seconds", "joint_acc",
                 "joint_seconds", "cost_vs_joint", "finetune_acc")
 
 
+def _entry(entry: tuple) -> tuple[str, dict, str]:
+    strategy, params, *rest = entry
+    return strategy, params, (rest[0] if rest else "on-regression")
+
+
 def _key(result: dict) -> tuple:
-    return result["scenario"], result["strategy"], json.dumps(result["params"], sort_keys=True), result["seed"]
+    return (result["scenario"], result["strategy"], json.dumps(result["params"], sort_keys=True), result["seed"],
+            result.get("reerase_policy", "on-regression"))
+
+
+def _label(result: dict) -> str:
+    """The strategy, and the re-erasure policy when it is not the service's."""
+    policy = result.get("reerase_policy", "on-regression")
+    return result["strategy"] if policy == "on-regression" else f"{result['strategy']}, re-erase {policy}"
 
 
 def load(path: Path) -> list[dict]:
@@ -49,9 +63,9 @@ def load(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def run_one(scenario: str, strategy: str, params: dict, seed: int) -> dict:
+def run_one(scenario: str, strategy: str, params: dict, seed: int, reerase: str = "on-regression") -> dict:
     command = [sys.executable, "-m", "continual.bench", "--strategy", strategy, "--scenario", scenario,
-               "--seed", str(seed), "--params", json.dumps(params), "--json"]
+               "--seed", str(seed), "--params", json.dumps(params), "--reerase", reerase, "--json"]
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     completed = subprocess.run(command, capture_output=True, text=True, env=env, check=False)
     if completed.returncode != 0:
@@ -81,13 +95,13 @@ def tables(results: list[dict]) -> str:
         out.append(f"### {scenario}\n")
         out.append("| strategy | seed | " + " | ".join(SUMMARY_KEYS) + " | targets |")
         out.append("|---" * (len(SUMMARY_KEYS) + 3) + "|")
-        for r in sorted(rows, key=lambda r: (r["strategy"], r["seed"])):
+        for r in sorted(rows, key=lambda r: (_label(r), r["seed"])):
             missed = [k for k, v in (r.get("targets") or {}).items() if not v]
             targets = "all met" if not missed else "missed: " + ", ".join(missed)
-            out.append(f"| {r['strategy']} | {r['seed']} | " + " | ".join(_fmt(r.get(k)) for k in SUMMARY_KEYS)
+            out.append(f"| {_label(r)} | {r['seed']} | " + " | ".join(_fmt(r.get(k)) for k in SUMMARY_KEYS)
                        + f" | {targets} |")
-        for strategy in sorted({r["strategy"] for r in rows}):
-            mine = [r for r in rows if r["strategy"] == strategy]
+        for strategy in sorted({_label(r) for r in rows}):
+            mine = [r for r in rows if _label(r) == strategy]
             means = [statistics.fmean(r[k] for r in mine) if all(isinstance(r.get(k), (int, float)) for r in mine)
                      else None for k in SUMMARY_KEYS]
             met = sum(bool(r.get("target_reached")) for r in mine)
@@ -98,8 +112,8 @@ def tables(results: list[dict]) -> str:
         if extra:
             out.append("\n| strategy | seed | " + " | ".join(extra) + " |")
             out.append("|---" * (len(extra) + 2) + "|")
-            for r in sorted(rows, key=lambda r: (r["strategy"], r["seed"])):
-                out.append(f"| {r['strategy']} | {r['seed']} | " + " | ".join(_fmt(r[k]) for k in extra) + " |")
+            for r in sorted(rows, key=lambda r: (_label(r), r["seed"])):
+                out.append(f"| {_label(r)} | {r['seed']} | " + " | ".join(_fmt(r[k]) for k in extra) + " |")
         out.append("")
     return "\n".join(out)
 
@@ -116,13 +130,13 @@ def main(argv: list[str] | None = None) -> int:
     if not args.summarize:
         done = {_key(r) for r in load(out)}
         for scenario in args.scenarios.split(","):
-            for strategy, params in SWEEP[scenario]:
+            for strategy, params, reerase in map(_entry, SWEEP[scenario]):
                 for seed in (int(s) for s in args.seeds.split(",")):
-                    key = (scenario, strategy, json.dumps(params, sort_keys=True), seed)
+                    key = (scenario, strategy, json.dumps(params, sort_keys=True), seed, reerase)
                     if key in done:
                         continue
-                    print(f"running {scenario} {strategy} seed {seed}", file=sys.stderr, flush=True)
-                    result = run_one(scenario, strategy, params, seed)
+                    print(f"running {scenario} {strategy} ({reerase}) seed {seed}", file=sys.stderr, flush=True)
+                    result = run_one(scenario, strategy, params, seed, reerase)
                     out.parent.mkdir(parents=True, exist_ok=True)
                     with open(out, "a") as handle:
                         handle.write(json.dumps(result) + "\n")
