@@ -86,7 +86,7 @@ def _register(args) -> int:
 
     policy = types_pb2.VerificationPolicy(default_method=args.default_method or "")
     for name in ("max_utility_drop", "class_forget_max_accuracy", "onnx_tolerance", "min_forget_p", "mia_auc_margin",
-                 "sealed_retention_days"):
+                 "sealed_retention_days", "reerase_after_update"):
         if getattr(args, name) is not None:
             setattr(policy, name, getattr(args, name))
     if args.method_params:
@@ -704,6 +704,9 @@ def _parser() -> argparse.ArgumentParser:
     register.add_argument("--sealed-retention-days", type=float,
                           help="days each erasure's sealed verification set is kept for later updates' re-checks, "
                                "then crypto-shredded (default 30; 0 keeps nothing)")
+    register.add_argument("--reerase-after-update", action="store_true", default=None,
+                          help="after every update, erase each earlier erasure again (its sealed set, the chain's "
+                               "approximate methods), not only one whose re-check fails")
     register.add_argument("--method-chain",
                           help='escalation chain as JSON, e.g. \'[{"name": "ssd-auto"}, {"name": "retrain"}]\'; '
                                "default: the task's chain (ssd-auto, gu+graddiff, retrain when a recipe is given)")

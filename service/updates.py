@@ -22,7 +22,11 @@ The update gate (:func:`update_gate`), on data no strategy selected on:
 
 A regression of an earlier erasure (check 3) escalates before the update is refused: the erasure's method
 chain runs again on the updated model, with the regressed records as the forget set, and the gate judges the
-result once more; the evidence keeps both rounds.
+result once more; the evidence keeps both rounds. With the policy's ``reerase_after_update`` every sealed set
+of the lineage is erased again after an update that passed the gate, even when its re-check passed (one
+chain run for class erasures, one for record and subject erasures; the methods' own stop rules end at once
+where the erasure holds); if the re-erased model then fails the update gate, the update keeps the model that
+passed, and the evidence says so (``reverted_because``).
 """
 
 from __future__ import annotations
@@ -179,14 +183,20 @@ def learn_and_register(ctx: PipelineContext, job, request_rows, info: ModelInfo,
     escalation = None
     # Counted when found, whether the escalation below repairs them or the update is refused.
     ctx.metrics.update_regressions.inc(sum(1 for name in gate.failures if name.startswith(f"{RECHECK}[")))
-    if not gate.passed and all(name.startswith(f"{RECHECK}[") for name in gate.failures):
+    trigger = reerase_trigger(gate.failures, policy.reerase_after_update)
+    if trigger is not None:
         erased_again, escalation_record = _reerase(ctx, job, info, scope, result.model, learn, gate, policy,
-                                                    progress)
-        escalation = {"first_gate": gate.as_dict(), "method": escalation_record,
-                      "repaired": erased_again is not None}
+                                                    progress, everything=policy.reerase_after_update)
+        if escalation_record is not None:  # None: the policy asked, but the lineage has no sealed set
+            escalation = {"trigger": trigger, "first_gate": gate.as_dict(), "method": escalation_record,
+                          "repaired": erased_again is not None}
         if erased_again is not None:
+            first = (result, gate)
             result = replace(result, model=erased_again)
             gate = update_gate(ctx, job, info, scope, result.model, learn, policy, stability)
+            if trigger == "policy" and not gate.passed:  # the update passed without it: keep that one
+                escalation.update(repaired=False, reverted_because=list(gate.failures))
+                result, gate = first
     update_record = {"strategy": strategy, "params": strategy_params, "records_learned": int(learn.sum()),
                      "details": _plain(result.details), "target_reached": result.target_reached,
                      "message": result.message, "stability": stability, "escalation": escalation}
@@ -343,11 +353,24 @@ def update_gate(ctx: PipelineContext, job, info: ModelInfo, scope: Scope, after:
     return GateResult(tuple(checks), {**evidence, "onnx": onnx})
 
 
+def reerase_trigger(failures: tuple[str, ...], reerase_after_update: bool) -> str | None:
+    """Why the update job erases earlier erasures again: ``"regression"`` (re-checks failed, and nothing else
+    did), ``"policy"`` (the policy's ``reerase_after_update``, nothing failed), or None: no re-erasure (another
+    check failed, which a re-erasure cannot repair, so the update is refused; or nothing to do)."""
+    if not all(name.startswith(f"{RECHECK}[") for name in failures):
+        return None
+    if failures:
+        return "regression"
+    return "policy" if reerase_after_update else None
+
+
 def _reerase(ctx: PipelineContext, job, info: ModelInfo, scope: Scope, model: nn.Module, learn: np.ndarray,
-             gate: GateResult, policy, progress: Progress):
+             gate: GateResult, policy, progress: Progress, everything: bool = False):
     """Escalation of a regressed earlier erasure: its chain again, on the updated model, the regressed sealed
-    records as the forget set. Returns (the re-erased model or None when no method of the chain passed, the
-    evidence: which sets, every attempt and why it failed)."""
+    records as the forget set (with ``everything``, the policy's ``reerase_after_update``: every sealed set of
+    the lineage that can be opened). Returns (the re-erased model or None when no method of the chain passed,
+    the evidence: which sets, every attempt and why it failed); the evidence is None when ``everything``
+    found no sealed set (nothing was erased on this lineage, or every key is destroyed)."""
     from unlearn.chain import run_chain
     from unlearn.gate import judge
     from unlearn.importance import TrainImportance
@@ -356,27 +379,44 @@ def _reerase(ctx: PipelineContext, job, info: ModelInfo, scope: Scope, model: nn
     regressed = {name.removeprefix(f"{RECHECK}[").removesuffix("]") for name in gate.failures
                  if name.startswith(f"{RECHECK}[")}
     opened, _ = open_sealed(ctx, job.model_name)
-    sets = [s for s in opened if s.request_id in regressed]
+    sets = [s for s in opened if everything or s.request_id in regressed]
     if not sets:
+        if everything and not regressed:
+            return None, None
         return None, {"sets": sorted(regressed), "attempts": [], "note": "no sealed set of them could be opened"}
-    progress.event(STAGES["verify"][0], f"an earlier erasure regressed ({', '.join(sorted(regressed))}); erasing again")
-    forget = sealed_examples(ctx.catalog, scope.support, model, sets)
-    classes = tuple(sorted({c for s in sets for c in (s.classes or ())})) or None
-    retain = scope.examples(scope.retain | learn)  # what the updated model should keep: old data and new
-    request = UnlearnRequest(task=scope.task, forget=forget, retain=retain, tune=scope.examples(scope.tune),
-                             # I_D of the UPDATED model over everything it trained on; in memory only
-                             train_importance=TrainImportance(scope.task, retain.concat(forget)),
-                             model_factory=_factory(info.training), recipe=_recipe(info.training),
-                             forget_classes=classes, seed=0)
+    regressed |= {s.request_id for s in sets}
+    why = "the policy re-erases after every update" if everything else "an earlier erasure regressed"
+    progress.event(STAGES["verify"][0], f"{why} ({', '.join(sorted(regressed))}); erasing again")
     chain = [(step.name, dict(step.params)) for step in info.policy.method_chain
              if not _exact(step.name)]  # an exact retrain would also drop what the update just learned
-    outcome = run_chain(model, request, chain, lambda result: judge(
-        scope.task, model, result.model, forget, scope.examples(scope.utility_mask), scope.examples(scope.audit),
-        _gate_policy(policy), classes))
+    retain = scope.examples(scope.retain | learn)  # what the updated model should keep: old data and new
+    groups, current = [], model
+    # Class erasures and record/subject erasures are judged differently (forget accuracy vs membership): one
+    # chain run per kind, the second from the first's result.
+    for kind in sorted({bool(s.classes) for s in sets}, reverse=True):
+        group = [s for s in sets if bool(s.classes) == kind]
+        forget = sealed_examples(ctx.catalog, scope.support, current, group)
+        classes = tuple(sorted({c for s in group for c in (s.classes or ())})) or None
+        request = UnlearnRequest(task=scope.task, forget=forget, retain=retain, tune=scope.examples(scope.tune),
+                                 # I_D of the UPDATED model over everything it trained on; in memory only
+                                 train_importance=TrainImportance(scope.task, retain.concat(forget)),
+                                 model_factory=_factory(info.training), recipe=_recipe(info.training),
+                                 forget_classes=classes, seed=0)
+        before = current
+        outcome = run_chain(before, request, chain, lambda result, before=before, forget=forget, classes=classes:
+                            judge(scope.task, before, result.model, forget, scope.examples(scope.utility_mask),
+                                  scope.examples(scope.audit), _gate_policy(policy), classes))
+        groups.append({"sets": sorted(s.request_id for s in group),
+                       "method": outcome.chosen.method if outcome.passed else None,
+                       "attempts": [a.summary() for a in outcome.attempts]})
+        if not outcome.passed:
+            current = None
+            break
+        current = outcome.result.model
     evidence = {"sets": sorted(regressed), "chain": [name for name, _ in chain],
-                "method": outcome.chosen.method if outcome.passed else None,
-                "attempts": [a.summary() for a in outcome.attempts]}
-    return (outcome.result.model if outcome.passed else None), evidence
+                "method": groups[-1]["method"], "attempts": [a for g in groups for a in g["attempts"]],
+                "groups": groups}
+    return current, evidence
 
 
 def _exact(method: str) -> bool:

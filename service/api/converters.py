@@ -126,6 +126,8 @@ def policy_from_proto(policy: types_pb2.VerificationPolicy) -> domain.Verificati
                                                       struct_to_dict(policy.update_strategy.params))
     if policy.HasField("sealed_retention_days"):  # bounded by the engine (policy.sealed_retention_days)
         values["sealed_retention_days"] = policy.sealed_retention_days
+    if policy.HasField("reerase_after_update"):
+        values["reerase_after_update"] = policy.reerase_after_update
     return domain.VerificationPolicy(**values)
 
 
@@ -253,6 +255,7 @@ def registered_model_to_proto(model: domain.RegisteredModel) -> types_pb2.Regist
         dataset_digest=model.dataset_digest, records=model.records,
         policy=types_pb2.VerificationPolicy(superseded_versions=policy.superseded_versions,
                                             sealed_retention_days=policy.sealed_retention_days,
+                                            reerase_after_update=policy.reerase_after_update,
                                             **{name: getattr(policy, name) for name in _POLICY_FIELDS}),
     )
     for step in policy.method_chain:
