@@ -108,7 +108,9 @@ def tables(results: list[dict]) -> str:
             out.append(f"| {strategy} | mean of {len(mine)} | " + " | ".join(_fmt(m) for m in means)
                        + f" | all targets met in {met}/{len(mine)} runs |")
         extra = [k for k in ("new_em", "old_em_drop", "erased_forget_quality", "erased_mia_auc",
-                             "erased_class_forget_acc", "erased_records_mia_auc") if k in rows[0]]
+                             "joint_erased_mia_auc", "erased_class_forget_acc", "joint_erased_class_forget_acc",
+                             "erased_records_mia_auc", "joint_erased_records_mia_auc")
+                 if all(k in r for r in rows)]
         if extra:
             out.append("\n| strategy | seed | " + " | ".join(extra) + " |")
             out.append("|---" * (len(extra) + 2) + "|")
