@@ -171,7 +171,11 @@ class VerificationPolicy:
         re-check's allowance for sampling noise lets a partial comeback through (loss-attack AUC 0.61-0.70
         against 5 audit people on the fictitious-people GPT, docs/results/continual.md); the methods' own stop
         rules are stricter and stop at once when the erasure still holds. Off by default: measured on one
-        family (the causal LM), where it kept erased people at the never-seen level.
+        family (the causal LM), where it kept erased people at the never-seen level. Only the chain's
+        approximate methods re-erase (a retrain would drop the update); on a causal LM give the chain a
+        retain-projected method after ``simnpo+rt`` (the benchmark's ``simnpo+rt`` -> ``gu+graddiff``
+        (alpha 3) -> ``retrain``): ``simnpo+rt``'s first steps on an updated model failed the utility check
+        on 2 of 6 re-erasures where ``gu+graddiff`` passed.
     """
 
     max_utility_drop: float = 0.02
