@@ -87,8 +87,9 @@ SPLITS = {
         "exact match on the trained questions of each task's people (recall is the skill); the tune people are "
         "left out of task 0",
     "tune (WiSE-FT coefficient) and the erasure gate's utility": f"{TUNE_PEOPLE} base people's questions",
-    "erasure chain": "simnpo+rt and gu+graddiff stop on 5 never-trained people (chain-tune); the gate's membership reference "
-                     "is 5 others (chain-audit), also the reference of the re-check after each later update",
+    "erasure chain": "simnpo+rt and gu+graddiff stop on 5 never-trained people (chain-tune); the gate's "
+                     "membership reference is 5 others (chain-audit), also the reference of the re-check after "
+                     "each later update",
     "erased_mia_auc": "erased people vs 10 further never-trained people (report-audit)",
     "erased_forget_quality": "truth ratios of the erased people, lineage model vs joint model of the same update",
 }
