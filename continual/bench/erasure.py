@@ -42,35 +42,37 @@ from unlearn.tasks import TaskAdapter, accuracy
 
 
 def erase(model: nn.Module, request: UnlearnRequest, kind: str, utility: ExampleSet, audit: ExampleSet,
-          params: Mapping[str, dict] | None = None,
-          methods: Sequence[str] | None = None) -> tuple[nn.Module, dict[str, Any]]:
+          params: Mapping[str, dict] | None = None, methods: Sequence[str] | None = None,
+          policy: GatePolicy | None = None) -> tuple[nn.Module, dict[str, Any]]:
     """The first result of the chain (``methods``, default: the default chain for ``kind``) that passes the
-    gate, and every attempt's evidence."""
+    gate (``policy``, default :class:`unlearn.gate.GatePolicy`), and every attempt's evidence."""
     names = list(methods) if methods is not None else [name for name, _ in default_chain(kind)]
-    result, evidence = _first_passing(model, request, names, utility, audit, params, accept_exact=True)
+    result, evidence = _first_passing(model, request, names, utility, audit, params, accept_exact=True,
+                                      policy=policy or GatePolicy())
     if result is None:
         raise RuntimeError(f"no method of the chain passed the gate and none is exact: {evidence['attempts']}")
     return result, evidence
 
 
 def erase_again(model: nn.Module, request: UnlearnRequest, kind: str, utility: ExampleSet, audit: ExampleSet,
-                params: Mapping[str, dict] | None = None,
-                methods: Sequence[str] | None = None) -> tuple[nn.Module | None, dict[str, Any]]:
+                params: Mapping[str, dict] | None = None, methods: Sequence[str] | None = None,
+                policy: GatePolicy | None = None) -> tuple[nn.Module | None, dict[str, Any]]:
     """A regressed erasure erased again on an updated model, as the service's update job does it
     (``service.updates._reerase``): the chain's approximate methods only (an exact retrain would also drop
     what the update just learned), judged by the gate against the updated model. Returns the first passing
     model, or None with every attempt's evidence."""
     names = list(methods) if methods is not None else [name for name, _ in default_chain(kind)]
     approximate = [name for name in names if not registry.get(name).exact]
-    return _first_passing(model, request, approximate, utility, audit, params, accept_exact=False)
+    return _first_passing(model, request, approximate, utility, audit, params, accept_exact=False,
+                          policy=policy or GatePolicy())
 
 
 def recheck(task: TaskAdapter, model: nn.Module, forget: ExampleSet, audit: ExampleSet,
-            classes: Sequence[int] = ()) -> dict[str, Any]:
-    """The service's erased-stays-erased check (``service.sealed.recheck_erasures``) with the default
-    :class:`unlearn.gate.GatePolicy`: a class erasure by the class's accuracy on its erased records, a record
+            classes: Sequence[int] = (), policy: GatePolicy | None = None) -> dict[str, Any]:
+    """The service's erased-stays-erased check (``service.sealed.recheck_erasures``) with ``policy`` (default
+    :class:`unlearn.gate.GatePolicy`): a class erasure by the class's accuracy on its erased records, a record
     or subject erasure by the two-sided membership test of the erased records against ``audit``."""
-    policy = GatePolicy()
+    policy = policy or GatePolicy()
     if classes:
         value = accuracy(task, model, forget)
         return {"passed": value <= policy.class_forget_max_accuracy + 1e-12, "accuracy": value,
@@ -81,11 +83,11 @@ def recheck(task: TaskAdapter, model: nn.Module, forget: ExampleSet, audit: Exam
 
 
 def _first_passing(model: nn.Module, request: UnlearnRequest, names: Sequence[str], utility: ExampleSet,
-                   audit: ExampleSet, params: Mapping[str, dict] | None,
-                   accept_exact: bool) -> tuple[nn.Module | None, dict[str, Any]]:
+                   audit: ExampleSet, params: Mapping[str, dict] | None, accept_exact: bool,
+                   policy: GatePolicy) -> tuple[nn.Module | None, dict[str, Any]]:
     params = params or {}
     chain = [(name, params.get(name, {})) for name in names]
-    task, policy = request.task, GatePolicy()
+    task = request.task
     utility_before = accuracy(task, model, utility)
     forced: dict[str, Any] = {}
 
