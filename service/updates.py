@@ -190,7 +190,8 @@ def learn_and_register(ctx: PipelineContext, job, request_rows, info: ModelInfo,
         if escalation_record is not None:  # None: the policy asked, but the lineage has no sealed set
             escalation = {"trigger": trigger, "first_gate": gate.as_dict(), "method": escalation_record,
                           "repaired": erased_again is not None}
-        if erased_again is not None:
+        # A re-erasure that found every erasure holding returns the same model: its gate would be the same.
+        if erased_again is not None and erased_again is not result.model:
             first = (result, gate)
             result = replace(result, model=erased_again)
             gate = update_gate(ctx, job, info, scope, result.model, learn, policy, stability)
