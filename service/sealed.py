@@ -73,9 +73,9 @@ from service.datasets import (
 )
 from service.domain import JobState
 from unlearn.data import ExampleSet
-from unlearn.gate import GateCheck, GateResult
-from unlearn.membership import CONFIDENCE_Z, compare
-from unlearn.tasks import TaskAdapter, accuracy
+from unlearn.gate import GateCheck, GateResult, still_erased
+from unlearn.membership import CONFIDENCE_Z
+from unlearn.tasks import TaskAdapter
 
 log = logging.getLogger(__name__)
 
@@ -320,20 +320,19 @@ def erasure_rechecks(catalog: DatasetCatalog, support, task: TaskAdapter, model,
         name = f"{RECHECK}[{sealed.request_id}]"
         data = catalog.from_frame(sealed.frame)
         examples = support.examples(data, model)(np.ones(len(data), dtype=bool))
-        if sealed.kind == "classes":
-            value = accuracy(task, model, examples)
-            limit = policy.class_forget_max_accuracy
-            checks.append(GateCheck(name, value, limit, value <= limit + 1e-12,
+        classes = tuple(sealed.classes) if sealed.kind == "classes" else None
+        check = still_erased(task, model, examples, audit, policy, classes)
+        if classes:
+            checks.append(GateCheck(name, check.value, check.limit, check.passed,
                                     f"class erasure {list(sealed.classes)} by job {sealed.job_id}: accuracy on its "
                                     f"{len(examples)} sealed training record(s) <= class_forget_max_accuracy"))
-            evidence[sealed.request_id] = {"kind": "classes", "classes": list(sealed.classes), "accuracy": value,
-                                           "records": len(examples), "job_id": sealed.job_id}
+            evidence[sealed.request_id] = {"kind": "classes", "classes": list(sealed.classes),
+                                           "accuracy": check.value, "records": len(examples),
+                                           "job_id": sealed.job_id}
         else:
-            test = compare(task, model, examples, audit)
-            passed = test.passes(policy.min_forget_p, policy.mia_auc_margin)
-            slack = test.auc_slack(policy.mia_auc_margin)
+            test, slack = check.membership, check.auc_slack
             checks.append(GateCheck(
-                name, test.ks_p_value, policy.min_forget_p, passed,
+                name, check.value, check.limit, check.passed,
                 f"record erasure by job {sealed.job_id}: its {len(examples)} sealed record(s) vs the audit split: "
                 f"KS p-value >= min_forget_p and loss-attack AUC ({test.auc:.3f}) within 0.5 +- "
                 f"(mia_auc_margin + {CONFIDENCE_Z} * null sd) = 0.5 +- {slack:.3f}"))

@@ -56,7 +56,7 @@ from scipy.stats import fisher_exact
 
 from unlearn.data import ExampleSet
 from unlearn.errors import InvalidDataError, InvalidParameterError
-from unlearn.membership import CONFIDENCE_Z, DEFAULT_AUC_MARGIN, DEFAULT_MIN_P, compare
+from unlearn.membership import CONFIDENCE_Z, DEFAULT_AUC_MARGIN, DEFAULT_MIN_P, MembershipResult, compare
 from unlearn.tasks import TaskAdapter, accuracy, accuracy_without_classes
 
 POLICY_LIMITS: dict[str, tuple[float, float]] = {
@@ -125,6 +125,33 @@ class GateResult:
     def as_dict(self) -> dict[str, Any]:
         return {"passed": self.passed, "failures": list(self.failures),
                 "checks": [c.as_dict() for c in self.checks], **self.evidence}
+
+
+@dataclass(frozen=True)
+class StillErased:
+    """An earlier erasure checked again on a later model (:func:`still_erased`)."""
+
+    passed: bool
+    value: float  # class erasure: accuracy on the erased records; records: the KS p-value
+    limit: float  # class_forget_max_accuracy; records: min_forget_p
+    membership: MembershipResult | None = None  # records only
+    auc_slack: float | None = None  # records only: the AUC's half-width around 0.5
+
+
+def still_erased(task: TaskAdapter, model: nn.Module, forget: ExampleSet, audit: ExampleSet, policy,
+                 classes: tuple[int, ...] | None = None) -> StillErased:
+    """Erased stays erased: a class erasure by its erased records' accuracy <= ``class_forget_max_accuracy``
+    (the ``forgetting`` check), a record or subject erasure by the two-sided membership test of the erased
+    records against ``audit`` (``membership_ks`` and ``membership_auc`` together). ``policy``: anything with
+    the gate's thresholds. One implementation for the service's update gate (:mod:`service.sealed`) and the
+    continual benchmark (:mod:`continual.bench.erasure`)."""
+    if classes:
+        value = accuracy(task, model, forget)
+        limit = policy.class_forget_max_accuracy
+        return StillErased(value <= limit + 1e-12, value, limit)
+    test = compare(task, model, forget, audit)
+    return StillErased(test.passes(policy.min_forget_p, policy.mia_auc_margin), test.ks_p_value,
+                       policy.min_forget_p, test, test.auc_slack(policy.mia_auc_margin))
 
 
 def without_classes(examples: ExampleSet, classes: tuple[int, ...] | None) -> ExampleSet:

@@ -42,7 +42,6 @@ import torch
 from continual.bench.erasure import erase, erase_again, recheck
 from continual.bench.harness import Erasure, Keyed, Scenario, Stage, subject_hash
 from continual.errors import ErasedDataError
-from continual.examples import join
 from continual.registry import CLASSIFICATION
 from unlearn.bench import DIGITS_RECIPE, ModelCache
 from unlearn.data import ExampleSet, classification_examples
@@ -224,10 +223,9 @@ def digits_erase_then_update(seed: int, cache_dir: Path, device: torch.device) -
         return data.examples(data.index(AUDIT, sorted({int(c) for c in retain_now.examples["labels"]})))
 
     def again(request: UnlearnRequest, current, retain_now: Keyed):
-        request = replace(request, retain=retain_now.examples,
-                          train_importance=TrainImportance(task, join(request.forget, retain_now.examples)))
         audit_now = audit_of(retain_now)
-        return erase_again(current, request, CLASSIFICATION, utility=audit_now, audit=audit_now, policy=POLICY)
+        return erase_again(current, request, retain_now.examples, CLASSIFICATION, utility=audit_now,
+                           audit=audit_now, policy=POLICY)
 
     erasures = (Erasure(f"class {ERASED_CLASS}", erase_class, record_ids=frozenset(class_records.record_ids),
                         classes=frozenset({ERASED_CLASS}),

@@ -28,15 +28,17 @@ wired by :func:`continual.bench.harness.keep_erased`).
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from typing import Any
 
 from torch import nn
 
+from continual.examples import join
 from unlearn import registry
 from unlearn.chain import default_chain, run_chain
 from unlearn.data import ExampleSet
-from unlearn.gate import GatePolicy, GateResult, judge
-from unlearn.membership import compare
+from unlearn.gate import GatePolicy, GateResult, judge, still_erased
+from unlearn.importance import TrainImportance
 from unlearn.registry import UnlearnRequest, UnlearnResult
 from unlearn.tasks import TaskAdapter, accuracy
 
@@ -54,13 +56,16 @@ def erase(model: nn.Module, request: UnlearnRequest, kind: str, utility: Example
     return result, evidence
 
 
-def erase_again(model: nn.Module, request: UnlearnRequest, kind: str, utility: ExampleSet, audit: ExampleSet,
-                params: Mapping[str, dict] | None = None, methods: Sequence[str] | None = None,
+def erase_again(model: nn.Module, request: UnlearnRequest, retain: ExampleSet, kind: str, utility: ExampleSet,
+                audit: ExampleSet, params: Mapping[str, dict] | None = None, methods: Sequence[str] | None = None,
                 policy: GatePolicy | None = None) -> tuple[nn.Module | None, dict[str, Any]]:
     """A regressed erasure erased again on an updated model, as the service's update job does it
-    (``service.updates._reerase``): the chain's approximate methods only (an exact retrain would also drop
-    what the update just learned), judged by the gate against the updated model. Returns the first passing
-    model, or None with every attempt's evidence."""
+    (``service.updates._reerase``): ``request``'s forget set against ``retain`` (what the updated model keeps:
+    old data and new; the importance I_D over both), the chain's approximate methods only (an exact retrain
+    would also drop what the update just learned), judged by the gate against the updated model. Returns the
+    first passing model, or None with every attempt's evidence."""
+    request = replace(request, retain=retain,
+                      train_importance=TrainImportance(request.task, join(request.forget, retain)))
     names = list(methods) if methods is not None else [name for name, _ in default_chain(kind)]
     approximate = [name for name in names if not registry.get(name).exact]
     return _first_passing(model, request, approximate, utility, audit, params, accept_exact=False,
@@ -69,17 +74,14 @@ def erase_again(model: nn.Module, request: UnlearnRequest, kind: str, utility: E
 
 def recheck(task: TaskAdapter, model: nn.Module, forget: ExampleSet, audit: ExampleSet,
             classes: Sequence[int] = (), policy: GatePolicy | None = None) -> dict[str, Any]:
-    """The service's erased-stays-erased check (``service.sealed.recheck_erasures``) with ``policy`` (default
-    :class:`unlearn.gate.GatePolicy`): a class erasure by the class's accuracy on its erased records, a record
-    or subject erasure by the two-sided membership test of the erased records against ``audit``."""
-    policy = policy or GatePolicy()
-    if classes:
-        value = accuracy(task, model, forget)
-        return {"passed": value <= policy.class_forget_max_accuracy + 1e-12, "accuracy": value,
-                "limit": policy.class_forget_max_accuracy}
-    test = compare(task, model, forget, audit)
-    return {"passed": test.passes(policy.min_forget_p, policy.mia_auc_margin), **test.as_dict(),
-            "auc_slack": test.auc_slack(policy.mia_auc_margin)}
+    """The service's erased-stays-erased check (:func:`unlearn.gate.still_erased`, as
+    ``service.sealed.erasure_rechecks`` runs it) with ``policy`` (default :class:`unlearn.gate.GatePolicy`): a
+    class erasure by the class's accuracy on its erased records, a record or subject erasure by the two-sided
+    membership test of the erased records against ``audit``."""
+    check = still_erased(task, model, forget, audit, policy or GatePolicy(), tuple(classes) or None)
+    if check.membership is None:
+        return {"passed": check.passed, "accuracy": check.value, "limit": check.limit}
+    return {"passed": check.passed, **check.membership.as_dict(), "auc_slack": check.auc_slack}
 
 
 def _first_passing(model: nn.Module, request: UnlearnRequest, names: Sequence[str], utility: ExampleSet,

@@ -156,10 +156,8 @@ def fictitious_updates(seed: int, cache_dir: Path, device: torch.device) -> Scen
         return recheck(task, current, erased_keyed.examples, chain_audit_examples)
 
     def erase_people_again(current, retain_now: Keyed):
-        request = replace(erase_request, retain=retain_now.examples,
-                          train_importance=TrainImportance(task, join(erased_keyed.examples, retain_now.examples)))
-        return erase_again(current, request, CAUSAL_LM, utility=tune, audit=chain_audit_examples,
-                           params=CHAIN_PARAMS, methods=CHAIN_METHODS)
+        return erase_again(current, erase_request, retain_now.examples, CAUSAL_LM, utility=tune,
+                           audit=chain_audit_examples, params=CHAIN_PARAMS, methods=CHAIN_METHODS)
 
     erasure = Erasure(f"{ERASED_PEOPLE} people", erase_people, record_ids=frozenset(erased_keyed.record_ids),
                       subject_hashes=frozenset(erased_keyed.subject_hashes), recheck=people_still_erased,
