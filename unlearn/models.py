@@ -1,4 +1,5 @@
-"""Small models the project trains itself (no downloads): the digits CNN, the tabular MLP and a tiny MLP for tests."""
+"""Small models the project trains itself (no downloads): the digits CNN, the tabular MLP, the held-out
+families' tanh MLP and a tiny MLP for tests."""
 
 from __future__ import annotations
 
@@ -81,3 +82,24 @@ def tabular_mlp(seed: int, in_features: int, num_classes: int, hidden: int = 128
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return TabularMLP(in_features, num_classes, hidden, dropout)
+
+
+class TanhMLP(nn.Module):
+    """``Linear -> Tanh`` twice, then a linear head: no normalisation layer, no dropout, a saturating
+    activation (the held-out benchmark families, :mod:`unlearn.bench.heldout`: an architecture no method was
+    tuned on)."""
+
+    def __init__(self, in_features: int, num_classes: int, hidden: int = 64):
+        super().__init__()
+        self.layers = nn.Sequential(nn.Linear(in_features, hidden), nn.Tanh(), nn.Linear(hidden, hidden), nn.Tanh(),
+                                    nn.Linear(hidden, num_classes))
+
+    def forward(self, inputs: Tensor) -> Tensor:
+        return self.layers(inputs)
+
+
+def tanh_mlp(seed: int, in_features: int, num_classes: int, hidden: int = 64) -> TanhMLP:
+    """Factory with seeded initialisation (the retrain baseline calls it with the recipe's seed)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return TanhMLP(in_features, num_classes, hidden)

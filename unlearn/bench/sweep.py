@@ -219,7 +219,9 @@ def _runs(methods: list[str]) -> list[tuple[str, str, dict]]:
     return runs
 
 
-def _run_all(prepared, methods, sink, sweep_label=None) -> list[dict]:
+def run_all(prepared, methods, sink, sweep_label=None) -> list[dict]:
+    """Every method (and ``retrain``'s noise-floor row) on one prepared scenario; each result also goes to
+    ``sink`` as a JSON line as it comes; refusals and typed errors are results too."""
     results = []
     for label, method, params in _runs(methods):
         base = {"scenario": prepared.scenario, "family": prepared.family.name, "method": label,
@@ -277,14 +279,14 @@ def main(argv: list[str] | None = None) -> int:
         with raw.open("w") as sink:
             for scenario in [s for s in args.scenarios.split(",") if s]:
                 for seed in seeds:
-                    results += _run_all(prepare(scenario, seed, device=device), methods, sink)
+                    results += run_all(prepare(scenario, seed, device=device), methods, sink)
             robust = [m for m in args.robustness_methods.split(",") if m]
             for family_name in [f for f in args.robustness_families.split(",") if f and robust]:
                 family = get_family(family_name)
                 for seed in seeds:
                     for forget_class in range(family.num_classes):
                         prepared = prepare(f"{family_name}-class", seed, forget_class, device=device)
-                        sweep += _run_all(prepared, robust, sink, "robustness")
+                        sweep += run_all(prepared, robust, sink, "robustness")
         print(f"Command: python -m unlearn.bench.sweep --methods {','.join(methods)} --scenarios {args.scenarios} "
               f"--seeds {args.seeds} --robustness-methods {args.robustness_methods} "
               f"--robustness-families {args.robustness_families}")
