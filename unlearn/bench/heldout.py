@@ -41,11 +41,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from unlearn import registry
 from unlearn.bench.families import Family, Records
-from unlearn.bench.harness import AUTO, prepare
+from unlearn.bench.harness import prepare
 from unlearn.bench.scenarios import SELECTORS
-from unlearn.bench.sweep import classifier_methods, references, run_all, table, targets
+from unlearn.bench.sweep import (
+    open_raw,
+    parse_methods,
+    references,
+    run_all,
+    table,
+    targets,
+)
 from unlearn.device import resolve_device
 from unlearn.errors import InvalidParameterError, UnlearnError
 from unlearn.models import tabular_mlp, tanh_mlp
@@ -147,13 +153,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         device = resolve_device(args.device)
         seeds = [int(s) for s in args.seeds.split(",")]
-        methods = [m for m in args.methods.split(",") if m] or classifier_methods()
-        for method in methods:
-            if method != AUTO:
-                registry.get(method)
-        raw = Path(args.raw)
-        raw.parent.mkdir(parents=True, exist_ok=True)
-        with raw.open("w") as sink:
+        methods = parse_methods(args.methods)
+        with open_raw(args.raw) as sink:
             for family_name in args.families.split(","):
                 for selector in args.selectors.split(","):
                     for seed in seeds:

@@ -247,6 +247,22 @@ def run_all(prepared, methods, sink, sweep_label=None) -> list[dict]:
     return results
 
 
+def parse_methods(spec: str) -> list[str]:
+    """Comma-separated method names (default: every classifier method and ``auto``), each checked to exist."""
+    methods = [m for m in spec.split(",") if m] or classifier_methods()
+    for method in methods:
+        if method != AUTO:
+            registry.get(method)  # an unknown name fails here, before any training
+    return methods
+
+
+def open_raw(path: str):
+    """The raw-results file, created with its folder (one JSON line per result, written as it comes)."""
+    raw = Path(path)
+    raw.parent.mkdir(parents=True, exist_ok=True)
+    return raw.open("w")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m unlearn.bench.sweep", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -269,14 +285,9 @@ def main(argv: list[str] | None = None) -> int:
     else:
         device = resolve_device(args.device)
         seeds = [int(s) for s in args.seeds.split(",")]
-        methods = [m for m in args.methods.split(",") if m] or classifier_methods()
-        for method in methods:
-            if method != AUTO:
-                registry.get(method)
-        raw = Path(args.raw)
-        raw.parent.mkdir(parents=True, exist_ok=True)
+        methods = parse_methods(args.methods)
         results, sweep = [], []
-        with raw.open("w") as sink:
+        with open_raw(args.raw) as sink:
             for scenario in [s for s in args.scenarios.split(",") if s]:
                 for seed in seeds:
                     results += run_all(prepare(scenario, seed, device=device), methods, sink)
