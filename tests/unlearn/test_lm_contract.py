@@ -14,6 +14,7 @@ import torch
 
 from tests.unlearn.lm_helpers import lm_problem
 from unlearn import registry
+from unlearn.errors import InvalidParameterError
 
 # Parameters only make the TINY problem meaningful (fixed short schedules instead of the target check).
 LM_CASES = {
@@ -116,3 +117,37 @@ def test_simnpo_rt_says_when_its_budget_ran_out():
     assert result.target_reached is False
     assert "budget of 2 exhausted" in result.message and result.details["steps"] == 2
     assert result.details["stop_membership_tune"]["auc"] > 0.55  # the check ran on the returned weights
+
+
+def test_the_accuracy_condition_holds_the_stop_while_forget_answers_are_still_predicted_whole(monkeypatch):
+    """``stop_accuracy_p``: the never-seen level also needs the gate's forget-accuracy condition, on tune."""
+    import numpy as np
+
+    from unlearn.forget_target import ForgetTarget
+    from unlearn.heldout import HeldOutScores
+    from unlearn.methods import simnpo_rt
+
+    tune_losses = np.linspace(1.0, 3.0, 40)
+    tune_correct = np.arange(40) < 4  # the tune answers are predicted whole 10% of the time
+    monkeypatch.setattr(simnpo_rt, "score", lambda task, model, examples: HeldOutScores(
+        np.arange(40).astype(str), tune_losses, tune_correct))
+    tune = list(range(40))  # only its length is read once the scores are stubbed
+    target = ForgetTarget(None, tune, None, 0.02, stop_min_p=0.1, stop_auc_margin=0.02)
+    forget_losses = tune_losses.copy()  # indistinguishable from tune: the loss condition holds
+
+    plain = simnpo_rt.NeverSeenCheck(target, None, tune, refresh_every=1)
+    assert plain(None, forget_losses, forget_accuracy=0.6).reached  # losses alone: done
+
+    strict = simnpo_rt.NeverSeenCheck(target, None, tune, refresh_every=1, accuracy_p=0.1)
+    held = strict(None, forget_losses, forget_accuracy=0.6)  # 24 of 40 still whole against 4 of 40
+    assert not held.reached and not held.over and not target.done(held)
+    assert strict.answers_still_known(0.6, 40) and strict.tune_accuracy == 0.1
+    assert strict(None, forget_losses, forget_accuracy=0.125).reached  # within the gate's 0.05 margin
+    assert strict(None, forget_losses, forget_accuracy=0.2).reached  # 8 of 40 against 4: Fisher p >= 0.1
+
+
+def test_stop_accuracy_p_is_bounded():
+    with pytest.raises(InvalidParameterError, match="stop_accuracy_p"):
+        registry.parse_config("simnpo+rt", {"stop_accuracy_p": 0.0})
+    assert registry.parse_config("simnpo+rt", {"stop_accuracy_p": 0.1}).stop_accuracy_p == 0.1
+    assert registry.parse_config("simnpo+rt", {}).stop_accuracy_p is None

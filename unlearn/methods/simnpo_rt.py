@@ -63,6 +63,8 @@ from unlearn.errors import InvalidDataError
 from unlearn.forget_target import ForgetCheck, ForgetTarget, run_outcome
 from unlearn.gradients import batch_stream, make_unlearning_optimizer, trainable_parameters
 from unlearn.lm.task import concat_batches
+from unlearn.gate import FORGET_ACCURACY_MARGIN, forget_accuracy_p
+from unlearn.heldout import score
 from unlearn.membership import membership_losses, membership_test
 from unlearn.methods.simnpo import simnpo_loss_from_nll
 from unlearn.registry import (
@@ -109,6 +111,12 @@ class SimNPORTConfig:
         default margin 0.02 (the shared default is 0.05; see the module docstring) and p 0.1: the value every
         run in docs/results/lm.md used (the shared default became 0.05, tuned on the tabular MLP's graddiff and
         iau trajectories; it was not measured on the LM).
+    stop_accuracy_p: None (Lethe default) or a p-value: the target then also needs the forget answers not to be
+        predicted whole (teacher-forced exact match) significantly more often than the tune answers, beyond
+        the gate's margin (:class:`NeverSeenCheck`; the gate's ``forget_accuracy`` check, on tune). Measured in
+        docs/results/lm.md ("Stopping on the gate's forget-accuracy condition too"): at 0.1 forget quality >=
+        0.05 on 4 of 5 seeds instead of 2, the gate passed on 2 of 5 either way, and 4 of 5 runs ended beyond
+        the never-seen level (``target_reached=False``); not the default.
     """
 
     beta: float = 4.5
@@ -127,6 +135,7 @@ class SimNPORTConfig:
     class_forget_target: float = 0.02
     stop_min_p: float = 0.1
     stop_auc_margin: float = 0.02
+    stop_accuracy_p: float | None = None
 
     def __post_init__(self) -> None:
         require(0 < self.beta <= 100, "beta", f"must be in (0, 100], got {self.beta}")
@@ -148,6 +157,8 @@ class SimNPORTConfig:
         require(0 <= self.class_forget_target <= 1, "class_forget_target", "must be in [0, 1]")
         require(0 < self.stop_min_p < 1, "stop_min_p", "must be in (0, 1)")
         require(0 <= self.stop_auc_margin <= 0.5, "stop_auc_margin", "must be in [0, 0.5]")
+        require(self.stop_accuracy_p is None or 0 < self.stop_accuracy_p < 1, "stop_accuracy_p",
+                "must be in (0, 1) or null (no accuracy condition)")
 
 
 def neighbour_weights(forget: ExampleSet, retain: ExampleSet, strength: float) -> Tensor:
@@ -176,31 +187,51 @@ def neighbour_weights(forget: ExampleSet, retain: ExampleSet, strength: float) -
 
 
 class NeverSeenCheck:
-    """The stop rule of :mod:`unlearn.forget_target` on given forget losses, with the tune losses cached.
+    """The stop rule of :mod:`unlearn.forget_target` on given forget losses, with the tune scores cached.
 
     Each call tests the forget losses against the tune records' losses, recomputed on the current weights
     every ``refresh_every`` calls and before any verdict that would stop the run (so a stop is always decided
     on fresh tune losses). The tune losses drift slowly while the forget set is unlearned: the benchmark's
     never-seen people moved from 2.12 to ~2.25 nats per token over a run.
+
+    With ``accuracy_p`` set, the target also asks what the gate's ``forget_accuracy`` check asks on ``audit``
+    (:func:`unlearn.gate.forget_accuracy_p`), here against ``tune``: the forget answers may not be predicted
+    whole (teacher-forced exact match) more often than the tune answers by more than
+    :data:`unlearn.gate.FORGET_ACCURACY_MARGIN` with a one-sided Fisher p-value below ``accuracy_p``.
     """
 
-    def __init__(self, target: ForgetTarget, task, tune: ExampleSet, refresh_every: int):
+    def __init__(self, target: ForgetTarget, task, tune: ExampleSet, refresh_every: int,
+                 accuracy_p: float | None = None):
         self.target, self.task, self.tune, self.refresh_every = target, task, tune, refresh_every
+        self.accuracy_p = accuracy_p
         self.tune_losses: np.ndarray | None = None
+        self.tune_accuracy = math.nan
         self.calls = self.refreshes = 0
 
-    def __call__(self, model: nn.Module, forget_losses: np.ndarray) -> ForgetCheck:
+    def __call__(self, model: nn.Module, forget_losses: np.ndarray, forget_accuracy: float = math.nan) -> ForgetCheck:
         fresh = self.tune_losses is None or self.calls % self.refresh_every == 0
         self.calls += 1
-        check = self._decide(model, forget_losses, refresh=fresh)
+        check = self._decide(model, forget_losses, forget_accuracy, refresh=fresh)
         if self.target.done(check) and not fresh:
-            check = self._decide(model, forget_losses, refresh=True)
+            check = self._decide(model, forget_losses, forget_accuracy, refresh=True)
         return check
 
-    def _decide(self, model: nn.Module, forget_losses: np.ndarray, refresh: bool) -> ForgetCheck:
+    def _decide(self, model: nn.Module, forget_losses: np.ndarray, forget_accuracy: float,
+                refresh: bool) -> ForgetCheck:
         if refresh:
-            self.tune_losses, self.refreshes = membership_losses(self.task, model, self.tune), self.refreshes + 1
-        return self.target.decide(membership_test(forget_losses, self.tune_losses), math.nan)
+            with torch.no_grad():
+                scores = score(self.task, model, self.tune)
+            self.tune_losses, self.tune_accuracy = scores.losses, scores.accuracy
+            self.refreshes += 1
+        check = self.target.decide(membership_test(forget_losses, self.tune_losses), forget_accuracy)
+        if check.reached and self.accuracy_p is not None and self.answers_still_known(forget_accuracy, len(forget_losses)):
+            check = replace(check, reached=False)
+        return check
+
+    def answers_still_known(self, forget_accuracy: float, forget_size: int) -> bool:
+        excess = forget_accuracy > self.tune_accuracy + FORGET_ACCURACY_MARGIN
+        return excess and forget_accuracy_p(forget_accuracy, forget_size, self.tune_accuracy,
+                                            len(self.tune)) < self.accuracy_p
 
 
 @register("simnpo+rt", SimNPORTConfig, needs_retain=True, tasks=("causal_lm",))
@@ -217,7 +248,8 @@ def simnpo_rt(model: nn.Module, request: UnlearnRequest, config: SimNPORTConfig)
     work.eval()  # gradients with frozen normalisation statistics, no dropout
     target = (ForgetTarget(task, request.tune, None, config.class_forget_target, config.stop_min_p,
                            config.stop_auc_margin, "simnpo+rt") if config.stop_at_target else None)
-    stop = NeverSeenCheck(target, task, request.tune, config.tune_refresh_every) if target is not None else None
+    stop = (NeverSeenCheck(target, task, request.tune, config.tune_refresh_every, config.stop_accuracy_p)
+            if target is not None else None)
     if config.delta is not None:
         delta = config.delta
     else:  # beta times a quantile of the never-seen (tune) answers' NLLs, on the weights before any step
@@ -238,13 +270,18 @@ def simnpo_rt(model: nn.Module, request: UnlearnRequest, config: SimNPORTConfig)
         index = torch.multinomial(retain_weights, retain_size, replacement=False, generator=retain_draws)
         retain_batch = {name: t[index].to(device) for name, t in retain.tensors.items()}
         joint = concat_batches([forget_batch, retain_batch], pad)
-        nll = task.losses_from_outputs(task.outputs(work, joint), joint)  # summed answer NLL per example
+        outputs = task.outputs(work, joint)
+        nll = task.losses_from_outputs(outputs, joint)  # summed answer NLL per example
         lengths = task.target_lengths(joint)
         forget_count = len(forget_batch["input_ids"])
         if stop is not None and (steps % config.check_every == 0 or steps >= config.max_steps):
-            forget_losses = ((nll[:forget_count] / lengths[:forget_count]).detach().double().cpu().numpy()
-                             if whole_forget else membership_losses(task, work, forget))
-            check, checks = stop(work, forget_losses), checks + 1
+            if whole_forget:
+                forget_losses = (nll[:forget_count] / lengths[:forget_count]).detach().double().cpu().numpy()
+                forget_accuracy = float(task.correct_from_outputs(outputs, joint)[:forget_count].float().mean())
+            else:
+                scores = score(task, work, forget)
+                forget_losses, forget_accuracy = scores.losses, scores.accuracy
+            check, checks = stop(work, forget_losses, forget_accuracy), checks + 1
             if target.done(check):
                 break  # the weights the check judged; this step's gradient is not applied
         if steps >= config.max_steps:
