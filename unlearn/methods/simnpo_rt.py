@@ -61,10 +61,14 @@ from torch import Tensor, nn
 from unlearn.data import ExampleSet
 from unlearn.errors import InvalidDataError
 from unlearn.forget_target import ForgetCheck, ForgetTarget, run_outcome
-from unlearn.gradients import batch_stream, make_unlearning_optimizer, trainable_parameters
-from unlearn.lm.task import concat_batches
 from unlearn.gate import FORGET_ACCURACY_MARGIN, forget_accuracy_p
+from unlearn.gradients import (
+    batch_stream,
+    make_unlearning_optimizer,
+    trainable_parameters,
+)
 from unlearn.heldout import score
+from unlearn.lm.task import concat_batches
 from unlearn.membership import membership_losses, membership_test
 from unlearn.methods.simnpo import simnpo_loss_from_nll
 from unlearn.registry import (
