@@ -19,6 +19,7 @@ from unlearn.lm.metrics import (
     answer_statistics,
     forget_quality,
     harmonic_mean,
+    knowledge_probe,
     mia_auc,
     min_k_scores,
     model_utility,
@@ -109,6 +110,20 @@ def test_forget_truth_ratio_statistic_is_the_mean_of_min_r_and_its_reciprocal():
     # min(0.5, 2) = 0.5, min(2, 0.5) = 0.5, min(1, 1) = 1 -> 2/3; the mean of R itself would be 7/6.
     assert truth_ratio_closeness(torch.tensor([0.5, 2.0, 1.0])) == pytest.approx(2 / 3)
     assert truth_ratio_closeness(torch.tensor([0.25])) == truth_ratio_closeness(torch.tensor([4.0])) == 0.25
+
+
+def test_knowledge_probe_compares_erased_and_never_seen_truth_ratios_on_one_model():
+    # Completely separated 4 and 4: the KS p-value is the exact 2/70; the shift is the medians' log difference.
+    known = [0.1, 0.2, 0.3, 0.4]  # the erased people's true values still preferred (R << 1)
+    never_seen = [0.9, 1.0, 1.1, 1.2]
+    p_value, shift = knowledge_probe(known, never_seen)
+    assert p_value == pytest.approx(2 / 70)
+    # the median of the log ratios: the mean of the two middle logs of each side
+    assert shift == pytest.approx((math.log(0.2) + math.log(0.3)) / 2 - (math.log(1.0) + math.log(1.1)) / 2)
+    assert knowledge_probe(never_seen, never_seen) == (pytest.approx(1.0), pytest.approx(0.0))
+    assert knowledge_probe(never_seen, known)[1] > 0  # the reverse: wrong values preferred
+    with pytest.raises(InvalidDataError):
+        knowledge_probe([], never_seen)
 
 
 def test_forget_quality_is_the_two_sided_ks_p_value():

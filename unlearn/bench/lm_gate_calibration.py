@@ -14,6 +14,11 @@ would be rejected. Two kinds of draws, on the fictitious-subjects data (:mod:`un
   (what ``judge`` computes) and each draw runs :func:`unlearn.membership.membership_test` with the policy's
   thresholds (what ``judge``'s ``membership_ks`` and ``membership_auc`` checks apply).
 
+Beside the membership checks, every case also runs the paraphrase probe of
+:func:`unlearn.lm.metrics.knowledge_probe` (the truth ratios of the "erased" people against the audit
+people's on the same model, KS p-value >= the policy's ``min_forget_p``): not a gate check (the service's
+datasets carry no paraphrases), measured to know how often a retrained model would pass one.
+
 Draws overlap (10 of 56 tune people each time), so they are not independent: the rate is an estimate of the
 pass probability, its spread across models says more than a binomial interval would.
 
@@ -35,6 +40,7 @@ from unlearn.bench import default_cache_dir
 from unlearn.bench.lm_subjects import people_splits
 from unlearn.gate import GatePolicy, judge
 from unlearn.lm.fictitious import LM_RECIPE, LM_SPEC, load_fictitious_subjects
+from unlearn.lm.metrics import knowledge_probe, split_truth_ratios
 from unlearn.lm.model import GPTFactory, LMCache
 from unlearn.membership import membership_losses, membership_test
 
@@ -58,16 +64,23 @@ def calibrate(seeds: list[int], draws: int, policy: GatePolicy, device: torch.de
         retrained, _ = models.get_or_train("retrained", task, factory, retain, recipe, device)
         verdict = judge(task, retrained, retrained, forget, retain, audit, policy)
         checks = {c.name: c for c in verdict.checks}
+        audit_split = data.split(data.audit_subjects)
+        knowledge_p, knowledge_shift = knowledge_probe(split_truth_ratios(task, retrained, data.split(people.forget)),
+                                                       split_truth_ratios(task, retrained, audit_split))
         retrained_rows.append({
             "seed": seed, "passed": all(checks[n].passed for n in ("membership_ks", "membership_auc")),
             "ks_p": checks["membership_ks"].value, "auc": checks["membership_auc"].value,
-            "auc_limit": checks["membership_auc"].limit})
+            "auc_limit": checks["membership_auc"].limit,
+            "knowledge_ks_p": knowledge_p, "knowledge_log_shift": knowledge_shift,
+            "knowledge_passed": knowledge_p >= policy.min_forget_p})
         audit_losses = None
         for kind, model in (("original", original), ("retrained", retrained)):
             audit_losses = membership_losses(task, model, audit)
             tune_losses = {s: membership_losses(task, model, data.examples([s])) for s in tune_people.tolist()}
+            audit_ratios = split_truth_ratios(task, model, audit_split).numpy()
+            tune_ratios = {s: split_truth_ratios(task, model, data.split([s])).numpy() for s in tune_people.tolist()}
             rng = np.random.default_rng(7000 + seed)
-            passes, ks_fail, auc_fail = 0, 0, 0
+            passes, ks_fail, auc_fail, knowledge_passes = 0, 0, 0, 0
             for _ in range(draws):
                 chosen = rng.choice(tune_people, PSEUDO_FORGET_PEOPLE, replace=False)
                 losses = np.concatenate([tune_losses[int(s)] for s in chosen])
@@ -76,8 +89,11 @@ def calibrate(seeds: list[int], draws: int, policy: GatePolicy, device: torch.de
                 passes += ks_ok and auc_ok
                 ks_fail += not ks_ok
                 auc_fail += not auc_ok
+                ratios = np.concatenate([tune_ratios[int(s)] for s in chosen])
+                knowledge_passes += knowledge_probe(ratios, audit_ratios)[0] >= policy.min_forget_p
             pseudo_rows.append({"seed": seed, "model": kind, "draws": draws, "pass_rate": passes / draws,
-                                "ks_failures": ks_fail, "auc_failures": auc_fail})
+                                "ks_failures": ks_fail, "auc_failures": auc_fail,
+                                "knowledge_pass_rate": knowledge_passes / draws})
     total = sum(r["draws"] for r in pseudo_rows)
     return {
         "policy": asdict(policy), "seeds": seeds,
@@ -86,6 +102,9 @@ def calibrate(seeds: list[int], draws: int, policy: GatePolicy, device: torch.de
         "pseudo": pseudo_rows,
         "pseudo_pass_rate": sum(r["pass_rate"] * r["draws"] for r in pseudo_rows) / total,
         "pseudo_min_model_pass_rate": min(r["pass_rate"] for r in pseudo_rows),
+        "retrained_knowledge_pass_rate": statistics.fmean(r["knowledge_passed"] for r in retrained_rows),
+        "pseudo_knowledge_pass_rate": sum(r["knowledge_pass_rate"] * r["draws"] for r in pseudo_rows) / total,
+        "pseudo_knowledge_min_model_pass_rate": min(r["knowledge_pass_rate"] for r in pseudo_rows),
         "audit_questions": len(audit), "pseudo_forget_questions": PSEUDO_FORGET_PEOPLE * 5,
     }
 

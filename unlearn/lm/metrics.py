@@ -244,13 +244,34 @@ class SplitScores:
     generations: tuple[str, ...]
 
 
-def score_split(task: CausalLMTask, model: nn.Module, split: QASplit, max_new_tokens: int = 12) -> SplitScores:
-    stats = answer_statistics(task, model, split.answers)
+def split_truth_ratios(task: CausalLMTask, model: nn.Module, split: QASplit) -> Tensor:
+    """The truth ratio of every question of ``split`` on ``model`` (no generation)."""
     paraphrase = answer_statistics(task, model, split.paraphrases).normalised_probability
     perturbed = torch.stack([answer_statistics(task, model, p).normalised_probability for p in split.perturbed], dim=1)
+    return truth_ratios(paraphrase, perturbed)
+
+
+def knowledge_probe(forget_ratios: Tensor | np.ndarray, reference_ratios: Tensor | np.ndarray) -> tuple[float, float]:
+    """Does ONE model still hold the erased people's facts? ``(ks_p, log_shift)``.
+
+    The truth ratios of the erased people's questions against those of never-seen people (the ``audit``
+    people), both on the same model: a two-sided two-sample KS p-value, and the median log truth ratio of the
+    erased questions minus that of the reference questions (negative: the erased people's true values are
+    still preferred over wrong ones in the paraphrase's frame). Unlike :func:`forget_quality` it needs no model
+    retrained without them, so a gate could run it; it needs paraphrased and perturbed answers, which the
+    service's datasets do not carry. Measured in docs/results/lm.md ("A paraphrase probe"), not a gate check.
+    """
+    a, b = np.asarray(forget_ratios, dtype=float), np.asarray(reference_ratios, dtype=float)
+    if a.size == 0 or b.size == 0:
+        raise InvalidDataError("forget", "the knowledge probe needs truth ratios on both sides")
+    return float(ks_2samp(a, b).pvalue), float(np.median(np.log(a)) - np.median(np.log(b)))
+
+
+def score_split(task: CausalLMTask, model: nn.Module, split: QASplit, max_new_tokens: int = 12) -> SplitScores:
+    stats = answer_statistics(task, model, split.answers)
     generations = task.generate(model, split.answers, max_new_tokens)
     rouge = torch.tensor([rouge_l_recall(ref, gen) for ref, gen in zip(split.references, generations)])
-    return SplitScores(rouge, stats.normalised_probability, truth_ratios(paraphrase, perturbed), stats.mean_nll,
+    return SplitScores(rouge, stats.normalised_probability, split_truth_ratios(task, model, split), stats.mean_nll,
                        stats.min_k, tuple(generations))
 
 
@@ -274,6 +295,8 @@ class LMMetrics:
     mia_auc_loss: float
     mia_auc_min_k: float
     mia_ks_p: float
+    knowledge_ks_p: float  # :func:`knowledge_probe`, forget vs audit people's truth ratios on this model
+    knowledge_log_shift: float
 
     def as_dict(self) -> dict[str, float]:
         return asdict(self)
@@ -293,5 +316,6 @@ def evaluate_lm(task: CausalLMTask, model: nn.Module, forget: QASplit, retain: Q
         model_utility=model_utility(float(r.answer_probability.mean()), float(r.rouge.mean()),
                                     truth_ratio_score(r.truth_ratio)),
         mia_auc=membership.auc, mia_auc_loss=membership.auc, mia_auc_min_k=mia_auc(f.min_k_score, a.min_k_score),
-        mia_ks_p=membership.ks_p_value)
+        mia_ks_p=membership.ks_p_value,
+        **dict(zip(("knowledge_ks_p", "knowledge_log_shift"), knowledge_probe(f.truth_ratio, a.truth_ratio))))
     return metrics, f, membership
