@@ -40,6 +40,17 @@ Checks (each a :class:`GateCheck` with its value, limit and rule):
    as over-forgetting (their losses on the wrong labels are higher than audit's), so an erasure of
    mislabelled records is REJECTED rather than accepted while memorised.
 
+5. causal-LM record and subject erasure: ``knowledge``, a paraphrase probe
+   (:func:`unlearn.lm.metrics.knowledge_probe`): the erased people's truth ratios (a paraphrase of the true
+   answer against perturbed ones, on the model after) must be indistinguishable from the ``audit`` people's
+   (two-sided KS p-value >= ``min_forget_p``). Why: answer-level evidence can miss a fact the model still
+   holds. On the fictitious-subjects GPT, ``simnpo+rt`` left the erased answers at the never-seen level (loss
+   and Min-K% attacks at AUC 0.46-0.52) while the true values stayed preferred in the paraphrases' frames on
+   three seeds of five, and one of them passed every other check (docs/results/lm.md, "A paraphrase probe").
+   It needs paraphrased and perturbed answers (``knowledge``, a :class:`KnowledgeProbe`); without them the
+   check is reported with ``passed=None`` and says so, never as a pass. The service's datasets carry no such
+   answers today, so every LM certificate says its evidence is answer-level only.
+
 Policy values are bounded (:data:`POLICY_LIMITS`): a registration or a request may make the gate stricter or
 slightly looser, never switch it off.
 """
@@ -47,16 +58,23 @@ slightly looser, never switch it off.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any
+from typing import Any, Protocol
 
+import numpy as np
 import torch
-from torch import nn
-
 from scipy.stats import fisher_exact
+from torch import nn
 
 from unlearn.data import ExampleSet
 from unlearn.errors import InvalidDataError, InvalidParameterError
-from unlearn.membership import CONFIDENCE_Z, DEFAULT_AUC_MARGIN, DEFAULT_MIN_P, MembershipResult, compare
+from unlearn.membership import (
+    CONFIDENCE_Z,
+    DEFAULT_AUC_MARGIN,
+    DEFAULT_MIN_P,
+    MembershipResult,
+    compare,
+    knowledge_probe,
+)
 from unlearn.tasks import TaskAdapter, accuracy, accuracy_without_classes
 
 POLICY_LIMITS: dict[str, tuple[float, float]] = {
@@ -127,6 +145,18 @@ class GateResult:
                 "checks": [c.as_dict() for c in self.checks], **self.evidence}
 
 
+class KnowledgeProbe(Protocol):
+    """Truth ratios of the erased records and of the ``audit`` records on one model (causal LMs:
+    :class:`unlearn.lm.metrics.ParaphraseProbe`)."""
+
+    def ratios(self, model: nn.Module) -> tuple[np.ndarray, np.ndarray]: ...
+
+
+KNOWLEDGE_RULE = ("causal LM: truth ratios (paraphrase vs perturbed answers) of the erased records vs the audit "
+                  "records on the model after, two-sided KS p-value >= min_forget_p")
+CAUSAL_LM = "causal-lm"
+
+
 @dataclass(frozen=True)
 class StillErased:
     """An earlier erasure checked again on a later model (:func:`still_erased`)."""
@@ -165,14 +195,15 @@ def without_classes(examples: ExampleSet, classes: tuple[int, ...] | None) -> Ex
 def judge(task: TaskAdapter, before: nn.Module, after: nn.Module, forget: ExampleSet, utility: ExampleSet,
           audit: ExampleSet, policy: GatePolicy, forget_classes: tuple[int, ...] | None = None,
           utility_before: float | None = None, earlier_classes: tuple[int, ...] = (),
-          earlier: ExampleSet | None = None) -> GateResult:
+          earlier: ExampleSet | None = None, knowledge: KnowledgeProbe | None = None) -> GateResult:
     """Judge ``after`` (the unlearned model) against ``before``; see the module docstring for the checks.
 
     ``forget`` holds this job's erased training records; ``utility`` the set utility is measured on (already
     without the erased classes); ``audit`` never-trained records no method saw (the membership reference);
     ``utility_before`` a cached measurement of ``before`` on ``utility`` (for class erasure, with the erased
     classes masked, as computed here when it is None); ``earlier`` the remaining records
-    of classes erased by earlier jobs on the lineage (``earlier_classes``).
+    of classes erased by earlier jobs on the lineage (``earlier_classes``); ``knowledge`` the paraphrase probe of
+    a causal-LM erasure (check 5), None when the data has no paraphrased answers.
     """
     for name, examples in (("forget", forget), ("utility", utility), ("audit", audit)):
         if len(examples) == 0:
@@ -224,6 +255,8 @@ def judge(task: TaskAdapter, before: nn.Module, after: nn.Module, forget: Exampl
             not (forget_after > limit + 1e-12 and excess_p < policy.min_forget_p),
             f"forget accuracy (training labels) <= audit accuracy + {FORGET_ACCURACY_MARGIN}, unless the excess "
             f"is not significant (one-sided Fisher exact p >= min_forget_p; here p = {excess_p:.3g})"))
+        if task.name == CAUSAL_LM:
+            checks.append(_knowledge_check(knowledge, after, policy, evidence))
     if forget_classes or earlier_classes:
         evidence["continual"] = _continual_evidence(task, before, after, forget_classes, forget_after,
                                                     earlier_classes, earlier)
@@ -241,6 +274,20 @@ def judge(task: TaskAdapter, before: nn.Module, after: nn.Module, forget: Exampl
                 reason="not checkable: every record of the earlier-erased classes was purged by the earlier "
                        "erasures; their forgetting is attested by those versions' certificates"))
     return GateResult(tuple(checks), evidence)
+
+
+def _knowledge_check(probe: KnowledgeProbe | None, after: nn.Module, policy: GatePolicy,
+                     evidence: dict[str, Any]) -> GateCheck:
+    if probe is None:
+        return GateCheck("knowledge", None, policy.min_forget_p, None, KNOWLEDGE_RULE,
+                         reason="not checkable: the dataset carries no paraphrased and perturbed answers, so this "
+                                "certificate's evidence of forgetting is answer-level only (a fact can survive in "
+                                "other wordings; docs/results/lm.md)")
+    erased, reference = probe.ratios(after)
+    p_value, shift = knowledge_probe(erased, reference)
+    evidence["knowledge"] = {"ks_p_value": p_value, "median_log_truth_ratio_shift": shift,
+                             "erased_questions": len(erased), "audit_questions": len(reference)}
+    return GateCheck("knowledge", p_value, policy.min_forget_p, p_value >= policy.min_forget_p, KNOWLEDGE_RULE)
 
 
 def forget_accuracy_p(forget_acc: float, forget_size: int, audit_acc: float, audit_size: int) -> float:

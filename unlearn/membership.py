@@ -154,3 +154,20 @@ def membership_test(forget_losses: np.ndarray, reference_losses: np.ndarray) -> 
 def compare(task: TaskAdapter, model: nn.Module, forget: ExampleSet, reference: ExampleSet) -> MembershipResult:
     """The membership test of ``forget`` against ``reference`` on ``model``'s current weights."""
     return membership_test(membership_losses(task, model, forget), membership_losses(task, model, reference))
+
+
+def knowledge_probe(forget_ratios: np.ndarray, reference_ratios: np.ndarray) -> tuple[float, float]:
+    """Does ONE model still hold the erased people's facts? ``(ks_p, log_shift)`` of two truth-ratio samples.
+
+    The truth ratios (:func:`unlearn.lm.metrics.truth_ratios`) of the erased people's questions against those
+    of never-seen people (the ``audit`` people), both on the same model: a two-sided two-sample KS p-value,
+    and the median log truth ratio of the erased questions minus that of the reference questions (negative:
+    the erased people's true values are still preferred over wrong ones in the paraphrases' frames). Unlike
+    :func:`unlearn.lm.metrics.forget_quality` it needs no model retrained without them, so the gate runs it
+    (its ``knowledge`` check, :mod:`unlearn.gate`) wherever paraphrased and perturbed answers exist; measured
+    in docs/results/lm.md ("A paraphrase probe").
+    """
+    a, b = np.asarray(forget_ratios, dtype=float), np.asarray(reference_ratios, dtype=float)
+    if a.size == 0 or b.size == 0:
+        raise InvalidDataError("forget", "the knowledge probe needs truth ratios on both sides")
+    return float(stats.ks_2samp(a, b).pvalue), float(np.median(np.log(a)) - np.median(np.log(b)))

@@ -128,11 +128,16 @@ def test_subject_erasure_of_a_causal_lm_passes_the_lm_gate(lm_engine):
     (job,) = wait_for_jobs(engine, outcome.job_ids, timeout_s=120)
     evidence = job.evidence["verification"]
     assert "checks" in evidence, f"{job.state}: {job.message}; {evidence}"  # a rejection names every attempt
-    summary = {c["name"]: (round(c["value"], 6), round(c["limit"], 6), c["passed"]) for c in evidence["checks"]}
+    summary = {c["name"]: (None if c["value"] is None else round(c["value"], 6), round(c["limit"], 6), c["passed"])
+               for c in evidence["checks"]}
     print("LM gate:", json.dumps(summary), "membership:", json.dumps(evidence["membership_after"]),
           "em:", json.dumps({k: evidence[k] for k in ("forget_acc_before", "forget_acc_after", "utility_acc_before")}),
           "sizes:", json.dumps(evidence["sizes"]))
-    assert {"utility", "membership_ks", "membership_auc", "forget_accuracy", "onnx_parity", "onnx_utility"} == set(summary)
+    assert {"utility", "membership_ks", "membership_auc", "forget_accuracy", "knowledge", "onnx_parity",
+            "onnx_utility"} == set(summary)
+    # no paraphrases in a service dataset: the paraphrase probe is reported as not run, and why
+    knowledge = next(c for c in evidence["checks"] if c["name"] == "knowledge")
+    assert knowledge["passed"] is None and "answer-level only" in knowledge["reason"]
     assert evidence["onnx"]["providers"] == ["CPUExecutionProvider"]
     assert evidence["onnx"]["max_abs_diff"] <= POLICY.onnx_tolerance
     assert job.state is JobState.SUCCEEDED, f"{job.message}: {summary}"

@@ -262,3 +262,49 @@ def test_retrained_models_pass_forget_accuracy():
         retrained = train_from_scratch(TASK, lambda s: factory(s + seed), retain, recipe, torch.device("cpu"))
         result = judge(TASK, retrained, retrained, forget, audit, audit, GatePolicy())
         assert "forget_accuracy" not in result.failures, result.evidence["forget_accuracy"]
+
+
+class _Probe:
+    """A knowledge probe that returns fixed truth ratios (erased, audit), whatever the model."""
+
+    def __init__(self, erased, audit):
+        self.erased, self.audit = erased, audit
+
+    def ratios(self, model):
+        import numpy as np
+
+        return np.asarray(self.erased, dtype=float), np.asarray(self.audit, dtype=float)
+
+
+def _lm_verdict(knowledge):
+    from tests.unlearn.lm_helpers import lm_problem
+
+    problem = lm_problem()
+    return judge(problem.task, problem.model, problem.model, problem.forget, problem.retain, problem.holdout,
+                 GatePolicy(), knowledge=knowledge)
+
+
+def test_knowledge_check_fails_when_the_erased_facts_are_still_preferred_in_paraphrases():
+    import numpy as np
+
+    never_seen = np.linspace(0.5, 2.0, 60)
+    known = never_seen * 0.1  # every true value still ten times likelier than the wrong ones
+    verdict = _lm_verdict(_Probe(known, never_seen))
+    check = next(c for c in verdict.checks if c.name == "knowledge")
+    assert check.passed is False and "knowledge" in verdict.failures and check.value < GatePolicy().min_forget_p
+    assert verdict.evidence["knowledge"]["median_log_truth_ratio_shift"] == pytest.approx(np.log(0.1))
+    forgotten = _lm_verdict(_Probe(never_seen[::2], never_seen))  # the erased questions look never seen
+    assert next(c for c in forgotten.checks if c.name == "knowledge").passed is True
+    assert "knowledge" not in forgotten.failures
+
+
+def test_knowledge_check_without_paraphrases_is_reported_as_not_checkable_never_as_a_pass():
+    verdict = _lm_verdict(None)
+    check = next(c for c in verdict.checks if c.name == "knowledge")
+    assert check.passed is None and check.value is None and "answer-level only" in check.reason
+    assert "knowledge" not in verdict.failures and "knowledge" not in verdict.evidence
+    # classifiers have no such check: truth ratios are a language-model notion
+    problem = class_problem()
+    classifier = judge(TASK, problem.model, problem.model, problem.forget, problem.retain, problem.holdout,
+                       GatePolicy())
+    assert "knowledge" not in {c.name for c in classifier.checks}

@@ -56,7 +56,7 @@ from unlearn.data import ExampleSet
 from unlearn.errors import InvalidDataError, InvalidParameterError
 from unlearn.gate import GatePolicy, GateResult, judge
 from unlearn.lm.fictitious import LM_RECIPE, LM_SPEC, FictitiousSubjects, load_fictitious_subjects
-from unlearn.lm.metrics import evaluate_lm, forget_quality, rouge_l_recall
+from unlearn.lm.metrics import ParaphraseProbe, evaluate_lm, forget_quality, rouge_l_recall
 from unlearn.lm.model import GPTFactory, LMCache, train_lm
 from unlearn.registry import UnlearnRequest, UnlearnResult
 from unlearn.training import TrainRecipe
@@ -175,10 +175,13 @@ def run_lm_subjects(method: str, scenario_name: str, seed: int, forget_class: in
     check_no_metric_on_tune(request, {"forget": forget, "retain": retain, "audit": audit})
     policy = GatePolicy()
     utility_before = None
+    splits = [data.split(group) for group in (people.forget, people.retain, people.audit)]
+    probe = ParaphraseProbe(task, splits[0], splits[2])  # the gate's knowledge check: this data has paraphrases
 
     def gate(result: UnlearnResult) -> GateResult:
         nonlocal utility_before
-        verdict = judge(task, original, result.model, forget, retain, audit, policy, utility_before=utility_before)
+        verdict = judge(task, original, result.model, forget, retain, audit, policy, utility_before=utility_before,
+                        knowledge=probe)
         utility_before = verdict.evidence["utility_acc_before"]
         return verdict
 
@@ -211,7 +214,6 @@ def run_lm_subjects(method: str, scenario_name: str, seed: int, forget_class: in
             verdict = gate(result)
         retrained, retrain_seconds = timed_retrain(task, factory, retain, recipe, device)
 
-    splits = [data.split(group) for group in (people.forget, people.retain, people.audit)]
     (before, before_forget, _), (gold, gold_forget, gold_membership), (after, after_forget, membership) = (
         evaluate_lm(task, model, *splits) for model in (original, retrained, result.model))
     quality = forget_quality(after_forget.truth_ratio, gold_forget.truth_ratio)

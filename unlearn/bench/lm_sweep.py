@@ -45,7 +45,7 @@ from unlearn.bench.lm_subjects import (
 )
 from unlearn.gate import GatePolicy, judge
 from unlearn.lm.fictitious import LM_RECIPE, LM_SPEC, load_fictitious_subjects
-from unlearn.lm.metrics import evaluate_lm, forget_quality
+from unlearn.lm.metrics import ParaphraseProbe, evaluate_lm, forget_quality
 from unlearn.lm.model import GPTFactory, LMCache
 from unlearn.registry import UnlearnRequest
 
@@ -104,7 +104,8 @@ def sweep(seeds: list[int], configs: list[tuple[str, dict[str, Any]]], cached_re
             result = registry.run(method, original, request, params)
             seconds = time.perf_counter() - started
             after, after_forget, membership = evaluate_lm(task, result.model, *splits)
-            verdict = judge(task, original, result.model, forget, retain, audit, policy)
+            verdict = judge(task, original, result.model, forget, retain, audit, policy,
+                            knowledge=ParaphraseProbe(task, splits[0], splits[2]))
             quality = forget_quality(after_forget.truth_ratio, gold_forget.truth_ratio)
             run = {
                 "seed": seed, "method": method, "params": params, "forget_quality": quality,

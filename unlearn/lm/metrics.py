@@ -54,7 +54,7 @@ from torch import Tensor, nn
 from unlearn.data import ExampleSet
 from unlearn.errors import InvalidDataError
 from unlearn.lm.task import CausalLMTask, answer_token_log_probs
-from unlearn.membership import MembershipResult, membership_test
+from unlearn.membership import MembershipResult, knowledge_probe, membership_test
 
 MIN_K_FRACTION = 0.4
 """k of Min-K% Prob for TOFU in OpenUnlearning (``configs/eval/tofu_metrics/mia_min_k.yaml``: ``k: 0.4``)."""
@@ -251,20 +251,18 @@ def split_truth_ratios(task: CausalLMTask, model: nn.Module, split: QASplit) -> 
     return truth_ratios(paraphrase, perturbed)
 
 
-def knowledge_probe(forget_ratios: Tensor | np.ndarray, reference_ratios: Tensor | np.ndarray) -> tuple[float, float]:
-    """Does ONE model still hold the erased people's facts? ``(ks_p, log_shift)``.
+@dataclass(frozen=True)
+class ParaphraseProbe:
+    """The gate's ``knowledge`` probe (:class:`unlearn.gate.KnowledgeProbe`) on data with paraphrased and
+    perturbed answers: the truth ratios of the erased people's questions and of the audit people's, on a model."""
 
-    The truth ratios of the erased people's questions against those of never-seen people (the ``audit``
-    people), both on the same model: a two-sided two-sample KS p-value, and the median log truth ratio of the
-    erased questions minus that of the reference questions (negative: the erased people's true values are
-    still preferred over wrong ones in the paraphrase's frame). Unlike :func:`forget_quality` it needs no model
-    retrained without them, so a gate could run it; it needs paraphrased and perturbed answers, which the
-    service's datasets do not carry. Measured in docs/results/lm.md ("A paraphrase probe"), not a gate check.
-    """
-    a, b = np.asarray(forget_ratios, dtype=float), np.asarray(reference_ratios, dtype=float)
-    if a.size == 0 or b.size == 0:
-        raise InvalidDataError("forget", "the knowledge probe needs truth ratios on both sides")
-    return float(ks_2samp(a, b).pvalue), float(np.median(np.log(a)) - np.median(np.log(b)))
+    task: CausalLMTask
+    erased: QASplit
+    audit: QASplit
+
+    def ratios(self, model: nn.Module) -> tuple[np.ndarray, np.ndarray]:
+        return (split_truth_ratios(self.task, model, self.erased).numpy(),
+                split_truth_ratios(self.task, model, self.audit).numpy())
 
 
 def score_split(task: CausalLMTask, model: nn.Module, split: QASplit, max_new_tokens: int = 12) -> SplitScores:
