@@ -11,12 +11,16 @@ refuses any dataset that contains one, so erased records are never re-ingested.
 Schema (docs/models.md; :func:`schema_problems` checks it and names every bad row): ``record_id`` (string,
 unique), ``subject_id`` (string), ``split`` (``train`` / ``holdout`` / ``test``; train and holdout must be
 non-empty), ``features`` (ONE list<float> column, one length), ``label`` (int in [0, num_classes)). Causal
-LM: ``prompt`` and ``answer`` (non-empty strings) instead of ``features`` and ``label``.
+LM: ``prompt`` and ``answer`` (non-empty strings) instead of ``features`` and ``label``, and optionally
+``paraphrase`` (the answer's fact in other words) with ``perturbed`` (a list of wrong answers worded like the
+paraphrase), which let the gate test whether an erased fact survives in other wordings (its ``knowledge``
+check, :mod:`unlearn.gate`); rows may leave both null (records added by updates do).
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import re
@@ -34,7 +38,13 @@ import pyarrow.parquet as pq
 import torch
 
 from service.audit import keyed_hash
-from service.domain import FieldViolation, InvalidArgument, TaskType, id_problem, preview
+from service.domain import (
+    FieldViolation,
+    InvalidArgument,
+    TaskType,
+    id_problem,
+    preview,
+)
 from unlearn.data import ExampleSet, classification_examples
 
 log = logging.getLogger(__name__)
@@ -43,6 +53,9 @@ SPLITS = ("train", "holdout", "test")
 REQUIRED_SPLITS = ("train", "holdout")
 BASE_COLUMNS = ("record_id", "subject_id", "split")
 TASK_COLUMNS = {TaskType.CLASSIFICATION: ("features", "label"), TaskType.CAUSAL_LM: ("prompt", "answer")}
+PROBE_COLUMNS = ("paraphrase", "perturbed")
+"""Optional causal-LM columns, together or not at all: a paraphrase of the answer and wrong answers worded
+like it (the gate's ``knowledge`` check). A row may leave both null."""
 MAX_VIOLATIONS = 20  # enough to point a data engineer at the problem without flooding the status
 MAX_ROWS_PER_VIOLATION = 5  # rows named in one violation; `lethe dataset check` lists more
 
@@ -61,6 +74,8 @@ class LoadedDataset:
     labels: np.ndarray  # int64 [N] (-1 for causal-LM records)
     prompts: np.ndarray | None = None  # str [N], causal LM only
     answers: np.ndarray | None = None  # str [N], causal LM only
+    paraphrases: np.ndarray | None = None  # object [N]: str or None, causal LM with PROBE_COLUMNS only
+    perturbed: tuple[tuple[str, ...] | None, ...] | None = None  # per record, wrong answers or None
     record_hashes: np.ndarray | None = None  # str [N], keyed hashes (the tombstone hash of each record id)
 
     def __len__(self) -> int:
@@ -240,7 +255,7 @@ def schema_problems(frame: pd.DataFrame, task_type: TaskType, num_classes: int |
         for column in TASK_COLUMNS[task_type]:
             if column in frame.columns:
                 problems += _text_problems(frame, column, max_rows)
-        return problems
+        return problems + _probe_problems(frame, max_rows)
     if "features" in frame.columns:
         problems += _feature_problems(frame["features"], max_rows)
     if "label" in frame.columns:
@@ -267,6 +282,48 @@ def _text_problems(frame: pd.DataFrame, column: str, max_rows: int) -> list[Sche
         elif not value.strip():
             bad.add(row, "empty")
     return bad.problems()
+
+
+def _probe_problems(frame: pd.DataFrame, max_rows: int) -> list[SchemaProblem]:
+    """:data:`PROBE_COLUMNS`: both columns or neither; per row both null, or a non-empty ``paraphrase`` string
+    and a non-empty list of non-empty ``perturbed`` strings, every such list of one length."""
+    present = [c for c in PROBE_COLUMNS if c in frame.columns]
+    if not present:
+        return []
+    if len(present) == 1:
+        return [SchemaProblem("columns", "paraphrase and perturbed go together: the file has only "
+                                         f"{present[0]}")]
+    half = _Rows("paraphrase", "paraphrase and perturbed must both be set or both be null", max_rows)
+    paraphrase = _Rows("paraphrase", "paraphrase must be a non-empty string", max_rows)
+    perturbed = _Rows("perturbed", "perturbed must be a non-empty list of non-empty strings", max_rows)
+    lengths: dict[int, list[int]] = {}
+    for row, (text, wrong) in enumerate(zip(frame["paraphrase"], frame["perturbed"])):
+        if _null(text) and _null(wrong):
+            continue
+        if _null(text) or _null(wrong):
+            half.add(row, "one of the two is null")
+            continue
+        if not isinstance(text, str) or not text.strip():
+            paraphrase.add(row, "empty" if isinstance(text, str) else f"not a string ({_kind(text)})")
+        items = list(wrong) if isinstance(wrong, (list, tuple, np.ndarray)) else None
+        if not items or not all(isinstance(item, str) and item.strip() for item in items):
+            perturbed.add(row, "empty" if items == [] else f"not a list of strings ({_kind(wrong)})")
+        else:
+            lengths.setdefault(len(items), []).append(row)
+    problems = half.problems() + paraphrase.problems() + perturbed.problems()
+    if len(lengths) > 1:
+        common = max(lengths, key=lambda n: (len(lengths[n]), -n))
+        wrong_length = _Rows("perturbed", f"every perturbed list must have one length ({common}, the most common)",
+                             max_rows)
+        for length, rows in sorted(lengths.items()):
+            for row in rows if length != common else ():
+                wrong_length.add(row, f"length {length}")
+        problems += wrong_length.problems()
+    return problems
+
+
+def _null(value) -> bool:
+    return value is None or (isinstance(value, float) and np.isnan(value))
 
 
 def _kind(value) -> str:
@@ -348,24 +405,40 @@ def content_digest(frame: pd.DataFrame) -> str:
         for column in ("prompt", "answer"):
             digest.update("\x1f".join(ordered[column].astype(str)).encode())
             digest.update(b"\x1e")
+        if "paraphrase" in ordered.columns:
+            digest.update("\x1f".join(json.dumps(_probe_value(p, w)) for p, w in
+                                       zip(ordered["paraphrase"], ordered["perturbed"])).encode())
         return digest.hexdigest()
     digest.update(np.stack([np.asarray(v, dtype=np.float32) for v in ordered["features"]]).tobytes())
     digest.update(ordered["label"].to_numpy(dtype=np.int64).tobytes())
     return digest.hexdigest()
 
 
+def _probe_value(paraphrase, perturbed) -> list | None:
+    """One row's :data:`PROBE_COLUMNS` as ``[paraphrase, [wrong, ...]]``, or None when the row has none."""
+    if _null(paraphrase) or _null(perturbed):
+        return None
+    return [str(paraphrase), [str(item) for item in perturbed]]
+
+
 def dataset_columns(frame: pd.DataFrame) -> pd.DataFrame:
     """The frame's dataset columns only, in schema order, with a fresh index."""
     task_columns = TASK_COLUMNS[TaskType.CAUSAL_LM if "prompt" in frame.columns else TaskType.CLASSIFICATION]
-    return frame[[*BASE_COLUMNS, *task_columns]].reset_index(drop=True)
+    optional = [c for c in PROBE_COLUMNS if c in frame.columns] if "prompt" in frame.columns else []
+    return frame[[*BASE_COLUMNS, *task_columns, *optional]].reset_index(drop=True)
 
 
 def dataset_table(frame: pd.DataFrame) -> pa.Table:
     """A frame of :func:`dataset_columns` as an Arrow table in the dataset's Parquet schema (classification:
-    float32 feature lists and int64 labels; causal LM: strings)."""
+    float32 feature lists and int64 labels; causal LM: strings, and the optional paraphrase string and
+    perturbed list of strings, null where a row has none)."""
     if "prompt" in frame.columns:  # causal LM
-        return pa.Table.from_pandas(frame.astype(str), schema=pa.schema(
-            [(c, pa.string()) for c in (*BASE_COLUMNS, "prompt", "answer")]), preserve_index=False)
+        columns = {c: pa.array(frame[c].astype(str).tolist(), pa.string()) for c in (*BASE_COLUMNS, "prompt", "answer")}
+        if "paraphrase" in frame.columns:
+            values = [_probe_value(p, w) for p, w in zip(frame["paraphrase"], frame["perturbed"])]
+            columns["paraphrase"] = pa.array([v[0] if v else None for v in values], pa.string())
+            columns["perturbed"] = pa.array([v[1] if v else None for v in values], pa.list_(pa.string()))
+        return pa.table(columns)
     return pa.Table.from_pandas(frame.assign(features=[np.asarray(v, dtype=np.float32).tolist()
                                                        for v in frame["features"]]),
                                 schema=pa.schema([("record_id", pa.string()), ("subject_id", pa.string()),
@@ -460,6 +533,7 @@ class DatasetCatalog:
             labels=np.full(len(frame), -1, dtype=np.int64) if lm else frame["label"].to_numpy(dtype=np.int64),
             prompts=frame["prompt"].astype(str).to_numpy() if lm else None,
             answers=frame["answer"].astype(str).to_numpy() if lm else None,
+            **(_probe_fields(frame) if lm and "paraphrase" in frame.columns else {}),
             record_hashes=np.array([self.tombstone(r) for r in frame["record_id"].astype(str)]))
 
     def forget_cached(self, path: str | Path) -> None:
@@ -471,6 +545,12 @@ class DatasetCatalog:
         self.forget_cached(path)
         Path(path).unlink(missing_ok=True)
         self._mirror(path).unlink(missing_ok=True)
+
+
+def _probe_fields(frame: pd.DataFrame) -> dict:
+    values = [_probe_value(p, w) for p, w in zip(frame["paraphrase"], frame["perturbed"])]
+    return {"paraphrases": np.array([v[0] if v else None for v in values], dtype=object),
+            "perturbed": tuple(tuple(v[1]) if v else None for v in values)}
 
 
 def remove_tree(path: Path) -> None:

@@ -1,7 +1,8 @@
 """Causal language models in the service: dataset columns, registration checks, encoding, ONNX export.
 
 A causal-LM dataset has the base columns (``record_id``, ``subject_id``, ``split``) plus ``prompt`` and
-``answer`` (non-empty strings); one record is one question about one data subject. The model is an MLflow
+``answer`` (non-empty strings); one record is one question about one data subject. Optional ``paraphrase``
+and ``perturbed`` columns let the gate run its ``knowledge`` check (:func:`paraphrase_probe`). The model is an MLflow
 ``transformers`` model logged with its tokenizer (:meth:`service.mlflow_registry.MlflowRegistry.load_lm`).
 
 The gate is the classifier's (:mod:`service.verification`, :func:`unlearn.gate.judge`) with teacher-forced
@@ -25,6 +26,7 @@ from torch import nn
 from service.domain import FieldViolation
 from unlearn.data import ExampleSet
 from unlearn.errors import InvalidDataError
+from unlearn.lm.metrics import ParaphraseProbe, QASplit
 from unlearn.lm.task import CausalLMTask, model_context_length, model_vocab_size
 
 if TYPE_CHECKING:
@@ -54,9 +56,14 @@ def registration_violations(model: nn.Module, tokenizer, frame: pd.DataFrame) ->
     except InvalidDataError as error:
         return [FieldViolation(error.field, error.reason)]
     violations = []
-    for record_id, prompt, answer in zip(frame["record_id"], frame["prompt"], frame["answer"]):
+    probes = (zip(frame["paraphrase"], frame["perturbed"]) if "paraphrase" in frame.columns
+              else ((None, None) for _ in range(len(frame))))
+    for record_id, prompt, answer, (paraphrase, perturbed) in zip(frame["record_id"], frame["prompt"],
+                                                                    frame["answer"], probes):
+        # the answer, and the paraphrase and wrong answers the gate's knowledge check scores, in the context
+        answers = [answer] + ([paraphrase, *perturbed] if isinstance(paraphrase, str) else [])
         try:
-            task.encode([prompt], [answer], [0], context, field="dataset")
+            task.encode([prompt] * len(answers), answers, [0] * len(answers), context, field="dataset")
         except InvalidDataError as error:
             violations.append(FieldViolation(error.field, f"record {record_id}: {error.reason.partition(': ')[2] or error.reason}"))
             if len(violations) >= MAX_ROW_VIOLATIONS:
@@ -76,6 +83,33 @@ def encode_dataset(task: CausalLMTask, data: LoadedDataset, model: nn.Module) ->
     """Every record of a loaded LM dataset, encoded once (one padded width, so subsets stack)."""
     return task.encode(list(data.prompts), list(data.answers), subject_numbers(data.subject_hashes),
                        model_context_length(model), field="dataset")
+
+
+def paraphrase_probe(task: CausalLMTask, data: LoadedDataset, model: nn.Module, forget_mask: np.ndarray,
+                     audit_mask: np.ndarray) -> ParaphraseProbe | None:
+    """The gate's ``knowledge`` probe on the erased and the ``audit`` records that carry a paraphrase and
+    perturbed answers (:data:`service.datasets.PROBE_COLUMNS`), or None when either side has none (the gate
+    then reports the check as not checkable)."""
+    if data.paraphrases is None:
+        return None
+    has = np.array([p is not None for p in data.paraphrases], dtype=bool)
+    erased, audit = np.flatnonzero(forget_mask & has), np.flatnonzero(audit_mask & has)
+    if not len(erased) or not len(audit):
+        return None
+    context = model_context_length(model)
+
+    def split(rows: np.ndarray) -> QASplit:
+        prompts, subjects = [str(data.prompts[i]) for i in rows], subject_numbers(data.subject_hashes[rows])
+
+        def encode(answers: list[str]) -> ExampleSet:
+            return task.encode(prompts, answers, subjects, context, field="dataset")
+
+        wrong = len(data.perturbed[rows[0]])
+        return QASplit(encode([str(data.answers[i]) for i in rows]), encode([str(data.paraphrases[i]) for i in rows]),
+                       tuple(encode([data.perturbed[i][j] for i in rows]) for j in range(wrong)),
+                       tuple(str(data.answers[i]) for i in rows))
+
+    return ParaphraseProbe(task, split(erased), split(audit))
 
 
 def subset(examples: ExampleSet, mask: np.ndarray) -> ExampleSet:

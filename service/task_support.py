@@ -9,7 +9,8 @@ The pipeline (:mod:`service.pipeline`) reads the same top to bottom for every ta
   once, one padded width);
 - the set utility is measured on: a classifier's ``audit`` records of the classes that stay; a causal LM's
   retained people (never-seen people's answers are facts no model can know, so they measure nothing);
-- the ONNX export and its parity and utility measurement with onnxruntime.
+- the ONNX export and its parity and utility measurement with onnxruntime;
+- the gate's paraphrase probe (causal LMs whose data has paraphrased and perturbed answers).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from service.context import ModelInfo, PipelineContext
 from service.datasets import LoadedDataset
 from service.domain import TaskType
 from unlearn.data import ExampleSet
+from unlearn.gate import KnowledgeProbe
 from unlearn.lm.task import CausalLMTask
 from unlearn.tasks import ClassificationTask, TaskAdapter
 
@@ -54,6 +56,10 @@ class TaskSupport(Protocol):
     def onnx_evidence(self, model: nn.Module, parity: ExampleSet, utility: ExampleSet, path: Path) -> dict[str, Any]:
         """Export to ONNX, compare with PyTorch on ``parity``, measure ``utility_acc`` with onnxruntime."""
 
+    def knowledge(self, data: LoadedDataset, model: nn.Module, forget_mask: np.ndarray,
+                  audit_mask: np.ndarray) -> KnowledgeProbe | None:
+        """The gate's paraphrase probe of an erasure (:mod:`unlearn.gate`), or None when it cannot run."""
+
 
 class ClassifierSupport:
     task_type = TaskType.CLASSIFICATION
@@ -79,6 +85,10 @@ class ClassifierSupport:
         from service.verification import classifier_onnx_evidence
 
         return classifier_onnx_evidence(model, parity, utility, path)
+
+    def knowledge(self, data: LoadedDataset, model: nn.Module, forget_mask: np.ndarray,
+                  audit_mask: np.ndarray) -> KnowledgeProbe | None:
+        return None  # truth ratios are a language-model notion: the gate has no such check for classifiers
 
 
 class CausalLMSupport:
@@ -110,6 +120,10 @@ class CausalLMSupport:
 
     def onnx_evidence(self, model: nn.Module, parity: ExampleSet, utility: ExampleSet, path: Path) -> dict[str, Any]:
         return lm_support.onnx_evidence(model, parity, utility, path)
+
+    def knowledge(self, data: LoadedDataset, model: nn.Module, forget_mask: np.ndarray,
+                  audit_mask: np.ndarray) -> KnowledgeProbe | None:
+        return lm_support.paraphrase_probe(self.task(), data, model, forget_mask, audit_mask)
 
 
 def task_support(info: ModelInfo) -> TaskSupport:

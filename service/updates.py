@@ -132,7 +132,8 @@ def learn_and_register(ctx: PipelineContext, job, request_rows, info: ModelInfo,
     if new_frame["record_id"].duplicated().any() or new_frame["record_id"].isin(base_frame["record_id"]).any():
         raise UpdateRefused("two requests of this job stage the same record id (or one already in the data)")
     _refuse_erased_now(ctx, info, new_frame)
-    combined = pd.concat([base_frame, new_frame[base_frame.columns]], ignore_index=True)
+    # new records carry no paraphrase columns: where the base data has them, they are null for the new rows
+    combined = pd.concat([base_frame, new_frame.reindex(columns=base_frame.columns)], ignore_index=True)
     data = ctx.catalog.from_frame(combined, dataset_row.path, dataset_row.digest)
     new_rows = np.isin(data.record_ids, new_frame["record_id"].astype(str).to_numpy())
     learn = new_rows & data.split_mask("train")

@@ -40,7 +40,7 @@ from service.domain import FieldViolation, VerificationPolicy
 from service.faults import fault_point
 from unlearn.data import ExampleSet
 from unlearn.errors import InvalidParameterError
-from unlearn.gate import POLICY_LIMITS, GateCheck, GatePolicy, GateResult, judge
+from unlearn.gate import POLICY_LIMITS, GateCheck, GatePolicy, GateResult, KnowledgeProbe, judge
 from unlearn.tasks import TaskAdapter
 
 log = logging.getLogger(__name__)
@@ -140,14 +140,15 @@ def classifier_onnx_evidence(model: nn.Module, parity: ExampleSet, utility: Exam
 def verify(support, task: TaskAdapter, before: nn.Module, after: nn.Module, forget: ExampleSet,
            utility: ExampleSet, audit: ExampleSet, policy: VerificationPolicy, onnx_path: Path,
            forget_classes: tuple[int, ...] | None = None, utility_before: float | None = None,
-           earlier_classes: tuple[int, ...] = (), earlier: ExampleSet | None = None) -> GateResult:
+           earlier_classes: tuple[int, ...] = (), earlier: ExampleSet | None = None,
+           knowledge: KnowledgeProbe | None = None) -> GateResult:
     """The whole gate: :func:`unlearn.gate.judge`, then (if it passed) the ONNX checks of ``support``.
 
     ``support`` is the job's :class:`service.task_support.TaskSupport` (it knows how to export the model).
     The evidence carries every check's value, limit and rule, and the policy it was judged under.
     """
     result = judge(task, before, after, forget, utility, audit, gate_policy(policy), forget_classes,
-                   utility_before, earlier_classes, earlier)
+                   utility_before, earlier_classes, earlier, knowledge)
     fault_point("stage:verify:inside")  # crash tests only: library checks done, ONNX export not yet
     evidence = {**result.evidence, "policy": asdict(policy), "task_type": support.task_type.value}
     if not result.passed:

@@ -85,6 +85,50 @@ def test_causal_lm_prompts_and_answers_must_be_non_empty_strings():
     assert [row for row, _ in problems["answer"].rows] == [2]
 
 
+def _lm_frame(**probe) -> pd.DataFrame:
+    frame = pd.DataFrame({"record_id": ["a", "b", "c", "d"], "subject_id": ["s", "s", "t", "u"],
+                          "split": ["train", "train", "holdout", "holdout"], "prompt": ["Q?"] * 4,
+                          "answer": ["A."] * 4})
+    return frame.assign(**probe)
+
+
+def test_causal_lm_paraphrase_columns_go_together_row_by_row_with_one_perturbed_length():
+    good = _lm_frame(paraphrase=["A, so.", None, "A, so.", "A, so."],
+                     perturbed=[["B, so.", "C, so."], None, ["B, so.", "C, so."], ["D, so.", "E, so."]])
+    assert schema_problems(good, TaskType.CAUSAL_LM, None) == []  # a row may leave both null (added by an update)
+    alone = schema_problems(_lm_frame(paraphrase=["A, so."] * 4), TaskType.CAUSAL_LM, None)
+    assert [p.problem for p in alone] == ["paraphrase and perturbed go together: the file has only paraphrase"]
+    bad = _lm_frame(paraphrase=["A, so.", "A, so.", " ", 7],
+                    perturbed=[None, ["B."], ["B."], ["B.", "C."]])
+    problems = {(p.column, p.problem): [row for row, _ in p.rows] for p in schema_problems(bad, TaskType.CAUSAL_LM,
+                                                                                          None)}
+    assert problems[("paraphrase", "paraphrase and perturbed must both be set or both be null")] == [0]
+    assert problems[("paraphrase", "paraphrase must be a non-empty string")] == [2, 3]
+    assert problems[("perturbed", "every perturbed list must have one length (1, the most common)")] == [3]
+    empty = _lm_frame(paraphrase=["A."] * 4, perturbed=[["B."], [], ["", "C."], ["B."]])
+    rows = {p.problem: [row for row, _ in p.rows] for p in schema_problems(empty, TaskType.CAUSAL_LM, None)}
+    assert rows["perturbed must be a non-empty list of non-empty strings"] == [1, 2]
+
+
+def test_paraphrase_columns_survive_a_dataset_version_and_count_in_its_digest(tmp_path):
+    from service.datasets import DatasetCatalog, content_digest
+
+    frame = _lm_frame(paraphrase=["A, so.", None, "A, so.", "A, so."],
+                      perturbed=[["B, so.", "C, so."], None, ["B, so.", "C, so."], ["D, so.", "E, so."]])
+    catalog = DatasetCatalog(tmp_path, b"k" * 32)
+    path, digest = catalog.write_version("m", frame, "v1")
+    loaded = catalog.load(path, digest)
+    assert list(loaded.paraphrases) == ["A, so.", None, "A, so.", "A, so."]
+    assert loaded.perturbed == (("B, so.", "C, so."), None, ("B, so.", "C, so."), ("D, so.", "E, so."))
+    assert content_digest(catalog.frame(path)) == digest
+    assert digest != content_digest(frame.drop(columns=["paraphrase", "perturbed"]))
+    changed = frame.copy()
+    changed.at[3, "perturbed"] = ["D, so.", "F, so."]
+    assert content_digest(changed) != digest
+    plain = catalog.load(*catalog.write_version("m", frame.drop(columns=["paraphrase", "perturbed"]), "v2"))
+    assert plain.paraphrases is None and plain.perturbed is None
+
+
 def test_cli_dataset_check(tmp_path, capsys):
     good, bad = tmp_path / "good.parquet", tmp_path / "bad.parquet"
     digits_frame().to_parquet(good, index=False)

@@ -161,3 +161,30 @@ def test_subject_erasure_of_a_causal_lm_passes_the_lm_gate(lm_engine):
         dataset = db.dataset_for_model_version(conn, MODEL, version)
     remaining = engine.catalog.frame(dataset.path)
     assert "person-01" not in set(remaining["subject_id"]) and len(remaining) == len(frame) - int(forgotten.sum())
+
+
+def test_with_paraphrases_the_gate_runs_its_knowledge_check_and_the_new_version_keeps_them(lm_engine):
+    engine, root, frame, tokenizer, model = lm_engine
+    pairs = question_pairs(generate_people(12, seed=5), seed=5)
+    probe_frame = frame.assign(paraphrase=[p.paraphrase for p in pairs], perturbed=[list(p.perturbed) for p in pairs])
+    probe_frame = probe_frame[probe_frame["subject_id"] != "person-01"]  # erased above: its ids are tombstoned
+    name = "tiny-gpt-paraphrases"
+    engine.registry.log_initial_model(model.eval(), name, run_name="tiny-gpt-paraphrases", tokenizer=tokenizer)
+    _register(engine, root, probe_frame, name)
+    outcome = engine.submit_erasure(ErasureRequest(request_id="lm-erase-probe", subject_ids=("person-02",),
+                                                   model_names=(name,)))
+    (job,) = wait_for_jobs(engine, outcome.job_ids, timeout_s=120)
+    verification = job.evidence["verification"]
+    attempts = job.evidence.get("attempts") or [{"verification": verification}]
+    checks = verification.get("checks") or attempts[-1]["verification"]["checks"]
+    knowledge = next(c for c in checks if c["name"] == "knowledge")
+    assert isinstance(knowledge["value"], float) and knowledge["limit"] == POLICY.min_forget_p
+    assert knowledge["passed"] is (knowledge["value"] >= knowledge["limit"]) and not knowledge["reason"]
+    probe = (verification.get("knowledge") or attempts[-1]["verification"]["knowledge"])
+    erased = int((probe_frame["subject_id"] == "person-02").sum())
+    assert probe["erased_questions"] == erased and probe["audit_questions"] > 0
+    if job.state is JobState.SUCCEEDED:  # the purged version keeps the columns for the next job's check
+        with engine.store.read() as conn:
+            dataset = db.dataset_for_model_version(conn, name, job.result_version)
+        kept = engine.catalog.frame(dataset.path)
+        assert {"paraphrase", "perturbed"} <= set(kept.columns) and "person-02" not in set(kept["subject_id"])
