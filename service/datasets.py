@@ -211,8 +211,8 @@ def schema_problems(frame: pd.DataFrame, task_type: TaskType, num_classes: int |
     ``record_id`` unique;
     ``split`` one of :data:`SPLITS` with ``train`` and ``holdout`` non-empty; a classifier's ``features``
     ONE list column of finite numbers, one length for every row, and ``label`` an integer column in
-    ``[0, num_classes)``; a causal LM's ``prompt`` and ``answer`` non-empty strings. Other columns are
-    ignored. Every present column is checked even when another is missing.
+    ``[0, num_classes)``; a causal LM's ``prompt`` and ``answer`` non-empty strings, and its optional
+    :data:`PROBE_COLUMNS` (:func:`_probe_problems`). Other columns are ignored. Every present column is checked even when another is missing.
     """
     if task_type not in TASK_COLUMNS:
         return [SchemaProblem("task_type", f"datasets of task {task_type.value!r} are not supported yet")]

@@ -48,8 +48,9 @@ Checks (each a :class:`GateCheck` with its value, limit and rule):
    and Min-K% attacks at AUC 0.46-0.52) while the true values stayed preferred in the paraphrases' frames on
    three seeds of five, and one of them passed every other check (docs/results/lm.md, "A paraphrase probe").
    It needs paraphrased and perturbed answers (``knowledge``, a :class:`KnowledgeProbe`); without them the
-   check is reported with ``passed=None`` and says so, never as a pass. The service's datasets carry no such
-   answers today, so every LM certificate says its evidence is answer-level only.
+   check is reported with ``passed=None`` and says so, never as a pass. A service dataset carries them in
+   its optional ``paraphrase`` and ``perturbed`` columns (:mod:`service.datasets`); an LM certificate without
+   them says its evidence is answer-level only.
 
 Policy values are bounded (:data:`POLICY_LIMITS`): a registration or a request may make the gate stricter or
 slightly looser, never switch it off.
@@ -280,7 +281,7 @@ def _knowledge_check(probe: KnowledgeProbe | None, after: nn.Module, policy: Gat
                      evidence: dict[str, Any]) -> GateCheck:
     if probe is None:
         return GateCheck("knowledge", None, policy.min_forget_p, None, KNOWLEDGE_RULE,
-                         reason="not checkable: the dataset carries no paraphrased and perturbed answers, so this "
+                         reason="not checkable: no paraphrased and perturbed answers for the erased or the audit records, so this "
                                 "certificate's evidence of forgetting is answer-level only (a fact can survive in "
                                 "other wordings; docs/results/lm.md)")
     erased, reference = probe.ratios(after)

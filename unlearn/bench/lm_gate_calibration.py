@@ -16,8 +16,8 @@ would be rejected. Two kinds of draws, on the fictitious-subjects data (:mod:`un
 
 Beside the membership checks, every case also runs the paraphrase probe of
 :func:`unlearn.lm.metrics.knowledge_probe` (the truth ratios of the "erased" people against the audit
-people's on the same model, KS p-value >= the policy's ``min_forget_p``): not a gate check (the service's
-datasets carry no paraphrases), measured to know how often a retrained model would pass one.
+people's on the same model, KS p-value >= the policy's ``min_forget_p``), the gate's ``knowledge`` check,
+measured to know how often a retrained model passes it.
 
 Draws overlap (10 of 56 tune people each time), so they are not independent: the rate is an estimate of the
 pass probability, its spread across models says more than a binomial interval would.
