@@ -139,7 +139,9 @@ def build_tiny_lm(settings: Settings, engine=None, model_name: str = LM_MODEL) -
         "record_id": [f"qa-{i:03d}" for i in range(len(pairs))],
         "subject_id": [f"person-{p.subject_id:02d}" for p in pairs],
         "split": ["train" if p.subject_id < LM_TRAIN_PEOPLE else "holdout" for p in pairs],
-        "prompt": [p.prompt for p in pairs], "answer": [p.answer for p in pairs]})
+        "prompt": [p.prompt for p in pairs], "answer": [p.answer for p in pairs],
+        # optional: the same facts in other words and wrong answers like them, for the gate's knowledge check
+        "paraphrase": [p.paraphrase for p in pairs], "perturbed": [list(p.perturbed) for p in pairs]})
     with _staging(engine) as staging:
         path = Path(staging) / "people.parquet"
         frame.to_parquet(path, index=False)
