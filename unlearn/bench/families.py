@@ -108,6 +108,25 @@ def digits_records() -> Records:
                    digits.splits == "train")
 
 
+def stratified_records(features: np.ndarray, labels: np.ndarray, prefix: str, per_subject: int,
+                       train_fraction: float = TABULAR_TRAIN_FRACTION) -> Records:
+    """Records of a feature matrix: ``train_fraction`` of each class trained on (seed 0), features standardised
+    with the training records' mean and deviation, subjects of ``per_subject`` records dealt in a fixed
+    shuffle, ids ``<prefix>-00000``. The tabular family's records, and the held-out families'
+    (:mod:`unlearn.bench.heldout`)."""
+    rng = np.random.default_rng(0)
+    trained = np.zeros(len(labels), dtype=bool)
+    for label in np.unique(labels):  # stratified: every class keeps the same share in training
+        members = rng.permutation(np.flatnonzero(labels == label))
+        trained[members[: round(train_fraction * len(members))]] = True
+    mean, deviation = features[trained].mean(axis=0), features[trained].std(axis=0)
+    features = ((features - mean) / np.where(deviation > 0, deviation, 1.0)).astype(np.float32)
+    subject_ids = np.empty(len(labels), dtype=object)
+    subject_ids[rng.permutation(len(labels))] = [f"subject-{i // per_subject:04d}" for i in range(len(labels))]
+    record_ids = np.array([f"{prefix}-{i:05d}" for i in range(len(labels))])
+    return Records(features, labels.astype(np.int64), record_ids, subject_ids.astype(str), trained)
+
+
 @functools.cache
 def tabular_records() -> Records:
     """The tabular family's records (module docstring); deterministic for a given scikit-learn."""
@@ -116,18 +135,7 @@ def tabular_records() -> Records:
     features, labels = make_classification(
         n_samples=TABULAR_SAMPLES, n_features=TABULAR_FEATURES, n_informative=10, n_redundant=4,
         n_classes=TABULAR_CLASSES, n_clusters_per_class=2, flip_y=0.05, class_sep=1.0, random_state=0)
-    rng = np.random.default_rng(0)
-    trained = np.zeros(len(labels), dtype=bool)
-    for label in range(TABULAR_CLASSES):  # stratified: every class keeps the same share in training
-        members = rng.permutation(np.flatnonzero(labels == label))
-        trained[members[: round(TABULAR_TRAIN_FRACTION * len(members))]] = True
-    mean, deviation = features[trained].mean(axis=0), features[trained].std(axis=0)
-    features = ((features - mean) / deviation).astype(np.float32)
-    owner_order = rng.permutation(len(labels))
-    subject_ids = np.empty(len(labels), dtype=object)
-    subject_ids[owner_order] = [f"subject-{i // TABULAR_RECORDS_PER_SUBJECT:04d}" for i in range(len(labels))]
-    record_ids = np.array([f"tabular-{i:05d}" for i in range(len(labels))])
-    return Records(features, labels.astype(np.int64), record_ids, subject_ids.astype(str), trained)
+    return stratified_records(features, labels, "tabular", TABULAR_RECORDS_PER_SUBJECT)
 
 
 def _tabular_factory(seed: int) -> nn.Module:

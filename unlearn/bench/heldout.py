@@ -38,10 +38,14 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from unlearn.bench.families import Family, Records
+from unlearn.bench.families import (
+    TABULAR_TRAIN_FRACTION,
+    Family,
+    Records,
+    stratified_records,
+)
 from unlearn.bench.harness import prepare
 from unlearn.bench.scenarios import SELECTORS
 from unlearn.bench.sweep import (
@@ -59,22 +63,7 @@ from unlearn.training import TrainRecipe
 
 HELDOUT_FORGET_CLASS = 1
 """The class the ``<family>-class`` scenarios erase (every held-out family has a class 1)."""
-TRAIN_FRACTION = 0.6
-
-
-def stratified_records(features: np.ndarray, labels: np.ndarray, prefix: str, per_subject: int) -> Records:
-    """Train 60% of each class (seed 0), standardise on the training records, deal subjects in a fixed shuffle."""
-    rng = np.random.default_rng(0)
-    trained = np.zeros(len(labels), dtype=bool)
-    for label in np.unique(labels):
-        members = rng.permutation(np.flatnonzero(labels == label))
-        trained[members[: round(TRAIN_FRACTION * len(members))]] = True
-    mean, deviation = features[trained].mean(axis=0), features[trained].std(axis=0)
-    features = ((features - mean) / np.where(deviation > 0, deviation, 1.0)).astype(np.float32)
-    subject_ids = np.empty(len(labels), dtype=object)
-    subject_ids[rng.permutation(len(labels))] = [f"subject-{i // per_subject:04d}" for i in range(len(labels))]
-    record_ids = np.array([f"{prefix}-{i:05d}" for i in range(len(labels))])
-    return Records(features, labels.astype(np.int64), record_ids, subject_ids.astype(str), trained)
+TRAIN_FRACTION = TABULAR_TRAIN_FRACTION
 
 
 @functools.cache
