@@ -41,7 +41,7 @@ Checks (each a :class:`GateCheck` with its value, limit and rule):
    mislabelled records is REJECTED rather than accepted while memorised.
 
 5. causal-LM record and subject erasure: ``knowledge``, a paraphrase probe
-   (:func:`unlearn.lm.metrics.knowledge_probe`): the erased people's truth ratios (a paraphrase of the true
+   (:func:`unlearn.membership.knowledge_probe`): the erased people's truth ratios (a paraphrase of the true
    answer against perturbed ones, on the model after) must be indistinguishable from the ``audit`` people's
    (two-sided KS p-value >= ``min_forget_p``). Why: answer-level evidence can miss a fact the model still
    holds. On the fictitious-subjects GPT, ``simnpo+rt`` left the erased answers at the never-seen level (loss

@@ -15,7 +15,7 @@ would be rejected. Two kinds of draws, on the fictitious-subjects data (:mod:`un
   thresholds (what ``judge``'s ``membership_ks`` and ``membership_auc`` checks apply).
 
 Beside the membership checks, every case also runs the paraphrase probe of
-:func:`unlearn.lm.metrics.knowledge_probe` (the truth ratios of the "erased" people against the audit
+:func:`unlearn.membership.knowledge_probe` (the truth ratios of the "erased" people against the audit
 people's on the same model, KS p-value >= the policy's ``min_forget_p``), the gate's ``knowledge`` check,
 measured to know how often a retrained model passes it.
 
@@ -40,9 +40,9 @@ from unlearn.bench import default_cache_dir
 from unlearn.bench.lm_subjects import people_splits
 from unlearn.gate import GatePolicy, judge
 from unlearn.lm.fictitious import LM_RECIPE, LM_SPEC, load_fictitious_subjects
-from unlearn.lm.metrics import knowledge_probe, split_truth_ratios
+from unlearn.lm.metrics import ParaphraseProbe, split_truth_ratios
 from unlearn.lm.model import GPTFactory, LMCache
-from unlearn.membership import membership_losses, membership_test
+from unlearn.membership import knowledge_probe, membership_losses, membership_test
 
 PSEUDO_FORGET_PEOPLE = 10
 
@@ -54,7 +54,9 @@ def calibrate(seeds: list[int], draws: int, policy: GatePolicy, device: torch.de
     factory = GPTFactory(len(data.tokenizer), LM_SPEC, data.tokenizer.eos_token_id)
     models = LMCache(cache)
     audit = data.examples(data.audit_subjects)
+    audit_split = data.split(data.audit_subjects)
     tune_people = np.array(data.tune_subjects)
+    tune_splits = {s: data.split([s]) for s in tune_people.tolist()}  # encoded once, scored on every model
     retrained_rows, pseudo_rows = [], []
     for seed in seeds:
         people = people_splits(data, seed)
@@ -62,11 +64,11 @@ def calibrate(seeds: list[int], draws: int, policy: GatePolicy, device: torch.de
         retain, forget = data.examples(people.retain), data.examples(people.forget)
         original, _ = models.get_or_train("original", task, factory, data.examples(data.train_subjects), recipe, device)
         retrained, _ = models.get_or_train("retrained", task, factory, retain, recipe, device)
-        verdict = judge(task, retrained, retrained, forget, retain, audit, policy)
+        verdict = judge(task, retrained, retrained, forget, retain, audit, policy,
+                        knowledge=ParaphraseProbe(task, data.split(people.forget), audit_split))
         checks = {c.name: c for c in verdict.checks}
-        audit_split = data.split(data.audit_subjects)
-        knowledge_p, knowledge_shift = knowledge_probe(split_truth_ratios(task, retrained, data.split(people.forget)),
-                                                       split_truth_ratios(task, retrained, audit_split))
+        knowledge_p = checks["knowledge"].value
+        knowledge_shift = verdict.evidence["knowledge"]["median_log_truth_ratio_shift"]
         retrained_rows.append({
             "seed": seed, "passed": all(checks[n].passed for n in ("membership_ks", "membership_auc")),
             "ks_p": checks["membership_ks"].value, "auc": checks["membership_auc"].value,
@@ -78,7 +80,7 @@ def calibrate(seeds: list[int], draws: int, policy: GatePolicy, device: torch.de
             audit_losses = membership_losses(task, model, audit)
             tune_losses = {s: membership_losses(task, model, data.examples([s])) for s in tune_people.tolist()}
             audit_ratios = split_truth_ratios(task, model, audit_split).numpy()
-            tune_ratios = {s: split_truth_ratios(task, model, data.split([s])).numpy() for s in tune_people.tolist()}
+            tune_ratios = {s: split_truth_ratios(task, model, split).numpy() for s, split in tune_splits.items()}
             rng = np.random.default_rng(7000 + seed)
             passes, ks_fail, auc_fail, knowledge_passes = 0, 0, 0, 0
             for _ in range(draws):
