@@ -85,20 +85,19 @@ def encode_dataset(task: CausalLMTask, data: LoadedDataset, model: nn.Module) ->
                        model_context_length(model), field="dataset")
 
 
-def paraphrase_probe(task: CausalLMTask, data: LoadedDataset, model: nn.Module, forget_mask: np.ndarray,
-                     audit_mask: np.ndarray) -> ParaphraseProbe | None:
-    """The gate's ``knowledge`` probe on the erased and the ``audit`` records that carry a paraphrase and
-    perturbed answers (:data:`service.datasets.PROBE_COLUMNS`), or None when either side has none (the gate
-    then reports the check as not checkable)."""
-    if data.paraphrases is None:
-        return None
-    has = np.array([p is not None for p in data.paraphrases], dtype=bool)
-    erased, audit = np.flatnonzero(forget_mask & has), np.flatnonzero(audit_mask & has)
-    if not len(erased) or not len(audit):
+def paraphrase_probe(task: CausalLMTask, model: nn.Module, erased: LoadedDataset, erased_mask: np.ndarray,
+                     audit: LoadedDataset, audit_mask: np.ndarray) -> ParaphraseProbe | None:
+    """The gate's ``knowledge`` probe on the erased records (``erased_mask`` of ``erased``) and the ``audit``
+    records (``audit_mask`` of ``audit``) that carry a paraphrase and perturbed answers
+    (:data:`service.datasets.PROBE_COLUMNS`), or None when either side has none (the gate then reports the
+    check as not checkable). An erasure passes the same dataset twice; an update's re-check of an earlier
+    erasure passes its sealed records (which keep their paraphrase columns) and the current dataset."""
+    erased_rows, audit_rows = _probe_rows(erased, erased_mask), _probe_rows(audit, audit_mask)
+    if not len(erased_rows) or not len(audit_rows):
         return None
     context = model_context_length(model)
 
-    def split(rows: np.ndarray) -> QASplit:
+    def split(data: LoadedDataset, rows: np.ndarray) -> QASplit:
         prompts, subjects = [str(data.prompts[i]) for i in rows], subject_numbers(data.subject_hashes[rows])
 
         def encode(answers: list[str]) -> ExampleSet:
@@ -109,7 +108,15 @@ def paraphrase_probe(task: CausalLMTask, data: LoadedDataset, model: nn.Module, 
                        tuple(encode([data.perturbed[i][j] for i in rows]) for j in range(wrong)),
                        tuple(str(data.answers[i]) for i in rows))
 
-    return ParaphraseProbe(task, split(erased), split(audit))
+    return ParaphraseProbe(task, split(erased, erased_rows), split(audit, audit_rows))
+
+
+def _probe_rows(data: LoadedDataset, mask: np.ndarray) -> np.ndarray:
+    """The rows of ``mask`` that carry a paraphrase (none when the dataset has no probe columns)."""
+    if data.paraphrases is None:
+        return np.zeros(0, dtype=int)
+    has = np.array([p is not None for p in data.paraphrases], dtype=bool)
+    return np.flatnonzero(mask & has)
 
 
 def subset(examples: ExampleSet, mask: np.ndarray) -> ExampleSet:

@@ -408,7 +408,7 @@ def unlearn(ctx: PipelineContext, job, info: ModelInfo, scope: Scope, progress: 
                              "note": "no training records matched: the model never trained on them"}}, None
     forget, utility, audit = scope.examples(scope.forget), scope.examples(scope.utility_mask), scope.examples(scope.audit)
     earlier = scope.examples(scope.earlier_left) if scope.earlier_left.any() else None
-    knowledge = scope.support.knowledge(scope.data, scope.base_model, scope.forget, scope.audit)
+    knowledge = scope.support.knowledge(scope.base_model, scope.data, scope.forget, scope.data, scope.audit)
     onnx_path = ctx.settings.cache_dir / "onnx" / f"{job.job_id}.onnx"
     chain = job_chain(job, policy, bool(scope.classes), info.task_type.value)
     request = UnlearnRequest(task=scope.task, forget=forget, retain=scope.examples(scope.retain),

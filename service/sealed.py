@@ -53,6 +53,7 @@ import secrets
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -61,6 +62,7 @@ import pyarrow.parquet as pq
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from continual.examples import join
 from service import store as db
 from service.audit import sha256_hex
 from service.context import PipelineContext
@@ -73,7 +75,7 @@ from service.datasets import (
 )
 from service.domain import JobState
 from unlearn.data import ExampleSet
-from unlearn.gate import GateCheck, GateResult, still_erased
+from unlearn.gate import GateCheck, GateResult, KnowledgeProbe, still_erased
 from unlearn.membership import CONFIDENCE_Z
 from unlearn.tasks import TaskAdapter
 
@@ -297,7 +299,8 @@ def _readable_copy(ctx: PipelineContext, row) -> Path:
 
 # ------------------------------------------------------------------------------------------ checking
 def erasure_rechecks(catalog: DatasetCatalog, support, task: TaskAdapter, model, audit: ExampleSet, policy,
-                     opened: list[OpenedSet], unavailable: list[UnavailableSet]) -> GateResult:
+                     opened: list[OpenedSet], unavailable: list[UnavailableSet],
+                     knowledge_of: Callable[[LoadedDataset], KnowledgeProbe | None] | None = None) -> GateResult:
     """One check per earlier erasure of the lineage, on ``model`` (the update's result), named
     ``erased_stays_erased[<request id>]``:
 
@@ -305,7 +308,11 @@ def erasure_rechecks(catalog: DatasetCatalog, support, task: TaskAdapter, model,
       (the erasure gate's ``forgetting`` check, :func:`unlearn.gate.judge`);
     - record and subject erasure: the two-sided membership test of the sealed records against ``audit``
       (never-trained records of the current data): KS p >= ``min_forget_p`` and the loss-attack AUC within
-      0.5 +- (``mia_auc_margin`` + noise), as the erasure gate's ``membership_ks``/``membership_auc``;
+      0.5 +- (``mia_auc_margin`` + noise), as the erasure gate's ``membership_ks``/``membership_auc``; on a
+      causal LM also the erasure gate's ``knowledge`` check, with ``knowledge_of(sealed records)`` as the
+      probe (the sealed records keep their ``paraphrase``/``perturbed`` columns; the audit side is the current
+      dataset's): a fact that an update brought back in other wordings fails the re-check. Without a probe
+      (no paraphrases on either side) the evidence says the re-check is answer-level only;
     - an erasure without a set: ``passed=None`` with the reason when the policy let it go (retention 0, key
       destroyed, window ended): "not checkable"; ``passed=False`` when the set should be readable and is not
       (ciphertext missing or failing authentication): fail closed, an operator must look.
@@ -321,7 +328,8 @@ def erasure_rechecks(catalog: DatasetCatalog, support, task: TaskAdapter, model,
         data = catalog.from_frame(sealed.frame)
         examples = support.examples(data, model)(np.ones(len(data), dtype=bool))
         classes = tuple(sealed.classes) if sealed.kind == "classes" else None
-        check = still_erased(task, model, examples, audit, policy, classes)
+        probe = knowledge_of(data) if knowledge_of is not None and classes is None else None
+        check = still_erased(task, model, examples, audit, policy, classes, probe)
         if classes:
             checks.append(GateCheck(name, check.value, check.limit, check.passed,
                                     f"class erasure {list(sealed.classes)} by job {sealed.job_id}: accuracy on its "
@@ -331,13 +339,17 @@ def erasure_rechecks(catalog: DatasetCatalog, support, task: TaskAdapter, model,
                                            "job_id": sealed.job_id}
         else:
             test, slack = check.membership, check.auc_slack
-            checks.append(GateCheck(
-                name, check.value, check.limit, check.passed,
-                f"record erasure by job {sealed.job_id}: its {len(examples)} sealed record(s) vs the audit split: "
-                f"KS p-value >= min_forget_p and loss-attack AUC ({test.auc:.3f}) within 0.5 +- "
-                f"(mia_auc_margin + {CONFIDENCE_Z} * null sd) = 0.5 +- {slack:.3f}"))
-            evidence[sealed.request_id] = {"kind": "records", "membership": test.as_dict(), "auc_slack": slack,
-                                           "job_id": sealed.job_id}
+            rule = (f"record erasure by job {sealed.job_id}: its {len(examples)} sealed record(s) vs the audit split: "
+                    f"KS p-value >= min_forget_p and loss-attack AUC ({test.auc:.3f}) within 0.5 +- "
+                    f"(mia_auc_margin + {CONFIDENCE_Z} * null sd) = 0.5 +- {slack:.3f}")
+            found = {"kind": "records", "membership": test.as_dict(), "auc_slack": slack, "job_id": sealed.job_id}
+            if check.knowledge is not None:  # causal LM: the paraphrase probe, or why it could not run
+                rule += "; and the knowledge check (truth ratios vs audit's, KS p-value >= min_forget_p)"
+                found["knowledge"] = ({**check.knowledge_evidence, "passed": check.knowledge.passed}
+                                      if check.knowledge_evidence is not None else
+                                      {"passed": None, "reason": check.knowledge.reason})
+            checks.append(GateCheck(name, check.value, check.limit, check.passed, rule))
+            evidence[sealed.request_id] = found
     for gone in unavailable:
         by_policy = gone.status in CHECKABLE_NEVER
         checks.append(GateCheck(
@@ -355,7 +367,7 @@ def sealed_examples(catalog: DatasetCatalog, support, model, sets: list[OpenedSe
     for sealed in sets:
         data = catalog.from_frame(sealed.frame)
         part = support.examples(data, model)(np.ones(len(data), dtype=bool))
-        examples = part if examples is None else examples.concat(part)
+        examples = part if examples is None else join(examples, part)  # LM sets: padded to the wider
     if examples is None:
         raise ValueError("no sealed set to take examples from")
     return examples

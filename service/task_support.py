@@ -56,9 +56,11 @@ class TaskSupport(Protocol):
     def onnx_evidence(self, model: nn.Module, parity: ExampleSet, utility: ExampleSet, path: Path) -> dict[str, Any]:
         """Export to ONNX, compare with PyTorch on ``parity``, measure ``utility_acc`` with onnxruntime."""
 
-    def knowledge(self, data: LoadedDataset, model: nn.Module, forget_mask: np.ndarray,
+    def knowledge(self, model: nn.Module, erased: LoadedDataset, erased_mask: np.ndarray, audit: LoadedDataset,
                   audit_mask: np.ndarray) -> KnowledgeProbe | None:
-        """The gate's paraphrase probe of an erasure (:mod:`unlearn.gate`), or None when it cannot run."""
+        """The gate's paraphrase probe (:mod:`unlearn.gate`) of the erased records (``erased_mask`` of
+        ``erased``: the job's dataset, or an earlier erasure's sealed records) against the audit records
+        (``audit_mask`` of ``audit``), or None when it cannot run."""
 
 
 class ClassifierSupport:
@@ -86,7 +88,7 @@ class ClassifierSupport:
 
         return classifier_onnx_evidence(model, parity, utility, path)
 
-    def knowledge(self, data: LoadedDataset, model: nn.Module, forget_mask: np.ndarray,
+    def knowledge(self, model: nn.Module, erased: LoadedDataset, erased_mask: np.ndarray, audit: LoadedDataset,
                   audit_mask: np.ndarray) -> KnowledgeProbe | None:
         return None  # truth ratios are a language-model notion: the gate has no such check for classifiers
 
@@ -121,9 +123,9 @@ class CausalLMSupport:
     def onnx_evidence(self, model: nn.Module, parity: ExampleSet, utility: ExampleSet, path: Path) -> dict[str, Any]:
         return lm_support.onnx_evidence(model, parity, utility, path)
 
-    def knowledge(self, data: LoadedDataset, model: nn.Module, forget_mask: np.ndarray,
+    def knowledge(self, model: nn.Module, erased: LoadedDataset, erased_mask: np.ndarray, audit: LoadedDataset,
                   audit_mask: np.ndarray) -> KnowledgeProbe | None:
-        return lm_support.paraphrase_probe(self.task(), data, model, forget_mask, audit_mask)
+        return lm_support.paraphrase_probe(self.task(), model, erased, erased_mask, audit, audit_mask)
 
 
 def task_support(info: ModelInfo) -> TaskSupport:

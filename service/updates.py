@@ -16,7 +16,8 @@ The update gate (:func:`update_gate`), on data no strategy selected on:
    the lowest utility measured DURING training (the stability gap) is evidence beside it;
 3. erased stays erased: every earlier erasure of the lineage is checked again on its sealed verification
    set (:mod:`service.sealed`): class erasures by the class's accuracy, record and subject erasures by the
-   membership test against the audit split; a set whose key was destroyed is reported "not checkable", with
+   membership test against the audit split and, on a causal LM whose sealed records carry paraphrases, the
+   erasure gate's ``knowledge`` check (a re-erasure is judged with it too); a set whose key was destroyed is reported "not checkable", with
    the reason. A rectification's own old values are checked the same way, on the updated model;
 4. ONNX parity and utility on the exported model.
 
@@ -39,6 +40,7 @@ import pandas as pd
 import torch
 from torch import nn
 
+from continual.examples import join
 from service import store as db
 from service.faults import fault_point
 from service.audit import jsonable, sha256_hex
@@ -330,7 +332,9 @@ def update_gate(ctx: PipelineContext, job, info: ModelInfo, scope: Scope, after:
                    GateCheck("rectified_membership_auc", test.auc, slack, test.auc_passes(policy.mia_auc_margin),
                              "old values vs audit: loss-attack AUC within 0.5 +- the margin and the null's noise")]
     opened, unavailable = open_sealed(ctx, job.model_name)
-    rechecks = erasure_rechecks(ctx.catalog, scope.support, task, after, audit, policy, opened, unavailable)
+    rechecks = erasure_rechecks(ctx.catalog, scope.support, task, after, audit, policy, opened, unavailable,
+                                lambda erased: scope.support.knowledge(after, erased, np.ones(len(erased), dtype=bool),
+                                                                       scope.data, scope.audit))
     checks += rechecks.checks
     evidence = {"utility_acc_before": utility_before, "utility_acc_after": utility_after,
                 "learned_acc_before": learned_before, "learned_acc_after": learned_after,
@@ -353,6 +357,13 @@ def update_gate(ctx: PipelineContext, job, info: ModelInfo, scope: Scope, after:
                GateCheck("onnx_utility", onnx["utility_acc"], floor, onnx["utility_acc"] >= floor - 1e-12,
                          "utility accuracy of the ONNX model >= before - max_utility_drop")]
     return GateResult(tuple(checks), {**evidence, "onnx": onnx})
+
+
+def _sealed_probe(ctx: PipelineContext, scope: Scope, model: nn.Module, sets: list) -> Any:
+    """The ``knowledge`` probe of a re-erasure: the sealed records' paraphrases (when their dataset had them)
+    against the current audit records' (None: the gate reports the check as not checkable)."""
+    erased = ctx.catalog.from_frame(pd.concat([s.frame for s in sets], ignore_index=True))
+    return scope.support.knowledge(model, erased, np.ones(len(erased), dtype=bool), scope.data, scope.audit)
 
 
 def reerase_trigger(failures: tuple[str, ...], reerase_after_update: bool) -> str | None:
@@ -401,13 +412,15 @@ def _reerase(ctx: PipelineContext, job, info: ModelInfo, scope: Scope, model: nn
         classes = tuple(sorted({c for s in group for c in (s.classes or ())})) or None
         request = UnlearnRequest(task=scope.task, forget=forget, retain=retain, tune=scope.examples(scope.tune),
                                  # I_D of the UPDATED model over everything it trained on; in memory only
-                                 train_importance=TrainImportance(scope.task, retain.concat(forget)),
+                                 train_importance=TrainImportance(scope.task, join(retain, forget)),
                                  model_factory=_factory(info.training), recipe=_recipe(info.training),
                                  forget_classes=classes, seed=0)
         before = current
-        outcome = run_chain(before, request, chain, lambda result, before=before, forget=forget, classes=classes:
+        knowledge = None if classes else _sealed_probe(ctx, scope, before, group)
+        outcome = run_chain(before, request, chain,
+                            lambda result, before=before, forget=forget, classes=classes, knowledge=knowledge:
                             judge(scope.task, before, result.model, forget, scope.examples(scope.utility_mask),
-                                  scope.examples(scope.audit), _gate_policy(policy), classes))
+                                  scope.examples(scope.audit), _gate_policy(policy), classes, knowledge=knowledge))
         groups.append({"sets": sorted(s.request_id for s in group),
                        "method": outcome.chosen.method if outcome.passed else None,
                        "attempts": [a.summary() for a in outcome.attempts]})

@@ -50,7 +50,8 @@ Checks (each a :class:`GateCheck` with its value, limit and rule):
    It needs paraphrased and perturbed answers (``knowledge``, a :class:`KnowledgeProbe`); without them the
    check is reported with ``passed=None`` and says so, never as a pass. A service dataset carries them in
    its optional ``paraphrase`` and ``perturbed`` columns (:mod:`service.datasets`); an LM certificate without
-   them says its evidence is answer-level only.
+   them says its evidence is answer-level only. The same check runs again when an update re-checks an earlier
+   erasure (:func:`still_erased`, on the sealed records' paraphrases).
 
 Policy values are bounded (:data:`POLICY_LIMITS`): a registration or a request may make the gate stricter or
 slightly looser, never switch it off.
@@ -167,13 +168,17 @@ class StillErased:
     limit: float  # class_forget_max_accuracy; records: min_forget_p
     membership: MembershipResult | None = None  # records only
     auc_slack: float | None = None  # records only: the AUC's half-width around 0.5
+    knowledge: GateCheck | None = None  # causal-LM records only: the paraphrase probe (passed None: no probe)
+    knowledge_evidence: dict[str, Any] | None = None  # its numbers, when it ran
 
 
 def still_erased(task: TaskAdapter, model: nn.Module, forget: ExampleSet, audit: ExampleSet, policy,
-                 classes: tuple[int, ...] | None = None) -> StillErased:
+                 classes: tuple[int, ...] | None = None, knowledge: KnowledgeProbe | None = None) -> StillErased:
     """Erased stays erased: a class erasure by its erased records' accuracy <= ``class_forget_max_accuracy``
     (the ``forgetting`` check), a record or subject erasure by the two-sided membership test of the erased
-    records against ``audit`` (``membership_ks`` and ``membership_auc`` together). ``policy``: anything with
+    records against ``audit`` (``membership_ks`` and ``membership_auc`` together) and, on a causal LM, the
+    erasure gate's ``knowledge`` check with the paraphrase probe ``knowledge`` (the erased records' paraphrases
+    against audit's; without one it is reported not checkable and does not decide). ``policy``: anything with
     the gate's thresholds. One implementation for the service's update gate (:mod:`service.sealed`) and the
     continual benchmark (:mod:`continual.bench.erasure`)."""
     if classes:
@@ -181,8 +186,15 @@ def still_erased(task: TaskAdapter, model: nn.Module, forget: ExampleSet, audit:
         limit = policy.class_forget_max_accuracy
         return StillErased(value <= limit + 1e-12, value, limit)
     test = compare(task, model, forget, audit)
-    return StillErased(test.passes(policy.min_forget_p, policy.mia_auc_margin), test.ks_p_value,
-                       policy.min_forget_p, test, test.auc_slack(policy.mia_auc_margin))
+    passed = test.passes(policy.min_forget_p, policy.mia_auc_margin)
+    probe_check, probe_evidence = None, None
+    if task.name == CAUSAL_LM:
+        found: dict[str, Any] = {}
+        probe_check = knowledge_check(knowledge, model, policy, found)
+        probe_evidence = found.get("knowledge")
+        passed = passed and probe_check.passed is not False
+    return StillErased(passed, test.ks_p_value, policy.min_forget_p, test, test.auc_slack(policy.mia_auc_margin),
+                       probe_check, probe_evidence)
 
 
 def without_classes(examples: ExampleSet, classes: tuple[int, ...] | None) -> ExampleSet:
@@ -257,7 +269,7 @@ def judge(task: TaskAdapter, before: nn.Module, after: nn.Module, forget: Exampl
             f"forget accuracy (training labels) <= audit accuracy + {FORGET_ACCURACY_MARGIN}, unless the excess "
             f"is not significant (one-sided Fisher exact p >= min_forget_p; here p = {excess_p:.3g})"))
         if task.name == CAUSAL_LM:
-            checks.append(_knowledge_check(knowledge, after, policy, evidence))
+            checks.append(knowledge_check(knowledge, after, policy, evidence))
     if forget_classes or earlier_classes:
         evidence["continual"] = _continual_evidence(task, before, after, forget_classes, forget_after,
                                                     earlier_classes, earlier)
@@ -277,8 +289,10 @@ def judge(task: TaskAdapter, before: nn.Module, after: nn.Module, forget: Exampl
     return GateResult(tuple(checks), evidence)
 
 
-def _knowledge_check(probe: KnowledgeProbe | None, after: nn.Module, policy: GatePolicy,
-                     evidence: dict[str, Any]) -> GateCheck:
+def knowledge_check(probe: KnowledgeProbe | None, after: nn.Module, policy,
+                    evidence: dict[str, Any]) -> GateCheck:
+    """Check 5 (module docstring) on ``after``; its numbers go into ``evidence["knowledge"]``. Without a probe:
+    ``passed=None`` with the reason (the evidence is answer-level only), never a pass."""
     if probe is None:
         return GateCheck("knowledge", None, policy.min_forget_p, None, KNOWLEDGE_RULE,
                          reason="not checkable: no paraphrased and perturbed answers for the erased or the audit records, so this "

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pandas as pd
@@ -21,7 +22,9 @@ from service.domain import (
     InvalidArgument,
     JobState,
     ModelRegistration,
+    NewRecord,
     TaskType,
+    UpdateSubmission,
     VerificationPolicy,
 )
 from service.engine import Engine
@@ -71,12 +74,13 @@ def lm_engine(tmp_path_factory):
     engine.store.dispose()
 
 
-def _register(engine: Engine, root: Path, frame: pd.DataFrame, name: str = MODEL, version: str = "1"):
+def _register(engine: Engine, root: Path, frame: pd.DataFrame, name: str = MODEL, version: str = "1",
+              policy: VerificationPolicy = POLICY):
     path = root / f"{name}-{len(list(root.glob('*.parquet')))}.parquet"
     frame.to_parquet(path, index=False)
     return engine.register_model(ModelRegistration(model_name=name, version=version, alias=None,
                                                    task_type=TaskType.CAUSAL_LM, dataset_uri=str(path),
-                                                   policy=POLICY))
+                                                   policy=policy))
 
 
 def _refused(engine: Engine, root: Path, frame: pd.DataFrame, name: str = MODEL) -> dict[str, str]:
@@ -188,3 +192,47 @@ def test_with_paraphrases_the_gate_runs_its_knowledge_check_and_the_new_version_
             dataset = db.dataset_for_model_version(conn, name, job.result_version)
         kept = engine.catalog.frame(dataset.path)
         assert {"paraphrase", "perturbed"} <= set(kept.columns) and "person-02" not in set(kept["subject_id"])
+
+
+def test_an_update_rechecks_an_earlier_lm_erasure_on_its_sealed_paraphrases_too(lm_engine):
+    """Erased stays erased, at the knowledge level: the sealed set of an LM erasure keeps the erased records'
+    paraphrase columns, and the next update's re-check of that erasure runs the knowledge check on them
+    against the current audit records (service.sealed.erasure_rechecks), its numbers in the evidence."""
+    engine, root, frame, tokenizer, model = lm_engine
+    pairs = question_pairs(generate_people(12, seed=5), seed=5)
+    probe_frame = frame.assign(paraphrase=[p.paraphrase for p in pairs], perturbed=[list(p.perturbed) for p in pairs])
+    # people 1 and 2 are erased by the tests above (their ids are tombstoned on this engine)
+    probe_frame = probe_frame[~probe_frame["subject_id"].isin(["person-01", "person-02"])]
+    probe_frame = probe_frame.assign(record_id=[f"rc-{i:03d}" for i in range(len(probe_frame))])
+    name = "tiny-gpt-recheck"
+    engine.registry.log_initial_model(model.eval(), name, run_name="tiny-gpt-recheck", tokenizer=tokenizer)
+    # reerase_after_update: the update then also erases person 3 again from the sealed set, through the gate
+    # with the same knowledge probe (service.updates._reerase)
+    _register(engine, root, probe_frame, name, policy=replace(POLICY, reerase_after_update=True, min_update_fit=0.5))
+    erased = engine.submit_erasure(ErasureRequest(request_id="lm-erase-sealed", subject_ids=("person-03",),
+                                                  model_names=(name,)))
+    (job,) = wait_for_jobs(engine, erased.job_ids, timeout_s=120)
+    assert job.state is JobState.SUCCEEDED, job.message  # a sealed set exists only for a registered erasure
+
+    # New records: person 4's facts asked in other wordings (tokens the tokenizer knows), a new subject.
+    reworded = [p for p in question_pairs(generate_people(12, seed=5), seed=6) if p.subject_id == 4]
+    records = tuple(NewRecord(f"rc-new-{i}", "person-new", {"prompt": p.prompt, "answer": p.answer})
+                    for i, p in enumerate(reworded))
+    update = engine.submit_update(UpdateSubmission("lm-update-after-erasure", name, records=records))
+    (updated,) = wait_for_jobs(engine, update.job_ids, timeout_s=300)
+    verification = updated.evidence["verification"]
+    recheck = next(c for c in verification["checks"] if c["name"] == "erased_stays_erased[lm-erase-sealed]")
+    found = verification["erasure_rechecks"]["lm-erase-sealed"]
+    print("re-check:", json.dumps(recheck), json.dumps(found["knowledge"]), updated.state, updated.message)
+    knowledge = found["knowledge"]
+    erased_rows = int((probe_frame["subject_id"] == "person-03").sum())
+    assert knowledge["erased_questions"] == erased_rows and knowledge["audit_questions"] > 0
+    assert knowledge["passed"] is (knowledge["ks_p_value"] >= POLICY.min_forget_p)
+    assert "knowledge check" in recheck["rule"]
+    membership = found["membership"]
+    passes_membership = (membership["ks_p_value"] >= POLICY.min_forget_p
+                         and abs(membership["auc"] - 0.5) <= found["auc_slack"] + 1e-12)
+    assert recheck["passed"] is (passes_membership and knowledge["passed"])
+    escalation = updated.evidence["update"]["escalation"]
+    if recheck["passed"]:  # otherwise the update was refused before any re-erasure
+        assert escalation["method"]["sets"] == ["lm-erase-sealed"] and escalation["method"]["attempts"]

@@ -308,3 +308,38 @@ def test_knowledge_check_without_paraphrases_is_reported_as_not_checkable_never_
     classifier = judge(TASK, problem.model, problem.model, problem.forget, problem.retain, problem.holdout,
                        GatePolicy())
     assert "knowledge" not in {c.name for c in classifier.checks}
+
+
+def test_an_earlier_lm_erasure_is_rechecked_on_knowledge_too():
+    """still_erased (an update's re-check of an earlier erasure): on a causal LM the membership test alone can
+    pass while the paraphrase probe shows the facts are back; the re-check then fails. Without a probe it is
+    decided by membership and says the knowledge check could not run."""
+    import numpy as np
+
+    from tests.unlearn.lm_helpers import lm_problem
+    from unlearn.gate import still_erased
+
+    problem = lm_problem()
+    people = problem.holdout["subject_id"]
+    never_seen_a = problem.holdout.subset(torch.nonzero(people <= 9).flatten())  # people 8-9, never trained on
+    never_seen_b = problem.holdout.subset(torch.nonzero(people >= 10).flatten())  # people 10-11
+    ratios = np.linspace(0.5, 2.0, 60)
+
+    def recheck(probe):
+        return still_erased(problem.task, problem.model, never_seen_a, never_seen_b, GatePolicy(), knowledge=probe)
+
+    answer_level = recheck(None)
+    assert answer_level.passed is True, answer_level.membership  # membership cannot tell these people apart
+    assert answer_level.knowledge.passed is None and "answer-level only" in answer_level.knowledge.reason
+    assert answer_level.knowledge_evidence is None
+
+    came_back = recheck(_Probe(ratios * 0.1, ratios))  # the true values preferred again, in other wordings
+    assert came_back.passed is False and came_back.knowledge.passed is False
+    assert came_back.knowledge_evidence["ks_p_value"] < GatePolicy().min_forget_p
+    assert came_back.membership.passes(GatePolicy().min_forget_p, GatePolicy().mia_auc_margin)
+
+    still_gone = recheck(_Probe(ratios[::2], ratios))
+    assert still_gone.passed is True and still_gone.knowledge.passed is True
+    # class erasures and classifiers have no knowledge check
+    problem_c = class_problem()
+    assert still_erased(TASK, problem_c.model, problem_c.forget, problem_c.holdout, GatePolicy()).knowledge is None
