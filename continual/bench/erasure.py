@@ -10,7 +10,9 @@ starting model, and keeps the first result that :func:`unlearn.gate.judge` passe
   questions) at most 2 points below the starting model's;
 - class erasure: forget accuracy <= 0.05;
 - record or subject erasure: the two-sided membership test of :mod:`unlearn.membership` (KS p-value and
-  loss-attack AUC) of the erased records against never-trained ``audit`` records.
+  loss-attack AUC) of the erased records against never-trained ``audit`` records;
+- causal-LM record or subject erasure with a paraphrase probe (``knowledge``, as the service passes one for
+  data with paraphrases): the gate's ``knowledge`` check, here and in every re-check and re-erasure.
 
 Methods stop or search on the ``tune`` records of the request, the gate judges on ``audit`` records (the
 keyed-hash split of :mod:`unlearn.splits`), and the scenario reports on a third set neither of them saw.
@@ -37,7 +39,7 @@ from continual.examples import join
 from unlearn import registry
 from unlearn.chain import default_chain, run_chain
 from unlearn.data import ExampleSet
-from unlearn.gate import GatePolicy, GateResult, judge, still_erased
+from unlearn.gate import GatePolicy, GateResult, KnowledgeProbe, judge, still_erased
 from unlearn.importance import TrainImportance
 from unlearn.registry import UnlearnRequest, UnlearnResult
 from unlearn.tasks import TaskAdapter, accuracy
@@ -45,12 +47,12 @@ from unlearn.tasks import TaskAdapter, accuracy
 
 def erase(model: nn.Module, request: UnlearnRequest, kind: str, utility: ExampleSet, audit: ExampleSet,
           params: Mapping[str, dict] | None = None, methods: Sequence[str] | None = None,
-          policy: GatePolicy | None = None) -> tuple[nn.Module, dict[str, Any]]:
+          policy: GatePolicy | None = None, knowledge: KnowledgeProbe | None = None) -> tuple[nn.Module, dict[str, Any]]:
     """The first result of the chain (``methods``, default: the default chain for ``kind``) that passes the
     gate (``policy``, default :class:`unlearn.gate.GatePolicy`), and every attempt's evidence."""
     names = list(methods) if methods is not None else [name for name, _ in default_chain(kind)]
     result, evidence = _first_passing(model, request, names, utility, audit, params, accept_exact=True,
-                                      policy=policy or GatePolicy())
+                                      policy=policy or GatePolicy(), knowledge=knowledge)
     if result is None:
         raise RuntimeError(f"no method of the chain passed the gate and none is exact: {evidence['attempts']}")
     return result, evidence
@@ -58,7 +60,8 @@ def erase(model: nn.Module, request: UnlearnRequest, kind: str, utility: Example
 
 def erase_again(model: nn.Module, request: UnlearnRequest, retain: ExampleSet, kind: str, utility: ExampleSet,
                 audit: ExampleSet, params: Mapping[str, dict] | None = None, methods: Sequence[str] | None = None,
-                policy: GatePolicy | None = None) -> tuple[nn.Module | None, dict[str, Any]]:
+                policy: GatePolicy | None = None,
+                knowledge: KnowledgeProbe | None = None) -> tuple[nn.Module | None, dict[str, Any]]:
     """A regressed erasure erased again on an updated model, as the service's update job does it
     (``service.updates._reerase``): ``request``'s forget set against ``retain`` (what the updated model keeps:
     old data and new; the importance I_D over both), the chain's approximate methods only (an exact retrain
@@ -69,24 +72,31 @@ def erase_again(model: nn.Module, request: UnlearnRequest, retain: ExampleSet, k
     names = list(methods) if methods is not None else [name for name, _ in default_chain(kind)]
     approximate = [name for name in names if not registry.get(name).exact]
     return _first_passing(model, request, approximate, utility, audit, params, accept_exact=False,
-                          policy=policy or GatePolicy())
+                          policy=policy or GatePolicy(), knowledge=knowledge)
 
 
 def recheck(task: TaskAdapter, model: nn.Module, forget: ExampleSet, audit: ExampleSet,
-            classes: Sequence[int] = (), policy: GatePolicy | None = None) -> dict[str, Any]:
+            classes: Sequence[int] = (), policy: GatePolicy | None = None,
+            knowledge: KnowledgeProbe | None = None) -> dict[str, Any]:
     """The service's erased-stays-erased check (:func:`unlearn.gate.still_erased`, as
     ``service.sealed.erasure_rechecks`` runs it) with ``policy`` (default :class:`unlearn.gate.GatePolicy`): a
     class erasure by the class's accuracy on its erased records, a record or subject erasure by the two-sided
-    membership test of the erased records against ``audit``."""
-    check = still_erased(task, model, forget, audit, policy or GatePolicy(), tuple(classes) or None)
+    membership test of the erased records against ``audit`` (and, on a causal LM, the ``knowledge`` check with
+    the probe ``knowledge``)."""
+    check = still_erased(task, model, forget, audit, policy or GatePolicy(), tuple(classes) or None, knowledge)
     if check.membership is None:
         return {"passed": check.passed, "accuracy": check.value, "limit": check.limit}
-    return {"passed": check.passed, **check.membership.as_dict(), "auc_slack": check.auc_slack}
+    found = {"passed": check.passed, **check.membership.as_dict(), "auc_slack": check.auc_slack}
+    if check.knowledge is not None:
+        found["knowledge"] = ({**check.knowledge_evidence, "passed": check.knowledge.passed}
+                              if check.knowledge_evidence is not None else
+                              {"passed": None, "reason": check.knowledge.reason})
+    return found
 
 
 def _first_passing(model: nn.Module, request: UnlearnRequest, names: Sequence[str], utility: ExampleSet,
                    audit: ExampleSet, params: Mapping[str, dict] | None, accept_exact: bool,
-                   policy: GatePolicy) -> tuple[nn.Module | None, dict[str, Any]]:
+                   policy: GatePolicy, knowledge: KnowledgeProbe | None = None) -> tuple[nn.Module | None, dict[str, Any]]:
     params = params or {}
     chain = [(name, params.get(name, {})) for name in names]
     task = request.task
@@ -95,7 +105,7 @@ def _first_passing(model: nn.Module, request: UnlearnRequest, names: Sequence[st
 
     def verdict(result: UnlearnResult) -> GateResult:
         gate = judge(task, model, result.model, request.forget, utility, audit, policy, request.forget_classes,
-                     utility_before)
+                     utility_before, knowledge=knowledge)
         if accept_exact and result.exact and not gate.passed:  # see the module docstring
             forced.update(accepted_despite_gate=list(gate.failures))
             return GateResult((), {"gate": gate.as_dict(), "accepted_because": "exact"})

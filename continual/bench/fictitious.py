@@ -11,7 +11,8 @@ five questions each. The run's seed (``numpy.random.default_rng(6000 + seed)``) 
   (alpha 3) -> ``retrain`` (``unlearn``'s default chain for causal LMs with ``gu+graddiff`` inserted, see
   :data:`CHAIN_METHODS`), judged by ``unlearn``'s gate (:mod:`continual.bench.erasure`); replay buffers are
   purged of them; after each later update they are re-checked as the service's update gate does (membership
-  against the gate's audit people) and erased again with the chain's approximate methods when they regressed
+  against the gate's audit people, and the ``knowledge`` check: their paraphrases' truth ratios against the
+  audit people's, the service's check on data with paraphrases, also in the erasure gate) and erased again with the chain's approximate methods when they regressed
   (``--reerase on-regression``, the service's rule) or after every update (``--reerase after-every-update``)
   (:func:`continual.bench.harness.keep_erased`, timed with the update);
 - 10 other base people are the tune data (WiSE-FT's coefficient) and the gate's utility set, and the 20
@@ -51,7 +52,7 @@ from continual.examples import join
 from continual.registry import CAUSAL_LM
 from unlearn.importance import TrainImportance
 from unlearn.lm.fictitious import LM_RECIPE, LM_SPEC, FictitiousSubjects, load_fictitious_subjects
-from unlearn.lm.metrics import answer_statistics, forget_quality, truth_ratios
+from unlearn.lm.metrics import ParaphraseProbe, answer_statistics, forget_quality, truth_ratios
 from unlearn.membership import compare
 from unlearn.lm.model import GPTFactory, LMCache
 from unlearn.registry import UnlearnRequest
@@ -142,10 +143,13 @@ def fictitious_updates(seed: int, cache_dir: Path, device: torch.device) -> Scen
     erased_split, audit = data.split(erased), data.examples(report_audit)
 
     chain_audit_examples = data.examples(chain_audit)
+    # The gate's knowledge check, as the service runs it on data with paraphrases: the erased people's truth
+    # ratios against the chain-audit people's (the erasure gate, every re-check, every re-erasure).
+    probe = ParaphraseProbe(task, erased_split, data.split(chain_audit))
 
     def erase_people(current):
         model, evidence = erase(current, erase_request, CAUSAL_LM, utility=tune, audit=chain_audit_examples,
-                                params=CHAIN_PARAMS, methods=CHAIN_METHODS)
+                                params=CHAIN_PARAMS, methods=CHAIN_METHODS, knowledge=probe)
         # Right after the erasure, on the report-audit people (neither the method nor its gate saw them): tells
         # what the erasure left apart from what the later updates do.
         right_after = compare(task, model, erased_split.answers, audit)
@@ -153,11 +157,11 @@ def fictitious_updates(seed: int, cache_dir: Path, device: torch.device) -> Scen
         return model, evidence
 
     def people_still_erased(current) -> dict:  # the update gate's check, on the gate's audit people
-        return recheck(task, current, erased_keyed.examples, chain_audit_examples)
+        return recheck(task, current, erased_keyed.examples, chain_audit_examples, knowledge=probe)
 
     def erase_people_again(current, retain_now: Keyed):
         return erase_again(current, erase_request, retain_now.examples, CAUSAL_LM, utility=tune,
-                           audit=chain_audit_examples, params=CHAIN_PARAMS, methods=CHAIN_METHODS)
+                           audit=chain_audit_examples, params=CHAIN_PARAMS, methods=CHAIN_METHODS, knowledge=probe)
 
     erasure = Erasure(f"{ERASED_PEOPLE} people", erase_people, record_ids=frozenset(erased_keyed.record_ids),
                       subject_hashes=frozenset(erased_keyed.subject_hashes), recheck=people_still_erased,
