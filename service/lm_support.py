@@ -41,6 +41,25 @@ def subject_numbers(subject_keys: np.ndarray) -> list[int]:
     return np.unique(np.asarray(subject_keys).astype(str), return_inverse=True)[1].astype(int).tolist()
 
 
+def record_violations(task: CausalLMTask, context: int, frame: pd.DataFrame) -> list[FieldViolation]:
+    """Does every record of ``frame`` (its answer, and its paraphrase and wrong answers where it has them: what
+    the gate's knowledge check scores) encode within ``context`` tokens? One violation per record that does
+    not, naming it (at most :data:`MAX_ROW_VIOLATIONS`)."""
+    violations = []
+    probes = (zip(frame["paraphrase"], frame["perturbed"]) if "paraphrase" in frame.columns
+              else ((None, None) for _ in range(len(frame))))
+    for record_id, prompt, answer, (paraphrase, perturbed) in zip(frame["record_id"], frame["prompt"],
+                                                                    frame["answer"], probes):
+        answers = [answer] + ([paraphrase, *perturbed] if isinstance(paraphrase, str) else [])
+        try:
+            task.encode([prompt] * len(answers), answers, [0] * len(answers), context, field="dataset")
+        except InvalidDataError as error:
+            violations.append(FieldViolation(error.field, f"record {record_id}: {error.reason.partition(': ')[2] or error.reason}"))
+            if len(violations) >= MAX_ROW_VIOLATIONS:
+                break
+    return violations
+
+
 def registration_violations(model: nn.Module, tokenizer, frame: pd.DataFrame) -> list[FieldViolation]:
     """Does the tokenizer belong to the model, and does every record encode within the model's context?"""
     try:
@@ -55,19 +74,7 @@ def registration_violations(model: nn.Module, tokenizer, frame: pd.DataFrame) ->
         context = model_context_length(model)
     except InvalidDataError as error:
         return [FieldViolation(error.field, error.reason)]
-    violations = []
-    probes = (zip(frame["paraphrase"], frame["perturbed"]) if "paraphrase" in frame.columns
-              else ((None, None) for _ in range(len(frame))))
-    for record_id, prompt, answer, (paraphrase, perturbed) in zip(frame["record_id"], frame["prompt"],
-                                                                    frame["answer"], probes):
-        # the answer, and the paraphrase and wrong answers the gate's knowledge check scores, in the context
-        answers = [answer] + ([paraphrase, *perturbed] if isinstance(paraphrase, str) else [])
-        try:
-            task.encode([prompt] * len(answers), answers, [0] * len(answers), context, field="dataset")
-        except InvalidDataError as error:
-            violations.append(FieldViolation(error.field, f"record {record_id}: {error.reason.partition(': ')[2] or error.reason}"))
-            if len(violations) >= MAX_ROW_VIOLATIONS:
-                break
+    violations = record_violations(task, context, frame)
     if violations:
         return violations
     examples = task.encode(list(frame["prompt"]), list(frame["answer"]), subject_numbers(frame["subject_id"]),

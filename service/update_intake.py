@@ -8,7 +8,9 @@ The path mirrors an erasure's (:mod:`service.intake`):
    ``LETHE_MAX_UPDATE_ROWS`` from a Parquet ``dataset_uri`` inside the dataset roots), the task's columns with
    the right types (a classifier's ``features``: finite numbers, the registered dataset's width; ``label``:
    an integer below ``num_classes``, since the head cannot grow; a causal LM's ``prompt`` and ``answer``:
-   non-empty text). Every problem is INVALID_ARGUMENT naming the field (``records[3].columns.label``).
+   non-empty text, and optionally ``paraphrase`` and ``perturbed`` together, as in a registered dataset, so
+   that a later erasure of the new records can run the gate's knowledge check on them; the job checks that
+   they fit the model's context). Every problem is INVALID_ARGUMENT naming the field (``records[3].columns.label``).
 2. Guards: a record of a subject with an erasure request on the model, a record id that was erased
    (tombstoned), or a label of an erased class is FAILED_PRECONDITION naming the record. Nothing erased comes
    back through an update. An update's record ids must be new (an existing one is corrected by a
@@ -37,7 +39,7 @@ import pandas as pd
 from service import store as db
 from service.audit import canonical_json, keyed_hash, sha256_hex
 from service.context import ModelInfo, PipelineContext
-from service.datasets import read_parquet, resolve_dataset_uri
+from service.datasets import PROBE_COLUMNS, read_parquet, resolve_dataset_uri
 from service.domain import (
     DeadlineExceeded,
     EventKind,
@@ -218,6 +220,10 @@ class UpdateIntake:
             rows.append({"record_id": record.record_id, "subject_id": record.subject_id, "split": "train", **columns})
             if len(violations) > MAX_VIOLATIONS:
                 break
+        counts = {len(row["perturbed"]) for row in rows if row.get("perturbed") is not None}
+        if len(counts) > 1:  # the dataset's own count is checked per record (_probe_columns)
+            violations.append(FieldViolation(f"{field}", "every record's perturbed list must have one length; "
+                                                         f"this request has lengths {sorted(counts)}"))
         if violations:
             raise InvalidArgument("invalid records", tuple(violations[:MAX_VIOLATIONS]))
         return pd.DataFrame(rows)
@@ -228,7 +234,8 @@ class UpdateIntake:
         if len(frame) > self.ctx.settings.max_update_rows:
             raise InvalidArgument("too many records", (FieldViolation(
                 "dataset_uri", f"{len(frame)} records; at most {self.ctx.settings.max_update_rows} per update"),))
-        columns = ["features", "label"] if info.task_type is TaskType.CLASSIFICATION else ["prompt", "answer"]
+        columns = (["features", "label"] if info.task_type is TaskType.CLASSIFICATION
+                   else ["prompt", "answer", *(c for c in PROBE_COLUMNS if c in frame.columns)])
         missing = [c for c in ("record_id", "subject_id", *columns) if c not in frame.columns]
         if missing:
             raise InvalidArgument("the update's dataset lacks columns", (FieldViolation(
@@ -236,7 +243,8 @@ class UpdateIntake:
         if "split" in frame.columns and (frame["split"].astype(str) != "train").any():
             raise InvalidArgument("an update holds training records only", (FieldViolation(
                 "dataset.split", "every record of an update is a training record (split 'train' or no column)"),))
-        records = tuple(NewRecord(str(row.record_id), str(row.subject_id), {c: getattr(row, c) for c in columns})
+        records = tuple(NewRecord(str(row.record_id), str(row.subject_id),
+                                  {c: _none_if_null(getattr(row, c)) for c in columns})
                         for row in frame.itertuples(index=False))
         try:
             return self._inline_frame(records, info, data, "dataset.rows")
@@ -342,14 +350,17 @@ def _task_columns(columns: dict[str, Any], info: ModelInfo, data, path: str) -> 
     """The task's columns of one record, converted, with every problem as a field violation."""
     violations = []
     if info.task_type is TaskType.CAUSAL_LM:
-        wanted = ("prompt", "answer")
+        wanted = ("prompt", "answer", *PROBE_COLUMNS)
         out = {}
-        for key in wanted:
+        for key in ("prompt", "answer"):
             value = columns.get(key)
-            if not isinstance(value, str) or not value.strip() or len(value) > MAX_TEXT_LENGTH:
+            if not _text(value):
                 violations.append(FieldViolation(f"{path}.{key}", f"non-empty text of at most {MAX_TEXT_LENGTH} "
                                                                   "characters"))
             out[key] = value
+        probe, problems = _probe_columns(columns, data, path)
+        out.update(probe)
+        violations += problems
     else:
         wanted = ("features", "label")
         width = data.features.shape[1]
@@ -372,6 +383,40 @@ def _task_columns(columns: dict[str, Any], info: ModelInfo, data, path: str) -> 
     for key in sorted(set(columns) - set(wanted)):
         violations.append(FieldViolation(f"{path}.{key}", f"unknown column; expected {', '.join(wanted)}"))
     return out, violations
+
+
+def _none_if_null(value):
+    """A Parquet null (None or NaN) as None; anything else unchanged."""
+    return None if value is None or (isinstance(value, float) and math.isnan(value)) else value
+
+
+def _text(value) -> bool:
+    return isinstance(value, str) and bool(value.strip()) and len(value) <= MAX_TEXT_LENGTH
+
+
+def _probe_columns(columns: dict[str, Any], data, path: str) -> tuple[dict, list[FieldViolation]]:
+    """A causal-LM record's optional ``paraphrase`` and ``perturbed`` (:data:`service.datasets.PROBE_COLUMNS`):
+    both or neither; a non-empty text and a non-empty list of non-empty texts, as many wrong answers as the
+    registered dataset's records have. Absent (or null) in both: ``{}``."""
+    paraphrase, perturbed = columns.get("paraphrase"), columns.get("perturbed")
+    if paraphrase is None and perturbed is None:
+        return {}, []
+    if paraphrase is None or perturbed is None:
+        missing = "paraphrase" if paraphrase is None else "perturbed"
+        return {}, [FieldViolation(f"{path}.{missing}", "paraphrase and perturbed go together: give both or neither")]
+    violations = []
+    if not _text(paraphrase):
+        violations.append(FieldViolation(f"{path}.paraphrase", f"non-empty text of at most {MAX_TEXT_LENGTH} characters"))
+    items = list(perturbed) if isinstance(perturbed, (list, tuple, np.ndarray)) else None
+    if not items or not all(_text(item) for item in items):
+        violations.append(FieldViolation(f"{path}.perturbed", f"a non-empty list of non-empty texts of at most "
+                                                              f"{MAX_TEXT_LENGTH} characters"))
+        return {}, violations
+    counts = {len(w) for w in (data.perturbed or ()) if w is not None}
+    if counts and len(items) not in counts:
+        violations.append(FieldViolation(f"{path}.perturbed", f"{len(items)} wrong answers; the model's dataset has "
+                                                              f"{min(counts)} per record"))
+    return {"paraphrase": paraphrase, "perturbed": [str(item) for item in items]}, violations
 
 
 def _row_of(record_hashes: np.ndarray, record_hash: str) -> int:

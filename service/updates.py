@@ -41,6 +41,7 @@ import torch
 from torch import nn
 
 from continual.examples import join
+from service import lm_support
 from service import store as db
 from service.faults import fault_point
 from service.audit import jsonable, sha256_hex
@@ -74,6 +75,7 @@ from service.sealed import (
 from service.verification import effective_policy
 from unlearn.errors import InvalidParameterError, UnlearnError
 from unlearn.gate import GateCheck, GateResult
+from unlearn.lm.task import model_context_length
 from unlearn.membership import compare
 from unlearn.tasks import accuracy
 from unlearn.training import TrainRecipe
@@ -134,8 +136,11 @@ def learn_and_register(ctx: PipelineContext, job, request_rows, info: ModelInfo,
     if new_frame["record_id"].duplicated().any() or new_frame["record_id"].isin(base_frame["record_id"]).any():
         raise UpdateRefused("two requests of this job stage the same record id (or one already in the data)")
     _refuse_erased_now(ctx, info, new_frame)
-    # new records carry no paraphrase columns: where the base data has them, they are null for the new rows
-    combined = pd.concat([base_frame, new_frame.reindex(columns=base_frame.columns)], ignore_index=True)
+    # A causal LM's new records may carry paraphrase columns (service.datasets.PROBE_COLUMNS): the base data's
+    # rows are null in them when only the update has them, the update's rows null when only the base has them.
+    columns = [*base_frame.columns, *(c for c in new_frame.columns if c not in base_frame.columns)]
+    combined = pd.concat([base_frame.reindex(columns=columns), new_frame.reindex(columns=columns)],
+                         ignore_index=True)
     data = ctx.catalog.from_frame(combined, dataset_row.path, dataset_row.digest)
     new_rows = np.isin(data.record_ids, new_frame["record_id"].astype(str).to_numpy())
     learn = new_rows & data.split_mask("train")
@@ -157,6 +162,11 @@ def learn_and_register(ctx: PipelineContext, job, request_rows, info: ModelInfo,
 
     # ---- measure before -----------------------------------------------------------------------------
     measure(ctx, job, info, scope, progress)
+    if info.task_type is TaskType.CAUSAL_LM:  # paraphrases and wrong answers too must fit (the knowledge check)
+        problems = lm_support.record_violations(scope.task, model_context_length(scope.base_model), new_frame)
+        if problems:
+            raise UpdateRefused("records of this update do not fit the model's context: "
+                                + "; ".join(p.description for p in problems))
     policy = effective_policy(info.policy, dict(job.policy_overrides))
     model, record = scope.base_model, {"attempts": []}
 

@@ -214,9 +214,11 @@ def test_an_update_rechecks_an_earlier_lm_erasure_on_its_sealed_paraphrases_too(
     (job,) = wait_for_jobs(engine, erased.job_ids, timeout_s=120)
     assert job.state is JobState.SUCCEEDED, job.message  # a sealed set exists only for a registered erasure
 
-    # New records: person 4's facts asked in other wordings (tokens the tokenizer knows), a new subject.
+    # New records: person 4's facts asked in other wordings (tokens the tokenizer knows), a new subject; the
+    # update's records carry paraphrases too, so a later erasure of them can run the knowledge check.
     reworded = [p for p in question_pairs(generate_people(12, seed=5), seed=6) if p.subject_id == 4]
-    records = tuple(NewRecord(f"rc-new-{i}", "person-new", {"prompt": p.prompt, "answer": p.answer})
+    records = tuple(NewRecord(f"rc-new-{i}", "person-new", {"prompt": p.prompt, "answer": p.answer,
+                                                             "paraphrase": p.paraphrase, "perturbed": list(p.perturbed)})
                     for i, p in enumerate(reworded))
     update = engine.submit_update(UpdateSubmission("lm-update-after-erasure", name, records=records))
     (updated,) = wait_for_jobs(engine, update.job_ids, timeout_s=300)
@@ -236,3 +238,49 @@ def test_an_update_rechecks_an_earlier_lm_erasure_on_its_sealed_paraphrases_too(
     escalation = updated.evidence["update"]["escalation"]
     if recheck["passed"]:  # otherwise the update was refused before any re-erasure
         assert escalation["method"]["sets"] == ["lm-erase-sealed"] and escalation["method"]["attempts"]
+    assert updated.state is JobState.SUCCEEDED, updated.message
+    with engine.store.read() as conn:
+        dataset = db.dataset_for_model_version(conn, name, updated.result_version)
+    kept = engine.catalog.frame(dataset.path).set_index("record_id")
+    assert kept.loc["rc-new-2", "paraphrase"] == reworded[2].paraphrase  # the new rows keep their paraphrases
+    assert list(kept.loc["rc-new-2", "perturbed"]) == list(reworded[2].perturbed)
+
+
+def test_update_records_with_bad_paraphrase_columns_are_refused_naming_the_field(lm_engine):
+    engine, root, frame, tokenizer, model = lm_engine
+    pairs = question_pairs(generate_people(12, seed=5), seed=5)
+    probe_frame = frame.assign(paraphrase=[p.paraphrase for p in pairs], perturbed=[list(p.perturbed) for p in pairs],
+                               record_id=[f"bp-{i:03d}" for i in range(len(pairs))])
+    probe_frame = probe_frame[~probe_frame["subject_id"].isin(["person-01", "person-02", "person-03"])]  # erased
+    name = "tiny-gpt-bad-updates"
+    engine.registry.log_initial_model(model.eval(), name, run_name="tiny-gpt-bad-updates", tokenizer=tokenizer)
+    _register(engine, root, probe_frame, name)
+    pair = question_pairs(generate_people(12, seed=5), seed=7)[0]
+    good = {"prompt": pair.prompt, "answer": pair.answer}
+
+    def refused(columns: dict, field: str, request_id: str) -> str:
+        with pytest.raises(InvalidArgument) as raised:
+            engine.submit_update(UpdateSubmission(request_id, name, records=(NewRecord("new-x", "person-x", columns),)))
+        fields = {v.field: v.description for v in raised.value.violations}
+        assert field in fields, fields
+        with engine.store.read() as conn:
+            assert db.get_request(conn, request_id) is None  # nothing stored
+        return fields[field]
+
+    assert "together" in refused({**good, "paraphrase": pair.paraphrase}, "records[0].columns.perturbed", "bad-p1")
+    refused({**good, "paraphrase": " ", "perturbed": list(pair.perturbed)}, "records[0].columns.paraphrase", "bad-p2")
+    refused({**good, "paraphrase": pair.paraphrase, "perturbed": []}, "records[0].columns.perturbed", "bad-p3")
+    refused({**good, "paraphrase": pair.paraphrase, "perturbed": "one"}, "records[0].columns.perturbed", "bad-p4")
+    refused({**good, "rationale": "x"}, "records[0].columns.rationale", "bad-p5")  # still no other column
+    # as many wrong answers as the registered dataset's records have (3)
+    assert "3 per record" in refused({**good, "paraphrase": pair.paraphrase, "perturbed": ["a", "b"]},
+                                     "records[0].columns.perturbed", "bad-p6")
+
+    # Text within the intake's length limit but beyond the model's context: the job (the model loaded) refuses
+    # the update, naming the record, and nothing is learned or registered.
+    long = {**good, "paraphrase": pair.paraphrase + " and so on" * 40, "perturbed": list(pair.perturbed)}
+    outcome = engine.submit_update(UpdateSubmission("too-long-p", name, records=(NewRecord("new-long", "person-y", long),)))
+    (job,) = wait_for_jobs(engine, outcome.job_ids, timeout_s=120)
+    print("too long:", job.state, job.message)
+    assert job.state is JobState.FAILED and "new-long" in job.message and "context" in job.message
+    assert job.result_version is None
