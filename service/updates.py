@@ -17,8 +17,8 @@ The update gate (:func:`update_gate`), on data no strategy selected on:
 3. erased stays erased: every earlier erasure of the lineage is checked again on its sealed verification
    set (:mod:`service.sealed`): class erasures by the class's accuracy, record and subject erasures by the
    membership test against the audit split and, on a causal LM whose sealed records carry paraphrases, the
-   erasure gate's ``knowledge`` check (a re-erasure is judged with it too); a set whose key was destroyed is reported "not checkable", with
-   the reason. A rectification's own old values are checked the same way, on the updated model;
+   erasure gate's ``knowledge`` check (a re-erasure is judged with it too); a set whose key was destroyed is
+   reported "not checkable", with the reason. A rectification's own old values are checked the same way, on the updated model;
 4. ONNX parity and utility on the exported model.
 
 A regression of an earlier erasure (check 3) escalates before the update is refused: the erasure's method
