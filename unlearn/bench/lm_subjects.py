@@ -21,8 +21,9 @@ time divides nothing. The retain-only reference is RETRAINED IN THIS PROCESS wit
 and seed on the 90 retained people, after the warm-up and right after the unlearning run, and timed:
 ``retrain_seconds`` and ``speedup`` compare two wall times measured under the same load. It is also the
 gold model the metrics compare with. ``--method retrain`` is that same retrain (the original recipe,
-schedule included; its speed-up is 1 by construction); the registry's ``retrain`` is not used on LMs while
-:class:`unlearn.training.TrainRecipe` cannot express the schedule (see :func:`registry_retrain_matches`).
+schedule included; its speed-up is 1 by construction). The registry's ``retrain`` (the last method of the
+``auto`` chain) repeats it exactly: :func:`train_lm` is :func:`unlearn.training.train` with AdamW and the
+linear decay that :data:`~unlearn.lm.fictitious.LM_RECIPE` names (see :func:`registry_retrain_matches`).
 
 ``--method auto`` runs the default escalation chain for causal LMs (:data:`unlearn.chain.DEFAULT_CHAINS`
 ``["causal_lm"]``) judged by :func:`unlearn.gate.judge` with the default :class:`unlearn.gate.GatePolicy`:
@@ -128,16 +129,16 @@ def check_no_metric_on_tune(request: UnlearnRequest, evaluated: dict[str, Exampl
 
 
 def registry_retrain_matches(recipe: TrainRecipe) -> bool:
-    """Whether the registry's ``retrain`` would repeat :func:`unlearn.lm.model.train_lm` exactly.
+    """Whether the registry's ``retrain`` repeats :func:`unlearn.lm.model.train_lm` exactly.
 
-    ``retrain`` trains with :func:`unlearn.training.train`; the GPTs are trained by :func:`train_lm` with the
-    rate decayed linearly to 0 while :data:`LM_RECIPE` says ``lr_schedule="constant"`` (the recipe gained
-    ``lr_schedule`` after this benchmark was written; a ``linear`` LM recipe has not been checked to repeat
-    :func:`train_lm`). Until it does, the benchmark's ``retrain`` is its in-process :func:`train_lm`, and the ``auto`` chain
-    leaves the registry's ``retrain`` out (a retrain without the decay is not the original recipe: it stops
-    at 85-90% memorisation and would be judged against a model it is not).
+    :func:`train_lm` is :func:`unlearn.training.train` with AdamW and the learning rate decayed linearly to 0,
+    whatever the recipe says; the registry's ``retrain`` trains with the recipe as it is. So they agree
+    (bit for bit, ``tests/unlearn/test_lm_contract.py``) when the recipe names that optimiser and schedule, as
+    :data:`~unlearn.lm.fictitious.LM_RECIPE` does; otherwise the ``auto`` chain leaves the registry's
+    ``retrain`` out (a retrain without the decay is not the original recipe: it stops at 85-90% memorisation
+    and would be judged against a model it is not).
     """
-    return getattr(recipe, "lr_schedule", None) in ("linear", "linear-decay", "linear_decay")
+    return recipe.optimizer == "adamw" and recipe.lr_schedule == "linear" and recipe.warmup_steps == 0
 
 
 def timed_retrain(task, factory: GPTFactory, retain: ExampleSet, recipe: TrainRecipe,

@@ -53,7 +53,7 @@ DATA_SEED = 0
 VOCAB_SIZE = 1024
 LM_SPEC = GPTSpec(layers=2, width=128, heads=4, context=64)
 # Memorises 97-100% of the training answers (greedy exact match) in 3-8 minutes on 2 loaded CPU cores.
-LM_RECIPE = TrainRecipe(epochs=100, batch_size=16, lr=3e-3, weight_decay=0.0, optimizer="adamw")
+LM_RECIPE = TrainRecipe(epochs=100, batch_size=16, lr=3e-3, weight_decay=0.0, optimizer="adamw", lr_schedule="linear")
 
 
 def person_record_id(subject_id: int) -> str:

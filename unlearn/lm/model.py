@@ -13,7 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -22,7 +22,7 @@ from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
 from unlearn.data import ExampleSet
 from unlearn.errors import CacheMismatchError
-from unlearn.training import TrainRecipe
+from unlearn.training import TrainRecipe, train
 
 END_TOKEN = "<|endoftext|>"
 
@@ -138,7 +138,7 @@ class LMCache:
 # A 1-layer GPT that memorises a dozen fictitious people in a few seconds on a CPU: the LM tests and the
 # service demo use it (the benchmark uses GPTSpec's defaults and its own recipe).
 TINY_SPEC = GPTSpec(layers=1, width=48, heads=2, context=64)
-TINY_RECIPE = TrainRecipe(epochs=60, batch_size=8, lr=1e-2, optimizer="adamw", seed=0)
+TINY_RECIPE = TrainRecipe(epochs=60, batch_size=8, lr=1e-2, optimizer="adamw", seed=0, lr_schedule="linear")
 
 
 LM_LR_SCHEDULE = "linear-decay-to-0"
@@ -157,22 +157,11 @@ def lm_recipe_key(recipe: TrainRecipe) -> dict:
 
 
 def train_lm(task, model: torch.nn.Module, examples: ExampleSet, recipe: TrainRecipe) -> torch.nn.Module:
-    """Train ``model`` IN PLACE: :func:`unlearn.training.train`'s loop with the learning rate decayed
-    linearly to 0 over the run (memorisation of every answer needs the decay; a constant rate keeps
-    oscillating around 85-90% exact match on the benchmark). Deterministic for a given recipe seed."""
-    device = next(iter(model.parameters())).device
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=recipe.lr, weight_decay=recipe.weight_decay)
-    total_steps = recipe.epochs * examples.num_batches(recipe.batch_size)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 - step / total_steps)
-    shuffle = torch.Generator().manual_seed(recipe.seed)
-    model.train()
-    for _ in range(recipe.epochs):
-        for batch in examples.batches(recipe.batch_size, device, shuffle_generator=shuffle):
-            loss = task.batch_loss(model, batch)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            schedule.step()
-    model.eval()
-    return model
+    """Train ``model`` IN PLACE with :func:`unlearn.training.train`, AdamW and the learning rate decayed
+    linearly to 0 over the run, whatever the recipe's optimiser and schedule say (memorisation of every answer
+    needs the decay; a constant rate keeps oscillating around 85-90% exact match on the benchmark).
+    Deterministic for a given recipe seed. One loop with the registry's ``retrain``: a recipe with
+    ``optimizer="adamw"`` and ``lr_schedule="linear"`` (:data:`TINY_RECIPE`,
+    :data:`unlearn.lm.fictitious.LM_RECIPE`) retrains exactly the model this trained."""
+    return train(task, model, examples, replace(recipe, optimizer="adamw", lr_schedule="linear", warmup_steps=0,
+                                                gradient_restriction=0.0))
