@@ -138,7 +138,8 @@ def registry_retrain_matches(recipe: TrainRecipe) -> bool:
     ``retrain`` out (a retrain without the decay is not the original recipe: it stops at 85-90% memorisation
     and would be judged against a model it is not).
     """
-    return recipe.optimizer == "adamw" and recipe.lr_schedule == "linear" and recipe.warmup_steps == 0
+    return (recipe.optimizer == "adamw" and recipe.lr_schedule == "linear" and recipe.warmup_steps == 0
+            and recipe.gradient_restriction == 0)
 
 
 def timed_retrain(task, factory: GPTFactory, retain: ExampleSet, recipe: TrainRecipe,
