@@ -82,7 +82,7 @@ def test_docstring_states_mutation(name):
 
 def test_class_only_methods_are_marked():
     """The service refuses record erasures for these up front (service.engine), so the mark must be right."""
-    assert {name for name in registry.names() if registry.get(name).erases == "classes"} == {"gslora", "gslora++"}
+    assert {name for name in registry.names() if registry.get(name).erases == "classes"} == {"gslora", "gslora++", "boundary-shrink"}
 
 
 def test_task_capabilities_are_declared_and_enforced():
