@@ -298,9 +298,9 @@ def _probe_problems(frame: pd.DataFrame, max_rows: int) -> list[SchemaProblem]:
     perturbed = _Rows("perturbed", "perturbed must be a non-empty list of non-empty strings", max_rows)
     lengths: dict[int, list[int]] = {}
     for row, (text, wrong) in enumerate(zip(frame["paraphrase"], frame["perturbed"])):
-        if _null(text) and _null(wrong):
+        if is_null(text) and is_null(wrong):
             continue
-        if _null(text) or _null(wrong):
+        if is_null(text) or is_null(wrong):
             half.add(row, "one of the two is null")
             continue
         if not isinstance(text, str) or not text.strip():
@@ -322,7 +322,8 @@ def _probe_problems(frame: pd.DataFrame, max_rows: int) -> list[SchemaProblem]:
     return problems
 
 
-def _null(value) -> bool:
+def is_null(value) -> bool:
+    """A missing cell: None, or a float NaN (what pandas reads a Parquet null as)."""
     return value is None or (isinstance(value, float) and np.isnan(value))
 
 
@@ -416,7 +417,7 @@ def content_digest(frame: pd.DataFrame) -> str:
 
 def _probe_value(paraphrase, perturbed) -> list | None:
     """One row's :data:`PROBE_COLUMNS` as ``[paraphrase, [wrong, ...]]``, or None when the row has none."""
-    if _null(paraphrase) or _null(perturbed):
+    if is_null(paraphrase) or is_null(perturbed):
         return None
     return [str(paraphrase), [str(item) for item in perturbed]]
 

@@ -345,9 +345,7 @@ def erasure_rechecks(catalog: DatasetCatalog, support, task: TaskAdapter, model,
             found = {"kind": "records", "membership": test.as_dict(), "auc_slack": slack, "job_id": sealed.job_id}
             if check.knowledge is not None:  # causal LM: the paraphrase probe, or why it could not run
                 rule += "; and the knowledge check (truth ratios vs audit's, KS p-value >= min_forget_p)"
-                found["knowledge"] = ({**check.knowledge_evidence, "passed": check.knowledge.passed}
-                                      if check.knowledge_evidence is not None else
-                                      {"passed": None, "reason": check.knowledge.reason})
+                found["knowledge"] = check.knowledge_summary()
             checks.append(GateCheck(name, check.value, check.limit, check.passed, rule))
             evidence[sealed.request_id] = found
     for gone in unavailable:

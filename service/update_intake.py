@@ -39,7 +39,7 @@ import pandas as pd
 from service import store as db
 from service.audit import canonical_json, keyed_hash, sha256_hex
 from service.context import ModelInfo, PipelineContext
-from service.datasets import PROBE_COLUMNS, read_parquet, resolve_dataset_uri
+from service.datasets import PROBE_COLUMNS, is_null, read_parquet, resolve_dataset_uri
 from service.domain import (
     DeadlineExceeded,
     EventKind,
@@ -244,7 +244,7 @@ class UpdateIntake:
             raise InvalidArgument("an update holds training records only", (FieldViolation(
                 "dataset.split", "every record of an update is a training record (split 'train' or no column)"),))
         records = tuple(NewRecord(str(row.record_id), str(row.subject_id),
-                                  {c: _none_if_null(getattr(row, c)) for c in columns})
+                                  {c: None if is_null(getattr(row, c)) else getattr(row, c) for c in columns})
                         for row in frame.itertuples(index=False))
         try:
             return self._inline_frame(records, info, data, "dataset.rows")
@@ -383,11 +383,6 @@ def _task_columns(columns: dict[str, Any], info: ModelInfo, data, path: str) -> 
     for key in sorted(set(columns) - set(wanted)):
         violations.append(FieldViolation(f"{path}.{key}", f"unknown column; expected {', '.join(wanted)}"))
     return out, violations
-
-
-def _none_if_null(value):
-    """A Parquet null (None or NaN) as None; anything else unchanged."""
-    return None if value is None or (isinstance(value, float) and math.isnan(value)) else value
 
 
 def _text(value) -> bool:

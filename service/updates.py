@@ -46,6 +46,7 @@ from service import store as db
 from service.faults import fault_point
 from service.audit import jsonable, sha256_hex
 from service.context import ModelInfo, PipelineContext
+from service.datasets import LoadedDataset
 from service.domain import (
     FieldViolation,
     InvalidArgument,
@@ -343,8 +344,7 @@ def update_gate(ctx: PipelineContext, job, info: ModelInfo, scope: Scope, after:
                              "old values vs audit: loss-attack AUC within 0.5 +- the margin and the null's noise")]
     opened, unavailable = open_sealed(ctx, job.model_name)
     rechecks = erasure_rechecks(ctx.catalog, scope.support, task, after, audit, policy, opened, unavailable,
-                                lambda erased: scope.support.knowledge(after, erased, np.ones(len(erased), dtype=bool),
-                                                                       scope.data, scope.audit))
+                                lambda erased: _sealed_probe(scope, after, erased))
     checks += rechecks.checks
     evidence = {"utility_acc_before": utility_before, "utility_acc_after": utility_after,
                 "learned_acc_before": learned_before, "learned_acc_after": learned_after,
@@ -369,10 +369,10 @@ def update_gate(ctx: PipelineContext, job, info: ModelInfo, scope: Scope, after:
     return GateResult(tuple(checks), {**evidence, "onnx": onnx})
 
 
-def _sealed_probe(ctx: PipelineContext, scope: Scope, model: nn.Module, sets: list) -> Any:
-    """The ``knowledge`` probe of a re-erasure: the sealed records' paraphrases (when their dataset had them)
-    against the current audit records' (None: the gate reports the check as not checkable)."""
-    erased = ctx.catalog.from_frame(pd.concat([s.frame for s in sets], ignore_index=True))
+def _sealed_probe(scope: Scope, model: nn.Module, erased: LoadedDataset) -> Any:
+    """The ``knowledge`` probe of sealed records (a re-check's or a re-erasure's): their paraphrases (when
+    their dataset had them) against the current audit records' (None: the gate reports the check as not
+    checkable)."""
     return scope.support.knowledge(model, erased, np.ones(len(erased), dtype=bool), scope.data, scope.audit)
 
 
@@ -426,7 +426,8 @@ def _reerase(ctx: PipelineContext, job, info: ModelInfo, scope: Scope, model: nn
                                  model_factory=_factory(info.training), recipe=_recipe(info.training),
                                  forget_classes=classes, seed=0)
         before = current
-        knowledge = None if classes else _sealed_probe(ctx, scope, before, group)
+        knowledge = None if classes else _sealed_probe(
+            scope, before, ctx.catalog.from_frame(pd.concat([s.frame for s in group], ignore_index=True)))
         outcome = run_chain(before, request, chain,
                             lambda result, before=before, forget=forget, classes=classes, knowledge=knowledge:
                             judge(scope.task, before, result.model, forget, scope.examples(scope.utility_mask),

@@ -171,6 +171,15 @@ class StillErased:
     knowledge: GateCheck | None = None  # causal-LM records only: the paraphrase probe (passed None: no probe)
     knowledge_evidence: dict[str, Any] | None = None  # its numbers, when it ran
 
+    def knowledge_summary(self) -> dict[str, Any] | None:
+        """What evidence records of the knowledge check: its numbers and verdict, or why it could not run
+        (None when the erasure has no such check: classes, classifiers)."""
+        if self.knowledge is None:
+            return None
+        if self.knowledge_evidence is None:
+            return {"passed": None, "reason": self.knowledge.reason}
+        return {**self.knowledge_evidence, "passed": self.knowledge.passed}
+
 
 def still_erased(task: TaskAdapter, model: nn.Module, forget: ExampleSet, audit: ExampleSet, policy,
                  classes: tuple[int, ...] | None = None, knowledge: KnowledgeProbe | None = None) -> StillErased:

@@ -88,9 +88,7 @@ def recheck(task: TaskAdapter, model: nn.Module, forget: ExampleSet, audit: Exam
         return {"passed": check.passed, "accuracy": check.value, "limit": check.limit}
     found = {"passed": check.passed, **check.membership.as_dict(), "auc_slack": check.auc_slack}
     if check.knowledge is not None:
-        found["knowledge"] = ({**check.knowledge_evidence, "passed": check.knowledge.passed}
-                              if check.knowledge_evidence is not None else
-                              {"passed": None, "reason": check.knowledge.reason})
+        found["knowledge"] = check.knowledge_summary()
     return found
 
 

@@ -141,7 +141,7 @@ def boundary_shrink(model: nn.Module, request: UnlearnRequest, config: BoundaryS
         steps += 1
         request.report(steps / config.max_steps, f"step {steps}: loss {loss.item():.4f}")
     work.zero_grad(set_to_none=True)
-    counts = torch.bincount(labels.cpu(), minlength=int(labels.max()) + 1 if len(labels) else 0).tolist()
+    counts = torch.bincount(labels.cpu()).tolist()
     details = {"steps": steps, "epochs": steps / forget.num_batches(config.batch_size), "lr": config.lr,
                "bound": config.bound, "retain_weight": config.retain_weight,
                "neighbours_found_by_fgsm": crossed, "neighbours_total": len(labels),
