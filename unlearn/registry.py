@@ -120,6 +120,7 @@ class MethodSpec:
     erases: str = "any"  # "any": records or classes; "classes": whole-class erasure only (e.g. GS-LoRA)
     tasks: tuple[str, ...] = ("classification", "causal_lm")  # task adapter names (TaskAdapter.name) it runs on
     model_check: Callable[[nn.Module], str | None] | None = None  # None = any model of those tasks
+    needs_training: bool = False  # needs the original model factory and recipe (retrain, shrink-perturb)
 
 
 TASK_NAMES = ("classification", "causal_lm")
@@ -136,12 +137,15 @@ _REGISTRY: dict[str, MethodSpec] = {}
 
 
 def register(name: str, config_cls: type, *, needs_retain: bool, exact: bool = False, erases: str = "any",
-             tasks: tuple[str, ...] = TASK_NAMES, model_check: Callable[[nn.Module], str | None] | None = None):
+             tasks: tuple[str, ...] = TASK_NAMES, model_check: Callable[[nn.Module], str | None] | None = None,
+             needs_training: bool = False):
     """Decorator registering ``run`` under ``name``; duplicate or malformed names are rejected.
 
     ``erases="classes"`` marks a method that only erases whole classes, so a caller can refuse a record
     erasure up front instead of failing inside the method. ``tasks`` names the task adapters the method
     supports (default: every adapter, for methods written against :class:`~unlearn.tasks.TaskAdapter` alone);
+    ``needs_training`` marks a method that cannot run without the original model factory and training recipe
+    (a default chain leaves it out when none is registered);
     ``model_check(model)`` returns why a model of a supported task still cannot be served (e.g. GS-LoRA
     needs a vision transformer), or None. :func:`supports` answers both for callers.
     """
@@ -159,7 +163,7 @@ def register(name: str, config_cls: type, *, needs_retain: bool, exact: bool = F
             raise ValueError(f"method {name!r} is already registered")
         summary = (run.__doc__ or "").strip().splitlines()[0] if run.__doc__ else name
         _REGISTRY[name] = MethodSpec(name, config_cls, run, summary, needs_retain, exact, erases, tuple(tasks),
-                                     model_check)
+                                     model_check, needs_training)
         return run
 
     return decorate

@@ -8,7 +8,7 @@ import functools
 import pytest
 import torch
 
-from tests.unlearn.helpers import NUM_CLASSES, blobs, class_problem
+from tests.unlearn.helpers import NUM_CLASSES, blobs, class_problem, mislabelled_problem
 from unlearn import registry
 from unlearn.chain import default_chain, run_chain
 from unlearn.errors import InvalidParameterError
@@ -112,37 +112,10 @@ def test_default_chain_drops_retrain_without_a_recipe():
     assert all(registry.supports(m, "causal_lm") for m, _ in default_chain("causal_lm"))  # e.g. simnpo+rt
 
 
-def _mislabelled_problem():
-    """20% of ALL labels flipped (training and never-trained alike); an MLP trained to 100% training accuracy.
-
-    It can only fit the flipped training labels by memorising those records, so a random fifth of its
-    training records is recognisable to a loss attack. A model retrained without them sees them as it sees
-    any never-trained record (20% of which are flipped as well): that is the never-seen level.
-    """
-    data = blobs(600, seed=21)
-    labels = data["labels"].clone()
-    flip = torch.zeros(600, dtype=torch.bool)
-    flip[torch.randperm(600, generator=torch.Generator().manual_seed(5))[:120]] = True
-    labels[flip] = (labels[flip] + 3) % NUM_CLASSES
-    data = type(data)({"inputs": data["inputs"] * 1.5, "labels": labels})
-    train, never = data.subset(range(300)), data.subset(range(300, 600))
-    recipe = TrainRecipe(epochs=80, batch_size=32, lr=1e-2, seed=0)
-
-    def factory(seed):
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            return TinyMLP(16, NUM_CLASSES, hidden=64)
-
-    model = train_from_scratch(TASK, factory, train, recipe, torch.device("cpu"))
-    order = torch.randperm(300, generator=torch.Generator().manual_seed(6))
-    forget, retain = train.subset(order[:60].sort().values), train.subset(order[60:].sort().values)
-    retrained = train_from_scratch(TASK, factory, retain, recipe, torch.device("cpu"))
-    audit = never.subset(range(0, 300, 2))  # the other half would be the methods' tune split
-    return model, retrained, forget, audit, train
-
-
 def test_memorised_mislabelled_records_pass_only_at_the_never_seen_level():
-    model, retrained, forget, audit, train = _mislabelled_problem()
+    problem = mislabelled_problem()
+    model, retrained, forget, audit, train = (problem.model, problem.retrained, problem.forget, problem.audit,
+                                              problem.train)
     assert accuracy(TASK, model, train) == 1.0  # memorised, flipped labels included
     kept = judge(TASK, model, model, forget, audit, audit, GatePolicy())
     assert not kept.passed and {"membership_ks", "membership_auc"} <= set(kept.failures)

@@ -27,7 +27,7 @@ class RetrainConfig:
         require(0 <= self.seed_offset < 2**31, "seed_offset", "must be in [0, 2**31)")
 
 
-@register("retrain", RetrainConfig, needs_retain=True, exact=True)
+@register("retrain", RetrainConfig, needs_retain=True, exact=True, needs_training=True)
 def retrain(model: nn.Module, request: UnlearnRequest, config: RetrainConfig) -> UnlearnResult:
     """Retrain from scratch on the retain set (exact unlearning)."""
     retain = request.require_retain("retrain")
