@@ -4,7 +4,8 @@ an erasure of those records unless they are forgotten to the never-seen level.
 The model: an MLP trained to 100% training accuracy on digits whose training labels were 20% flipped (fixed
 seeds), so it has memorised every mislabelled record. The mislabelled records belong to subjects of their own;
 twenty-four of those subjects (72 records) are erased through the engine, with the default escalation chain
-(``ssd-auto``, ``gu+graddiff``, and ``retrain``, since the factory and recipe are registered).
+(``ssd-auto``, ``shrink-perturb``, ``gu+graddiff`` and ``retrain``, since the factory and recipe are
+registered).
 
 The never-seen level of a MISLABELLED record is measured on mislabelled records no model saw: 20% of the
 ``test`` split's labels are flipped too (Lethe never reads that split). A model that never saw a mislabelled
@@ -21,11 +22,11 @@ may not be predicted significantly (one-sided Fisher exact) and by more than 0.0
 depends on the sizes: with twelve subjects (36 records) against 56 audit records, ``ssd-auto`` still passed
 with the records memorised (35/36 right against 44/56 is p 0.0098, above ``min_forget_p`` 0.005). With
 twenty-four subjects (72 records, this test) every attempt of the chain is rejected: ``ssd-auto`` and
-``gu+graddiff`` on ``forget_accuracy`` and the KS test, and the exact ``retrain`` as over-forgetting, so the
-job ends REJECTED_BY_VERIFICATION with the alias unmoved: the erasure is refused, never certified with the
-records still memorised. The retrain's rejection is the population reference's limit (above): such a request
-stays pending with every attempt's evidence for an operator; the gate has no reference of never-seen records
-labelled like the erased ones.
+``gu+graddiff`` on ``forget_accuracy`` and the KS test, ``shrink-perturb`` and the exact ``retrain`` as
+over-forgetting (2026-11-29), so the job ends REJECTED_BY_VERIFICATION with the alias unmoved: the erasure is refused,
+never certified with the records still memorised. The retrain's rejection is the population reference's
+limit (above): such a request stays pending with every attempt's evidence for an operator; the gate has no
+reference of never-seen records labelled like the erased ones.
 """
 
 from __future__ import annotations
@@ -136,7 +137,7 @@ def test_the_gate_rejects_the_unchanged_memorising_model(memorised):
 
 
 @pytest.mark.slow
-@pytest.mark.long  # trains the memorising MLP, then a chain of up to three methods through the engine
+@pytest.mark.long  # trains the memorising MLP, then a chain of up to four methods through the engine
 def test_an_erasure_of_memorised_records_passes_only_if_they_are_forgotten(engine, tmp_path, memorised):
     """Through the engine: REJECTED_BY_VERIFICATION with membership or forget_accuracy failures, or a new version
     on which the erased records are at the never-seen level of mislabelled records."""

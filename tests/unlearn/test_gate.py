@@ -106,9 +106,11 @@ def test_chain_escalates_from_a_rejected_method_and_keeps_every_attempt():
     assert outcome.result.model is not problem.model
 
 
-def test_default_chain_drops_retrain_without_a_recipe():
+def test_default_chain_drops_the_methods_that_need_training_without_a_recipe():
     assert [m for m, _ in default_chain("classification", has_training=False)] == ["ssd-auto", "gu+graddiff"]
-    assert [m for m, _ in default_chain("classification")][-1] == "retrain"
+    with_training = [m for m, _ in default_chain("classification")]
+    assert with_training == ["ssd-auto", "shrink-perturb", "gu+graddiff", "retrain"]
+    assert {m for m in with_training if registry.get(m).needs_training} == {"shrink-perturb", "retrain"}
     assert all(registry.supports(m, "causal_lm") for m, _ in default_chain("causal_lm"))  # e.g. simnpo+rt
 
 
