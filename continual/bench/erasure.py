@@ -1,9 +1,9 @@
 """Erasures inside the continual scenarios: ``unlearn``'s escalation chain, judged by ``unlearn``'s gate.
 
 :func:`erase` runs :func:`unlearn.chain.run_chain` with the task's default chain
-(:data:`unlearn.chain.DEFAULT_CHAINS`: ``ssd-auto`` -> ``gu+graddiff`` -> ``retrain`` for classifiers,
-``simnpo+rt`` -> ``retrain`` for causal LMs) or the chain a scenario names, every attempt from the same
-starting model, and keeps the first result that :func:`unlearn.gate.judge` passes with the default
+(:data:`unlearn.chain.DEFAULT_CHAINS`: ``ssd-auto`` -> ``shrink-perturb`` -> ``gu+graddiff`` -> ``retrain`` for
+classifiers, ``simnpo+rt`` -> ``retrain`` for causal LMs) or the chain a scenario names, every attempt from the
+same starting model, and keeps the first result that :func:`unlearn.gate.judge` passes with the default
 :class:`unlearn.gate.GatePolicy`:
 
 - utility on ``utility`` (classifiers: audit records of the classes that stay; causal LMs: retained people's
