@@ -152,7 +152,8 @@ class VerificationPolicy:
     onnx_tolerance: max absolute difference between PyTorch and onnxruntime outputs.
     method_chain: the escalation chain, tried in order from the same base version until one result passes
         the gate; empty at registration means the task's default chain (:data:`unlearn.chain.DEFAULT_CHAINS`,
-        ``retrain`` only when a training recipe is registered).
+        ``shrink-perturb`` and ``retrain`` only when a model factory and training recipe are registered; a chain
+        that names either without them is refused).
     superseded_versions: what happens to the model versions trained on data that a job has just erased
         (every older version of the lineage): ``purge`` deletes their weights (the registry entry and its
         tags stay, saying who superseded it and why); ``archive`` keeps the weights but moves every alias off

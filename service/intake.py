@@ -203,6 +203,11 @@ class Intake:
             if reason:
                 violations.append(FieldViolation("method", f"{reason} (model {preview(name)})"))
                 continue
+            if methods.get(method).needs_training and not info.training.get("train_recipe"):
+                violations.append(FieldViolation("method", f"method {method!r} retrains from the original recipe, "
+                                                           f"and model {preview(name)} was registered without "
+                                                           "model_factory and train_recipe"))
+                continue
             for index, value in enumerate(request.classes):
                 if value >= info.num_classes:
                     violations.append(FieldViolation(f"classes[{index}]",

@@ -95,6 +95,8 @@ class Registrar:
         recipe, training_violations = contract.training_violations(registration.model_factory,
                                                                    registration.train_recipe, limit)
         violations += training_violations
+        if not (registration.model_factory and registration.train_recipe):
+            violations += _needs_training_violations(registration.policy, registration.chain_from_default_method)
         if violations:
             raise InvalidArgument("invalid model registration", tuple(violations))
         # The location is checked before MLflow or the file system is touched: a URI outside the dataset
@@ -178,6 +180,19 @@ class Registrar:
 
 def _policy_json(policy: VerificationPolicy) -> dict[str, Any]:
     return asdict(policy)
+
+
+def _needs_training_violations(policy: VerificationPolicy, from_default_method: bool) -> list[FieldViolation]:
+    """A chain that names a method needing the original model factory and recipe (``retrain``,
+    ``shrink-perturb``) on a registration that gives neither: refused up front, not failed job by job."""
+    violations = []
+    for index, step in enumerate(policy.method_chain):
+        if step.name in methods.names() and methods.get(step.name).needs_training:
+            violations.append(FieldViolation(
+                "policy.default_method" if from_default_method else f"policy.method_chain[{index}].name",
+                f"method {step.name!r} retrains from the original recipe: register model_factory and "
+                "train_recipe with the model, or leave it out of the chain"))
+    return violations
 
 
 def _with_default_chain(policy: VerificationPolicy, registration: ModelRegistration) -> VerificationPolicy:

@@ -146,6 +146,35 @@ def test_a_chain_method_that_cannot_run_on_the_model_is_refused(lethe_engine, tm
     assert "cannot run on this model" in error.violations[0].description
 
 
+def test_a_chain_that_retrains_without_a_factory_and_recipe_is_refused_and_so_is_such_a_request(lethe_engine,
+                                                                                                    tmp_path):
+    """``retrain`` and ``shrink-perturb`` retrain from the original recipe: a chain naming them on a registration
+    without model_factory and train_recipe is refused at their indices with nothing written, and an erasure
+    request naming one for a model registered without them is refused before any job exists."""
+    version = _log(lethe_engine, tiny_mlp(0), "contract-no-training")
+    frame = _frame("notraining")
+    policy = replace(DEMO_POLICY, method_chain=(MethodStep("ssd-auto"), MethodStep("shrink-perturb"),
+                                                MethodStep("retrain")))
+    error = _refused(lethe_engine, _registration(tmp_path, "contract-no-training", version, frame, policy=policy),
+                     InvalidArgument)
+    assert [v.field for v in error.violations] == ["policy.method_chain[1].name", "policy.method_chain[2].name"]
+    assert all("register model_factory and train_recipe" in v.description for v in error.violations)
+
+    registered = lethe_engine.register_model(_registration(tmp_path, "contract-no-training", version, frame,
+                                                           policy=replace(DEMO_POLICY, method_chain=())))
+    assert [step.name for step in registered.policy.method_chain] == ["ssd-auto", "gu+graddiff"]
+    subject = frame[frame["split"] == "train"]["subject_id"].iloc[0]
+    with lethe_engine.store.read() as conn:
+        jobs_before = sum(db.job_counts_by_state(conn).values())
+    with pytest.raises(InvalidArgument) as raised:
+        lethe_engine.submit_erasure(ErasureRequest(request_id="contract-no-training-1", subject_ids=(subject,),
+                                                   model_names=("contract-no-training",), method="shrink-perturb"))
+    (violation,) = raised.value.violations
+    assert violation.field == "method" and "registered without model_factory and train_recipe" in violation.description
+    with lethe_engine.store.read() as conn:
+        assert sum(db.job_counts_by_state(conn).values()) == jobs_before
+
+
 BAD_FACTORIES = {
     "another architecture": ("unlearn.models:digits_cnn", "features.0.weight [16, 1, 3, 3] is not in the "
                                                           "registered model"),

@@ -42,7 +42,7 @@ from unlearn.chain import DEFAULT_CHAINS
 from unlearn.device import resolve_device
 from unlearn.errors import UnlearnError
 
-ROBUSTNESS_METHODS = ("ssd", "ssd-auto", AUTO)
+ROBUSTNESS_METHODS = ("ssd", "ssd-auto", "shrink-perturb", AUTO)  # SSD, the first two steps of the chain, the chain
 KEPT_CLASS_TOLERANCE = 0.02
 GAP_TARGET = 0.03
 COLUMNS = ("forget_acc", "retain_acc", "test_acc", "test_retain_acc", "mia", "mia_loss_auc")
