@@ -5,7 +5,9 @@ unchanged, determinism, and an honest ``target_reached``."""
 from __future__ import annotations
 
 import copy
+from dataclasses import replace
 
+import numpy as np
 import pytest
 import torch
 
@@ -14,6 +16,7 @@ from unlearn import registry
 from unlearn.errors import InvalidDataError, InvalidParameterError
 from unlearn.forget_target import ForgetTarget
 from unlearn.gate import GatePolicy, judge
+from unlearn.heldout import score
 from unlearn.methods.shrink_perturb import shrink_and_perturb
 from unlearn.models import tiny_mlp
 from unlearn.tasks import accuracy
@@ -95,3 +98,16 @@ def test_class_erasure_and_bad_input():
     with pytest.raises(InvalidDataError):
         registry.run("shrink-perturb", problem.model, problem.request(recipe=None), {})
     assert "shrink-perturb" not in registry.names_for("causal_lm")
+
+
+def test_the_first_check_reads_precomputed_tune_scores():
+    problem = mislabelled_problem()
+    scores = score(problem.task, problem.retrained, problem.tune)
+    # Scores that say every tune record is perfectly known make the untouched forget records look "over"
+    # forgotten, so the check fails and the method runs: proof that it read them instead of a forward pass.
+    fake = replace(scores, losses=np.zeros_like(scores.losses))
+    ran = registry.run("shrink-perturb", problem.retrained, problem.request(tune_scores=fake),
+                       {"epoch_fraction": 0.0125})
+    assert ran.details["weights_changed"] is True
+    kept = registry.run("shrink-perturb", problem.retrained, problem.request(tune_scores=scores), {})
+    assert kept.details["weights_changed"] is False and kept.model is problem.retrained

@@ -8,9 +8,8 @@ random forget set down to the never-seen level costs 4 to 23 points of audit acc
 Dr alone keeps the forget records memorised (forget accuracy 0.95 where a retrained model scores 0.77). A
 memorised record lives in weights that Dr's gradients never revisit; fine-tuning cannot reach it and
 gradient ascent destroys what surrounds it. Shrinking every weight scales those traces down with the rest,
-the perturbation breaks the symmetry the shrink leaves (Ash & Adams: without it a shrunk network trains
-like the unshrunk one), and a short run on Dr with the original recipe rebuilds what Dr supports, and only
-that. The forget records then sit where a model that never saw them puts them.
+the perturbation moves the weights off the shrunk copy of the memorising solution, and a short run on Dr
+with the original recipe rebuilds what Dr supports, and only that. The forget records then sit where a model that never saw them puts them.
 
 The update, for every parameter ``theta`` (weights, biases and normalisation scales alike):
 
@@ -23,13 +22,15 @@ recipe.epochs)`` epochs of the original recipe on Dr (its optimiser, batch size 
 statistics) are kept and re-estimated by the run.
 
 Before anything is changed, the unchanged model is checked against the forgetting target on ``tune``
-(:mod:`unlearn.forget_target`, with :data:`~unlearn.forget_target.UNTOUCHED_AUC_Z` as ``ssd-auto`` does): a
+(:mod:`unlearn.forget_target`, with :data:`~unlearn.forget_target.UNTOUCHED_AUC_Z` as ``ssd-auto`` does, and
+with the unchanged model's precomputed ``tune`` scores when the request carries them): a
 model that already scores the forget records as never seen (typical for random records of a model that
 generalises) is returned unchanged. After the run the same target (without the allowance) is checked on the
 result and reported as ``target_reached``; the run has no early stop (the learning-rate decay spans it).
 
 Cost: ``epoch_fraction`` of a retrain's optimiser steps (default a third), plus a forward pass over Df and
-``tune`` before and after. Mutates in place: no (works on a copy).
+``tune`` before and after. Mutates in place: no (works on a copy; an untouched model is returned as the
+caller's own object, as :class:`~unlearn.registry.UnlearnResult` allows).
 
 Differences from the paper:
 - Ash & Adams apply the operator to warm-start training on a GROWING data set; here it precedes training on
@@ -55,8 +56,8 @@ from unlearn.registry import UnlearnRequest, UnlearnResult, copy_model, model_de
 from unlearn.training import train
 
 _PERTURB_SEED_OFFSET = 0x5A5A
-"""Added to the recipe and request seeds for the perturbation's draw, so it never equals the original
-initialisation (which used the recipe seed itself)."""
+"""Added to the recipe and request seeds for the perturbation's draw, so that it is not the original
+initialisation again (that one was drawn with the recipe seed itself)."""
 
 
 @dataclass(frozen=True)
@@ -115,8 +116,10 @@ def shrink_perturb(model: nn.Module, request: UnlearnRequest, config: ShrinkPert
     epochs = max(1, round(config.epoch_fraction * recipe.epochs))
     details = {"shrink": config.shrink, "perturb": config.perturb, "epochs": epochs,
                "lr": recipe.lr * config.lr_scale, "lr_schedule": "linear"}
-    if config.check_first:
-        untouched = target.check(model, request.forget, auc_z=UNTOUCHED_AUC_Z)
+    if config.check_first:  # the unchanged model's tune losses, when the caller precomputed them (record erasure)
+        scores = None if request.forget_classes else request.tune_scores
+        untouched = target.check(model, request.forget, None if scores is None else scores.losses,
+                                 auc_z=UNTOUCHED_AUC_Z)
         if untouched.reached:
             return UnlearnResult(model, details={**details, "epochs": 0, "weights_changed": False,
                                                  **untouched.details()},
