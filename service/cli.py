@@ -709,7 +709,8 @@ def _parser() -> argparse.ArgumentParser:
                                "approximate methods), not only one whose re-check fails")
     register.add_argument("--method-chain",
                           help='escalation chain as JSON, e.g. \'[{"name": "ssd-auto"}, {"name": "retrain"}]\'; '
-                               "default: the task's chain (ssd-auto, shrink-perturb, gu+graddiff, retrain; without a factory and recipe: ssd-auto, gu+graddiff)")
+                               "default: the task's chain (ssd-auto, shrink-perturb, gu+graddiff, retrain; "
+                               "without a factory and recipe: ssd-auto, gu+graddiff)")
     register.add_argument("--default-method", help="a chain of one method (older form of --method-chain)")
     register.add_argument("--method-params", help="JSON object of --default-method's parameters")
     register.add_argument("--model-factory", help="'module:function' building the untrained model (for retrain)")

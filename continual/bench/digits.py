@@ -13,11 +13,11 @@ reported number is measured on ``test`` records, which nothing selects or stops 
   pixels (zero fill) with Gaussian noise of standard deviation 0.1 u, clipped to [0, 1]. Task u's test and
   tune records are the test and holdout splits under the same transformation (noise seed fixed per task).
 - ``digits-erase-then-update``: ``digits-incremental`` with two erasures between updates 1 and 2, each through
-  ``unlearn``'s default chain (``ssd-auto`` -> ``shrink-perturb`` -> ``gu+graddiff`` -> ``retrain``) judged by ``unlearn``'s gate
-  (:mod:`continual.bench.erasure`): every record of class 3, then every record of 10 subjects (drawn with
-  seed 5000 + run seed among the subjects with training records in classes 0, 1, 2, 4, 5). Later updates
-  leave out the erased subjects' records (an update carrying one is refused, which the run checks:
-  ``erased_update_refused``); buffers are purged. After each later update both erasures are re-checked as the
+  ``unlearn``'s default chain (``ssd-auto`` -> ``shrink-perturb`` -> ``gu+graddiff`` -> ``retrain``) judged
+  by ``unlearn``'s gate (:mod:`continual.bench.erasure`): every record of class 3, then every record of 10
+  subjects (drawn with seed 5000 + run seed among the subjects with training records in classes 0, 1, 2, 4,
+  5). Later updates leave out the erased subjects' records (an update carrying one is refused, which the run
+  checks: ``erased_update_refused``); buffers are purged. After each later update both erasures are re-checked as the
   service's update gate does (class accuracy on its erased records against the policy's limit, 0.02 here
   (:data:`POLICY`); the subjects' membership against the gate's audit records) and a regressed one is erased
   again with the chain's approximate methods (:func:`continual.bench.harness.keep_erased`). Class 3 is left out of task 0's evaluation in every row (it
