@@ -35,7 +35,7 @@ from unlearn.atomic_files import partial_path
 from unlearn.data import ExampleSet
 from unlearn.errors import CacheMismatchError, InvalidDataError
 from unlearn.importance import weights_digest
-from unlearn.tasks import TaskAdapter
+from unlearn.tasks import TaskAdapter, eval_mode
 
 
 @dataclass(frozen=True)
@@ -80,16 +80,12 @@ def score(task: TaskAdapter, model: nn.Module, examples: ExampleSet, keys: np.nd
     if len(examples) == 0:
         raise InvalidDataError("examples", "scores of an empty set are undefined")
     device = next(iter(model.parameters())).device
-    was_training = model.training
-    model.eval()
     losses, correct = [], []
-    try:
+    with eval_mode(model):
         for batch in examples.batches(batch_size, device):
             outputs = task.outputs(model, batch)  # one forward pass for both
             losses.append((task.losses_from_outputs(outputs, batch) / task.target_lengths(batch).clamp_min(1)).double().cpu())
             correct.append(task.correct_from_outputs(outputs, batch).cpu())
-    finally:
-        model.train(was_training)
     return HeldOutScores(keys, torch.cat(losses).numpy(), torch.cat(correct).numpy().astype(bool))
 
 

@@ -7,6 +7,8 @@ classifier today and on a causal language model (answer-token losses, prompt mas
 from __future__ import annotations
 
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Protocol
 from weakref import WeakKeyDictionary
 
@@ -17,6 +19,26 @@ from torch import Tensor, nn
 from unlearn.data import Batch, ExampleSet
 from unlearn.errors import InvalidDataError
 
+
+
+@contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """``model`` in eval mode for the block, its mode restored after: ``model.eval()``, then
+    ``model.train(was_training)``, as the callers did by hand.
+
+    A model none of whose modules is in training mode (a served version) is left alone: the two switches walk
+    every module, which on a small model costs more than a forward pass over a few records (about 0.4 ms of a
+    steady-state erasure's 2.3 ms check on the digits CNN).
+    """
+    switch = any(module.training for module in model.modules())
+    was_training = model.training
+    if switch:
+        model.eval()
+    try:
+        yield model
+    finally:
+        if switch:
+            model.train(was_training)
 
 class TaskAdapter(Protocol):
     """What a method may ask of a model, whatever the task."""
@@ -119,15 +141,11 @@ class ClassificationTask:
             if key in _FITS.get(model, ()):  # this model already took inputs of this shape
                 return
         device = next(iter(model.parameters())).device
-        was_training = model.training
-        model.eval()
         try:
-            with torch.no_grad():
+            with eval_mode(model), torch.no_grad():
                 logits = model(inputs[:1].to(device))
         except RuntimeError as error:  # the model's own shape check is the authority
             raise InvalidDataError(field, f"inputs of shape {tuple(inputs.shape[1:])} do not fit the model: {error}")
-        finally:
-            model.train(was_training)
         if logits.dim() != 2 or logits.shape[1] != self.num_classes:
             raise InvalidDataError(field, f"model gives outputs of shape {tuple(logits.shape)}, "
                                    f"expected [batch, {self.num_classes}]")
@@ -141,12 +159,10 @@ def accuracy(task: TaskAdapter, model: nn.Module, examples: ExampleSet, batch_si
     if len(examples) == 0:
         raise InvalidDataError("examples", "accuracy of an empty set is undefined")
     device = next(iter(model.parameters())).device
-    was_training = model.training
-    model.eval()
     right = 0
-    for batch in examples.batches(batch_size, device):
-        right += int(task.correct(model, batch).sum())
-    model.train(was_training)
+    with eval_mode(model):
+        for batch in examples.batches(batch_size, device):
+            right += int(task.correct(model, batch).sum())
     return right / len(examples)
 
 
@@ -164,14 +180,12 @@ def accuracy_without_classes(task: TaskAdapter, model: nn.Module, examples: Exam
     if len(examples) == 0:
         raise InvalidDataError("examples", "accuracy of an empty set is undefined")
     device = next(iter(model.parameters())).device
-    was_training = model.training
-    model.eval()
     right = 0
-    for batch in examples.batches(batch_size, device):
-        logits = task.outputs(model, batch).clone()
-        logits[:, list(classes)] = -torch.inf
-        right += int((logits.argmax(dim=1) == batch["labels"]).sum())
-    model.train(was_training)
+    with eval_mode(model):
+        for batch in examples.batches(batch_size, device):
+            logits = task.outputs(model, batch).clone()
+            logits[:, list(classes)] = -torch.inf
+            right += int((logits.argmax(dim=1) == batch["labels"]).sum())
     return right / len(examples)
 
 
@@ -179,12 +193,10 @@ def accuracy_without_classes(task: TaskAdapter, model: nn.Module, examples: Exam
 def collect(task: TaskAdapter, model: nn.Module, examples: ExampleSet, batch_size: int = 256) -> tuple[Tensor, Tensor]:
     """Per-example outputs and losses over a set, in eval mode, on the CPU."""
     device = next(iter(model.parameters())).device
-    was_training = model.training
-    model.eval()
     outputs, losses = [], []
-    for batch in examples.batches(batch_size, device):
-        logits = task.outputs(model, batch)
-        outputs.append(logits.cpu())
-        losses.append(task.losses_from_outputs(logits, batch).cpu())
-    model.train(was_training)
+    with eval_mode(model):
+        for batch in examples.batches(batch_size, device):
+            logits = task.outputs(model, batch)
+            outputs.append(logits.cpu())
+            losses.append(task.losses_from_outputs(logits, batch).cpu())
     return torch.cat(outputs), torch.cat(losses)

@@ -96,3 +96,22 @@ def test_class_erasure_ignores_tune_scores():
     result = registry.run("ssd-auto", problem.model, problem.request(tune_scores=bogus))
     assert result.details["tune_scores"] == "computed for this request"
     assert result.target_reached is True
+
+
+def test_scoring_puts_a_model_in_eval_mode_and_restores_it_and_leaves_an_eval_model_alone(monkeypatch):
+    problem = class_problem()
+    model = copy_model(problem.model)
+    model.train()
+    reference = score(problem.task, model, problem.holdout)
+    assert model.training and all(m.training for m in model.modules())  # restored
+    model.eval()
+    calls = []
+    monkeypatch.setattr(type(model), "train", lambda self, mode=True: calls.append(mode) or self)
+    assert np.array_equal(score(problem.task, model, problem.holdout).losses, reference.losses)
+    assert membership_losses(problem.task, model, problem.holdout).shape == (len(problem.holdout),)
+    assert accuracy(problem.task, model, problem.holdout) == reference.accuracy
+    assert calls == []  # nothing in training mode: no walk over the modules to switch them
+    monkeypatch.undo()
+    model.layers[0].train()  # one submodule left in training mode: switched for the pass, as before
+    assert np.array_equal(score(problem.task, model, problem.holdout).losses, reference.losses)
+    assert not any(m.training for m in model.modules())  # model.train(False) restores the top's mode

@@ -6,6 +6,7 @@ import math
 
 import numpy as np
 import pytest
+from scipy import stats
 
 from unlearn.errors import InvalidDataError
 from unlearn.membership import CONFIDENCE_Z, loss_auc, membership_test, null_auc_sd
@@ -17,6 +18,22 @@ def test_auc_counts_pairs_where_the_forget_loss_is_lower_with_ties_half():
     assert loss_auc(np.array([1.0, 3.0]), np.array([2.0, 3.0])) == pytest.approx(2.5 / 4)
     assert loss_auc(np.array([0.0, 0.1]), np.array([5.0, 6.0, 7.0])) == 1.0  # members: lower loss
     assert loss_auc(np.array([9.0]), np.array([5.0, 6.0])) == 0.0  # over-forgotten: higher loss
+
+
+def test_auc_equals_the_rank_sum_u_statistic_exactly_ties_included():
+    # The AUC is counted against the sorted reference; it must be the Mann-Whitney U of the pooled ranks
+    # (the form it replaced), to the last bit, on rounded losses full of ties and on continuous ones.
+    generator = np.random.default_rng(7)
+    for case in range(200):
+        forget = generator.gamma(1.0, 1.0, size=int(generator.integers(1, 30)))
+        reference = generator.gamma(1.2, 1.0, size=int(generator.integers(1, 300)))
+        if case % 2:
+            forget, reference = np.round(forget, 1), np.round(reference, 1)
+        ranks = stats.rankdata(np.concatenate([-forget, -reference]))
+        u = ranks[:len(forget)].sum() - len(forget) * (len(forget) + 1) / 2
+        assert loss_auc(forget, reference) == u / (len(forget) * len(reference))
+        mann_whitney = stats.mannwhitneyu(reference, forget, alternative="two-sided").statistic
+        assert loss_auc(forget, reference) == pytest.approx(mann_whitney / (len(forget) * len(reference)))
 
 
 def test_null_sd_is_the_mann_whitney_formula():
@@ -71,8 +88,6 @@ def test_split_is_keyed_stable_and_about_half():
 
 
 def test_the_unwrapped_ks_test_is_scipys():
-    from scipy import stats
-
     from unlearn.membership import _ks_2samp
 
     rng = np.random.default_rng(3)
