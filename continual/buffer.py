@@ -42,7 +42,7 @@ from continual.errors import BufferIntegrityError
 from continual.examples import is_sequence_field, pad_width
 from unlearn.data import Batch, ExampleSet
 from unlearn.errors import InvalidDataError, InvalidParameterError
-from unlearn.tasks import TaskAdapter
+from unlearn.tasks import TaskAdapter, eval_mode
 
 FORMAT = "lethe-replay-buffer/1"
 TENSORS_FILE = "buffer.safetensors"
@@ -200,11 +200,9 @@ class ReplayBuffer:
         """Recompute every stored logit with ``model`` (eval mode; its mode is restored); clears ``logits_stale``."""
         if len(self):
             device = next(iter(model.parameters())).device
-            was_training = model.training
-            model.eval()
-            outputs = [task.outputs(model, batch).to("cpu", torch.float32)
-                       for batch in self.examples().batches(batch_size, device)]
-            model.train(was_training)
+            with eval_mode(model):
+                outputs = [task.outputs(model, batch).to("cpu", torch.float32)
+                           for batch in self.examples().batches(batch_size, device)]
             self.logits = torch.cat(outputs)
         self.logits_stale = False
 

@@ -32,7 +32,7 @@ from torch import nn
 
 from unlearn.data import ExampleSet
 from unlearn.errors import InvalidDataError
-from unlearn.tasks import TaskAdapter
+from unlearn.tasks import TaskAdapter, eval_mode
 
 DEFINITIONS = {
     "r_matrix": "R[i][j] = accuracy on task j's evaluation data after update i; row 0 = before any update, "
@@ -110,14 +110,13 @@ class OldTaskProbe:
     def measure(self, model: nn.Module, step: int) -> ProbeRecord:
         started = time.perf_counter()
         device = next(iter(model.parameters())).device
-        was_training = model.training
-        model.eval()
         per_task, right, total = {}, 0, 0
-        for index, examples in self.old_tasks.items():
-            hits = sum(int(self.task.correct(model, batch).sum()) for batch in examples.batches(self.batch_size, device))
-            per_task[index] = hits / len(examples)
-            right, total = right + hits, total + len(examples)
-        model.train(was_training)
+        with eval_mode(model):
+            for index, examples in self.old_tasks.items():
+                hits = sum(int(self.task.correct(model, batch).sum())
+                           for batch in examples.batches(self.batch_size, device))
+                per_task[index] = hits / len(examples)
+                right, total = right + hits, total + len(examples)
         self.seconds += time.perf_counter() - started
         return ProbeRecord(step, per_task, right / total)
 

@@ -46,7 +46,7 @@ from unlearn.chain import ChainResult, run_chain
 from unlearn.gate import GateResult
 from unlearn.importance import ImportanceCache, TrainImportance, weights_digest
 from unlearn.registry import UnlearnRequest
-from unlearn.tasks import TaskAdapter
+from unlearn.tasks import TaskAdapter, eval_mode
 from unlearn.training import TrainRecipe, recipe_from_values
 
 log = logging.getLogger(__name__)
@@ -138,12 +138,10 @@ def correct_before(ctx: PipelineContext, info: ModelInfo, version: str, data: Lo
 @torch.no_grad()
 def correct_flags(task: TaskAdapter, model: nn.Module, examples, batch_size: int = 256) -> list[bool]:
     device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
     flags: list[bool] = []
-    for batch in examples.batches(batch_size, device):
-        flags += task.correct(model, batch).cpu().tolist()
-    model.train(was_training)
+    with eval_mode(model):
+        for batch in examples.batches(batch_size, device):
+            flags += task.correct(model, batch).cpu().tolist()
     return flags
 
 

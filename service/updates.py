@@ -78,7 +78,7 @@ from unlearn.errors import InvalidParameterError, UnlearnError
 from unlearn.gate import GateCheck, GateResult
 from unlearn.lm.task import model_context_length
 from unlearn.membership import compare
-from unlearn.tasks import accuracy
+from unlearn.tasks import accuracy, eval_mode
 from unlearn.training import TrainRecipe
 
 DEFAULT_UPDATE_STRATEGY: dict[TaskType, MethodStep] = {
@@ -295,12 +295,9 @@ def _initial_buffer(scope: Scope, model: nn.Module):
     if rows.any():
         examples = scope.examples(rows)
         device = next(model.parameters()).device
-        was_training = model.training
-        model.eval()
-        with torch.no_grad():
+        with eval_mode(model), torch.no_grad():
             logits = torch.cat([scope.task.outputs(model, batch).cpu()
                                 for batch in examples.batches(256, device)])
-        model.train(was_training)
         buffer.offer(examples, logits, list(scope.data.record_hashes[rows].astype(str)),
                      list(scope.data.subject_hashes[rows].astype(str)))
     return buffer

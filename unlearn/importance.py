@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from unlearn.atomic_files import partial_path
 from unlearn.data import ExampleSet
 from unlearn.errors import CacheMismatchError, Cancelled, InvalidDataError
-from unlearn.tasks import TaskAdapter
+from unlearn.tasks import TaskAdapter, eval_mode
 
 Variant = Literal["fisher", "label_free"]
 Importance = dict[str, Tensor]
@@ -58,10 +58,8 @@ def estimate_importance(
     named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
     params = [p for _, p in named]
     totals = [torch.zeros_like(p) for p in params]
-    was_training = model.training
-    model.eval()
     batches = 0
-    try:
+    with eval_mode(model):
         for batch in examples.batches(batch_size, device):
             if should_stop is not None and should_stop():
                 raise Cancelled("importance estimation was cancelled")
@@ -74,8 +72,6 @@ def estimate_importance(
                 if grad is not None:
                     total.add_(grad.pow(2) if variant == "fisher" else grad.abs())
             batches += 1
-    finally:
-        model.train(was_training)
     return {name: total / batches for (name, _), total in zip(named, totals)}
 
 

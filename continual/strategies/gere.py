@@ -51,6 +51,7 @@ from continual.training import (
 from unlearn.config import require
 from unlearn.data import Batch, ExampleSet
 from unlearn.lm.task import model_context_length
+from unlearn.tasks import eval_mode
 
 NOT_A_PERSON = -1  # subject_id of the generic texts
 
@@ -105,10 +106,8 @@ def last_hidden(model: nn.Module, batch: Batch) -> Tensor:
 def thresholds(model: nn.Module, generic: ExampleSet, batch_size: int = 64) -> Thresholds:
     """GeRe's per-dimension thresholds from ``model`` (the current version) on the generic texts."""
     device = model_device(model)
-    was_training = model.training
-    model.eval()
-    hidden = torch.cat([last_hidden(model, batch).float().cpu() for batch in generic.batches(batch_size, device)])
-    model.train(was_training)
+    with eval_mode(model):
+        hidden = torch.cat([last_hidden(model, batch).float().cpu() for batch in generic.batches(batch_size, device)])
     real = generic["attention_mask"].bool()
     tokens = hidden[real]  # [tokens, H]
     mu, sigma = tokens.mean(dim=0), tokens.std(dim=0, unbiased=False)

@@ -55,6 +55,7 @@ from unlearn.data import ExampleSet
 from unlearn.errors import InvalidDataError
 from unlearn.lm.task import CausalLMTask, answer_token_log_probs
 from unlearn.membership import MembershipResult, knowledge_probe, membership_test
+from unlearn.tasks import eval_mode
 
 MIN_K_FRACTION = 0.4
 """k of Min-K% Prob for TOFU in OpenUnlearning (``configs/eval/tofu_metrics/mia_min_k.yaml``: ``k: 0.4``)."""
@@ -131,10 +132,8 @@ def answer_statistics(task: CausalLMTask, model: nn.Module, examples: ExampleSet
                       min_k_fraction: float = MIN_K_FRACTION) -> AnswerStatistics:
     """Answer-token statistics in eval mode (the model's mode is restored), on the CPU, in float64."""
     device = next(iter(model.parameters())).device
-    was_training = model.training
-    model.eval()
     nll, lengths, min_k = [], [], []
-    try:
+    with eval_mode(model):
         for batch in examples.batches(batch_size, device):
             log_probs, mask = answer_token_log_probs(task.outputs(model, batch), batch["input_ids"],
                                                      batch["answer_mask"])
@@ -142,8 +141,6 @@ def answer_statistics(task: CausalLMTask, model: nn.Module, examples: ExampleSet
             nll.append(-(log_probs * mask).sum(dim=1))
             lengths.append(mask.sum(dim=1))
             min_k.append(min_k_scores(log_probs, mask, min_k_fraction))
-    finally:
-        model.train(was_training)
     return AnswerStatistics(torch.cat(nll), torch.cat(lengths), torch.cat(min_k))
 
 

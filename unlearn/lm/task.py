@@ -24,6 +24,7 @@ from torch import Tensor, nn
 
 from unlearn.data import Batch, ExampleSet
 from unlearn.errors import InvalidDataError
+from unlearn.tasks import eval_mode
 
 LM_FIELDS = ("input_ids", "attention_mask", "answer_mask")
 
@@ -240,27 +241,26 @@ class CausalLMTask:
         Prompts of equal length are batched together, so no padding enters a forward pass.
         """
         device = next(iter(model.parameters())).device
-        was_training = model.training
-        model.eval()
-        prompts = self.prompt_ids(examples)
-        context = model_context_length(model)
-        by_length: dict[int, list[int]] = {}
-        for index, prompt in enumerate(prompts):
-            by_length.setdefault(len(prompt), []).append(index)
-        outputs: list[list[int]] = [[] for _ in prompts]
-        for length, indices in by_length.items():
-            for start in range(0, len(indices), batch_size):
-                chunk = indices[start : start + batch_size]
-                ids = torch.tensor([prompts[i] for i in chunk], device=device)
-                done = torch.zeros(len(chunk), dtype=torch.bool, device=device)
-                for _ in range(min(max_new_tokens, context - length)):
-                    next_ids = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[:, -1].argmax(dim=-1)
-                    for row, token in enumerate(next_ids.tolist()):
-                        if not done[row] and token != self.eos_token_id:
-                            outputs[chunk[row]].append(token)
-                    done |= next_ids == self.eos_token_id
-                    if bool(done.all()):
-                        break
-                    ids = torch.cat([ids, next_ids.unsqueeze(1)], dim=1)
-        model.train(was_training)
+        with eval_mode(model):
+            prompts = self.prompt_ids(examples)
+            context = model_context_length(model)
+            by_length: dict[int, list[int]] = {}
+            for index, prompt in enumerate(prompts):
+                by_length.setdefault(len(prompt), []).append(index)
+            outputs: list[list[int]] = [[] for _ in prompts]
+            for length, indices in by_length.items():
+                for start in range(0, len(indices), batch_size):
+                    chunk = indices[start : start + batch_size]
+                    ids = torch.tensor([prompts[i] for i in chunk], device=device)
+                    done = torch.zeros(len(chunk), dtype=torch.bool, device=device)
+                    for _ in range(min(max_new_tokens, context - length)):
+                        logits = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
+                        next_ids = logits[:, -1].argmax(dim=-1)
+                        for row, token in enumerate(next_ids.tolist()):
+                            if not done[row] and token != self.eos_token_id:
+                                outputs[chunk[row]].append(token)
+                        done |= next_ids == self.eos_token_id
+                        if bool(done.all()):
+                            break
+                        ids = torch.cat([ids, next_ids.unsqueeze(1)], dim=1)
         return [self.tokenizer.decode(tokens) for tokens in outputs]

@@ -39,7 +39,7 @@ from unlearn.data import Batch, ExampleSet
 from unlearn.forget_target import DEFAULT_STOP_AUC_MARGIN, DEFAULT_STOP_MIN_P, ForgetTarget, run_outcome
 from unlearn.gradients import batch_stream, make_unlearning_optimizer, trainable_parameters
 from unlearn.registry import UnlearnRequest, UnlearnResult, copy_model, model_device, register, require
-from unlearn.tasks import TaskAdapter
+from unlearn.tasks import TaskAdapter, eval_mode
 
 REFERENCE_NLL = "npo_reference_nll"  # the extra per-example field NPO adds to its forget set
 
@@ -100,12 +100,10 @@ def npo_loss(task: TaskAdapter, model: nn.Module, forget_batch: Batch, beta: flo
 def with_reference_nll(task: TaskAdapter, reference_model: nn.Module, forget: ExampleSet,
                        batch_size: int) -> ExampleSet:
     """``forget`` plus each example's NLL under the reference model (eval mode; the mode is restored)."""
-    was_training = reference_model.training
-    reference_model.eval()
     device = model_device(reference_model)
-    nll = torch.cat([task.per_example_loss(reference_model, batch).detach().cpu()
-                     for batch in forget.batches(batch_size, device)])
-    reference_model.train(was_training)
+    with eval_mode(reference_model):
+        nll = torch.cat([task.per_example_loss(reference_model, batch).detach().cpu()
+                         for batch in forget.batches(batch_size, device)])
     return ExampleSet({**forget.tensors, REFERENCE_NLL: nll})
 
 
