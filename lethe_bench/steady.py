@@ -2,13 +2,13 @@
 
 ``nice python -m lethe_bench.steady --jobs 20 --seed 0 --gap-s 3``
 
-A fresh embedded state directory with the digits demo model (policy chain ``ssd-auto`` -> ``gu+graddiff``
--> ``retrain``) behind a gRPC server in this process; the client is another process (spawned), as a
-data-governance system is: in one process its stream of the job's events competed with the worker for the
-interpreter at exactly the moment the method starts. ``--jobs`` subject erasures arrive one at a time through
-the ``SubmitErasure`` RPC: each is sent after the previous one's certificate arrived plus ``--gap-s`` seconds
-(the time a data-governance system takes between two requests, which is when the worker precomputes the
-training set's importance I_D for the version the last job registered, :mod:`service.prefetch`).
+A fresh embedded state directory with the digits demo model (the default classifier chain,
+:data:`unlearn.chain.DEFAULT_CHAINS`) behind a gRPC server in this process; the client is another process
+(spawned), as a data-governance system is: in one process its stream of the job's events competed with the
+worker for the interpreter at exactly the moment the method starts. ``--jobs`` subject erasures arrive one at a
+time through the ``SubmitErasure`` RPC: each is sent after the previous one's certificate arrived plus
+``--gap-s`` seconds (the time a data-governance system takes between two requests, which is when the worker
+precomputes the training set's importance I_D for the version the last job registered, :mod:`service.prefetch`).
 
 Per job: the apply stage's seconds (every attempt of the chain, without the gate), and the unit it is
 compared with, one forward+backward pass over that job's forget set on the job's result version, timed in
