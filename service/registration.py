@@ -91,12 +91,11 @@ class Registrar:
         if registration.task_type is TaskType.CLASSIFICATION and (registration.num_classes is None
                                                                   or registration.num_classes < 2):
             violations.append(FieldViolation("num_classes", "a classifier needs num_classes >= 2"))
-        violations += _policy_violations(registration.policy, registration.chain_from_default_method)
+        violations += _policy_violations(registration.policy, registration.chain_from_default_method,
+                                         _has_training(registration))
         recipe, training_violations = contract.training_violations(registration.model_factory,
                                                                    registration.train_recipe, limit)
         violations += training_violations
-        if not (registration.model_factory and registration.train_recipe):
-            violations += _needs_training_violations(registration.policy, registration.chain_from_default_method)
         if violations:
             raise InvalidArgument("invalid model registration", tuple(violations))
         # The location is checked before MLflow or the file system is touched: a URI outside the dataset
@@ -182,30 +181,26 @@ def _policy_json(policy: VerificationPolicy) -> dict[str, Any]:
     return asdict(policy)
 
 
-def _needs_training_violations(policy: VerificationPolicy, from_default_method: bool) -> list[FieldViolation]:
-    """A chain that names a method needing the original model factory and recipe (``retrain``,
-    ``shrink-perturb``) on a registration that gives neither: refused up front, not failed job by job."""
-    violations = []
-    for index, step in enumerate(policy.method_chain):
-        if step.name in methods.names() and methods.get(step.name).needs_training:
-            violations.append(FieldViolation(
-                "policy.default_method" if from_default_method else f"policy.method_chain[{index}].name",
-                f"method {step.name!r} retrains from the original recipe: register model_factory and "
-                "train_recipe with the model, or leave it out of the chain"))
-    return violations
+def _has_training(registration: ModelRegistration) -> bool:
+    """The registration gives the original model factory and recipe (``retrain`` and ``shrink-perturb`` need
+    both; :func:`service.contract.training_violations` refuses one without the other)."""
+    return bool(registration.model_factory and registration.train_recipe)
 
 
 def _with_default_chain(policy: VerificationPolicy, registration: ModelRegistration) -> VerificationPolicy:
-    """An empty chain becomes the task's default chain (``retrain`` only when the recipe is registered)."""
+    """An empty chain becomes the task's default chain (``shrink-perturb`` and ``retrain`` only when the
+    factory and recipe are registered)."""
     if policy.method_chain:
         return policy
-    has_training = bool(registration.model_factory and registration.train_recipe)
-    chain = default_chain(registration.task_type.value, has_training)
+    chain = default_chain(registration.task_type.value, _has_training(registration))
     return replace(policy, method_chain=tuple(MethodStep(name, dict(params)) for name, params in chain))
 
 
-def _policy_violations(policy: VerificationPolicy, from_default_method: bool) -> list[FieldViolation]:
-    """Bounded values (the gate cannot be configured away) and a chain of known methods with valid parameters.
+def _policy_violations(policy: VerificationPolicy, from_default_method: bool,
+                       has_training: bool) -> list[FieldViolation]:
+    """Bounded values (the gate cannot be configured away) and a chain of known methods with valid parameters,
+    none of which retrains from the original recipe (``retrain``, ``shrink-perturb``) unless the registration
+    gives it (``has_training``): refused up front, not failed job by job.
 
     Paths name the fields the client used: ``policy.method_chain[i].name`` / ``.params.<key>``, or
     ``policy.default_method`` / ``policy.method_params.<key>`` for the older one-method form.
@@ -223,4 +218,9 @@ def _policy_violations(policy: VerificationPolicy, from_default_method: bool) ->
             violations.append(FieldViolation(name_path, str(error)))
         except InvalidParameterError as error:
             violations.append(FieldViolation(f"{params_path}.{error.field}", error.reason))
+        else:
+            if methods.get(step.name).needs_training and not has_training:
+                violations.append(FieldViolation(name_path, f"method {step.name!r} retrains from the original "
+                                                            "recipe: register model_factory and train_recipe "
+                                                            "with the model, or leave it out of the chain"))
     return violations

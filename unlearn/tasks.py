@@ -20,7 +20,6 @@ from unlearn.data import Batch, ExampleSet
 from unlearn.errors import InvalidDataError
 
 
-
 @contextmanager
 def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
     """``model`` in eval mode for the block, its mode restored after: ``model.eval()``, then
@@ -39,6 +38,7 @@ def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
     finally:
         if switch:
             model.train(was_training)
+
 
 class TaskAdapter(Protocol):
     """What a method may ask of a model, whatever the task."""

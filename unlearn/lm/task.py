@@ -241,13 +241,13 @@ class CausalLMTask:
         Prompts of equal length are batched together, so no padding enters a forward pass.
         """
         device = next(iter(model.parameters())).device
+        prompts = self.prompt_ids(examples)
+        context = model_context_length(model)
+        by_length: dict[int, list[int]] = {}
+        for index, prompt in enumerate(prompts):
+            by_length.setdefault(len(prompt), []).append(index)
+        outputs: list[list[int]] = [[] for _ in prompts]
         with eval_mode(model):
-            prompts = self.prompt_ids(examples)
-            context = model_context_length(model)
-            by_length: dict[int, list[int]] = {}
-            for index, prompt in enumerate(prompts):
-                by_length.setdefault(len(prompt), []).append(index)
-            outputs: list[list[int]] = [[] for _ in prompts]
             for length, indices in by_length.items():
                 for start in range(0, len(indices), batch_size):
                     chunk = indices[start : start + batch_size]

@@ -52,7 +52,7 @@ import torch
 from torch import nn
 
 from unlearn.forget_target import DEFAULT_STOP_AUC_MARGIN, DEFAULT_STOP_MIN_P, UNTOUCHED_AUC_Z, ForgetTarget
-from unlearn.registry import UnlearnRequest, UnlearnResult, copy_model, model_device, register, require
+from unlearn.registry import UnlearnRequest, UnlearnResult, copy_model, register, require
 from unlearn.training import train
 
 _PERTURB_SEED_OFFSET = 0x5A5A
@@ -130,7 +130,7 @@ def shrink_perturb(model: nn.Module, request: UnlearnRequest, config: ShrinkPert
     shrink_and_perturb(work, factory(seed + _PERTURB_SEED_OFFSET), config.shrink, config.perturb)
     run_recipe = replace(recipe, lr=recipe.lr * config.lr_scale, lr_schedule="linear", warmup_steps=0,
                          seed=seed + 1)
-    train(task, work.to(model_device(model)), retain, run_recipe, epochs=epochs,
+    train(task, work, retain, run_recipe, epochs=epochs,
           progress=lambda f, m: request.report(f, m))
     check = target.check(work, request.forget)
     details.update(weights_changed=True, **check.details())
