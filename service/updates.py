@@ -78,7 +78,7 @@ from unlearn.errors import InvalidParameterError, UnlearnError
 from unlearn.gate import GateCheck, GateResult
 from unlearn.lm.task import model_context_length
 from unlearn.membership import compare
-from unlearn.tasks import accuracy, eval_mode
+from unlearn.tasks import ExampleSet, accuracy, accuracy_without_classes, eval_mode
 from unlearn.training import TrainRecipe
 
 DEFAULT_UPDATE_STRATEGY: dict[TaskType, MethodStep] = {
@@ -314,6 +314,13 @@ def _sample(mask: np.ndarray, count: int) -> np.ndarray:
 
 
 # ------------------------------------------------------------------------------------------- the gate
+def _base_utility(scope: Scope, utility: ExampleSet) -> float:
+    """The update gate's utility reference: the base version's accuracy on ``utility`` (measured before)."""
+    if scope.utility_before is not None:
+        return scope.utility_before
+    return accuracy(scope.task, scope.base_model, utility)
+
+
 def update_gate(ctx: PipelineContext, job, info: ModelInfo, scope: Scope, after: nn.Module, learn: np.ndarray,
                 policy, stability: dict[str, Any]) -> GateResult:
     """The update gate (module docstring). ONNX checks run only when the others passed."""
@@ -322,8 +329,7 @@ def update_gate(ctx: PipelineContext, job, info: ModelInfo, scope: Scope, after:
     learned_before = accuracy(task, scope.base_model, scope.examples(learn))
     learned_after = accuracy(task, after, scope.examples(learn))
     utility, audit = scope.examples(scope.utility_mask), scope.examples(scope.audit)
-    utility_before = scope.utility_before if scope.utility_before is not None else accuracy(task, scope.base_model,
-                                                                                            utility)
+    utility_before = _base_utility(scope, utility)
     utility_after = accuracy(task, after, utility)
     floor = utility_before - policy.max_utility_drop
     checks = [
@@ -410,6 +416,8 @@ def _reerase(ctx: PipelineContext, job, info: ModelInfo, scope: Scope, model: nn
     chain = [(step.name, dict(step.params)) for step in info.policy.method_chain
              if not _exact(step.name)]  # an exact retrain would also drop what the update just learned
     retain = scope.examples(scope.retain | learn)  # what the updated model should keep: old data and new
+    utility = scope.examples(scope.utility_mask)  # without the lineage's erased classes, so without the sets'
+    base_utility = _base_utility(scope, utility)
     groups, current = [], model
     # Class erasures and record/subject erasures are judged differently (forget accuracy vs membership): one
     # chain run per kind, the second from the first's result.
@@ -423,13 +431,20 @@ def _reerase(ctx: PipelineContext, job, info: ModelInfo, scope: Scope, model: nn
                                  model_factory=_factory(info.training), recipe=_recipe(info.training),
                                  forget_classes=classes, seed=0)
         before = current
+        # An attempt keeps the utility of the model it starts from AND the floor the update gate will apply
+        # (the base version's): judged from the higher of the two, a result the chain accepts is not then
+        # refused by the update gate for utility while a later method of the chain could have passed.
+        own = (accuracy_without_classes(scope.task, before, utility, classes) if classes
+               else accuracy(scope.task, before, utility))  # as the judge measures it
+        reference = max(own, base_utility)
         knowledge = None if classes else _sealed_probe(
             scope, before, ctx.catalog.from_frame(pd.concat([s.frame for s in group], ignore_index=True)))
         outcome = run_chain(before, request, chain,
-                            lambda result, before=before, forget=forget, classes=classes, knowledge=knowledge:
-                            judge(scope.task, before, result.model, forget, scope.examples(scope.utility_mask),
-                                  scope.examples(scope.audit), _gate_policy(policy), classes, knowledge=knowledge))
-        groups.append({"sets": sorted(s.request_id for s in group),
+                            lambda result, before=before, forget=forget, classes=classes, knowledge=knowledge,
+                            reference=reference:
+                            judge(scope.task, before, result.model, forget, utility, scope.examples(scope.audit),
+                                  _gate_policy(policy), classes, utility_before=reference, knowledge=knowledge))
+        groups.append({"sets": sorted(s.request_id for s in group), "utility_reference": reference,
                        "method": outcome.chosen.method if outcome.passed else None,
                        "attempts": [a.summary() for a in outcome.attempts]})
         if not outcome.passed:
