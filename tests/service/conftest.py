@@ -75,6 +75,9 @@ def fresh_subjects(count: int) -> tuple[str, ...]:
     return tuple(f"subject-{next(_SUBJECTS) * 3 + 7:04d}" for _ in range(count))
 
 
+SESSION_SUBJECT_KEY = "3c" * 32
+
+
 @pytest.fixture(scope="session")
 def lethe_state(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("lethe-state")
@@ -82,8 +85,10 @@ def lethe_state(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def lethe_engine(lethe_state) -> Iterator[Engine]:
-    """A started engine on a state directory holding the registered digits model (session-wide)."""
-    engine, _ = make_engine(lethe_state)
+    """A started engine on a state directory holding the registered digits model (session-wide). Its
+    subject-hash key is fixed, and with it the tune/audit split of never-trained records (derived from it):
+    the gate's membership tests read the same numbers on every run instead of a new draw per run."""
+    engine, _ = make_engine(lethe_state, subject_hash_key=SESSION_SUBJECT_KEY)
     yield engine
     engine.stop(30)
     engine.store.dispose()
