@@ -25,9 +25,25 @@ from tests.service.scaleout_fixtures import mlflow_server, postgres_server, post
 _SUBJECTS = itertools.count(0)
 
 
+TEST_SUBJECT_KEY = "3c" * 32
+"""The subject-hash key of every test state directory that does not set its own. The tune/audit split of
+never-trained records derives from it, so the gate's membership tests on small subjects read the same numbers
+on every run; with a fresh key per run, one 5-record subject's test read p 0.01-0.3 and CI failed on a draw."""
+
+
 def make_settings(state_dir: Path, **overrides) -> Settings:
     """Embedded settings in ``state_dir`` with a short coalescing window and no metrics port. Datasets may
-    be registered from anywhere under the state directory's parent (pytest's temporary directories)."""
+    be registered from anywhere under the state directory's parent (pytest's temporary directories).
+
+    Unless ``subject_hash_key`` is passed, the state directory's key file is written with
+    :data:`TEST_SUBJECT_KEY` (where a deployment's first start writes a random one), so processes started
+    later on the directory read the same key."""
+    if "subject_hash_key" not in overrides:
+        key_file = Path(state_dir) / "keys" / "subject-hash.key"
+        if not key_file.exists():
+            key_file.parent.mkdir(parents=True, exist_ok=True)
+            key_file.write_text(TEST_SUBJECT_KEY)
+            key_file.chmod(0o600)
     overrides.setdefault("dataset_roots", [str(Path(state_dir).absolute().parent)])
     return Settings(state_dir=state_dir, coalescing_window_s=overrides.pop("coalescing_window_s", 0.3),
                     metrics_port=0, grpc_port=0, device="cpu", **overrides)
@@ -75,9 +91,6 @@ def fresh_subjects(count: int) -> tuple[str, ...]:
     return tuple(f"subject-{next(_SUBJECTS) * 3 + 7:04d}" for _ in range(count))
 
 
-SESSION_SUBJECT_KEY = "3c" * 32
-
-
 @pytest.fixture(scope="session")
 def lethe_state(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("lethe-state")
@@ -85,10 +98,8 @@ def lethe_state(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def lethe_engine(lethe_state) -> Iterator[Engine]:
-    """A started engine on a state directory holding the registered digits model (session-wide). Its
-    subject-hash key is fixed, and with it the tune/audit split of never-trained records (derived from it):
-    the gate's membership tests read the same numbers on every run instead of a new draw per run."""
-    engine, _ = make_engine(lethe_state, subject_hash_key=SESSION_SUBJECT_KEY)
+    """A started engine on a state directory holding the registered digits model (session-wide)."""
+    engine, _ = make_engine(lethe_state)
     yield engine
     engine.stop(30)
     engine.store.dispose()
