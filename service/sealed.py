@@ -76,7 +76,7 @@ from service.datasets import (
 from service.domain import JobState
 from unlearn.data import ExampleSet
 from unlearn.gate import GateCheck, GateResult, KnowledgeProbe, still_erased
-from unlearn.membership import CONFIDENCE_Z
+from unlearn.membership import family_z
 from unlearn.tasks import TaskAdapter
 
 log = logging.getLogger(__name__)
@@ -308,7 +308,10 @@ def erasure_rechecks(catalog: DatasetCatalog, support, task: TaskAdapter, model,
       (the erasure gate's ``forgetting`` check, :func:`unlearn.gate.judge`);
     - record and subject erasure: the two-sided membership test of the sealed records against ``audit``
       (never-trained records of the current data): KS p >= ``min_forget_p`` and the loss-attack AUC within
-      0.5 +- (``mia_auc_margin`` + noise), as the erasure gate's ``membership_ks``/``membership_auc``; on a
+      0.5 +- (``mia_auc_margin`` + noise), as the erasure gate's ``membership_ks``/``membership_auc``, at the
+      Bonferroni level over the N record erasures re-checked here (``min_forget_p / N``, the band at
+      :func:`unlearn.membership.family_z`): an update of a model that forgot all of them is refused at most
+      about 1% of the time in all, as one erasure's gate is, however long the lineage; on a
       causal LM also the erasure gate's ``knowledge`` check, with ``knowledge_of(sealed records)`` as the
       probe (the sealed records keep their ``paraphrase``/``perturbed`` columns; the audit side is the current
       dataset's): a fact that an update brought back in other wordings fails the re-check. Without a probe
@@ -323,13 +326,15 @@ def erasure_rechecks(catalog: DatasetCatalog, support, task: TaskAdapter, model,
     """
     checks: list[GateCheck] = []
     evidence: dict[str, Any] = {}
+    family = max(1, sum(1 for sealed in opened if sealed.kind != "classes"))  # tested together: Bonferroni
+    z = family_z(family)
     for sealed in opened:
         name = f"{RECHECK}[{sealed.request_id}]"
         data = catalog.from_frame(sealed.frame)
         examples = support.examples(data, model)(np.ones(len(data), dtype=bool))
         classes = tuple(sealed.classes) if sealed.kind == "classes" else None
         probe = knowledge_of(data) if knowledge_of is not None and classes is None else None
-        check = still_erased(task, model, examples, audit, policy, classes, probe)
+        check = still_erased(task, model, examples, audit, policy, classes, probe, family)
         if classes:
             checks.append(GateCheck(name, check.value, check.limit, check.passed,
                                     f"class erasure {list(sealed.classes)} by job {sealed.job_id}: accuracy on its "
@@ -339,10 +344,12 @@ def erasure_rechecks(catalog: DatasetCatalog, support, task: TaskAdapter, model,
                                            "job_id": sealed.job_id}
         else:
             test, slack = check.membership, check.auc_slack
-            rule = (f"record erasure by job {sealed.job_id}: its {len(examples)} sealed record(s) vs the audit split: "
-                    f"KS p-value >= min_forget_p and loss-attack AUC ({test.auc:.3f}) within 0.5 +- "
-                    f"(mia_auc_margin + {CONFIDENCE_Z} * null sd) = 0.5 +- {slack:.3f}")
-            found = {"kind": "records", "membership": test.as_dict(), "auc_slack": slack, "job_id": sealed.job_id}
+            rule = (f"record erasure by job {sealed.job_id}: its {len(examples)} sealed record(s) vs the audit split, "
+                    f"one of {family} record erasure(s) re-checked together (Bonferroni): KS p-value >= "
+                    f"min_forget_p / {family} and loss-attack AUC ({test.auc:.3f}) within 0.5 +- "
+                    f"(mia_auc_margin + {z:.3f} * null sd) = 0.5 +- {slack:.3f}")
+            found = {"kind": "records", "membership": test.as_dict(), "auc_slack": slack, "family": family,
+                     "ks_floor": check.limit, "job_id": sealed.job_id}
             if check.knowledge is not None:  # causal LM: the paraphrase probe, or why it could not run
                 rule += "; and the knowledge check (truth ratios vs audit's, KS p-value >= min_forget_p)"
                 found["knowledge"] = check.knowledge_summary()

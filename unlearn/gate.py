@@ -75,6 +75,7 @@ from unlearn.membership import (
     DEFAULT_MIN_P,
     MembershipResult,
     compare,
+    family_z,
     knowledge_probe,
 )
 from unlearn.tasks import TaskAdapter, accuracy, accuracy_without_classes
@@ -165,7 +166,7 @@ class StillErased:
 
     passed: bool
     value: float  # class erasure: accuracy on the erased records; records: the KS p-value
-    limit: float  # class_forget_max_accuracy; records: min_forget_p
+    limit: float  # class_forget_max_accuracy; records: the KS floor applied (min_forget_p / family)
     membership: MembershipResult | None = None  # records only
     auc_slack: float | None = None  # records only: the AUC's half-width around 0.5
     knowledge: GateCheck | None = None  # causal-LM records only: the paraphrase probe (passed None: no probe)
@@ -182,27 +183,35 @@ class StillErased:
 
 
 def still_erased(task: TaskAdapter, model: nn.Module, forget: ExampleSet, audit: ExampleSet, policy,
-                 classes: tuple[int, ...] | None = None, knowledge: KnowledgeProbe | None = None) -> StillErased:
+                 classes: tuple[int, ...] | None = None, knowledge: KnowledgeProbe | None = None,
+                 family: int = 1) -> StillErased:
     """Erased stays erased: a class erasure by its erased records' accuracy <= ``class_forget_max_accuracy``
     (the ``forgetting`` check), a record or subject erasure by the two-sided membership test of the erased
     records against ``audit`` (``membership_ks`` and ``membership_auc`` together) and, on a causal LM, the
     erasure gate's ``knowledge`` check with the paraphrase probe ``knowledge`` (the erased records' paraphrases
     against audit's; without one it is reported not checkable and does not decide). ``policy``: anything with
     the gate's thresholds. One implementation for the service's update gate (:mod:`service.sealed`) and the
-    continual benchmark (:mod:`continual.bench.erasure`)."""
+    continual benchmark (:mod:`continual.bench.erasure`).
+
+    ``family``: how many record or subject erasures the caller re-checks on this model together (an update
+    re-checks every earlier one). Each is tested at the Bonferroni level, KS p >= ``min_forget_p / family``
+    and the AUC band at :func:`unlearn.membership.family_z`, so that a model that forgot all of them is refused
+    with probability at most ``min_forget_p`` plus 0.5% in all, not once per erasure: at the single-test level,
+    100 erasures would refuse such a model about half the time."""
     if classes:
         value = accuracy(task, model, forget)
         limit = policy.class_forget_max_accuracy
         return StillErased(value <= limit + 1e-12, value, limit)
     test = compare(task, model, forget, audit)
-    passed = test.passes(policy.min_forget_p, policy.mia_auc_margin)
+    min_p, z = policy.min_forget_p / family, family_z(family)
+    passed = test.passes(min_p, policy.mia_auc_margin, z)
     probe_check, probe_evidence = None, None
     if task.name == CAUSAL_LM:
         found: dict[str, Any] = {}
-        probe_check = knowledge_check(knowledge, model, policy, found)
+        probe_check = knowledge_check(knowledge, model, policy, found, min_p)
         probe_evidence = found.get("knowledge")
         passed = passed and probe_check.passed is not False
-    return StillErased(passed, test.ks_p_value, policy.min_forget_p, test, test.auc_slack(policy.mia_auc_margin),
+    return StillErased(passed, test.ks_p_value, min_p, test, test.auc_slack(policy.mia_auc_margin, z),
                        probe_check, probe_evidence)
 
 
@@ -299,11 +308,13 @@ def judge(task: TaskAdapter, before: nn.Module, after: nn.Module, forget: Exampl
 
 
 def knowledge_check(probe: KnowledgeProbe | None, after: nn.Module, policy,
-                    evidence: dict[str, Any]) -> GateCheck:
+                    evidence: dict[str, Any], min_p: float | None = None) -> GateCheck:
     """Check 5 (module docstring) on ``after``; its numbers go into ``evidence["knowledge"]``. Without a probe:
-    ``passed=None`` with the reason (the evidence is answer-level only), never a pass."""
+    ``passed=None`` with the reason (the evidence is answer-level only), never a pass. ``min_p``: the KS floor
+    when it is not the policy's ``min_forget_p`` (an update's re-checks, :func:`still_erased`)."""
+    min_p = policy.min_forget_p if min_p is None else min_p
     if probe is None:
-        return GateCheck("knowledge", None, policy.min_forget_p, None, KNOWLEDGE_RULE,
+        return GateCheck("knowledge", None, min_p, None, KNOWLEDGE_RULE,
                          reason="not checkable: no paraphrased and perturbed answers for the erased or the audit records, so this "
                                 "certificate's evidence of forgetting is answer-level only (a fact can survive in "
                                 "other wordings; docs/results/lm.md)")
@@ -311,7 +322,7 @@ def knowledge_check(probe: KnowledgeProbe | None, after: nn.Module, policy,
     p_value, shift = knowledge_probe(erased, reference)
     evidence["knowledge"] = {"ks_p_value": p_value, "median_log_truth_ratio_shift": shift,
                              "erased_questions": len(erased), "audit_questions": len(reference)}
-    return GateCheck("knowledge", p_value, policy.min_forget_p, p_value >= policy.min_forget_p, KNOWLEDGE_RULE)
+    return GateCheck("knowledge", p_value, min_p, p_value >= min_p, KNOWLEDGE_RULE)
 
 
 def forget_accuracy_p(forget_acc: float, forget_size: int, audit_acc: float, audit_size: int) -> float:

@@ -42,6 +42,18 @@ from unlearn.tasks import TaskAdapter, eval_mode
 
 CONFIDENCE_Z = 2.807
 """Two-sided 0.5% normal quantile: a retrained model fails the AUC check at most 0.5% of the time."""
+def family_z(count: int) -> float:
+    """The AUC band's ``z`` when ``count`` erasures are tested together on one model (an update's
+    re-checks): Bonferroni, so that a model that forgot every one of them fails any AUC check with
+    probability at most 0.5% in all, as one test at :data:`CONFIDENCE_Z` does alone. ``family_z(1)`` is
+    :data:`CONFIDENCE_Z`; the band widens slowly (4.05 for 100 erasures)."""
+    if count < 1:
+        raise ValueError(f"a family has at least one test, got {count}")
+    if count == 1:
+        return CONFIDENCE_Z
+    return float(stats.norm.isf(stats.norm.sf(CONFIDENCE_Z) / count))
+
+
 DEFAULT_MIN_P = 0.005
 """KS p-value floor of the gate: a retrained model fails the KS check at most 0.5% of the time."""
 DEFAULT_AUC_MARGIN = 0.1

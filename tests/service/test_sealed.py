@@ -27,6 +27,7 @@ from service.api.pb import types_pb2
 from service.audit import verify_chain
 from service.domain import ErasureRequest, JobState, VerificationPolicy
 from service.sealed import (
+    OpenedSet,
     SealedSetError,
     decrypt_set,
     erasure_rechecks,
@@ -302,6 +303,23 @@ def test_a_class_erasure_is_sealed_end_to_end_and_rechecked(lethe_engine):
     (forgot,) = result.checks
     assert forgot.passed is True and forgot.value <= POLICY.class_forget_max_accuracy
     assert result.evidence["erasure_rechecks"]["sealed-class-3"]["records"] == sealed["rows"]
+
+    # Three record erasures re-checked together (training records of three subjects, still in this model):
+    # each at the family level, min_forget_p / 3; the class erasure is no member of that family.
+    frame = engine.catalog.frame(_serving_dataset(engine, model, job.result_version)[0])
+    trained = frame[frame["split"] == "train"]
+    subjects = sorted(trained["subject_id"].unique())[:3]
+    records = [OpenedSet(f"subject-{i}", "job-x", "records", (), trained[trained["subject_id"] == subject])
+               for i, subject in enumerate(subjects)]
+    result = erasure_rechecks(engine.catalog, support, task, after, audit, POLICY, opened + records, unavailable)
+    checks = {check.name: check for check in result.checks}
+    for i in range(3):
+        check, found = checks[f"erased_stays_erased[subject-{i}]"], result.evidence["erasure_rechecks"][f"subject-{i}"]
+        assert found["family"] == 3 and check.limit == pytest.approx(POLICY.min_forget_p / 3) == found["ks_floor"]
+        assert "one of 3 record erasure(s)" in check.rule and check.passed is (
+            found["membership"]["ks_p_value"] >= POLICY.min_forget_p / 3
+            and abs(found["membership"]["auc"] - 0.5) <= found["auc_slack"] + 1e-12)
+    assert checks["erased_stays_erased[sealed-class-3]"].limit == POLICY.class_forget_max_accuracy
 
     later = db.utcnow() + timedelta(days=31)
     assert shred_expired(engine.context, later, model_name=model) == 1

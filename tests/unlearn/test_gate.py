@@ -318,3 +318,43 @@ def test_an_earlier_lm_erasure_is_rechecked_on_knowledge_too():
     # class erasures and classifiers have no knowledge check
     problem_c = class_problem()
     assert still_erased(TASK, problem_c.model, problem_c.forget, problem_c.holdout, GatePolicy()).knowledge is None
+
+
+def test_rechecks_of_many_erasures_are_tested_at_the_family_level():
+    """An update re-checks every earlier erasure of the lineage on one model: each at the Bonferroni level
+    (KS p >= min_forget_p / N, the AUC band at family_z(N)), so that N erasures do not multiply the chance of
+    refusing a model that forgot them all. A set 6 of whose 10 records are memorised reads p 0.0023: refused
+    when it is the only erasure, accepted as one of 10; one 8 of 10 memorised is refused either way."""
+    from tests.unlearn.helpers import blobs
+    from unlearn.gate import still_erased
+    from unlearn.membership import CONFIDENCE_Z, family_z
+
+    model, memorised, audit = _memorising_problem()
+    fresh = blobs(10, seed=13)
+    fresh = type(fresh)({"inputs": fresh["inputs"] * 2.5, "labels": fresh["labels"]})
+
+    def mixed(known: int):  # ``known`` memorised training records, the rest never seen
+        return type(fresh)({key: torch.cat([memorised[key][:known], fresh[key][:10 - known]])
+                            for key in ("inputs", "labels")})
+
+    policy = GatePolicy()
+    alone, in_ten = (still_erased(TASK, model, mixed(6), audit, policy, family=n) for n in (1, 10))
+    assert policy.min_forget_p / 10 < alone.value < policy.min_forget_p  # the window the family opens
+    assert alone.passed is False and in_ten.passed is True
+    assert alone.limit == policy.min_forget_p and in_ten.limit == pytest.approx(policy.min_forget_p / 10)
+    assert alone.auc_slack == pytest.approx(alone.membership.auc_slack(policy.mia_auc_margin, CONFIDENCE_Z))
+    assert in_ten.auc_slack == pytest.approx(in_ten.membership.auc_slack(policy.mia_auc_margin, family_z(10)))
+    assert still_erased(TASK, model, mixed(8), audit, policy, family=10).passed is False
+
+
+def test_family_z_keeps_the_total_false_refusal_rate():
+    from scipy import stats
+
+    from unlearn.membership import CONFIDENCE_Z, family_z
+
+    assert family_z(1) == CONFIDENCE_Z
+    for count in (2, 10, 100, 1000):
+        assert count * 2 * stats.norm.sf(family_z(count)) == pytest.approx(2 * stats.norm.sf(CONFIDENCE_Z))
+    assert family_z(100) < 4.1  # the band widens slowly: power is kept
+    with pytest.raises(ValueError):
+        family_z(0)
