@@ -182,6 +182,11 @@ class StillErased:
         return {**self.knowledge_evidence, "passed": self.knowledge.passed}
 
 
+def family_thresholds(policy, family: int) -> tuple[float, float]:
+    """The KS floor and the AUC band's ``z`` of one re-check among ``family`` (:func:`still_erased`)."""
+    return policy.min_forget_p / family, family_z(family)
+
+
 def still_erased(task: TaskAdapter, model: nn.Module, forget: ExampleSet, audit: ExampleSet, policy,
                  classes: tuple[int, ...] | None = None, knowledge: KnowledgeProbe | None = None,
                  family: int = 1) -> StillErased:
@@ -203,7 +208,7 @@ def still_erased(task: TaskAdapter, model: nn.Module, forget: ExampleSet, audit:
         limit = policy.class_forget_max_accuracy
         return StillErased(value <= limit + 1e-12, value, limit)
     test = compare(task, model, forget, audit)
-    min_p, z = policy.min_forget_p / family, family_z(family)
+    min_p, z = family_thresholds(policy, family)
     passed = test.passes(min_p, policy.mia_auc_margin, z)
     probe_check, probe_evidence = None, None
     if task.name == CAUSAL_LM:

@@ -14,6 +14,12 @@ Issue 9: a true retrain must pass the gate's membership checks (:func:`unlearn.g
    the ``random`` and ``subject`` scenarios' forget sets judged against ``audit`` on a model retrained from
    scratch without them with the family's recipe (the harness's retrained reference).
 
+3. **An update's re-checks** (``--lineage``): an update re-checks every earlier subject erasure of the
+   lineage on one model (:func:`unlearn.gate.still_erased`, as ``service.sealed.erasure_rechecks`` runs
+   it). ``--draws`` lineages of N single-subject erasures are drawn from ``tune`` per model; the rate is
+   how often all N pass, once with each tested alone (the single-erasure level) and once as a family of N
+   (Bonferroni, the service's rule).
+
 Only the checks about the erased records are counted (utility and class forgetting are not about them): a
 run passes ("both") when ``membership_ks`` and ``membership_auc`` pass; ``forget_accuracy`` (the one-sided
 check that the forget records' labels are predicted no better than audit's) is counted beside them, and
@@ -38,8 +44,8 @@ from unlearn.bench.harness import split_indices
 from unlearn.bench.scenarios import RANDOM_FRACTION, SUBJECT_COUNT, select_forget
 from unlearn.cache import ModelCache
 from unlearn.device import resolve_device
-from unlearn.gate import FORGET_ACCURACY_MARGIN, GatePolicy, forget_accuracy_p
-from unlearn.membership import compare
+from unlearn.gate import FORGET_ACCURACY_MARGIN, GatePolicy, family_thresholds, forget_accuracy_p
+from unlearn.membership import compare, membership_losses, membership_test
 from unlearn.tasks import accuracy
 from unlearn.training import train_from_scratch
 
@@ -121,9 +127,50 @@ def _pseudo_draws(family, seed: int, draws: int, device: torch.device, policy: G
     return flags
 
 
+def _lineage_draws(family, seed: int, draws: int, sizes: list[int], device: torch.device, policy: GatePolicy,
+                   cache_dir) -> dict[str, dict[str, float]]:
+    """Measurement 3 (module docstring) on the original model of ``seed``: per lineage size N, how often N
+    never-seen subjects all pass their membership re-checks, alone and as a family. Losses are computed once
+    per record; each subject's test is :func:`unlearn.membership.membership_test` on its losses, judged as
+    :func:`unlearn.gate.still_erased` judges it."""
+    records = family.load_records()
+    index = split_indices(records)
+    task = family.task()
+    model = ModelCache(cache_dir).trained(family.namespace, task, family.model_factory,
+                                          family.examples(records, index["train"]),
+                                          replace(family.recipe, seed=seed), device, "original",
+                                          family.architecture).model
+    tune_losses = membership_losses(task, model, family.examples(records, index["tune"]))
+    audit_losses = membership_losses(task, model, family.examples(records, index["audit"]))
+    tune_subjects = records.subject_ids[index["tune"]]
+    subjects = np.unique(tune_subjects)
+    rng = np.random.default_rng(9000 + seed)
+    found: dict[str, dict[str, float]] = {}
+    for size in sizes:
+        count = min(size, len(subjects))
+        min_p, z = family_thresholds(policy, count)
+        alone, together = [], []
+        for _ in range(draws):
+            tests = [membership_test(tune_losses[tune_subjects == subject], audit_losses)
+                     for subject in rng.choice(subjects, count, replace=False)]
+            alone.append(all(t.passes(policy.min_forget_p, policy.mia_auc_margin) for t in tests))
+            together.append(all(t.passes(min_p, policy.mia_auc_margin, z) for t in tests))
+        found[str(count)] = {"lineages": draws, "all_pass_alone": _rate(alone), "all_pass_family": _rate(together)}
+    return found
+
+
+def calibrate_lineages(family_name: str, seeds: list[int], sizes: list[int], draws: int, device: torch.device,
+                       policy: GatePolicy, cache_dir=None) -> dict:
+    """Measurement 3 (module docstring) for one family, per seed's model."""
+    family = get_family(family_name)
+    return {"family": family_name, "draws_per_seed": draws,
+            "per_seed": {str(seed): _lineage_draws(family, seed, draws, sizes, device, policy, cache_dir)
+                         for seed in seeds}}
+
+
 def calibrate_family(family_name: str, seeds: list[int], retrain_seeds: list[int], draws: int,
                      device: torch.device, policy: GatePolicy, cache_dir=None) -> dict:
-    """Both measurements (module docstring) for one family."""
+    """Measurements 1 and 2 (module docstring) for one family."""
     family = get_family(family_name)
     pseudo: dict[str, dict[str, list[bool]]] = {"random": {}, "subject": {}}
     for seed in seeds:
@@ -159,6 +206,17 @@ def table(results: list[dict]) -> str:
     return "\n".join(rows)
 
 
+def lineage_table(found: list[dict]) -> str:
+    rows = ["| family | seed | N subject erasures | lineages | all pass, each alone | all pass, as a family |",
+            "|---|---|---|---|---|---|"]
+    for family in found:
+        for seed, sizes in family["per_seed"].items():
+            for size, rates in sizes.items():
+                rows.append(f"| {family['family']} | {seed} | {size} | {rates['lineages']} | "
+                            f"{rates['all_pass_alone']:.3f} | {rates['all_pass_family']:.3f} |")
+    return "\n".join(rows)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m unlearn.bench.calibration", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -167,6 +225,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--draws", type=int, default=500, help="pseudo-forget draws per model and size")
     parser.add_argument("--retrain-seeds", default="0-9",
                         help="seeds of the real cases (random and subject forget sets, each retrained), e.g. 0-9")
+    parser.add_argument("--lineage", default="",
+                        help="lineage sizes N for measurement 3 alone (e.g. 10,100): how often N never-seen subjects "
+                             "all pass their re-checks, alone and as a family; skips measurements 1 and 2")
     parser.add_argument("--device", default="auto")
     args = parser.parse_args(argv)
     device = resolve_device(args.device)
@@ -175,8 +236,19 @@ def main(argv: list[str] | None = None) -> int:
     seeds = [int(s) for s in args.seeds.split(",")]
     first, _, last = args.retrain_seeds.partition("-")
     retrain_seeds = list(range(int(first), int(last or first) + 1))
+    families = [f for f in args.families.split(",") if f]
+    if args.lineage:
+        sizes = [int(n) for n in args.lineage.split(",")]
+        found = [calibrate_lineages(family, seeds, sizes, args.draws, device, policy) for family in families]
+        print(f"Command: python -m unlearn.bench.calibration --families {args.families} --seeds {args.seeds} "
+              f"--draws {args.draws} --lineage {args.lineage}")
+        print(f"Policy: {policy}; machine {platform.machine()}, {torch.get_num_threads()} torch threads, device "
+              f"{device}; total {time.perf_counter() - started:.0f} s\n")
+        print(lineage_table(found))
+        print(json.dumps({"policy": policy.__dict__, "lineages": found}))
+        return 0
     results = []
-    for family in [f for f in args.families.split(",") if f]:
+    for family in families:
         results.append(calibrate_family(family, seeds, retrain_seeds, args.draws, device, policy))
         print(f"{family}: {json.dumps(results[-1]['pseudo_forget'])}", file=sys.stderr, flush=True)
     print(f"Command: python -m unlearn.bench.calibration --families {args.families} --seeds {args.seeds} "
