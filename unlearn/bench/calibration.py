@@ -237,28 +237,31 @@ def main(argv: list[str] | None = None) -> int:
     first, _, last = args.retrain_seeds.partition("-")
     retrain_seeds = list(range(int(first), int(last or first) + 1))
     families = [f for f in args.families.split(",") if f]
+    command = (f"python -m unlearn.bench.calibration --families {args.families} --seeds {args.seeds} "
+               f"--draws {args.draws}")
     if args.lineage:
         sizes = [int(n) for n in args.lineage.split(",")]
         found = [calibrate_lineages(family, seeds, sizes, args.draws, device, policy) for family in families]
-        print(f"Command: python -m unlearn.bench.calibration --families {args.families} --seeds {args.seeds} "
-              f"--draws {args.draws} --lineage {args.lineage}")
-        print(f"Policy: {policy}; machine {platform.machine()}, {torch.get_num_threads()} torch threads, device "
-              f"{device}; total {time.perf_counter() - started:.0f} s\n")
-        print(lineage_table(found))
-        print(json.dumps({"policy": policy.__dict__, "lineages": found}))
+        _report(f"{command} --lineage {args.lineage}", policy, device, started, lineage_table(found),
+                {"lineages": found})
         return 0
     results = []
     for family in families:
         results.append(calibrate_family(family, seeds, retrain_seeds, args.draws, device, policy))
         print(f"{family}: {json.dumps(results[-1]['pseudo_forget'])}", file=sys.stderr, flush=True)
-    print(f"Command: python -m unlearn.bench.calibration --families {args.families} --seeds {args.seeds} "
-          f"--draws {args.draws} --retrain-seeds {args.retrain_seeds}")
-    print(f"Policy: {policy}; machine {platform.machine()}, {torch.get_num_threads()} torch threads, device "
-          f"{device}; total {time.perf_counter() - started:.0f} s\n")
-    print(table(results))
-    print(json.dumps({"policy": policy.__dict__, "families": results}))
+    _report(f"{command} --retrain-seeds {args.retrain_seeds}", policy, device, started, table(results),
+            {"families": results})
     return 0
 
+
+def _report(command: str, policy: GatePolicy, device: torch.device, started: float, rendered: str,
+            found: dict) -> None:
+    """The command, the machine, the table, and (last line) one JSON object with every number."""
+    print(f"Command: {command}")
+    print(f"Policy: {policy}; machine {platform.machine()}, {torch.get_num_threads()} torch threads, device "
+          f"{device}; total {time.perf_counter() - started:.0f} s\n")
+    print(rendered)
+    print(json.dumps({"policy": policy.__dict__, **found}))
 
 if __name__ == "__main__":
     sys.exit(main())
