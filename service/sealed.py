@@ -351,7 +351,7 @@ def erasure_rechecks(catalog: DatasetCatalog, support, task: TaskAdapter, model,
             found = {"kind": "records", "membership": test.as_dict(), "auc_slack": slack, "family": family,
                      "ks_floor": check.limit, "job_id": sealed.job_id}
             if check.knowledge is not None:  # causal LM: the paraphrase probe, or why it could not run
-                rule += "; and the knowledge check (truth ratios vs audit's, KS p-value >= min_forget_p)"
+                rule += f"; and the knowledge check (truth ratios vs audit's, KS p-value >= min_forget_p / {family})"
                 found["knowledge"] = check.knowledge_summary()
             checks.append(GateCheck(name, check.value, check.limit, check.passed, rule))
             evidence[sealed.request_id] = found

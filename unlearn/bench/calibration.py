@@ -263,5 +263,6 @@ def _report(command: str, policy: GatePolicy, device: torch.device, started: flo
     print(rendered)
     print(json.dumps({"policy": policy.__dict__, **found}))
 
+
 if __name__ == "__main__":
     sys.exit(main())
