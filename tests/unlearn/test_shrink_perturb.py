@@ -88,13 +88,26 @@ def test_a_model_already_at_the_never_seen_level_is_returned_unchanged():
     assert result.target_reached is True and result.details["epochs"] == 0
 
 
-def test_class_erasure_and_bad_input():
+def test_class_erasure_and_bad_input(monkeypatch):
     problem = class_problem()
     result = registry.run("shrink-perturb", problem.model, problem.request(), {"epoch_fraction": 0.5})
     assert accuracy(problem.task, result.model, problem.forget) <= 0.02 and result.target_reached is True
     with pytest.raises(InvalidParameterError) as raised:
         registry.parse_config("shrink-perturb", {"shrink": 1.5})
     assert raised.value.field == "shrink"
+    with pytest.raises(InvalidParameterError) as raised:
+        registry.parse_config("shrink-perturb", {"lr_schedule": "step"})
+    assert raised.value.field == "lr_schedule"
+    from unlearn.methods import shrink_perturb as module
+
+    recipes = []
+    real_train = module.train
+    monkeypatch.setattr(module, "train", lambda task, model, data, recipe, **kw: (
+        recipes.append(recipe), real_train(task, model, data, recipe, **kw))[1])
+    registry.run("shrink-perturb", problem.model, problem.request(),
+                 {"epoch_fraction": 0.5, "lr_schedule": "constant", "lr_scale": 1.0})
+    (used,) = recipes  # the retraining phase ran with the schedule and rate asked for
+    assert used.lr_schedule == "constant" and used.lr == problem.request().recipe.lr
     with pytest.raises(InvalidDataError):
         registry.run("shrink-perturb", problem.model, problem.request(recipe=None), {})
     assert "shrink-perturb" not in registry.names_for("causal_lm")

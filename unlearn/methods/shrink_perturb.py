@@ -53,7 +53,7 @@ from torch import nn
 
 from unlearn.forget_target import DEFAULT_STOP_AUC_MARGIN, DEFAULT_STOP_MIN_P, UNTOUCHED_AUC_Z, ForgetTarget
 from unlearn.registry import UnlearnRequest, UnlearnResult, copy_model, register, require
-from unlearn.training import train
+from unlearn.training import LR_SCHEDULES, train
 
 _PERTURB_SEED_OFFSET = 0x5A5A
 """Added to the recipe and request seeds for the perturbation's draw, so that it is not the original
@@ -68,6 +68,8 @@ class ShrinkPerturbConfig:
     perturb: factor on a fresh initialisation added to the shrunk parameters (0 = no noise).
     epoch_fraction: epochs on Dr as a fraction of the recipe's epochs (rounded, at least 1).
     lr_scale: multiplies the recipe's learning rate (the peak of the linear decay).
+    lr_schedule: the retraining phase's schedule (:mod:`unlearn.training`): ``linear`` decay to 0 (default),
+        ``constant`` or ``cosine``.
     check_first: return the unchanged model when it already meets the forgetting target on ``tune``.
     stop_min_p, stop_auc_margin: the record-erasure target (:mod:`unlearn.forget_target`) checked first and
         reported after the run.
@@ -78,6 +80,7 @@ class ShrinkPerturbConfig:
     perturb: float = 0.5
     epoch_fraction: float = 1 / 3
     lr_scale: float = 2.0
+    lr_schedule: str = "linear"
     check_first: bool = True
     stop_min_p: float = DEFAULT_STOP_MIN_P
     stop_auc_margin: float = DEFAULT_STOP_AUC_MARGIN
@@ -88,6 +91,8 @@ class ShrinkPerturbConfig:
         require(0 <= self.perturb <= 1, "perturb", f"must be in [0, 1], got {self.perturb}")
         require(0 < self.epoch_fraction <= 1, "epoch_fraction", f"must be in (0, 1], got {self.epoch_fraction}")
         require(0 < self.lr_scale <= 100, "lr_scale", f"must be in (0, 100], got {self.lr_scale}")
+        require(self.lr_schedule in LR_SCHEDULES, "lr_schedule",
+                f"must be one of {list(LR_SCHEDULES)}, got {self.lr_schedule!r}")
         require(0 < self.stop_min_p < 1, "stop_min_p", "must be in (0, 1)")
         require(0 <= self.stop_auc_margin < 0.5, "stop_auc_margin", "must be in [0, 0.5)")
         require(0 <= self.class_forget_target <= 1, "class_forget_target", "must be in [0, 1]")
@@ -115,7 +120,7 @@ def shrink_perturb(model: nn.Module, request: UnlearnRequest, config: ShrinkPert
                           config.stop_min_p, config.stop_auc_margin, "shrink-perturb")
     epochs = max(1, round(config.epoch_fraction * recipe.epochs))
     details = {"shrink": config.shrink, "perturb": config.perturb, "epochs": epochs,
-               "lr": recipe.lr * config.lr_scale, "lr_schedule": "linear"}
+               "lr": recipe.lr * config.lr_scale, "lr_schedule": config.lr_schedule}
     if config.check_first:  # the unchanged model's tune losses, when the caller precomputed them (record erasure)
         scores = None if request.forget_classes else request.tune_scores
         untouched = target.check(model, request.forget, None if scores is None else scores.losses,
@@ -128,7 +133,7 @@ def shrink_perturb(model: nn.Module, request: UnlearnRequest, config: ShrinkPert
     work = copy_model(model)
     seed = recipe.seed + request.seed
     shrink_and_perturb(work, factory(seed + _PERTURB_SEED_OFFSET), config.shrink, config.perturb)
-    run_recipe = replace(recipe, lr=recipe.lr * config.lr_scale, lr_schedule="linear", warmup_steps=0,
+    run_recipe = replace(recipe, lr=recipe.lr * config.lr_scale, lr_schedule=config.lr_schedule, warmup_steps=0,
                          seed=seed + 1)
     train(task, work, retain, run_recipe, epochs=epochs,
           progress=lambda f, m: request.report(f, m))
