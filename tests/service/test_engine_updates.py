@@ -37,10 +37,9 @@ from tests.service.conftest import make_engine, wait_for_jobs
 
 @pytest.fixture(scope="module")
 def lethe_engine(tmp_path_factory):
-    """This module's own started engine, with the digits demo model registered. A fixed subject-hash key fixes
-    the tune/audit split of never-trained records (derived from it), so the gate's numbers are the same on
-    every run: with a fresh key per run, a membership test on a 5-record subject read p 0.01-0.3."""
-    engine, _ = make_engine(tmp_path_factory.mktemp("updates") / "state", subject_hash_key="7a" * 32)
+    """This module's own started engine, with the digits demo model registered (the fixed test key of
+    :func:`tests.service.conftest.make_settings`)."""
+    engine, _ = make_engine(tmp_path_factory.mktemp("updates") / "state")
     yield engine
     engine.stop(30)
     engine.store.dispose()
@@ -235,7 +234,7 @@ def test_an_update_that_brings_back_an_erased_class_fails_the_gate_with_evidence
     On an engine of its own: on this module's engine the lineage also holds the other tests' subject
     erasures, and whether the class's repair leaves a 5-record subject's membership test above p 0.005 is
     then a property of that subject, not of the class escalation tested here."""
-    engine, model = make_engine(tmp_path / "state", subject_hash_key="7a" * 32)
+    engine, model = make_engine(tmp_path / "state")
     with engine.store.read() as conn:  # the registered version: knows class 7
         original = engine.registry.load_model(model, db.get_model(conn, model).serving_version)
     try:

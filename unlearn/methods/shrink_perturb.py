@@ -18,7 +18,7 @@ The update, for every parameter ``theta`` (weights, biases and normalisation sca
 where ``theta_fresh`` is the registered model factory's initialisation with a seed derived from the request
 (``perturb`` scales a draw with each layer's own initialisation scale). Then ``round(epoch_fraction *
 recipe.epochs)`` epochs of the original recipe on Dr (its optimiser, batch size and weight decay), at
-``lr_scale`` times its learning rate, decayed linearly to 0 over the run. Buffers (BatchNorm running
+``lr_scale`` times its learning rate, decayed linearly to 0 over the run (``lr_schedule``). Buffers (BatchNorm running
 statistics) are kept and re-estimated by the run.
 
 Before anything is changed, the unchanged model is checked against the forgetting target on ``tune``
