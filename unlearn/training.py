@@ -38,10 +38,10 @@ import math
 import typing
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, fields
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from unlearn.data import Batch, ExampleSet
 from unlearn.errors import InvalidParameterError
@@ -188,6 +188,17 @@ def _fork_devices(device: torch.device) -> list[int]:
     return [device.index or 0] if device.type == "cuda" else []
 
 
+class Regulariser(Protocol):
+    """A term added to every optimiser step's loss by :func:`train` (e.g. ``shrink-perturb``'s forget-loss
+    floor). It must draw its randomness from a generator of its own."""
+
+    def begin_epoch(self, model: nn.Module) -> None:
+        """Called before each epoch's first step, with the current weights."""
+
+    def __call__(self, model: nn.Module) -> Tensor | float:
+        """The term for one step: a scalar with a graph to ``model``'s parameters, or 0.0 for none."""
+
+
 def train(
     task: TaskAdapter,
     model: nn.Module,
@@ -195,8 +206,10 @@ def train(
     recipe: TrainRecipe,
     epochs: int | None = None,
     progress: Callable[[float, str], None] | None = None,
+    regulariser: Regulariser | None = None,
 ) -> nn.Module:
-    """Train ``model`` IN PLACE on ``examples`` with ``recipe`` (``epochs`` overrides the recipe's).
+    """Train ``model`` IN PLACE on ``examples`` with ``recipe`` (``epochs`` overrides the recipe's), adding
+    ``regulariser``'s term to every step's loss when one is given.
 
     The schedule spans the epochs actually run. The caller's global random state is left as it was.
     """
@@ -211,6 +224,8 @@ def train(
         torch.manual_seed(training_seed(recipe))  # dropout masks: reproducible per recipe seed
         model.train()
         for epoch in range(epochs):
+            if regulariser is not None:
+                regulariser.begin_epoch(model)
             for batch in epoch_batches(examples, recipe.batch_size, device, shuffle):
                 for group in optimizer.param_groups:
                     group["lr"] = recipe.lr * lr_multiplier(recipe.lr_schedule, step, total_steps,
@@ -218,6 +233,8 @@ def train(
                 loss = task.batch_loss(model, batch)
                 if recipe.gradient_restriction > 0:  # IAU's GR: + alpha_gr * sum_W ||grad_W loss||_2 (double backprop)
                     loss = loss + recipe.gradient_restriction * gradient_restriction_penalty(loss, params)
+                if regulariser is not None:
+                    loss = loss + regulariser(model)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()

@@ -124,3 +124,79 @@ def test_the_first_check_reads_precomputed_tune_scores():
     assert ran.details["weights_changed"] is True
     kept = registry.run("shrink-perturb", problem.retrained, problem.request(tune_scores=scores), {})
     assert kept.details["weights_changed"] is False and kept.model is problem.retrained
+
+
+def test_the_forget_loss_floor_only_raises_losses_below_the_never_seen_level_of_their_rank():
+    from unlearn.methods.shrink_perturb import ForgetLossFloor
+    from unlearn.membership import membership_losses
+    from unlearn.models import tabular_mlp
+    from unlearn.tasks import ClassificationTask
+    from tests.unlearn.helpers import FEATURES, NUM_CLASSES, blobs
+
+    task, forget, tune = ClassificationTask(NUM_CLASSES), blobs(12, seed=1), blobs(40, seed=2)
+    model = tabular_mlp(0, FEATURES, NUM_CLASSES, hidden=16)  # BatchNorm and dropout
+    model.train()
+    floor = ForgetLossFloor(task, forget, tune, weight=0.5, batch_size=8, seed=3)
+    floor.begin_epoch(model)
+    assert model.training  # its mode restored
+    # The floor of the forget record of rank r is the tune losses' quantile at (r + 0.5) / n.
+    forget_losses, tune_losses = membership_losses(task, model, forget), membership_losses(task, model, tune)
+    order = np.argsort(forget_losses)
+    for rank, index in enumerate(order):
+        assert floor.floors[index].item() == pytest.approx(np.quantile(tune_losses, (rank + 0.5) / 12), rel=1e-6)
+    buffers = {name: b.clone() for name, b in model.named_buffers()}
+    # The term on the batch its own generator draws, hand-computed on eval-mode losses.
+    index = torch.randperm(12, generator=torch.Generator().manual_seed(3))[:8]
+    expected = 0.5 * np.maximum(floor.floors[index].numpy() - forget_losses[index.numpy()], 0).mean()
+    global_state = torch.random.get_rng_state()
+    term = floor(model)
+    assert term.item() == pytest.approx(expected, rel=1e-5) and expected > 0
+    assert torch.equal(torch.random.get_rng_state(), global_state)  # its draws are its own
+    term.backward()
+    # No statistic of the forget batch entered the model: BatchNorm's running buffers are as they were.
+    assert all(torch.equal(b, buffers[name]) for name, b in model.named_buffers())
+    # A small step against the term raises the losses of the records below their floor and touches no other.
+    below = [i for i in index.tolist() if floor.floors[i] > forget_losses[i]]
+    above = [i for i in index.tolist() if floor.floors[i] <= forget_losses[i]]
+    assert below and above
+    with torch.no_grad():
+        for p in model.parameters():
+            p -= 0.01 * p.grad
+    after = membership_losses(task, model, forget)
+    assert after[below].mean() > forget_losses[below].mean()
+    # Records at or above their floor contribute nothing: with every floor at zero the term and its gradient vanish.
+    model.zero_grad()
+    floor.floors = torch.zeros(12)
+    zero = floor(model)
+    zero.backward()
+    assert zero.item() == 0 and all(p.grad is None or not p.grad.any() for p in model.parameters())
+    # floor_every=k: the term on every k-th step only, k times as strong, so the push per epoch is the same.
+    sparse, dense = (ForgetLossFloor(task, forget, tune, weight=0.5, batch_size=12, seed=3, every=every)
+                     for every in (2, 1))
+    for each in (sparse, dense):
+        each.begin_epoch(model)
+    terms = [sparse(model) for _ in range(3)]
+    assert terms[1] == 0.0 and terms[0].item() == pytest.approx(2 * dense(model).item(), rel=1e-5)
+    assert terms[2].item() > 0
+
+
+def test_the_floor_runs_for_record_erasure_only_and_weight_zero_is_the_plain_run(monkeypatch):
+    from unlearn.methods import shrink_perturb as module
+
+    calls = []
+    real = module.ForgetLossFloor.__call__
+    monkeypatch.setattr(module.ForgetLossFloor, "__call__", lambda self, model: (calls.append(1), real(self, model))[1])
+    problem = mislabelled_problem()
+    params = {"epoch_fraction": 0.05, "check_first": False}
+    with_floor = registry.run("shrink-perturb", problem.model, problem.request(), params)
+    assert calls and with_floor.details["floor_weight"] == 0.05
+    calls.clear()
+    plain = registry.run("shrink-perturb", problem.model, problem.request(), {**params, "floor_weight": 0})
+    assert not calls and plain.details["floor_weight"] == 0
+    assert any(not torch.equal(a, b) for a, b in zip(plain.model.parameters(), with_floor.model.parameters()))
+    classes = class_problem()
+    result = registry.run("shrink-perturb", classes.model, classes.request(), {"epoch_fraction": 0.1})
+    assert not calls and result.details["floor_weight"] == 0  # class erasure has its own target
+    with pytest.raises(InvalidParameterError) as raised:
+        registry.parse_config("shrink-perturb", {"floor_weight": -1})
+    assert raised.value.field == "floor_weight"
