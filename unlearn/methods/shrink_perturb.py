@@ -37,8 +37,9 @@ result and reported as ``target_reached``; the run has no early stop (the learni
 Cost: ``epoch_fraction`` of a retrain's optimiser steps (default a third), plus a forward pass over Df and
 ``tune`` before and after. The floor adds, per step, a forward and backward pass over a batch of at most the
 recipe's batch size of forget records, and per epoch a forward pass over Df and ``tune``: on the tabular MLP
-the run takes about twice as long (speed-up 1.5-2.1 against a retrain, 2.4-3.2 without the floor). Mutates in
-place: no (works on a copy; an untouched model is returned as the caller's own object, as
+the run takes about twice as long (speed-up 1.5-2.1 against a retrain, 2.4-3.2 without the floor).
+
+Mutates in place: no (works on a copy; an untouched model is returned as the caller's own object, as
 :class:`~unlearn.registry.UnlearnResult` allows).
 
 Differences from the paper:
