@@ -74,11 +74,12 @@ from service.sealed import (
     sealed_examples,
 )
 from service.verification import effective_policy
+from unlearn.data import ExampleSet
 from unlearn.errors import InvalidParameterError, UnlearnError
 from unlearn.gate import GateCheck, GateResult
 from unlearn.lm.task import model_context_length
 from unlearn.membership import compare
-from unlearn.tasks import ExampleSet, accuracy, accuracy_without_classes, eval_mode
+from unlearn.tasks import accuracy, accuracy_without_classes, eval_mode
 from unlearn.training import TrainRecipe
 
 DEFAULT_UPDATE_STRATEGY: dict[TaskType, MethodStep] = {

@@ -42,6 +42,12 @@ from unlearn.tasks import TaskAdapter, eval_mode
 
 CONFIDENCE_Z = 2.807
 """Two-sided 0.5% normal quantile: a retrained model fails the AUC check at most 0.5% of the time."""
+DEFAULT_MIN_P = 0.005
+"""KS p-value floor of the gate: a retrained model fails the KS check at most 0.5% of the time."""
+DEFAULT_AUC_MARGIN = 0.1
+"""Half-width of the accepted AUC band around 0.5 (issue 9's default)."""
+
+
 def family_z(count: int) -> float:
     """The AUC band's ``z`` when ``count`` erasures are tested together on one model (an update's
     re-checks): Bonferroni, so that a model that forgot every one of them fails any AUC check with
@@ -52,12 +58,6 @@ def family_z(count: int) -> float:
     if count == 1:
         return CONFIDENCE_Z
     return float(stats.norm.isf(stats.norm.sf(CONFIDENCE_Z) / count))
-
-
-DEFAULT_MIN_P = 0.005
-"""KS p-value floor of the gate: a retrained model fails the KS check at most 0.5% of the time."""
-DEFAULT_AUC_MARGIN = 0.1
-"""Half-width of the accepted AUC band around 0.5 (issue 9's default)."""
 
 
 @dataclass(frozen=True)
@@ -112,9 +112,14 @@ def membership_losses(task: TaskAdapter, model: nn.Module, examples: ExampleSet,
     losses = []
     with eval_mode(model), torch.no_grad():
         for batch in examples.batches(batch_size, device):
-            per_example = task.per_example_loss(model, batch) / task.target_lengths(batch).clamp_min(1)
-            losses.append(per_example.double().cpu())
+            losses.append(batch_membership_losses(task, model, batch).double().cpu())
     return torch.cat(losses).numpy()
+
+
+def batch_membership_losses(task: TaskAdapter, model: nn.Module, batch) -> torch.Tensor:
+    """:func:`membership_losses` of one batch in the model's CURRENT mode, with its graph (a method that
+    trains on them sets eval mode itself)."""
+    return task.per_example_loss(model, batch) / task.target_lengths(batch).clamp_min(1)
 
 
 # SciPy's ks_2samp without its NaN-policy wrapper, which costs five times the test itself on the small sets

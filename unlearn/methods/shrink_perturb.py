@@ -68,7 +68,7 @@ from torch import Tensor, nn
 
 from unlearn.data import ExampleSet
 from unlearn.forget_target import DEFAULT_STOP_AUC_MARGIN, DEFAULT_STOP_MIN_P, UNTOUCHED_AUC_Z, ForgetTarget
-from unlearn.membership import membership_losses
+from unlearn.membership import batch_membership_losses, membership_losses
 from unlearn.registry import UnlearnRequest, UnlearnResult, copy_model, register, require
 from unlearn.tasks import TaskAdapter, eval_mode
 from unlearn.training import LR_SCHEDULES, train
@@ -177,7 +177,7 @@ class ForgetLossFloor:
         index = torch.randperm(len(self.forget), generator=self.generator)[:self.batch_size]
         batch = {name: t[index].to(device) for name, t in self.forget.tensors.items()}
         with eval_mode(model):
-            losses = self.task.per_example_loss(model, batch) / self.task.target_lengths(batch).clamp_min(1)
+            losses = batch_membership_losses(self.task, model, batch)
         return self.every * self.weight * torch.relu(self.floors[index].to(device) - losses).mean()
 
 
