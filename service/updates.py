@@ -23,7 +23,9 @@ The update gate (:func:`update_gate`), on data no strategy selected on:
 
 A regression of an earlier erasure (check 3) escalates before the update is refused: the erasure's method
 chain runs again on the updated model, with the regressed records as the forget set, and the gate judges the
-result once more; the evidence keeps both rounds. With the policy's ``reerase_after_update`` every sealed set
+result once more. When that repair made another sealed set fail its re-check (and nothing else failed), those
+sets are erased again too, up to ``MAX_REERASE_ROUNDS`` rounds in all (:func:`escalate`); the evidence keeps
+every round. With the policy's ``reerase_after_update`` every sealed set
 of the lineage is erased again after an update that passed the gate, even when its re-check passed (one
 chain run for class erasures, one for record and subject erasures; the methods' own stop rules end at once
 where the erasure holds); if the re-erased model then fails the update gate, the update keeps the model that
@@ -91,6 +93,9 @@ DEFAULT_UPDATE_STRATEGY: dict[TaskType, MethodStep] = {
 BUFFER_CAPACITY = 500  # rows of a lineage's replay buffer (the DER++ paper's reference size)
 STABILITY_EVERY_STEPS = 5  # utility measured during an update every this many optimiser steps
 STABILITY_SAMPLE = 128  # records of the utility set measured during training (a fixed stride sample)
+# Re-erasure rounds of one update's escalation, in all: a round whose repair makes another sealed set fail its
+# re-check gets another, on those sets, up to this many; then the update is refused with every round's evidence.
+MAX_REERASE_ROUNDS = 3
 
 
 class UpdateRefused(UnlearnError):
@@ -195,24 +200,13 @@ def learn_and_register(ctx: PipelineContext, job, request_rows, info: ModelInfo,
     # ---- verify: the update gate ----------------------------------------------------------------------
     progress.stage("verify", "new records learned, utility kept, earlier erasures still hold, ONNX export")
     gate = update_gate(ctx, job, info, scope, result.model, learn, policy, stability)
-    escalation = None
     # Counted when found, whether the escalation below repairs them or the update is refused.
     ctx.metrics.update_regressions.inc(sum(1 for name in gate.failures if name.startswith(f"{RECHECK}[")))
-    trigger = reerase_trigger(gate.failures, policy.reerase_after_update)
-    if trigger is not None:
-        erased_again, escalation_record = _reerase(ctx, job, info, scope, result.model, learn, gate, policy,
-                                                    progress, everything=policy.reerase_after_update)
-        if escalation_record is not None:  # None: the policy asked, but the lineage has no sealed set
-            escalation = {"trigger": trigger, "first_gate": gate.as_dict(), "method": escalation_record,
-                          "repaired": erased_again is not None}
-        # A re-erasure that found every erasure holding returns the same model: its gate would be the same.
-        if erased_again is not None and erased_again is not result.model:
-            first = (result, gate)
-            result = replace(result, model=erased_again)
-            gate = update_gate(ctx, job, info, scope, result.model, learn, policy, stability)
-            if trigger == "policy" and not gate.passed:  # the update passed without it: keep that one
-                escalation.update(repaired=False, reverted_because=list(gate.failures))
-                result, gate = first
+    result, gate, escalation = escalate(
+        result, gate, policy.reerase_after_update,
+        reerase=lambda model, failed, everything: _reerase(ctx, job, info, scope, model, learn, failed, policy,
+                                                           progress, everything=everything),
+        judge=lambda model: update_gate(ctx, job, info, scope, model, learn, policy, stability))
     update_record = {"strategy": strategy, "params": strategy_params, "records_learned": int(learn.sum()),
                      "details": _plain(result.details), "target_reached": result.target_reached,
                      "message": result.message, "stability": stability, "escalation": escalation}
@@ -378,6 +372,47 @@ def _sealed_probe(scope: Scope, model: nn.Module, erased: LoadedDataset) -> Any:
     their dataset had them) against the current audit records' (None: the gate reports the check as not
     checkable)."""
     return scope.support.knowledge(model, erased, np.ones(len(erased), dtype=bool), scope.data, scope.audit)
+
+
+def escalate(result, gate: GateResult, reerase_after_update: bool, reerase, judge):
+    """The escalation of an update whose only failures are earlier erasures' re-checks (or, with the policy's
+    ``reerase_after_update``, of every update that passed): re-erase, judge again, and when that repair made
+    ANOTHER sealed set fail its re-check (and nothing else failed), re-erase those too, up to
+    :data:`MAX_REERASE_ROUNDS` rounds in all. ``reerase(model, gate, everything)`` returns (the re-erased model
+    or None, its evidence or None); ``judge(model)`` the update gate on a model. Returns the result and gate the
+    update goes on with, and the evidence (None when nothing was re-erased): the first round's as before
+    (``trigger``, ``first_gate``, ``method``, ``repaired``), every further round in ``further_rounds`` with the
+    gate that called for it, and ``rounds``. A policy re-erasure that ends failing the gate reverts to the
+    update that passed without it (``reverted_because``)."""
+    trigger = reerase_trigger(gate.failures, reerase_after_update)
+    if trigger is None:
+        return result, gate, None
+    first, escalation, everything = (result, gate), None, reerase_after_update
+    for round_number in range(1, MAX_REERASE_ROUNDS + 1):
+        erased_again, record = reerase(result.model, gate, everything)
+        if record is None:  # the policy asked, but the lineage has no sealed set
+            break
+        if escalation is None:
+            escalation = {"trigger": trigger, "first_gate": gate.as_dict(), "method": record,
+                          "repaired": erased_again is not None, "rounds": 1, "further_rounds": []}
+        else:
+            escalation["further_rounds"].append({"gate_before": gate.as_dict(), "method": record,
+                                                 "repaired": erased_again is not None})
+            escalation.update(rounds=round_number, repaired=erased_again is not None)
+        # A re-erasure that found every erasure holding returns the same model: its gate would be the same.
+        if erased_again is None or erased_again is result.model:
+            break
+        result = replace(result, model=erased_again)
+        gate = judge(result.model)
+        if gate.passed or reerase_trigger(gate.failures, False) != "regression":
+            break  # passed, or a failure no re-erasure can repair
+        everything = False  # the next round re-erases the sets this repair made fail
+    if escalation is not None and not gate.passed:
+        escalation["repaired"] = False
+        if trigger == "policy":  # the update passed without it: keep that one
+            escalation["reverted_because"] = list(gate.failures)
+            result, gate = first
+    return result, gate, escalation
 
 
 def reerase_trigger(failures: tuple[str, ...], reerase_after_update: bool) -> str | None:
