@@ -53,8 +53,8 @@ Differences from the paper:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -64,9 +64,9 @@ from torch import Tensor, nn
 from unlearn.data import ExampleSet
 from unlearn.errors import InvalidDataError
 from unlearn.forget_target import ForgetTarget, run_outcome
+from unlearn.gate import without_classes
 from unlearn.gradients import batch_stream, make_unlearning_optimizer, trainable_parameters
 from unlearn.registry import UnlearnRequest, UnlearnResult, copy_model, model_device, register, require
-from unlearn.gate import without_classes
 from unlearn.tasks import accuracy, accuracy_without_classes
 
 
@@ -84,11 +84,12 @@ class BoundaryShrinkConfig:
     max_steps: optimiser-step budget; a run that ends it before the target reports ``target_reached=False``.
     stop_at_target: stop as soon as forget accuracy <= ``class_forget_target`` (:mod:`unlearn.forget_target`).
     class_forget_target: class erasure is done when forget accuracy <= this (a retrained model scores 0).
-    repair_tolerance: None (no repair) or the utility repair's target: once the erased class is forgotten,
-        the same steps go on while the kept classes' accuracy on ``tune`` is more than this below the
-        original's with the erased classes masked (what a retrained model reaches: the gate's reference, here
-        on tune). The first steps of the relabelling move every weight (Adam's first steps are of size lr
-        whatever the gradient) and cost the ViT up to 6 points of kept-class accuracy.
+    repair_tolerance: None (no repair) or the utility repair's target (Lethe default 0): once the erased class
+        is forgotten, steps of the retain cross-entropy alone go on while the kept classes' accuracy on
+        ``tune`` is more than this below the original's with the erased classes masked (what a retrained model
+        reaches: the gate's reference, here on tune). The first steps of the relabelling move every weight
+        (Adam's first steps are of size lr whatever the gradient) and cost the ViT up to 6 points of kept-class
+        accuracy.
     repair_max_steps: step budget of the repair; when it runs out, the details say ``utility_repaired: false``.
     repair_check_every: measure the kept classes' tune accuracy every this many repair steps.
     """
