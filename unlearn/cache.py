@@ -11,6 +11,11 @@ and stores it in a directory of its own under ``<cache>/models/``:
 - ``meta.json``: the key's parts and ``train_seconds``, how long building took when it was built. That
   number is informational: **nothing may divide by it**. It was measured once, under whatever load the
   machine had then; a benchmark times its own retrain in the same process (issue 9, "honest costs").
+  Beside it ``torch_threads``, torch's intra-op threads when the model was trained on a CPU (None on a GPU):
+  the same seed and recipe train a different model at another thread count (the CPU kernels' reductions
+  are ordered by thread), so a benchmark reports the count its cached original was trained with, and
+  per-seed numbers reproduce at the same count. It is not part of the key: a process with another count
+  reuses the entry (and says so through the benchmarks' ``original_threads``).
 
 Entries are written to a temporary directory and renamed into place, so a concurrent reader sees a whole
 entry or none. An entry whose weights do not load into the model the codec builds raises
@@ -44,6 +49,12 @@ from unlearn.training import TrainRecipe, train_from_scratch
 TRAINING_CODE_VERSION = 2
 """Part of every key; bump it when the training loop's results change. 2: dropout drawn from a generator
 seeded by the recipe, and a lone last example merged into the previous batch (issue 9)."""
+
+
+def training_threads(device: torch.device) -> int | None:
+    """Torch's intra-op threads for a model trained on ``device`` now: they change a CPU training's result
+    (module docstring); None on a GPU."""
+    return torch.get_num_threads() if torch.device(device).type == "cpu" else None
 
 
 def default_cache_dir() -> Path:
@@ -123,7 +134,7 @@ class ModelCache:
         meta = {"namespace": namespace, "kind": kind, "spec": spec, "data_digest": data_digest,
                 "training_code_version": TRAINING_CODE_VERSION, "train_seconds": seconds,
                 "train_seconds_note": "informational: measured once when built; never divide by it",
-                "device": str(device)}
+                "device": str(device), "torch_threads": training_threads(device)}
         path.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{path.name}-", dir=path.parent))
         try:

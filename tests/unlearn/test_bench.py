@@ -152,6 +152,8 @@ def test_cli_auto_json_last_line(tmp_path, capsys):
     assert result["retrained"]["forget_acc"] == 0.0  # a model that never saw class 3 never predicts it
     assert result["attempts"][0]["method"] == "ssd-auto"
     assert result["gate"]["passed"] and result["unlearned"]["forget_acc"] <= 0.05
+    # a fresh cache: the original was trained here, at this process's thread count, and the JSON says so
+    assert result["original_from_cache"] is False and result["original_threads"] == result["threads"]
 
 
 def test_bad_method_is_a_clean_error(capsys):

@@ -47,3 +47,17 @@ def test_an_entry_that_does_not_fit_the_model_is_refused(tmp_path):
     with pytest.raises(CacheMismatchError):
         cache.get_or_build("tiny", "original", {"recipe": json.loads((entry.path / "meta.json").read_text())["spec"]
                                                 ["recipe"]}, data.digest(), lambda: None, wider, torch.device("cpu"))
+
+
+def test_an_entry_records_the_thread_count_it_was_trained_with_and_a_reader_sees_that_one(tmp_path):
+    data, threads = blobs(64, seed=1), torch.get_num_threads()
+    cache = ModelCache(tmp_path)
+    try:
+        torch.set_num_threads(1)
+        built = cache.trained("tiny", TASK, factory, data, SHORT, torch.device("cpu"))
+        torch.set_num_threads(2)
+        read = cache.trained("tiny", TASK, factory, data, SHORT, torch.device("cpu"))
+    finally:
+        torch.set_num_threads(threads)
+    assert not built.hit and read.hit
+    assert built.meta["torch_threads"] == 1 and read.meta["torch_threads"] == 1  # the build's, not the reader's

@@ -111,6 +111,7 @@ class Prepared:
     original_gate: GateResult | None = None
     retrained_gate: GateResult | None = None
     utility_before: float | None = None
+    original_threads: int | None = None  # torch threads the (cached) original was trained with; None: unknown or GPU
 
     def request(self, importance: TrainImportance) -> UnlearnRequest:
         """The request a method gets: built from :data:`REQUEST_SETS` only (never ``audit``)."""
@@ -197,6 +198,7 @@ def prepare(scenario: str, seed: int, forget_class: int | None = DEFAULT_FORGET_
     prepared = Prepared(scenario, family, seed, forget_class if selection.forget_classes else None, training, task,
                         recipe, selection.forget_classes, sets, record_ids, cached.model, cached.hit, retrained,
                         retrain_seconds, device, policy or GatePolicy())
+    prepared.original_threads = cached.meta.get("torch_threads")
     prepared.evidence()
     prepared.utility_before = (accuracy_without_classes(task, prepared.original, prepared.utility_set(),
                                                         prepared.forget_classes)
@@ -303,7 +305,7 @@ def _common(prepared: Prepared, method: str, model: nn.Module, seconds: float, u
         "gate_retrained": _gate_summary(prepared.retrained_gate),
         "gate_original": _gate_summary(prepared.original_gate),
         "splits": METRIC_SPLITS, "evidence": prepared.evidence(),
-        "original_from_cache": prepared.original_from_cache,
+        "original_from_cache": prepared.original_from_cache, "original_threads": prepared.original_threads,
         "recipe": asdict(prepared.recipe), "device": str(prepared.device), "threads": torch.get_num_threads(),
     }
 

@@ -170,7 +170,7 @@ def run_lm_subjects(method: str, scenario_name: str, seed: int, forget_class: in
     train = data.examples(data.train_subjects)
     factory = GPTFactory(len(data.tokenizer), LM_SPEC, data.tokenizer.eos_token_id)
     recipe = replace(LM_RECIPE, seed=seed)
-    original, _ = LMCache(cache_dir).get_or_train("original", task, factory, train, recipe, device)
+    original, original_meta = LMCache(cache_dir).get_or_train("original", task, factory, train, recipe, device)
 
     request = UnlearnRequest(task=task, forget=forget, retain=retain, tune=tune, model_factory=factory,
                              recipe=recipe, seed=seed)
@@ -245,6 +245,7 @@ def run_lm_subjects(method: str, scenario_name: str, seed: int, forget_class: in
         "gate": {"passed": verdict.passed, "failures": list(verdict.failures),
                  "checks": [c.as_dict() for c in verdict.checks]},
         "device": str(device), "torch_threads": torch.get_num_threads(),
+        "original_threads": original_meta.get("torch_threads"),  # what the cached original was trained with
     }
     if attempts is not None:
         out["attempts"] = attempts

@@ -20,6 +20,7 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
+from unlearn.cache import training_threads
 from unlearn.data import ExampleSet
 from unlearn.errors import CacheMismatchError
 from unlearn.training import TrainRecipe, train
@@ -130,7 +131,7 @@ class LMCache:
         path.mkdir(parents=True, exist_ok=True)
         model.save_pretrained(str(path))
         meta = {"train_seconds": seconds, "recipe": asdict(recipe), "spec": asdict(factory.spec),
-                "device": str(device), "examples": len(examples)}
+                "device": str(device), "examples": len(examples), "torch_threads": training_threads(device)}
         meta_path.write_text(json.dumps(meta))
         return model.eval(), meta
 
