@@ -138,14 +138,14 @@ def neighbour_labels(model: nn.Module, inputs: Tensor, labels: Tensor, erased: t
         return logits.argmax(dim=1), int(crossed.sum())
 
 
-def repair_kept_classes(task, original: nn.Module, work: nn.Module, request: UnlearnRequest,
+def repair_kept_classes(original: nn.Module, work: nn.Module, request: UnlearnRequest,
                         config: BoundaryShrinkConfig, optimizer: torch.optim.Optimizer,
                         retain_batches: Iterator[dict[str, Tensor]]) -> dict:
     """The utility repair (``repair_tolerance``): steps of the retain cross-entropy alone (the next batches of
     ``retain_batches``, the same optimiser) until the kept classes' accuracy on ``tune`` is within the
     tolerance of the ORIGINAL's with the erased classes masked (the gate's reference, measured on tune), or
     ``repair_max_steps`` ran out. Returns what it did (the details' ``repair``)."""
-    classes = tuple(request.forget_classes)
+    task, classes = request.task, tuple(request.forget_classes)
     kept = without_classes(request.require_tune("boundary-shrink (its utility repair measures on tune)"), classes)
     reference = accuracy_without_classes(task, original, kept, classes)
     floor = reference - config.repair_tolerance
@@ -204,7 +204,7 @@ def boundary_shrink(model: nn.Module, request: UnlearnRequest, config: BoundaryS
 
     repair = None
     if config.repair_tolerance is not None and steps > 0 and reached is not False:
-        repair = repair_kept_classes(task, model, work, request, config, optimizer, retain_batches)
+        repair = repair_kept_classes(model, work, request, config, optimizer, retain_batches)
         message += (f"; kept-class tune accuracy {repair['tune_acc_before']:.3f} -> {repair['tune_acc_after']:.3f} "
                     f"in {repair['steps']} repair step(s) (the original with the erased classes masked: "
                     f"{repair['tune_reference']:.3f})")
