@@ -149,8 +149,9 @@ def test_the_accuracy_condition_holds_the_stop_while_forget_answers_are_still_pr
 def test_stop_accuracy_p_is_bounded():
     with pytest.raises(InvalidParameterError, match="stop_accuracy_p"):
         registry.parse_config("simnpo+rt", {"stop_accuracy_p": 0.0})
-    assert registry.parse_config("simnpo+rt", {"stop_accuracy_p": 0.1}).stop_accuracy_p == 0.1
-    assert registry.parse_config("simnpo+rt", {}).stop_accuracy_p is None
+    assert registry.parse_config("simnpo+rt", {"stop_accuracy_p": 0.2}).stop_accuracy_p == 0.2
+    assert registry.parse_config("simnpo+rt", {}).stop_accuracy_p == 0.1  # the default since 2026-11-30
+    assert registry.parse_config("simnpo+rt", {"stop_accuracy_p": None}).stop_accuracy_p is None  # off
 
 
 def test_the_registry_retrain_repeats_the_lm_training_bit_for_bit():

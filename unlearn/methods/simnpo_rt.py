@@ -13,7 +13,7 @@ retained answers.
 Why this method for causal LMs (issue 9; measured in docs/results/lm.md):
 
 - the forget weight fades around ``delta / beta`` nats per token. With ``delta`` from the ``tune`` records
-  (the default: ``beta`` times the 0.8 quantile of their answer NLLs before the first step), answers that
+  (the default: ``beta`` times the median of their answer NLLs before the first step), answers that
   already look never-seen stop being pushed while the others catch up, instead of being driven far beyond
   (the paper's ``delta = 0`` fades at NLL 0, before a memorised answer gets anywhere near the never-seen
   level);
@@ -23,7 +23,10 @@ Why this method for causal LMs (issue 9; measured in docs/results/lm.md):
 - the run stops at the never-seen level of :mod:`unlearn.forget_target` (forget answer NLLs
   indistinguishable from the tune records'), with ``stop_auc_margin`` 0.02 instead of 0.05: on the benchmark,
   stopping at a loss-attack AUC of 0.55 against the tune people left the forget people's truth ratios still
-  favouring the truth on one seed in five.
+  favouring the truth on one seed in five;
+- the target also asks what the gate's one-sided ``forget_accuracy`` check asks, on tune
+  (``stop_accuracy_p``): answers that stopped looking memorised by their loss were still predicted whole, and
+  the facts survived in the paraphrases' frames (docs/results/lm.md).
 
 Cost, and why the loop looks the way it does: on a small model the per-call overhead dominates, and a stop
 check forwards every ``tune`` record (~280 answers on the benchmark: ten optimiser steps' worth). So
@@ -43,7 +46,8 @@ default), from a generator seeded with the request's seed.
 Mutates in place: no (works on a copy; the caller's model is unchanged).
 
 Differences from the paper: stopped at the never-seen level instead of after a fixed number of epochs
-(``stop_at_target=false`` restores a fixed ``max_steps``); ``delta`` from the tune records by default; the
+(``stop_at_target=false`` restores a fixed ``max_steps``), that level including the forget-accuracy condition
+(``stop_accuracy_p``); ``delta`` from the tune records by default; the
 retain loss per answer token over the retain batch; defaults for the benchmark's tiny GPT (paper: beta
 2.5-4.5, gamma 0-2, lambda 0.1-0.2, lr 1e-5 on 7B models); optional neighbour-weighted retain batches.
 """
@@ -91,8 +95,11 @@ class SimNPORTConfig:
         halves where an answer's mean token NLL reaches ``delta / beta`` and vanishes beyond. None (Lethe
         default) = ``beta`` times the ``fade_quantile`` quantile of the ``tune`` records' mean token NLLs on
         the model before the first step.
-    fade_quantile: the quantile of the tune NLLs that sets ``delta`` when ``delta`` is None. Lethe default 0.8
-        (the benchmark GPT: ~3 nats per token; a fixed delta of 4.5 * 3 measured best there).
+    fade_quantile: the quantile of the tune NLLs that sets ``delta`` when ``delta`` is None. Lethe default 0.5
+        since 2026-11-30 (0.8 before, ~3 nats per token on the benchmark GPT). With ``stop_accuracy_p`` 0.1,
+        over ten trained benchmark GPTs (seeds 0-4 of two model caches) forget quality >= 0.05 on 9 of 10 and
+        the gate passed on 6 of 10, against 5 and 4 with 0.8 and no accuracy condition, at 15-25% more steps
+        (docs/results/lm.md, "Re-measured on a fresh model cache").
     retain_weight: weight of the retain NLL, paper symbol lambda (paper grid 0.1-0.2 on TOFU). Lethe default 20.
     lr: Adam learning rate (paper 1e-5 on 7B models). Lethe default 1e-3.
     optimizer: ``adam`` (torch defaults) or ``sgd`` (plain).
@@ -115,17 +122,18 @@ class SimNPORTConfig:
         default margin 0.02 (the shared default is 0.05; see the module docstring) and p 0.1: the value every
         run in docs/results/lm.md used (the shared default became 0.05, tuned on the tabular MLP's graddiff and
         iau trajectories; it was not measured on the LM).
-    stop_accuracy_p: None (Lethe default) or a p-value: the target then also needs the forget answers not to be
-        predicted whole (teacher-forced exact match) significantly more often than the tune answers, beyond
-        the gate's margin (:class:`NeverSeenCheck`; the gate's ``forget_accuracy`` check, on tune). Measured in
-        docs/results/lm.md ("Stopping on the gate's forget-accuracy condition too"): at 0.1 forget quality >=
-        0.05 on 4 of 5 seeds instead of 2, the gate passed on 2 of 5 either way, and 4 of 5 runs ended beyond
-        the never-seen level (``target_reached=False``); not the default.
+    stop_accuracy_p: a p-value (Lethe default 0.1 since 2026-11-30), or None to drop the condition: the target
+        then also needs the forget answers not to be predicted whole (teacher-forced exact match)
+        significantly more often than the tune answers, beyond the gate's margin (:class:`NeverSeenCheck`; the
+        gate's ``forget_accuracy`` check, on tune). The run goes on until both hold, so most runs end beyond
+        the never-seen level of the loss test on tune (``target_reached=False``, said in the message: 3 of 5
+        on the benchmark's fresh cache) while the gate's two-sided membership test on audit passes; measured
+        with ``fade_quantile`` above.
     """
 
     beta: float = 4.5
     delta: float | None = None
-    fade_quantile: float = 0.8
+    fade_quantile: float = 0.5
     retain_weight: float = 20.0
     lr: float = 1e-3
     optimizer: Literal["adam", "sgd"] = "adam"
@@ -139,7 +147,7 @@ class SimNPORTConfig:
     class_forget_target: float = 0.02
     stop_min_p: float = 0.1
     stop_auc_margin: float = 0.02
-    stop_accuracy_p: float | None = None
+    stop_accuracy_p: float | None = 0.1
 
     def __post_init__(self) -> None:
         require(0 < self.beta <= 100, "beta", f"must be in (0, 100], got {self.beta}")
