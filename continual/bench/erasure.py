@@ -37,7 +37,7 @@ from torch import nn
 
 from continual.examples import join
 from unlearn import registry
-from unlearn.chain import default_chain, run_chain
+from unlearn.chain import ChainStep, default_chain, run_chain
 from unlearn.data import ExampleSet
 from unlearn.gate import GatePolicy, GateResult, KnowledgeProbe, judge, still_erased
 from unlearn.importance import TrainImportance
@@ -50,9 +50,8 @@ def erase(model: nn.Module, request: UnlearnRequest, kind: str, utility: Example
           policy: GatePolicy | None = None, knowledge: KnowledgeProbe | None = None) -> tuple[nn.Module, dict[str, Any]]:
     """The first result of the chain (``methods``, default: the default chain for ``kind``) that passes the
     gate (``policy``, default :class:`unlearn.gate.GatePolicy`), and every attempt's evidence."""
-    names = list(methods) if methods is not None else [name for name, _ in default_chain(kind)]
-    result, evidence = _first_passing(model, request, names, utility, audit, params, accept_exact=True,
-                                      policy=policy or GatePolicy(), knowledge=knowledge)
+    result, evidence = _first_passing(model, request, _steps(kind, methods, params), utility, audit,
+                                      accept_exact=True, policy=policy or GatePolicy(), knowledge=knowledge)
     if result is None:
         raise RuntimeError(f"no method of the chain passed the gate and none is exact: {evidence['attempts']}")
     return result, evidence
@@ -69,9 +68,8 @@ def erase_again(model: nn.Module, request: UnlearnRequest, retain: ExampleSet, k
     first passing model, or None with every attempt's evidence."""
     request = replace(request, retain=retain,
                       train_importance=TrainImportance(request.task, join(request.forget, retain)))
-    names = list(methods) if methods is not None else [name for name, _ in default_chain(kind)]
-    approximate = [name for name in names if not registry.get(name).exact]
-    return _first_passing(model, request, approximate, utility, audit, params, accept_exact=False,
+    approximate = [step for step in _steps(kind, methods, params) if not registry.get(step[0]).exact]
+    return _first_passing(model, request, approximate, utility, audit, accept_exact=False,
                           policy=policy or GatePolicy(), knowledge=knowledge)
 
 
@@ -92,11 +90,18 @@ def recheck(task: TaskAdapter, model: nn.Module, forget: ExampleSet, audit: Exam
     return found
 
 
-def _first_passing(model: nn.Module, request: UnlearnRequest, names: Sequence[str], utility: ExampleSet,
-                   audit: ExampleSet, params: Mapping[str, dict] | None, accept_exact: bool,
-                   policy: GatePolicy, knowledge: KnowledgeProbe | None = None) -> tuple[nn.Module | None, dict[str, Any]]:
+def _steps(kind: str, methods: Sequence[str] | None, params: Mapping[str, dict] | None) -> list[ChainStep]:
+    """The chain as ``(name, params)`` steps: ``methods`` with ``params[name]``, or the default chain for
+    ``kind`` (each step's own parameters, updated with ``params[name]``)."""
     params = params or {}
-    chain = [(name, params.get(name, {})) for name in names]
+    if methods is not None:
+        return [(name, dict(params.get(name, {}))) for name in methods]
+    return [(name, {**step_params, **params.get(name, {})}) for name, step_params in default_chain(kind)]
+
+
+def _first_passing(model: nn.Module, request: UnlearnRequest, chain: Sequence[ChainStep], utility: ExampleSet,
+                   audit: ExampleSet, accept_exact: bool, policy: GatePolicy,
+                   knowledge: KnowledgeProbe | None = None) -> tuple[nn.Module | None, dict[str, Any]]:
     task = request.task
     utility_before = accuracy(task, model, utility)
     forced: dict[str, Any] = {}

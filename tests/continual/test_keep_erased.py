@@ -120,3 +120,13 @@ def test_run_scenario_refuses_an_unknown_reerase_policy_before_any_work():
     with pytest.raises(ValueError, match="reerase: 'sometimes' is not one of on-regression, after-every-update"):
         run_scenario("digits-incremental", "replay", 0, {}, torch.device("cpu"), Path("/nonexistent"),
                      reerase="sometimes")
+
+
+def test_the_erasure_chain_keeps_each_default_steps_parameters():
+    from continual.bench.erasure import _steps
+
+    # the causal-LM default chain runs simnpo+rt twice, the second time with its own parameters
+    assert _steps("causal_lm", None, None)[:2] == [("simnpo+rt", {}), ("simnpo+rt", {"fade_quantile": 0.8})]
+    overridden = _steps("causal_lm", None, {"simnpo+rt": {"lr": 0.002}})
+    assert overridden[:2] == [("simnpo+rt", {"lr": 0.002}), ("simnpo+rt", {"fade_quantile": 0.8, "lr": 0.002})]
+    assert _steps("causal_lm", ["gu+graddiff"], {"gu+graddiff": {"alpha": 3.0}}) == [("gu+graddiff", {"alpha": 3.0})]

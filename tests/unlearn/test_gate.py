@@ -114,6 +114,17 @@ def test_default_chain_drops_the_methods_that_need_training_without_a_recipe():
     assert all(registry.supports(m, "causal_lm") for m, _ in default_chain("causal_lm"))  # e.g. simnpo+rt
 
 
+def test_a_default_chain_step_carries_its_own_parameters_and_they_are_valid():
+    chain = default_chain("causal_lm")
+    assert chain == [("simnpo+rt", {}), ("simnpo+rt", {"fade_quantile": 0.8}), ("retrain", {})]
+    assert default_chain("causal-lm", has_training=False) == chain[:2]
+    for name, params in chain:  # each step's parameters build its method's config
+        config = registry.parse_config(name, params)
+        assert all(getattr(config, key) == value for key, value in params.items())
+    chain[1][1]["fade_quantile"] = 0.1  # a caller's copy: the default stays as it is
+    assert default_chain("causal_lm")[1] == ("simnpo+rt", {"fade_quantile": 0.8})
+
+
 def test_memorised_mislabelled_records_pass_only_at_the_never_seen_level():
     problem = mislabelled_problem()
     model, retrained, forget, audit, train = (problem.model, problem.retrained, problem.forget, problem.audit,

@@ -282,7 +282,7 @@ def _run_auto(prepared: Prepared, params: dict[str, Any] | None) -> dict[str, An
 
 def _attempt(attempt) -> dict[str, Any]:
     summary = attempt.summary()
-    return {"method": summary["method"], "target_reached": summary["target_reached"],
+    return {"method": summary["method"], "params": summary["params"], "target_reached": summary["target_reached"],
             "gate_passed": summary["gate_passed"], "failures": summary["failures"], "seconds": summary["seconds"],
             "error": summary["error"], "message": summary["message"]}
 
