@@ -50,7 +50,7 @@ method with other parameters than its defaults (methods that need what the reque
 their reason recorded)."""
 
 
-def chain_steps(entries: Sequence[str | ChainStep]) -> list[ChainStep]:
+def _steps(entries: Sequence[str | ChainStep]) -> list[ChainStep]:
     """``(name, params)`` for every entry of a chain written as names or ``(name, params)`` pairs."""
     return [(entry, {}) if isinstance(entry, str) else (entry[0], dict(entry[1])) for entry in entries]
 
@@ -98,7 +98,7 @@ def default_chain(task_name: str, has_training: bool = True) -> list[ChainStep]:
     entries = DEFAULT_CHAINS.get(registry.task_key(task_name))  # "causal-lm" (adapter) == "causal_lm" (service)
     if entries is None:
         raise UnlearnError(f"no default method chain for task {task_name!r}")
-    return [(name, params) for name, params in chain_steps(entries)
+    return [(name, params) for name, params in _steps(entries)
             if has_training or not registry.get(name).needs_training]
 
 

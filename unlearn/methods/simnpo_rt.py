@@ -47,9 +47,9 @@ Mutates in place: no (works on a copy; the caller's model is unchanged).
 
 Differences from the paper: stopped at the never-seen level instead of after a fixed number of epochs
 (``stop_at_target=false`` restores a fixed ``max_steps``), that level including the forget-accuracy condition
-(``stop_accuracy_p``); ``delta`` from the tune records by default; the
-retain loss per answer token over the retain batch; defaults for the benchmark's tiny GPT (paper: beta
-2.5-4.5, gamma 0-2, lambda 0.1-0.2, lr 1e-5 on 7B models); optional neighbour-weighted retain batches.
+(``stop_accuracy_p``); ``delta`` from the tune records by default; the retain loss per answer token over the
+retain batch; defaults for the benchmark's tiny GPT (paper: beta 2.5-4.5, gamma 0-2, lambda 0.1-0.2, lr 1e-5
+on 7B models); optional neighbour-weighted retain batches.
 """
 
 from __future__ import annotations
@@ -127,7 +127,7 @@ class SimNPORTConfig:
         significantly more often than the tune answers, beyond the gate's margin (:class:`NeverSeenCheck`; the
         gate's ``forget_accuracy`` check, on tune). The run goes on until both hold, so most runs end beyond
         the never-seen level of the loss test on tune (``target_reached=False``, said in the message: 3 of 5
-        on the benchmark's fresh cache) while the gate's two-sided membership test on audit passes; measured
+        in the sweep on the benchmark's fresh cache, 4 of 5 in its timed run) while the gate's two-sided membership test on audit passes; measured
         with ``fade_quantile`` above.
     """
 
