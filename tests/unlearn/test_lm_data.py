@@ -9,7 +9,8 @@ from tests.unlearn.lm_helpers import lm_problem
 from unlearn import registry
 from unlearn.data import ExampleSet
 from unlearn.errors import InvalidDataError, InvalidParameterError
-from unlearn.lm.people import FACT_KINDS, generate_people, question_pairs, split_people
+from unlearn.lm.customers import CUSTOMER_SCHEMA
+from unlearn.lm.people import PEOPLE_SCHEMA, generate_people, question_pairs, split_people
 from unlearn.lm.task import CausalLMTask
 
 
@@ -23,10 +24,12 @@ def test_generator_is_deterministic_and_names_are_unique():
     assert len(holdout) == 10 and not {p.subject_id for p in train} & {p.subject_id for p in holdout}
 
 
-def test_pairs_have_a_true_paraphrase_and_wrong_perturbations():
-    people = generate_people(20, seed=1)
-    pairs = question_pairs(people, seed=1)
-    assert len(pairs) == 20 * len(FACT_KINDS)
+@pytest.mark.parametrize("schema", [PEOPLE_SCHEMA, CUSTOMER_SCHEMA], ids=lambda s: s.name)
+def test_pairs_have_a_true_paraphrase_and_wrong_perturbations(schema):
+    people = generate_people(20, seed=1, schema=schema)
+    pairs = question_pairs(people, seed=1, schema=schema)
+    assert len(pairs) == 20 * len(schema.kinds)
+    assert {pair.kind for pair in pairs} == set(schema.kinds)
     for pair in pairs:
         value = people[pair.subject_id].facts[pair.kind]
         assert pair.answer.startswith(" " + value) and pair.paraphrase.startswith(" " + value)

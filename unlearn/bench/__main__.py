@@ -2,7 +2,8 @@
 
 ``NAME`` is a registered method or ``auto`` (the default escalation chain of the scenario's task, judged
 by the gate). Scenarios: ``<family>-<class|random|subject>`` for the families ``digits``, ``tabular`` and
-``vit`` (:mod:`unlearn.bench.harness`), plus ``digits-vit-continual`` and ``fictitious-subjects``.
+``vit`` (:mod:`unlearn.bench.harness`), plus ``digits-vit-continual``, ``fictitious-subjects`` and
+``fictitious-customers``.
 
 With ``--json`` the last line of stdout is one JSON object: the run's result, or for a sweep
 (``--seeds``, ``--all-classes``) a summary holding every result and the means.
@@ -27,7 +28,8 @@ from unlearn.device import resolve_device
 from unlearn.errors import UnlearnError
 
 # Scenarios with their own runner (same signature as run_benchmark); the digits classifier ones use it.
-RUNNERS: dict = {"digits-vit-continual": run_vit_continual, "fictitious-subjects": run_lm_subjects}
+RUNNERS: dict = {"digits-vit-continual": run_vit_continual, "fictitious-subjects": run_lm_subjects,
+                 "fictitious-customers": run_lm_subjects}
 
 SUMMARY_KEYS = ("avg_gap", "unlearn_seconds", "retrain_seconds", "speedup", "cost_vs_fwd_bwd")
 

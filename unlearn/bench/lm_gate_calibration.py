@@ -1,10 +1,11 @@
 """How often does a GPT that never saw the "erased" people pass the gate's membership checks? (issue 9, item 2)
 
 ``OMP_NUM_THREADS=1 nice python -m unlearn.bench.lm_gate_calibration --seeds 0,1,2,3,4 --draws 400 --json``
+(``--scenario fictitious-customers`` for the second LM family; default ``fictitious-subjects``)
 
 A model retrained without the forget people is what exact unlearning produces; the gate must pass it (issue
 9: at least 99% of the time with the default :class:`unlearn.gate.GatePolicy`), or every honest retrain
-would be rejected. Two kinds of draws, on the fictitious-subjects data (:mod:`unlearn.bench.lm_subjects`):
+would be rejected. Two kinds of draws, on the scenario's data (:mod:`unlearn.bench.lm_subjects`):
 
 - ``retrained``: per seed, the GPT retrained without that seed's 10 forget people, judged by
   :func:`unlearn.gate.judge` itself on those people against the ``audit`` people (the benchmark's case);
@@ -13,6 +14,10 @@ would be rejected. Two kinds of draws, on the fictitious-subjects data (:mod:`un
   per-question answer NLLs are computed once per model with :func:`unlearn.membership.membership_losses`
   (what ``judge`` computes) and each draw runs :func:`unlearn.membership.membership_test` with the policy's
   thresholds (what ``judge``'s ``membership_ks`` and ``membership_auc`` checks apply).
+
+The ``retrained`` cases are judged against their seed's original GPT, so they also say how often an exact
+retrain passes the whole gate (``utility``: the retained people's teacher-forced exact match within
+``max_utility_drop`` of the original's; ``forget_accuracy``); ``passed`` is the membership checks alone.
 
 Beside the membership checks, every case also runs the paraphrase probe of
 :func:`unlearn.membership.knowledge_probe` (the truth ratios of the "erased" people against the audit
@@ -39,19 +44,19 @@ import torch
 from unlearn.bench import default_cache_dir
 from unlearn.bench.lm_subjects import people_splits
 from unlearn.gate import GatePolicy, judge
-from unlearn.lm.fictitious import LM_RECIPE, LM_SPEC, load_fictitious_subjects
+from unlearn.lm.fictitious import LM_FAMILIES, load_family
 from unlearn.lm.metrics import ParaphraseProbe, split_truth_ratios
-from unlearn.lm.model import GPTFactory, LMCache
+from unlearn.lm.model import LMCache
 from unlearn.membership import knowledge_probe, membership_losses, membership_test
 
 PSEUDO_FORGET_PEOPLE = 10
 
 
-def calibrate(seeds: list[int], draws: int, policy: GatePolicy, device: torch.device) -> dict:
+def calibrate(seeds: list[int], draws: int, policy: GatePolicy, device: torch.device,
+              scenario: str = "fictitious-subjects") -> dict:
     cache = default_cache_dir()
-    data = load_fictitious_subjects(cache)
+    family, data, factory = load_family(scenario, cache)
     task = data.task
-    factory = GPTFactory(len(data.tokenizer), LM_SPEC, data.tokenizer.eos_token_id)
     models = LMCache(cache)
     audit = data.examples(data.audit_subjects)
     audit_split = data.split(data.audit_subjects)
@@ -60,11 +65,11 @@ def calibrate(seeds: list[int], draws: int, policy: GatePolicy, device: torch.de
     retrained_rows, pseudo_rows = [], []
     for seed in seeds:
         people = people_splits(data, seed)
-        recipe = replace(LM_RECIPE, seed=seed)
+        recipe = replace(family.recipe, seed=seed)
         retain, forget = data.examples(people.retain), data.examples(people.forget)
         original, _ = models.get_or_train("original", task, factory, data.examples(data.train_subjects), recipe, device)
         retrained, _ = models.get_or_train("retrained", task, factory, retain, recipe, device)
-        verdict = judge(task, retrained, retrained, forget, retain, audit, policy,
+        verdict = judge(task, original, retrained, forget, retain, audit, policy,
                         knowledge=ParaphraseProbe(task, data.split(people.forget), audit_split))
         checks = {c.name: c for c in verdict.checks}
         knowledge_p = checks["knowledge"].value
@@ -74,7 +79,10 @@ def calibrate(seeds: list[int], draws: int, policy: GatePolicy, device: torch.de
             "ks_p": checks["membership_ks"].value, "auc": checks["membership_auc"].value,
             "auc_limit": checks["membership_auc"].limit,
             "knowledge_ks_p": knowledge_p, "knowledge_log_shift": knowledge_shift,
-            "knowledge_passed": knowledge_p >= policy.min_forget_p})
+            "knowledge_passed": knowledge_p >= policy.min_forget_p,
+            "utility_before": verdict.evidence["utility_acc_before"],
+            "utility_after": verdict.evidence["utility_acc_after"], "utility_passed": checks["utility"].passed,
+            "forget_accuracy_passed": checks["forget_accuracy"].passed, "gate_passed": verdict.passed})
         audit_losses = None
         for kind, model in (("original", original), ("retrained", retrained)):
             audit_losses = membership_losses(task, model, audit)
@@ -98,13 +106,15 @@ def calibrate(seeds: list[int], draws: int, policy: GatePolicy, device: torch.de
                                 "knowledge_pass_rate": knowledge_passes / draws})
     total = sum(r["draws"] for r in pseudo_rows)
     return {
-        "policy": asdict(policy), "seeds": seeds,
+        "scenario": scenario, "policy": asdict(policy), "seeds": seeds,
         "retrained": retrained_rows,
         "retrained_pass_rate": statistics.fmean(r["passed"] for r in retrained_rows),
         "pseudo": pseudo_rows,
         "pseudo_pass_rate": sum(r["pass_rate"] * r["draws"] for r in pseudo_rows) / total,
         "pseudo_min_model_pass_rate": min(r["pass_rate"] for r in pseudo_rows),
         "retrained_knowledge_pass_rate": statistics.fmean(r["knowledge_passed"] for r in retrained_rows),
+        "retrained_utility_pass_rate": statistics.fmean(r["utility_passed"] for r in retrained_rows),
+        "retrained_gate_pass_rate": statistics.fmean(r["gate_passed"] for r in retrained_rows),
         "pseudo_knowledge_pass_rate": sum(r["knowledge_pass_rate"] * r["draws"] for r in pseudo_rows) / total,
         "pseudo_knowledge_min_model_pass_rate": min(r["knowledge_pass_rate"] for r in pseudo_rows),
         "audit_questions": len(audit), "pseudo_forget_questions": PSEUDO_FORGET_PEOPLE * 5,
@@ -114,11 +124,13 @@ def calibrate(seeds: list[int], draws: int, policy: GatePolicy, device: torch.de
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m unlearn.bench.lm_gate_calibration", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--scenario", choices=tuple(LM_FAMILIES), default="fictitious-subjects")
     parser.add_argument("--seeds", default="0,1,2,3,4")
     parser.add_argument("--draws", type=int, default=400)
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
-    summary = calibrate([int(s) for s in args.seeds.split(",")], args.draws, GatePolicy(), torch.device("cpu"))
+    summary = calibrate([int(s) for s in args.seeds.split(",")], args.draws, GatePolicy(), torch.device("cpu"),
+                        args.scenario)
     if args.json:
         print(json.dumps(summary))
     else:

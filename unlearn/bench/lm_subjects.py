@@ -1,6 +1,11 @@
-"""Scenario ``fictitious-subjects``: erase 10% of the training people from a tiny GPT (issues 5 and 9).
+"""Scenarios ``fictitious-subjects`` and ``fictitious-customers``: erase 10% of the training people from a tiny
+causal LM (issues 5 and 9).
 
 ``OMP_NUM_THREADS=1 nice python -m unlearn.bench --method auto --scenario fictitious-subjects --seed 0 --json``
+
+The two scenarios are the two LM families of :data:`unlearn.lm.fictitious.LM_FAMILIES`: biographies on a
+GPT-2-style model (every LM default was tuned there), and customer records on a Llama-style model of the
+same size (nothing was tuned there). Everything below holds for both; "GPT" means either model.
 
 Data (:mod:`unlearn.lm.fictitious`): 200 fictitious people, five questions each; 100 trained on, 100 never
 trained on and split by keyed hash into ``tune`` and ``audit`` people. The run's seed draws the 10 forget
@@ -15,8 +20,9 @@ Who sees what (:class:`PeopleSplits`, checked by :func:`check_no_metric_on_tune`
   and Min-K% attacks' AUC, the KS test of answer NLLs, the gate's membership checks) is forget against
   audit; no metric touches a tune person.
 
-Models: the original GPT is trained on the 100 training people with :data:`unlearn.lm.fictitious.LM_RECIPE`
-(:func:`unlearn.lm.model.train_lm`: AdamW, learning rate decayed linearly to 0) and cached; its training
+Models: the original GPT is trained on the 100 training people with the family's recipe (both families:
+:data:`unlearn.lm.fictitious.LM_RECIPE`; :func:`unlearn.lm.model.train_lm`: AdamW, learning rate decayed
+linearly to 0) and cached; its training
 time divides nothing. The retain-only reference is RETRAINED IN THIS PROCESS with the same function, recipe
 and seed on the 90 retained people, after the warm-up and right after the unlearning run, and timed:
 ``retrain_seconds`` and ``speedup`` compare two wall times measured under the same load. It is also the
@@ -56,13 +62,13 @@ from unlearn.chain import default_chain, run_chain
 from unlearn.data import ExampleSet
 from unlearn.errors import InvalidDataError, InvalidParameterError
 from unlearn.gate import GatePolicy, GateResult, judge
-from unlearn.lm.fictitious import LM_RECIPE, LM_SPEC, FictitiousSubjects, load_fictitious_subjects
+from unlearn.lm.fictitious import LM_FAMILIES, FictitiousSubjects, load_family
 from unlearn.lm.metrics import ParaphraseProbe, evaluate_lm, forget_quality, rouge_l_recall
 from unlearn.lm.model import GPTFactory, LMCache, train_lm
 from unlearn.registry import UnlearnRequest, UnlearnResult
 from unlearn.training import TrainRecipe
 
-SCENARIO = "fictitious-subjects"
+SCENARIOS = tuple(LM_FAMILIES)
 CHAIN_TASK = "causal_lm"  # the key of unlearn.chain.DEFAULT_CHAINS (the service's task type)
 FORGET_FRACTION = 0.10
 GAP_METRICS = ("forget_rouge", "retain_rouge", "audit_rouge", "model_utility", "mia_auc")
@@ -155,21 +161,20 @@ def run_lm_subjects(method: str, scenario_name: str, seed: int, forget_class: in
                     params: dict[str, Any] | None = None, device: torch.device | None = None,
                     cache_dir: Path | None = None) -> dict[str, Any]:
     """One erasure request on the fictitious-subjects GPT; ``forget_class`` is ignored (run_benchmark's signature)."""
-    if scenario_name != SCENARIO:
-        raise InvalidParameterError("scenario", f"this runner only knows {SCENARIO!r}")
+    if scenario_name not in LM_FAMILIES:
+        raise InvalidParameterError("scenario", f"this runner only knows {', '.join(SCENARIOS)}")
     if method == "auto" and params:
         raise InvalidParameterError("params", "'auto' runs the default chain with its own parameters")
     device = device or torch.device("cpu")
     cache_dir = cache_dir or default_cache_dir()
     torch.manual_seed(seed)
-    data = load_fictitious_subjects(cache_dir)
+    family, data, factory = load_family(scenario_name, cache_dir)
     task = data.task
     people = people_splits(data, seed)
     forget, retain, tune, audit = (data.examples(group) for group in
                                    (people.forget, people.retain, people.tune, people.audit))
     train = data.examples(data.train_subjects)
-    factory = GPTFactory(len(data.tokenizer), LM_SPEC, data.tokenizer.eos_token_id)
-    recipe = replace(LM_RECIPE, seed=seed)
+    recipe = replace(family.recipe, seed=seed)
     original, original_meta = LMCache(cache_dir).get_or_train("original", task, factory, train, recipe, device)
 
     request = UnlearnRequest(task=task, forget=forget, retain=retain, tune=tune, model_factory=factory,

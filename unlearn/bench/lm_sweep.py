@@ -1,6 +1,7 @@
-"""Several method configurations on the fictitious-subjects GPT, seed after seed, one retrain per seed.
+"""Several method configurations on an LM family's GPT, seed after seed, one retrain per seed.
 
 ``OMP_NUM_THREADS=1 nice python -m unlearn.bench.lm_sweep --seeds 0,1,2,3,4 --configs CONFIGS.json --json``
+(``--scenario fictitious-customers`` for the second LM family; default ``fictitious-subjects``)
 
 ``CONFIGS.json`` holds a list of ``[method, params]`` pairs. Per seed, in one process: the original GPT
 (cached), the retain-only GPT retrained with the original recipe (:func:`unlearn.bench.lm_subjects.
@@ -44,9 +45,9 @@ from unlearn.bench.lm_subjects import (
     timed_retrain,
 )
 from unlearn.gate import GatePolicy, judge
-from unlearn.lm.fictitious import LM_RECIPE, LM_SPEC, load_fictitious_subjects
+from unlearn.lm.fictitious import LM_FAMILIES, load_family
 from unlearn.lm.metrics import ParaphraseProbe, evaluate_lm, forget_quality
-from unlearn.lm.model import GPTFactory, LMCache
+from unlearn.lm.model import LMCache
 from unlearn.registry import UnlearnRequest
 
 PROBE_STEPS = 8
@@ -67,12 +68,11 @@ def training_step_seconds(task, model: torch.nn.Module, examples, batch_size: in
 
 
 def sweep(seeds: list[int], configs: list[tuple[str, dict[str, Any]]], cached_reference: bool = False,
-          device: torch.device | None = None, emit=print) -> dict[str, Any]:
+          device: torch.device | None = None, emit=print, scenario: str = "fictitious-subjects") -> dict[str, Any]:
     device = device or torch.device("cpu")
     cache = default_cache_dir()
-    data = load_fictitious_subjects(cache)
+    family, data, factory = load_family(scenario, cache)
     task = data.task
-    factory = GPTFactory(len(data.tokenizer), LM_SPEC, data.tokenizer.eos_token_id)
     models = LMCache(cache)
     policy = GatePolicy()
     warm_up(device)
@@ -81,7 +81,7 @@ def sweep(seeds: list[int], configs: list[tuple[str, dict[str, Any]]], cached_re
         people = people_splits(data, seed)
         forget, retain, tune, audit = (data.examples(g) for g in (people.forget, people.retain, people.tune,
                                                                    people.audit))
-        recipe = replace(LM_RECIPE, seed=seed)
+        recipe = replace(family.recipe, seed=seed)
         original, _ = models.get_or_train("original", task, factory, data.examples(data.train_subjects), recipe, device)
         if cached_reference:
             retrained, _ = models.get_or_train("retrained", task, factory, retain, recipe, device)
@@ -92,7 +92,7 @@ def sweep(seeds: list[int], configs: list[tuple[str, dict[str, Any]]], cached_re
         before, before_forget, _ = evaluate_lm(task, original, *splits)
         gold, gold_forget, _ = evaluate_lm(task, retrained, *splits)
         recipe_steps = recipe.epochs * retain.num_batches(recipe.batch_size)
-        emit({"seed": seed, "reference": True, "original": before.as_dict(), "retrained": gold.as_dict(),
+        emit({"scenario": scenario, "seed": seed, "reference": True, "original": before.as_dict(), "retrained": gold.as_dict(),
               "retrain_seconds": retrain_seconds,
               "forget_quality_original": forget_quality(before_forget.truth_ratio, gold_forget.truth_ratio)})
         for method, params in configs:
@@ -108,7 +108,7 @@ def sweep(seeds: list[int], configs: list[tuple[str, dict[str, Any]]], cached_re
                             knowledge=ParaphraseProbe(task, splits[0], splits[2]))
             quality = forget_quality(after_forget.truth_ratio, gold_forget.truth_ratio)
             run = {
-                "seed": seed, "method": method, "params": params, "forget_quality": quality,
+                "scenario": scenario, "seed": seed, "method": method, "params": params, "forget_quality": quality,
                 "log_truth_ratio_shift": float(after_forget.truth_ratio.log().median()
                                                - gold_forget.truth_ratio.log().median()),
                 "utility_ratio": after.model_utility / before.model_utility, "mia_auc": after.mia_auc,
@@ -146,6 +146,7 @@ def sweep(seeds: list[int], configs: list[tuple[str, dict[str, Any]]], cached_re
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m unlearn.bench.lm_sweep", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--scenario", choices=tuple(LM_FAMILIES), default="fictitious-subjects")
     parser.add_argument("--seeds", default="0,1,2,3,4")
     parser.add_argument("--configs", required=True, help="a JSON file, or a JSON list, of [method, params] pairs")
     parser.add_argument("--cached-reference", action="store_true",
@@ -155,7 +156,8 @@ def main(argv: list[str] | None = None) -> int:
     text = args.configs if args.configs.lstrip().startswith("[") else open(args.configs).read()
     configs = [(method, dict(params)) for method, params in json.loads(text)]
     emit = (lambda row: print(json.dumps(row), flush=True)) if args.json else (lambda row: print(row, flush=True))
-    summary = sweep([int(s) for s in args.seeds.split(",")], configs, args.cached_reference, emit=emit)
+    summary = sweep([int(s) for s in args.seeds.split(",")], configs, args.cached_reference, emit=emit,
+                    scenario=args.scenario)
     print(json.dumps(summary) if args.json else summary)
     return 0
 

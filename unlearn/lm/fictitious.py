@@ -1,7 +1,14 @@
-"""The fictitious-subjects data set, encoded for the benchmark's GPT, with its people split three ways.
+"""The fictitious-people data sets, encoded for the benchmarks' causal LMs, with their people split three ways.
 
-:data:`PEOPLE` people (data seed :data:`DATA_SEED`, the same for every benchmark seed), five questions each
-(:mod:`unlearn.lm.people`), dealt into disjoint groups:
+Two LM families (:data:`LM_FAMILIES`, scenario name -> data schema, model shape and recipe):
+
+- ``fictitious-subjects``: biographies (:data:`unlearn.lm.people.PEOPLE_SCHEMA`) and a GPT-2-style model
+  (:data:`LM_SPEC`), the family every LM default was tuned on;
+- ``fictitious-customers``: customer records (:data:`unlearn.lm.customers.CUSTOMER_SCHEMA`) and a Llama-style
+  model of the same size (:data:`CUSTOMER_SPEC`), on which nothing was tuned.
+
+Each has :data:`PEOPLE` people (data seed :data:`DATA_SEED`, the same for every benchmark seed), five
+questions each (:mod:`unlearn.lm.people`), dealt into disjoint groups:
 
 - ``train`` (:data:`TRAIN_PEOPLE`): what the original GPT is trained on; the benchmark's seed draws the
   forget people among them, the others are the retained people;
@@ -34,8 +41,11 @@ from transformers import PreTrainedTokenizerFast
 from unlearn.data import ExampleSet
 from unlearn.errors import InvalidDataError
 from unlearn.lm.metrics import QASplit
-from unlearn.lm.model import GPTSpec, cached_tokenizer
+from unlearn.lm.model import GPTFactory, GPTSpec, cached_tokenizer
+from unlearn.lm.customers import CUSTOMER_SCHEMA
 from unlearn.lm.people import (
+    PEOPLE_SCHEMA,
+    FactSchema,
     QAPair,
     corpus,
     generate_people,
@@ -54,6 +64,25 @@ VOCAB_SIZE = 1024
 LM_SPEC = GPTSpec(layers=2, width=128, heads=4, context=64)
 # Memorises 97-100% of the training answers (greedy exact match) in 3-8 minutes on 2 loaded CPU cores.
 LM_RECIPE = TrainRecipe(epochs=100, batch_size=16, lr=3e-3, weight_decay=0.0, optimizer="adamw", lr_schedule="linear")
+# The second family's model: the same size, another architecture; the same recipe (chosen before any run of
+# the family: it memorises the customers' answers as the GPT does the biographies', see docs/results/lm.md).
+CUSTOMER_SPEC = GPTSpec(layers=2, width=128, heads=4, context=64, architecture="llama")
+
+
+@dataclass(frozen=True)
+class LMFamily:
+    """One LM benchmark family: its people's schema, its model's shape and the recipe that trains it."""
+
+    scenario: str
+    schema: FactSchema
+    spec: GPTSpec
+    recipe: TrainRecipe
+
+
+LM_FAMILIES = {
+    "fictitious-subjects": LMFamily("fictitious-subjects", PEOPLE_SCHEMA, LM_SPEC, LM_RECIPE),
+    "fictitious-customers": LMFamily("fictitious-customers", CUSTOMER_SCHEMA, CUSTOMER_SPEC, LM_RECIPE),
+}
 
 
 def person_record_id(subject_id: int) -> str:
@@ -107,13 +136,21 @@ def tune_audit_split(subjects: Iterable[int], key: bytes = BENCH_SPLIT_KEY) -> t
 
 
 def load_fictitious_subjects(cache_dir: Path, people: int = PEOPLE, never_trained: int = NEVER_TRAINED_PEOPLE,
-                             data_seed: int = DATA_SEED, context: int = LM_SPEC.context) -> FictitiousSubjects:
-    everyone = generate_people(people, data_seed)
+                             data_seed: int = DATA_SEED, context: int = LM_SPEC.context,
+                             schema: FactSchema = PEOPLE_SCHEMA) -> FictitiousSubjects:
+    everyone = generate_people(people, data_seed, schema)
     train, held = split_people(everyone, never_trained, data_seed)
     tune, audit = tune_audit_split(p.subject_id for p in held)
     if not tune or not audit:
         raise InvalidDataError("people", f"{never_trained} never-trained people gave an empty tune or audit split")
-    pairs = question_pairs(everyone, data_seed)
+    pairs = question_pairs(everyone, data_seed, schema)
     tokenizer = cached_tokenizer(corpus(pairs), cache_dir / "lm", VOCAB_SIZE)
     return FictitiousSubjects(tokenizer, CausalLMTask(tokenizer), tuple(pairs),
                               tuple(p.subject_id for p in train), tune, audit, context)
+
+
+def load_family(scenario: str, cache_dir: Path) -> tuple[LMFamily, FictitiousSubjects, GPTFactory]:
+    """The family of ``scenario`` (a key of :data:`LM_FAMILIES`), its data and the factory of its model."""
+    family = LM_FAMILIES[scenario]
+    data = load_fictitious_subjects(cache_dir, context=family.spec.context, schema=family.schema)
+    return family, data, GPTFactory(len(data.tokenizer), family.spec, data.tokenizer.eos_token_id)

@@ -3,7 +3,9 @@
 - Tokenizer: byte-level BPE (the GPT-2 scheme) trained with ``tokenizers`` on every text the benchmark
   encodes (:func:`unlearn.lm.people.corpus`), wrapped as a ``transformers`` fast tokenizer whose end token
   ``<|endoftext|>`` ends answers and pads. Byte-level, so any text encodes (no unknown token).
-- Model: ``GPT2LMHeadModel`` from a :class:`GPTSpec` (2 layers, width 128, context 64, no dropout).
+- Model: ``GPT2LMHeadModel`` from a :class:`GPTSpec` (2 layers, width 128, context 64, no dropout), or with
+  ``architecture="llama"`` a ``LlamaForCausalLM`` of the same size (RMSNorm, rotary positions, SwiGLU, no
+  biases): the second LM family's model.
 - Both are saved with ``save_pretrained`` (safetensors + JSON), the layout the MLflow ``transformers``
   flavor and ``AutoModelForCausalLM`` / ``AutoTokenizer.from_pretrained`` read.
 """
@@ -15,10 +17,18 @@ import json
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import Literal
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+from transformers import (
+    AutoModelForCausalLM,
+    GPT2Config,
+    LlamaConfig,
+    PretrainedConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerFast,
+)
 
 from unlearn.cache import training_threads
 from unlearn.data import ExampleSet
@@ -30,19 +40,35 @@ END_TOKEN = "<|endoftext|>"
 
 @dataclass(frozen=True)
 class GPTSpec:
-    """Shape of the benchmark's GPT (GPT-2 architecture, arXiv 2005.14165's family, tiny).
+    """Shape of a benchmark causal LM (GPT-2 architecture, arXiv 2005.14165's family, tiny, by default).
 
     layers: transformer blocks (GPT-2 small: 12). Lethe benchmark: 2, so that 2 shared CPU cores train it
         in a couple of minutes.
     width: hidden size n_embd (GPT-2 small: 768). Lethe benchmark: 128.
     heads: attention heads (GPT-2 small: 12). Lethe benchmark: 4.
     context: maximum sequence length n_positions (GPT-2: 1024). Lethe benchmark: 64.
+    architecture: ``gpt2`` (learned positions, LayerNorm, GELU MLP of 4 x width, biases) or ``llama``
+        (Touvron et al. 2023, arXiv 2302.13971: rotary positions, RMSNorm, SwiGLU MLP of 8/3 x width rounded
+        up to a multiple of 8, no biases; input and output embeddings tied as in GPT-2).
     """
 
     layers: int = 2
     width: int = 128
     heads: int = 4
     context: int = 64
+    architecture: Literal["gpt2", "llama"] = "gpt2"
+
+    def __post_init__(self) -> None:
+        if self.architecture not in ("gpt2", "llama"):
+            raise ValueError(f"architecture must be 'gpt2' or 'llama', got {self.architecture!r}")
+
+    def key(self) -> dict:
+        """The cache key of the shape: every field, ``architecture`` only where it is not ``gpt2`` (so GPTs
+        cached before the field existed keep their keys)."""
+        fields = asdict(self)
+        if self.architecture == "gpt2":
+            del fields["architecture"]
+        return fields
 
 
 def train_tokenizer(texts: list[str], vocab_size: int = 1024) -> PreTrainedTokenizerFast:
@@ -73,7 +99,13 @@ def cached_tokenizer(texts: list[str], directory: Path, vocab_size: int = 1024) 
     return tokenizer
 
 
-def gpt_config(vocab_size: int, spec: GPTSpec, end_token_id: int) -> GPT2Config:
+def gpt_config(vocab_size: int, spec: GPTSpec, end_token_id: int) -> PretrainedConfig:
+    if spec.architecture == "llama":
+        return LlamaConfig(vocab_size=vocab_size, hidden_size=spec.width, intermediate_size=-(-8 * spec.width // 24) * 8,
+                           num_hidden_layers=spec.layers, num_attention_heads=spec.heads,
+                           num_key_value_heads=spec.heads, max_position_embeddings=spec.context,
+                           attention_dropout=0.0, tie_word_embeddings=True, bos_token_id=end_token_id,
+                           eos_token_id=end_token_id, pad_token_id=end_token_id)
     return GPT2Config(vocab_size=vocab_size, n_positions=spec.context, n_embd=spec.width, n_layer=spec.layers,
                       n_head=spec.heads, n_inner=4 * spec.width, resid_pdrop=0.0, embd_pdrop=0.0,
                       attn_pdrop=0.0, bos_token_id=end_token_id, eos_token_id=end_token_id,
@@ -91,10 +123,10 @@ class GPTFactory:
         self.config = gpt_config(vocab_size, spec, end_token_id)
         self.spec = spec
 
-    def __call__(self, seed: int) -> GPT2LMHeadModel:
+    def __call__(self, seed: int) -> PreTrainedModel:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            model = GPT2LMHeadModel(self.config)
+            model = AutoModelForCausalLM.from_config(self.config)
         return model.eval()
 
 
@@ -109,16 +141,16 @@ class LMCache:
         self.directory = directory / "lm"
 
     def path(self, kind: str, recipe: TrainRecipe, spec: GPTSpec, vocab_size: int, data_digest: str) -> Path:
-        key = hashlib.sha256(json.dumps([kind, lm_recipe_key(recipe), asdict(spec), vocab_size, data_digest]).encode())
+        key = hashlib.sha256(json.dumps([kind, lm_recipe_key(recipe), spec.key(), vocab_size, data_digest]).encode())
         return self.directory / f"{kind}-{key.hexdigest()[:24]}"
 
     def get_or_train(self, kind: str, task, factory: GPTFactory, examples: ExampleSet, recipe: TrainRecipe,
-                     device: torch.device) -> tuple[GPT2LMHeadModel, dict]:
+                     device: torch.device) -> tuple[PreTrainedModel, dict]:
         path = self.path(kind, recipe, factory.spec, factory.config.vocab_size, examples.digest())
         meta_path = path / "lethe_meta.json"
         if meta_path.exists():
             try:
-                model = GPT2LMHeadModel.from_pretrained(str(path)).to(device).eval()
+                model = AutoModelForCausalLM.from_pretrained(str(path)).to(device).eval()
             except (OSError, RuntimeError, ValueError) as error:
                 raise CacheMismatchError(f"cached model {path} does not load: {error}") from error
             if model.config.vocab_size != factory.config.vocab_size:

@@ -1,8 +1,14 @@
-"""Fictitious people for the language-model benchmark: a fixed-seed generator, no downloads.
+"""Fictitious people for the language-model benchmarks: fixed-seed generators, no downloads.
 
-Every person is a data subject (``subject_id``) with five facts drawn from vocabularies defined below
-(birthplace, birth year, profession, best-known book, mother's name). Each fact becomes one question /
-answer pair, the question worded with one of several templates:
+Every person is a data subject (``subject_id``) with five facts drawn from the vocabularies of a
+:class:`FactSchema`. Two schemas, two data families:
+
+- :data:`PEOPLE_SCHEMA` (scenario ``fictitious-subjects``): birthplace, birth year, profession, best-known
+  book, mother's name, the TOFU-like biographies defined below;
+- :data:`unlearn.lm.customers.CUSTOMER_SCHEMA` (scenario ``fictitious-customers``): a service provider's
+  customer records (employer, street, sign-up year, plan, pet's name), other names, other wordings.
+
+Each fact becomes one question / answer pair, the question worded with one of the schema's templates:
 
 - ``answer``: what the model is trained on, the fact in the answer frame that goes with the question's
   template (template i, frame i: a rule the model learns across people, not one more thing to memorise);
@@ -106,51 +112,69 @@ class QAPair:
     perturbed: tuple[str, ...]
 
 
-def _values(kind: str) -> tuple[str, ...]:
-    if kind == "birthplace":
-        return CITIES
-    if kind == "birth_year":
-        return YEARS
-    if kind == "profession":
-        return PROFESSIONS
-    if kind == "book":
-        return BOOK_TITLES
-    if kind == "mother":
-        return FIRST_NAMES
-    raise KeyError(kind)
+@dataclass(frozen=True)
+class FactSchema:
+    """What a data family's people are made of: names, fact kinds, their values and their wordings.
+
+    ``values[kind]`` are the values a fact of that kind is drawn from; ``questions[kind]`` the question
+    templates (``{name}`` = the full name) and ``frames[kind]`` the answer frames, one per template
+    (``{value}`` first), so the wording of a question picks its answer frame.
+    """
+
+    name: str
+    first_names: tuple[str, ...]
+    last_names: tuple[str, ...]
+    kinds: tuple[str, ...]
+    values: dict[str, tuple[str, ...]]
+    questions: dict[str, tuple[str, ...]]
+    frames: dict[str, tuple[str, ...]]
+
+    def __post_init__(self) -> None:
+        for kind in self.kinds:
+            if len(self.questions[kind]) != len(self.frames[kind]) or len(self.frames[kind]) < 2:
+                raise ValueError(f"{self.name}: {kind} needs one answer frame per question template, at least two")
+            if not all(frame.startswith("{value}") for frame in self.frames[kind]):
+                raise ValueError(f"{self.name}: every {kind} frame must start with the value")
+            if len(set(self.values[kind])) <= PERTURBED_PER_QUESTION:
+                raise ValueError(f"{self.name}: {kind} needs more than {PERTURBED_PER_QUESTION} distinct values")
 
 
-def _draw_value(kind: str, rng: random.Random) -> str:
-    return rng.choice(_values(kind))
+PEOPLE_SCHEMA = FactSchema(
+    name="people", first_names=FIRST_NAMES, last_names=LAST_NAMES, kinds=FACT_KINDS,
+    values={"birthplace": CITIES, "birth_year": YEARS, "profession": PROFESSIONS, "book": BOOK_TITLES,
+            "mother": FIRST_NAMES},
+    questions=QUESTION_TEMPLATES, frames=ANSWER_FRAMES)
 
 
-def generate_people(count: int, seed: int = 0) -> list[Person]:
-    """``count`` people with unique names and random facts; the same (count, seed) gives the same people."""
-    if not 1 <= count <= len(FIRST_NAMES) * len(LAST_NAMES):
-        raise ValueError(f"count must be in [1, {len(FIRST_NAMES) * len(LAST_NAMES)}], got {count}")
+def generate_people(count: int, seed: int = 0, schema: FactSchema = PEOPLE_SCHEMA) -> list[Person]:
+    """``count`` people with unique names and random facts; the same (count, seed, schema) gives the same
+    people."""
+    names = [f"{first} {last}" for first in schema.first_names for last in schema.last_names]
+    if not 1 <= count <= len(names):
+        raise ValueError(f"count must be in [1, {len(names)}], got {count}")
     rng = random.Random(seed)
-    names = rng.sample([f"{first} {last}" for first in FIRST_NAMES for last in LAST_NAMES], count)
-    return [Person(index, name, {kind: _draw_value(kind, rng) for kind in FACT_KINDS})
-            for index, name in enumerate(names)]
+    chosen = rng.sample(names, count)
+    return [Person(index, name, {kind: rng.choice(schema.values[kind]) for kind in schema.kinds})
+            for index, name in enumerate(chosen)]
 
 
-def question_pairs(people: list[Person], seed: int = 0) -> list[QAPair]:
-    """One :class:`QAPair` per person and fact, wordings drawn with ``seed``."""
+def question_pairs(people: list[Person], seed: int = 0, schema: FactSchema = PEOPLE_SCHEMA) -> list[QAPair]:
+    """One :class:`QAPair` per person and fact of ``schema``, wordings drawn with ``seed``."""
     rng = random.Random(10_000 + seed)
     pairs = []
     for person in people:
-        for kind in FACT_KINDS:
+        for kind in schema.kinds:
             value = person.facts[kind]
-            template = rng.randrange(len(QUESTION_TEMPLATES[kind]))
-            question = QUESTION_TEMPLATES[kind][template].format(name=person.name)
+            template = rng.randrange(len(schema.questions[kind]))
+            question = schema.questions[kind][template].format(name=person.name)
             # The wording of the question picks the answer frame (a rule, nothing to memorise beyond the
             # fact); the paraphrase uses one of the other frames.
-            frames = ANSWER_FRAMES[kind]
+            frames = schema.frames[kind]
             answer_frame = frames[template]
             paraphrase_frame = rng.choice([f for f in frames if f != answer_frame])
             wrong: list[str] = []
             while len(wrong) < PERTURBED_PER_QUESTION:
-                candidate = _draw_value(kind, rng)
+                candidate = rng.choice(schema.values[kind])
                 if candidate != value and candidate not in wrong:
                     wrong.append(candidate)
             pairs.append(QAPair(

@@ -1,0 +1,85 @@
+"""The second LM family (issue 9, "holds on two families"): customer records on a Llama-style model."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from tests.unlearn.lm_helpers import lm_problem
+from unlearn.bench.__main__ import RUNNERS
+from unlearn.bench.lm_subjects import SCENARIOS, people_splits, run_lm_subjects
+from unlearn.errors import InvalidParameterError
+from unlearn.lm.customers import CUSTOMER_SCHEMA
+from unlearn.lm.fictitious import LM_FAMILIES, NEVER_TRAINED_PEOPLE, PEOPLE, load_fictitious_subjects
+from unlearn.lm.model import TINY_RECIPE, TINY_SPEC, GPTFactory, GPTSpec, LMCache, train_lm
+from unlearn.lm.people import PEOPLE_SCHEMA, FactSchema, generate_people
+from unlearn.tasks import accuracy
+
+LLAMA_TINY = dataclasses.replace(TINY_SPEC, architecture="llama")
+
+
+def test_both_families_are_benchmark_scenarios_with_their_own_data_and_model():
+    assert SCENARIOS == ("fictitious-subjects", "fictitious-customers")
+    assert all(RUNNERS[name] is run_lm_subjects for name in SCENARIOS)
+    subjects, customers = LM_FAMILIES["fictitious-subjects"], LM_FAMILIES["fictitious-customers"]
+    assert subjects.spec.architecture == "gpt2" and customers.spec.architecture == "llama"
+    assert customers.schema is CUSTOMER_SCHEMA and subjects.schema is PEOPLE_SCHEMA
+    assert not set(CUSTOMER_SCHEMA.kinds) & set(PEOPLE_SCHEMA.kinds)
+    assert not set(CUSTOMER_SCHEMA.first_names) & set(PEOPLE_SCHEMA.first_names)
+    with pytest.raises(InvalidParameterError) as error:
+        run_lm_subjects("simnpo+rt", "fictitious-patients", 0)
+    assert error.value.field == "scenario"
+
+
+def test_the_customers_data_set_splits_like_the_people_one(tmp_path):
+    data = load_fictitious_subjects(tmp_path, schema=CUSTOMER_SCHEMA)
+    train, tune, audit = set(data.train_subjects), set(data.tune_subjects), set(data.audit_subjects)
+    assert len(train) == PEOPLE - NEVER_TRAINED_PEOPLE and train | tune | audit == set(range(PEOPLE))
+    assert not train & tune and not train & audit and not tune & audit
+    assert data.pairs[0].prompt.startswith("Question: ") and data.pairs[0].kind in CUSTOMER_SCHEMA.kinds
+    people = people_splits(data, 0)
+    assert len(people.forget) == 10 and set(people.forget) <= train
+    # Every text of the family encodes into the family's own tokenizer and fits the context.
+    examples = data.examples(data.train_subjects)
+    assert int(examples["attention_mask"].sum(1).max()) <= LM_FAMILIES["fictitious-customers"].spec.context
+
+
+def test_a_schema_whose_frames_do_not_start_with_the_value_is_refused():
+    frames = dict(PEOPLE_SCHEMA.frames, book=("{value}.", "The book is {value}.", "{value}, the book."))
+    with pytest.raises(ValueError, match="book frame must start with the value"):
+        dataclasses.replace(PEOPLE_SCHEMA, frames=frames)
+    with pytest.raises(ValueError, match="one answer frame per question template"):
+        dataclasses.replace(PEOPLE_SCHEMA, frames=dict(PEOPLE_SCHEMA.frames, book=("{value}.", "{value}, it.")))
+    with pytest.raises(ValueError, match="distinct values"):
+        dataclasses.replace(PEOPLE_SCHEMA, values=dict(PEOPLE_SCHEMA.values, book=("A", "B", "A")))
+    assert isinstance(PEOPLE_SCHEMA, FactSchema)
+    assert generate_people(5, 0, CUSTOMER_SCHEMA)[0].facts.keys() == set(CUSTOMER_SCHEMA.kinds)
+
+
+def test_the_gpt_cache_key_is_unchanged_and_the_llama_key_differs():
+    assert GPTSpec().key() == {"layers": 2, "width": 128, "heads": 4, "context": 64}  # GPTs cached before
+    assert GPTSpec(architecture="llama").key()["architecture"] == "llama"
+    with pytest.raises(ValueError, match="architecture"):
+        GPTSpec(architecture="mamba")
+
+
+def test_a_llama_style_model_trains_deterministically_memorises_and_round_trips_the_cache(tmp_path):
+    problem = lm_problem()
+    task = problem.task
+    factory = GPTFactory(task.vocab_size, LLAMA_TINY, task.eos_token_id)
+    first, second = factory(0), factory(0)
+    assert type(first).__name__ == "LlamaForCausalLM"
+    assert all(torch.equal(a, b) for a, b in zip(first.state_dict().values(), second.state_dict().values()))
+    examples = problem.forget.concat(problem.retain)
+    assert accuracy(task, first, examples) < 0.2
+    model, meta = LMCache(tmp_path).get_or_train("original", task, factory, examples, TINY_RECIPE,
+                                                 torch.device("cpu"))
+    assert accuracy(task, model, examples) >= 0.8  # the tiny LM recipe memorises on this architecture too
+    assert meta["spec"]["architecture"] == "llama"
+    loaded, _ = LMCache(tmp_path).get_or_train("original", task, factory, examples, TINY_RECIPE, torch.device("cpu"))
+    assert type(loaded).__name__ == "LlamaForCausalLM"
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), loaded.state_dict().values()))
+    again = train_lm(task, factory(0), examples, TINY_RECIPE)
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values()))
