@@ -146,6 +146,32 @@ def test_the_accuracy_condition_holds_the_stop_while_forget_answers_are_still_pr
     assert strict(None, forget_losses, forget_accuracy=0.2).reached  # 8 of 40 against 4: Fisher p >= 0.1
 
 
+def test_the_unlikelihood_term_counts_only_answers_still_predicted_whole_and_does_not_saturate():
+    from unlearn.methods.simnpo_rt import known_answer_unlikelihood
+
+    # Two answers of 2 tokens each (positions 2 and 3 predict tokens 3 and 4); vocabulary of 3.
+    logits = torch.zeros(2, 5, 3)
+    logits[0, 2, 1], logits[0, 3, 2] = 12.0, 0.0  # row 0: token 1 almost certain, token 2 at 1/3
+    logits[1, 2, 1], logits[1, 3, 2] = 5.0, 5.0
+    logits.requires_grad_(True)
+    batch = {"input_ids": torch.tensor([[0, 0, 0, 1, 2], [0, 0, 0, 1, 2]]),
+             "answer_mask": torch.tensor([[0, 0, 0, 1, 1], [0, 0, 0, 1, 1]])}
+    p_certain = torch.softmax(torch.tensor([0.0, 12.0, 0.0]), 0)[1].item()
+    expected = (-torch.log1p(torch.tensor(-p_certain)) - torch.log1p(torch.tensor(-1 / 3))).item() / 2
+    value = known_answer_unlikelihood(logits, batch, torch.tensor([True, False]))
+    assert value.item() == pytest.approx(expected, rel=1e-5)  # row 1 is not counted
+    value.backward()
+    assert torch.count_nonzero(logits.grad[1]) == 0
+    # At p ~ 1 the NLL's gradient on the target logit vanishes (p - 1); the unlikelihood's does not (p / 2).
+    nll_grad = 1 - p_certain
+    assert abs(logits.grad[0, 2, 1].item()) == pytest.approx(p_certain / 2, rel=1e-4) and nll_grad < 1e-4
+    none = known_answer_unlikelihood(logits, batch, torch.tensor([False, False]))
+    assert none.item() == 0.0 and not none.requires_grad
+    with pytest.raises(InvalidParameterError, match="known_unlikelihood"):
+        registry.parse_config("simnpo+rt", {"known_unlikelihood": -1.0})
+    assert registry.parse_config("simnpo+rt", {}).known_unlikelihood == 0.0  # off: the paper's objective
+
+
 def test_stop_accuracy_p_is_bounded():
     with pytest.raises(InvalidParameterError, match="stop_accuracy_p"):
         registry.parse_config("simnpo+rt", {"stop_accuracy_p": 0.0})
