@@ -92,7 +92,8 @@ def sweep(seeds: list[int], configs: list[tuple[str, dict[str, Any]]], cached_re
         before, before_forget, _ = evaluate_lm(task, original, *splits)
         gold, gold_forget, _ = evaluate_lm(task, retrained, *splits)
         recipe_steps = recipe.epochs * retain.num_batches(recipe.batch_size)
-        emit({"scenario": scenario, "seed": seed, "reference": True, "original": before.as_dict(), "retrained": gold.as_dict(),
+        emit({"scenario": scenario, "seed": seed, "reference": True, "original": before.as_dict(),
+              "retrained": gold.as_dict(),
               "retrain_seconds": retrain_seconds,
               "forget_quality_original": forget_quality(before_forget.truth_ratio, gold_forget.truth_ratio)})
         for method, params in configs:

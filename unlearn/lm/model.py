@@ -101,7 +101,8 @@ def cached_tokenizer(texts: list[str], directory: Path, vocab_size: int = 1024) 
 
 def gpt_config(vocab_size: int, spec: GPTSpec, end_token_id: int) -> PretrainedConfig:
     if spec.architecture == "llama":
-        return LlamaConfig(vocab_size=vocab_size, hidden_size=spec.width, intermediate_size=-(-8 * spec.width // 24) * 8,
+        swiglu_width = -(-8 * spec.width // 24) * 8  # 8/3 x width, rounded up to a multiple of 8
+        return LlamaConfig(vocab_size=vocab_size, hidden_size=spec.width, intermediate_size=swiglu_width,
                            num_hidden_layers=spec.layers, num_attention_heads=spec.heads,
                            num_key_value_heads=spec.heads, max_position_embeddings=spec.context,
                            attention_dropout=0.0, tie_word_embeddings=True, bos_token_id=end_token_id,

@@ -61,8 +61,8 @@ Differences from the paper: stopped at the never-seen level instead of after a f
 (``stop_at_target=false`` restores a fixed ``max_steps``), that level including the forget-accuracy condition
 (``stop_accuracy_p``); ``delta`` from the tune records by default; the retain loss per answer token over the
 retain batch; defaults for the benchmark's tiny GPT (paper: beta 2.5-4.5, gamma 0-2, lambda 0.1-0.2, lr 1e-5
-on 7B models); optional neighbour-weighted retain batches; an optional unlikelihood term on the answers still predicted whole
-(``known_unlikelihood``, off by default).
+on 7B models); optional neighbour-weighted retain batches; an optional unlikelihood term on the answers still
+predicted whole (``known_unlikelihood``, off by default).
 """
 
 from __future__ import annotations
