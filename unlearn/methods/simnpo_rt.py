@@ -15,11 +15,11 @@ whole (teacher-forced exact match, judged on each step's own forward pass). Asce
 answer the model is sure of, since the gradient of ``-log p`` with respect to the logits is ``p - 1`` and
 vanishes as ``p -> 1``, while ``-log(1 - p)``'s is ``p``; the term is zero once no forget answer is recited.
 Why it is off (docs/results/lm.md, "A second LM family"): on the customer-records family, 7 to 10 of 50 forget
-answers stayed recited (per-token NLL 0.00-0.03) while the others went beyond the never-seen level, and the
-gate rejected the run on ``forget_accuracy``. At weight 1 the term cleared them (forget exact match 0.00-0.02
+answers stayed recited (per-token NLL 0.00-0.03 on seed 0) while the others went beyond the never-seen level, and the
+gate rejected the run on ``forget_accuracy``. At weight 1 the term cleared them (forget exact match 0.00-0.04
 on both families) but the runs stopped earlier with the true values still preferred under other wordings:
 as the chain's default, every attempt on 5 customer seeds and 2 biography seeds failed the gate's
-``knowledge`` check, and fewer approximate models shipped than without it (0 of 5 and 1 of 2, against 1 of 5
+``knowledge`` check, and fewer approximate models shipped than without it (0 of 5 and 0 of 2, against 1 of 5
 and 2 of 2).
 
 Why this method for causal LMs (issue 9; measured in docs/results/lm.md):
