@@ -10,7 +10,7 @@ Why a second family (the brief: a method is not a default until it holds on at l
 families): until 2026-11-30 the causal-LM default chain had been measured on one data set and one
 architecture only. This family pairs this data with another architecture (a Llama-style decoder:
 :data:`unlearn.lm.fictitious.CUSTOMER_SPEC`). Measured there on 2026-11-30, the chain did not hold (an
-approximate model on 1 of 5 seeds; docs/results/lm.md, "A second LM family").
+approximate model on 3 of 10 seeds; docs/results/lm.md, "A second LM family").
 """
 
 from __future__ import annotations

@@ -14,7 +14,7 @@ unlikelihood loss (Welleck et al. 2019, arXiv 1908.04319) of the forget answers 
 whole (teacher-forced exact match, judged on each step's own forward pass). Ascent on the NLL cannot move an
 answer the model is sure of, since the gradient of ``-log p`` with respect to the logits is ``p - 1`` and
 vanishes as ``p -> 1``, while ``-log(1 - p)``'s is ``p``; the term is zero once no forget answer is recited.
-Why it is off (docs/results/lm.md, "A second LM family"): on the customer-records family, 7 to 10 of 50 forget
+Why it is off (docs/results/lm.md, "A second LM family"): on the customer-records family, 5 to 12 of 50 forget
 answers stayed recited (per-token NLL 0.00-0.03 on seed 0) while the others went beyond the never-seen level, and the
 gate rejected the run on ``forget_accuracy``. At weight 1 the term cleared them (forget exact match 0.00-0.04
 on both families) but the runs stopped earlier with the true values still preferred under other wordings:
