@@ -21,15 +21,14 @@ from pathlib import Path
 from unlearn import registry
 from unlearn.bench.families import get_family
 from unlearn.bench.harness import AUTO, TRAININGS, run_benchmark
+from unlearn.bench.lm_subjects import SCENARIOS as LM_SCENARIOS, run_lm_subjects
 from unlearn.bench.scenarios import SCENARIOS, parse_scenario
-from unlearn.bench.lm_subjects import run_lm_subjects
 from unlearn.bench.vit_continual import run_vit_continual
 from unlearn.device import resolve_device
 from unlearn.errors import UnlearnError
 
 # Scenarios with their own runner (same signature as run_benchmark); the digits classifier ones use it.
-RUNNERS: dict = {"digits-vit-continual": run_vit_continual, "fictitious-subjects": run_lm_subjects,
-                 "fictitious-customers": run_lm_subjects}
+RUNNERS: dict = {"digits-vit-continual": run_vit_continual, **dict.fromkeys(LM_SCENARIOS, run_lm_subjects)}
 
 SUMMARY_KEYS = ("avg_gap", "unlearn_seconds", "retrain_seconds", "speedup", "cost_vs_fwd_bwd")
 

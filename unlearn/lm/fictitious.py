@@ -73,15 +73,14 @@ CUSTOMER_SPEC = GPTSpec(layers=2, width=128, heads=4, context=64, architecture="
 class LMFamily:
     """One LM benchmark family: its people's schema, its model's shape and the recipe that trains it."""
 
-    scenario: str
     schema: FactSchema
     spec: GPTSpec
     recipe: TrainRecipe
 
 
 LM_FAMILIES = {
-    "fictitious-subjects": LMFamily("fictitious-subjects", PEOPLE_SCHEMA, LM_SPEC, LM_RECIPE),
-    "fictitious-customers": LMFamily("fictitious-customers", CUSTOMER_SCHEMA, CUSTOMER_SPEC, LM_RECIPE),
+    "fictitious-subjects": LMFamily(PEOPLE_SCHEMA, LM_SPEC, LM_RECIPE),
+    "fictitious-customers": LMFamily(CUSTOMER_SCHEMA, CUSTOMER_SPEC, LM_RECIPE),
 }
 
 

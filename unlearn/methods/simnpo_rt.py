@@ -333,10 +333,11 @@ def simnpo_rt(model: nn.Module, request: UnlearnRequest, config: SimNPORTConfig)
             break
         forget_loss = simnpo_loss_from_nll(nll[:forget_count], lengths[:forget_count], config.beta, delta)
         if config.known_unlikelihood > 0:  # the forget answers this pass still predicts whole
-            known = task.correct_from_outputs(outputs, joint)[:forget_count]
+            forget_outputs = outputs[:forget_count]
             forget_rows = {name: t[:forget_count] for name, t in joint.items()}
+            known = task.correct_from_outputs(forget_outputs, forget_rows)
             forget_loss = forget_loss + config.known_unlikelihood * known_answer_unlikelihood(
-                outputs[:forget_count], forget_rows, known) / forget_count
+                forget_outputs, forget_rows, known) / forget_count
         retain_loss = nll[forget_count:].sum() / lengths[forget_count:].sum()  # = task.batch_loss(retain batch)
         optimizer.zero_grad(set_to_none=True)
         (forget_loss + config.retain_weight * retain_loss).backward()
