@@ -29,7 +29,8 @@ CASES: dict[str, tuple[dict, object]] = {
     "gu+iau": ({"adam_lr": 0.1}, class_problem),
 }
 # Methods that need a model of their own (a transformer, a language model) are pinned in their own tests.
-NEEDS_OWN_MODEL = {name for name in registry.names() if name.startswith("gslora")} | {"flat", "simnpo", "simnpo+rt", "gu+flat", "gu+simnpo"}
+NEEDS_OWN_MODEL = {name for name in registry.names() if name.startswith("gslora")} | {"flat", "simnpo", "simnpo+rt", "unseen-kd",
+                                                                                     "gu+flat", "gu+simnpo"}
 RETAIN_TOLERANCE = 0.10
 FORGET_DROP = 0.3  # forget accuracy must fall at least this much from ~1.0
 
@@ -96,6 +97,7 @@ def test_task_capabilities_are_declared_and_enforced():
     # simnpo+rt pads LM batches together: causal-LM tasks only
     assert "simnpo+rt" in registry.names_for("causal-lm")
     assert "simnpo+rt" not in registry.names_for("classification")
+    assert "unseen-kd" in registry.names_for("causal_lm") and "unseen-kd" not in registry.names_for("classification")
     assert registry.supports("gu+flat", "causal-lm")  # the LM adapter's own spelling
     problem = class_problem()
     with pytest.raises(UnsupportedTaskError) as error:  # before any weight is touched

@@ -1,4 +1,4 @@
-"""The registry contract for the causal-LM methods (``flat``, ``simnpo``, ``simnpo+rt`` and GU wrappers) on a tiny GPT, and the gradient
+"""The registry contract for the causal-LM methods (``flat``, ``simnpo``, ``simnpo+rt``, ``unseen-kd`` and GU wrappers) on a tiny GPT, and the gradient
 family (GA, GradDiff, NPO, IAU and their GU wrappers) running unchanged on the causal-LM adapter.
 
 Contract: forget NLL rises, retain NLL stays within tolerance, the caller's model is unchanged, the same
@@ -22,6 +22,8 @@ LM_CASES = {
     "simnpo": {"lr": 1e-3, "max_steps": 4, "stop_at_target": False, "batch_size": 8},
     "simnpo+rt": {"lr": 1e-3, "max_steps": 4, "stop_at_target": False, "batch_size": 8, "retain_batch_size": 8,
                   "delta": 30.0, "retain_weight": 1.0},
+    "unseen-kd": {"lr": 1e-3, "max_steps": 4, "stop_at_target": False, "batch_size": 8, "retain_batch_size": 8,
+                  "retain_weight": 1.0},
     "gu+flat": {"lr": 1e-3, "max_steps": 4, "stop_at_target": False, "batch_size": 8, "basis_batch_size": 4,
                 "rank": 4, "basis_refresh_steps": 3},
     "gu+simnpo": {"lr": 1e-3, "max_steps": 4, "stop_at_target": False, "batch_size": 8, "basis_batch_size": 4,

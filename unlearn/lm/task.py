@@ -117,7 +117,7 @@ class CausalLMTask:
             raise InvalidDataError(field, "is empty")
         sequences = [self._sequence(prompt, answer, index, context_length, field)
                      for index, (prompt, answer) in enumerate(zip(prompts, answers))]
-        return self._pack(sequences, torch.as_tensor(list(subject_ids), dtype=torch.long))
+        return self.pack(sequences, torch.as_tensor(list(subject_ids), dtype=torch.long))
 
     def _sequence(self, prompt: str, answer: str, index: int, context_length: int, field: str) -> tuple[list, int]:
         if not isinstance(prompt, str) or not prompt.strip():
@@ -135,7 +135,9 @@ class CausalLMTask:
                                    f"more than the model's context of {context_length}")
         return ids, len(prompt_ids)
 
-    def _pack(self, sequences: list[tuple[list, int]], subject_id: Tensor) -> ExampleSet:
+    def pack(self, sequences: list[tuple[list, int]], subject_id: Tensor) -> ExampleSet:
+        """An example set of ``(token ids, prompt length)`` sequences (each ending with its end token),
+        right-padded with the end token; ``subject_id`` [N] their subjects."""
         length = max(len(ids) for ids, _ in sequences)
         input_ids = torch.full((len(sequences), length), self.eos_token_id, dtype=torch.long)
         attention = torch.zeros((len(sequences), length), dtype=torch.long)
@@ -162,7 +164,7 @@ class CausalLMTask:
         sequences = [self._join(prompt, token_ids(self.tokenizer, answer), index, context_length, "answers")
                      for index, (prompt, answer) in enumerate(zip(self.prompt_ids(examples), answers))]
         subject = examples["subject_id"] if "subject_id" in examples.tensors else torch.zeros(len(examples), dtype=torch.long)
-        return self._pack(sequences, subject)
+        return self.pack(sequences, subject)
 
     # ---- the TaskAdapter protocol ----------------------------------------------------------------------
     def outputs(self, model: nn.Module, batch: Batch) -> Tensor:

@@ -10,5 +10,6 @@ from unlearn.methods import gslora, gslora_pp  # noqa: F401  (GS-LoRA family, is
 from unlearn.methods import flat  # noqa: F401  (causal LMs, issue 5)
 from unlearn.methods import simnpo  # noqa: F401  (issue 5)
 from unlearn.methods import simnpo_rt  # noqa: F401  (causal LMs, issue 9)
+from unlearn.methods import unseen_kd  # noqa: F401  (causal LMs, issue 9)
 from unlearn.methods import boundary_shrink  # noqa: F401  (class erasure, issue 9)
 from unlearn.methods import shrink_perturb  # noqa: F401  (memorised records, issue 9)

@@ -1,0 +1,119 @@
+"""``unseen-kd``: its targets (never-seen neighbours, the erased value swapped for theirs), its loss, and its
+stop rule on the tiny GPT of :mod:`tests.unlearn.lm_helpers`."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tests.unlearn.lm_helpers import lm_problem
+from unlearn import registry
+from unlearn.errors import InvalidDataError
+from unlearn.membership import compare
+from unlearn.methods.unseen_kd import (
+    answer_rows,
+    distillation_loss,
+    nearest_prompts,
+    subject_tokens,
+    swap_uncertain,
+    unseen_targets,
+)
+from unlearn.registry import UnlearnRequest
+from unlearn.tasks import accuracy
+
+# Token ids: 1-4 the template ("Where", "was", "born", "?"), 10-19 names.
+FORGET_PROMPTS = [[1, 2, 10, 11, 3, 4], [1, 5, 10, 11, 4]]  # one subject (7), two questions, name 10 11
+CANDIDATES = [
+    [1, 2, 10, 12, 3, 4],  # same template, shares the first name 10
+    [1, 2, 13, 11, 3, 4],  # same template, shares the last name 11
+    [1, 2, 14, 15, 3, 4],  # same template, another person
+    [1, 5, 16, 17, 4],  # the second template, another person
+    [1, 5, 18, 19, 4],
+]
+
+
+def test_subject_tokens_are_the_rare_tokens_every_prompt_of_the_subject_has():
+    names = subject_tokens(FORGET_PROMPTS, [7, 7], CANDIDATES, max_share=0.3)
+    assert names == {7: {10, 11}}  # 1 and 4 are in every candidate; 2, 3, 5 are not in both prompts
+
+
+def test_nearest_prompts_skip_neighbours_that_share_the_erased_persons_name():
+    nearest = nearest_prompts(FORGET_PROMPTS, [7, 7], CANDIDATES, count=1, max_share=0.3)
+    assert nearest == [[2], [3]]  # not 0 or 1, though they are more similar
+    # With no exclusion possible (every candidate shares a name token) the most similar are used.
+    assert nearest_prompts([[1, 2, 10, 11, 3, 4]], [7], CANDIDATES[:2], count=1, max_share=0.3) == [[0]]
+
+
+def test_the_erased_token_gets_the_neighbours_true_token_probability_only_where_the_model_is_unsure():
+    probs = torch.tensor([[0.05, 0.60, 0.30, 0.05],  # position 0: own token 3 (0.05 < 0.5), neighbour's 1
+                          [0.00, 0.00, 0.99, 0.01]])  # position 1: own token 2 is sure (0.99): the frame
+    swapped = swap_uncertain(probs, answer=[3, 2], neighbour_answer=[1, 2], below=0.5)
+    assert swapped[0].tolist() == pytest.approx([0.05, 0.05, 0.30, 0.60])
+    assert torch.equal(swapped[1], probs[1])
+    assert torch.equal(probs[0], torch.tensor([0.05, 0.60, 0.30, 0.05]))  # the input is not changed
+    # A neighbour with the same token, or a shorter answer, leaves the position as it is.
+    assert torch.equal(swap_uncertain(probs, [1, 2], [1], 0.5), probs)
+
+
+def test_distillation_loss_is_the_kl_divergence_and_zero_at_the_target():
+    logits = torch.tensor([[2.0, 0.0, -1.0], [0.5, 0.5, 0.0]])
+    targets = torch.tensor([[0.2, 0.8, 0.0], [1 / 3, 1 / 3, 1 / 3]])
+    q = F.softmax(logits, dim=-1)
+    by_hand = [0.2 * math.log(0.2 / q[0, 0]) + 0.8 * math.log(0.8 / q[0, 1]),
+               sum(1 / 3 * math.log((1 / 3) / q[1, j]) for j in range(3))]
+    assert float(distillation_loss(logits, targets)) == pytest.approx(sum(by_hand) / 2, rel=1e-5)
+    assert float(distillation_loss(logits, q)) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_targets_swap_the_erased_values_with_never_seen_peoples():
+    problem = lm_problem()
+    targets = unseen_targets(problem.task, problem.model, problem.forget, problem.holdout, neighbours=1, swap_below=0.5)
+    answers = answer_rows(problem.forget)
+    assert len(targets.probs) == len(answers)
+    unsure_answers = 0
+    for probs, ceiling, answer in zip(targets.probs, targets.ceiling, answers):
+        assert probs.shape == (len(answer), problem.model.get_input_embeddings().weight.shape[0])
+        assert torch.allclose(probs.sum(dim=-1), torch.ones(len(answer)), atol=1e-5)
+        own = probs[torch.arange(len(answer)), torch.tensor(answer)]
+        unsure = own < 0.5
+        unsure_answers += bool(unsure.any())
+        assert torch.equal(ceiling[unsure], own[unsure].log()) and bool((ceiling[~unsure] == 0).all())
+    # The model recites every forget answer; after a never-seen person's question most have a position it is
+    # unsure of (the fact), and there the erased token's target is what it gives the neighbour's own value.
+    assert unsure_answers >= len(answers) // 2
+
+
+TINY = {"lr": 5e-3, "retain_weight": 20.0, "max_steps": 40, "batch_size": 16, "retain_batch_size": 32,
+        "check_every": 2}
+
+
+def test_unseen_kd_reaches_the_never_seen_level_and_keeps_the_retained_answers():
+    problem = lm_problem()
+    retain_before = accuracy(problem.task, problem.model, problem.retain)
+    result = registry.run("unseen-kd", problem.model, problem.request(), TINY)
+    assert result.target_reached is True, result.message
+    assert result.details["steps"] < TINY["max_steps"]
+    stop = compare(problem.task, result.model, problem.forget, problem.holdout)
+    assert stop.ks_p_value >= 0.1 and stop.auc <= 0.55
+    assert accuracy(problem.task, result.model, problem.retain) >= retain_before - 0.1
+
+
+def test_unseen_kd_says_when_its_budget_ran_out():
+    problem = lm_problem()
+    result = registry.run("unseen-kd", problem.model, problem.request(), {**TINY, "max_steps": 2})
+    assert result.target_reached is False
+    assert "budget of 2 exhausted" in result.message and result.details["steps"] == 2
+    assert result.details["stop_membership_tune"]["auc"] > 0.55
+
+
+def test_unseen_kd_needs_tune_records_and_valid_parameters():
+    problem = lm_problem()
+    no_tune = UnlearnRequest(task=problem.task, forget=problem.forget, retain=problem.retain, tune=None)
+    with pytest.raises(InvalidDataError, match="tune"):
+        registry.run("unseen-kd", problem.model, no_tune, TINY)
+    for field, value in (("neighbours", 0), ("swap_below", 1.5), ("retain_weight", -1.0), ("ceiling_weight", -1.0)):
+        with pytest.raises(Exception, match=field):
+            registry.parse_config("unseen-kd", {field: value})
