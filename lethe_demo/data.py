@@ -42,7 +42,7 @@ DEMO_POLICY = VerificationPolicy(max_utility_drop=0.02, class_forget_max_accurac
 LM_MODEL = "tiny-gpt"
 LM_TRAIN_PEOPLE, LM_PEOPLE = 8, 12  # people 0-7 are trained on, 8-11 are the never-seen holdout
 # Tolerances for a 1-layer model; gu+graddiff (alpha 3) erases a person of this tiny GPT within them,
-# simnpo+rt (the LM default chain's first method, docs/results/lm.md) is the escalation.
+# simnpo+rt (a method of the LM default chain, docs/results/lm.md) is the escalation.
 LM_POLICY = VerificationPolicy(max_utility_drop=0.05, method_chain=(MethodStep("gu+graddiff", {"alpha": 3.0}),
                                                                  MethodStep("simnpo+rt", {})))
 # One corrected fact of the tiny GPT is a single short sequence: 80 passes at twice the rate, each beside a

@@ -125,8 +125,10 @@ def test_run_scenario_refuses_an_unknown_reerase_policy_before_any_work():
 def test_the_erasure_chain_keeps_each_default_steps_parameters():
     from continual.bench.erasure import _steps
 
-    # the causal-LM default chain runs simnpo+rt twice, the second time with its own parameters
-    assert _steps("causal_lm", None, None)[:2] == [("simnpo+rt", {}), ("simnpo+rt", {"fade_quantile": 0.8})]
+    # the causal-LM default chain runs simnpo+rt twice (after unseen-kd), the second time with its own parameters
+    assert _steps("causal_lm", None, None)[:3] == [("unseen-kd", {}), ("simnpo+rt", {}),
+                                                   ("simnpo+rt", {"fade_quantile": 0.8})]
     overridden = _steps("causal_lm", None, {"simnpo+rt": {"lr": 0.002}})
-    assert overridden[:2] == [("simnpo+rt", {"lr": 0.002}), ("simnpo+rt", {"fade_quantile": 0.8, "lr": 0.002})]
+    assert overridden[:3] == [("unseen-kd", {}), ("simnpo+rt", {"lr": 0.002}),
+                              ("simnpo+rt", {"fade_quantile": 0.8, "lr": 0.002})]
     assert _steps("causal_lm", ["gu+graddiff"], {"gu+graddiff": {"alpha": 3.0}}) == [("gu+graddiff", {"alpha": 3.0})]

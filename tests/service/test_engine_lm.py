@@ -286,9 +286,20 @@ def test_update_records_with_bad_paraphrase_columns_are_refused_naming_the_field
     assert job.result_version is None
 
 
-def test_a_llama_style_lm_is_registered_erased_and_served_like_the_gpt(lm_engine):
+# simnpo+rt and unseen-kd (the causal-LM default chain's first two methods) with the tiny problem's parameters
+# (tests/unlearn/test_lm_contract.py, tests/unlearn/test_unseen_kd.py); the GPT's gu+graddiff above loses too
+# much utility on this model.
+TINY_LM_PARAMS = {"lr": 5e-3, "retain_weight": 20.0, "max_steps": 40, "batch_size": 16, "retain_batch_size": 32,
+                  "check_every": 2}
+
+
+@pytest.mark.parametrize("method, tag, subject", [("simnpo+rt", "llama", "member-02"),
+                                                  ("unseen-kd", "llama-kd", "member-03")])
+def test_a_llama_style_lm_is_registered_erased_and_served_like_the_gpt(lm_engine, method, tag, subject):
     """The second LM family's architecture (rotary positions, RMSNorm, SwiGLU) through the same path: MLflow's
-    transformers flavor, the LM gate with its ONNX export, a new version that loads as the same architecture."""
+    transformers flavor, the LM gate with its ONNX export, a new version that loads as the same architecture.
+    Erased once with each of the default chain's first two methods (``unseen-kd`` takes its neighbours from the
+    tune records the service keeps)."""
     engine, root, frame, tokenizer, _ = lm_engine
     pairs = question_pairs(generate_people(12, seed=5), seed=5)
     train = [p for p in pairs if p.subject_id in TRAIN_PEOPLE]
@@ -296,17 +307,15 @@ def test_a_llama_style_lm_is_registered_erased_and_served_like_the_gpt(lm_engine
     model = GPTFactory(len(tokenizer), replace(SPEC, architecture="llama"), tokenizer.eos_token_id)(0)
     train_lm(task, model, task.encode([p.prompt for p in train], [p.answer for p in train],
                                       [p.subject_id for p in train], SPEC.context), RECIPE)
-    name = "tiny-llama"
-    engine.registry.log_initial_model(model.eval(), name, run_name="tiny-llama-train", tokenizer=tokenizer)
-    # simnpo+rt (the causal-LM default's method) with the tiny problem's parameters (tests/unlearn/
-    # test_lm_contract.py); the GPT's gu+graddiff above loses too much utility on this model.
-    tiny = {"lr": 5e-3, "retain_weight": 20.0, "max_steps": 40, "batch_size": 16, "retain_batch_size": 32,
-            "check_every": 2}
+    name = f"tiny-{tag}"
+    engine.registry.log_initial_model(model.eval(), name, run_name=f"tiny-{tag}-train", tokenizer=tokenizer)
     # Its own record and subject ids: earlier tests erased people of the shared frame (their ids are tombstoned).
-    own = frame.assign(record_id="llama-" + frame["record_id"],
-                       subject_id=frame["subject_id"].str.replace("person-", "member-"))
-    _register(engine, root, own, name=name, policy=replace(POLICY, method_chain=(MethodStep("simnpo+rt", tiny),)))
-    outcome = engine.submit_erasure(ErasureRequest(request_id="lm-llama-erase", subject_ids=("member-02",),
+    own = frame.assign(record_id=f"{tag}-" + frame["record_id"],
+                       subject_id=frame["subject_id"].str.replace("person-", f"{tag}-member-"))
+    _register(engine, root, own, name=name,
+              policy=replace(POLICY, method_chain=(MethodStep(method, TINY_LM_PARAMS),)))
+    outcome = engine.submit_erasure(ErasureRequest(request_id=f"lm-{tag}-erase",
+                                                   subject_ids=(subject.replace("member-", f"{tag}-member-"),),
                                                    model_names=(name,)))
     (job,) = wait_for_jobs(engine, outcome.job_ids, timeout_s=120)
     evidence = job.evidence["verification"]
@@ -316,3 +325,4 @@ def test_a_llama_style_lm_is_registered_erased_and_served_like_the_gpt(lm_engine
     assert evidence["forget_acc_before"] > evidence["forget_acc_after"]
     served, _ = engine.registry.load_lm(name, job.result_version)
     assert type(served).__name__ == "LlamaForCausalLM" and engine.registry.serving_version(name) == job.result_version
+    assert [attempt["method"] for attempt in job.evidence["attempts"]] == [method]

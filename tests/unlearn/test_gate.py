@@ -111,18 +111,18 @@ def test_default_chain_drops_the_methods_that_need_training_without_a_recipe():
     with_training = [m for m, _ in default_chain("classification")]
     assert with_training == ["ssd-auto", "shrink-perturb", "gu+graddiff", "retrain"]
     assert {m for m in with_training if registry.get(m).needs_training} == {"shrink-perturb", "retrain"}
-    assert all(registry.supports(m, "causal_lm") for m, _ in default_chain("causal_lm"))  # e.g. simnpo+rt
+    assert all(registry.supports(m, "causal_lm") for m, _ in default_chain("causal_lm"))  # e.g. unseen-kd, simnpo+rt
 
 
 def test_a_default_chain_step_carries_its_own_parameters_and_they_are_valid():
     chain = default_chain("causal_lm")
-    assert chain == [("simnpo+rt", {}), ("simnpo+rt", {"fade_quantile": 0.8}), ("retrain", {})]
-    assert default_chain("causal-lm", has_training=False) == chain[:2]
+    assert chain == [("unseen-kd", {}), ("simnpo+rt", {}), ("simnpo+rt", {"fade_quantile": 0.8}), ("retrain", {})]
+    assert default_chain("causal-lm", has_training=False) == chain[:3]
     for name, params in chain:  # each step's parameters build its method's config
         config = registry.parse_config(name, params)
         assert all(getattr(config, key) == value for key, value in params.items())
-    chain[1][1]["fade_quantile"] = 0.1  # a caller's copy: the default stays as it is
-    assert default_chain("causal_lm")[1] == ("simnpo+rt", {"fade_quantile": 0.8})
+    chain[2][1]["fade_quantile"] = 0.1  # a caller's copy: the default stays as it is
+    assert default_chain("causal_lm")[2] == ("simnpo+rt", {"fade_quantile": 0.8})
 
 
 def test_memorised_mislabelled_records_pass_only_at_the_never_seen_level():
