@@ -181,15 +181,21 @@ class SimNPORTConfig:
                 f"must be in [0, 1000], got {self.known_unlikelihood}")
         require(0 <= self.neighbour_weight <= 1000, "neighbour_weight",
                 f"must be in [0, 1000], got {self.neighbour_weight}")
-        require(1 <= self.max_steps <= 10**6, "max_steps", f"must be in [1, 1e6], got {self.max_steps}")
-        require(1 <= self.check_every <= 10**6, "check_every", f"must be in [1, 1e6], got {self.check_every}")
-        require(1 <= self.tune_refresh_every <= 10**6, "tune_refresh_every",
-                f"must be in [1, 1e6], got {self.tune_refresh_every}")
         require(0 <= self.class_forget_target <= 1, "class_forget_target", "must be in [0, 1]")
-        require(0 < self.stop_min_p < 1, "stop_min_p", "must be in (0, 1)")
-        require(0 <= self.stop_auc_margin <= 0.5, "stop_auc_margin", "must be in [0, 0.5]")
-        require(self.stop_accuracy_p is None or 0 < self.stop_accuracy_p < 1, "stop_accuracy_p",
-                "must be in (0, 1) or null (no accuracy condition)")
+        require_stop_rule(self)
+
+
+def require_stop_rule(config) -> None:
+    """Bounds of the step budget and the never-seen stop rule's fields (``max_steps``, ``check_every``,
+    ``tune_refresh_every``, ``stop_min_p``, ``stop_auc_margin``, ``stop_accuracy_p``) of an LM method's config."""
+    require(1 <= config.max_steps <= 10**6, "max_steps", f"must be in [1, 1e6], got {config.max_steps}")
+    require(1 <= config.check_every <= 10**6, "check_every", f"must be in [1, 1e6], got {config.check_every}")
+    require(1 <= config.tune_refresh_every <= 10**6, "tune_refresh_every",
+            f"must be in [1, 1e6], got {config.tune_refresh_every}")
+    require(0 < config.stop_min_p < 1, "stop_min_p", "must be in (0, 1)")
+    require(0 <= config.stop_auc_margin <= 0.5, "stop_auc_margin", "must be in [0, 0.5]")
+    require(config.stop_accuracy_p is None or 0 < config.stop_accuracy_p < 1, "stop_accuracy_p",
+            "must be in (0, 1) or null (no accuracy condition)")
 
 
 def known_answer_unlikelihood(outputs: Tensor, batch: dict[str, Tensor], known: Tensor) -> Tensor:
@@ -278,6 +284,31 @@ class NeverSeenCheck:
         return excess and forget_accuracy_p(forget_accuracy, forget_size, self.tune_accuracy,
                                             len(self.tune)) < self.accuracy_p
 
+    def after_pass(self, model: nn.Module, forget: ExampleSet, outputs: Tensor, joint: dict[str, Tensor],
+                   nll: Tensor, forget_count: int, whole_forget: bool) -> ForgetCheck:
+        """The check on the weights of a joint forget + retain pass (forget rows first) that has just run.
+
+        When the pass held the whole forget set (``whole_forget``), its per-answer NLLs and exact matches ARE
+        the forget losses and accuracy on these weights; otherwise the forget set is scored anew.
+        """
+        if whole_forget:
+            lengths = self.task.target_lengths(joint)[:forget_count]
+            forget_losses = (nll[:forget_count] / lengths).detach().double().cpu().numpy()
+            forget_accuracy = float(self.task.correct_from_outputs(outputs, joint)[:forget_count].float().mean())
+        else:
+            scores = score(self.task, model, forget)
+            forget_losses, forget_accuracy = scores.losses, scores.accuracy
+        return self(model, forget_losses, forget_accuracy)
+
+    def outcome(self, model: nn.Module, forget: ExampleSet, check: ForgetCheck, steps: int, max_steps: int,
+                details: dict) -> UnlearnResult:
+        """The run's result on ``model`` from its last check: details, ``target_reached`` and the message."""
+        check = replace(check, forget_acc=accuracy(self.task, model, forget))
+        details.update(check.details())
+        details["tune_refreshes"] = self.refreshes
+        reached, message = run_outcome(check, steps, max_steps)
+        return UnlearnResult(model, details=details, target_reached=reached, message=message)
+
 
 @register("simnpo+rt", SimNPORTConfig, needs_retain=True, tasks=("causal_lm",))
 def simnpo_rt(model: nn.Module, request: UnlearnRequest, config: SimNPORTConfig) -> UnlearnResult:
@@ -320,13 +351,7 @@ def simnpo_rt(model: nn.Module, request: UnlearnRequest, config: SimNPORTConfig)
         lengths = task.target_lengths(joint)
         forget_count = len(forget_batch["input_ids"])
         if stop is not None and (steps % config.check_every == 0 or steps >= config.max_steps):
-            if whole_forget:
-                forget_losses = (nll[:forget_count] / lengths[:forget_count]).detach().double().cpu().numpy()
-                forget_accuracy = float(task.correct_from_outputs(outputs, joint)[:forget_count].float().mean())
-            else:
-                scores = score(task, work, forget)
-                forget_losses, forget_accuracy = scores.losses, scores.accuracy
-            check, checks = stop(work, forget_losses, forget_accuracy), checks + 1
+            check, checks = stop.after_pass(work, forget, outputs, joint, nll, forget_count, whole_forget), checks + 1
             if target.done(check):
                 break  # the weights the check judged; this step's gradient is not applied
         if steps >= config.max_steps:
@@ -354,8 +379,4 @@ def simnpo_rt(model: nn.Module, request: UnlearnRequest, config: SimNPORTConfig)
                "check_every": config.check_every, "forget_losses_from_step": whole_forget}
     if check is None:
         return UnlearnResult(work, details=details, message=f"{steps} step(s), no target check (stop_at_target=false)")
-    check = replace(check, forget_acc=accuracy(task, work, forget))
-    details.update(check.details())
-    details["tune_refreshes"] = stop.refreshes
-    reached, message = run_outcome(check, steps, config.max_steps)
-    return UnlearnResult(work, details=details, target_reached=reached, message=message)
+    return stop.outcome(work, forget, check, steps, config.max_steps, details)

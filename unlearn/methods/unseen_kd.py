@@ -62,7 +62,7 @@ fixed number of steps.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from difflib import SequenceMatcher
 from typing import Literal
 
@@ -72,13 +72,11 @@ from torch import Tensor, nn
 
 from unlearn.data import ExampleSet
 from unlearn.errors import InvalidDataError
-from unlearn.forget_target import ForgetTarget, run_outcome
+from unlearn.forget_target import ForgetTarget
 from unlearn.gradients import make_unlearning_optimizer, trainable_parameters
-from unlearn.heldout import score
 from unlearn.lm.task import concat_batches, model_context_length
-from unlearn.methods.simnpo_rt import NeverSeenCheck
+from unlearn.methods.simnpo_rt import NeverSeenCheck, require_stop_rule
 from unlearn.registry import UnlearnRequest, UnlearnResult, copy_model, model_device, register, require
-from unlearn.tasks import accuracy
 
 
 @dataclass(frozen=True)
@@ -127,14 +125,7 @@ class UnseenKDConfig:
         require(1 <= self.batch_size <= 65536, "batch_size", f"must be in [1, 65536], got {self.batch_size}")
         require(1 <= self.retain_batch_size <= 65536, "retain_batch_size",
                 f"must be in [1, 65536], got {self.retain_batch_size}")
-        require(1 <= self.max_steps <= 10**6, "max_steps", f"must be in [1, 1e6], got {self.max_steps}")
-        require(1 <= self.check_every <= 10**6, "check_every", f"must be in [1, 1e6], got {self.check_every}")
-        require(1 <= self.tune_refresh_every <= 10**6, "tune_refresh_every",
-                f"must be in [1, 1e6], got {self.tune_refresh_every}")
-        require(0 < self.stop_min_p < 1, "stop_min_p", "must be in (0, 1)")
-        require(0 <= self.stop_auc_margin <= 0.5, "stop_auc_margin", "must be in [0, 0.5]")
-        require(self.stop_accuracy_p is None or 0 < self.stop_accuracy_p < 1, "stop_accuracy_p",
-                "must be in (0, 1) or null (no accuracy condition)")
+        require_stop_rule(self)
 
 
 def subject_tokens(prompts: list[list[int]], subjects: list[int], candidates: list[list[int]],
@@ -312,13 +303,7 @@ def unseen_kd(model: nn.Module, request: UnlearnRequest, config: UnseenKDConfig)
         lengths = task.target_lengths(joint)
         forget_count = len(rows)
         if stop is not None and (steps % config.check_every == 0 or steps >= config.max_steps):
-            if whole_forget:
-                forget_losses = (nll[:forget_count] / lengths[:forget_count]).detach().double().cpu().numpy()
-                forget_accuracy = float(task.correct_from_outputs(outputs, joint)[:forget_count].float().mean())
-            else:
-                scores = score(task, work, forget)
-                forget_losses, forget_accuracy = scores.losses, scores.accuracy
-            check, checks = stop(work, forget_losses, forget_accuracy), checks + 1
+            check, checks = stop.after_pass(work, forget, outputs, joint, nll, forget_count, whole_forget), checks + 1
             if target.done(check):
                 break  # the weights the check judged; this step's gradient is not applied
         if steps >= config.max_steps:
@@ -346,8 +331,4 @@ def unseen_kd(model: nn.Module, request: UnlearnRequest, config: UnseenKDConfig)
                "final_kl": math.nan if steps == 0 else float(forget_loss.item())}
     if check is None:
         return UnlearnResult(work, details=details, message=f"{steps} step(s), no target check (stop_at_target=false)")
-    check = replace(check, forget_acc=accuracy(task, work, forget))
-    details.update(check.details())
-    details["tune_refreshes"] = stop.refreshes
-    reached, message = run_outcome(check, steps, config.max_steps)
-    return UnlearnResult(work, details=details, target_reached=reached, message=message)
+    return stop.outcome(work, forget, check, steps, config.max_steps, details)
