@@ -9,8 +9,9 @@ never tuned on. All names, employers and streets are invented.
 Why a second family (the brief: a method is not a default until it holds on at least two model/data
 families): until 2026-11-30 the causal-LM default chain had been measured on one data set and one
 architecture only. This family pairs this data with another architecture (a Llama-style decoder:
-:data:`unlearn.lm.fictitious.CUSTOMER_SPEC`). Measured there on 2026-11-30, the chain did not hold (an
-approximate model on 3 of 10 seeds; docs/results/lm.md, "A second LM family").
+:data:`unlearn.lm.fictitious.CUSTOMER_SPEC`). Measured there on 2026-11-30, the chain of the time did not hold (an
+approximate model on 3 of 10 seeds; docs/results/lm.md, "A second LM family"); the chain that starts with
+``unseen-kd`` shipped one on 9 of 10 ("Never-seen answers as the target").
 """
 
 from __future__ import annotations
