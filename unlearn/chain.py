@@ -38,12 +38,13 @@ DEFAULT_CHAINS: dict[str, tuple[str | ChainStep, ...]] = {
     # which shrink-perturb and the exact retrain need; the retrain always reaches the never-seen level.
     "classification": ("ssd-auto", "shrink-perturb", "gu+graddiff", "retrain"),
     # docs/results/lm.md (metrics and gate on the audit people), two families (biographies on a GPT-2,
-    # customer records on a Llama-style decoder): unseen-kd shipped an approximate model on 10 of 10 and 9 of
-    # 10 seeds (held out, seeds 2-9: 8 of 8 and 7 of 8), where simnpo+rt first did on 9 of 10 and 3 of 10
-    # ("Never-seen answers as the target"). simnpo+rt with its defaults (fade at the median tune NLL), then
-    # with the fade at the 0.8 quantile (a gentler forget term), each cost a fraction of the exact retrain that
-    # ends the chain ("A second simnpo+rt attempt in the default chain"); gu+graddiff with its defaults failed
-    # the gate (utility) on the one seed it was run on, at about a retrain's cost.
+    # customer records on a Llama-style decoder), "Never-seen answers as the target": with unseen-kd first the
+    # chain shipped an approximate model on 10 of 10 and 9 of 10 seeds (held out, seeds 2-9: 8 of 8 and 7 of
+    # 8; fresh seeds 10-12: 3 of 3 and 2 of 3, simnpo+rt's on one), where simnpo+rt first did on 9 of 10 and 3
+    # of 10. simnpo+rt with its defaults (fade at the median tune NLL), then with the fade at the 0.8 quantile
+    # (a gentler forget term), each cost a fraction of the exact retrain that ends the chain ("A second
+    # simnpo+rt attempt in the default chain"); gu+graddiff with its defaults failed the gate (utility) on the
+    # one seed it was run on, at about a retrain's cost.
     "causal_lm": ("unseen-kd", "simnpo+rt", ("simnpo+rt", {"fade_quantile": 0.8}), "retrain"),
 }
 """Default escalation chain per task adapter name: method names, or ``(name, params)`` where a step runs a
