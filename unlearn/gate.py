@@ -69,6 +69,7 @@ from torch import nn
 
 from unlearn.data import ExampleSet
 from unlearn.errors import InvalidDataError, InvalidParameterError
+from unlearn.heldout import score
 from unlearn.membership import (
     CONFIDENCE_Z,
     DEFAULT_AUC_MARGIN,
@@ -77,6 +78,7 @@ from unlearn.membership import (
     compare,
     family_z,
     knowledge_probe,
+    membership_test,
 )
 from unlearn.tasks import TaskAdapter, accuracy, accuracy_without_classes
 
@@ -256,7 +258,9 @@ def judge(task: TaskAdapter, before: nn.Module, after: nn.Module, forget: Exampl
     floor = before_acc - policy.max_utility_drop
     checks.append(GateCheck("utility", after_acc, floor, after_acc >= floor - 1e-12,
                             "utility accuracy after >= before - max_utility_drop"))
-    forget_before, forget_after = accuracy(task, before, forget), accuracy(task, after, forget)
+    # One forward pass per model and set gives both the losses (membership) and the exact matches (accuracy).
+    forget_scores_before, forget_scores_after = score(task, before, forget), score(task, after, forget)
+    forget_before, forget_after = forget_scores_before.accuracy, forget_scores_after.accuracy
     evidence: dict[str, Any] = {
         "utility_acc_before": before_acc, "utility_acc_after": after_acc,
         "utility_reference": ("before, erased classes masked" if erased else "before"),
@@ -269,8 +273,10 @@ def judge(task: TaskAdapter, before: nn.Module, after: nn.Module, forget: Exampl
         checks.append(GateCheck("forgetting", forget_after, limit, forget_after <= limit + 1e-12,
                                 "class erasure: forget accuracy <= class_forget_max_accuracy"))
     else:
-        after_test = compare(task, after, forget, audit)
-        evidence["membership_before"] = compare(task, before, forget, audit).as_dict()
+        audit_scores_after = score(task, after, audit)
+        after_test = membership_test(forget_scores_after.losses, audit_scores_after.losses)
+        evidence["membership_before"] = membership_test(forget_scores_before.losses,
+                                                        score(task, before, audit).losses).as_dict()
         evidence["membership_after"] = after_test.as_dict()
         slack = after_test.auc_slack(policy.mia_auc_margin)
         checks.append(GateCheck(
@@ -281,7 +287,7 @@ def judge(task: TaskAdapter, before: nn.Module, after: nn.Module, forget: Exampl
             f"loss-attack AUC forget vs audit within 0.5 +- (mia_auc_margin + {CONFIDENCE_Z} * null sd); "
             f"limit = that half-width; smallest detectable member AUC here "
             f"{0.5 + slack:.3f}"))
-        audit_acc = accuracy(task, after, audit)
+        audit_acc = audit_scores_after.accuracy
         excess_p = forget_accuracy_p(forget_after, len(forget), audit_acc, len(audit))
         evidence["forget_accuracy"] = {"forget_acc": forget_after, "audit_acc": audit_acc,
                                        "margin": FORGET_ACCURACY_MARGIN, "fisher_p": excess_p}

@@ -154,6 +154,7 @@ class ClassificationTask:
 
 
 @torch.no_grad()
+@torch.no_grad()
 def accuracy(task: TaskAdapter, model: nn.Module, examples: ExampleSet, batch_size: int = 256) -> float:
     """Fraction of examples the model gets right, in eval mode; the model's mode is restored."""
     if len(examples) == 0:

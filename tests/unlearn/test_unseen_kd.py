@@ -4,6 +4,8 @@ stop rule on the tiny GPT of :mod:`tests.unlearn.lm_helpers`."""
 from __future__ import annotations
 
 import math
+import random
+from difflib import SequenceMatcher
 
 import pytest
 import torch
@@ -45,6 +47,19 @@ def test_nearest_prompts_skip_neighbours_that_share_the_erased_persons_name():
     assert nearest == [[2], [3]]  # not 0 or 1, though they are more similar
     # With no exclusion possible (every candidate shares a name token) the most similar are used.
     assert nearest_prompts([[1, 2, 10, 11, 3, 4]], [7], CANDIDATES[:2], count=1, max_share=0.3) == [[0]]
+
+
+def test_the_pruned_neighbour_search_ranks_as_the_full_comparison_does():
+    """The search stops early on quick_ratio's bound; the ranking (ties in candidate order) must be the
+    one every candidate's full difflib ratio gives. Small alphabets make many ties."""
+    rng = random.Random(0)
+    for _ in range(200):
+        candidates = [[rng.randrange(6) for _ in range(rng.randrange(1, 8))] for _ in range(rng.randrange(1, 12))]
+        prompt = [rng.randrange(6) for _ in range(rng.randrange(1, 8))]
+        count = rng.randrange(1, 4)
+        ratios = [SequenceMatcher(None, prompt, c, autojunk=False).ratio() for c in candidates]
+        brute = sorted(range(len(candidates)), key=lambda i: (-ratios[i], i))[:count]
+        assert nearest_prompts([prompt], [0], candidates, count, max_share=0.0) == [brute]
 
 
 def test_the_erased_token_gets_the_neighbours_true_token_probability_only_where_the_model_is_unsure():

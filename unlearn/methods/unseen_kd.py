@@ -155,15 +155,34 @@ def nearest_prompts(prompts: list[list[int]], subjects: list[int], candidates: l
     the erased person (on the customers benchmark, seed 0, the erased answers' NLL under such targets was a
     median 0.69 nats per token against 1.45 for never-seen people's own answers). If every candidate shares a
     subject token, the most similar ones are used regardless.
+
+    The ranking is exact but skips work: ``quick_ratio`` bounds ``ratio`` from above, so candidates are visited
+    in falling bound order and the search ends when no bound left can reach the ``count``-th best ratio (ties
+    included, for the candidate-order tie break). Each candidate's matcher is built once (difflib caches the
+    second sequence), which is the same ``SequenceMatcher(None, prompt, candidate)`` comparison.
     """
     names = subject_tokens(prompts, subjects, candidates, max_share)
+    matchers = []
+    for candidate in candidates:
+        matcher = SequenceMatcher(None, autojunk=False)
+        matcher.set_seq2(candidate)
+        matchers.append(matcher)
     result = []
     for prompt, subject in zip(prompts, subjects):
         avoid = names[subject]
         allowed = [index for index, candidate in enumerate(candidates) if not avoid.intersection(candidate)]
         pool = allowed or list(range(len(candidates)))
-        ratios = {index: SequenceMatcher(None, prompt, candidates[index], autojunk=False).ratio() for index in pool}
-        result.append(sorted(pool, key=lambda index: (-ratios[index], index))[:count])
+        bounds = {}
+        for index in pool:
+            matchers[index].set_seq1(prompt)
+            bounds[index] = matchers[index].quick_ratio()
+        best: list[tuple[float, int]] = []  # (-ratio, index), the count best so far, sorted
+        for index in sorted(pool, key=lambda i: (-bounds[i], i)):
+            if len(best) == count and bounds[index] < -best[-1][0]:
+                break  # no candidate left can reach the count-th best ratio
+            matchers[index].set_seq1(prompt)
+            best = sorted([*best, (-matchers[index].ratio(), index)])[:count]
+        result.append([index for _, index in best])
     return result
 
 
