@@ -148,6 +148,46 @@ def test_the_accuracy_condition_holds_the_stop_while_forget_answers_are_still_pr
     assert strict(None, forget_losses, forget_accuracy=0.2).reached  # 8 of 40 against 4: Fisher p >= 0.1
 
 
+def test_the_stall_rule_stops_a_run_whose_losses_passed_but_whose_answers_stay_whole(monkeypatch):
+    """stall_steps after the forget losses first pass the KS test, a check still held by the accuracy
+    condition stalls the run: target_reached false, the message says why; before that, and without the
+    setting, it does not."""
+    import numpy as np
+
+    from unlearn.forget_target import ForgetTarget
+    from unlearn.heldout import HeldOutScores
+    from unlearn.methods import simnpo_rt
+
+    tune_losses = np.linspace(1.0, 3.0, 40)
+    monkeypatch.setattr(simnpo_rt, "score", lambda task, model, examples: HeldOutScores(
+        np.arange(40).astype(str), tune_losses, np.arange(40) < 4))
+    monkeypatch.setattr(simnpo_rt, "accuracy", lambda task, model, examples: 0.6)
+    tune = list(range(40))
+    target = ForgetTarget(None, tune, None, 0.02, stop_min_p=0.1, stop_auc_margin=0.02)
+    known = tune_losses - 5.0  # far below tune: the KS test fails
+    stop = simnpo_rt.NeverSeenCheck(target, None, tune, refresh_every=1, accuracy_p=0.1, stall_steps=10)
+    for step in range(5):
+        assert not stop(None, known, 0.6, step).reached and not stop.stalled(step)
+    assert stop.loss_level_step is None  # the losses have not passed yet: no stall, however long
+    for step in range(5, 15):
+        check = stop(None, tune_losses.copy(), 0.6, step)  # losses pass; 24 of 40 answers still whole
+        assert not target.done(check) and not stop.stalled(step)
+    assert stop.loss_level_step == 5
+    check = stop(None, tune_losses.copy(), 0.6, 15)
+    assert stop.stalled(15)
+    result = stop.outcome(None, None, check, 15, 200, {})
+    assert result.target_reached is False and result.details["stalled"] is True
+    assert result.message.startswith("stalled: the forget losses passed the KS test at step 5")
+    assert "0.600 against tune's 0.100" in result.message
+
+    patient = simnpo_rt.NeverSeenCheck(target, None, tune, refresh_every=1, accuracy_p=0.1)  # stall_steps None
+    for step in range(300):
+        patient(None, tune_losses.copy(), 0.6, step)
+    assert not patient.stalled(299)
+    budget = patient.outcome(None, None, check, 200, 200, {})
+    assert budget.target_reached is False and budget.message.startswith("step budget of 200 exhausted")
+
+
 def test_the_unlikelihood_term_counts_only_answers_still_predicted_whole_and_does_not_saturate():
     from unlearn.methods.simnpo_rt import known_answer_unlikelihood
 
@@ -180,6 +220,14 @@ def test_stop_accuracy_p_is_bounded():
     assert registry.parse_config("simnpo+rt", {"stop_accuracy_p": 0.2}).stop_accuracy_p == 0.2
     assert registry.parse_config("simnpo+rt", {}).stop_accuracy_p == 0.1  # the default since 2026-11-30
     assert registry.parse_config("simnpo+rt", {"stop_accuracy_p": None}).stop_accuracy_p is None  # off
+
+
+def test_stall_steps_is_bounded_and_on_for_unseen_kd_only():
+    with pytest.raises(InvalidParameterError, match="stall_steps"):
+        registry.parse_config("unseen-kd", {"stall_steps": 0})
+    assert registry.parse_config("unseen-kd", {}).stall_steps == 40
+    assert registry.parse_config("unseen-kd", {"stall_steps": None}).stall_steps is None
+    assert registry.parse_config("simnpo+rt", {}).stall_steps is None  # not measured there
 
 
 def test_the_registry_retrain_repeats_the_lm_training_bit_for_bit():

@@ -129,6 +129,7 @@ def test_unseen_kd_needs_tune_records_and_valid_parameters():
     no_tune = UnlearnRequest(task=problem.task, forget=problem.forget, retain=problem.retain, tune=None)
     with pytest.raises(InvalidDataError, match="tune"):
         registry.run("unseen-kd", problem.model, no_tune, TINY)
-    for field, value in (("neighbours", 0), ("swap_below", 1.5), ("retain_weight", -1.0), ("ceiling_weight", -1.0)):
+    for field, value in (("neighbours", 0), ("swap_below", 1.5), ("retain_weight", -1.0), ("ceiling_weight", -1.0),
+                         ("stall_steps", 0)):
         with pytest.raises(Exception, match=field):
             registry.parse_config("unseen-kd", {field: value})

@@ -27,7 +27,9 @@ Here the generic counterparts come from the ``tune`` records, which the model ne
    further; the KL alone moves it too slowly once it is small (its gradient on that logit is ``p - q``).
 4. The run stops at the never-seen level of :mod:`unlearn.forget_target` (forget answer NLLs indistinguishable
    from the tune records', and not predicted whole more often: :class:`unlearn.methods.simnpo_rt.NeverSeenCheck`,
-   the same rule as ``simnpo+rt``), or reports ``target_reached=False`` when the step budget ends.
+   the same rule as ``simnpo+rt``), or reports ``target_reached=False`` when the step budget ends or the run
+   stalls (the forget losses passed the KS test ``stall_steps`` steps ago and the AUC bound or the accuracy
+   condition has not followed: :meth:`unlearn.methods.simnpo_rt.NeverSeenCheck.stalled`).
 
 Why (docs/results/lm.md, "Never-seen answers as the target: `unseen-kd`"): ascent on the forget answers' NLL
 (NPO, SimNPO) has no gradient on answers the model is certain of (the gradient of ``-log p`` with respect to
@@ -97,6 +99,9 @@ class UnseenKDConfig:
         (``target_reached=False``).
     check_every, tune_refresh_every, stop_at_target, stop_min_p, stop_auc_margin, stop_accuracy_p: the stop
         rule, as in :class:`unlearn.methods.simnpo_rt.SimNPORTConfig`.
+    stall_steps: stop (``target_reached=False``, said in the message) when the forget losses first passed the
+        KS test this many steps ago and the rest of the target has not followed; None runs to ``max_steps``
+        (:meth:`unlearn.methods.simnpo_rt.NeverSeenCheck.stalled` says where 40 comes from).
     """
 
     neighbours: int = 1
@@ -114,6 +119,7 @@ class UnseenKDConfig:
     stop_min_p: float = 0.1
     stop_auc_margin: float = 0.02
     stop_accuracy_p: float | None = 0.1
+    stall_steps: int | None = 40
 
     def __post_init__(self) -> None:
         require(1 <= self.neighbours <= 1024, "neighbours", f"must be in [1, 1024], got {self.neighbours}")
@@ -298,7 +304,7 @@ def unseen_kd(model: nn.Module, request: UnlearnRequest, config: UnseenKDConfig)
     targets = unseen_targets(task, work, forget, tune, config.neighbours, config.swap_below)
     target = (ForgetTarget(task, tune, None, 0.0, config.stop_min_p, config.stop_auc_margin, "unseen-kd")
               if config.stop_at_target else None)
-    stop = (NeverSeenCheck(target, task, tune, config.tune_refresh_every, config.stop_accuracy_p)
+    stop = (NeverSeenCheck(target, task, tune, config.tune_refresh_every, config.stop_accuracy_p, config.stall_steps)
             if target is not None else None)
     optimizer = make_unlearning_optimizer(config.optimizer, trainable_parameters(work), config.lr)
     device = model_device(work)
@@ -322,8 +328,9 @@ def unseen_kd(model: nn.Module, request: UnlearnRequest, config: UnseenKDConfig)
         lengths = task.target_lengths(joint)
         forget_count = len(rows)
         if stop is not None and (steps % config.check_every == 0 or steps >= config.max_steps):
-            check, checks = stop.after_pass(work, forget, outputs, joint, nll, forget_count, whole_forget), checks + 1
-            if target.done(check):
+            check = stop.after_pass(work, forget, outputs, joint, nll, forget_count, whole_forget, steps)
+            checks += 1
+            if target.done(check) or stop.stalled(steps):
                 break  # the weights the check judged; this step's gradient is not applied
         if steps >= config.max_steps:
             break
