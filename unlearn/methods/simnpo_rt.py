@@ -340,7 +340,8 @@ class NeverSeenCheck:
             details["stalled"] = True
             limit = 0.5 + check.membership.auc_slack(self.target.stop_auc_margin, 0.0)
             message = (f"stalled: the forget losses passed the KS test at step {self.loss_level_step}, but in "
-                       f"{self.stall_steps} more steps the rest of the target did not follow (loss-attack AUC "
+                       f"{self.stall_steps} more steps the target was not reached (KS p now "
+                       f"{check.membership.ks_p_value:.3f}, needs >= {self.target.stop_min_p}; loss-attack AUC "
                        f"{check.membership.auc:.3f}, limit {limit:.3f}; answers predicted whole {check.forget_acc:.3f} "
                        f"against tune's {self.tune_accuracy:.3f}); stopped after {steps} step(s)")
         return UnlearnResult(model, details=details, target_reached=reached, message=message)
