@@ -263,7 +263,6 @@ class NeverSeenCheck:
         self.target, self.task, self.tune, self.refresh_every = target, task, tune, refresh_every
         self.accuracy_p, self.stall_steps = accuracy_p, stall_steps
         self.loss_level_step: int | None = None  # the first step whose forget losses passed the KS test
-        self.stalled_at: int | None = None
         self.tune_losses: np.ndarray | None = None
         self.tune_accuracy = math.nan
         self.calls = self.refreshes = 0
@@ -289,10 +288,8 @@ class NeverSeenCheck:
         end of their 200-step budget (AUC 0.56-0.58 on one, answers predicted whole 2-4 times as often as
         tune's on three), at the cost of about a retrain (docs/results/lm.md, "Runs that stall").
         """
-        if self.stall_steps is None or self.loss_level_step is None or step - self.loss_level_step < self.stall_steps:
-            return False
-        self.stalled_at = step
-        return True
+        return (self.stall_steps is not None and self.loss_level_step is not None
+                and step - self.loss_level_step >= self.stall_steps)
 
     def _decide(self, model: nn.Module, forget_losses: np.ndarray, forget_accuracy: float,
                 refresh: bool) -> ForgetCheck:
@@ -336,7 +333,7 @@ class NeverSeenCheck:
         details["tune_refreshes"] = self.refreshes
         details["loss_level_step"] = self.loss_level_step
         reached, message = run_outcome(check, steps, max_steps)
-        if self.stalled_at is not None and not reached and not check.over:
+        if self.stalled(steps) and not reached and not check.over:  # the run ended on the stall
             details["stalled"] = True
             limit = 0.5 + check.membership.auc_slack(self.target.stop_auc_margin, 0.0)
             message = (f"stalled: the forget losses passed the KS test at step {self.loss_level_step}, but in "

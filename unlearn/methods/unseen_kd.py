@@ -186,7 +186,6 @@ def nearest_prompts(prompts: list[list[int]], subjects: list[int], candidates: l
         for index in sorted(pool, key=lambda i: (-bounds[i], i)):
             if len(best) == count and bounds[index] < -best[-1][0]:
                 break  # no candidate left can reach the count-th best ratio
-            matchers[index].set_seq1(prompt)
             best = sorted([*best, (-matchers[index].ratio(), index)])[:count]
         result.append([index for _, index in best])
     return result
