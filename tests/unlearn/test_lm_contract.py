@@ -188,6 +188,34 @@ def test_the_stall_rule_stops_a_run_whose_losses_passed_but_whose_answers_stay_w
     assert budget.target_reached is False and budget.message.startswith("step budget of 200 exhausted")
 
 
+def test_the_stall_count_starts_on_fresh_tune_losses_only(monkeypatch):
+    """Between refreshes the tune losses are stale; a KS pass on them that the current weights' tune losses
+    reject does not start the stall count (the check refreshes first), and one they confirm does."""
+    import numpy as np
+
+    from unlearn.forget_target import ForgetTarget
+    from unlearn.heldout import HeldOutScores
+    from unlearn.methods import simnpo_rt
+
+    scored = []
+    drifting = [np.linspace(1.0, 3.0, 40), np.linspace(1.0, 3.0, 40) + 2.0]  # the tune losses move up
+
+    def score(task, model, examples):
+        scored.append(len(scored))
+        return HeldOutScores(np.arange(40).astype(str), drifting[min(len(scored), 2) - 1], np.arange(40) < 4)
+
+    monkeypatch.setattr(simnpo_rt, "score", score)
+    tune = list(range(40))
+    target = ForgetTarget(None, tune, None, 0.02, stop_min_p=0.1, stop_auc_margin=0.02)
+    stop = simnpo_rt.NeverSeenCheck(target, None, tune, refresh_every=1000, accuracy_p=0.1, stall_steps=10)
+    stop(None, drifting[0] - 5.0, 0.6, 0)  # far below: one refresh, no pass
+    assert len(scored) == 1 and stop.loss_level_step is None
+    check = stop(None, drifting[0].copy(), 0.6, 1)  # passes on the stale losses, not on the fresh ones
+    assert len(scored) == 2 and stop.loss_level_step is None and not check.membership.ks_passes(0.1)
+    stop(None, drifting[1].copy(), 0.6, 2)  # passes on fresh losses: the count starts here
+    assert stop.loss_level_step == 2
+
+
 def test_the_unlikelihood_term_counts_only_answers_still_predicted_whole_and_does_not_saturate():
     from unlearn.methods.simnpo_rt import known_answer_unlikelihood
 

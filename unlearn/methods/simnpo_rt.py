@@ -248,8 +248,8 @@ class NeverSeenCheck:
     """The stop rule of :mod:`unlearn.forget_target` on given forget losses, with the tune scores cached.
 
     Each call tests the forget losses against the tune records' losses, recomputed on the current weights
-    every ``refresh_every`` calls and before any verdict that would stop the run (so a stop is always decided
-    on fresh tune losses). The tune losses drift slowly while the forget set is unlearned: the benchmark's
+    every ``refresh_every`` calls, before any verdict that would stop the run and before the first KS pass
+    that starts the stall count (so both are decided on fresh tune losses). The tune losses drift slowly while the forget set is unlearned: the benchmark's
     never-seen people moved from 2.12 to ~2.25 nats per token over a run.
 
     With ``accuracy_p`` set, the target also asks what the gate's ``forget_accuracy`` check asks on ``audit``
@@ -272,11 +272,15 @@ class NeverSeenCheck:
         fresh = self.tune_losses is None or self.calls % self.refresh_every == 0
         self.calls += 1
         check = self._decide(model, forget_losses, forget_accuracy, refresh=fresh)
-        if self.target.done(check) and not fresh:
+        if not fresh and (self.target.done(check) or self._starts_stall_count(check, step)):
             check = self._decide(model, forget_losses, forget_accuracy, refresh=True)
-        if step is not None and self.loss_level_step is None and check.membership.ks_passes(self.target.stop_min_p):
+        if self._starts_stall_count(check, step):
             self.loss_level_step = step
         return check
+
+    def _starts_stall_count(self, check: ForgetCheck, step: int | None) -> bool:
+        return (step is not None and self.loss_level_step is None
+                and check.membership.ks_passes(self.target.stop_min_p))
 
     def stalled(self, step: int) -> bool:
         """With ``stall_steps`` set: the forget losses first passed the KS test ``stall_steps`` or more steps
@@ -319,7 +323,8 @@ class NeverSeenCheck:
         if whole_forget:
             lengths = self.task.target_lengths(joint)[:forget_count]
             forget_losses = (nll[:forget_count] / lengths).detach().double().cpu().numpy()
-            forget_accuracy = float(self.task.correct_from_outputs(outputs, joint)[:forget_count].float().mean())
+            forget_rows = {name: tensor[:forget_count] for name, tensor in joint.items()}
+            forget_accuracy = float(self.task.correct_from_outputs(outputs[:forget_count], forget_rows).float().mean())
         else:
             scores = score(self.task, model, forget)
             forget_losses, forget_accuracy = scores.losses, scores.accuracy

@@ -98,7 +98,10 @@ class UnseenKDConfig:
     max_steps: optimiser-step budget; a run that ends it without reaching the target says so
         (``target_reached=False``).
     check_every, tune_refresh_every, stop_at_target, stop_min_p, stop_auc_margin, stop_accuracy_p: the stop
-        rule, as in :class:`unlearn.methods.simnpo_rt.SimNPORTConfig`.
+        rule, as in :class:`unlearn.methods.simnpo_rt.SimNPORTConfig`. ``tune_refresh_every`` 10 here (5 there):
+        a stop and the stall count's start are decided on fresh tune losses whatever it is; on biographies
+        seeds 0-4 10 stopped at the same steps as 5 on four seeds (50 against 48 on the fifth) with two to
+        three fewer passes over the 280 tune answers (docs/results/lm.md, "Threads, and the stop check's cost").
     stall_steps: stop (``target_reached=False``, said in the message) when the forget losses first passed the
         KS test this many steps ago and the rest of the target has not followed; None runs to ``max_steps``
         (:meth:`unlearn.methods.simnpo_rt.NeverSeenCheck.stalled` says where 40 comes from).
@@ -114,7 +117,7 @@ class UnseenKDConfig:
     retain_batch_size: int = 128
     max_steps: int = 200
     check_every: int = 1
-    tune_refresh_every: int = 5
+    tune_refresh_every: int = 10
     stop_at_target: bool = True
     stop_min_p: float = 0.1
     stop_auc_margin: float = 0.02
@@ -280,9 +283,9 @@ def swap_uncertain(probs: Tensor, answer: list[int], neighbour_answer: list[int]
     return probs
 
 
-def distillation_loss(logits: Tensor, targets: Tensor) -> Tensor:
-    """Mean over rows of KL(targets || softmax(logits)); ``logits`` and ``targets`` are [T, V]."""
-    log_q = F.log_softmax(logits.float(), dim=-1)
+def distillation_loss(log_q: Tensor, targets: Tensor) -> Tensor:
+    """Mean over rows of KL(targets || q); ``log_q`` (the model's log-probabilities, ``log_softmax`` of its
+    logits) and ``targets`` are [T, V]."""
     entropy_term = torch.where(targets > 0, targets * targets.clamp_min(1e-30).log(), torch.zeros_like(targets))
     return (entropy_term - targets * log_q).sum(dim=-1).mean()
 
@@ -334,10 +337,10 @@ def unseen_kd(model: nn.Module, request: UnlearnRequest, config: UnseenKDConfig)
         if steps >= config.max_steps:
             break
         forget_rows = {name: t[:forget_count] for name, t in joint.items()}
-        logits = answer_logits(outputs[:forget_count], forget_rows)
-        forget_loss = distillation_loss(logits, torch.cat([probs[int(row)] for row in rows]))
+        log_q = F.log_softmax(answer_logits(outputs[:forget_count], forget_rows).float(), dim=-1)
+        forget_loss = distillation_loss(log_q, torch.cat([probs[int(row)] for row in rows]))
         if config.ceiling_weight > 0:  # the erased token's log-probability down to the never-seen one, no further
-            own = F.log_softmax(logits.float(), dim=-1).gather(
+            own = log_q.gather(
                 -1, forget_rows["input_ids"][:, 1:][forget_rows["answer_mask"][:, 1:].bool()].unsqueeze(-1)).squeeze(-1)
             forget_loss = forget_loss + config.ceiling_weight * torch.relu(
                 own - torch.cat([ceiling[int(row)] for row in rows])).sum() / forget_count
