@@ -249,8 +249,9 @@ class NeverSeenCheck:
 
     Each call tests the forget losses against the tune records' losses, recomputed on the current weights
     every ``refresh_every`` calls, before any verdict that would stop the run and before the first KS pass
-    that starts the stall count (so both are decided on fresh tune losses). The tune losses drift slowly while the forget set is unlearned: the benchmark's
-    never-seen people moved from 2.12 to ~2.25 nats per token over a run.
+    that starts the stall count (so both are decided on fresh tune losses). The tune losses drift slowly
+    while the forget set is unlearned: the benchmark's never-seen people moved from 2.12 to ~2.25 nats per
+    token over a run.
 
     With ``accuracy_p`` set, the target also asks what the gate's ``forget_accuracy`` check asks on ``audit``
     (:func:`unlearn.gate.forget_accuracy_p`), here against ``tune``: the forget answers may not be predicted
