@@ -82,6 +82,11 @@ def concat_batches(batches: Sequence[Batch], pad_token_id: int) -> Batch:
     return out
 
 
+def leading_rows(batch: Batch, count: int) -> Batch:
+    """The first ``count`` rows of every tensor of ``batch``: one part of a :func:`concat_batches` result (views)."""
+    return {name: tensor[:count] for name, tensor in batch.items()}
+
+
 class CausalLMTask:
     """A causal LM (``transformers``-style: ``model(input_ids=..., attention_mask=...).logits``) with its tokenizer.
 

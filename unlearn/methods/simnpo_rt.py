@@ -85,7 +85,7 @@ from unlearn.gradients import (
     trainable_parameters,
 )
 from unlearn.heldout import score
-from unlearn.lm.task import answer_token_log_probs, concat_batches
+from unlearn.lm.task import answer_token_log_probs, concat_batches, leading_rows
 from unlearn.membership import membership_losses, membership_test
 from unlearn.methods.simnpo import simnpo_loss_from_nll
 from unlearn.registry import (
@@ -322,9 +322,9 @@ class NeverSeenCheck:
         the forget losses and accuracy on these weights; otherwise the forget set is scored anew.
         """
         if whole_forget:
-            lengths = self.task.target_lengths(joint)[:forget_count]
+            forget_rows = leading_rows(joint, forget_count)
+            lengths = self.task.target_lengths(forget_rows)
             forget_losses = (nll[:forget_count] / lengths).detach().double().cpu().numpy()
-            forget_rows = {name: tensor[:forget_count] for name, tensor in joint.items()}
             forget_accuracy = float(self.task.correct_from_outputs(outputs[:forget_count], forget_rows).float().mean())
         else:
             scores = score(self.task, model, forget)
@@ -400,7 +400,7 @@ def simnpo_rt(model: nn.Module, request: UnlearnRequest, config: SimNPORTConfig)
         forget_loss = simnpo_loss_from_nll(nll[:forget_count], lengths[:forget_count], config.beta, delta)
         if config.known_unlikelihood > 0:  # the forget answers this pass still predicts whole
             forget_outputs = outputs[:forget_count]
-            forget_rows = {name: t[:forget_count] for name, t in joint.items()}
+            forget_rows = leading_rows(joint, forget_count)
             known = task.correct_from_outputs(forget_outputs, forget_rows)
             forget_loss = forget_loss + config.known_unlikelihood * known_answer_unlikelihood(
                 forget_outputs, forget_rows, known) / forget_count

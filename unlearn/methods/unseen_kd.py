@@ -76,7 +76,7 @@ from unlearn.data import ExampleSet
 from unlearn.errors import InvalidDataError
 from unlearn.forget_target import ForgetTarget
 from unlearn.gradients import make_unlearning_optimizer, trainable_parameters
-from unlearn.lm.task import concat_batches, model_context_length
+from unlearn.lm.task import concat_batches, leading_rows, model_context_length
 from unlearn.methods.simnpo_rt import NeverSeenCheck, require_stop_rule
 from unlearn.registry import UnlearnRequest, UnlearnResult, copy_model, model_device, register, require
 
@@ -336,7 +336,7 @@ def unseen_kd(model: nn.Module, request: UnlearnRequest, config: UnseenKDConfig)
                 break  # the weights the check judged; this step's gradient is not applied
         if steps >= config.max_steps:
             break
-        forget_rows = {name: t[:forget_count] for name, t in joint.items()}
+        forget_rows = leading_rows(joint, forget_count)
         log_q = F.log_softmax(answer_logits(outputs[:forget_count], forget_rows).float(), dim=-1)
         forget_loss = distillation_loss(log_q, torch.cat([probs[int(row)] for row in rows]))
         if config.ceiling_weight > 0:  # the erased token's log-probability down to the never-seen one, no further
