@@ -35,7 +35,7 @@ from unlearn.atomic_files import partial_path
 from unlearn.data import ExampleSet
 from unlearn.errors import CacheMismatchError, InvalidDataError
 from unlearn.importance import weights_digest
-from unlearn.tasks import TaskAdapter, eval_mode
+from unlearn.tasks import TaskAdapter, eval_batch_size, eval_mode
 
 
 @dataclass(frozen=True)
@@ -69,9 +69,14 @@ class HeldOutScores:
         return HeldOutScores(self.keys[index], self.losses[index], self.correct[index])
 
 
+def provenance(scores: HeldOutScores | None) -> str:
+    """Where a method's unchanged-model tune scores came from, for its details."""
+    return "precomputed for the model version" if scores is not None else "computed for this request"
+
+
 @torch.no_grad()
 def score(task: TaskAdapter, model: nn.Module, examples: ExampleSet, keys: np.ndarray | None = None,
-          batch_size: int = 256) -> HeldOutScores:
+          batch_size: int | None = None) -> HeldOutScores:
     """Loss per target token and correctness of every example, eval mode; the model's mode is restored.
     ``keys`` name the records (positions when None: scores that are not cached)."""
     keys = np.arange(len(examples)) if keys is None else np.asarray(keys).astype(str)
@@ -82,7 +87,7 @@ def score(task: TaskAdapter, model: nn.Module, examples: ExampleSet, keys: np.nd
     device = next(iter(model.parameters())).device
     losses, correct = [], []
     with eval_mode(model):
-        for batch in examples.batches(batch_size, device):
+        for batch in examples.batches(eval_batch_size(task, batch_size), device):
             outputs = task.outputs(model, batch)  # one forward pass for both
             losses.append((task.losses_from_outputs(outputs, batch) / task.target_lengths(batch).clamp_min(1)).double().cpu())
             correct.append(task.correct_from_outputs(outputs, batch).cpu())

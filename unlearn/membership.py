@@ -38,7 +38,7 @@ from torch import nn
 
 from unlearn.data import ExampleSet
 from unlearn.errors import InvalidDataError
-from unlearn.tasks import TaskAdapter, eval_mode
+from unlearn.tasks import TaskAdapter, eval_batch_size, eval_mode
 
 CONFIDENCE_Z = 2.807
 """Two-sided 0.5% normal quantile: a retrained model fails the AUC check at most 0.5% of the time."""
@@ -101,7 +101,8 @@ class MembershipResult:
         return {**asdict(self), "direction": self.direction}
 
 
-def membership_losses(task: TaskAdapter, model: nn.Module, examples: ExampleSet, batch_size: int = 256) -> np.ndarray:
+def membership_losses(task: TaskAdapter, model: nn.Module, examples: ExampleSet,
+                      batch_size: int | None = None) -> np.ndarray:
     """Per-example loss per target token (classification: the cross-entropy), eval mode, float64 on the CPU.
 
     The model's mode is restored afterwards.
@@ -111,7 +112,7 @@ def membership_losses(task: TaskAdapter, model: nn.Module, examples: ExampleSet,
     device = next(iter(model.parameters())).device
     losses = []
     with eval_mode(model), torch.no_grad():
-        for batch in examples.batches(batch_size, device):
+        for batch in examples.batches(eval_batch_size(task, batch_size), device):
             losses.append(batch_membership_losses(task, model, batch).double().cpu())
     return torch.cat(losses).numpy()
 

@@ -153,16 +153,24 @@ class ClassificationTask:
             _FITS.setdefault(model, set()).add(key)
 
 
+EVAL_BATCH_SIZE = 256
+"""Rows per no-grad evaluation pass unless the task names its own (``eval_batch_size``)."""
+
+
+def eval_batch_size(task: TaskAdapter, batch_size: int | None = None) -> int:
+    """``batch_size`` when given, else the task's ``eval_batch_size`` when it has one, else :data:`EVAL_BATCH_SIZE`."""
+    return batch_size if batch_size is not None else getattr(task, "eval_batch_size", EVAL_BATCH_SIZE)
+
+
 @torch.no_grad()
-@torch.no_grad()
-def accuracy(task: TaskAdapter, model: nn.Module, examples: ExampleSet, batch_size: int = 256) -> float:
+def accuracy(task: TaskAdapter, model: nn.Module, examples: ExampleSet, batch_size: int | None = None) -> float:
     """Fraction of examples the model gets right, in eval mode; the model's mode is restored."""
     if len(examples) == 0:
         raise InvalidDataError("examples", "accuracy of an empty set is undefined")
     device = next(iter(model.parameters())).device
     right = 0
     with eval_mode(model):
-        for batch in examples.batches(batch_size, device):
+        for batch in examples.batches(eval_batch_size(task, batch_size), device):
             right += int(task.correct(model, batch).sum())
     return right / len(examples)
 

@@ -115,3 +115,37 @@ def test_scoring_puts_a_model_in_eval_mode_and_restores_it_and_leaves_an_eval_mo
     model.layers[0].train()  # one submodule left in training mode: switched for the pass, as before
     assert np.array_equal(score(problem.task, model, problem.holdout).losses, reference.losses)
     assert not any(m.training for m in model.modules())  # model.train(False) restores the top's mode
+
+
+def test_evaluation_passes_take_the_tasks_batch_size_unless_told():
+    """``score``, ``accuracy`` and ``membership_losses`` batch by the task's ``eval_batch_size`` (the LM task's
+    is smaller than the default: faster on its GPTs, the same numbers) unless the caller names one."""
+    problem = record_problem()
+    rows: list[int] = []
+
+    class Counting:
+        eval_batch_size = 5
+
+        def __getattr__(self, name):
+            return getattr(problem.task, name)
+
+        def outputs(self, model, batch):  # score's pass
+            rows.append(len(next(iter(batch.values()))))
+            return problem.task.outputs(model, batch)
+
+        def correct(self, model, batch):  # accuracy's pass
+            rows.append(len(next(iter(batch.values()))))
+            return problem.task.correct(model, batch)
+
+    task = Counting()
+    size = len(problem.holdout)
+    for evaluate in (lambda: score(task, problem.model, problem.holdout),
+                     lambda: accuracy(task, problem.model, problem.holdout)):
+        rows.clear()
+        evaluate()
+        assert max(rows) == 5 and sum(rows) == size
+    rows.clear()
+    score(task, problem.model, problem.holdout, batch_size=size)
+    assert rows == [size]
+    assert np.allclose(score(task, problem.model, problem.holdout).losses,
+                       score(problem.task, problem.model, problem.holdout).losses, atol=1e-6)
