@@ -26,7 +26,7 @@ from unlearn.splits import audit_mask
 
 log = logging.getLogger(__name__)
 
-TUNE_SCORE_READERS = frozenset({"ssd-auto", "shrink-perturb"})
+TUNE_SCORE_READERS = frozenset({"ssd-auto", "shrink-perturb", "unseen-kd", "simnpo+rt"})
 """Methods that read the unchanged model's tune scores (``UnlearnRequest.tune_scores``)."""
 
 

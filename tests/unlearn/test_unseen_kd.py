@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import random
+from dataclasses import replace
 from difflib import SequenceMatcher
 
 import pytest
@@ -14,6 +15,7 @@ import torch.nn.functional as F
 from tests.unlearn.lm_helpers import lm_problem
 from unlearn import registry
 from unlearn.errors import InvalidDataError
+from unlearn.heldout import score
 from unlearn.membership import compare
 from unlearn.methods.unseen_kd import (
     answer_rows,
@@ -134,3 +136,24 @@ def test_unseen_kd_needs_tune_records_and_valid_parameters():
                          ("stall_steps", 0)):
         with pytest.raises(Exception, match=field):
             registry.parse_config("unseen-kd", {field: value})
+
+
+@pytest.mark.parametrize("method", ["unseen-kd", "simnpo+rt"])
+def test_precomputed_tune_scores_replace_the_first_pass_and_change_nothing_else(method):
+    """The service keeps the unchanged model's tune scores per version (UnlearnRequest.tune_scores); a run that
+    reads them must stop where a run that computes them does, with one pass over the tune records fewer."""
+    problem = lm_problem()
+    params = TINY if method == "unseen-kd" else {"max_steps": 6, "batch_size": 16, "retain_batch_size": 32}
+    computed = registry.run(method, problem.model, problem.request(), params)
+    request = replace(problem.request(), tune_scores=score(problem.task, problem.model, problem.holdout))
+    precomputed = registry.run(method, problem.model, request, params)
+    assert precomputed.details["tune_scores"] == "precomputed for the model version"
+    assert computed.details["tune_scores"] == "computed for this request"
+    assert precomputed.details["tune_refreshes"] == computed.details["tune_refreshes"] - 1
+    assert precomputed.details["steps"] == computed.details["steps"]
+    assert precomputed.message == computed.message
+    for a, b in zip(computed.model.parameters(), precomputed.model.parameters()):
+        assert torch.equal(a, b)
+    wrong = replace(problem.request(), tune_scores=score(problem.task, problem.model, problem.forget))
+    with pytest.raises(InvalidDataError, match="tune_scores"):
+        registry.run(method, problem.model, wrong, params)

@@ -49,7 +49,9 @@ check forwards every ``tune`` record (~280 answers on the benchmark: ten optimis
   set, several subjects' worth), that pass's per-answer NLLs ARE the forget losses on the current weights,
   and the check reuses them before the update is applied (a check that stops the run discards that step);
 - the tune records' losses are cached and recomputed every ``tune_refresh_every`` checks and before any
-  verdict that would stop the run (:class:`NeverSeenCheck`), so no run stops on a stale reference.
+  verdict that would stop the run (:class:`NeverSeenCheck`), so no run stops on a stale reference; the first
+  of them, on the unchanged weights, is read from ``UnlearnRequest.tune_scores`` when the caller has them
+  (the service precomputes them per model version), as is ``delta``'s quantile.
 
 Loop (one straight function below): joint forward, check (every ``check_every`` steps), losses, backward,
 Adam step. The retain batches are drawn without replacement with :func:`neighbour_weights` (uniform by
@@ -84,7 +86,7 @@ from unlearn.gradients import (
     make_unlearning_optimizer,
     trainable_parameters,
 )
-from unlearn.heldout import score
+from unlearn.heldout import HeldOutScores, provenance, score
 from unlearn.lm.task import answer_token_log_probs, concat_batches, leading_rows
 from unlearn.membership import membership_losses, membership_test
 from unlearn.methods.simnpo import simnpo_loss_from_nll
@@ -253,6 +255,10 @@ class NeverSeenCheck:
     while the forget set is unlearned: the benchmark's never-seen people moved from 2.12 to ~2.25 nats per
     token over a run.
 
+    ``initial``: the unchanged model's tune scores when the caller precomputed them for this model version
+    (``UnlearnRequest.tune_scores``; the service keeps them per version): the first refresh, at the first
+    check, which both methods run before their first optimiser step, reads them instead of a pass over ``tune``.
+
     With ``accuracy_p`` set, the target also asks what the gate's ``forget_accuracy`` check asks on ``audit``
     (:func:`unlearn.gate.forget_accuracy_p`), here against ``tune``: the forget answers may not be predicted
     whole (teacher-forced exact match) more often than the tune answers by more than
@@ -260,13 +266,18 @@ class NeverSeenCheck:
     """
 
     def __init__(self, target: ForgetTarget, task, tune: ExampleSet, refresh_every: int,
-                 accuracy_p: float | None = None, stall_steps: int | None = None):
+                 accuracy_p: float | None = None, stall_steps: int | None = None,
+                 initial: HeldOutScores | None = None):
         self.target, self.task, self.tune, self.refresh_every = target, task, tune, refresh_every
         self.accuracy_p, self.stall_steps = accuracy_p, stall_steps
         self.loss_level_step: int | None = None  # the first step whose forget losses passed the KS test
         self.tune_losses: np.ndarray | None = None
         self.tune_accuracy = math.nan
         self.calls = self.refreshes = 0
+        self.initial, self.tune_scores = initial, provenance(initial)
+        if initial is not None and len(initial.losses) != len(tune):
+            raise InvalidDataError("tune_scores", f"{len(initial.losses)} precomputed score(s) for {len(tune)} "
+                                   "tune record(s)")
 
     def __call__(self, model: nn.Module, forget_losses: np.ndarray, forget_accuracy: float = math.nan,
                  step: int | None = None) -> ForgetCheck:
@@ -298,7 +309,10 @@ class NeverSeenCheck:
 
     def _decide(self, model: nn.Module, forget_losses: np.ndarray, forget_accuracy: float,
                 refresh: bool) -> ForgetCheck:
-        if refresh:
+        if refresh and self.initial is not None:  # read once, at the first check
+            self.tune_losses, self.tune_accuracy = self.initial.losses, self.initial.accuracy
+            self.initial = None
+        elif refresh:
             with torch.no_grad():
                 scores = score(self.task, model, self.tune)
             self.tune_losses, self.tune_accuracy = scores.losses, scores.accuracy
@@ -337,6 +351,7 @@ class NeverSeenCheck:
         check = replace(check, forget_acc=accuracy(self.task, model, forget))
         details.update(check.details())
         details["tune_refreshes"] = self.refreshes
+        details["tune_scores"] = self.tune_scores
         details["loss_level_step"] = self.loss_level_step
         reached, message = run_outcome(check, steps, max_steps)
         if self.stalled(steps) and not reached and not check.over:  # the run ended on the stall
@@ -365,12 +380,13 @@ def simnpo_rt(model: nn.Module, request: UnlearnRequest, config: SimNPORTConfig)
     target = (ForgetTarget(task, request.tune, None, config.class_forget_target, config.stop_min_p,
                            config.stop_auc_margin, "simnpo+rt") if config.stop_at_target else None)
     stop = (NeverSeenCheck(target, task, request.tune, config.tune_refresh_every, config.stop_accuracy_p,
-                           config.stall_steps) if target is not None else None)
+                           config.stall_steps, request.tune_scores) if target is not None else None)
     if config.delta is not None:
         delta = config.delta
     else:  # beta times a quantile of the never-seen (tune) answers' NLLs, on the weights before any step
         tune = request.require_tune("simnpo+rt (delta comes from the tune records unless given)")
-        delta = config.beta * float(np.quantile(membership_losses(task, work, tune), config.fade_quantile))
+        losses = request.tune_scores.losses if request.tune_scores is not None else membership_losses(task, work, tune)
+        delta = config.beta * float(np.quantile(losses, config.fade_quantile))
     params = trainable_parameters(work)
     optimizer = make_unlearning_optimizer(config.optimizer, params, config.lr)
     device = model_device(work)

@@ -69,7 +69,7 @@ from torch import nn
 from unlearn.data import ExampleSet
 from unlearn.errors import InvalidDataError
 from unlearn.forget_target import DEFAULT_STOP_AUC_MARGIN, DEFAULT_STOP_MIN_P, UNTOUCHED_AUC_Z, ForgetTarget
-from unlearn.heldout import HeldOutScores
+from unlearn.heldout import provenance
 from unlearn.importance import Importance, estimate_importance
 from unlearn.methods.assd import importance_ratio, percentile_alpha
 from unlearn.registry import UnlearnRequest, UnlearnResult, copy_model, register, require
@@ -203,7 +203,7 @@ def ssd_auto(model: nn.Module, request: UnlearnRequest, config: SSDAutoConfig) -
         # The caller's own object, unchanged (UnlearnResult: read-only for callers), not a copy.
         return UnlearnResult(model, details={"start_alpha": None, "trials": 1, "alpha": None,
                                                          "lam": config.lam, "reference_utility": reference_utility,
-                                                         "tune_scores": _provenance(scores),
+                                                         "tune_scores": provenance(scores),
                                                          "search": [vars(untouched)]},
                              target_reached=True, message="forget accuracy already at the held-out level; "
                                                           "weights unchanged")
@@ -257,7 +257,7 @@ def ssd_auto(model: nn.Module, request: UnlearnRequest, config: SSDAutoConfig) -
     accepted = [t for t in trials if t.forgets and t.useful]
     log = [vars(t) for t in trials]
     details = {"start_alpha": start_alpha, "trials": len(trials), "reference_utility": reference_utility,
-               "tune_scores": _provenance(scores),
+               "tune_scores": provenance(scores),
                "utility_set": "tune, kept classes, eval mode" + (", erased classes masked in the reference"
                                                                  if request.forget_classes else ""),
                "search": log}
@@ -281,7 +281,3 @@ def ssd_auto(model: nn.Module, request: UnlearnRequest, config: SSDAutoConfig) -
     request.report(1.0, message)
     return UnlearnResult(work, details=details, target_reached=False, message=message)
 
-
-def _provenance(scores: HeldOutScores | None) -> str:
-    return ("precomputed for the model version" if scores is not None
-            else "computed for this request")
