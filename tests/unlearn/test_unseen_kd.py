@@ -157,3 +157,6 @@ def test_precomputed_tune_scores_replace_the_first_pass_and_change_nothing_else(
     wrong = replace(problem.request(), tune_scores=score(problem.task, problem.model, problem.forget))
     with pytest.raises(InvalidDataError, match="tune_scores"):
         registry.run(method, problem.model, wrong, params)
+    if method == "simnpo+rt":  # without the stop check, its fade's quantile reads them too
+        with pytest.raises(InvalidDataError, match="tune_scores"):
+            registry.run(method, problem.model, wrong, {**params, "stop_at_target": False})

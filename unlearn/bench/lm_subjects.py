@@ -193,8 +193,7 @@ def run_lm_subjects(method: str, scenario_name: str, seed: int, forget_class: in
     policy = GatePolicy()
     splits = [data.split(group) for group in (people.forget, people.retain, people.audit)]
     probe = ParaphraseProbe(task, splits[0], splits[2])  # the gate's knowledge check: this data has paraphrases
-
-    utility_before = None
+    utility_before = None  # the original's retained accuracy; measured per model version below (not for retrain)
 
     def gate(result: UnlearnResult) -> GateResult:
         return judge(task, original, result.model, forget, retain, audit, policy, utility_before=utility_before,

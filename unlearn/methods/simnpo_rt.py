@@ -385,7 +385,11 @@ def simnpo_rt(model: nn.Module, request: UnlearnRequest, config: SimNPORTConfig)
         delta = config.delta
     else:  # beta times a quantile of the never-seen (tune) answers' NLLs, on the weights before any step
         tune = request.require_tune("simnpo+rt (delta comes from the tune records unless given)")
-        losses = request.tune_scores.losses if request.tune_scores is not None else membership_losses(task, work, tune)
+        scores = request.tune_scores
+        if scores is not None and len(scores.losses) != len(tune):
+            raise InvalidDataError("tune_scores", f"{len(scores.losses)} precomputed score(s) for {len(tune)} "
+                                   "tune record(s)")
+        losses = scores.losses if scores is not None else membership_losses(task, work, tune)
         delta = config.beta * float(np.quantile(losses, config.fade_quantile))
     params = trainable_parameters(work)
     optimizer = make_unlearning_optimizer(config.optimizer, params, config.lr)
