@@ -72,6 +72,14 @@ class UnlearnRequest:
             raise InvalidDataError("tune", f"method {method!r} needs never-trained 'tune' records")
         return self.tune
 
+    def precomputed_tune_scores(self) -> HeldOutScores | None:
+        """``tune_scores`` when given, refused (naming the field) when their count is not ``tune``'s."""
+        scores = self.tune_scores
+        if scores is not None and len(scores.losses) != (0 if self.tune is None else len(self.tune)):
+            raise InvalidDataError("tune_scores", f"{len(scores.losses)} precomputed score(s) for "
+                                   f"{0 if self.tune is None else len(self.tune)} tune record(s)")
+        return scores
+
     def require_train_importance(self, method: str) -> TrainImportance:
         if self.train_importance is None:
             raise InvalidDataError("train", f"method {method!r} needs the full training set's importance")

@@ -8,7 +8,7 @@ import torch
 
 from tests.unlearn.helpers import class_problem
 from unlearn import registry
-from unlearn.errors import CacheMismatchError
+from unlearn.errors import CacheMismatchError, InvalidDataError
 from unlearn.heldout import HeldOutCache, HeldOutScores, score
 from unlearn.membership import membership_losses
 from unlearn.registry import copy_model
@@ -149,3 +149,11 @@ def test_evaluation_passes_take_the_tasks_batch_size_unless_told():
     assert rows == [size]
     assert np.allclose(score(task, problem.model, problem.holdout).losses,
                        score(problem.task, problem.model, problem.holdout).losses, atol=1e-6)
+
+
+def test_scores_of_another_size_than_the_tune_records_are_refused_naming_the_field():
+    problem = record_problem()
+    scores = score(problem.task, problem.model, problem.holdout, keys(len(problem.holdout)))
+    short = HeldOutScores(scores.keys[:-1], scores.losses[:-1], scores.correct[:-1])
+    with pytest.raises(InvalidDataError, match="tune_scores"):
+        registry.run("ssd-auto", problem.model, problem.request(tune_scores=short))

@@ -195,7 +195,7 @@ def shrink_perturb(model: nn.Module, request: UnlearnRequest, config: ShrinkPert
     floor_weight = 0.0 if request.forget_classes else config.floor_weight  # a class has its own target
     details["floor_weight"] = floor_weight
     if config.check_first:  # the unchanged model's tune losses, when the caller precomputed them (record erasure)
-        scores = None if request.forget_classes else request.tune_scores
+        scores = None if request.forget_classes else request.precomputed_tune_scores()
         untouched = target.check(model, request.forget, None if scores is None else scores.losses,
                                  auc_z=UNTOUCHED_AUC_Z)
         if untouched.reached:

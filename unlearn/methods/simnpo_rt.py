@@ -275,9 +275,6 @@ class NeverSeenCheck:
         self.tune_accuracy = math.nan
         self.calls = self.refreshes = 0
         self.initial, self.tune_scores = initial, provenance(initial)
-        if initial is not None and len(initial.losses) != len(tune):
-            raise InvalidDataError("tune_scores", f"{len(initial.losses)} precomputed score(s) for {len(tune)} "
-                                   "tune record(s)")
 
     def __call__(self, model: nn.Module, forget_losses: np.ndarray, forget_accuracy: float = math.nan,
                  step: int | None = None) -> ForgetCheck:
@@ -380,15 +377,12 @@ def simnpo_rt(model: nn.Module, request: UnlearnRequest, config: SimNPORTConfig)
     target = (ForgetTarget(task, request.tune, None, config.class_forget_target, config.stop_min_p,
                            config.stop_auc_margin, "simnpo+rt") if config.stop_at_target else None)
     stop = (NeverSeenCheck(target, task, request.tune, config.tune_refresh_every, config.stop_accuracy_p,
-                           config.stall_steps, request.tune_scores) if target is not None else None)
+                           config.stall_steps, request.precomputed_tune_scores()) if target is not None else None)
     if config.delta is not None:
         delta = config.delta
     else:  # beta times a quantile of the never-seen (tune) answers' NLLs, on the weights before any step
         tune = request.require_tune("simnpo+rt (delta comes from the tune records unless given)")
-        scores = request.tune_scores
-        if scores is not None and len(scores.losses) != len(tune):
-            raise InvalidDataError("tune_scores", f"{len(scores.losses)} precomputed score(s) for {len(tune)} "
-                                   "tune record(s)")
+        scores = request.precomputed_tune_scores()
         losses = scores.losses if scores is not None else membership_losses(task, work, tune)
         delta = config.beta * float(np.quantile(losses, config.fade_quantile))
     params = trainable_parameters(work)

@@ -175,7 +175,7 @@ def ssd_auto(model: nn.Module, request: UnlearnRequest, config: SSDAutoConfig) -
                           config.stop_min_p, config.stop_auc_margin, "ssd-auto")
     # The unchanged model's tune scores, precomputed per model version (unlearn.heldout) where the caller has
     # them: record erasure only (class erasure's reference masks the erased classes' logits).
-    scores = None if request.forget_classes else request.tune_scores
+    scores = None if request.forget_classes else request.precomputed_tune_scores()
     if scores is not None:
         reference_utility = scores.accuracy
     else:

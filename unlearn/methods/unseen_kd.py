@@ -307,7 +307,7 @@ def unseen_kd(model: nn.Module, request: UnlearnRequest, config: UnseenKDConfig)
     target = (ForgetTarget(task, tune, None, 0.0, config.stop_min_p, config.stop_auc_margin, "unseen-kd")
               if config.stop_at_target else None)
     stop = (NeverSeenCheck(target, task, tune, config.tune_refresh_every, config.stop_accuracy_p, config.stall_steps,
-                           request.tune_scores) if target is not None else None)
+                           request.precomputed_tune_scores()) if target is not None else None)
     optimizer = make_unlearning_optimizer(config.optimizer, trainable_parameters(work), config.lr)
     device = model_device(work)
     probs = [t.to(device) for t in targets.probs]
