@@ -35,7 +35,7 @@ from unlearn.atomic_files import partial_path
 from unlearn.data import ExampleSet
 from unlearn.errors import CacheMismatchError, InvalidDataError
 from unlearn.importance import weights_digest
-from unlearn.tasks import TaskAdapter, eval_batch_size, eval_mode
+from unlearn.tasks import TaskAdapter, eval_batch_size, eval_losses_and_correct, eval_mode
 
 
 @dataclass(frozen=True)
@@ -88,9 +88,9 @@ def score(task: TaskAdapter, model: nn.Module, examples: ExampleSet, keys: np.nd
     losses, correct = [], []
     with eval_mode(model):
         for batch in examples.batches(eval_batch_size(task, batch_size), device):
-            outputs = task.outputs(model, batch)  # one forward pass for both
-            losses.append((task.losses_from_outputs(outputs, batch) / task.target_lengths(batch).clamp_min(1)).double().cpu())
-            correct.append(task.correct_from_outputs(outputs, batch).cpu())
+            summed, right = eval_losses_and_correct(task, model, batch)  # one forward pass for both
+            losses.append((summed / task.target_lengths(batch).clamp_min(1)).double().cpu())
+            correct.append(right.cpu())
     return HeldOutScores(keys, torch.cat(losses).numpy(), torch.cat(correct).numpy().astype(bool))
 
 

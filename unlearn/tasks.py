@@ -162,6 +162,18 @@ def eval_batch_size(task: TaskAdapter, batch_size: int | None = None) -> int:
     return batch_size if batch_size is not None else getattr(task, "eval_batch_size", EVAL_BATCH_SIZE)
 
 
+def eval_losses_and_correct(task: TaskAdapter, model: nn.Module, batch: Batch) -> tuple[Tensor, Tensor]:
+    """Per-example loss (as ``losses_from_outputs``) and correctness (as ``correct_from_outputs``) of one
+    evaluation pass. A task with its own ``eval_losses_and_correct`` computes them its way (a causal LM: the
+    output layer on the answer positions only, :meth:`unlearn.lm.task.CausalLMTask.answer_logits`); otherwise
+    both come from the task's full outputs."""
+    own = getattr(task, "eval_losses_and_correct", None)
+    if own is not None:
+        return own(model, batch)
+    outputs = task.outputs(model, batch)
+    return task.losses_from_outputs(outputs, batch), task.correct_from_outputs(outputs, batch)
+
+
 @torch.no_grad()
 def accuracy(task: TaskAdapter, model: nn.Module, examples: ExampleSet, batch_size: int | None = None) -> float:
     """Fraction of examples the model gets right, in eval mode; the model's mode is restored."""

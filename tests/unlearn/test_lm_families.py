@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 
+import numpy as np
+
 import pytest
 import torch
 
@@ -83,3 +85,60 @@ def test_a_llama_style_model_trains_deterministically_memorises_and_round_trips_
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), loaded.state_dict().values()))
     again = train_lm(task, factory(0), examples, TINY_RECIPE)
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values()))
+
+
+class _OtherCausalLM(torch.nn.Module):
+    """A causal LM of a model type outside ``ANSWER_HEAD_MODEL_TYPES``: only its full logits exist."""
+
+    def __init__(self, inner: torch.nn.Module):
+        super().__init__()
+        self.inner = inner
+        self.config = dataclasses.make_dataclass("Config", [("model_type", str)])("other")
+        self.full_passes = 0
+
+    def forward(self, input_ids, attention_mask):
+        self.full_passes += 1
+        return self.inner(input_ids=input_ids, attention_mask=attention_mask)
+
+
+@pytest.mark.parametrize("architecture", ["gpt2", "llama", "other"])
+def test_evaluation_passes_on_the_answer_positions_give_the_full_outputs_numbers_to_the_bit(architecture):
+    from unlearn.heldout import score
+    from unlearn.lm.metrics import answer_statistics
+    from unlearn.lm.task import answer_token_log_probs
+
+    problem = lm_problem()
+    task, examples = problem.task, problem.forget.concat(problem.holdout)
+    model = (GPTFactory(task.vocab_size, LLAMA_TINY, task.eos_token_id)(3) if architecture == "llama"
+             else problem.model).eval()
+    if architecture == "other":
+        model = _OtherCausalLM(model)
+    batch = dict(examples.tensors)
+    with torch.no_grad():
+        outputs = task.outputs(model, batch)
+        full_losses = task.losses_from_outputs(outputs, batch)
+        full_correct = task.correct_from_outputs(outputs, batch)
+        full_log_probs, full_mask = answer_token_log_probs(outputs, batch["input_ids"], batch["answer_mask"])
+        if architecture == "other":
+            model.full_passes = 0
+        head_inputs = []
+        hook = model.get_output_embeddings().register_forward_hook(
+            lambda module, inputs, output: head_inputs.append(tuple(inputs[0].shape))) if architecture != "other" else None
+        losses, correct = task.eval_losses_and_correct(model, batch)
+        if hook is not None:  # the output layer ran on the answer-predicting positions only
+            hook.remove()
+            assert head_inputs == [(int(batch["answer_mask"][:, 1:].sum()), model.config.hidden_size)]
+        log_probs, mask = task.answer_log_probs(model, batch)
+        right = task.correct(model, batch)
+    assert torch.equal(losses, full_losses) and torch.equal(correct, full_correct) and torch.equal(right, full_correct)
+    assert torch.equal(mask, full_mask) and torch.equal(log_probs * mask, full_log_probs * full_mask)
+    if architecture != "llama":  # the trained GPT recites the forget answers, not the never-seen ones
+        assert 0 < int(full_correct.sum()) < len(examples)
+    # the answer-only path is what score, accuracy and answer_statistics use
+    scores = score(task, model, examples)
+    assert np.array_equal(scores.losses, (full_losses / task.target_lengths(batch)).double().numpy())
+    assert accuracy(task, model, examples) == int(full_correct.sum()) / len(examples)
+    statistics = answer_statistics(task, model, examples)
+    assert torch.equal(statistics.nll, -(full_log_probs * full_mask).double().sum(dim=1))
+    if architecture == "other":  # no base model to call: every pass was a full one
+        assert model.full_passes > 0

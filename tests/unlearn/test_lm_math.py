@@ -28,7 +28,7 @@ from unlearn.lm.metrics import (
     truth_ratio_score,
     truth_ratios,
 )
-from unlearn.lm.task import answer_token_log_probs
+from unlearn.lm.task import CausalLMTask, answer_token_log_probs
 from unlearn.methods.flat import (
     flat_loss_from_probabilities,
     mean_answer_token_probability,
@@ -191,7 +191,10 @@ def test_answer_statistics_loss_probability_and_min_k():
                            "answer_mask": torch.tensor([[0, 1, 1, 1]]), "subject_id": torch.tensor([0])})
     model = _FixedLogits(_logits_for([{6: 0.5, 1: 0.5}, {7: 0.25, 2: 0.75}, {0: 0.8, 3: 0.2}, {0: 1.0}], 10))
 
-    class Task:
+    class Task(CausalLMTask):  # no tokenizer needed; a model without a config gets its full logits selected
+        def __init__(self):
+            pass
+
         def outputs(self, model, batch):
             return model(batch["input_ids"], batch["attention_mask"]).logits
 

@@ -53,7 +53,7 @@ from torch import Tensor, nn
 
 from unlearn.data import ExampleSet
 from unlearn.errors import InvalidDataError
-from unlearn.lm.task import CausalLMTask, answer_token_log_probs
+from unlearn.lm.task import CausalLMTask
 from unlearn.membership import MembershipResult, knowledge_probe, membership_test
 from unlearn.tasks import eval_mode
 
@@ -135,8 +135,7 @@ def answer_statistics(task: CausalLMTask, model: nn.Module, examples: ExampleSet
     nll, lengths, min_k = [], [], []
     with eval_mode(model):
         for batch in examples.batches(batch_size, device):
-            log_probs, mask = answer_token_log_probs(task.outputs(model, batch), batch["input_ids"],
-                                                     batch["answer_mask"])
+            log_probs, mask = task.answer_log_probs(model, batch)
             log_probs, mask = log_probs.double().cpu(), mask.double().cpu()
             nll.append(-(log_probs * mask).sum(dim=1))
             lengths.append(mask.sum(dim=1))
