@@ -250,7 +250,7 @@ def unseen_targets(task, model: nn.Module, forget: ExampleSet, tune: ExampleSet,
     try:
         for start in range(0, len(sequences), batch_size):
             batch = {name: t[start:start + batch_size].to(device) for name, t in swapped.tensors.items()}
-            probs = F.softmax(answer_logits(task.outputs(model, batch), batch).float(), dim=-1)
+            probs = F.softmax(task.answer_logits(model, batch)[0].float(), dim=-1)
             lengths = batch["answer_mask"][:, 1:].sum(dim=1).tolist()
             for offset, part in enumerate(torch.split(probs, lengths)):
                 row, index = owners[start + offset]
