@@ -142,3 +142,34 @@ def test_evaluation_passes_on_the_answer_positions_give_the_full_outputs_numbers
     assert torch.equal(statistics.nll, -(full_log_probs * full_mask).double().sum(dim=1))
     if architecture == "other":  # no base model to call: every pass was a full one
         assert model.full_passes > 0
+
+
+def test_the_benchmarks_warm_up_request_erases_other_people_and_changes_nothing_it_times(tmp_path, monkeypatch):
+    from unlearn import registry
+    from unlearn.bench import lm_subjects
+    from unlearn.gate import GatePolicy
+    from unlearn.registry import UnlearnRequest
+
+    data = load_fictitious_subjects(tmp_path, people=60, never_trained=20)
+    task, people = data.task, people_splits(data, 0)
+    model = GPTFactory(task.vocab_size, TINY_SPEC, task.eos_token_id)(0)
+    forget, retain, tune = (data.examples(group) for group in (people.forget, people.retain, people.tune))
+    request = UnlearnRequest(task=task, forget=forget, retain=retain, tune=tune, seed=0)
+    timed = {"max_steps": 2, "stop_at_target": False}
+    cold = registry.run("unseen-kd", model, request, timed).model.state_dict()
+    original = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+
+    calls, run = [], registry.run
+    monkeypatch.setattr(registry, "run", lambda name, m, r, params=None: calls.append(
+        (name, sorted(set(r.forget["subject_id"].tolist())), params)) or run(name, m, r, params))
+    seconds = lm_subjects.warm_up_request("auto", None, model, request, data, people, GatePolicy())
+    assert seconds > 0
+    others = sorted(people.retain[: len(people.forget)])  # as many other training people, none of the forget ones
+    assert calls == [("unseen-kd", others, {"max_steps": lm_subjects.WARM_UP_STEPS})]
+    assert not set(others) & set(people.forget)
+    assert all(torch.equal(original[name], tensor) for name, tensor in model.state_dict().items())
+    warm = run("unseen-kd", model, request, timed).model.state_dict()
+    assert all(torch.equal(cold[name], warm[name]) for name in cold)  # the timed request is the same request
+    calls.clear()
+    lm_subjects.warm_up_request("finetune", {}, model, request, data, people, GatePolicy())
+    assert calls == []  # no step budget to shorten: only the gate warms up
