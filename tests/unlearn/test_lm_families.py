@@ -122,8 +122,8 @@ def test_evaluation_passes_on_the_answer_positions_give_the_full_outputs_numbers
         if architecture == "other":
             model.full_passes = 0
         head_inputs = []
-        hook = model.get_output_embeddings().register_forward_hook(
-            lambda module, inputs, output: head_inputs.append(tuple(inputs[0].shape))) if architecture != "other" else None
+        hook = None if architecture == "other" else model.get_output_embeddings().register_forward_hook(
+            lambda module, inputs, output: head_inputs.append(tuple(inputs[0].shape)))
         losses, correct = task.eval_losses_and_correct(model, batch)
         if hook is not None:  # the output layer ran on the answer-predicting positions only
             hook.remove()

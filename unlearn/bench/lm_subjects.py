@@ -239,7 +239,8 @@ def run_lm_subjects(method: str, scenario_name: str, seed: int, forget_class: in
         registry.parse_config(method, params), "batch_size", TIMING_BATCH_SIZE)
     warm_up(device)
     unit = fwd_bwd_seconds(task, original, forget, batch_size)  # also warms up autograd before the timing
-    warm_up_seconds = warm_up_request(method, params, original, request, data, people, policy) if method != "retrain" else 0.0
+    warm_up_seconds = (warm_up_request(method, params, original, request, data, people, policy)
+                       if method != "retrain" else 0.0)  # the retrain's own first steps are its warm-up
     torch.manual_seed(seed)  # as before the warm-up (the methods draw from their own seeded generators anyway)
     attempts, precompute_seconds = None, 0.0
     if method == "retrain":  # the original recipe, in this process: the unlearned model IS the retrain

@@ -228,13 +228,14 @@ class CausalLMTask:
     def answer_logits(self, model: nn.Module, batch: Batch) -> tuple[Tensor, Tensor]:
         """The logits that predict the answer targets, [n, V] row after row, and the targets' mask [B, L - 1] (bool).
 
-        For the model types of :data:`ANSWER_HEAD_MODEL_TYPES` the output layer runs on those positions only:
-        the same values to the bit as selecting them from :meth:`outputs` (each position's logits are one row
-        of the same product), for a fraction of the cost, since the answers are about a quarter of the
-        positions of the LM benchmark's rows. On its GPT (2 threads) scoring the 280 never-seen answers took
-        0.18-0.19 s instead of 0.25-0.27 s, and the 1,080 rows of the gate's paraphrase probe 0.60 s instead of
-        0.67 s. Other models: the full outputs, selected. For evaluation passes; the training losses keep
-        :meth:`outputs`, so the models the project trains do not depend on it.
+        For the model types of :data:`ANSWER_HEAD_MODEL_TYPES` the output layer runs on those positions only,
+        for a fraction of the cost (the answers are about a quarter of the positions of the LM benchmark's
+        rows), with the same values to the bit as selecting them from :meth:`outputs` on both architectures
+        (test ``test_evaluation_passes_on_the_answer_positions_give_the_full_outputs_numbers_to_the_bit``).
+        On the benchmark's GPT (2 threads) scoring the 280 never-seen answers took 0.18-0.19 s instead of
+        0.25-0.27 s, and the 1,080 rows of the gate's paraphrase probe 0.60 s instead of 0.67 s. Other models:
+        the full outputs, selected. For evaluation passes; the training losses keep :meth:`outputs` (the
+        gradients would differ in the last bits), so the models the project trains do not depend on it.
         """
         mask = batch["answer_mask"][:, 1:].bool()
         config = getattr(model, "config", None)
