@@ -87,6 +87,11 @@ def concat_batches(batches: Sequence[Batch], pad_token_id: int) -> Batch:
     return out
 
 
+def answer_logits(outputs: Tensor, batch: Batch) -> Tensor:
+    """The logits that predict the batch's answer tokens, [answer tokens, V], row after row (the causal shift)."""
+    return outputs[:, :-1][batch["answer_mask"][:, 1:].bool()]
+
+
 def leading_rows(batch: Batch, count: int) -> Batch:
     """The first ``count`` rows of every tensor of ``batch``: one part of a :func:`concat_batches` result (views)."""
     return {name: tensor[:count] for name, tensor in batch.items()}
@@ -243,7 +248,7 @@ class CausalLMTask:
             hidden = model.base_model(input_ids=batch["input_ids"],
                                       attention_mask=batch["attention_mask"]).last_hidden_state
             return model.get_output_embeddings()(hidden[:, :-1][mask]), mask
-        return self.outputs(model, batch)[:, :-1][mask], mask
+        return answer_logits(self.outputs(model, batch), batch), mask
 
     def answer_log_probs(self, model: nn.Module, batch: Batch) -> tuple[Tensor, Tensor]:
         """:func:`answer_token_log_probs` of the model on ``batch`` at the answer targets, from

@@ -76,7 +76,7 @@ from unlearn.data import ExampleSet
 from unlearn.errors import InvalidDataError
 from unlearn.forget_target import ForgetTarget
 from unlearn.gradients import make_unlearning_optimizer, trainable_parameters
-from unlearn.lm.task import concat_batches, leading_rows, model_context_length
+from unlearn.lm.task import answer_logits, concat_batches, leading_rows, model_context_length
 from unlearn.methods.simnpo_rt import NeverSeenCheck, require_stop_rule
 from unlearn.registry import UnlearnRequest, UnlearnResult, copy_model, model_device, register, require
 
@@ -197,11 +197,6 @@ def nearest_prompts(prompts: list[list[int]], subjects: list[int], candidates: l
 def answer_rows(examples: ExampleSet) -> list[list[int]]:
     """Each example's answer tokens (the end token included), as trained on."""
     return [ids[mask.bool()].tolist() for ids, mask in zip(examples["input_ids"], examples["answer_mask"])]
-
-
-def answer_logits(outputs: Tensor, batch: dict[str, Tensor]) -> Tensor:
-    """The logits that predict the batch's answer tokens, [answer tokens, V], row after row (the causal shift)."""
-    return outputs[:, :-1][batch["answer_mask"][:, 1:].bool()]
 
 
 @dataclass
