@@ -41,7 +41,9 @@ def test_chain_and_certificates_verify_offline(lethe_state, audited_copy, capsys
     ("UPDATE audit_log SET body_json = body_json || ' ' WHERE seq = 2", "altered"),  # whatever entry 2 is
     ("DELETE FROM audit_log WHERE seq = 3", "expected sequence 3"),
     ("UPDATE certificates SET body_json = replace(body_json, '\"approximate\"', '\"exact\"')", "signature"),
-    ("UPDATE audit_log SET signature = '00' || substr(signature, 3) WHERE seq = 1", "bad signature"),
+    # the first byte always changes (a signature that already began with 00 made the old '00' || ... a no-op, 1 in 256)
+    ("UPDATE audit_log SET signature = (CASE WHEN substr(signature, 1, 2) = '00' THEN 'ff' ELSE '00' END)"
+     " || substr(signature, 3) WHERE seq = 1", "bad signature"),
 ])
 def test_tampering_is_detected(audited_copy, tamper, expected):
     path, key = audited_copy
