@@ -152,15 +152,19 @@ def test_the_database_refuses_a_second_running_job_of_one_model(store_url, tmp_p
     ctx.store.dispose()
 
 
-def test_an_expired_lease_is_reclaimed_counted_and_fenced_then_failed(store_url, tmp_path):
-    ctx = make_context(store_url, tmp_path, job_lease_s=1.0, job_max_attempts=2)
+def test_an_expired_lease_is_reclaimed_counted_and_fenced_then_failed(store_url, tmp_path, monkeypatch):
+    # The store's clock is moved forward past the lease instead of sleeping through it: with a real 1 s lease, a
+    # loaded CI machine once took longer than the lease between the first and second claim.
+    real_utcnow, skew = db.utcnow, [timedelta(0)]
+    monkeypatch.setattr(db, "utcnow", lambda: real_utcnow() + skew[0])
+    ctx = make_context(store_url, tmp_path, job_lease_s=60.0, job_max_attempts=2)
     add_model(ctx, "m")
     add_job(ctx, "job-1", "m", request_id="r-1")
     first, second, third = Scheduler(ctx, "first"), Scheduler(ctx, "second"), Scheduler(ctx, "third")
     claim = first.claim()
     assert claim is not None and claim.attempt == 1
     assert second.claim() is None, "a live lease is not reclaimed"
-    time.sleep(1.2)
+    skew[0] += timedelta(seconds=61)
     reclaimed = second.claim()
     assert reclaimed is not None and (reclaimed.job_id, reclaimed.attempt) == ("job-1", 2)
     with pytest.raises(LeaseLost):  # the first holder can no longer write anything for the job
@@ -168,7 +172,7 @@ def test_an_expired_lease_is_reclaimed_counted_and_fenced_then_failed(store_url,
             pass
     assert first.fail(claim, RuntimeError("late")) is False
     assert first.renew(claim) is False
-    time.sleep(1.2)
+    skew[0] += timedelta(seconds=61)
     assert third.claim() is None  # attempts used up: FAILED instead of a third claim
     with ctx.store.read() as conn:
         job = db.get_job(conn, "job-1")
@@ -181,13 +185,13 @@ def test_an_expired_lease_is_reclaimed_counted_and_fenced_then_failed(store_url,
 
 
 def test_a_heartbeat_keeps_the_lease(store_url, tmp_path):
-    ctx = make_context(store_url, tmp_path, job_lease_s=1.0)
+    ctx = make_context(store_url, tmp_path, job_lease_s=3.0)  # beats every 1 s; slack for a loaded machine
     add_model(ctx, "m")
     add_job(ctx, "job-1", "m")
     holder = Scheduler(ctx, "holder")
     claim = holder.claim()
     with Heartbeat(holder, claim) as heartbeat:
-        time.sleep(2.5)
+        time.sleep(4.0)  # past one lease: only the renewals keep it
         assert Scheduler(ctx, "other").claim() is None
         assert not heartbeat.lost.is_set()
     ctx.store.dispose()
