@@ -116,8 +116,9 @@ def test_default_chain_drops_the_methods_that_need_training_without_a_recipe():
 
 def test_a_default_chain_step_carries_its_own_parameters_and_they_are_valid():
     chain = default_chain("causal_lm")
-    assert chain == [("unseen-kd", {}), ("simnpo+rt", {}), ("simnpo+rt", {"fade_quantile": 0.8}), ("retrain", {})]
-    assert default_chain("causal-lm", has_training=False) == chain[:3]
+    assert chain == [("unseen-kd", {}), ("simnpo+rt", {}), ("simnpo+rt", {"fade_quantile": 0.8}),
+                     ("unseen-kd", {"screen": 4}), ("retrain", {})]
+    assert default_chain("causal-lm", has_training=False) == chain[:4]
     for name, params in chain:  # each step's parameters build its method's config
         config = registry.parse_config(name, params)
         assert all(getattr(config, key) == value for key, value in params.items())

@@ -21,6 +21,7 @@ from unlearn.methods.unseen_kd import (
     answer_rows,
     distillation_loss,
     nearest_prompts,
+    screened,
     subject_tokens,
     swap_uncertain,
     unseen_targets,
@@ -73,6 +74,40 @@ def test_the_erased_token_gets_the_neighbours_true_token_probability_only_where_
     assert torch.equal(probs[0], torch.tensor([0.05, 0.60, 0.30, 0.05]))  # the input is not changed
     # A neighbour with the same token, or a shorter answer, leaves the position as it is.
     assert torch.equal(swap_uncertain(probs, [1, 2], [1], 0.5), probs)
+
+
+def test_screening_drops_the_neighbours_whose_guess_is_the_erased_value_nearest_first():
+    answer = [3, 2, 9]  # the erased answer: value token 3, then the frame 2, 9
+    guess_it = torch.tensor([[0.1, 0.1, 0.1, 0.7], [0, 0, 1.0, 0], [0, 0, 0, 1.0]])  # 0.7 on token 3
+    unsure = torch.tensor([[0.1, 0.6, 0.1, 0.2], [0, 0, 1.0, 0], [0, 0, 0, 1.0]])  # 0.2 on token 3
+    candidate_answers = [[1, 2, 9], [1, 2, 9], [3, 2, 9], [3, 5, 9]]
+    # Candidate 0 guesses the erased value at the first position where its own answer differs: dropped.
+    options = [(0, guess_it), (1, unsure)]
+    assert [i for i, _ in screened(options, answer, candidate_answers, 0.5)] == [1]
+    # A candidate whose own answer is the erased one does not differ anywhere: kept, whatever it guesses.
+    assert [i for i, _ in screened([(2, guess_it), (1, unsure)], answer, candidate_answers, 0.5)] == [2, 1]
+    # Judged at the first differing position: candidate 3's answer differs at 1, where the guess is the erased
+    # answer's token 2 (1.0), though its guess at position 0 (the erased 3 at 0.2) is unsure.
+    assert [i for i, _ in screened([(3, unsure), (1, unsure)], answer, candidate_answers, 0.5)] == [1]
+    # When every candidate guesses it, all stay (nearest first).
+    assert [i for i, _ in screened([(0, guess_it), (1, guess_it)], answer, candidate_answers, 0.5)] == [0, 1]
+
+
+def test_screening_off_or_over_one_neighbour_gives_the_plain_targets_and_never_more_whole_answers():
+    problem = lm_problem()
+
+    def targets(screen):
+        return unseen_targets(problem.task, problem.model, problem.forget, problem.holdout, neighbours=1,
+                              swap_below=0.5, screen=screen).probs
+
+    plain, answers = targets(0), answer_rows(problem.forget)
+    # Screening the nearest alone keeps it (kept, or all when it guesses the value): the plain targets.
+    assert all(torch.equal(a, b) for a, b in zip(plain, targets(1)))
+
+    def whole(probs):
+        return sum(bool((p.argmax(dim=-1) == torch.tensor(a)).all()) for p, a in zip(probs, answers))
+
+    assert whole(targets(4)) <= whole(plain)
 
 
 def test_distillation_loss_is_the_kl_divergence_and_zero_at_the_target():
@@ -133,7 +168,7 @@ def test_unseen_kd_needs_tune_records_and_valid_parameters():
     with pytest.raises(InvalidDataError, match="tune"):
         registry.run("unseen-kd", problem.model, no_tune, TINY)
     for field, value in (("neighbours", 0), ("swap_below", 1.5), ("retain_weight", -1.0), ("ceiling_weight", -1.0),
-                         ("stall_steps", 0)):
+                         ("stall_steps", 0), ("screen", -1)):
         with pytest.raises(Exception, match=field):
             registry.parse_config("unseen-kd", {field: value})
 

@@ -105,6 +105,10 @@ class UnseenKDConfig:
     stall_steps: stop (``target_reached=False``, said in the message) when the forget losses first passed the
         KS test this many steps ago and the rest of the target has not followed; None runs to ``max_steps``
         (:meth:`unlearn.methods.simnpo_rt.NeverSeenCheck.stalled` says where 40 comes from).
+    screen: 0 (the default) takes each record's nearest tune prompts as they come. ``k`` >= 1 looks at its ``k``
+        nearest and keeps those whose model guess at the first answer position where the neighbour's own answer
+        differs is not the erased token (its probability below ``swap_below``), nearest first; the nearest ones
+        when none is (:func:`screened`). The default chain's last approximate attempt uses 4 (:mod:`unlearn.chain`).
     """
 
     neighbours: int = 1
@@ -123,9 +127,11 @@ class UnseenKDConfig:
     stop_auc_margin: float = 0.02
     stop_accuracy_p: float | None = 0.1
     stall_steps: int | None = 40
+    screen: int = 0
 
     def __post_init__(self) -> None:
         require(1 <= self.neighbours <= 1024, "neighbours", f"must be in [1, 1024], got {self.neighbours}")
+        require(0 <= self.screen <= 1024, "screen", f"must be in [0, 1024], got {self.screen}")
         require(0 <= self.swap_below <= 1, "swap_below", f"must be in [0, 1], got {self.swap_below}")
         require(0 <= self.ceiling_weight <= 1000, "ceiling_weight", f"must be in [0, 1000], got {self.ceiling_weight}")
         require(0 <= self.retain_weight <= 1000, "retain_weight", f"must be in [0, 1000], got {self.retain_weight}")
@@ -210,7 +216,7 @@ class UnseenTargets:
 
 @torch.no_grad()
 def unseen_targets(task, model: nn.Module, forget: ExampleSet, tune: ExampleSet, neighbours: int,
-                   swap_below: float, batch_size: int = 256) -> UnseenTargets:
+                   swap_below: float, batch_size: int = 256, screen: int = 0) -> UnseenTargets:
     """Per forget record, the model's next-token distributions over its answer after its nearest tune prompts.
 
     At the answer positions where such a distribution gives the record's own token less than ``swap_below``
@@ -223,7 +229,8 @@ def unseen_targets(task, model: nn.Module, forget: ExampleSet, tune: ExampleSet,
         distinct.setdefault(tuple(prompt), answer)
     candidates = [list(prompt) for prompt in distinct]
     candidate_answers = list(distinct.values())
-    nearest = nearest_prompts(task.prompt_ids(forget), forget["subject_id"].tolist(), candidates, neighbours)
+    nearest = nearest_prompts(task.prompt_ids(forget), forget["subject_id"].tolist(), candidates,
+                              max(neighbours, screen))
     context = model_context_length(model)
     answers = answer_rows(forget)
     sequences, owners = [], []
@@ -238,8 +245,7 @@ def unseen_targets(task, model: nn.Module, forget: ExampleSet, tune: ExampleSet,
         raise InvalidDataError("tune", "no tune prompt fits a forget answer in the model's context")
     swapped = task.pack(sequences, torch.zeros(len(sequences), dtype=torch.long))
     device = model_device(model)
-    sums: list[Tensor | None] = [None] * len(forget)
-    counts = [0] * len(forget)
+    guesses: list[list[tuple[int, Tensor]]] = [[] for _ in range(len(forget))]  # per record, nearest first
     was_training = model.training
     model.eval()
     try:
@@ -249,21 +255,50 @@ def unseen_targets(task, model: nn.Module, forget: ExampleSet, tune: ExampleSet,
             lengths = batch["answer_mask"][:, 1:].sum(dim=1).tolist()
             for offset, part in enumerate(torch.split(probs, lengths)):
                 row, index = owners[start + offset]
-                part = swap_uncertain(part, answers[row], candidate_answers[index], swap_below)
-                sums[row] = part if sums[row] is None else sums[row] + part
-                counts[row] += 1
+                guesses[row].append((index, part))
     finally:
         model.train(was_training)
-    missing = [row for row, total in enumerate(sums) if total is None]
+    missing = [row for row, options in enumerate(guesses) if not options]
     if missing:
         raise InvalidDataError("forget", f"{len(missing)} forget record(s) have no tune prompt short enough to "
                                "carry their answer in the model's context")
-    probs = [total / count for total, count in zip(sums, counts)]
+    probs = []
+    for answer, options in zip(answers, guesses):
+        if screen:
+            options = screened(options, answer, candidate_answers, swap_below)
+        parts = [swap_uncertain(part, answer, candidate_answers[index], swap_below)
+                 for index, part in options[:neighbours]]
+        total = parts[0]
+        for part in parts[1:]:
+            total = total + part
+        probs.append(total / len(parts))
     ceiling = []
     for target, answer in zip(probs, answers):
         own = target[torch.arange(len(answer)), torch.tensor(answer, device=target.device)]
         ceiling.append(torch.where(own < swap_below, own.clamp_min(1e-30).log(), torch.zeros_like(own)))
     return UnseenTargets(probs, ceiling)
+
+
+def screened(options: list[tuple[int, Tensor]], answer: list[int], candidate_answers: list[list[int]],
+             below: float) -> list[tuple[int, Tensor]]:
+    """``options`` (candidate index, the model's distributions over ``answer``'s positions after that candidate's
+    prompt), nearest first, without those whose guess is the erased value: the ones where, at the first position
+    at which the candidate's own answer differs from ``answer``, ``answer``'s token gets ``below`` or more
+    (a candidate whose answer does not differ stays). All of ``options`` when every one guesses it.
+
+    Why: on a few records the nearest never-seen person's question already gets the erased value from the
+    model (0.70-0.95 on biographies seed 2: "Which book did ... write?" -> "Blackwater"), so no position is
+    swapped and the targets predict the erased answer whole; the run then cannot reach the never-seen level
+    (docs/results/lm.md, "Screening the neighbours as a last approximate attempt").
+    """
+    def guesses_it(option: tuple[int, Tensor]) -> bool:
+        index, part = option
+        other = candidate_answers[index]
+        first = next((p for p, (a, b) in enumerate(zip(answer, other)) if a != b), None)
+        return first is not None and first < len(part) and float(part[first, answer[first]]) >= below
+
+    kept = [option for option in options if not guesses_it(option)]
+    return kept or options
 
 
 def swap_uncertain(probs: Tensor, answer: list[int], neighbour_answer: list[int], below: float) -> Tensor:
@@ -298,7 +333,7 @@ def unseen_kd(model: nn.Module, request: UnlearnRequest, config: UnseenKDConfig)
         raise InvalidDataError("task", f"unseen-kd needs a causal-LM task, got {task.name!r}")
     work = copy_model(model)
     work.eval()  # gradients with frozen normalisation statistics, no dropout
-    targets = unseen_targets(task, work, forget, tune, config.neighbours, config.swap_below)
+    targets = unseen_targets(task, work, forget, tune, config.neighbours, config.swap_below, screen=config.screen)
     target = (ForgetTarget(task, tune, None, 0.0, config.stop_min_p, config.stop_auc_margin, "unseen-kd")
               if config.stop_at_target else None)
     stop = (NeverSeenCheck(target, task, tune, config.tune_refresh_every, config.stop_accuracy_p, config.stall_steps,
