@@ -2,9 +2,9 @@
 
 :func:`erase` runs :func:`unlearn.chain.run_chain` with the task's default chain
 (:data:`unlearn.chain.DEFAULT_CHAINS`: ``ssd-auto`` -> ``shrink-perturb`` -> ``gu+graddiff`` -> ``retrain`` for
-classifiers, ``unseen-kd`` -> ``simnpo+rt`` (twice) -> ``retrain`` for causal LMs) or the chain a scenario
-names, every attempt from the same starting model, and keeps the first result that :func:`unlearn.gate.judge`
-passes with the default :class:`unlearn.gate.GatePolicy`:
+classifiers, ``unseen-kd`` -> ``simnpo+rt`` (twice) -> ``unseen-kd`` screened -> ``retrain`` for causal LMs) or
+the chain a scenario names, every attempt from the same starting model, and keeps the first result that
+:func:`unlearn.gate.judge` passes with the default :class:`unlearn.gate.GatePolicy`:
 
 - utility on ``utility`` (classifiers: audit records of the classes that stay; causal LMs: retained people's
   questions) at most 2 points below the starting model's;

@@ -8,7 +8,8 @@ five questions each. The run's seed (``numpy.random.default_rng(6000 + seed)``) 
   seed, cached by data and seed) learns the first 40;
 - updates 1, 2 and 3 each bring the next 10;
 - 10 of the 40 base people are erased between updates 1 and 2, through ``unlearn``'s default chain for causal
-  LMs, the service's (``unseen-kd`` -> ``simnpo+rt`` -> ``simnpo+rt`` with the fade at 0.8 -> ``retrain``, see
+  LMs, the service's (``unseen-kd`` -> ``simnpo+rt`` -> ``simnpo+rt`` with the fade at 0.8 -> ``unseen-kd`` with
+  screened neighbours (since 2026-12-01; the recorded runs never reached it) -> ``retrain``, see
   :data:`CHAIN_METHODS`), judged by ``unlearn``'s gate (:mod:`continual.bench.erasure`); replay buffers are
   purged of them; after each later update they are re-checked as the service's update gate does (membership
   against the gate's audit people, and the ``knowledge`` check: their paraphrases' truth ratios against the
