@@ -46,8 +46,9 @@ DEFAULT_CHAINS: dict[str, tuple[str | ChainStep, ...]] = {
     # simnpo+rt attempt in the default chain"); gu+graddiff with its defaults failed the gate (utility) on the
     # one seed it was run on, at about a retrain's cost. Last before the retrain, unseen-kd again with its
     # neighbours screened (no target that predicts an erased answer whole; "Screening the neighbours as a last
-    # approximate attempt"): on the runs that reached this point it passed the gate on customers 12 (which
-    # ended in the retrain before) and failed on customers 3, at a tenth of the retrain's cost.
+    # approximate attempt"): of the three timed runs that reached this point it passed the gate on customers 12
+    # (which ended in the retrain before) and failed on customers 3 and 4, each time at 6-8 s against the
+    # retrain's ~110 s.
     "causal_lm": ("unseen-kd", "simnpo+rt", ("simnpo+rt", {"fade_quantile": 0.8}), ("unseen-kd", {"screen": 4}),
                   "retrain"),
 }
