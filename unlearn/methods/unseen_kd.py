@@ -268,10 +268,7 @@ def unseen_targets(task, model: nn.Module, forget: ExampleSet, tune: ExampleSet,
             options = screened(options, answer, candidate_answers, swap_below)
         parts = [swap_uncertain(part, answer, candidate_answers[index], swap_below)
                  for index, part in options[:neighbours]]
-        total = parts[0]
-        for part in parts[1:]:
-            total = total + part
-        probs.append(total / len(parts))
+        probs.append(sum(parts[1:], parts[0]) / len(parts))  # nearest first, the order the sum always had
     ceiling = []
     for target, answer in zip(probs, answers):
         own = target[torch.arange(len(answer)), torch.tensor(answer, device=target.device)]
@@ -295,7 +292,7 @@ def screened(options: list[tuple[int, Tensor]], answer: list[int], candidate_ans
         index, part = option
         other = candidate_answers[index]
         first = next((p for p, (a, b) in enumerate(zip(answer, other)) if a != b), None)
-        return first is not None and first < len(part) and float(part[first, answer[first]]) >= below
+        return first is not None and float(part[first, answer[first]]) >= below  # part has a row per answer token
 
     kept = [option for option in options if not guesses_it(option)]
     return kept or options
