@@ -38,7 +38,10 @@ Checks (each a :class:`GateCheck` with its value, limit and rule):
    Limit of what this sees: a model that still knows memorised mislabelled records but now predicts
    them like unseen ones passes; and an exact retrain on mislabelled records still fails ``membership_*``
    as over-forgetting (their losses on the wrong labels are higher than audit's), so an erasure of
-   mislabelled records is REJECTED rather than accepted while memorised.
+   mislabelled records is REJECTED rather than accepted while memorised. At 0.5% with a small ``audit``
+   split its power is low (68 of 72 training labels still predicted against 82% on 56 audit records is
+   p 0.027, a pass), so the methods' stop rule asks the same on ``tune`` at the stop level
+   (:mod:`unlearn.forget_target`), and a method that stops on its target does not hand the gate such a model.
 
 5. causal-LM record and subject erasure: ``knowledge``, a paraphrase probe
    (:func:`unlearn.membership.knowledge_probe`): the erased people's truth ratios (a paraphrase of the true
@@ -64,7 +67,6 @@ from typing import Any, Protocol
 
 import numpy as np
 import torch
-from scipy.stats import fisher_exact
 from torch import nn
 
 from unlearn.data import ExampleSet
@@ -74,9 +76,12 @@ from unlearn.membership import (
     CONFIDENCE_Z,
     DEFAULT_AUC_MARGIN,
     DEFAULT_MIN_P,
+    FORGET_ACCURACY_MARGIN,
     MembershipResult,
+    accuracy_excess,
     compare,
     family_z,
+    forget_accuracy_p,
     knowledge_probe,
     membership_test,
 )
@@ -89,10 +94,6 @@ POLICY_LIMITS: dict[str, tuple[float, float]] = {
     "mia_auc_margin": (0.0, 0.15),
 }
 """Bounds of every gate policy value: outside them the gate would no longer mean anything."""
-
-FORGET_ACCURACY_MARGIN = 0.05
-"""``forget_accuracy``: forget accuracy may exceed audit accuracy by this much before significance matters."""
-
 
 @dataclass(frozen=True)
 class GatePolicy:
@@ -294,7 +295,7 @@ def judge(task: TaskAdapter, before: nn.Module, after: nn.Module, forget: Exampl
         limit = audit_acc + FORGET_ACCURACY_MARGIN
         checks.append(GateCheck(
             "forget_accuracy", forget_after, limit,
-            not (forget_after > limit + 1e-12 and excess_p < policy.min_forget_p),
+            not accuracy_excess(forget_after, len(forget), audit_acc, len(audit), policy.min_forget_p),
             f"forget accuracy (training labels) <= audit accuracy + {FORGET_ACCURACY_MARGIN}, unless the excess "
             f"is not significant (one-sided Fisher exact p >= min_forget_p; here p = {excess_p:.3g})"))
         if task.name == CAUSAL_LM:
@@ -334,13 +335,6 @@ def knowledge_check(probe: KnowledgeProbe | None, after: nn.Module, policy,
     evidence["knowledge"] = {"ks_p_value": p_value, "median_log_truth_ratio_shift": shift,
                              "erased_questions": len(erased), "audit_questions": len(reference)}
     return GateCheck("knowledge", p_value, min_p, p_value >= min_p, KNOWLEDGE_RULE)
-
-
-def forget_accuracy_p(forget_acc: float, forget_size: int, audit_acc: float, audit_size: int) -> float:
-    """One-sided Fisher exact p-value that the forget records are predicted right MORE often than audit's."""
-    forget_right, audit_right = round(forget_acc * forget_size), round(audit_acc * audit_size)
-    table = [[forget_right, forget_size - forget_right], [audit_right, audit_size - audit_right]]
-    return float(fisher_exact(table, alternative="greater").pvalue)
 
 
 def _continual_evidence(task: TaskAdapter, before: nn.Module, after: nn.Module,

@@ -46,6 +46,9 @@ DEFAULT_MIN_P = 0.005
 """KS p-value floor of the gate: a retrained model fails the KS check at most 0.5% of the time."""
 DEFAULT_AUC_MARGIN = 0.1
 """Half-width of the accepted AUC band around 0.5 (issue 9's default)."""
+FORGET_ACCURACY_MARGIN = 0.05
+"""Forget accuracy may exceed a never-seen reference's by this much before significance matters
+(:func:`accuracy_excess`; the gate's ``forget_accuracy`` check and the methods' stop rules)."""
 
 
 def family_z(count: int) -> float:
@@ -191,3 +194,21 @@ def knowledge_probe(forget_ratios: np.ndarray, reference_ratios: np.ndarray) -> 
     if a.size == 0 or b.size == 0:
         raise InvalidDataError("forget", "the knowledge probe needs truth ratios on both sides")
     return float(stats.ks_2samp(a, b).pvalue), float(np.median(np.log(a)) - np.median(np.log(b)))
+
+
+def forget_accuracy_p(forget_acc: float, forget_size: int, reference_acc: float, reference_size: int) -> float:
+    """One-sided Fisher exact p-value that the forget records are predicted right MORE often than the
+    reference (never-seen) records."""
+    forget_right, reference_right = round(forget_acc * forget_size), round(reference_acc * reference_size)
+    table = [[forget_right, forget_size - forget_right], [reference_right, reference_size - reference_right]]
+    return float(stats.fisher_exact(table, alternative="greater").pvalue)
+
+
+def accuracy_excess(forget_acc: float, forget_size: int, reference_acc: float, reference_size: int,
+                    min_p: float) -> bool:
+    """The forget records' TRAINING labels (or answers) are still predicted better than never-seen records':
+    forget accuracy above the reference's by more than :data:`FORGET_ACCURACY_MARGIN`, with a one-sided Fisher
+    p-value below ``min_p``. Under exchangeability (a model that never saw either set) it is true at most
+    ``min_p`` of the time."""
+    return (forget_acc > reference_acc + FORGET_ACCURACY_MARGIN + 1e-12
+            and forget_accuracy_p(forget_acc, forget_size, reference_acc, reference_size) < min_p)

@@ -63,3 +63,35 @@ def test_ssd_auto_leaves_a_few_unremarkable_records_alone_and_searches_without_t
     strict = registry.run("ssd-auto", problem.model, request, {"untouched_auc_z": 0.0})
     assert strict.details["search"][0]["forgets"] is False  # the same model, the trials' narrower band
     assert strict.details["trials"] > 1 and strict.model is not problem.model
+
+
+def test_records_whose_training_labels_are_still_predicted_have_not_reached_the_target():
+    """The loss test alone passes memorised mislabelled records (low losses, like correctly classified unseen
+    records); the accuracy condition holds the target back while their training labels are still predicted
+    significantly better than tune's, beyond the gate's margin, and says so in the details and the message; nor
+    has the run gone beyond the never-seen level then, whatever the loss test says."""
+    from unlearn.forget_target import run_outcome
+
+    rng = np.random.default_rng(0)
+    tune_losses = rng.exponential(0.5, 60)
+    membership = membership_test(rng.permutation(np.concatenate([tune_losses] * 2))[:72], tune_losses)
+    assert membership.ks_p_value >= 0.05  # the losses look never-seen
+    tune = list(range(60))  # only its length is read by decide()
+    target = ForgetTarget(None, tune, None, 0.02)  # the default stop_accuracy_p: the KS stop's 0.05
+    memorised = target.decide(membership, 68 / 72, tune_acc=0.82)  # the stress test's numbers: Fisher p 0.027
+    assert not memorised.reached and not memorised.over and not target.done(memorised)
+    assert memorised.still_predicted
+    assert memorised.details()["stop_accuracy_tune"]["fisher_p"] == pytest.approx(0.027, abs=0.01)
+    reached, message = run_outcome(memorised, 200, 200)
+    assert reached is False and "still predicted better than tune's (0.944 against 0.820)" in message
+
+    assert target.decide(membership, 0.86, tune_acc=0.82).reached  # within the 0.05 margin
+    assert target.decide(membership, 68 / 72).reached  # no tune accuracy: the loss test alone
+    assert ForgetTarget(None, tune, None, 0.02, stop_accuracy_p=None).decide(membership, 68 / 72, tune_acc=0.82).reached
+
+    # A few records flipped first and lifted the forget losses above tune's: the loss test alone reads "over".
+    lifted = membership_test(np.concatenate([rng.exponential(0.5, 50), np.full(22, 9.0)]), tune_losses)
+    assert lifted.ks_p_value < 0.05 and lifted.auc < 0.45
+    assert target.decide(lifted, 0.80, tune_acc=0.82).over  # the training labels forgotten too: beyond
+    held = target.decide(lifted, 68 / 72, tune_acc=0.82)  # most still predicted: neither beyond nor done
+    assert not held.over and not held.reached and held.still_predicted

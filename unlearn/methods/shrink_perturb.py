@@ -196,8 +196,7 @@ def shrink_perturb(model: nn.Module, request: UnlearnRequest, config: ShrinkPert
     details["floor_weight"] = floor_weight
     if config.check_first:  # the unchanged model's tune losses, when the caller precomputed them (record erasure)
         scores = None if request.forget_classes else request.precomputed_tune_scores()
-        untouched = target.check(model, request.forget, None if scores is None else scores.losses,
-                                 auc_z=UNTOUCHED_AUC_Z)
+        untouched = target.check(model, request.forget, scores, auc_z=UNTOUCHED_AUC_Z)
         if untouched.reached:
             return UnlearnResult(model, details={**details, "epochs": 0, "weights_changed": False,
                                                  **untouched.details()},

@@ -193,8 +193,7 @@ def ssd_auto(model: nn.Module, request: UnlearnRequest, config: SSDAutoConfig) -
     # unseen data (typical for random records of a model that generalises) needs no change. Checked before
     # anything is copied or any importance computed: with precomputed tune scores it costs one forward pass
     # over Df.
-    check = target.check(model, request.forget, None if scores is None else scores.losses,
-                         auc_z=config.untouched_auc_z)
+    check = target.check(model, request.forget, scores, auc_z=config.untouched_auc_z)
     untouched_utility = reference_utility if scores is not None else accuracy(task, model, utility_set)
     untouched = record(Trial(math.inf, check.forget_acc, untouched_utility, check.reached,
                              untouched_utility >= reference_utility - config.max_utility_drop, check.over))

@@ -331,7 +331,8 @@ def unseen_kd(model: nn.Module, request: UnlearnRequest, config: UnseenKDConfig)
     work = copy_model(model)
     work.eval()  # gradients with frozen normalisation statistics, no dropout
     targets = unseen_targets(task, work, forget, tune, config.neighbours, config.swap_below, screen=config.screen)
-    target = (ForgetTarget(task, tune, None, 0.0, config.stop_min_p, config.stop_auc_margin, "unseen-kd")
+    target = (ForgetTarget(task, tune, None, 0.0, config.stop_min_p, config.stop_auc_margin, "unseen-kd",
+                           stop_accuracy_p=None)  # NeverSeenCheck applies config.stop_accuracy_p
               if config.stop_at_target else None)
     stop = (NeverSeenCheck(target, task, tune, config.tune_refresh_every, config.stop_accuracy_p, config.stall_steps,
                            request.precomputed_tune_scores()) if target is not None else None)
