@@ -174,7 +174,9 @@ class MlflowRegistry:
         """A causal LM logged with the transformers flavor: (model in eval mode, its tokenizer)."""
         from mlflow import transformers as mlflow_transformers
 
-        with self._fluent():
+        from unlearn.lm.model import HF_MODELS
+
+        with self._fluent(), HF_MODELS:  # transformers disables weight init process-wide while it loads
             components = mlflow_transformers.load_model(f"models:/{name}/{version}", return_type="components")
         if "tokenizer" not in components:
             raise RuntimeError(f"model {name!r} version {version} was logged without its tokenizer")

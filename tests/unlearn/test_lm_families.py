@@ -173,3 +173,41 @@ def test_the_benchmarks_warm_up_request_erases_other_people_and_changes_nothing_
     calls.clear()
     lm_subjects.warm_up_request("finetune", {}, model, request, data, people, GatePolicy())
     assert calls == []  # no step budget to shorten: only the gate warms up
+
+
+def test_a_model_built_while_another_thread_loads_one_is_still_initialised_from_its_seed(tmp_path, monkeypatch):
+    """transformers' ``from_pretrained`` disables ``torch.nn.init`` for the whole process while it loads; a model
+    built meanwhile in another thread kept its constructor's weights (an engine test's Llama, built while the
+    prefetcher loaded a version, got another initial digest and another verdict). Building waits for the load."""
+    import threading
+
+    from transformers.initialization import no_init_weights
+
+    from unlearn.importance import weights_digest
+    from unlearn.lm import model as lm_model
+
+    factory = GPTFactory(120, dataclasses.replace(TINY_SPEC, architecture="llama"), 0)
+    reference = weights_digest(factory(0))
+    factory(1).save_pretrained(str(tmp_path))
+    loading, release = threading.Event(), threading.Event()
+    real = lm_model.AutoModelForCausalLM.from_pretrained
+
+    def slow_load(*args, **kwargs):
+        with no_init_weights():  # what from_pretrained does while it loads
+            loading.set()
+            release.wait(10)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(lm_model.AutoModelForCausalLM, "from_pretrained", slow_load)
+    loader = threading.Thread(target=lm_model.load_pretrained, args=(tmp_path,))
+    loader.start()
+    assert loading.wait(10)
+    built = {}
+    builder = threading.Thread(target=lambda: built.update(model=factory(0)))
+    builder.start()
+    builder.join(0.5)
+    assert builder.is_alive(), "the factory built a model while a load had weight init switched off"
+    release.set()
+    loader.join(10)
+    builder.join(10)
+    assert weights_digest(built["model"]) == reference

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import threading
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -113,11 +114,28 @@ def gpt_config(vocab_size: int, spec: GPTSpec, end_token_id: int) -> PretrainedC
                       pad_token_id=end_token_id)
 
 
+HF_MODELS = threading.RLock()
+"""Held while a ``transformers`` model is built (:class:`GPTFactory`) or loaded (:func:`load_pretrained`,
+``service.mlflow_registry``'s ``load_lm``). Why: ``from_pretrained`` replaces ``torch.nn.init``'s functions and
+``PreTrainedModel.init_weights`` with no-ops for the whole process while it loads (``transformers``'
+``no_init_weights``), so a model initialised in another thread meanwhile kept its constructor's weights and the
+same seed built a different model. Seen in the service: a test's Llama built while the engine's prefetcher
+loaded the previous version had another initial weights digest, and its erasure another verdict (1 run in 3 of
+one test mix). Global-RNG seeding (``fork_rng`` + ``manual_seed``) is process-wide too; the lock keeps these
+sections apart, not code outside Lethe that draws from the global RNG."""
+
+
+def load_pretrained(path: str | Path) -> PreTrainedModel:
+    """``AutoModelForCausalLM.from_pretrained(path)`` under :data:`HF_MODELS`."""
+    with HF_MODELS:
+        return AutoModelForCausalLM.from_pretrained(str(path))
+
+
 class GPTFactory:
     """``factory(seed)`` -> a freshly initialised tiny GPT (the retrain baseline's model factory).
 
     Initialisation draws from a forked RNG seeded with ``seed``: deterministic, and the caller's global
-    RNG state is left alone.
+    RNG state is left alone. Built under :data:`HF_MODELS`, so no load in another thread disables it.
     """
 
     def __init__(self, vocab_size: int, spec: GPTSpec, end_token_id: int):
@@ -125,7 +143,7 @@ class GPTFactory:
         self.spec = spec
 
     def __call__(self, seed: int) -> PreTrainedModel:
-        with torch.random.fork_rng(devices=[]):
+        with HF_MODELS, torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             model = AutoModelForCausalLM.from_config(self.config)
         return model.eval()
@@ -151,7 +169,7 @@ class LMCache:
         meta_path = path / "lethe_meta.json"
         if meta_path.exists():
             try:
-                model = AutoModelForCausalLM.from_pretrained(str(path)).to(device).eval()
+                model = load_pretrained(path).to(device).eval()
             except (OSError, RuntimeError, ValueError) as error:
                 raise CacheMismatchError(f"cached model {path} does not load: {error}") from error
             if model.config.vocab_size != factory.config.vocab_size:
