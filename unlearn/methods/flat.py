@@ -148,7 +148,7 @@ def with_templates(task, model: nn.Module, forget: ExampleSet, seed: int) -> Exa
     return ExampleSet({**forget.tensors, **{TEMPLATE_PREFIX + n: templates[n] for n in LM_FIELDS}})
 
 
-@register("flat", FLATConfig, needs_retain=False)
+@register("flat", FLATConfig, needs_retain=False, tasks=("causal_lm",))
 def flat(model: nn.Module, request: UnlearnRequest, config: FLATConfig) -> UnlearnResult:
     """FLAT: prefer refusal templates over the forget answers, from the forget data alone."""
     task, forget = request.task, request.forget
