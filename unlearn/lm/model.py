@@ -120,7 +120,7 @@ HF_MODELS = threading.RLock()
 ``PreTrainedModel.init_weights`` with no-ops for the whole process while it loads (``transformers``'
 ``no_init_weights``), so a model initialised in another thread meanwhile kept its constructor's weights and the
 same seed built a different model. Seen in the service: a test's Llama built while the engine's prefetcher
-loaded the previous version had another initial weights digest, and its erasure another verdict (1 run in 3 of
+loaded the previous version had another initial weights digest, and its erasure another verdict (4 runs in 12 of
 one test mix). Global-RNG seeding (``fork_rng`` + ``manual_seed``) is process-wide too; the lock keeps these
 sections apart, not code outside Lethe that draws from the global RNG."""
 
