@@ -121,8 +121,8 @@ HF_MODELS = threading.RLock()
 ``no_init_weights``), so a model initialised in another thread meanwhile kept its constructor's weights and the
 same seed built a different model. Seen in the service: a test's Llama built while the engine's prefetcher
 loaded the previous version had another initial weights digest, and its erasure another verdict (4 runs in 12 of
-one test mix). Global-RNG seeding (``fork_rng`` + ``manual_seed``) is process-wide too; the lock keeps these
-sections apart, not code outside Lethe that draws from the global RNG."""
+one test mix; 0 of 4 after the lock). Global-RNG seeding (``fork_rng`` + ``manual_seed``) is process-wide
+too; the lock keeps these sections apart, not code outside Lethe that draws from the global RNG."""
 
 
 def load_pretrained(path: str | Path) -> PreTrainedModel:
