@@ -87,6 +87,23 @@ def test_a_llama_style_model_trains_deterministically_memorises_and_round_trips_
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values()))
 
 
+def test_the_lm_cache_key_changes_with_the_training_code_version(tmp_path, monkeypatch):
+    from unlearn import cache as model_cache
+
+    problem = lm_problem()
+    factory = GPTFactory(problem.task.vocab_size, TINY_SPEC, problem.task.eos_token_id)
+    examples = problem.forget.concat(problem.retain)
+    cache = LMCache(tmp_path)
+
+    def path():
+        return cache.path("original", TINY_RECIPE, factory.spec, factory.config.vocab_size, examples.digest())
+
+    before = path()
+    assert path() == before  # stable for the same inputs
+    monkeypatch.setattr(model_cache, "TRAINING_CODE_VERSION", model_cache.TRAINING_CODE_VERSION + 1)
+    assert path() != before  # a model the old training loop trained is not served after the loop changed
+
+
 class _OtherCausalLM(torch.nn.Module):
     """A causal LM of a model type outside ``ANSWER_HEAD_MODEL_TYPES``: only its full logits exist."""
 

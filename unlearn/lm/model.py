@@ -31,6 +31,7 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
+from unlearn import cache as model_cache
 from unlearn.cache import training_threads
 from unlearn.data import ExampleSet
 from unlearn.errors import CacheMismatchError
@@ -150,7 +151,9 @@ class GPTFactory:
 
 
 class LMCache:
-    """Trained GPTs under ``<cache>/lm/``, keyed by kind, recipe, architecture and the training data's digest.
+    """Trained GPTs under ``<cache>/lm/``, keyed by kind, recipe, architecture, the training data's digest and
+    :data:`unlearn.cache.TRAINING_CODE_VERSION` (as :class:`unlearn.cache.ModelCache` keys every other model: a
+    change to the training loop that changes its results must not serve models the old loop trained).
 
     Each entry is a ``save_pretrained`` directory plus ``meta.json`` with ``train_seconds`` (so retraining
     time stays a measurement when the model comes from the cache) and whatever ``meta`` the caller adds.
@@ -160,7 +163,8 @@ class LMCache:
         self.directory = directory / "lm"
 
     def path(self, kind: str, recipe: TrainRecipe, spec: GPTSpec, vocab_size: int, data_digest: str) -> Path:
-        key = hashlib.sha256(json.dumps([kind, lm_recipe_key(recipe), spec.key(), vocab_size, data_digest]).encode())
+        key = hashlib.sha256(json.dumps([model_cache.TRAINING_CODE_VERSION, kind, lm_recipe_key(recipe), spec.key(),
+                                         vocab_size, data_digest]).encode())
         return self.directory / f"{kind}-{key.hexdigest()[:24]}"
 
     def get_or_train(self, kind: str, task, factory: GPTFactory, examples: ExampleSet, recipe: TrainRecipe,
@@ -181,7 +185,8 @@ class LMCache:
         seconds = time.perf_counter() - started
         path.mkdir(parents=True, exist_ok=True)
         model.save_pretrained(str(path))
-        meta = {"train_seconds": seconds, "recipe": asdict(recipe), "spec": asdict(factory.spec),
+        meta = {"train_seconds": seconds, "training_code_version": model_cache.TRAINING_CODE_VERSION,
+                "recipe": asdict(recipe), "spec": asdict(factory.spec),
                 "device": str(device), "examples": len(examples), "torch_threads": training_threads(device)}
         meta_path.write_text(json.dumps(meta))
         return model.eval(), meta
