@@ -32,7 +32,6 @@ from transformers import (
 )
 
 from unlearn import cache as model_cache
-from unlearn.cache import training_threads
 from unlearn.data import ExampleSet
 from unlearn.errors import CacheMismatchError
 from unlearn.training import TrainRecipe, train
@@ -187,7 +186,7 @@ class LMCache:
         model.save_pretrained(str(path))
         meta = {"train_seconds": seconds, "training_code_version": model_cache.TRAINING_CODE_VERSION,
                 "recipe": asdict(recipe), "spec": asdict(factory.spec),
-                "device": str(device), "examples": len(examples), "torch_threads": training_threads(device)}
+                "device": str(device), "examples": len(examples), "torch_threads": model_cache.training_threads(device)}
         meta_path.write_text(json.dumps(meta))
         return model.eval(), meta
 
