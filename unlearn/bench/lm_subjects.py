@@ -1,7 +1,11 @@
 """Scenarios ``fictitious-subjects`` and ``fictitious-customers``: erase 10% of the training people from a tiny
 causal LM (issues 5 and 9).
 
-``OMP_NUM_THREADS=1 nice python -m unlearn.bench --method auto --scenario fictitious-subjects --seed 0 --json``
+``python -m unlearn.bench --method auto --scenario fictitious-subjects --seed 0 --json``
+
+On a CPU the original is trained (once, then cached) at torch's thread count of the run that first needs it, and
+the same seed trains a different original at another count (``original_threads`` in the result says which): the
+documented tables say which count their originals had (docs/results/lm.md, "The named seeds on fresh originals").
 
 The two scenarios are the two LM families of :data:`unlearn.lm.fictitious.LM_FAMILIES`: biographies on a
 GPT-2-style model (every LM default was tuned there), and customer records on a Llama-style model of the
