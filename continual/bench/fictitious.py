@@ -1,5 +1,10 @@
-"""Scenario ``fictitious-updates``: a tiny GPT learns 10 new people per update while 10 erased people stay
-forgotten (issue 12).
+"""Scenarios ``fictitious-updates`` and ``customer-updates``: a tiny LM learns 10 new people per update while 10
+erased people stay forgotten (issue 12).
+
+``fictitious-updates`` runs on the biographies and the GPT every LM default was tuned on; ``customer-updates``
+on the second LM family (:mod:`unlearn.lm.customers`: customer records and a Llama-style model of the same
+size, :data:`unlearn.lm.fictitious.CUSTOMER_SPEC`, the same recipe), on which nothing of this scenario was
+tuned. Everything below holds for both; only the data and the architecture differ.
 
 Data (:mod:`unlearn.lm.fictitious`, data seed 0): 100 trainable fictitious people and 20 never trained on,
 five questions each. The run's seed (``numpy.random.default_rng(6000 + seed)``) shuffles the 100 people:
@@ -14,7 +19,8 @@ five questions each. The run's seed (``numpy.random.default_rng(6000 + seed)``) 
   purged of them; after each later update they are re-checked as the service's update gate does (membership
   against the gate's audit people, and the ``knowledge`` check: their paraphrases' truth ratios against the
   audit people's, the service's check on data with paraphrases, also in the erasure gate) and erased again with the chain's approximate methods when they regressed
-  (``--reerase on-regression``, the service's rule) or after every update (``--reerase after-every-update``)
+  (``--reerase on-regression``, the service's rule for classifiers) or after every update (``--reerase
+  after-every-update``, the service's default for causal LMs since 2026-12-01)
   (:func:`continual.bench.harness.keep_erased`, timed with the update);
 - 10 other base people are the tune data (WiSE-FT's coefficient) and the gate's utility set, and the 20
   never-trained people are dealt 5 / 5 / 10: ``chain-tune`` (what the chain's methods stop on), ``chain-audit``
@@ -52,7 +58,7 @@ from continual.bench.harness import Erasure, Keyed, LineageRun, Scenario, Stage,
 from continual.examples import join
 from continual.registry import CAUSAL_LM
 from unlearn.importance import TrainImportance
-from unlearn.lm.fictitious import LM_RECIPE, LM_SPEC, FictitiousSubjects, load_fictitious_subjects
+from unlearn.lm.fictitious import LM_FAMILIES, FictitiousSubjects, load_fictitious_subjects
 from unlearn.lm.metrics import ParaphraseProbe, answer_statistics, forget_quality, truth_ratios
 from unlearn.membership import compare
 from unlearn.lm.model import GPTFactory, LMCache
@@ -97,6 +103,10 @@ SPLITS = {
 }
 
 
+# scenario -> the LM family (unlearn.lm.fictitious.LM_FAMILIES) it runs on
+FAMILIES = {"fictitious-updates": "fictitious-subjects", "customer-updates": "fictitious-customers"}
+
+
 def keyed(data: FictitiousSubjects, subjects) -> Keyed:
     pairs = data.pairs_of(subjects)
     return Keyed(data.examples(subjects), tuple(f"fictitious-{p.subject_id}-{p.kind}" for p in pairs),
@@ -110,9 +120,13 @@ def erased_truth_ratios(task, model, split) -> torch.Tensor:
     return truth_ratios(paraphrase, perturbed)
 
 
-def fictitious_updates(seed: int, cache_dir: Path, device: torch.device) -> Scenario:
+def fictitious_updates(seed: int, cache_dir: Path, device: torch.device,
+                       name: str = "fictitious-updates") -> Scenario:
+    """The scenario ``name`` (a key of :data:`FAMILIES`) for ``seed``."""
+    family = LM_FAMILIES[FAMILIES[name]]
     # The data set this scenario was measured on (docs/results/continual.md): 120 people, 20 never trained.
-    data = load_fictitious_subjects(cache_dir, people=DATA_PEOPLE, never_trained=DATA_NEVER_TRAINED)
+    data = load_fictitious_subjects(cache_dir, people=DATA_PEOPLE, never_trained=DATA_NEVER_TRAINED,
+                                    context=family.spec.context, schema=family.schema)
     task = data.task
     rng = np.random.default_rng(6000 + seed)
     order = [int(s) for s in rng.permutation(data.train_subjects)]
@@ -126,8 +140,8 @@ def fictitious_updates(seed: int, cache_dir: Path, device: torch.device) -> Scen
     chain_tune, chain_audit, report_audit = sorted(holdout[:5]), sorted(holdout[5:10]), sorted(holdout[10:])
     kept_base = [p for p in base_people if p not in erased and p not in tune_people]
 
-    factory = GPTFactory(len(data.tokenizer), LM_SPEC, data.tokenizer.eos_token_id)
-    recipe = replace(LM_RECIPE, seed=seed)
+    factory = GPTFactory(len(data.tokenizer), family.spec, data.tokenizer.eos_token_id)
+    recipe = replace(family.recipe, seed=seed)
     base = keyed(data, base_people)
     model, _ = LMCache(cache_dir).get_or_train("continual-base", task, factory, base.examples, recipe, device)
 
@@ -193,7 +207,7 @@ def fictitious_updates(seed: int, cache_dir: Path, device: torch.device) -> Scen
                         "tune": len(tune_people), "chain_tune": len(chain_tune), "chain_audit": len(chain_audit),
                         "report_audit": len(report_audit)},
              "erased_people": erased, "metric": "exact match (greedy answer == reference, via teacher forcing)"}
-    return Scenario("fictitious-updates", seed, task, model.to(device), base, stages, eval_sets, recipe, factory,
+    return Scenario(name, seed, task, model.to(device), base, stages, eval_sets, recipe, factory,
                     UPDATE_EPOCHS, PROBE_EVERY, BUFFER_CAPACITY, SPLITS, per_update=per_update, device=device,
                     notes=notes)
 

@@ -11,7 +11,8 @@ conjunction (null for a scenario without targets).
   KS p-value of the same two-sided test is reported beside it).
 - ``fictitious-updates``: after every update, new-people exact match >= 0.9 and old-people exact-match drop
   <= 0.03; after every update that follows the erasure, the erased people's forget quality >= 0.05 and their
-  loss-attack AUC within 0.5 +- 0.1.
+  loss-attack AUC within 0.5 +- 0.1. ``customer-updates``: the same scenario and targets on the second LM family
+  (customer records, a Llama-style model; :mod:`continual.bench.fictitious`).
 """
 
 from __future__ import annotations
@@ -68,10 +69,13 @@ def _digits(builder_name: str):
     return build
 
 
-def _fictitious(seed: int, cache_dir: Path, device: torch.device):
-    from continual.bench.fictitious import fictitious_updates  # imports transformers: only this scenario pays
+def _fictitious(name: str):
+    def build(seed: int, cache_dir: Path, device: torch.device):
+        from continual.bench.fictitious import fictitious_updates  # imports transformers: only these scenarios pay
 
-    return fictitious_updates(seed, cache_dir, device)
+        return fictitious_updates(seed, cache_dir, device, name)
+
+    return build
 
 
 def _fictitious_finish(result: dict, runs: dict[str, LineageRun]) -> dict:
@@ -85,7 +89,8 @@ SCENARIOS = {
     "digits-incremental": (CLASSIFICATION, _digits("digits_incremental"), incremental_targets),
     "digits-domain-shift": (CLASSIFICATION, _digits("digits_domain_shift"), incremental_targets),
     "digits-erase-then-update": (CLASSIFICATION, _digits("digits_erase_then_update"), erase_targets),
-    "fictitious-updates": (CAUSAL_LM, _fictitious, _fictitious_finish),
+    "fictitious-updates": (CAUSAL_LM, _fictitious("fictitious-updates"), _fictitious_finish),
+    "customer-updates": (CAUSAL_LM, _fictitious("customer-updates"), _fictitious_finish),
 }
 
 
