@@ -704,9 +704,10 @@ def _parser() -> argparse.ArgumentParser:
     register.add_argument("--sealed-retention-days", type=float,
                           help="days each erasure's sealed verification set is kept for later updates' re-checks, "
                                "then crypto-shredded (default 30; 0 keeps nothing)")
-    register.add_argument("--reerase-after-update", action="store_true", default=None,
+    register.add_argument("--reerase-after-update", action=argparse.BooleanOptionalAction, default=None,
                           help="after every update, erase each earlier erasure again (its sealed set, the chain's "
-                               "approximate methods), not only one whose re-check fails")
+                               "approximate methods), not only one whose re-check fails (default: on for causal "
+                               "LMs, off for classifiers)")
     register.add_argument("--method-chain",
                           help='escalation chain as JSON, e.g. \'[{"name": "ssd-auto"}, {"name": "retrain"}]\'; '
                                "default: the task's chain (ssd-auto, shrink-perturb, gu+graddiff, retrain; "

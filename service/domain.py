@@ -168,15 +168,16 @@ class VerificationPolicy:
         reports "not checkable". 0 keeps nothing (the certificate says so). Bounded by
         :data:`service.verification.SEALED_RETENTION_LIMITS` (0 to 3650 days).
     reerase_after_update: after every update or rectification, erase every earlier erasure of the lineage
-        again (its sealed set, the chain's approximate methods), not only one whose re-check failed. The
-        re-check's allowance for sampling noise lets a partial comeback through (loss-attack AUC 0.61-0.70
-        against 5 audit people on the fictitious-people GPT, docs/results/continual.md); the methods' own stop
-        rules are stricter and stop at once when the erasure still holds. Off by default: measured on one
-        family (the causal LM), where it kept erased people at the never-seen level. Only the chain's
-        approximate methods re-erase (a retrain would drop the update); on a causal LM give the chain a
-        retain-projected method after ``simnpo+rt`` (the benchmark's ``simnpo+rt`` -> ``gu+graddiff``
-        (alpha 3) -> ``retrain``): ``simnpo+rt``'s first steps on an updated model failed the utility check
-        on 2 of 6 re-erasures where ``gu+graddiff`` passed.
+        again (its sealed set, the chain's approximate methods), not only one whose re-check failed. None at
+        registration means the task's default (:data:`DEFAULT_REERASE_AFTER_UPDATE`): on for causal LMs, off for
+        classifiers. On a causal LM, rehearsing the retained people brings approximately erased people back
+        (loss-attack AUC 0.59-0.72 against never-seen people no gate saw), while the re-check, with its
+        allowance for sampling noise on a small audit split, passed 5 of 6 times on the biographies' GPT; erasing
+        again after every update kept them at the never-seen level on both LM families (docs/results/continual.md,
+        "Erasing again after every update: the default on causal LMs"). The methods' own stop rules are stricter
+        than the re-check and stop at once where the erasure still holds. On the digits it changed nothing on two
+        seeds and cost a third 2.8 points of ACC, hence off for classifiers. Only the chain's approximate methods
+        re-erase (a retrain would drop the update).
     """
 
     max_utility_drop: float = 0.02
@@ -189,11 +190,15 @@ class VerificationPolicy:
     update_strategy: MethodStep | None = None
     min_update_fit: float = 0.9
     sealed_retention_days: float = 30.0
-    reerase_after_update: bool = False
+    reerase_after_update: bool | None = None
 
     @property
     def default_method(self) -> str | None:
         return self.method_chain[0].name if self.method_chain else None
+
+
+# reerase_after_update when a registration leaves it unset (VerificationPolicy's docstring says why).
+DEFAULT_REERASE_AFTER_UPDATE: dict[TaskType, bool] = {TaskType.CLASSIFICATION: False, TaskType.CAUSAL_LM: True}
 
 
 @dataclass(frozen=True)

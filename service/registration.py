@@ -22,6 +22,7 @@ from service import store as db
 from service.context import PipelineContext
 from service.datasets import read_parquet, record_tombstone, resolve_dataset_uri, validate_frame
 from service.domain import (
+    DEFAULT_REERASE_AFTER_UPDATE,
     FailedPrecondition,
     FieldViolation,
     InvalidArgument,
@@ -49,7 +50,7 @@ class Registrar:
     def register_model(self, registration: ModelRegistration) -> RegisteredModel:
         """Validate everything, then write the dataset copy, MLflow tags and the store rows."""
         version, frame, policy, training = self._validate_registration(registration)
-        policy = _with_default_chain(policy, registration)
+        policy = _with_default_reerase(_with_default_chain(policy, registration), registration)
         violations = self._tombstone_violations(frame)
         if violations:
             raise InvalidArgument("the model cannot be registered", tuple(violations))
@@ -194,6 +195,14 @@ def _with_default_chain(policy: VerificationPolicy, registration: ModelRegistrat
         return policy
     chain = default_chain(registration.task_type.value, _has_training(registration))
     return replace(policy, method_chain=tuple(MethodStep(name, dict(params)) for name, params in chain))
+
+
+def _with_default_reerase(policy: VerificationPolicy, registration: ModelRegistration) -> VerificationPolicy:
+    """An unset ``reerase_after_update`` becomes the task's default (:data:`DEFAULT_REERASE_AFTER_UPDATE`), so
+    the stored policy, the MLflow tag and the audit entry say what updates will do."""
+    if policy.reerase_after_update is not None:
+        return policy
+    return replace(policy, reerase_after_update=DEFAULT_REERASE_AFTER_UPDATE[registration.task_type])
 
 
 def _policy_violations(policy: VerificationPolicy, from_default_method: bool,

@@ -33,7 +33,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--buffer-capacity", type=int, help="replay-buffer size (default: the scenario's)")
     parser.add_argument("--reerase", default="on-regression", choices=REERASE_POLICIES,
                         help="when an earlier erasure is erased again after an update: when its re-check fails "
-                             "(the service's update job; default) or after every update")
+                             "(default here; the service's rule for classifiers) or after every update (the "
+                             "service's default for causal LMs: the policy's reerase_after_update)")
     parser.add_argument("--json", action="store_true", help="print the result as one JSON line")
     args = parser.parse_args(argv)
     try:

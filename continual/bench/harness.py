@@ -120,8 +120,9 @@ class Scenario:
     splits: dict[str, str]  # which split each reported number comes from
     per_update: Callable[[str, int, nn.Module], dict] | None = None  # (strategy, u, model) -> extra metrics
     # When an earlier erasure is erased again after an update (keep_erased): "on-regression" (the service's
-    # update job) or "after-every-update" (each update ends with the erasure's approximate method run again,
-    # which stops at once when its own stop rule already holds on the tune people).
+    # update job on classifiers) or "after-every-update" (the service's default on causal LMs, the policy's
+    # reerase_after_update: each update ends with the erasure's approximate method run again, which stops at
+    # once when its own stop rule already holds on the tune people).
     reerase: str = "on-regression"
     device: torch.device = torch.device("cpu")
     notes: dict[str, Any] = field(default_factory=dict)

@@ -255,9 +255,10 @@ def registered_model_to_proto(model: domain.RegisteredModel) -> types_pb2.Regist
         dataset_digest=model.dataset_digest, records=model.records,
         policy=types_pb2.VerificationPolicy(superseded_versions=policy.superseded_versions,
                                             sealed_retention_days=policy.sealed_retention_days,
-                                            reerase_after_update=policy.reerase_after_update,
                                             **{name: getattr(policy, name) for name in _POLICY_FIELDS}),
     )
+    if policy.reerase_after_update is not None:  # set at registration (unset: the task's default)
+        message.policy.reerase_after_update = policy.reerase_after_update
     for step in policy.method_chain:
         message.policy.method_chain.add(name=step.name).params.CopyFrom(dict_to_struct(step.params))
     if policy.update_strategy is not None:

@@ -126,6 +126,9 @@ def test_subject_erasure_of_a_causal_lm_passes_the_lm_gate(lm_engine):
     engine, root, frame, tokenizer, _ = lm_engine
     registered = _register(engine, root, frame)
     assert registered.task_type is TaskType.CAUSAL_LM and registered.records == len(frame)
+    assert POLICY.reerase_after_update is None and registered.policy.reerase_after_update is True  # the LM default
+    with engine.store.read() as conn:
+        assert db.get_model(conn, MODEL).policy["reerase_after_update"] is True
 
     outcome = engine.submit_erasure(ErasureRequest(request_id="lm-erase-1", subject_ids=("person-01",),
                                                    model_names=(MODEL,)))

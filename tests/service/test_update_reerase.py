@@ -1,6 +1,7 @@
 """The policy's ``reerase_after_update`` (service.updates): after an update that passed its gate, every earlier
 erasure of the lineage is erased again from its sealed set, even when its re-check passed; a lineage with
-nothing erased re-erases nothing; without the policy only a failed re-check triggers it.
+nothing erased re-erases nothing; without the policy only a failed re-check triggers it. Unset at registration,
+the policy takes the task's default: on for causal LMs, off for classifiers.
 
 Its own engine and model (registered before any erasure: erasures tombstone the digits records that a later
 registration of the same data would be refused for).
@@ -73,6 +74,7 @@ def test_every_earlier_erasure_is_erased_again_after_an_update(lethe_engine):
     (group,) = escalation["method"]["groups"]
     assert group["sets"] == ["reerase-subjects"] and group["attempts"], "the lineage's chain ran on the sealed set"
     assert escalation["method"]["chain"] and "retrain" not in escalation["method"]["chain"]
+    assert evidence["verification"]["policy"]["reerase_after_update"] is True  # the evidence says which rule ran
     final = {c["name"]: c for c in evidence["verification"]["checks"]}
     assert final["erased_stays_erased[reerase-subjects]"]["passed"] is True
     if escalation["repaired"]:
@@ -81,18 +83,43 @@ def test_every_earlier_erasure_is_erased_again_after_an_update(lethe_engine):
         assert group["method"] is None or escalation["reverted_because"]
 
 
-def test_the_policy_travels_through_the_proto_and_defaults_off():
+def test_the_policy_travels_through_the_proto_and_unset_means_the_tasks_default():
     from service.api import converters
     from service.api.pb import types_pb2
     from service.domain import RegisteredModel, TaskType, VerificationPolicy
 
-    assert VerificationPolicy().reerase_after_update is False
-    assert converters.policy_from_proto(types_pb2.VerificationPolicy()).reerase_after_update is False
-    policy = converters.policy_from_proto(types_pb2.VerificationPolicy(reerase_after_update=True))
-    assert policy.reerase_after_update is True
-    registered = RegisteredModel(model_name="m", version="1", serving_alias="serving",
-                                 task_type=TaskType.CLASSIFICATION, dataset_digest="d", records=1, policy=policy)
-    assert converters.registered_model_to_proto(registered).policy.reerase_after_update is True
+    assert VerificationPolicy().reerase_after_update is None
+    assert converters.policy_from_proto(types_pb2.VerificationPolicy()).reerase_after_update is None
+    for value in (True, False):
+        policy = converters.policy_from_proto(types_pb2.VerificationPolicy(reerase_after_update=value))
+        assert policy.reerase_after_update is value
+        registered = RegisteredModel(model_name="m", version="1", serving_alias="serving",
+                                     task_type=TaskType.CLASSIFICATION, dataset_digest="d", records=1, policy=policy)
+        message = converters.registered_model_to_proto(registered).policy
+        assert message.HasField("reerase_after_update") and message.reerase_after_update is value
+
+
+def test_registration_fills_in_the_tasks_default_and_keeps_an_explicit_choice():
+    from service.domain import ModelRegistration, TaskType, VerificationPolicy
+    from service.registration import _with_default_reerase
+    from service.updates import reerases_after_update
+
+    def registration(task_type, policy):
+        return ModelRegistration(model_name="m", version="1", alias=None, task_type=task_type,
+                                 dataset_uri="/tmp/d.parquet", policy=policy)
+
+    unset = VerificationPolicy()
+    # causal LMs re-erase after every update unless the owner says otherwise; classifiers do not
+    assert _with_default_reerase(unset, registration(TaskType.CAUSAL_LM, unset)).reerase_after_update is True
+    assert _with_default_reerase(unset, registration(TaskType.CLASSIFICATION, unset)).reerase_after_update is False
+    for value in (True, False):
+        chosen = VerificationPolicy(reerase_after_update=value)
+        for task_type in TaskType:
+            assert _with_default_reerase(chosen, registration(task_type, chosen)).reerase_after_update is value
+            assert reerases_after_update(chosen, task_type) is value
+    # a policy that did not come through registration: the update job applies the same default
+    assert reerases_after_update(unset, TaskType.CAUSAL_LM) is True
+    assert reerases_after_update(unset, TaskType.CLASSIFICATION) is False
 
 
 def test_the_cli_flag_sets_the_policy():
@@ -101,4 +128,5 @@ def test_the_cli_flag_sets_the_policy():
     base = ["register", "--model", "m", "--version", "1", "--task", "classification", "--dataset", "/tmp/d.parquet",
             "--num-classes", "10"]
     assert cli._parser().parse_args([*base, "--reerase-after-update"]).reerase_after_update is True
-    assert cli._parser().parse_args(base).reerase_after_update is None  # unset: the policy's default (off)
+    assert cli._parser().parse_args([*base, "--no-reerase-after-update"]).reerase_after_update is False
+    assert cli._parser().parse_args(base).reerase_after_update is None  # unset: the task's default
