@@ -197,6 +197,13 @@ class VerificationPolicy:
     def default_method(self) -> str | None:
         return self.method_chain[0].name if self.method_chain else None
 
+    def reerases_after_update(self, task_type: TaskType) -> bool:
+        """``reerase_after_update``, or the task's default (:data:`DEFAULT_REERASE_AFTER_UPDATE`) when unset:
+        registration fills it in with this, and an update job reads it through this."""
+        if self.reerase_after_update is not None:
+            return self.reerase_after_update
+        return DEFAULT_REERASE_AFTER_UPDATE[task_type]
+
 
 # reerase_after_update when a registration leaves it unset (VerificationPolicy's docstring says why).
 DEFAULT_REERASE_AFTER_UPDATE: dict[TaskType, bool] = {TaskType.CLASSIFICATION: False, TaskType.CAUSAL_LM: True}

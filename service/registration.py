@@ -22,7 +22,6 @@ from service import store as db
 from service.context import PipelineContext
 from service.datasets import read_parquet, record_tombstone, resolve_dataset_uri, validate_frame
 from service.domain import (
-    DEFAULT_REERASE_AFTER_UPDATE,
     FailedPrecondition,
     FieldViolation,
     InvalidArgument,
@@ -198,11 +197,9 @@ def _with_default_chain(policy: VerificationPolicy, registration: ModelRegistrat
 
 
 def _with_default_reerase(policy: VerificationPolicy, registration: ModelRegistration) -> VerificationPolicy:
-    """An unset ``reerase_after_update`` becomes the task's default (:data:`DEFAULT_REERASE_AFTER_UPDATE`), so
-    the stored policy, the MLflow tag and the audit entry say what updates will do."""
-    if policy.reerase_after_update is not None:
-        return policy
-    return replace(policy, reerase_after_update=DEFAULT_REERASE_AFTER_UPDATE[registration.task_type])
+    """An unset ``reerase_after_update`` becomes the task's default (:meth:`VerificationPolicy.reerases_after_update`),
+    so the stored policy, the MLflow tag and the audit entry say what updates will do."""
+    return replace(policy, reerase_after_update=policy.reerases_after_update(registration.task_type))
 
 
 def _policy_violations(policy: VerificationPolicy, from_default_method: bool,

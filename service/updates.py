@@ -50,7 +50,6 @@ from service.audit import jsonable, sha256_hex
 from service.context import ModelInfo, PipelineContext
 from service.datasets import LoadedDataset
 from service.domain import (
-    DEFAULT_REERASE_AFTER_UPDATE,
     FieldViolation,
     InvalidArgument,
     JobState,
@@ -204,7 +203,7 @@ def learn_and_register(ctx: PipelineContext, job, request_rows, info: ModelInfo,
     # Counted when found, whether the escalation below repairs them or the update is refused.
     ctx.metrics.update_regressions.inc(sum(1 for name in gate.failures if name.startswith(f"{RECHECK}[")))
     result, gate, escalation = escalate(
-        result, gate, reerases_after_update(policy, info.task_type),
+        result, gate, policy.reerases_after_update(info.task_type),
         reerase=lambda model, failed, everything: _reerase(ctx, job, info, scope, model, learn, failed, policy,
                                                            progress, everything=everything),
         judge=lambda model: update_gate(ctx, job, info, scope, model, learn, policy, stability))
@@ -354,7 +353,7 @@ def update_gate(ctx: PipelineContext, job, info: ModelInfo, scope: Scope, after:
                            "min_forget_p": policy.min_forget_p, "mia_auc_margin": policy.mia_auc_margin,
                            "class_forget_max_accuracy": policy.class_forget_max_accuracy,
                            "onnx_tolerance": policy.onnx_tolerance,
-                           "reerase_after_update": reerases_after_update(policy, info.task_type)},
+                           "reerase_after_update": policy.reerases_after_update(info.task_type)},
                 "task_type": scope.support.task_type.value, **rechecks.evidence}
     if any(check.passed is False for check in checks):
         evidence["onnx"] = {"skipped": "the update's other checks failed; the model was not exported"}
@@ -415,14 +414,6 @@ def escalate(result, gate: GateResult, reerase_after_update: bool, reerase, judg
             escalation["reverted_because"] = list(gate.failures)
             result, gate = first
     return result, gate, escalation
-
-
-def reerases_after_update(policy, task_type: TaskType) -> bool:
-    """The policy's ``reerase_after_update``; unset (a policy that did not come through registration, which
-    fills it in), the task's default."""
-    if policy.reerase_after_update is not None:
-        return policy.reerase_after_update
-    return DEFAULT_REERASE_AFTER_UPDATE[task_type]
 
 
 def reerase_trigger(failures: tuple[str, ...], reerase_after_update: bool) -> str | None:

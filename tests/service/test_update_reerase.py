@@ -102,7 +102,6 @@ def test_the_policy_travels_through_the_proto_and_unset_means_the_tasks_default(
 def test_registration_fills_in_the_tasks_default_and_keeps_an_explicit_choice():
     from service.domain import ModelRegistration, TaskType, VerificationPolicy
     from service.registration import _with_default_reerase
-    from service.updates import reerases_after_update
 
     def registration(task_type, policy):
         return ModelRegistration(model_name="m", version="1", alias=None, task_type=task_type,
@@ -116,10 +115,10 @@ def test_registration_fills_in_the_tasks_default_and_keeps_an_explicit_choice():
         chosen = VerificationPolicy(reerase_after_update=value)
         for task_type in TaskType:
             assert _with_default_reerase(chosen, registration(task_type, chosen)).reerase_after_update is value
-            assert reerases_after_update(chosen, task_type) is value
+            assert chosen.reerases_after_update(task_type) is value
     # a policy that did not come through registration: the update job applies the same default
-    assert reerases_after_update(unset, TaskType.CAUSAL_LM) is True
-    assert reerases_after_update(unset, TaskType.CLASSIFICATION) is False
+    assert unset.reerases_after_update(TaskType.CAUSAL_LM) is True
+    assert unset.reerases_after_update(TaskType.CLASSIFICATION) is False
 
 
 def test_the_cli_flag_sets_the_policy():
