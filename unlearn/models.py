@@ -1,5 +1,6 @@
 """Small models the project trains itself (no downloads): the digits CNN, the tabular MLP, the held-out
-families' tanh MLP and a tiny MLP for tests."""
+families' models (a tanh MLP, a LayerNorm MLP, a dropout MLP, a 1-D CNN, a linear classifier) and a tiny MLP
+for tests."""
 
 from __future__ import annotations
 
@@ -103,3 +104,66 @@ def tanh_mlp(seed: int, in_features: int, num_classes: int, hidden: int = 64) ->
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return TanhMLP(in_features, num_classes, hidden)
+
+
+class LayerNormMLP(nn.Module):
+    """``Linear -> LayerNorm -> GELU`` twice, then a linear head: per-example normalisation (no running
+    statistics, training and eval mode alike) and a smooth activation (held-out family ``iris``)."""
+
+    def __init__(self, in_features: int, num_classes: int, hidden: int = 32):
+        super().__init__()
+        self.layers = nn.Sequential(nn.Linear(in_features, hidden), nn.LayerNorm(hidden), nn.GELU(),
+                                    nn.Linear(hidden, hidden), nn.LayerNorm(hidden), nn.GELU(),
+                                    nn.Linear(hidden, num_classes))
+
+    def forward(self, inputs: Tensor) -> Tensor:
+        return self.layers(inputs)
+
+
+class DropoutMLP(nn.Module):
+    """``Linear -> ReLU -> Dropout`` twice, then a linear head: heavy dropout (0.3) and no normalisation
+    (held-out family ``moons``)."""
+
+    def __init__(self, in_features: int, num_classes: int, hidden: int = 64, dropout: float = 0.3):
+        super().__init__()
+        self.layers = nn.Sequential(nn.Linear(in_features, hidden), nn.ReLU(), nn.Dropout(dropout),
+                                    nn.Linear(hidden, hidden), nn.ReLU(), nn.Dropout(dropout),
+                                    nn.Linear(hidden, num_classes))
+
+    def forward(self, inputs: Tensor) -> Tensor:
+        return self.layers(inputs)
+
+
+class Conv1dNet(nn.Module):
+    """A 1-D CNN over the feature vector: ``Conv1d(1, 8, 5) -> BatchNorm1d -> ReLU -> MaxPool1d(2)``, then
+    dropout (0.2) and a linear head (held-out family ``conv1d``: convolution and BatchNorm over channels of a
+    sequence rather than an image or a hidden layer)."""
+
+    def __init__(self, in_features: int, num_classes: int, channels: int = 8, dropout: float = 0.2):
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv1d(1, channels, 5, padding=2), nn.BatchNorm1d(channels), nn.ReLU(),
+                                      nn.MaxPool1d(2))
+        self.head = nn.Sequential(nn.Flatten(), nn.Dropout(dropout), nn.Linear(channels * (in_features // 2),
+                                                                              num_classes))
+
+    def forward(self, inputs: Tensor) -> Tensor:
+        return self.head(self.features(inputs.reshape(len(inputs), 1, -1)))
+
+
+class LinearClassifier(nn.Module):
+    """Multinomial logistic regression, one ``Linear`` layer (held-out family ``linear``: a convex model
+    with no hidden layer, trained with SGD)."""
+
+    def __init__(self, in_features: int, num_classes: int):
+        super().__init__()
+        self.linear = nn.Linear(in_features, num_classes)
+
+    def forward(self, inputs: Tensor) -> Tensor:
+        return self.linear(inputs)
+
+
+def seeded(build, seed: int, *args, **kwargs) -> nn.Module:
+    """``build(*args, **kwargs)`` with its initialisation drawn from ``seed`` (the caller's RNG undisturbed)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return build(*args, **kwargs)
