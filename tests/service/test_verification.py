@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 
+import pytest
 import torch
 from torch import nn
 
@@ -70,3 +71,24 @@ def test_record_erasure_of_memorised_records_fails_membership(tmp_path):
     assert result.evidence["membership_after"]["direction"] == "under"
     assert result.evidence["task_type"] == "classification"
 
+
+
+@pytest.mark.parametrize("family_name", ["iris", "moons", "conv1d", "linear"])
+def test_the_onnx_checks_take_each_held_out_architecture(family_name, tmp_path):
+    """LayerNorm with GELU, dropout, a 1-D convolution with BatchNorm, a single linear layer: what a reviewer's
+    model might be. Each exports with the dynamo exporter, runs on onnxruntime's CPU provider and matches PyTorch."""
+    from service.verification import classifier_onnx_evidence
+    from unlearn.bench.heldout import HELDOUT_FAMILIES
+    from unlearn.data import classification_examples
+
+    family = HELDOUT_FAMILIES[family_name]()
+    records = family.load_records()
+    model = family.model_factory(0).train()  # left in training mode: the export must not depend on the caller
+    examples = classification_examples(torch.from_numpy(records.features[:40]), torch.from_numpy(records.labels[:40]))
+    evidence = classifier_onnx_evidence(model, examples, examples, tmp_path / "m.onnx")
+    assert evidence["exporter"] == "dynamo" and evidence["providers"] == ["CPUExecutionProvider"]
+    assert evidence["max_abs_diff"] < 1e-5
+    assert model.training  # handed back as it came
+    with torch.no_grad():
+        expected = (model.eval()(examples["inputs"]).argmax(dim=1) == examples["labels"]).float().mean().item()
+    assert evidence["utility_acc"] == pytest.approx(expected)
