@@ -15,7 +15,9 @@ unless all of them pass:
    unlearning method can run on it); a causal LM the ``transformers`` flavor.
 3. :func:`load_refusal`: loading it. A failure here is the client's (a module missing from ``code_paths``,
    another PyTorch), so it is FAILED_PRECONDITION with the loader's message, not INTERNAL.
-4. :func:`forward_violations`: a forward pass on a few ``holdout`` rows (``dataset.features``).
+4. :func:`forward_violations`: a forward pass on a few ``holdout`` rows (``dataset.features``); for a classifier
+   that passes it, :func:`onnx_violations`: the ONNX export the gate makes of every new version, with a free
+   batch size, run with onnxruntime (``version``).
 5. :func:`factory_violations`: the factory is imported and called once, as ``factory(seed)`` with the
    recipe's seed; the model it builds must have the registered model's parameter and buffer names and
    shapes (its ``state_dict``), or ``retrain`` would train something else. Only a Python function or class
@@ -135,12 +137,18 @@ def load_refusal(error: Exception, version_field: str) -> FailedPrecondition:
     return FailedPrecondition(f"the model version cannot be loaded: {reason}", (FieldViolation(version_field, reason),))
 
 
-def forward_violations(model: nn.Module, frame: pd.DataFrame, num_classes: int) -> list[FieldViolation]:
-    """A forward pass on the first holdout rows: the model takes ``features`` and gives ``num_classes`` logits."""
+def holdout_rows(frame: pd.DataFrame):
+    """The first ``FORWARD_ROWS`` holdout rows of a classifier's dataset, as examples."""
     holdout = frame[frame["split"] == "holdout"].head(FORWARD_ROWS)
-    examples = classification_examples(
+    return classification_examples(
         torch.from_numpy(np.stack([np.asarray(v, dtype=np.float32) for v in holdout["features"]])),
         torch.from_numpy(holdout["label"].to_numpy(dtype=np.int64, copy=True)))
+
+
+def forward_violations(model: nn.Module, frame: pd.DataFrame, num_classes: int) -> list[FieldViolation]:
+    """A forward pass on the first holdout rows: the model takes ``features`` and gives ``num_classes`` logits."""
+    examples = holdout_rows(frame)
+    holdout = examples["inputs"]
     try:
         ClassificationTask(num_classes).validate(model, examples, "dataset.features")
     except InvalidDataError as error:
@@ -148,6 +156,35 @@ def forward_violations(model: nn.Module, frame: pd.DataFrame, num_classes: int) 
     except Exception as error:  # the client's forward(): any exception means it does not take these rows
         return [FieldViolation("dataset.features", f"the model's forward pass failed on {len(holdout)} holdout "
                                                    f"row(s) of float32 features: {type(error).__name__}: {error}")]
+    return []
+
+
+def onnx_violations(model: nn.Module, frame: pd.DataFrame) -> list[FieldViolation]:
+    """Export the model as the gate exports every new version (:func:`service.verification.export_onnx`), on the
+    first holdout rows, and run the graph with onnxruntime on one row: a model that cannot be served this way
+    would pass registration and then fail every erasure at its last step, with the request left pending."""
+    import tempfile
+    from pathlib import Path
+
+    import onnxruntime
+
+    from service.verification import OnnxExportError, export_onnx
+
+    inputs = holdout_rows(frame)["inputs"]
+    was_training = model.training
+    try:
+        with tempfile.TemporaryDirectory() as directory:
+            path = Path(directory) / "model.onnx"
+            export_onnx(model, inputs, path)
+            session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+            session.run(None, {session.get_inputs()[0].name: inputs[:1].numpy()})
+    except OnnxExportError as error:
+        return [FieldViolation("version", str(error))]
+    except Exception as error:  # the client's architecture: say what the exporter or onnxruntime raised
+        return [FieldViolation("version", f"the model cannot be exported to ONNX and run with onnxruntime, as the "
+                                          f"gate does for every new version: {type(error).__name__}: {error}")]
+    finally:
+        model.train(was_training)
     return []
 
 

@@ -93,8 +93,38 @@ def gate_policy(policy: VerificationPolicy) -> GatePolicy:
         raise RuntimeError(f"stored policy value out of bounds: {error}") from error
 
 
+class OnnxExportError(ValueError):
+    """The model cannot be exported as Lethe serves and checks it: an ONNX graph whose batch size is free."""
+
+
+def batch_problem(path: Path, example_inputs: torch.Tensor) -> str | None:
+    """Why the exported graph does not take a batch of another size than the export's example, or None.
+
+    The graph's input may be declared with a free batch dimension while a node inside keeps the example's size
+    (the TorchScript exporter records ``len(inputs)`` as a constant), so this runs the graph on one row fewer
+    (or twice the rows, for a one-row example) and checks the output's batch dimension."""
+    import onnxruntime
+
+    other = example_inputs[:-1] if len(example_inputs) > 1 else torch.cat([example_inputs, example_inputs])
+    try:
+        session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        output = session.run(None, {session.get_inputs()[0].name: other.cpu().numpy()})[0]
+    except Exception as error:  # onnxruntime refuses the shape, or a node inside fails on it
+        return f"onnxruntime refused a batch of {len(other)}: {type(error).__name__}: {str(error)[:300]}"
+    if output.shape[0] != len(other):
+        return f"a batch of {len(other)} rows gave {output.shape[0]} outputs"
+    return None
+
+
 def export_onnx(model: nn.Module, example_inputs: torch.Tensor, path: Path) -> str:
-    """Export to ``path`` with a dynamic batch dimension; returns the exporter that worked."""
+    """Export to ``path`` with a dynamic batch dimension; returns the exporter that worked.
+
+    The dynamo exporter first; the TorchScript exporter when it fails or its graph does not take other batch
+    sizes (:func:`batch_problem`). A forward that turns the batch size into a Python number (``len(inputs)``,
+    ``int(x.size(0))``) makes both exporters keep the example's size, and the served graph would refuse every
+    other batch: that raises :class:`OnnxExportError` saying what to change, instead of a graph that fails later
+    in onnxruntime.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     model = model.eval()
     try:
@@ -104,14 +134,25 @@ def export_onnx(model: nn.Module, example_inputs: torch.Tensor, path: Path) -> s
                                         input_names=["inputs"], output_names=["logits"],
                                         dynamic_shapes=({0: torch.export.Dim("batch")},))
             program.save(str(path))
-        return "dynamo"
+        problem = batch_problem(path, example_inputs)
+        if problem is None:
+            return "dynamo"
+        log.warning("the dynamo ONNX export kept the example's batch size (%s); trying the TorchScript exporter",
+                    problem)
     except Exception as error:  # an architecture torch.export cannot trace: the legacy exporter may
         log.warning("dynamo ONNX export failed (%s); trying the TorchScript exporter", error)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            torch.onnx.export(model, (example_inputs,), str(path), dynamo=False, input_names=["inputs"],
-                              output_names=["logits"], dynamic_axes={"inputs": {0: "batch"}})
-        return "torchscript"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (example_inputs,), str(path), dynamo=False, input_names=["inputs"],
+                          output_names=["logits"], dynamic_axes={"inputs": {0: "batch"}})
+    problem = batch_problem(path, example_inputs)
+    if problem is not None:
+        raise OnnxExportError(
+            f"the model's ONNX export works only for batches of {len(example_inputs)} rows ({problem}): its "
+            "forward() turns the batch size into a Python number (len(inputs), int(x.size(0)), a reshape to a "
+            "fixed shape), so the exporters keep the example's size, and the served model would refuse other "
+            "batches. Use inputs.shape[0] or reshape(-1, ...) (docs/models.md, \"A classifier\")")
+    return "torchscript"
 
 
 def classifier_onnx_evidence(model: nn.Module, parity: ExampleSet, utility: ExampleSet, path: Path) -> dict[str, Any]:

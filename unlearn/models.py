@@ -147,7 +147,7 @@ class Conv1dNet(nn.Module):
                                                                               num_classes))
 
     def forward(self, inputs: Tensor) -> Tensor:
-        return self.head(self.features(inputs.reshape(len(inputs), 1, -1)))
+        return self.head(self.features(inputs.reshape(inputs.shape[0], 1, -1)))
 
 
 class LinearClassifier(nn.Module):

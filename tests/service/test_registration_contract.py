@@ -51,6 +51,18 @@ class Exploding(nn.Module):
         raise ValueError("this model expects a dict of named tensors")
 
 
+class FixedBatch(nn.Module):
+    """Takes [batch, 64] features, but reshapes with len(inputs): a Python number, so an ONNX export fixes the
+    batch size at the example's."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.Linear(64, 10)
+
+    def forward(self, inputs):
+        return self.linear(inputs.reshape(len(inputs), -1))
+
+
 def not_a_model(seed: int) -> str:
     return f"model {seed}"
 
@@ -133,6 +145,17 @@ def test_a_forward_pass_that_fails_names_dataset_features(lethe_engine, tmp_path
                      InvalidArgument)
     assert [v.field for v in error.violations] == ["dataset.features"]
     assert "ValueError: this model expects a dict of named tensors" in error.violations[0].description
+
+
+def test_a_model_whose_onnx_export_fixes_the_batch_size_is_refused_naming_the_fix(lethe_engine, tmp_path):
+    """Its forward pass works, but the gate could never serve a new version of it: refused at registration,
+    not at the last step of every erasure."""
+    version = _log(lethe_engine, FixedBatch(), "contract-fixed-batch")
+    error = _refused(lethe_engine, _registration(tmp_path, "contract-fixed-batch", version, _frame("fixedbatch")),
+                     InvalidArgument)
+    assert [v.field for v in error.violations] == ["version"]
+    assert "works only for batches of 4 rows" in error.violations[0].description
+    assert "inputs.shape[0]" in error.violations[0].description
 
 
 def test_a_chain_method_that_cannot_run_on_the_model_is_refused(lethe_engine, tmp_path):

@@ -92,3 +92,11 @@ def test_the_onnx_checks_take_each_held_out_architecture(family_name, tmp_path):
     with torch.no_grad():
         expected = (model.eval()(examples["inputs"]).argmax(dim=1) == examples["labels"]).float().mean().item()
     assert evidence["utility_acc"] == pytest.approx(expected)
+
+
+def test_an_export_that_fixes_the_batch_size_is_refused_with_what_to_change(tmp_path):
+    from service.verification import OnnxExportError, export_onnx
+    from tests.service.test_registration_contract import FixedBatch
+
+    with pytest.raises(OnnxExportError, match=r"only for batches of 8 rows.*inputs\.shape\[0\]"):
+        export_onnx(FixedBatch(), torch.rand(8, 64), tmp_path / "m.onnx")
