@@ -110,7 +110,7 @@ def batch_problem(path: Path, example_inputs: torch.Tensor) -> str | None:
         session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
         output = session.run(None, {session.get_inputs()[0].name: other.cpu().numpy()})[0]
     except Exception as error:  # onnxruntime refuses the shape, or a node inside fails on it
-        return f"onnxruntime refused a batch of {len(other)}: {type(error).__name__}: {str(error)[:300]}"
+        return f"onnxruntime refused a batch of {len(other)}: {type(error).__name__}: {str(error)[:200]}"
     if output.shape[0] != len(other):
         return f"a batch of {len(other)} rows gave {output.shape[0]} outputs"
     return None
@@ -148,10 +148,10 @@ def export_onnx(model: nn.Module, example_inputs: torch.Tensor, path: Path) -> s
     problem = batch_problem(path, example_inputs)
     if problem is not None:
         raise OnnxExportError(
-            f"the model's ONNX export works only for batches of {len(example_inputs)} rows ({problem}): its "
-            "forward() turns the batch size into a Python number (len(inputs), int(x.size(0)), a reshape to a "
-            "fixed shape), so the exporters keep the example's size, and the served model would refuse other "
-            "batches. Use inputs.shape[0] or reshape(-1, ...) (docs/models.md, \"A classifier\")")
+            f"the model's ONNX export works only for batches of {len(example_inputs)} rows: use inputs.shape[0] or "
+            "reshape(-1, ...) in forward(), not a Python number (len(inputs), int(x.size(0)), a fixed shape), "
+            "which the exporters keep at the example's size, so the served model would refuse other batches "
+            f"(docs/models.md, \"A classifier\"). {problem}")
     return "torchscript"
 
 
