@@ -16,8 +16,8 @@ unless all of them pass:
 3. :func:`load_refusal`: loading it. A failure here is the client's (a module missing from ``code_paths``,
    another PyTorch), so it is FAILED_PRECONDITION with the loader's message, not INTERNAL.
 4. :func:`forward_violations`: a forward pass on a few ``holdout`` rows (``dataset.features``); for a classifier
-   that passes it, :func:`onnx_violations`: the ONNX export the gate makes of every new version, with a free
-   batch size, run with onnxruntime (``version``).
+   that passes it, :func:`onnx_violations`: the same logits twice in ``eval()`` mode, and the ONNX export the gate
+   makes of every new version, with a free batch size, matching PyTorch under onnxruntime (``version``).
 5. :func:`factory_violations`: the factory is imported and called once, as ``factory(seed)`` with the
    recipe's seed; the model it builds must have the registered model's parameter and buffer names and
    shapes (its ``state_dict``), or ``retrain`` would train something else. Only a Python function or class
@@ -159,10 +159,11 @@ def forward_violations(model: nn.Module, frame: pd.DataFrame, num_classes: int) 
     return []
 
 
-def onnx_violations(model: nn.Module, frame: pd.DataFrame) -> list[FieldViolation]:
-    """Export the model as the gate exports every new version (:func:`service.verification.export_onnx`), on the
-    first holdout rows, and run the graph with onnxruntime on one row: a model that cannot be served this way
-    would pass registration and then fail every erasure at its last step, with the request left pending."""
+def onnx_violations(model: nn.Module, frame: pd.DataFrame, tolerance: float) -> list[FieldViolation]:
+    """What the gate does with every new version, once on the first holdout rows: the model must give the same
+    logits twice in ``eval()`` mode, export to ONNX (:func:`service.verification.export_onnx`, with a free batch
+    size) and match PyTorch within the policy's ``onnx_tolerance`` under onnxruntime. A model that fails any of
+    these would pass registration and then fail every erasure at its last step, the request left pending."""
     import tempfile
     from pathlib import Path
 
@@ -173,11 +174,19 @@ def onnx_violations(model: nn.Module, frame: pd.DataFrame) -> list[FieldViolatio
     inputs = holdout_rows(frame)["inputs"]
     was_training = model.training
     try:
+        with torch.no_grad():
+            first, second = model.eval()(inputs), model(inputs)
+        if not torch.allclose(first, second, rtol=0.0, atol=1e-6):
+            return [FieldViolation("version", "the model is not deterministic in eval() mode: two forward passes on "
+                                              f"the same holdout rows differ by up to {(first - second).abs().max():.3g} "
+                                              "(a dropout with training=True, or another random draw, in forward()); "
+                                              "the gate compares the served ONNX model with PyTorch and would reject "
+                                              "every new version")]
         with tempfile.TemporaryDirectory() as directory:
             path = Path(directory) / "model.onnx"
             export_onnx(model, inputs, path)
             session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-            session.run(None, {session.get_inputs()[0].name: inputs[:1].numpy()})
+            exported = session.run(None, {session.get_inputs()[0].name: inputs.numpy()})[0]
     except OnnxExportError as error:
         return [FieldViolation("version", str(error))]
     except Exception as error:  # the client's architecture: say what the exporter or onnxruntime raised
@@ -185,6 +194,11 @@ def onnx_violations(model: nn.Module, frame: pd.DataFrame) -> list[FieldViolatio
                                           f"gate does for every new version: {type(error).__name__}: {error}")]
     finally:
         model.train(was_training)
+    difference = float(np.abs(exported - first.numpy()).max())
+    if difference > tolerance:
+        return [FieldViolation("version", f"the model's ONNX export differs from PyTorch by {difference:.3g} on holdout "
+                                          f"rows, above the policy's onnx_tolerance {tolerance:g}: the gate would "
+                                          "reject every new version")]
     return []
 
 

@@ -136,7 +136,7 @@ class Registrar:
             violations = lm_support.registration_violations(model, tokenizer, frame)
         else:
             violations = (contract.forward_violations(model, frame, registration.num_classes)
-                          or contract.onnx_violations(model, frame))
+                          or contract.onnx_violations(model, frame, registration.policy.onnx_tolerance))
         if registration.model_factory and recipe is not None:
             violations += contract.factory_violations(registration.model_factory, recipe.seed, model)
         chain = _with_default_chain(registration.policy, registration).method_chain

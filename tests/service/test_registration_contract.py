@@ -63,6 +63,17 @@ class FixedBatch(nn.Module):
         return self.linear(inputs.reshape(len(inputs), -1))
 
 
+class AlwaysDropout(nn.Module):
+    """Monte-Carlo dropout: random even in eval() mode, so no two forward passes (or PyTorch and ONNX) agree."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.Linear(64, 10)
+
+    def forward(self, inputs):
+        return self.linear(nn.functional.dropout(inputs, 0.5, training=True))
+
+
 def not_a_model(seed: int) -> str:
     return f"model {seed}"
 
@@ -156,6 +167,27 @@ def test_a_model_whose_onnx_export_fixes_the_batch_size_is_refused_naming_the_fi
     assert [v.field for v in error.violations] == ["version"]
     assert "works only for batches of 4 rows" in error.violations[0].description
     assert "inputs.shape[0]" in error.violations[0].description
+
+
+def test_a_model_random_in_eval_mode_is_refused(lethe_engine, tmp_path):
+    """The gate compares the served ONNX model with PyTorch: a model that draws in eval() mode would fail that
+    comparison on every erasure."""
+    version = _log(lethe_engine, AlwaysDropout(), "contract-mc-dropout")
+    error = _refused(lethe_engine, _registration(tmp_path, "contract-mc-dropout", version, _frame("mcdropout")),
+                     InvalidArgument)
+    assert [v.field for v in error.violations] == ["version"]
+    assert "not deterministic in eval() mode" in error.violations[0].description
+
+
+def test_a_model_whose_onnx_export_computes_something_else_is_refused(lethe_engine, tmp_path):
+    from tests.service.test_verification import ExportDiffers  # eager outputs 1e-3 off the exported graph's
+
+    version = _log(lethe_engine, ExportDiffers(nn.Linear(64, 10)), "contract-export-differs")
+    error = _refused(lethe_engine, _registration(tmp_path, "contract-export-differs", version, _frame("differs")),
+                     InvalidArgument)
+    assert [v.field for v in error.violations] == ["version"]
+    assert "differs from PyTorch by 0.001" in error.violations[0].description
+    assert "onnx_tolerance 0.0001" in error.violations[0].description
 
 
 def test_a_chain_method_that_cannot_run_on_the_model_is_refused(lethe_engine, tmp_path):
