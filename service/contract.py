@@ -148,13 +148,12 @@ def holdout_rows(frame: pd.DataFrame):
 def forward_violations(model: nn.Module, frame: pd.DataFrame, num_classes: int) -> list[FieldViolation]:
     """A forward pass on the first holdout rows: the model takes ``features`` and gives ``num_classes`` logits."""
     examples = holdout_rows(frame)
-    holdout = examples["inputs"]
     try:
         ClassificationTask(num_classes).validate(model, examples, "dataset.features")
     except InvalidDataError as error:
         return [FieldViolation(error.field, error.reason)]
     except Exception as error:  # the client's forward(): any exception means it does not take these rows
-        return [FieldViolation("dataset.features", f"the model's forward pass failed on {len(holdout)} holdout "
+        return [FieldViolation("dataset.features", f"the model's forward pass failed on {len(examples)} holdout "
                                                    f"row(s) of float32 features: {type(error).__name__}: {error}")]
     return []
 

@@ -32,6 +32,7 @@ from service.domain import (
 )
 from tests.service.api_fixtures import running_api
 from tests.service.conftest import wait_for_jobs
+from tests.service.test_verification import ExportDiffers  # eager outputs 1e-3 off the exported graph's
 from unlearn.data import classification_examples
 from unlearn.models import tiny_mlp
 from unlearn.tasks import ClassificationTask
@@ -158,36 +159,24 @@ def test_a_forward_pass_that_fails_names_dataset_features(lethe_engine, tmp_path
     assert "ValueError: this model expects a dict of named tensors" in error.violations[0].description
 
 
-def test_a_model_whose_onnx_export_fixes_the_batch_size_is_refused_naming_the_fix(lethe_engine, tmp_path):
-    """Its forward pass works, but the gate could never serve a new version of it: refused at registration,
-    not at the last step of every erasure."""
-    version = _log(lethe_engine, FixedBatch(), "contract-fixed-batch")
-    error = _refused(lethe_engine, _registration(tmp_path, "contract-fixed-batch", version, _frame("fixedbatch")),
+@pytest.mark.parametrize("name, build, expected", [
+    # Its forward pass works, but the export keeps the example's batch size: the fix is named.
+    ("fixed-batch", FixedBatch, ("works only for batches of 4 rows", "inputs.shape[0]")),
+    # Draws in eval() mode: PyTorch and the served ONNX model would never agree.
+    ("mc-dropout", AlwaysDropout, ("not deterministic in eval() mode",)),
+    # The exported graph computes something else (eager outputs 1e-3 off).
+    ("export-differs", lambda: ExportDiffers(nn.Linear(64, 10)),
+     ("differs from PyTorch by 0.001", "onnx_tolerance 0.0001")),
+])
+def test_a_model_the_gate_could_never_pass_on_onnx_is_refused_at_registration(lethe_engine, tmp_path, name, build,
+                                                                                expected):
+    """The gate exports every new version and compares it with PyTorch: such a model is refused here, naming
+    ``version``, not at the last step of every erasure."""
+    version = _log(lethe_engine, build(), f"contract-{name}")
+    error = _refused(lethe_engine, _registration(tmp_path, f"contract-{name}", version, _frame(name.replace("-", ""))),
                      InvalidArgument)
     assert [v.field for v in error.violations] == ["version"]
-    assert "works only for batches of 4 rows" in error.violations[0].description
-    assert "inputs.shape[0]" in error.violations[0].description
-
-
-def test_a_model_random_in_eval_mode_is_refused(lethe_engine, tmp_path):
-    """The gate compares the served ONNX model with PyTorch: a model that draws in eval() mode would fail that
-    comparison on every erasure."""
-    version = _log(lethe_engine, AlwaysDropout(), "contract-mc-dropout")
-    error = _refused(lethe_engine, _registration(tmp_path, "contract-mc-dropout", version, _frame("mcdropout")),
-                     InvalidArgument)
-    assert [v.field for v in error.violations] == ["version"]
-    assert "not deterministic in eval() mode" in error.violations[0].description
-
-
-def test_a_model_whose_onnx_export_computes_something_else_is_refused(lethe_engine, tmp_path):
-    from tests.service.test_verification import ExportDiffers  # eager outputs 1e-3 off the exported graph's
-
-    version = _log(lethe_engine, ExportDiffers(nn.Linear(64, 10)), "contract-export-differs")
-    error = _refused(lethe_engine, _registration(tmp_path, "contract-export-differs", version, _frame("differs")),
-                     InvalidArgument)
-    assert [v.field for v in error.violations] == ["version"]
-    assert "differs from PyTorch by 0.001" in error.violations[0].description
-    assert "onnx_tolerance 0.0001" in error.violations[0].description
+    assert all(text in error.violations[0].description for text in expected)
 
 
 def test_a_chain_method_that_cannot_run_on_the_model_is_refused(lethe_engine, tmp_path):
