@@ -217,6 +217,7 @@ def test_the_stall_count_starts_on_fresh_tune_losses_only(monkeypatch):
 
 
 def test_the_unlikelihood_term_counts_only_answers_still_predicted_whole_and_does_not_saturate():
+    from unlearn.lm.task import answer_token_log_probs
     from unlearn.methods.simnpo_rt import known_answer_unlikelihood
 
     # Two answers of 2 tokens each (positions 2 and 3 predict tokens 3 and 4); vocabulary of 3.
@@ -228,14 +229,15 @@ def test_the_unlikelihood_term_counts_only_answers_still_predicted_whole_and_doe
              "answer_mask": torch.tensor([[0, 0, 0, 1, 1], [0, 0, 0, 1, 1]])}
     p_certain = torch.softmax(torch.tensor([0.0, 12.0, 0.0]), 0)[1].item()
     expected = (-torch.log1p(torch.tensor(-p_certain)) - torch.log1p(torch.tensor(-1 / 3))).item() / 2
-    value = known_answer_unlikelihood(logits, batch, torch.tensor([True, False]))
+    log_probs, mask = answer_token_log_probs(logits, batch["input_ids"], batch["answer_mask"])
+    value = known_answer_unlikelihood(log_probs, mask.bool(), torch.tensor([True, False]))
     assert value.item() == pytest.approx(expected, rel=1e-5)  # row 1 is not counted
     value.backward()
     assert torch.count_nonzero(logits.grad[1]) == 0
     # At p ~ 1 the NLL's gradient on the target logit vanishes (p - 1); the unlikelihood's does not (p / 2).
     nll_grad = 1 - p_certain
     assert abs(logits.grad[0, 2, 1].item()) == pytest.approx(p_certain / 2, rel=1e-4) and nll_grad < 1e-4
-    none = known_answer_unlikelihood(logits, batch, torch.tensor([False, False]))
+    none = known_answer_unlikelihood(log_probs.detach(), mask.bool(), torch.tensor([False, False]))
     assert none.item() == 0.0 and not none.requires_grad
     with pytest.raises(InvalidParameterError, match="known_unlikelihood"):
         registry.parse_config("simnpo+rt", {"known_unlikelihood": -1.0})

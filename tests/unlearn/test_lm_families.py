@@ -161,6 +161,45 @@ def test_evaluation_passes_on_the_answer_positions_give_the_full_outputs_numbers
         assert model.full_passes > 0
 
 
+@pytest.mark.parametrize("architecture", ["gpt2", "llama", "other"])
+def test_a_training_pass_on_the_answer_positions_has_the_full_outputs_losses_and_gradients(architecture):
+    """``unseen-kd`` and ``simnpo+rt`` train on :meth:`CausalLMTask.answer_scores`: the same losses, exact
+    matches and forget log-probabilities as the full outputs, and the same gradients up to float rounding."""
+    from unlearn.lm.task import answer_logits, answer_token_log_probs
+
+    problem = lm_problem()
+    task = problem.task
+    model = (GPTFactory(task.vocab_size, LLAMA_TINY, task.eos_token_id)(3) if architecture == "llama"
+             else problem.model).eval()
+    if architecture == "other":
+        model = _OtherCausalLM(model)
+    batch = dict(problem.forget.concat(problem.holdout).tensors)
+    count = len(problem.forget)
+
+    def gradients(loss):
+        model.zero_grad(set_to_none=True)
+        loss.backward()
+        return {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+
+    outputs = task.outputs(model, batch)
+    full_nll = task.losses_from_outputs(outputs, batch)
+    full_log_q = torch.log_softmax(answer_logits(outputs[:count], {k: v[:count] for k, v in batch.items()}), dim=-1)
+    full_log_probs, full_mask = answer_token_log_probs(outputs, batch["input_ids"], batch["answer_mask"])
+    full_correct = task.correct_from_outputs(outputs, batch)
+    full_grads = gradients(full_nll[count:].sum() - (full_log_q * full_log_q.exp().detach()).sum())
+
+    scores = task.answer_scores(model, batch)
+    log_q = scores.leading_log_probs(count)
+    assert torch.equal(scores.nll, full_nll) and torch.equal(scores.whole, full_correct)
+    assert torch.equal(scores.lengths, task.target_lengths(batch)) and torch.equal(log_q, full_log_q)
+    assert torch.equal(scores.target_log_probs, full_log_probs * full_mask)
+    assert 0 < int(full_correct.sum()) < len(full_correct) or architecture == "llama"
+    grads = gradients(scores.nll[count:].sum() - (log_q * log_q.exp().detach()).sum())
+    assert grads.keys() == full_grads.keys()
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, full_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
 def test_the_benchmarks_warm_up_request_erases_other_people_and_changes_nothing_it_times(tmp_path, monkeypatch):
     from unlearn import registry
     from unlearn.bench import lm_subjects

@@ -17,6 +17,7 @@ objective); :meth:`CausalLMTask.correct` is teacher-forced exact match (every an
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -92,9 +93,46 @@ def answer_logits(outputs: Tensor, batch: Batch) -> Tensor:
     return outputs[:, :-1][batch["answer_mask"][:, 1:].bool()]
 
 
-def leading_rows(batch: Batch, count: int) -> Batch:
-    """The first ``count`` rows of every tensor of ``batch``: one part of a :func:`concat_batches` result (views)."""
-    return {name: tensor[:count] for name, tensor in batch.items()}
+def _whole(hits: Tensor, mask: Tensor) -> Tensor:
+    """Per row: every answer target of ``mask`` [B, L - 1] is a hit (``hits`` [n], the targets in row order)."""
+    every = torch.ones(mask.shape, dtype=torch.bool, device=mask.device)
+    every[mask] = hits
+    return every.all(dim=1)
+
+
+@dataclass(frozen=True)
+class AnswerScores:
+    """One pass's scores at a batch's answer targets (:meth:`CausalLMTask.answer_scores`).
+
+    ``log_probs`` [n, V]: the log-softmax of the logits predicting each answer target, row after row (the
+    causal shift: target t + 1 from position t); ``mask`` [B, L - 1] bool: where the targets are;
+    ``target_log_probs`` [B, L - 1]: each target's own log-probability, 0 at the other positions; ``hits`` [n]:
+    whether each target is the argmax.
+    """
+
+    log_probs: Tensor
+    mask: Tensor
+    target_log_probs: Tensor
+    hits: Tensor
+
+    @property
+    def nll(self) -> Tensor:
+        """[B] the answer NLL summed per example (:meth:`CausalLMTask.losses_from_outputs`)."""
+        return -self.target_log_probs.sum(dim=1)
+
+    @property
+    def lengths(self) -> Tensor:
+        """[B] answer targets per example (:meth:`CausalLMTask.target_lengths`), as floats."""
+        return self.mask.sum(dim=1).to(self.target_log_probs.dtype)
+
+    @property
+    def whole(self) -> Tensor:
+        """[B] teacher-forced exact match: every answer target is the argmax (:meth:`CausalLMTask.correct`)."""
+        return _whole(self.hits, self.mask)
+
+    def leading_log_probs(self, count: int) -> Tensor:
+        """The rows of :attr:`log_probs` that belong to the first ``count`` examples."""
+        return self.log_probs[: int(self.mask[:count].sum())]
 
 
 class CausalLMTask:
@@ -215,20 +253,13 @@ class CausalLMTask:
         From :meth:`answer_logits` (the output layer on the answer-predicting positions only): the same
         verdicts as :meth:`correct_from_outputs` on the full outputs."""
         logits, mask = self.answer_logits(model, batch)
-        return self._whole(logits.argmax(dim=-1) == batch["input_ids"][:, 1:][mask], mask)
+        return _whole(logits.argmax(dim=-1) == batch["input_ids"][:, 1:][mask], mask)
 
     def correct_from_outputs(self, outputs: Tensor, batch: Batch) -> Tensor:
         logits = outputs[:, :-1]
         hits = logits.argmax(dim=-1) == batch["input_ids"][:, 1:]
         mask = batch["answer_mask"][:, 1:].bool()
         return (hits | ~mask).all(dim=1)
-
-    @staticmethod
-    def _whole(hits: Tensor, mask: Tensor) -> Tensor:
-        """Per row: every answer target of ``mask`` [B, L - 1] is a hit (``hits`` [n], the targets in row order)."""
-        every = torch.ones(mask.shape, dtype=torch.bool, device=mask.device)
-        every[mask] = hits
-        return every.all(dim=1)
 
     def answer_logits(self, model: nn.Module, batch: Batch) -> tuple[Tensor, Tensor]:
         """The logits that predict the answer targets, [n, V] row after row, and the targets' mask [B, L - 1] (bool).
@@ -239,8 +270,10 @@ class CausalLMTask:
         (test ``test_evaluation_passes_on_the_answer_positions_give_the_full_outputs_numbers_to_the_bit``).
         On the benchmark's GPT (2 threads) scoring the 280 never-seen answers took 0.18-0.19 s instead of
         0.25-0.27 s, and the 1,080 rows of the gate's paraphrase probe 0.60 s instead of 0.67 s. Other models:
-        the full outputs, selected. For evaluation passes; the training losses keep :meth:`outputs` (the
-        gradients would differ in the last bits), so the models the project trains do not depend on it.
+        the full outputs, selected. For evaluation passes and the passes of ``unseen-kd`` and ``simnpo+rt``
+        (:meth:`answer_scores`; a step cost 15-23% less on the benchmark's GPT, the same steps on four of five
+        seeds, docs/results/lm.md); the training of the models the project trains keeps :meth:`outputs` (the
+        gradients would differ in the last bits), so those models do not depend on it.
         """
         mask = batch["answer_mask"][:, 1:].bool()
         config = getattr(model, "config", None)
@@ -254,24 +287,26 @@ class CausalLMTask:
         """:func:`answer_token_log_probs` of the model on ``batch`` at the answer targets, from
         :meth:`answer_logits`: log-probabilities [B, L - 1] (0 at the other positions, which every user masks
         out) and the answer-target mask [B, L - 1] as floats."""
-        log_probs, mask, _ = self._scored_answers(model, batch)
-        return log_probs, mask.to(log_probs.dtype)
+        scores = self.answer_scores(model, batch)
+        return scores.target_log_probs, scores.mask.to(scores.target_log_probs.dtype)
 
     def eval_losses_and_correct(self, model: nn.Module, batch: Batch) -> tuple[Tensor, Tensor]:
         """:meth:`losses_from_outputs` and :meth:`correct_from_outputs` of one evaluation pass, from
         :meth:`answer_logits` (:func:`unlearn.tasks.eval_losses_and_correct` reads it)."""
-        log_probs, mask, hits = self._scored_answers(model, batch)
-        return -log_probs.sum(dim=1), self._whole(hits, mask)
+        scores = self.answer_scores(model, batch)
+        return scores.nll, scores.whole
 
-    def _scored_answers(self, model: nn.Module, batch: Batch) -> tuple[Tensor, Tensor, Tensor]:
-        """[B, L - 1] answer-target log-probabilities (0 elsewhere), the bool mask, and per target [n] whether
-        it is the argmax."""
+    def answer_scores(self, model: nn.Module, batch: Batch) -> AnswerScores:
+        """One pass of ``model`` on ``batch`` scored at the answer targets only (:meth:`answer_logits`):
+        evaluation passes, and the unlearning methods' training passes (gradients flow through
+        :attr:`AnswerScores.log_probs` and :attr:`AnswerScores.target_log_probs`)."""
         logits, mask = self.answer_logits(model, batch)
         targets = batch["input_ids"][:, 1:][mask]
-        values = F.log_softmax(logits.float(), dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-        log_probs = torch.zeros(mask.shape, dtype=values.dtype, device=values.device)
-        log_probs[mask] = values
-        return log_probs, mask, logits.argmax(dim=-1) == targets
+        log_probs = F.log_softmax(logits.float(), dim=-1)
+        values = log_probs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+        target_log_probs = torch.zeros(mask.shape, dtype=values.dtype, device=values.device)
+        target_log_probs = target_log_probs.masked_scatter(mask, values)
+        return AnswerScores(log_probs, mask, target_log_probs, logits.argmax(dim=-1) == targets)
 
     def validate(self, model: nn.Module, examples: ExampleSet, field: str) -> None:
         """Examples must be non-empty LM examples with an answer, fit the context, and use the model's vocabulary.

@@ -86,7 +86,7 @@ from unlearn.gradients import (
     trainable_parameters,
 )
 from unlearn.heldout import HeldOutScores, provenance, score
-from unlearn.lm.task import answer_token_log_probs, concat_batches, leading_rows
+from unlearn.lm.task import AnswerScores, concat_batches
 from unlearn.membership import accuracy_excess, membership_losses, membership_test
 from unlearn.methods.simnpo import simnpo_loss_from_nll
 from unlearn.registry import (
@@ -206,18 +206,19 @@ def require_stop_rule(config) -> None:
             "must be in [1, 1e6] or null (run to the step budget)")
 
 
-def known_answer_unlikelihood(outputs: Tensor, batch: dict[str, Tensor], known: Tensor) -> Tensor:
+def known_answer_unlikelihood(target_log_probs: Tensor, mask: Tensor, known: Tensor) -> Tensor:
     """Sum over the answers flagged ``known`` of their mean token unlikelihood ``-log(1 - p(y_t))``.
 
-    ``outputs`` are the logits of ``batch`` ([B, L, V]); ``known`` a [B] boolean mask (the answers still
+    ``target_log_probs`` [B, L - 1] are the answer targets' log-probabilities and ``mask`` [B, L - 1] (bool)
+    where they are (:class:`unlearn.lm.task.AnswerScores`); ``known`` a [B] boolean mask (the answers still
     predicted whole). Zero, with no gradient path, when no answer is flagged. Probabilities are clamped
     below ``1 - 1e-6`` so a token the model is certain of costs at most ~13.8 nats, not infinity.
     """
     if not bool(known.any()):
-        return outputs.new_zeros(())
-    log_probs, mask = answer_token_log_probs(outputs[known], batch["input_ids"][known], batch["answer_mask"][known])
+        return target_log_probs.new_zeros(())
+    log_probs, weights = target_log_probs[known], mask[known].to(target_log_probs.dtype)
     unlikely = -torch.log1p(-log_probs.exp().clamp(max=1 - 1e-6))
-    return ((unlikely * mask).sum(dim=1) / mask.sum(dim=1)).sum()
+    return ((unlikely * weights).sum(dim=1) / weights.sum(dim=1)).sum()
 
 
 def neighbour_weights(forget: ExampleSet, retain: ExampleSet, strength: float) -> Tensor:
@@ -325,19 +326,18 @@ class NeverSeenCheck:
     def answers_still_known(self, forget_accuracy: float, forget_size: int) -> bool:
         return accuracy_excess(forget_accuracy, forget_size, self.tune_accuracy, len(self.tune), self.accuracy_p)
 
-    def after_pass(self, model: nn.Module, forget: ExampleSet, outputs: Tensor, joint: dict[str, Tensor],
-                   nll: Tensor, forget_count: int, whole_forget: bool, step: int | None = None) -> ForgetCheck:
-        """The check on the weights of a joint forget + retain pass (forget rows first) that has just run,
-        before optimiser step ``step`` + 1.
+    def after_pass(self, model: nn.Module, forget: ExampleSet, scores: AnswerScores, forget_count: int,
+                   whole_forget: bool, step: int | None = None) -> ForgetCheck:
+        """The check on the weights of a joint forget + retain pass (forget rows first, ``scores`` its answer
+        targets) that has just run, before optimiser step ``step`` + 1.
 
         When the pass held the whole forget set (``whole_forget``), its per-answer NLLs and exact matches ARE
         the forget losses and accuracy on these weights; otherwise the forget set is scored anew.
         """
         if whole_forget:
-            forget_rows = leading_rows(joint, forget_count)
-            lengths = self.task.target_lengths(forget_rows)
-            forget_losses = (nll[:forget_count] / lengths).detach().double().cpu().numpy()
-            forget_accuracy = float(self.task.correct_from_outputs(outputs[:forget_count], forget_rows).float().mean())
+            nll, lengths = scores.nll[:forget_count], scores.lengths[:forget_count]
+            forget_losses = (nll / lengths).detach().double().cpu().numpy()
+            forget_accuracy = float(scores.whole[:forget_count].float().mean())
         else:
             scores = score(self.task, model, forget)
             forget_losses, forget_accuracy = scores.losses, scores.accuracy
@@ -402,12 +402,11 @@ def simnpo_rt(model: nn.Module, request: UnlearnRequest, config: SimNPORTConfig)
         index = torch.multinomial(retain_weights, retain_size, replacement=False, generator=retain_draws)
         retain_batch = {name: t[index].to(device) for name, t in retain.tensors.items()}
         joint = concat_batches([forget_batch, retain_batch], pad)
-        outputs = task.outputs(work, joint)
-        nll = task.losses_from_outputs(outputs, joint)  # summed answer NLL per example
-        lengths = task.target_lengths(joint)
+        scores = task.answer_scores(work, joint)  # the output layer on the answer positions only
+        nll, lengths = scores.nll, scores.lengths  # summed answer NLL per example, answer targets per example
         forget_count = len(forget_batch["input_ids"])
         if stop is not None and (steps % config.check_every == 0 or steps >= config.max_steps):
-            check = stop.after_pass(work, forget, outputs, joint, nll, forget_count, whole_forget, steps)
+            check = stop.after_pass(work, forget, scores, forget_count, whole_forget, steps)
             checks += 1
             if target.done(check) or stop.stalled(steps):
                 break  # the weights the check judged; this step's gradient is not applied
@@ -415,11 +414,9 @@ def simnpo_rt(model: nn.Module, request: UnlearnRequest, config: SimNPORTConfig)
             break
         forget_loss = simnpo_loss_from_nll(nll[:forget_count], lengths[:forget_count], config.beta, delta)
         if config.known_unlikelihood > 0:  # the forget answers this pass still predicts whole
-            forget_outputs = outputs[:forget_count]
-            forget_rows = leading_rows(joint, forget_count)
-            known = task.correct_from_outputs(forget_outputs, forget_rows)
+            known = scores.whole[:forget_count]
             forget_loss = forget_loss + config.known_unlikelihood * known_answer_unlikelihood(
-                forget_outputs, forget_rows, known) / forget_count
+                scores.target_log_probs[:forget_count], scores.mask[:forget_count], known) / forget_count
         retain_loss = nll[forget_count:].sum() / lengths[forget_count:].sum()  # = task.batch_loss(retain batch)
         optimizer.zero_grad(set_to_none=True)
         (forget_loss + config.retain_weight * retain_loss).backward()

@@ -76,7 +76,7 @@ from unlearn.data import ExampleSet
 from unlearn.errors import InvalidDataError
 from unlearn.forget_target import ForgetTarget
 from unlearn.gradients import make_unlearning_optimizer, trainable_parameters
-from unlearn.lm.task import answer_logits, concat_batches, leading_rows, model_context_length
+from unlearn.lm.task import concat_batches, model_context_length
 from unlearn.methods.simnpo_rt import NeverSeenCheck, require_stop_rule
 from unlearn.registry import UnlearnRequest, UnlearnResult, copy_model, model_device, register, require
 
@@ -353,23 +353,20 @@ def unseen_kd(model: nn.Module, request: UnlearnRequest, config: UnseenKDConfig)
         retain_index = torch.randperm(len(retain), generator=retain_draws)[:retain_size]
         retain_batch = {name: t[retain_index].to(device) for name, t in retain.tensors.items()}
         joint = concat_batches([forget_batch, retain_batch], pad)
-        outputs = task.outputs(work, joint)
-        nll = task.losses_from_outputs(outputs, joint)
-        lengths = task.target_lengths(joint)
+        scores = task.answer_scores(work, joint)  # the output layer on the answer positions only
+        nll, lengths = scores.nll, scores.lengths
         forget_count = len(rows)
         if stop is not None and (steps % config.check_every == 0 or steps >= config.max_steps):
-            check = stop.after_pass(work, forget, outputs, joint, nll, forget_count, whole_forget, steps)
+            check = stop.after_pass(work, forget, scores, forget_count, whole_forget, steps)
             checks += 1
             if target.done(check) or stop.stalled(steps):
                 break  # the weights the check judged; this step's gradient is not applied
         if steps >= config.max_steps:
             break
-        forget_rows = leading_rows(joint, forget_count)
-        log_q = F.log_softmax(answer_logits(outputs[:forget_count], forget_rows).float(), dim=-1)
+        log_q = scores.leading_log_probs(forget_count)
         forget_loss = distillation_loss(log_q, torch.cat([probs[int(row)] for row in rows]))
         if config.ceiling_weight > 0:  # the erased token's log-probability down to the never-seen one, no further
-            own = log_q.gather(
-                -1, forget_rows["input_ids"][:, 1:][forget_rows["answer_mask"][:, 1:].bool()].unsqueeze(-1)).squeeze(-1)
+            own = scores.target_log_probs[:forget_count][scores.mask[:forget_count]]
             forget_loss = forget_loss + config.ceiling_weight * torch.relu(
                 own - torch.cat([ceiling[int(row)] for row in rows])).sum() / forget_count
         retain_loss = nll[forget_count:].sum() / lengths[forget_count:].sum()
