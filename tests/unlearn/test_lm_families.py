@@ -89,6 +89,7 @@ def test_a_llama_style_model_trains_deterministically_memorises_and_round_trips_
 
 def test_the_lm_cache_key_changes_with_the_training_code_version(tmp_path, monkeypatch):
     from unlearn import cache as model_cache
+    from unlearn.lm import model as lm_model
 
     problem = lm_problem()
     factory = GPTFactory(problem.task.vocab_size, TINY_SPEC, problem.task.eos_token_id)
@@ -102,6 +103,9 @@ def test_the_lm_cache_key_changes_with_the_training_code_version(tmp_path, monke
     assert path() == before  # stable for the same inputs
     monkeypatch.setattr(model_cache, "TRAINING_CODE_VERSION", model_cache.TRAINING_CODE_VERSION + 1)
     assert path() != before  # a model the old training loop trained is not served after the loop changed
+    loop_changed = path()
+    monkeypatch.setattr(lm_model, "LM_TRAINING_CODE_VERSION", lm_model.LM_TRAINING_CODE_VERSION + 1)
+    assert path() not in (before, loop_changed)  # nor one the old LM training loss trained
 
 
 class _OtherCausalLM(torch.nn.Module):

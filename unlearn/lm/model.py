@@ -149,6 +149,12 @@ class GPTFactory:
         return model.eval()
 
 
+LM_TRAINING_CODE_VERSION = 1
+"""Part of every :class:`LMCache` key beside :data:`unlearn.cache.TRAINING_CODE_VERSION`; bump it when the LM
+training loss's results change. 1: the loss from the output layer on the answer positions only
+(:meth:`unlearn.lm.task.CausalLMTask.batch_loss`): the same losses, gradients that differ in the last bits."""
+
+
 class LMCache:
     """Trained GPTs under ``<cache>/lm/``, keyed by kind, recipe, architecture, the training data's digest and
     :data:`unlearn.cache.TRAINING_CODE_VERSION` (as :class:`unlearn.cache.ModelCache` keys every other model: a
@@ -162,8 +168,9 @@ class LMCache:
         self.directory = directory / "lm"
 
     def path(self, kind: str, recipe: TrainRecipe, spec: GPTSpec, vocab_size: int, data_digest: str) -> Path:
-        key = hashlib.sha256(json.dumps([model_cache.TRAINING_CODE_VERSION, kind, lm_recipe_key(recipe), spec.key(),
-                                         vocab_size, data_digest]).encode())
+        versions = [model_cache.TRAINING_CODE_VERSION, LM_TRAINING_CODE_VERSION]
+        key = hashlib.sha256(json.dumps([versions, kind, lm_recipe_key(recipe), spec.key(), vocab_size,
+                                         data_digest]).encode())
         return self.directory / f"{kind}-{key.hexdigest()[:24]}"
 
     def get_or_train(self, kind: str, task, factory: GPTFactory, examples: ExampleSet, recipe: TrainRecipe,
@@ -185,6 +192,7 @@ class LMCache:
         path.mkdir(parents=True, exist_ok=True)
         model.save_pretrained(str(path))
         meta = {"train_seconds": seconds, "training_code_version": model_cache.TRAINING_CODE_VERSION,
+                "lm_training_code_version": LM_TRAINING_CODE_VERSION,
                 "recipe": asdict(recipe), "spec": asdict(factory.spec),
                 "device": str(device), "examples": len(examples), "torch_threads": model_cache.training_threads(device)}
         meta_path.write_text(json.dumps(meta))

@@ -104,16 +104,22 @@ def _whole(hits: Tensor, mask: Tensor) -> Tensor:
 class AnswerScores:
     """One pass's scores at a batch's answer targets (:meth:`CausalLMTask.answer_scores`).
 
-    ``log_probs`` [n, V]: the log-softmax of the logits predicting each answer target, row after row (the
-    causal shift: target t + 1 from position t); ``mask`` [B, L - 1] bool: where the targets are;
-    ``target_log_probs`` [B, L - 1]: each target's own log-probability, 0 at the other positions; ``hits`` [n]:
-    whether each target is the argmax.
+    ``logits`` [n, V]: the logits predicting each answer target, row after row (the causal shift: target t + 1
+    from position t), and ``log_probs`` their log-softmax; ``targets`` [n] the target tokens; ``mask``
+    [B, L - 1] bool: where the targets are; ``target_log_probs`` [B, L - 1]: each target's own log-probability,
+    0 at the other positions.
     """
 
+    logits: Tensor
     log_probs: Tensor
+    targets: Tensor
     mask: Tensor
     target_log_probs: Tensor
-    hits: Tensor
+
+    @property
+    def hits(self) -> Tensor:
+        """[n] whether each target is the argmax of its logits."""
+        return self.logits.argmax(dim=-1) == self.targets
 
     @property
     def nll(self) -> Tensor:
@@ -232,14 +238,18 @@ class CausalLMTask:
         return -(log_probs * mask).sum(dim=1)
 
     def per_example_loss(self, model: nn.Module, batch: Batch) -> Tensor:
-        return self.losses_from_outputs(self.outputs(model, batch), batch)
+        """:meth:`losses_from_outputs` from :meth:`answer_scores` (the output layer on the answer positions)."""
+        return self.answer_scores(model, batch).nll
 
     def target_lengths(self, batch: Batch) -> Tensor:
         return batch["answer_mask"][:, 1:].sum(dim=1).float()
 
     def batch_loss(self, model: nn.Module, batch: Batch) -> Tensor:
-        log_probs, mask = answer_token_log_probs(self.outputs(model, batch), batch["input_ids"], batch["answer_mask"])
-        return -(log_probs * mask).sum() / mask.sum()
+        """The training objective, the mean NLL over every answer token of the batch, from :meth:`answer_scores`
+        (the output layer on the answer positions only: the originals the project trains, their retrains and
+        the unlearning methods' passes all pay the same for it)."""
+        scores = self.answer_scores(model, batch)
+        return -scores.target_log_probs.sum() / scores.mask.sum()
 
     def output_energy(self, model: nn.Module, batch: Batch) -> Tensor:
         """Mean over the batch of the squared L2 norm of the logits at the answer-predicting positions."""
@@ -270,10 +280,10 @@ class CausalLMTask:
         (test ``test_evaluation_passes_on_the_answer_positions_give_the_full_outputs_numbers_to_the_bit``).
         On the benchmark's GPT (2 threads) scoring the 280 never-seen answers took 0.18-0.19 s instead of
         0.25-0.27 s, and the 1,080 rows of the gate's paraphrase probe 0.60 s instead of 0.67 s. Other models:
-        the full outputs, selected. For evaluation passes and the passes of ``unseen-kd`` and ``simnpo+rt``
-        (:meth:`answer_scores`; a step cost 15-23% less on the benchmark's GPT, the same steps on four of five
-        seeds, docs/results/lm.md); the training of the models the project trains keeps :meth:`outputs` (the
-        gradients would differ in the last bits), so those models do not depend on it.
+        the full outputs, selected. Every pass of an LM Lethe computes goes through it: evaluation, and, through
+        :meth:`answer_scores`, the training loss (:meth:`batch_loss`, so the originals the project trains and
+        their retrains) and the unlearning methods' passes. The gradients differ from the full outputs' in the
+        last bits (:data:`unlearn.lm.model.LM_TRAINING_CODE_VERSION`).
         """
         mask = batch["answer_mask"][:, 1:].bool()
         config = getattr(model, "config", None)
@@ -306,7 +316,7 @@ class CausalLMTask:
         values = log_probs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
         target_log_probs = torch.zeros(mask.shape, dtype=values.dtype, device=values.device)
         target_log_probs = target_log_probs.masked_scatter(mask, values)
-        return AnswerScores(log_probs, mask, target_log_probs, logits.argmax(dim=-1) == targets)
+        return AnswerScores(logits, log_probs, targets, mask, target_log_probs)
 
     def validate(self, model: nn.Module, examples: ExampleSet, field: str) -> None:
         """Examples must be non-empty LM examples with an answer, fit the context, and use the model's vocabulary.
