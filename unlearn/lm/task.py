@@ -30,7 +30,7 @@ from unlearn.tasks import eval_mode
 LM_FIELDS = ("input_ids", "attention_mask", "answer_mask")
 
 ANSWER_HEAD_MODEL_TYPES = ("gpt2", "llama")
-"""``config.model_type`` of the models whose evaluation passes run the output layer on the answer-predicting
+"""``config.model_type`` of the models whose passes run the output layer on the answer-predicting
 positions only (:meth:`CausalLMTask.answer_logits`): their logits are the output layer applied to the base
 model's last hidden state, nothing after it. Other models' full logits are computed and selected."""
 
@@ -280,10 +280,10 @@ class CausalLMTask:
         (test ``test_evaluation_passes_on_the_answer_positions_give_the_full_outputs_numbers_to_the_bit``).
         On the benchmark's GPT (2 threads) scoring the 280 never-seen answers took 0.18-0.19 s instead of
         0.25-0.27 s, and the 1,080 rows of the gate's paraphrase probe 0.60 s instead of 0.67 s. Other models:
-        the full outputs, selected. Every pass of an LM Lethe computes goes through it: evaluation, and, through
-        :meth:`answer_scores`, the training loss (:meth:`batch_loss`, so the originals the project trains and
-        their retrains) and the unlearning methods' passes. The gradients differ from the full outputs' in the
-        last bits (:data:`unlearn.lm.model.LM_TRAINING_CODE_VERSION`).
+        the full outputs, selected. Evaluation passes go through it, and, through :meth:`answer_scores`, the
+        training loss (:meth:`batch_loss`: the originals the project trains and their retrains) and the passes of
+        ``unseen-kd`` and ``simnpo+rt``; FLAT and continual fine-tuning keep :meth:`outputs`. The gradients
+        differ from the full outputs' in the last bits (:data:`unlearn.lm.model.LM_TRAINING_CODE_VERSION`).
         """
         mask = batch["answer_mask"][:, 1:].bool()
         config = getattr(model, "config", None)
