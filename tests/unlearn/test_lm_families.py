@@ -167,8 +167,9 @@ def test_evaluation_passes_on_the_answer_positions_give_the_full_outputs_numbers
 
 @pytest.mark.parametrize("architecture", ["gpt2", "llama", "other"])
 def test_a_training_pass_on_the_answer_positions_has_the_full_outputs_losses_and_gradients(architecture):
-    """``unseen-kd`` and ``simnpo+rt`` train on :meth:`CausalLMTask.answer_scores`: the same losses, exact
-    matches and forget log-probabilities as the full outputs, and the same gradients up to float rounding."""
+    """The training loss and ``unseen-kd``'s and ``simnpo+rt``'s passes use :meth:`CausalLMTask.answer_scores`: the
+    same losses, exact matches and forget log-probabilities as the full outputs, and the same gradients up to
+    float rounding."""
     from unlearn.lm.task import answer_logits, answer_token_log_probs
 
     problem = lm_problem()
@@ -197,6 +198,8 @@ def test_a_training_pass_on_the_answer_positions_has_the_full_outputs_losses_and
     assert torch.equal(scores.nll, full_nll) and torch.equal(scores.whole, full_correct)
     assert torch.equal(scores.lengths, task.target_lengths(batch)) and torch.equal(log_q, full_log_q)
     assert torch.equal(scores.target_log_probs, full_log_probs * full_mask)
+    assert torch.equal(task.per_example_loss(model, batch), full_nll)
+    assert torch.equal(task.batch_loss(model, batch), -(full_log_probs * full_mask).sum() / full_mask.sum())
     assert 0 < int(full_correct.sum()) < len(full_correct) or architecture == "llama"
     grads = gradients(scores.nll[count:].sum() - (log_q * log_q.exp().detach()).sum())
     assert grads.keys() == full_grads.keys()

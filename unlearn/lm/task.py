@@ -308,8 +308,8 @@ class CausalLMTask:
 
     def answer_scores(self, model: nn.Module, batch: Batch) -> AnswerScores:
         """One pass of ``model`` on ``batch`` scored at the answer targets only (:meth:`answer_logits`):
-        evaluation passes, and the unlearning methods' training passes (gradients flow through
-        :attr:`AnswerScores.log_probs` and :attr:`AnswerScores.target_log_probs`)."""
+        evaluation passes, the training loss and the passes of ``unseen-kd`` and ``simnpo+rt`` (gradients flow
+        through :attr:`AnswerScores.log_probs` and :attr:`AnswerScores.target_log_probs`)."""
         logits, mask = self.answer_logits(model, batch)
         targets = batch["input_ids"][:, 1:][mask]
         log_probs = F.log_softmax(logits.float(), dim=-1)

@@ -339,8 +339,8 @@ class NeverSeenCheck:
             forget_losses = (nll / lengths).detach().double().cpu().numpy()
             forget_accuracy = float(scores.whole[:forget_count].float().mean())
         else:
-            scores = score(self.task, model, forget)
-            forget_losses, forget_accuracy = scores.losses, scores.accuracy
+            held = score(self.task, model, forget)
+            forget_losses, forget_accuracy = held.losses, held.accuracy
         return self(model, forget_losses, forget_accuracy, step)
 
     def outcome(self, model: nn.Module, forget: ExampleSet, check: ForgetCheck, steps: int, max_steps: int,
