@@ -146,6 +146,10 @@ class ClassificationTask:
                 logits = model(inputs[:1].to(device))
         except RuntimeError as error:  # the model's own shape check is the authority
             raise InvalidDataError(field, f"inputs of shape {tuple(inputs.shape[1:])} do not fit the model: {error}")
+        if not isinstance(logits, Tensor):  # (logits, features), a dict, a HF output object: common, and not ours
+            raise InvalidDataError(field, f"the model's forward() returned a {type(logits).__name__}, not one tensor; "
+                                   f"Lethe needs forward(inputs) to return the logits [batch, {self.num_classes}] alone "
+                                   "(register a wrapper module whose forward returns them)")
         if logits.dim() != 2 or logits.shape[1] != self.num_classes:
             raise InvalidDataError(field, f"model gives outputs of shape {tuple(logits.shape)}, "
                                    f"expected [batch, {self.num_classes}]")

@@ -155,3 +155,22 @@ def test_a_model_is_probed_once_per_class_count_and_shape_across_task_objects(pr
     with pytest.raises(InvalidDataError, match=r"expected \[batch, 3\]"):  # another class count is probed anew
         ClassificationTask(3).validate(model, problem.forget, "forget")
     assert len(calls) == 2
+
+
+class _TupleOutput(torch.nn.Module):
+    """forward returns (logits, features), as many real models do."""
+
+    def __init__(self, inner: torch.nn.Module):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, inputs):
+        logits = self.inner(inputs)
+        return logits, inputs
+
+
+def test_a_model_whose_forward_returns_a_tuple_is_refused_with_the_reason(problem, untouched):
+    model = _TupleOutput(copy.deepcopy(problem.model))
+    with pytest.raises(InvalidDataError, match=r"returned a tuple, not one tensor.*logits \[batch, 10\] alone") as error:
+        registry.run("ssd", model, problem.request())
+    assert error.value.field == "forget"
