@@ -31,6 +31,7 @@ from torch import Tensor, nn
 
 from continual.registry import CAUSAL_LM, UpdateRequest, task_kind
 from unlearn.data import Batch, ExampleSet
+from unlearn.registry import copy_model
 from unlearn.lm.task import answer_token_log_probs
 from unlearn.tasks import TaskAdapter
 from unlearn.training import make_optimizer
@@ -115,11 +116,9 @@ def model_device(model: nn.Module) -> torch.device:
 
 
 def copy_for_update(model: nn.Module) -> nn.Module:
-    """The copy a strategy trains (the caller's model is never changed); every parameter trainable."""
-    work = copy.deepcopy(model)
-    for parameter in work.parameters():
-        parameter.requires_grad_(True)
-    return work
+    """The copy a strategy trains (the caller's model is never changed); frozen parameters stay frozen, as in
+    every unlearning method (:func:`unlearn.registry.copy_model` says why)."""
+    return copy_model(model)
 
 
 def frozen_copy(model: nn.Module) -> nn.Module:

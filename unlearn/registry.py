@@ -277,12 +277,20 @@ def config_to_dict(config: Any) -> dict[str, Any]:
 
 
 def copy_model(model: nn.Module) -> nn.Module:
-    """The copy every method works on: the caller's model is never changed."""
+    """The copy every method and update works on: the caller's model is never changed.
+
+    The copy keeps each parameter's ``requires_grad`` flag as the model was registered. A frozen parameter (a
+    pretrained backbone, fixed random features) was not trained on the data, so it carries none of the records'
+    influence, and the exact retrain does not train it either (:func:`unlearn.training.train_model` trains the
+    flagged parameters of ``factory(seed)``): no method changes it, and the returned model keeps it frozen for
+    the next request. A model with no trainable parameter at all (saved for inference with every flag off) is
+    taken as trainable throughout.
+    """
     import copy
 
     clone = copy.deepcopy(model)
-    for parameter in clone.parameters():
-        parameter.requires_grad_(True)
+    if not any(parameter.requires_grad for parameter in clone.parameters()):
+        clone.requires_grad_(True)
     return clone
 
 

@@ -106,6 +106,7 @@ def hft(model: nn.Module, request: UpdateRequest, config: HFTConfig) -> UpdateRe
     task, device = request.task, model_device(model)
     plan = update_plan(request, config.epochs, config.lr_scale)
     work = copy_for_update(model)
+    registered = {name: parameter.requires_grad for name, parameter in work.named_parameters()}
     matrices = choose_frozen_half(work, request.seed)
     if not matrices:
         raise InvalidDataError("model", "hft needs at least two parameter matrices to freeze half of them")
@@ -127,8 +128,8 @@ def hft(model: nn.Module, request: UpdateRequest, config: HFTConfig) -> UpdateRe
                 step += 1
                 request.after_step(work, step)
             request.report((epoch + 1) / plan.epochs, f"epoch {epoch + 1}/{plan.epochs}")
-    for parameter in work.parameters():
-        parameter.requires_grad_(True)
+    for name, parameter in work.named_parameters():  # the flags as registered, not this update's half
+        parameter.requires_grad_(registered[name])
     work.eval()
     total_matrices = sum(len(members) for members in matrix_groups(work).values())
     return UpdateResult(work, details={"strategy": "hft", "seed": request.seed, "epochs": plan.epochs, "steps": step,

@@ -90,3 +90,19 @@ def test_config_round_trips_and_is_documented(name):
 def test_docstring_states_mutation_and_cites(name):
     module = __import__(registry.get(name).run.__module__, fromlist=["_"])
     assert "Mutates in place" in (module.__doc__ or ""), f"{name}: docstring must say whether it mutates"
+
+
+@pytest.mark.parametrize("name", classification_strategies())
+def test_a_frozen_parameter_is_left_as_registered(name):
+    """As in every unlearning method (unlearn.registry.copy_model): a parameter registered frozen is not trained
+    by an update and stays frozen in the new version; the exact joint retrain follows ``factory(seed)``'s flags."""
+    problem = class_problem()
+    model = copy.deepcopy(problem.model)
+    frozen_name, frozen = next(iter(model.named_parameters()))
+    frozen.requires_grad_(False)
+    result = registry.run(name, model, problem.request(seed=HFT_SEED if "hft" in name else 0), CASES.get(name))
+    flags = {key: parameter.requires_grad for key, parameter in result.model.named_parameters()}
+    if not result.exact:
+        assert flags == {key: key != frozen_name for key in flags}, name
+        assert torch.equal(result.model.state_dict()[frozen_name], model.state_dict()[frozen_name]), name
+    assert not _same_weights(result.model, model), f"{name} changed nothing"

@@ -108,3 +108,30 @@ def test_task_capabilities_are_declared_and_enforced():
     assert "causal_lm" in str(error.value)
     with pytest.raises(UnknownMethodError):
         registry.supports("no-such-method", "classification")
+
+
+def _first_layer_frozen(model: torch.nn.Module) -> torch.nn.Module:
+    next(iter(model.parameters())).requires_grad_(False)
+    return model
+
+
+@pytest.mark.parametrize("name", contract_methods())
+def test_a_frozen_parameter_is_left_as_registered(name):
+    """A parameter the model was registered with frozen (a pretrained backbone) carries nothing of the data: no
+    method changes it, and the result keeps it frozen for the next request. The exact retrain starts from
+    ``factory(seed)``, whose own flags decide what it trains."""
+    from tests.unlearn.helpers import factory
+
+    params, build = CASES.get(name, ({}, class_problem))
+    problem = build()
+    model = _first_layer_frozen(copy.deepcopy(problem.model))
+    frozen_name = next(iter(model.state_dict()))
+    request = problem.request(model_factory=lambda seed: _first_layer_frozen(factory(seed)))
+    result = registry.run(name, model, request, params)
+    flags = {key: parameter.requires_grad for key, parameter in result.model.named_parameters()}
+    assert flags == {key: key != frozen_name for key in flags}, name
+    if not result.exact:
+        assert torch.equal(result.model.state_dict()[frozen_name], model.state_dict()[frozen_name]), name
+    trainable_changed = [key for key, value in result.model.state_dict().items()
+                         if key != frozen_name and not torch.equal(value, model.state_dict()[key])]
+    assert trainable_changed, f"{name} changed nothing"

@@ -142,6 +142,8 @@ def test_lora_targets_both_ffn_linears_of_every_block_and_nothing_else():
 
 def test_merged_model_equals_base_plus_lora():
     model = tiny_vit()
+    next(iter(model.parameters())).requires_grad_(False)  # a frozen parameter stays frozen after the merge
+    flags = {name: parameter.requires_grad for name, parameter in model.named_parameters()}
     inputs = torch.rand(5, 64)
     peft_model = attach_ffn_lora(model, rank=2, lora_alpha=4, seed=1)
     with torch.no_grad():
@@ -149,7 +151,8 @@ def test_merged_model_equals_base_plus_lora():
             if "lora_B" in name:  # B starts at 0: make the update non-zero
                 parameter.normal_(0, 0.5)
         with_lora = peft_model(inputs)
-    merged = merge_lora(peft_model)
+    merged = merge_lora(peft_model, flags)
+    assert {name: parameter.requires_grad for name, parameter in merged.named_parameters()} == flags
     with torch.no_grad():
         assert torch.allclose(merged(inputs), with_lora, atol=1e-5)
     assert not any("lora" in name for name, _ in merged.named_modules())

@@ -36,6 +36,17 @@ def test_the_operator_is_shrink_times_the_weights_plus_perturb_times_a_fresh_ini
         shrink_and_perturb(model, tiny_mlp(1, 16, 3), 0.5, 0.5)  # another architecture
 
 
+def test_frozen_parameters_are_not_shrunk_or_perturbed():
+    model, fresh = tiny_mlp(0, 16, 10), tiny_mlp(1, 16, 10)
+    frozen = next(iter(model.parameters()))  # the first layer's weight, as a frozen backbone would be
+    frozen.requires_grad_(False)
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    shrink_and_perturb(model, fresh, 0.5, 0.5)
+    changed = {name for name, p in model.named_parameters() if not torch.equal(p, before[name])}
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    assert changed == trainable and len(trainable) == len(before) - 1
+
+
 def test_memorised_records_reach_the_never_seen_level_where_fine_tuning_leaves_them_known():
     problem = mislabelled_problem()
     before = copy.deepcopy(problem.model)

@@ -142,6 +142,7 @@ def gslora(model: nn.Module, request: UnlearnRequest, config: GSLoRAConfig) -> U
     base_parameters = sum(p.numel() for p in work.parameters())
     base_weights = {name: module.weight.detach().clone() for name, module in work.named_modules()
                     if isinstance(module, nn.Linear)}
+    flags = {name: parameter.requires_grad for name, parameter in work.named_parameters()}
     peft_model = attach_ffn_lora(work, config.rank, config.lora_alpha, request.seed)
     groups = list(lora_groups(peft_model).values())
     lora_parameters = [p for p in peft_model.parameters() if p.requires_grad]
@@ -170,7 +171,7 @@ def gslora(model: nn.Module, request: UnlearnRequest, config: GSLoRAConfig) -> U
                            f"{retain_loss.item():.3f}, forget CE {forget_ce.item():.2f}")
 
     blocks = lora_block_report(peft_model, base_weights, config.active_threshold)
-    merged = merge_lora(peft_model)
+    merged = merge_lora(peft_model, flags)
     details = {
         **facts, **blocks,
         "trainable_parameters": trainable, "model_parameters": base_parameters, "trainable_fraction": fraction,

@@ -175,15 +175,16 @@ def lora_block_report(peft_model: PeftModel, base_weights: dict[str, Tensor], th
             "blocks": len(relative)}
 
 
-def merge_lora(peft_model: PeftModel) -> nn.Module:
+def merge_lora(peft_model: PeftModel, flags: dict[str, bool]) -> nn.Module:
     """Fold every LoRA update into its base weight (W += B A * scale) and return the plain module.
 
-    No peft wrapper or LoRA layer is left, so the result exports to ONNX like the original; every
-    parameter is trainable again (the library's convention for returned models), and it is in eval mode.
+    No peft wrapper or LoRA layer is left, so the result exports to ONNX like the original; each parameter
+    gets back its ``requires_grad`` flag from ``flags`` (name -> flag, taken before the LoRA was attached: peft
+    freezes the base weights, the returned model keeps the flags it was registered with), and it is in eval mode.
     """
     merged = peft_model.merge_and_unload()
-    for parameter in merged.parameters():
-        parameter.requires_grad_(True)
+    for name, parameter in merged.named_parameters():
+        parameter.requires_grad_(flags[name])
     return merged.eval()
 
 

@@ -153,6 +153,7 @@ def gslora_pp(model: nn.Module, request: UnlearnRequest, config: GSLoRAPlusPlusC
     base_parameters = sum(p.numel() for p in work.parameters())
     base_weights = {name: module.weight.detach().clone() for name, module in work.named_modules()
                     if isinstance(module, nn.Linear)}
+    flags = {name: parameter.requires_grad for name, parameter in work.named_parameters()}
     peft_model = attach_ffn_lora(work, config.rank, config.lora_alpha, request.seed)
     network = peft_model.get_base_model()  # the same modules, with LoRA injected; has embed/classify
     groups = list(lora_groups(peft_model).values())
@@ -189,7 +190,7 @@ def gslora_pp(model: nn.Module, request: UnlearnRequest, config: GSLoRAPlusPlusC
                            f"{retain_loss.item():.3f}, forget CE {forget_ce.item():.2f}")
 
     blocks = lora_block_report(peft_model, base_weights, config.active_threshold)
-    merged = merge_lora(peft_model)
+    merged = merge_lora(peft_model, flags)
     details = {
         **facts, **blocks,
         "trainable_parameters": trainable, "model_parameters": base_parameters, "trainable_fraction": fraction,

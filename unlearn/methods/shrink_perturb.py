@@ -126,13 +126,17 @@ class ShrinkPerturbConfig:
 
 @torch.no_grad()
 def shrink_and_perturb(model: nn.Module, fresh: nn.Module, shrink: float, perturb: float) -> None:
-    """``theta <- shrink * theta + perturb * theta_fresh`` for every parameter of ``model``, IN PLACE.
+    """``theta <- shrink * theta + perturb * theta_fresh`` for every trainable parameter of ``model``, IN PLACE.
 
-    ``fresh`` must be the same architecture (a new initialisation from the same factory)."""
+    ``fresh`` must be the same architecture (a new initialisation from the same factory). A frozen parameter
+    (``requires_grad`` false: a pretrained backbone, fixed random features) is left as it is: training never
+    moved it, so it carries nothing of the data, and the retraining that follows could not repair it."""
     params, fresh_params = dict(model.named_parameters()), dict(fresh.named_parameters())
     if params.keys() != fresh_params.keys() or any(p.shape != fresh_params[n].shape for n, p in params.items()):
         raise ValueError("the fresh initialisation does not have the model's parameters (names and shapes)")
     for name, parameter in params.items():
+        if not parameter.requires_grad:
+            continue
         parameter.mul_(shrink).add_(fresh_params[name].to(parameter.device), alpha=perturb)
 
 
