@@ -145,6 +145,11 @@ class ClassificationTask:
             with eval_mode(model), torch.no_grad():
                 logits = model(inputs[:1].to(device))
         except RuntimeError as error:  # the model's own shape check is the authority
+            other = sorted({str(p.dtype) for p in model.parameters() if p.is_floating_point() and p.dtype != inputs.dtype})
+            if other:  # a float64 (or half) model fed Lethe's float32 features: say that, not "shape"
+                raise InvalidDataError(field, f"the model's parameters are {', '.join(other)} and its forward() does not "
+                                       f"take {inputs.dtype} inputs: log it as float32 (model.float()) or cast the "
+                                       f"inputs inside forward(): {error}")
             raise InvalidDataError(field, f"inputs of shape {tuple(inputs.shape[1:])} do not fit the model: {error}")
         if not isinstance(logits, Tensor):  # (logits, features), a dict, a HF output object: common, and not ours
             raise InvalidDataError(field, f"the model's forward() returned a {type(logits).__name__}, not one tensor; "

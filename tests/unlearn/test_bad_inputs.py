@@ -174,3 +174,10 @@ def test_a_model_whose_forward_returns_a_tuple_is_refused_with_the_reason(proble
     with pytest.raises(InvalidDataError, match=r"returned a tuple, not one tensor.*logits \[batch, 10\] alone") as error:
         registry.run("ssd", model, problem.request())
     assert error.value.field == "forget"
+
+
+def test_a_float64_model_is_refused_naming_its_dtype(problem, untouched):
+    model = copy.deepcopy(problem.model).double()
+    with pytest.raises(InvalidDataError, match=r"parameters are torch.float64 .* log it as float32") as error:
+        registry.run("ssd", model, problem.request())
+    assert error.value.field == "forget"
