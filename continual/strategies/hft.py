@@ -75,10 +75,13 @@ def matrix_groups(model: nn.Module) -> dict[str, list[str]]:
 
 
 def choose_frozen_half(model: nn.Module, seed: int) -> list[str]:
-    """The names of the matrices to freeze: floor(n/2) per group, then half of the odd leftovers."""
+    """The names of the matrices to freeze: floor(n/2) per group, then half of the odd leftovers. Only trainable
+    matrices count: one the model was registered with frozen stays frozen anyway (``copy_for_update``)."""
     rng = random.Random(seed)
     frozen, leftovers = [], []
+    trainable = {name for name, parameter in model.named_parameters() if parameter.requires_grad}
     for members in matrix_groups(model).values():
+        members = [name for name in members if name in trainable]
         order = rng.sample(members, len(members))
         half = len(members) // 2
         frozen.extend(order[:half])
@@ -109,7 +112,7 @@ def hft(model: nn.Module, request: UpdateRequest, config: HFTConfig) -> UpdateRe
     registered = {name: parameter.requires_grad for name, parameter in work.named_parameters()}
     matrices = choose_frozen_half(work, request.seed)
     if not matrices:
-        raise InvalidDataError("model", "hft needs at least two parameter matrices to freeze half of them")
+        raise InvalidDataError("model", "hft needs at least two trainable parameter matrices to freeze half of them")
     frozen = freeze(work, matrices)
     trainable = [p for p in work.parameters() if p.requires_grad]
     optimizer = make_update_optimizer(request, trainable, plan.lr)

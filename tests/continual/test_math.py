@@ -186,6 +186,15 @@ def test_hft_freezes_exactly_half_of_each_category():
     assert all(p.requires_grad for n, p in model.named_parameters() if ".norm." in n)  # norms keep training
 
 
+def test_hft_halves_the_trainable_matrices_only():
+    model = _Blocks()
+    for parameter in model.blocks[0]["attn"].parameters():  # registered frozen (a pretrained part)
+        parameter.requires_grad_(False)
+    frozen = choose_frozen_half(model, seed=3)
+    assert not any(name.startswith("blocks.0.attn.") for name in frozen)
+    assert len(frozen) == (13 - 4) // 2
+
+
 def test_hft_leaves_the_frozen_half_exactly_unchanged():
     problem = class_problem()
     result = registry.run("hft", problem.model, problem.request(seed=1))
