@@ -225,12 +225,51 @@ def factory_violations(model_factory: str, seed: int, model: nn.Module) -> list[
         return [FieldViolation("model_factory", f"{model_factory}({seed}) returned {type(fresh).__name__}, expected "
                                                 "a torch.nn.Module")]
     mismatches = state_mismatches(model.state_dict(), fresh.state_dict())
-    if not mismatches:
-        return []
+    if mismatches:
+        return [FieldViolation("model_factory", f"{model_factory}({seed}) builds a model that does not match the "
+                                                f"registered one ({_listed(mismatches)})")]
+    mismatches = frozen_mismatches(model, fresh)
+    if mismatches:
+        return [FieldViolation("model_factory", f"{model_factory}({seed}) freezes other parameters than the registered "
+                                                f"model ({_listed(mismatches)}). The exact retrain trains what the "
+                                                "factory leaves trainable, every other method what the registered "
+                                                "model does: freeze the same parameters, with the same values, in "
+                                                "both (docs/models.md)")]
+    return []
+
+
+def _listed(mismatches: list[str]) -> str:
     shown = "; ".join(mismatches[:MAX_MISMATCHES])
     more = f"; {len(mismatches) - MAX_MISMATCHES} more" if len(mismatches) > MAX_MISMATCHES else ""
-    return [FieldViolation("model_factory", f"{model_factory}({seed}) builds a model that does not match the "
-                                            f"registered one ({len(mismatches)} difference(s)): {shown}{more}")]
+    return f"{len(mismatches)} difference(s): {shown}{more}"
+
+
+def frozen_mismatches(model: nn.Module, fresh: nn.Module) -> list[str]:
+    """Parameters frozen (``requires_grad`` false) in one model and trainable in the other, and frozen parameters
+    whose values differ: training never moves a frozen parameter, so the original kept the factory's values.
+
+    Why it matters: no method changes a parameter the model was registered with frozen
+    (:func:`unlearn.registry.copy_model`). One frozen AFTER training on the data would carry the records'
+    influence where no method looks, and a factory that leaves it trainable (or builds other values) retrains
+    another model. A registered model with every flag off counts as trainable throughout, as it does there.
+    """
+    registered = dict(model.named_parameters())
+    if not any(parameter.requires_grad for parameter in registered.values()):
+        flags = dict.fromkeys(registered, True)
+    else:
+        flags = {name: parameter.requires_grad for name, parameter in registered.items()}
+    built = dict(fresh.named_parameters())
+    mismatches = []
+    for name, trainable in flags.items():
+        if name not in built:  # tied differently; the state_dict check already compared names and shapes
+            continue
+        if trainable != built[name].requires_grad:
+            state = "trainable" if trainable else "frozen"
+            mismatches.append(f"{name} is {state} in the registered model and "
+                              f"{'frozen' if trainable else 'trainable'} in the factory's")
+        elif not trainable and not torch.equal(registered[name].detach().cpu(), built[name].detach().cpu()):
+            mismatches.append(f"{name} is frozen in both, with other values in the factory's")
+    return mismatches
 
 
 def state_mismatches(registered: Mapping[str, torch.Tensor], fresh: Mapping[str, torch.Tensor]) -> list[str]:

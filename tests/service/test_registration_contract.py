@@ -79,6 +79,13 @@ def not_a_model(seed: int) -> str:
     return f"model {seed}"
 
 
+def frozen_first_layer(seed: int) -> nn.Module:
+    """tiny_mlp with its first layer frozen, as a factory that loads a pretrained part would build it."""
+    model = tiny_mlp(seed)
+    model.layers[0].weight.requires_grad_(False)
+    return model
+
+
 def _frame(prefix: str, rows: int = 800) -> pd.DataFrame:
     """Digits rows with record and subject ids of this test's own (records erased by other tests of the
     session are tombstoned, and subjects named by their erasures must not reach these models)."""
@@ -338,6 +345,33 @@ def test_refusals_through_the_api_keep_their_codes(lethe_engine, tmp_path):
             api.stub.RegisterModel(bad_recipe)
         assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert "train_recipe.epochs" in dict(field_violations(refused.value))
+
+
+FROZEN_CASES = {  # registered model -> factory -> what the refusal says (None: accepted)
+    "frozen in the model only": (lambda: frozen_first_layer(0), "unlearn.models:tiny_mlp",
+                                 "layers.0.weight is frozen in the registered model and trainable in the factory's"),
+    "frozen in the factory only": (lambda: tiny_mlp(0), f"{__name__}:frozen_first_layer",
+                                   "layers.0.weight is trainable in the registered model and frozen in the factory's"),
+    "frozen in both, other values": (lambda: frozen_first_layer(1), f"{__name__}:frozen_first_layer",
+                                     "layers.0.weight is frozen in both, with other values in the factory's"),
+    "frozen in both, same values": (lambda: frozen_first_layer(0), f"{__name__}:frozen_first_layer", None),
+}
+
+
+@pytest.mark.parametrize("case", sorted(FROZEN_CASES))
+def test_the_factory_must_freeze_what_the_registered_model_freezes(lethe_engine, tmp_path, case):
+    build, factory, reason = FROZEN_CASES[case]
+    name = "contract-frozen-" + case.replace(" ", "-").replace(",", "")
+    version = _log(lethe_engine, build(), name)
+    registration = _registration(tmp_path, name, version, _frame("frozen"), model_factory=factory,
+                                 train_recipe={"epochs": 3.0, "seed": 0.0},
+                                 policy=replace(DEMO_POLICY, method_chain=(MethodStep("ssd-auto"),)))
+    if reason is None:
+        assert lethe_engine.register_model(registration).version == version
+        return
+    (violation,) = _refused(lethe_engine, registration, InvalidArgument).violations
+    assert violation.field == "model_factory" and reason in violation.description, violation.description
+    assert "freeze the same parameters" in violation.description
 
 
 def test_registration_with_a_matching_factory_and_recipe_is_accepted(lethe_engine, tmp_path, mlp_version):
