@@ -2,8 +2,12 @@
 
 ``NAME`` is a registered method or ``auto`` (the default escalation chain of the scenario's task, judged
 by the gate). Scenarios: ``<family>-<class|random|subject>`` for the families ``digits``, ``tabular`` and
-``vit`` (:mod:`unlearn.bench.harness`), plus ``digits-vit-continual``, ``fictitious-subjects`` and
-``fictitious-customers``.
+``vit`` (:mod:`unlearn.bench.harness`), for the held-out families of :mod:`unlearn.bench.heldout` (``wine``,
+``cancer``, ...), and for a family of your own, ``--family module:function`` (``function()`` returns an
+:class:`unlearn.bench.families.Family`: a model factory, a class count, records with subject ids, and the
+recipe; :func:`unlearn.bench.families.import_family`); plus ``digits-vit-continual``, ``fictitious-subjects``
+and ``fictitious-customers``. A ``<family>-class`` scenario erases ``--forget-class``: 3 on the three
+families, 1 on held-out families and yours (every family has a class 1).
 
 With ``--json`` the last line of stdout is one JSON object: the run's result, or for a sweep
 (``--seeds``, ``--all-classes``) a summary holding every result and the means.
@@ -19,10 +23,11 @@ import sys
 from pathlib import Path
 
 from unlearn import registry
-from unlearn.bench.families import get_family
+from unlearn.bench.families import Family, get_family, import_family
 from unlearn.bench.harness import AUTO, TRAININGS, run_benchmark
+from unlearn.bench.heldout import HELDOUT_FAMILIES, HELDOUT_FORGET_CLASS
 from unlearn.bench.lm_subjects import SCENARIOS as LM_SCENARIOS, run_lm_subjects
-from unlearn.bench.scenarios import SCENARIOS, parse_scenario
+from unlearn.bench.scenarios import DEFAULT_FORGET_CLASS, SCENARIOS, parse_scenario
 from unlearn.bench.vit_continual import run_vit_continual
 from unlearn.device import resolve_device
 from unlearn.errors import UnlearnError
@@ -37,10 +42,16 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m unlearn.bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--method", required=True, help=f"{AUTO} or one of: {', '.join(registry.names())}")
-    parser.add_argument("--scenario", required=True, choices=SCENARIOS + tuple(RUNNERS))
+    parser.add_argument("--scenario", required=True,
+                        help=f"one of {', '.join(SCENARIOS + tuple(RUNNERS))}; <family>-<class|random|subject> for "
+                             f"the held-out families ({', '.join(HELDOUT_FAMILIES)}) and --family's")
+    parser.add_argument("--family", help="module:function returning an unlearn.bench.families.Family: run the "
+                                         "harness on your own model and data (scenario <its name>-<selector>)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--seeds", help="comma-separated seeds to sweep, e.g. 0,1,2")
-    parser.add_argument("--forget-class", type=int, default=3)
+    parser.add_argument("--forget-class", type=int,
+                        help=f"the class <family>-class erases (default {DEFAULT_FORGET_CLASS}; "
+                             f"{HELDOUT_FORGET_CLASS} on held-out families and --family's)")
     parser.add_argument("--all-classes", action="store_true", help="sweep every forget class (<family>-class)")
     parser.add_argument("--params", default="{}", help="method parameters as a JSON object")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
@@ -54,18 +65,25 @@ def main(argv: list[str] | None = None) -> int:
         params = json.loads(args.params)
         device = resolve_device(args.device)
         seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else [args.seed]
+        family = other_family(args.scenario, args.family)
+        if family is None and args.scenario not in SCENARIOS + tuple(RUNNERS):
+            raise ValueError(f"unknown scenario {args.scenario!r}; known: {', '.join(SCENARIOS + tuple(RUNNERS))}, "
+                             f"<family>-<class|random|subject> for {', '.join(HELDOUT_FAMILIES)}, or --family")
         if args.all_classes:
             if args.scenario in RUNNERS or not args.scenario.endswith("-class"):
                 raise ValueError("--all-classes needs a <family>-class scenario")
-            classes = list(range(get_family(parse_scenario(args.scenario)[0]).num_classes))
-        else:
+            classes = list(range((family or get_family(parse_scenario(args.scenario)[0])).num_classes))
+        elif args.forget_class is not None:
             classes = [args.forget_class]
+        else:
+            classes = [DEFAULT_FORGET_CLASS if family is None else HELDOUT_FORGET_CLASS]
         results = []
         for seed in seeds:
             for forget_class in classes:
                 if args.scenario in RUNNERS and args.train != "plain":
                     raise ValueError(f"--train {args.train} is only available for the digits scenarios")
-                runner = RUNNERS.get(args.scenario) or functools.partial(run_benchmark, training=args.train)
+                runner = RUNNERS.get(args.scenario) or functools.partial(run_benchmark, training=args.train,
+                                                                         family=family)
                 cache = {"cache_dir": Path(args.cache_dir)} if args.cache_dir else {}
                 result = runner(args.method, args.scenario, seed, forget_class, params, device, **cache)
                 results.append(result)
@@ -84,6 +102,14 @@ def main(argv: list[str] | None = None) -> int:
         }
         print(json.dumps(summary) if args.json else _human_summary(summary))
     return 0
+
+
+def other_family(scenario: str, target: str | None) -> Family | None:
+    """``--family``'s family, else the held-out family ``scenario`` names, else None (a built-in scenario)."""
+    if target:
+        return import_family(target)
+    name = scenario.rpartition("-")[0]
+    return HELDOUT_FAMILIES[name]() if name in HELDOUT_FAMILIES else None
 
 
 def _human(result: dict) -> str:

@@ -178,3 +178,49 @@ def get_family(name: str) -> Family:
         return FAMILIES[name]()
     except KeyError:
         raise InvalidParameterError("family", f"unknown family {name!r}; known: {', '.join(FAMILIES)}") from None
+
+
+def import_family(target: str) -> Family:
+    """``module:function`` -> the :class:`Family` that ``function()`` returns: the harness on a model and data
+    set of your own, from the command line (``python -m unlearn.bench --family module:function``).
+
+    The model cache keys an original on the family's ``namespace``, ``architecture``, recipe and data. A family
+    from outside the project is also keyed on the source code of its factory's module and of its model's
+    class (:func:`code_digest`), so a model edited between two runs is trained anew, not loaded from the first.
+    """
+    import importlib
+
+    module_name, _, function_name = target.partition(":")
+    if not module_name or not function_name:
+        raise InvalidParameterError("family", f"must be module:function, got {target!r}")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as error:
+        raise InvalidParameterError("family", f"cannot import {module_name!r}: {error}") from None
+    function = getattr(module, function_name, None)
+    if not callable(function):
+        raise InvalidParameterError("family", f"module {module_name!r} has no function {function_name!r}")
+    family = function()
+    if not isinstance(family, Family):
+        raise InvalidParameterError("family", f"{target}() returned {type(family).__name__}, expected an "
+                                              "unlearn.bench.families.Family")
+    if "-" in family.name or not family.name:
+        raise InvalidParameterError("family", f"the family's name must be non-empty without '-' (scenarios are "
+                                              f"<name>-<class|random|subject>), got {family.name!r}")
+    return replace(family, architecture={**family.architecture, "code": code_digest(family)})
+
+
+def code_digest(family: Family) -> str:
+    """SHA-256 of the source of the module that defines ``family.model_factory`` and of the model's class;
+    ``"no source"`` where Python cannot find it (then an edited model under the same namespace, recipe and
+    data is loaded from the cache: give it a new ``namespace``)."""
+    import hashlib
+    import inspect
+
+    digest = hashlib.sha256()
+    try:
+        for owner in (inspect.getmodule(family.model_factory), type(family.model_factory(0))):
+            digest.update(inspect.getsource(owner).encode())
+    except (OSError, TypeError):
+        return "no source"
+    return digest.hexdigest()

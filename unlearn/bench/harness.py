@@ -319,11 +319,13 @@ def _gate_summary(gate: GateResult | None) -> dict[str, Any] | None:
 
 def run_benchmark(method: str, scenario_name: str, seed: int, forget_class: int = DEFAULT_FORGET_CLASS,
                   params: dict[str, Any] | None = None, device: torch.device | None = None,
-                  cache_dir: Path | None = None, training: str = "plain") -> dict[str, Any]:
-    """One run: :func:`prepare` then :func:`run_method` (the CLI's entry; the signature of every runner)."""
+                  cache_dir: Path | None = None, training: str = "plain", family: Family | None = None
+                  ) -> dict[str, Any]:
+    """One run: :func:`prepare` then :func:`run_method` (the CLI's entry; the signature of every runner).
+    ``family``: a family that is not one of :data:`unlearn.bench.families.FAMILIES` (held-out, or yours)."""
     if method != AUTO:
         registry.parse_config(method, params)  # fail fast, before any training
-    prepared = prepare(scenario_name, seed, forget_class, device, cache_dir, training)
+    prepared = prepare(scenario_name, seed, forget_class, device, cache_dir, training, family=family)
     return run_method(prepared, method, params)
 
 

@@ -43,7 +43,8 @@ def parse_scenario(name: str, families=FAMILIES) -> tuple[str, str]:
     """
     family, _, selector = name.rpartition("-")
     if family not in families or selector not in SELECTORS:
-        raise InvalidParameterError("scenario", f"unknown scenario {name!r}; known: {', '.join(SCENARIOS)}")
+        known = ", ".join(f"{name}-{selector}" for name in families for selector in SELECTORS)
+        raise InvalidParameterError("scenario", f"unknown scenario {name!r}; known: {known}")
     return family, selector
 
 
