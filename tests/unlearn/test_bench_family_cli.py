@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from dataclasses import replace
 
+import numpy as np
 import pytest
 
 from unlearn.bench.__main__ import main
@@ -28,6 +29,37 @@ def own_family() -> Family:
 
 def not_a_family() -> str:
     return "own"
+
+
+def _with_records(**changes) -> Family:
+    records = own_records()
+    return replace(own_family(), load_records=lambda: replace(records, **changes))
+
+
+def all_trained() -> Family:
+    return _with_records(trained=np.ones(len(own_records()), dtype=bool))
+
+
+def labels_out_of_range() -> Family:
+    labels = own_records().labels.copy()
+    labels[0] = 7
+    return _with_records(labels=labels)
+
+
+def nan_features() -> Family:
+    features = own_records().features.copy()
+    features[3, 2] = np.nan
+    return _with_records(features=features)
+
+
+def duplicate_ids() -> Family:
+    ids = own_records().record_ids.copy()
+    ids[1] = ids[0]
+    return _with_records(record_ids=ids)
+
+
+def wrong_class_count() -> Family:
+    return replace(own_family(), num_classes=4)  # the model gives 3 logits
 
 
 def _last_json(capsys) -> dict:
@@ -57,6 +89,11 @@ def test_a_held_out_family_runs_from_the_main_command(tmp_path, capsys):
     (["--family", f"{__name__}", "--scenario", "own-class"], "must be module:function"),
     (["--family", f"{__name__}:own_family", "--scenario", "other-class"], "known: own-class, own-random, own-subject"),
     (["--scenario", "nowhere-class"], "unknown scenario 'nowhere-class'"),
+    (["--family", f"{__name__}:all_trained", "--scenario", "own-random"], "tune and audit need records it never"),
+    (["--family", f"{__name__}:labels_out_of_range", "--scenario", "own-random"], "labels must be integers in [0, 3)"),
+    (["--family", f"{__name__}:nan_features", "--scenario", "own-random"], "features contain NaN or inf"),
+    (["--family", f"{__name__}:duplicate_ids", "--scenario", "own-random"], "record ids must be unique"),
+    (["--family", f"{__name__}:wrong_class_count", "--scenario", "own-random"], "expected [batch, 4]"),
 ])
 def test_bad_families_and_scenarios_are_refused_before_any_training(tmp_path, capsys, argv, message):
     assert main(["--method", "retrain", "--cache-dir", str(tmp_path), *argv]) == 2

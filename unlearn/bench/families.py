@@ -47,7 +47,7 @@ import torch
 from torch import nn
 
 from unlearn.data import ExampleSet, classification_examples
-from unlearn.errors import InvalidParameterError
+from unlearn.errors import InvalidDataError, InvalidParameterError
 from unlearn.models import digits_cnn, tabular_mlp
 from unlearn.tasks import ClassificationTask
 from unlearn.training import TrainRecipe
@@ -178,6 +178,34 @@ def get_family(name: str) -> Family:
         return FAMILIES[name]()
     except KeyError:
         raise InvalidParameterError("family", f"unknown family {name!r}; known: {', '.join(FAMILIES)}") from None
+
+
+def check_records(family: Family, records: Records) -> None:
+    """Raise :class:`InvalidDataError` (field ``family.<name>``) when the records cannot make a benchmark: the
+    harness runs every family through this before any training, so a family of your own is refused naming
+    what is wrong rather than failing deep inside a method."""
+    field_name = f"family.{family.name}"
+    count = len(records)
+    if count == 0:
+        raise InvalidDataError(field_name, "has no records")
+    if records.features.ndim != 2 or len(records.features) != count:
+        raise InvalidDataError(field_name, f"features must be [records, features], got {records.features.shape} "
+                                           f"for {count} labels")
+    for name in ("record_ids", "subject_ids", "trained"):
+        if len(getattr(records, name)) != count:
+            raise InvalidDataError(field_name, f"{name} has {len(getattr(records, name))} entries for {count} records")
+    if not np.isfinite(records.features).all():
+        raise InvalidDataError(field_name, "features contain NaN or inf")
+    labels = np.asarray(records.labels)
+    if not np.issubdtype(labels.dtype, np.integer) or labels.min() < 0 or labels.max() >= family.num_classes:
+        raise InvalidDataError(field_name, f"labels must be integers in [0, {family.num_classes}), got "
+                                           f"{labels.dtype} in [{labels.min()}, {labels.max()}]")
+    if len(set(records.record_ids.tolist())) != count:
+        raise InvalidDataError(field_name, "record ids must be unique (tune and audit are dealt by record id)")
+    trained = np.asarray(records.trained, dtype=bool)
+    if trained.all() or not trained.any():
+        raise InvalidDataError(field_name, f"{int(trained.sum())} of {count} records are trained on: the original "
+                               "needs training records, and tune and audit need records it never trained on")
 
 
 def import_family(target: str) -> Family:

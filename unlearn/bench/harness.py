@@ -52,13 +52,13 @@ import torch
 from torch import nn
 
 from unlearn import registry
-from unlearn.bench.families import Family, Records, get_family
+from unlearn.bench.families import Family, Records, check_records, get_family
 from unlearn.bench.scenarios import DEFAULT_FORGET_CLASS, parse_scenario, select_forget
 from unlearn.bench.timing import fwd_bwd_seconds, timed_retrain, warm_up
 from unlearn.cache import ModelCache
 from unlearn.chain import default_chain, run_chain
 from unlearn.data import ExampleSet
-from unlearn.errors import InvalidParameterError
+from unlearn.errors import InvalidDataError, InvalidParameterError
 from unlearn.evaluation import ClassificationMetrics, avg_gap, evaluate_classifier
 from unlearn.gate import GatePolicy, GateResult, judge, without_classes
 from unlearn.gradient_restriction import DEFAULT_ALPHA_GR
@@ -178,7 +178,12 @@ def prepare(scenario: str, seed: int, forget_class: int | None = DEFAULT_FORGET_
     torch.manual_seed(seed)
     task = family.task()
     records = family.load_records()
+    check_records(family, records)
     index = split_indices(records)
+    for split in ("tune", "audit"):
+        if len(index[split]) == 0:
+            raise InvalidDataError(f"family.{family.name}", f"no never-trained record falls in {split} "
+                                   f"({len(index['tune']) + len(index['audit'])} never-trained records in all)")
     train_index = index["train"]
     selection = select_forget(scenario, records.labels[train_index], records.subject_ids[train_index],
                               family.num_classes, seed, DEFAULT_FORGET_CLASS if forget_class is None else forget_class)
@@ -190,6 +195,7 @@ def prepare(scenario: str, seed: int, forget_class: int | None = DEFAULT_FORGET_
 
     recipe = family.recipe if training == "plain" else replace(family.recipe, gradient_restriction=DEFAULT_ALPHA_GR)
     recipe = replace(recipe, seed=seed)
+    task.validate(family.model_factory(recipe.seed), sets["train"], f"family.{family.name}")  # logits [batch, classes]
     cached = ModelCache(cache_dir).trained(family.namespace, task, family.model_factory, sets["train"], recipe,
                                            device, "original", family.architecture)
     warm_up(device)
