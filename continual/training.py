@@ -31,8 +31,8 @@ from torch import Tensor, nn
 
 from continual.registry import CAUSAL_LM, UpdateRequest, task_kind
 from unlearn.data import Batch, ExampleSet
-from unlearn.registry import copy_model
 from unlearn.lm.task import answer_token_log_probs
+from unlearn.registry import copy_model
 from unlearn.tasks import TaskAdapter
 from unlearn.training import make_optimizer
 

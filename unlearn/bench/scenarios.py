@@ -43,7 +43,8 @@ def parse_scenario(name: str, families=FAMILIES) -> tuple[str, str]:
     """
     family, _, selector = name.rpartition("-")
     if family not in families or selector not in SELECTORS:
-        known = ", ".join(f"{name}-{selector}" for name in families for selector in SELECTORS)
+        known = ", ".join(f"{known_family}-{known_selector}" for known_family in families
+                          for known_selector in SELECTORS)
         raise InvalidParameterError("scenario", f"unknown scenario {name!r}; known: {known}")
     return family, selector
 
