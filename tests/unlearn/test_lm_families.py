@@ -274,3 +274,47 @@ def test_a_model_built_while_another_thread_loads_one_is_still_initialised_from_
     loader.join(10)
     builder.join(10)
     assert weights_digest(built["model"]) == reference
+
+
+def test_the_lm_benchmark_json_of_auto_names_the_chain_what_shipped_and_every_attempt(tmp_path, monkeypatch):
+    """As the classifier harness's ``auto``: ``chain``, ``chosen``, ``exact``, ``attempts`` and ``gate``, on a
+    tiny GPT with a short recipe (the benchmark's own scenario, shrunk). The gate's verdicts are forced (the
+    real checks, with the first attempt rejected and the exact retrain accepted), so the JSON has one right
+    answer whatever the tiny models do."""
+    from dataclasses import replace as replaced
+
+    from unlearn import registry
+    from unlearn.bench import lm_subjects
+    from unlearn.gate import GateCheck, GateResult
+    from unlearn.lm.fictitious import PEOPLE_SCHEMA, LMFamily
+    from unlearn.training import TrainRecipe
+
+    tiny = LMFamily(PEOPLE_SCHEMA, TINY_SPEC, TrainRecipe(epochs=3, batch_size=16, lr=3e-3, optimizer="adamw"))
+
+    def tiny_family(scenario, cache_dir):
+        data = load_fictitious_subjects(cache_dir, people=60, never_trained=20)
+        return tiny, data, GPTFactory(len(data.tokenizer), TINY_SPEC, data.tokenizer.eos_token_id)
+
+    forced, run, judge = {}, registry.run, lm_subjects.judge
+
+    def run_and_mark(name, model, request, params=None):
+        result = run(name, model, request, params)
+        forced[id(result.model)] = name == "retrain"
+        return result
+
+    def forced_judge(task, original, model, *args, **kwargs):
+        verdict = judge(task, original, model, *args, **kwargs)
+        if id(model) not in forced:  # the warm-up's gate
+            return verdict
+        checks = tuple(replaced(check, passed=True) for check in verdict.checks)
+        return GateResult((*checks, GateCheck("forced", None, None, forced[id(model)], "the test's")), verdict.evidence)
+
+    monkeypatch.setattr(lm_subjects, "load_family", tiny_family)
+    monkeypatch.setattr(lm_subjects, "default_chain", lambda task, has_training=True: [
+        ("unseen-kd", {"max_steps": 3}), ("retrain", {})])
+    monkeypatch.setattr(registry, "run", run_and_mark)
+    monkeypatch.setattr(lm_subjects, "judge", forced_judge)
+    result = lm_subjects.run_lm_subjects("auto", "fictitious-subjects", 0, cache_dir=tmp_path)
+    assert result["chain"] == ["unseen-kd", "retrain"]
+    assert [(a["method"], a["gate_passed"]) for a in result["attempts"]] == [("unseen-kd", False), ("retrain", True)]
+    assert result["chosen"] == "retrain" and result["exact"] is True and result["gate"]["passed"] is True

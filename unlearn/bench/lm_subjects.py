@@ -38,8 +38,9 @@ linear decay that :data:`~unlearn.lm.fictitious.LM_RECIPE` names (see :func:`reg
 ``--method auto`` runs the default escalation chain for causal LMs (:data:`unlearn.chain.DEFAULT_CHAINS`
 ``["causal_lm"]``) judged by :func:`unlearn.gate.judge` with the default :class:`unlearn.gate.GatePolicy`:
 utility on the retained people (teacher-forced exact match), membership of the forget people against the
-audit people. Its JSON adds ``attempts`` and ``gate``; every other method's JSON has ``gate`` too (the
-gate's verdict on its result), so single methods and chains read alike.
+audit people. Its JSON adds ``attempts``, ``chain`` and ``chosen`` (the method that shipped; None when no
+attempt passed), as the classifier harness's ``auto`` does; every JSON has ``gate`` (the gate's verdict on the
+result) and ``exact``, so single methods and chains read alike.
 
 Result: ``original`` / ``retrained`` / ``unlearned`` hold :class:`unlearn.lm.metrics.LMMetrics`; top level
 ``forget_quality`` (KS p-value of the forget truth ratios, unlearned vs the in-process retrain),
@@ -246,7 +247,7 @@ def run_lm_subjects(method: str, scenario_name: str, seed: int, forget_class: in
     warm_up_seconds = (warm_up_request(method, params, original, request, data, people, policy)
                        if method != "retrain" else 0.0)  # the retrain's own first steps are its warm-up
     torch.manual_seed(seed)  # as before the warm-up (the methods draw from their own seeded generators anyway)
-    attempts, precompute_seconds = None, 0.0
+    attempts, chain, chosen, precompute_seconds = None, None, None, 0.0
     if method == "retrain":  # the original recipe, in this process: the unlearned model IS the retrain
         retrained, retrain_seconds = timed_retrain(task, factory, retain, recipe, device)
         result, unlearn_seconds = UnlearnResult(retrained, details={"recipe": "train_lm, as the original"},
@@ -262,9 +263,11 @@ def run_lm_subjects(method: str, scenario_name: str, seed: int, forget_class: in
         precompute_seconds = time.perf_counter() - started
         started = time.perf_counter()
         if method == "auto":
-            outcome = run_chain(original, request, default_chain(CHAIN_TASK, registry_retrain_matches(recipe)), gate)
+            chain = default_chain(CHAIN_TASK, registry_retrain_matches(recipe))
+            outcome = run_chain(original, request, chain, gate)
             unlearn_seconds = time.perf_counter() - started  # the whole chain, its gate evaluations included
             attempts = [a.summary() for a in outcome.attempts]
+            chosen = outcome.chosen.method if outcome.chosen is not None else None
             last = outcome.chosen or next((a for a in reversed(outcome.attempts) if a.gate is not None), None)
             if outcome.result is not None:
                 result = outcome.result
@@ -314,8 +317,9 @@ def run_lm_subjects(method: str, scenario_name: str, seed: int, forget_class: in
         "device": str(device), "torch_threads": torch.get_num_threads(),
         "original_threads": original_meta.get("torch_threads"),  # what the cached original was trained with
     }
-    if attempts is not None:
-        out["attempts"] = attempts
+    out["exact"] = bool(result.exact)
+    if attempts is not None:  # as the classifier harness's auto: the chain, what shipped (None: nothing passed)
+        out.update(chain=[name for name, _ in chain], chosen=chosen, attempts=attempts)
     return out
 
 
