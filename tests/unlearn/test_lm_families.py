@@ -318,3 +318,5 @@ def test_the_lm_benchmark_json_of_auto_names_the_chain_what_shipped_and_every_at
     assert result["chain"] == ["unseen-kd", "retrain"]
     assert [(a["method"], a["gate_passed"]) for a in result["attempts"]] == [("unseen-kd", False), ("retrain", True)]
     assert result["chosen"] == "retrain" and result["exact"] is True and result["gate"]["passed"] is True
+    assert set(result["unlearned"]) | {"forget_quality", "gate"} == set(result["splits"])  # every number says where
+    assert not any("tune" in where for where in result["splits"].values())

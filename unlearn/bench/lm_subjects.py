@@ -79,7 +79,7 @@ from unlearn.errors import InvalidDataError, InvalidParameterError
 from unlearn.gate import GatePolicy, GateResult, judge
 from unlearn.heldout import score
 from unlearn.lm.fictitious import LM_FAMILIES, FictitiousSubjects, load_family
-from unlearn.lm.metrics import ParaphraseProbe, evaluate_lm, forget_quality, rouge_l_recall
+from unlearn.lm.metrics import LM_METRIC_SPLITS, ParaphraseProbe, evaluate_lm, forget_quality, rouge_l_recall
 from unlearn.lm.model import GPTFactory, LMCache, train_lm
 from unlearn.registry import UnlearnRequest, UnlearnResult
 from unlearn.tasks import accuracy
@@ -309,7 +309,7 @@ def run_lm_subjects(method: str, scenario_name: str, seed: int, forget_class: in
                          "per_version": "the original's tune-people scores and retained-answer accuracy"},
         "membership": membership.as_dict(), "membership_retrained": gold_membership.as_dict(),
         "memorisation": memorisation(task, original, data.split(data.train_subjects)),
-        "targets": targets, "targets_met": all(targets.values()),
+        "targets": targets, "targets_met": all(targets.values()), "splits": LM_METRIC_SPLITS,
         "target_reached": result.target_reached, "message": result.message,
         "details": {k: v for k, v in result.details.items() if k != "search"},
         "gate": {"passed": verdict.passed, "failures": list(verdict.failures),

@@ -296,6 +296,27 @@ class LMMetrics:
         return asdict(self)
 
 
+LM_METRIC_SPLITS = {
+    "forget_rouge": "forget people (trained, erased)",
+    "retain_rouge": "retain people (trained, kept)",
+    "audit_rouge": "audit people (never trained, never seen by the method)",
+    "forget_truth_ratio": "forget people",
+    "forget_answer_probability": "forget people",
+    "forget_mean_nll": "forget people",
+    "audit_mean_nll": "audit people",
+    "model_utility": "retain people (answer probability, ROUGE-L, truth ratio)",
+    "mia_auc": "loss attack, forget vs audit people",
+    "mia_auc_loss": "loss attack, forget vs audit people",
+    "mia_auc_min_k": "Min-K% attack, forget vs audit people",
+    "mia_ks_p": "KS test of answer NLLs, forget vs audit people",
+    "knowledge_ks_p": "truth ratios, forget vs audit people",
+    "knowledge_log_shift": "truth ratios, forget vs audit people",
+    "forget_quality": "forget people's truth ratios, this model vs the in-process retrain",
+    "gate": "utility on the retain people; membership and knowledge, forget vs audit people",
+}
+"""Where each number of the LM benchmark's JSON comes from (its ``splits``). No metric reads a tune person."""
+
+
 def evaluate_lm(task: CausalLMTask, model: nn.Module, forget: QASplit, retain: QASplit,
                 audit: QASplit) -> tuple[LMMetrics, SplitScores, MembershipResult]:
     """M for one model, the forget-split scores (their truth ratios feed :func:`forget_quality`) and the
