@@ -42,6 +42,7 @@ from torch import nn
 from service.domain import FailedPrecondition, FieldViolation, TaskType, id_problem, preview
 from unlearn.data import classification_examples
 from unlearn.errors import InvalidDataError, InvalidParameterError
+from unlearn.registry import trainable_flags
 from unlearn.tasks import ClassificationTask
 from unlearn.training import TrainRecipe, recipe_from_values
 
@@ -253,11 +254,7 @@ def frozen_mismatches(model: nn.Module, fresh: nn.Module) -> list[str]:
     influence where no method looks, and a factory that leaves it trainable (or builds other values) retrains
     another model. A registered model with every flag off counts as trainable throughout, as it does there.
     """
-    registered = dict(model.named_parameters())
-    if not any(parameter.requires_grad for parameter in registered.values()):
-        flags = dict.fromkeys(registered, True)
-    else:
-        flags = {name: parameter.requires_grad for name, parameter in registered.items()}
+    registered, flags = dict(model.named_parameters()), trainable_flags(model)
     built = dict(fresh.named_parameters())
     mismatches = []
     for name, trainable in flags.items():

@@ -289,9 +289,17 @@ def copy_model(model: nn.Module) -> nn.Module:
     import copy
 
     clone = copy.deepcopy(model)
-    if not any(parameter.requires_grad for parameter in clone.parameters()):
-        clone.requires_grad_(True)
+    flags = trainable_flags(clone)
+    for name, parameter in clone.named_parameters():
+        parameter.requires_grad_(flags[name])
     return clone
+
+
+def trainable_flags(model: nn.Module) -> dict[str, bool]:
+    """Each parameter's ``requires_grad`` as Lethe treats it (:func:`copy_model`): as registered, or True for
+    every one when every flag is off."""
+    flags = {name: parameter.requires_grad for name, parameter in model.named_parameters()}
+    return flags if any(flags.values()) else dict.fromkeys(flags, True)
 
 
 def model_device(model: nn.Module) -> torch.device:

@@ -46,6 +46,7 @@ from continual.training import (
 )
 from unlearn.config import require
 from unlearn.errors import InvalidDataError
+from unlearn.registry import trainable_flags
 
 
 @dataclass(frozen=True)
@@ -109,7 +110,7 @@ def hft(model: nn.Module, request: UpdateRequest, config: HFTConfig) -> UpdateRe
     task, device = request.task, model_device(model)
     plan = update_plan(request, config.epochs, config.lr_scale)
     work = copy_for_update(model)
-    registered = {name: parameter.requires_grad for name, parameter in work.named_parameters()}
+    registered = trainable_flags(work)
     matrices = choose_frozen_half(work, request.seed)
     if not matrices:
         raise InvalidDataError("model", "hft needs at least two trainable parameter matrices to freeze half of them")

@@ -75,6 +75,7 @@ from unlearn.registry import (
     model_device,
     register,
     require,
+    trainable_flags,
 )
 
 
@@ -142,7 +143,7 @@ def gslora(model: nn.Module, request: UnlearnRequest, config: GSLoRAConfig) -> U
     base_parameters = sum(p.numel() for p in work.parameters())
     base_weights = {name: module.weight.detach().clone() for name, module in work.named_modules()
                     if isinstance(module, nn.Linear)}
-    flags = {name: parameter.requires_grad for name, parameter in work.named_parameters()}
+    flags = trainable_flags(work)
     peft_model = attach_ffn_lora(work, config.rank, config.lora_alpha, request.seed)
     groups = list(lora_groups(peft_model).values())
     lora_parameters = [p for p in peft_model.parameters() if p.requires_grad]

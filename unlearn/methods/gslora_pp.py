@@ -66,6 +66,7 @@ from unlearn.registry import (
     model_device,
     register,
     require,
+    trainable_flags,
 )
 
 
@@ -153,7 +154,7 @@ def gslora_pp(model: nn.Module, request: UnlearnRequest, config: GSLoRAPlusPlusC
     base_parameters = sum(p.numel() for p in work.parameters())
     base_weights = {name: module.weight.detach().clone() for name, module in work.named_modules()
                     if isinstance(module, nn.Linear)}
-    flags = {name: parameter.requires_grad for name, parameter in work.named_parameters()}
+    flags = trainable_flags(work)
     peft_model = attach_ffn_lora(work, config.rank, config.lora_alpha, request.seed)
     network = peft_model.get_base_model()  # the same modules, with LoRA injected; has embed/classify
     groups = list(lora_groups(peft_model).values())
