@@ -10,6 +10,7 @@ from unlearn import registry
 from unlearn.data import ExampleSet
 from unlearn.errors import InvalidDataError, InvalidParameterError
 from unlearn.lm.customers import CUSTOMER_SCHEMA
+from unlearn.lm.patients import PATIENT_SCHEMA
 from unlearn.lm.people import PEOPLE_SCHEMA, generate_people, question_pairs, split_people
 from unlearn.lm.task import CausalLMTask
 
@@ -24,7 +25,7 @@ def test_generator_is_deterministic_and_names_are_unique():
     assert len(holdout) == 10 and not {p.subject_id for p in train} & {p.subject_id for p in holdout}
 
 
-@pytest.mark.parametrize("schema", [PEOPLE_SCHEMA, CUSTOMER_SCHEMA], ids=lambda s: s.name)
+@pytest.mark.parametrize("schema", [PEOPLE_SCHEMA, CUSTOMER_SCHEMA, PATIENT_SCHEMA], ids=lambda s: s.name)
 def test_pairs_have_a_true_paraphrase_and_wrong_perturbations(schema):
     people = generate_people(20, seed=1, schema=schema)
     pairs = question_pairs(people, seed=1, schema=schema)

@@ -1,4 +1,5 @@
-"""The second LM family (issue 9, "holds on two families"): customer records on a Llama-style model."""
+"""The second and third LM families (issue 9, "holds on two families", and a held-out one): customer records on
+a Llama-style model, patient records on a GPT-NeoX-style model."""
 
 from __future__ import annotations
 
@@ -14,38 +15,45 @@ from unlearn.bench.__main__ import RUNNERS
 from unlearn.bench.lm_subjects import SCENARIOS, people_splits, run_lm_subjects
 from unlearn.errors import InvalidParameterError
 from unlearn.lm.customers import CUSTOMER_SCHEMA
+from unlearn.lm.patients import PATIENT_SCHEMA
 from unlearn.lm.fictitious import LM_FAMILIES, NEVER_TRAINED_PEOPLE, PEOPLE, load_fictitious_subjects
 from unlearn.lm.model import TINY_RECIPE, TINY_SPEC, GPTFactory, GPTSpec, LMCache, train_lm
 from unlearn.lm.people import PEOPLE_SCHEMA, FactSchema, generate_people
 from unlearn.tasks import accuracy
 
 LLAMA_TINY = dataclasses.replace(TINY_SPEC, architecture="llama")
+NEOX_TINY = dataclasses.replace(TINY_SPEC, architecture="neox")
 
 
-def test_both_families_are_benchmark_scenarios_with_their_own_data_and_model():
-    assert SCENARIOS == ("fictitious-subjects", "fictitious-customers")
+def test_the_three_families_are_benchmark_scenarios_with_their_own_data_and_model():
+    assert SCENARIOS == ("fictitious-subjects", "fictitious-customers", "fictitious-patients")
     assert all(RUNNERS[name] is run_lm_subjects for name in SCENARIOS)
-    subjects, customers = LM_FAMILIES["fictitious-subjects"], LM_FAMILIES["fictitious-customers"]
-    assert subjects.spec.architecture == "gpt2" and customers.spec.architecture == "llama"
-    assert customers.schema is CUSTOMER_SCHEMA and subjects.schema is PEOPLE_SCHEMA
-    assert not set(CUSTOMER_SCHEMA.kinds) & set(PEOPLE_SCHEMA.kinds)
-    assert not set(CUSTOMER_SCHEMA.first_names) & set(PEOPLE_SCHEMA.first_names)
+    families = [LM_FAMILIES[name] for name in SCENARIOS]
+    assert [family.spec.architecture for family in families] == ["gpt2", "llama", "neox"]
+    assert [family.schema for family in families] == [PEOPLE_SCHEMA, CUSTOMER_SCHEMA, PATIENT_SCHEMA]
+    for one, other in ((PEOPLE_SCHEMA, CUSTOMER_SCHEMA), (PEOPLE_SCHEMA, PATIENT_SCHEMA),
+                       (CUSTOMER_SCHEMA, PATIENT_SCHEMA)):  # other facts, other people
+        assert not set(one.kinds) & set(other.kinds)
+        assert not set(one.first_names) & set(other.first_names)
+        assert not set(one.last_names) & set(other.last_names)
     with pytest.raises(InvalidParameterError) as error:
-        run_lm_subjects("simnpo+rt", "fictitious-patients", 0)
+        run_lm_subjects("simnpo+rt", "fictitious-planets", 0)
     assert error.value.field == "scenario"
 
 
-def test_the_customers_data_set_splits_like_the_people_one(tmp_path):
-    data = load_fictitious_subjects(tmp_path, schema=CUSTOMER_SCHEMA)
+@pytest.mark.parametrize("scenario", ["fictitious-customers", "fictitious-patients"])
+def test_the_other_families_data_sets_split_like_the_people_one(tmp_path, scenario):
+    schema = LM_FAMILIES[scenario].schema
+    data = load_fictitious_subjects(tmp_path, schema=schema)
     train, tune, audit = set(data.train_subjects), set(data.tune_subjects), set(data.audit_subjects)
     assert len(train) == PEOPLE - NEVER_TRAINED_PEOPLE and train | tune | audit == set(range(PEOPLE))
     assert not train & tune and not train & audit and not tune & audit
-    assert data.pairs[0].prompt.startswith("Question: ") and data.pairs[0].kind in CUSTOMER_SCHEMA.kinds
+    assert data.pairs[0].prompt.startswith("Question: ") and data.pairs[0].kind in schema.kinds
     people = people_splits(data, 0)
     assert len(people.forget) == 10 and set(people.forget) <= train
     # Every text of the family encodes into the family's own tokenizer and fits the context.
     examples = data.examples(data.train_subjects)
-    assert int(examples["attention_mask"].sum(1).max()) <= LM_FAMILIES["fictitious-customers"].spec.context
+    assert int(examples["attention_mask"].sum(1).max()) <= LM_FAMILIES[scenario].spec.context
 
 
 def test_a_schema_whose_frames_do_not_start_with_the_value_is_refused():
@@ -63,25 +71,29 @@ def test_a_schema_whose_frames_do_not_start_with_the_value_is_refused():
 def test_the_gpt_cache_key_is_unchanged_and_the_llama_key_differs():
     assert GPTSpec().key() == {"layers": 2, "width": 128, "heads": 4, "context": 64}  # GPTs cached before
     assert GPTSpec(architecture="llama").key()["architecture"] == "llama"
+    assert GPTSpec(architecture="neox").key()["architecture"] == "neox"
     with pytest.raises(ValueError, match="architecture"):
         GPTSpec(architecture="mamba")
 
 
-def test_a_llama_style_model_trains_deterministically_memorises_and_round_trips_the_cache(tmp_path):
+@pytest.mark.parametrize("spec, kind", [(LLAMA_TINY, "LlamaForCausalLM"), (NEOX_TINY, "GPTNeoXForCausalLM")],
+                         ids=["llama", "neox"])
+def test_a_model_of_another_architecture_trains_deterministically_memorises_and_round_trips_the_cache(
+        tmp_path, spec, kind):
     problem = lm_problem()
     task = problem.task
-    factory = GPTFactory(task.vocab_size, LLAMA_TINY, task.eos_token_id)
+    factory = GPTFactory(task.vocab_size, spec, task.eos_token_id)
     first, second = factory(0), factory(0)
-    assert type(first).__name__ == "LlamaForCausalLM"
+    assert type(first).__name__ == kind
     assert all(torch.equal(a, b) for a, b in zip(first.state_dict().values(), second.state_dict().values()))
     examples = problem.forget.concat(problem.retain)
     assert accuracy(task, first, examples) < 0.2
     model, meta = LMCache(tmp_path).get_or_train("original", task, factory, examples, TINY_RECIPE,
                                                  torch.device("cpu"))
     assert accuracy(task, model, examples) >= 0.8  # the tiny LM recipe memorises on this architecture too
-    assert meta["spec"]["architecture"] == "llama"
+    assert meta["spec"]["architecture"] == spec.architecture
     loaded, _ = LMCache(tmp_path).get_or_train("original", task, factory, examples, TINY_RECIPE, torch.device("cpu"))
-    assert type(loaded).__name__ == "LlamaForCausalLM"
+    assert type(loaded).__name__ == kind
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), loaded.state_dict().values()))
     again = train_lm(task, factory(0), examples, TINY_RECIPE)
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values()))

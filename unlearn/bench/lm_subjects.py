@@ -1,5 +1,5 @@
-"""Scenarios ``fictitious-subjects`` and ``fictitious-customers``: erase 10% of the training people from a tiny
-causal LM (issues 5 and 9).
+"""Scenarios ``fictitious-subjects``, ``fictitious-customers`` and ``fictitious-patients``: erase 10% of the
+training people from a tiny causal LM (issues 5 and 9).
 
 ``python -m unlearn.bench --method auto --scenario fictitious-subjects --seed 0 --json``
 
@@ -7,9 +7,10 @@ On a CPU the original is trained (once, then cached) at torch's thread count of 
 the same seed trains a different original at another count (``original_threads`` in the result says which): the
 documented tables say which count their originals had (docs/results/lm.md, "The named seeds on fresh originals").
 
-The two scenarios are the two LM families of :data:`unlearn.lm.fictitious.LM_FAMILIES`: biographies on a
-GPT-2-style model (every LM default was tuned there), and customer records on a Llama-style model of the
-same size (nothing was tuned there). Everything below holds for both; "GPT" means either model.
+The scenarios are the three LM families of :data:`unlearn.lm.fictitious.LM_FAMILIES`: biographies on a
+GPT-2-style model (every LM default was tuned there), customer records on a Llama-style model of the same size
+(``unseen-kd``'s weights were chosen on seeds 0-1 of both), and patient records on a GPT-NeoX-style model of the
+same size, held out (nothing was chosen on it). Everything below holds for all three; "GPT" means any of them.
 
 Data (:mod:`unlearn.lm.fictitious`): 200 fictitious people, five questions each; 100 trained on, 100 never
 trained on and split by keyed hash into ``tune`` and ``audit`` people. The run's seed draws the 10 forget

@@ -1,11 +1,14 @@
 """The fictitious-people data sets, encoded for the benchmarks' causal LMs, with their people split three ways.
 
-Two LM families (:data:`LM_FAMILIES`, scenario name -> data schema, model shape and recipe):
+Three LM families (:data:`LM_FAMILIES`, scenario name -> data schema, model shape and recipe):
 
 - ``fictitious-subjects``: biographies (:data:`unlearn.lm.people.PEOPLE_SCHEMA`) and a GPT-2-style model
   (:data:`LM_SPEC`), the family every LM default was tuned on;
 - ``fictitious-customers``: customer records (:data:`unlearn.lm.customers.CUSTOMER_SCHEMA`) and a Llama-style
-  model of the same size (:data:`CUSTOMER_SPEC`), on which nothing was tuned.
+  model of the same size (:data:`CUSTOMER_SPEC`), on which nothing was tuned until ``unseen-kd``'s weights were
+  chosen on seeds 0-1 of both families;
+- ``fictitious-patients``: a clinic's patient records (:data:`unlearn.lm.patients.PATIENT_SCHEMA`) and a
+  GPT-NeoX-style model of the same size (:data:`PATIENT_SPEC`): held out, nothing chosen on it.
 
 Each has :data:`PEOPLE` people (data seed :data:`DATA_SEED`, the same for every benchmark seed), five
 questions each (:mod:`unlearn.lm.people`), dealt into disjoint groups:
@@ -41,6 +44,7 @@ from transformers import PreTrainedTokenizerFast
 from unlearn.data import ExampleSet
 from unlearn.errors import InvalidDataError
 from unlearn.lm.customers import CUSTOMER_SCHEMA
+from unlearn.lm.patients import PATIENT_SCHEMA
 from unlearn.lm.metrics import QASplit
 from unlearn.lm.model import GPTFactory, GPTSpec, cached_tokenizer
 from unlearn.lm.people import (
@@ -67,6 +71,8 @@ LM_RECIPE = TrainRecipe(epochs=100, batch_size=16, lr=3e-3, weight_decay=0.0, op
 # The second family's model: the same size, another architecture; the same recipe (chosen before any run of
 # the family: it memorises the customers' answers as the GPT does the biographies', see docs/results/lm.md).
 CUSTOMER_SPEC = GPTSpec(layers=2, width=128, heads=4, context=64, architecture="llama")
+# The third, held-out family's model: the same size, a third architecture, the same recipe (fixed before any run).
+PATIENT_SPEC = GPTSpec(layers=2, width=128, heads=4, context=64, architecture="neox")
 
 
 @dataclass(frozen=True)
@@ -81,6 +87,7 @@ class LMFamily:
 LM_FAMILIES = {
     "fictitious-subjects": LMFamily(PEOPLE_SCHEMA, LM_SPEC, LM_RECIPE),
     "fictitious-customers": LMFamily(CUSTOMER_SCHEMA, CUSTOMER_SPEC, LM_RECIPE),
+    "fictitious-patients": LMFamily(PATIENT_SCHEMA, PATIENT_SPEC, LM_RECIPE),
 }
 
 

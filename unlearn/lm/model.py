@@ -5,7 +5,8 @@
   ``<|endoftext|>`` ends answers and pads. Byte-level, so any text encodes (no unknown token).
 - Model: ``GPT2LMHeadModel`` from a :class:`GPTSpec` (2 layers, width 128, context 64, no dropout), or with
   ``architecture="llama"`` a ``LlamaForCausalLM`` of the same size (RMSNorm, rotary positions, SwiGLU, no
-  biases): the second LM family's model.
+  biases): the second LM family's model; with ``architecture="neox"`` a ``GPTNeoXForCausalLM`` (parallel
+  attention and MLP, partial rotary positions, untied output layer): the third, held-out family's.
 - Both are saved with ``save_pretrained`` (safetensors + JSON), the layout the MLflow ``transformers``
   flavor and ``AutoModelForCausalLM`` / ``AutoTokenizer.from_pretrained`` read.
 """
@@ -25,6 +26,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (
     AutoModelForCausalLM,
     GPT2Config,
+    GPTNeoXConfig,
     LlamaConfig,
     PretrainedConfig,
     PreTrainedModel,
@@ -39,6 +41,9 @@ from unlearn.training import TrainRecipe, train
 END_TOKEN = "<|endoftext|>"
 
 
+ARCHITECTURES = ("gpt2", "llama", "neox")
+
+
 @dataclass(frozen=True)
 class GPTSpec:
     """Shape of a benchmark causal LM (GPT-2 architecture, arXiv 2005.14165's family, tiny, by default).
@@ -48,20 +53,23 @@ class GPTSpec:
     width: hidden size n_embd (GPT-2 small: 768). Lethe benchmark: 128.
     heads: attention heads (GPT-2 small: 12). Lethe benchmark: 4.
     context: maximum sequence length n_positions (GPT-2: 1024). Lethe benchmark: 64.
-    architecture: ``gpt2`` (learned positions, LayerNorm, GELU MLP of 4 x width, biases) or ``llama``
+    architecture: ``gpt2`` (learned positions, LayerNorm, GELU MLP of 4 x width, biases), ``llama``
         (Touvron et al. 2023, arXiv 2302.13971: rotary positions, RMSNorm, SwiGLU MLP of 8/3 x width rounded
-        up to a multiple of 8, no biases; input and output embeddings tied as in GPT-2).
+        up to a multiple of 8, no biases; input and output embeddings tied as in GPT-2) or ``neox``
+        (GPT-NeoX, Black et al. 2022, arXiv 2204.06745: attention and MLP in parallel from one residual,
+        rotary positions on a quarter of each head, LayerNorm, GELU MLP of 4 x width, biases, an untied
+        output layer: ``transformers``' defaults for the model type).
     """
 
     layers: int = 2
     width: int = 128
     heads: int = 4
     context: int = 64
-    architecture: Literal["gpt2", "llama"] = "gpt2"
+    architecture: Literal["gpt2", "llama", "neox"] = "gpt2"
 
     def __post_init__(self) -> None:
-        if self.architecture not in ("gpt2", "llama"):
-            raise ValueError(f"architecture must be 'gpt2' or 'llama', got {self.architecture!r}")
+        if self.architecture not in ARCHITECTURES:
+            raise ValueError(f"architecture must be one of {ARCHITECTURES}, got {self.architecture!r}")
 
     def key(self) -> dict:
         """The cache key of the shape: every field, ``architecture`` only where it is not ``gpt2`` (so GPTs
@@ -108,6 +116,11 @@ def gpt_config(vocab_size: int, spec: GPTSpec, end_token_id: int) -> PretrainedC
                            num_key_value_heads=spec.heads, max_position_embeddings=spec.context,
                            attention_dropout=0.0, tie_word_embeddings=True, bos_token_id=end_token_id,
                            eos_token_id=end_token_id, pad_token_id=end_token_id)
+    if spec.architecture == "neox":
+        return GPTNeoXConfig(vocab_size=vocab_size, hidden_size=spec.width, intermediate_size=4 * spec.width,
+                             num_hidden_layers=spec.layers, num_attention_heads=spec.heads,
+                             max_position_embeddings=spec.context, hidden_dropout=0.0, attention_dropout=0.0,
+                             bos_token_id=end_token_id, eos_token_id=end_token_id, pad_token_id=end_token_id)
     return GPT2Config(vocab_size=vocab_size, n_positions=spec.context, n_embd=spec.width, n_layer=spec.layers,
                       n_head=spec.heads, n_inner=4 * spec.width, resid_pdrop=0.0, embd_pdrop=0.0,
                       attn_pdrop=0.0, bos_token_id=end_token_id, eos_token_id=end_token_id,
