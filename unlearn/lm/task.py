@@ -29,10 +29,11 @@ from unlearn.tasks import eval_mode
 
 LM_FIELDS = ("input_ids", "attention_mask", "answer_mask")
 
-ANSWER_HEAD_MODEL_TYPES = ("gpt2", "llama")
+ANSWER_HEAD_MODEL_TYPES = ("gpt2", "llama", "gpt_neox")
 """``config.model_type`` of the models whose passes run the output layer on the answer-predicting
 positions only (:meth:`CausalLMTask.answer_logits`): their logits are the output layer applied to the base
-model's last hidden state, nothing after it. Other models' full logits are computed and selected."""
+model's last hidden state (its final norm included), nothing after it. Other models' full logits are computed
+and selected. ``gpt_neox`` (GPT-NeoX, Pythia) since 2026-12-01: ``embed_out`` of ``gpt_neox``'s output."""
 
 
 def token_ids(tokenizer, text: str) -> list[int]:
