@@ -277,7 +277,7 @@ class CausalLMTask:
 
         For the model types of :data:`ANSWER_HEAD_MODEL_TYPES` the output layer runs on those positions only,
         for a fraction of the cost (the answers are about a quarter of the positions of the LM benchmark's
-        rows), with the same values to the bit as selecting them from :meth:`outputs` on both architectures
+        rows), with the same values to the bit as selecting them from :meth:`outputs` on the three architectures
         (test ``test_evaluation_passes_on_the_answer_positions_give_the_full_outputs_numbers_to_the_bit``).
         On the benchmark's GPT (2 threads) scoring the 280 never-seen answers took 0.18-0.19 s instead of
         0.25-0.27 s, and the 1,080 rows of the gate's paraphrase probe 0.60 s instead of 0.67 s. Other models:
