@@ -76,9 +76,9 @@ bench-vit: $(STAMP)
 
 # Language-model unlearning on fictitious people (docs/results/lm.md): the causal-LM default chain (auto:
 # unseen-kd first) on the three LM families (biographies on a GPT-2, customer records on a Llama-style model,
-# and held out, patient records on a GPT-NeoX-style model), seeds 0-4; each seed retrains the retain-only model in process (the
-# speed-up's denominator: 2-4 minutes per seed on the loaded 2-core machine), plus 3-15 minutes per original
-# not cached yet.
+# and held out, patient records on a GPT-NeoX-style model), seeds 0-4; each seed retrains the retain-only model
+# in process (the speed-up's denominator: 2-4 minutes per seed on the loaded 2-core machine), plus 3-15 minutes
+# per original not cached yet.
 # As the issue's command runs (torch's default threads): the originals the headline LM tables were measured on are
 # the ones this trains on a fresh two-core machine (docs/results/lm.md, "The named seeds on fresh originals").
 bench-lm: $(STAMP)

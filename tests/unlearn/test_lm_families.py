@@ -15,9 +15,9 @@ from unlearn.bench.__main__ import RUNNERS
 from unlearn.bench.lm_subjects import SCENARIOS, people_splits, run_lm_subjects
 from unlearn.errors import InvalidParameterError
 from unlearn.lm.customers import CUSTOMER_SCHEMA
-from unlearn.lm.patients import PATIENT_SCHEMA
 from unlearn.lm.fictitious import LM_FAMILIES, NEVER_TRAINED_PEOPLE, PEOPLE, load_fictitious_subjects
 from unlearn.lm.model import TINY_RECIPE, TINY_SPEC, GPTFactory, GPTSpec, LMCache, train_lm
+from unlearn.lm.patients import PATIENT_SCHEMA
 from unlearn.lm.people import PEOPLE_SCHEMA, FactSchema, generate_people
 from unlearn.tasks import accuracy
 

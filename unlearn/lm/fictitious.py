@@ -44,9 +44,9 @@ from transformers import PreTrainedTokenizerFast
 from unlearn.data import ExampleSet
 from unlearn.errors import InvalidDataError
 from unlearn.lm.customers import CUSTOMER_SCHEMA
-from unlearn.lm.patients import PATIENT_SCHEMA
 from unlearn.lm.metrics import QASplit
 from unlearn.lm.model import GPTFactory, GPTSpec, cached_tokenizer
+from unlearn.lm.patients import PATIENT_SCHEMA
 from unlearn.lm.people import (
     PEOPLE_SCHEMA,
     FactSchema,
