@@ -19,7 +19,7 @@ import threading
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -41,7 +41,8 @@ from unlearn.training import TrainRecipe, train
 END_TOKEN = "<|endoftext|>"
 
 
-ARCHITECTURES = ("gpt2", "llama", "neox")
+Architecture = Literal["gpt2", "llama", "neox"]
+ARCHITECTURES: tuple[str, ...] = get_args(Architecture)
 
 
 @dataclass(frozen=True)
@@ -65,7 +66,7 @@ class GPTSpec:
     width: int = 128
     heads: int = 4
     context: int = 64
-    architecture: Literal["gpt2", "llama", "neox"] = "gpt2"
+    architecture: Architecture = "gpt2"
 
     def __post_init__(self) -> None:
         if self.architecture not in ARCHITECTURES:
