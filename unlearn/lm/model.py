@@ -44,6 +44,13 @@ END_TOKEN = "<|endoftext|>"
 Architecture = Literal["gpt2", "llama", "neox"]
 ARCHITECTURES: tuple[str, ...] = get_args(Architecture)
 
+GPT2_ACTIVATION = "gelu_pytorch_tanh"
+"""The benchmark GPT's MLP activation: GPT-2's tanh-approximated GELU (``gelu_new``, the same function) in
+PyTorch's fused kernel. ``transformers``' ``gelu_new`` computes it with six elementwise operations, each a
+pass over the MLP's activations: on the biographies GPT that was about a fifth of an ``unseen-kd`` step
+(178 answers at once) and less of a training step (16). The outputs agree with ``gelu_new``'s to float rounding
+(tests/unlearn/test_lm_families.py); both sides of every LM speed-up use it (docs/results/lm.md)."""
+
 
 @dataclass(frozen=True)
 class GPTSpec:
@@ -54,7 +61,8 @@ class GPTSpec:
     width: hidden size n_embd (GPT-2 small: 768). Lethe benchmark: 128.
     heads: attention heads (GPT-2 small: 12). Lethe benchmark: 4.
     context: maximum sequence length n_positions (GPT-2: 1024). Lethe benchmark: 64.
-    architecture: ``gpt2`` (learned positions, LayerNorm, GELU MLP of 4 x width, biases), ``llama``
+    architecture: ``gpt2`` (learned positions, LayerNorm, GELU MLP of 4 x width, biases; the GELU is GPT-2's
+        tanh approximation computed by PyTorch's fused kernel, :data:`GPT2_ACTIVATION`), ``llama``
         (Touvron et al. 2023, arXiv 2302.13971: rotary positions, RMSNorm, SwiGLU MLP of 8/3 x width rounded
         up to a multiple of 8, no biases; input and output embeddings tied as in GPT-2) or ``neox``
         (GPT-NeoX, Black et al. 2022, arXiv 2204.06745: attention and MLP in parallel from one residual,
@@ -73,11 +81,12 @@ class GPTSpec:
             raise ValueError(f"architecture must be one of {ARCHITECTURES}, got {self.architecture!r}")
 
     def key(self) -> dict:
-        """The cache key of the shape: every field, ``architecture`` only where it is not ``gpt2`` (so GPTs
-        cached before the field existed keep their keys)."""
+        """The cache key of the shape: every field, ``architecture`` only where it is not ``gpt2`` (the GPTs'
+        keys predate the field); a GPT's key names its activation (GPTs cached with ``gelu_new`` had none)."""
         fields = asdict(self)
         if self.architecture == "gpt2":
             del fields["architecture"]
+            fields["activation"] = GPT2_ACTIVATION
         return fields
 
 
@@ -123,7 +132,8 @@ def gpt_config(vocab_size: int, spec: GPTSpec, end_token_id: int) -> PretrainedC
                              max_position_embeddings=spec.context, hidden_dropout=0.0, attention_dropout=0.0,
                              bos_token_id=end_token_id, eos_token_id=end_token_id, pad_token_id=end_token_id)
     return GPT2Config(vocab_size=vocab_size, n_positions=spec.context, n_embd=spec.width, n_layer=spec.layers,
-                      n_head=spec.heads, n_inner=4 * spec.width, resid_pdrop=0.0, embd_pdrop=0.0,
+                      n_head=spec.heads, n_inner=4 * spec.width, activation_function=GPT2_ACTIVATION,
+                      resid_pdrop=0.0, embd_pdrop=0.0,
                       attn_pdrop=0.0, bos_token_id=end_token_id, eos_token_id=end_token_id,
                       pad_token_id=end_token_id)
 
