@@ -133,9 +133,8 @@ def gpt_config(vocab_size: int, spec: GPTSpec, end_token_id: int) -> PretrainedC
                              bos_token_id=end_token_id, eos_token_id=end_token_id, pad_token_id=end_token_id)
     return GPT2Config(vocab_size=vocab_size, n_positions=spec.context, n_embd=spec.width, n_layer=spec.layers,
                       n_head=spec.heads, n_inner=4 * spec.width, activation_function=GPT2_ACTIVATION,
-                      resid_pdrop=0.0, embd_pdrop=0.0,
-                      attn_pdrop=0.0, bos_token_id=end_token_id, eos_token_id=end_token_id,
-                      pad_token_id=end_token_id)
+                      resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=end_token_id,
+                      eos_token_id=end_token_id, pad_token_id=end_token_id)
 
 
 HF_MODELS = threading.RLock()
