@@ -62,6 +62,33 @@ def wrong_class_count() -> Family:
     return replace(own_family(), num_classes=4)  # the model gives 3 logits
 
 
+def own_lm_family(name: str = "pets", first_names: tuple[str, ...] | None = None):
+    """An LM hidden case: fictitious people of your own (a FactSchema), a model shape and a recipe."""
+    from unlearn.lm.fictitious import LMFamily
+    from unlearn.lm.model import TINY_SPEC
+    from unlearn.lm.people import FactSchema
+
+    firsts = first_names or tuple(a + b for a in ("Ka", "Lo", "Mi", "Ro", "Su") for b in ("ren", "dan", "lia", "mon"))
+    lasts = tuple(a + b for a in ("Vel", "Thorn", "Ash", "Brook", "Quill") for b in ("by", "wick"))
+    schema = FactSchema(
+        name=name, first_names=firsts, last_names=lasts, kinds=("animal", "colour"),
+        values={"animal": ("ferret", "parrot", "tortoise", "hamster", "gecko", "rabbit"),
+                "colour": ("amber", "slate", "teal", "crimson", "ivory", "olive")},
+        questions={"animal": ("Which pet does {name} keep?", "What animal lives with {name}?"),
+                   "colour": ("What colour is {name}'s pet?", "Which colour does {name}'s pet have?")},
+        frames={"animal": ("{value}.", "{value}, the pet."), "colour": ("{value}.", "{value}, its colour.")})
+    return LMFamily(schema, TINY_SPEC, TrainRecipe(epochs=3, batch_size=32, lr=1e-2, optimizer="adamw",
+                                                   lr_schedule="linear"))
+
+
+def few_names_lm_family():
+    return own_lm_family(first_names=("Kai", "Lena"))
+
+
+def dashed_lm_family():
+    return own_lm_family(name="my-pets")
+
+
 def _last_json(capsys) -> dict:
     return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
 
@@ -75,6 +102,21 @@ def test_a_family_of_your_own_runs_the_chain_with_the_issue_json(tmp_path, capsy
     assert result["retrain_seconds"] > 0 and result["evidence"]["audit_records_in_request"] == 0
 
 
+def test_an_lm_family_of_your_own_runs_the_lm_benchmark_on_its_people(tmp_path, capsys):
+    from unlearn.lm.fictitious import load_family
+
+    assert main(["--method", "unseen-kd", "--params", '{"max_steps": 2}', "--scenario", "pets-subject", "--family",
+                 f"{__name__}:own_lm_family", "--seed", "0", "--json", "--cache-dir", str(tmp_path)]) == 0
+    result = _last_json(capsys)
+    assert result["scenario"] == "pets-subject" and len(result["people"]["forget"]) == 10
+    assert result["forget_size"] == 20 and result["details"]["steps"] <= 2  # 10 people x 2 questions
+    assert set(result["gate"]) >= {"passed", "checks"} and result["retrain_seconds"] > 0
+    _, data, factory = load_family("pets-subject", tmp_path, own_lm_family())
+    assert {pair.answer.strip().split(",")[0].rstrip(".") for pair in data.pairs} <= {
+        *own_lm_family().schema.values["animal"], *own_lm_family().schema.values["colour"]}
+    assert factory.spec.layers == 1  # the family's model shape, not the benchmark GPT's
+
+
 def test_a_held_out_family_runs_from_the_main_command(tmp_path, capsys):
     assert main(["--method", "retrain", "--scenario", "wine-random", "--seed", "0", "--json",
                  "--cache-dir", str(tmp_path)]) == 0
@@ -85,10 +127,13 @@ def test_a_held_out_family_runs_from_the_main_command(tmp_path, capsys):
 @pytest.mark.parametrize("argv, message", [
     (["--family", "no_such_module_here:f", "--scenario", "own-class"], "cannot import 'no_such_module_here'"),
     (["--family", f"{__name__}:no_such_function", "--scenario", "own-class"], "has no function 'no_such_function'"),
-    (["--family", f"{__name__}:not_a_family", "--scenario", "own-class"], "returned str, expected"),
+    (["--family", f"{__name__}:not_a_family", "--scenario", "own-class"], "returned str, expected an unlearn"),
     (["--family", f"{__name__}", "--scenario", "own-class"], "must be module:function"),
     (["--family", f"{__name__}:own_family", "--scenario", "other-class"], "known: own-class, own-random, own-subject"),
     (["--scenario", "nowhere-class"], "unknown scenario 'nowhere-class'"),
+    (["--family", f"{__name__}:own_lm_family", "--scenario", "pets-class"], "known: pets-subject"),
+    (["--family", f"{__name__}:few_names_lm_family", "--scenario", "pets-subject"], "names 20 distinct people"),
+    (["--family", f"{__name__}:dashed_lm_family", "--scenario", "my-pets-subject"], "without '-'"),
     (["--family", f"{__name__}:all_trained", "--scenario", "own-random"], "tune and audit need records it never"),
     (["--family", f"{__name__}:labels_out_of_range", "--scenario", "own-random"], "labels must be integers in [0, 3)"),
     (["--family", f"{__name__}:nan_features", "--scenario", "own-random"], "features contain NaN or inf"),
@@ -106,3 +151,12 @@ def test_your_family_s_cache_key_follows_its_code():
     assert import_family(f"{__name__}:own_family").architecture == family.architecture
     other = replace(family, model_factory=lambda seed: tiny_mlp(seed, 5, 3))  # another model class, same module
     assert code_digest(other) != family.architecture["code"]
+
+
+def test_the_lm_family_example_loads_as_the_benchmark_reads_it(tmp_path):
+    from unlearn.lm.fictitious import load_family
+
+    family = import_family("examples.lm_family.staff:family")
+    _, data, factory = load_family("staff-subject", tmp_path, family)
+    assert len(data.train_subjects) == 100 and len(data.tune_subjects) + len(data.audit_subjects) == 100
+    assert factory.spec.architecture == "neox" and len(data.pairs) == 200 * len(family.schema.kinds)

@@ -328,7 +328,7 @@ def test_the_lm_benchmark_json_of_auto_names_the_chain_what_shipped_and_every_at
 
     tiny = LMFamily(PEOPLE_SCHEMA, TINY_SPEC, TrainRecipe(epochs=3, batch_size=16, lr=3e-3, optimizer="adamw"))
 
-    def tiny_family(scenario, cache_dir):
+    def tiny_family(scenario, cache_dir, family=None):
         data = load_fictitious_subjects(cache_dir, people=60, never_trained=20)
         return tiny, data, GPTFactory(len(data.tokenizer), TINY_SPEC, data.tokenizer.eos_token_id)
 

@@ -6,7 +6,8 @@ by the gate). Scenarios: ``<family>-<class|random|subject>`` for the families ``
 ``cancer``, ...), and for a family of your own, ``--family module:function`` (``function()`` returns an
 :class:`unlearn.bench.families.Family`: a model factory, a class count, records with subject ids, and the
 recipe; :func:`unlearn.bench.families.import_family`); plus ``digits-vit-continual``, ``fictitious-subjects``,
-``fictitious-customers`` and ``fictitious-patients`` (held out). A ``<family>-class`` scenario erases
+``fictitious-customers`` and ``fictitious-patients`` (held out), and ``<name>-subject`` for an LM family of your own
+(``--family`` naming a function that returns an :class:`unlearn.lm.fictitious.LMFamily`). A ``<family>-class`` scenario erases
 ``--forget-class``: 3 on the three families, 1 on held-out families and yours (every family has a class 1).
 
 With ``--json`` the last line of stdout is one JSON object: the run's result, or for a sweep
@@ -31,6 +32,7 @@ from unlearn.bench.scenarios import DEFAULT_FORGET_CLASS, SCENARIOS, parse_scena
 from unlearn.bench.vit_continual import run_vit_continual
 from unlearn.device import resolve_device
 from unlearn.errors import UnlearnError
+from unlearn.lm.fictitious import LMFamily
 
 # Scenarios with their own runner (same signature as run_benchmark); the digits classifier ones use it.
 RUNNERS: dict = {"digits-vit-continual": run_vit_continual, **dict.fromkeys(LM_SCENARIOS, run_lm_subjects)}
@@ -46,7 +48,9 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"one of {', '.join(SCENARIOS + tuple(RUNNERS))}; <family>-<class|random|subject> for "
                              f"the held-out families ({', '.join(HELDOUT_FAMILIES)}) and --family's")
     parser.add_argument("--family", help="module:function returning an unlearn.bench.families.Family: run the "
-                                         "harness on your own model and data (scenario <its name>-<selector>)")
+                                         "harness on your own model and data (scenario <its name>-<selector>); "
+                                         "or an unlearn.lm.fictitious.LMFamily: the LM benchmark on people of "
+                                         "your own (scenario <its schema's name>-subject)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--seeds", help="comma-separated seeds to sweep, e.g. 0,1,2")
     parser.add_argument("--forget-class", type=int,
@@ -82,8 +86,13 @@ def main(argv: list[str] | None = None) -> int:
             for forget_class in classes:
                 if args.scenario in RUNNERS and args.train != "plain":
                     raise ValueError(f"--train {args.train} is only available for the digits scenarios")
-                runner = RUNNERS.get(args.scenario) or functools.partial(run_benchmark, training=args.train,
-                                                                         family=family)
+                if isinstance(family, LMFamily):
+                    if args.train != "plain":
+                        raise ValueError(f"--train {args.train} is only available for the digits scenarios")
+                    runner = functools.partial(run_lm_subjects, family=family)
+                else:
+                    runner = RUNNERS.get(args.scenario) or functools.partial(run_benchmark, training=args.train,
+                                                                             family=family)
                 cache = {"cache_dir": Path(args.cache_dir)} if args.cache_dir else {}
                 result = runner(args.method, args.scenario, seed, forget_class, params, device, **cache)
                 results.append(result)
@@ -104,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def other_family(scenario: str, target: str | None) -> Family | None:
+def other_family(scenario: str, target: str | None) -> Family | LMFamily | None:
     """``--family``'s family, else the held-out family ``scenario`` names, else None (a built-in scenario)."""
     if target:
         return import_family(target)

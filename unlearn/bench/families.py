@@ -40,7 +40,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -51,6 +51,9 @@ from unlearn.errors import InvalidDataError, InvalidParameterError
 from unlearn.models import digits_cnn, tabular_mlp
 from unlearn.tasks import ClassificationTask
 from unlearn.training import TrainRecipe
+
+if TYPE_CHECKING:
+    from unlearn.lm.fictitious import LMFamily
 
 DIGITS_RECIPE = TrainRecipe(epochs=30, batch_size=32, lr=1e-3, optimizer="adam")
 """The digits CNN's recipe (also the service demo's)."""
@@ -208,15 +211,21 @@ def check_records(family: Family, records: Records) -> None:
                                "needs training records, and tune and audit need records it never trained on")
 
 
-def import_family(target: str) -> Family:
+def import_family(target: str) -> Family | LMFamily:
     """``module:function`` -> the :class:`Family` that ``function()`` returns: the harness on a model and data
-    set of your own, from the command line (``python -m unlearn.bench --family module:function``).
+    set of your own, from the command line (``python -m unlearn.bench --family module:function``). Or an
+    :class:`unlearn.lm.fictitious.LMFamily` (a :class:`unlearn.lm.people.FactSchema` of fictitious people, a
+    :class:`unlearn.lm.model.GPTSpec` and a recipe): the LM benchmark on people of your own, scenario
+    ``<the schema's name>-subject``.
 
     The model cache keys an original on the family's ``namespace``, ``architecture``, recipe and data. A family
     from outside the project is also keyed on the source code of its factory's module and of its model's
     class (:func:`code_digest`), so a model edited between two runs is trained anew, not loaded from the first.
+    An LM family's model is ``transformers``' (its spec is in the key, its people in the data digest).
     """
     import importlib
+
+    from unlearn.lm.fictitious import LMFamily  # here: the classifier harness need not load transformers
 
     module_name, _, function_name = target.partition(":")
     if not module_name or not function_name:
@@ -229,12 +238,15 @@ def import_family(target: str) -> Family:
     if not callable(function):
         raise InvalidParameterError("family", f"module {module_name!r} has no function {function_name!r}")
     family = function()
-    if not isinstance(family, Family):
+    if not isinstance(family, (Family, LMFamily)):
         raise InvalidParameterError("family", f"{target}() returned {type(family).__name__}, expected an "
-                                              "unlearn.bench.families.Family")
-    if "-" in family.name or not family.name:
+                                              "unlearn.bench.families.Family or an unlearn.lm.fictitious.LMFamily")
+    name = family.schema.name if isinstance(family, LMFamily) else family.name
+    if "-" in name or not name:
         raise InvalidParameterError("family", f"the family's name must be non-empty without '-' (scenarios are "
-                                              f"<name>-<class|random|subject>), got {family.name!r}")
+                                              f"<name>-<class|random|subject>), got {name!r}")
+    if isinstance(family, LMFamily):
+        return family
     return replace(family, architecture={**family.architecture, "code": code_digest(family)})
 
 

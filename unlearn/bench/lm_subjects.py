@@ -79,7 +79,7 @@ from unlearn.data import ExampleSet
 from unlearn.errors import InvalidDataError, InvalidParameterError
 from unlearn.gate import GatePolicy, GateResult, judge
 from unlearn.heldout import score
-from unlearn.lm.fictitious import LM_FAMILIES, FictitiousSubjects, load_family
+from unlearn.lm.fictitious import LM_FAMILIES, FictitiousSubjects, LMFamily, lm_scenario, load_family
 from unlearn.lm.metrics import LM_METRIC_SPLITS, ParaphraseProbe, evaluate_lm, forget_quality, rouge_l_recall
 from unlearn.lm.model import GPTFactory, LMCache, train_lm
 from unlearn.registry import UnlearnRequest, UnlearnResult
@@ -211,16 +211,24 @@ def warm_up_request(method: str, params: dict[str, Any] | None, original, reques
 
 def run_lm_subjects(method: str, scenario_name: str, seed: int, forget_class: int = 3,
                     params: dict[str, Any] | None = None, device: torch.device | None = None,
-                    cache_dir: Path | None = None) -> dict[str, Any]:
-    """One erasure request on the fictitious-subjects GPT; ``forget_class`` is ignored (run_benchmark's signature)."""
-    if scenario_name not in LM_FAMILIES:
+                    cache_dir: Path | None = None, family: LMFamily | None = None) -> dict[str, Any]:
+    """One erasure request on an LM family's model; ``forget_class`` is ignored (run_benchmark's signature).
+
+    ``family``: one of your own (``python -m unlearn.bench --family module:function``), whose one scenario is
+    ``<its schema's name>-subject``; otherwise ``scenario_name`` names one of :data:`SCENARIOS`.
+    """
+    if family is not None:
+        if scenario_name != lm_scenario(family):
+            raise InvalidParameterError("scenario", f"unknown scenario {scenario_name!r} for this LM family; known: "
+                                                    f"{lm_scenario(family)}")
+    elif scenario_name not in LM_FAMILIES:
         raise InvalidParameterError("scenario", f"this runner only knows {', '.join(SCENARIOS)}")
     if method == "auto" and params:
         raise InvalidParameterError("params", "'auto' runs the default chain with its own parameters")
     device = device or torch.device("cpu")
     cache_dir = cache_dir or default_cache_dir()
     torch.manual_seed(seed)
-    family, data, factory = load_family(scenario_name, cache_dir)
+    family, data, factory = load_family(scenario_name, cache_dir, family)
     task = data.task
     people = people_splits(data, seed)
     forget, retain, tune, audit = (data.examples(group) for group in

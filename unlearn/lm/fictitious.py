@@ -84,6 +84,11 @@ class LMFamily:
     recipe: TrainRecipe
 
 
+def lm_scenario(family: LMFamily) -> str:
+    """The one scenario of an LM family of your own: its people are erased as subjects."""
+    return f"{family.schema.name}-subject"
+
+
 LM_FAMILIES = {
     "fictitious-subjects": LMFamily(PEOPLE_SCHEMA, LM_SPEC, LM_RECIPE),
     "fictitious-customers": LMFamily(CUSTOMER_SCHEMA, CUSTOMER_SPEC, LM_RECIPE),
@@ -155,8 +160,15 @@ def load_fictitious_subjects(cache_dir: Path, people: int = PEOPLE, never_traine
                               tuple(p.subject_id for p in train), tune, audit, context)
 
 
-def load_family(scenario: str, cache_dir: Path) -> tuple[LMFamily, FictitiousSubjects, GPTFactory]:
-    """The family of ``scenario`` (a key of :data:`LM_FAMILIES`), its data and the factory of its model."""
-    family = LM_FAMILIES[scenario]
+def load_family(scenario: str, cache_dir: Path, family: LMFamily | None = None
+                ) -> tuple[LMFamily, FictitiousSubjects, GPTFactory]:
+    """The family of ``scenario`` (a key of :data:`LM_FAMILIES`, or ``family``, one of your own), its data and
+    the factory of its model."""
+    family = family or LM_FAMILIES[scenario]
+    schema = family.schema
+    names = len(set(schema.first_names)) * len(set(schema.last_names))
+    if names < PEOPLE:
+        raise InvalidDataError("family.schema", f"{schema.name!r} names {names} distinct people (first x last "
+                               f"names); the LM benchmark draws {PEOPLE}")
     data = load_fictitious_subjects(cache_dir, context=family.spec.context, schema=family.schema)
     return family, data, GPTFactory(len(data.tokenizer), family.spec, data.tokenizer.eos_token_id)
