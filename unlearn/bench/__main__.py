@@ -6,9 +6,10 @@ by the gate). Scenarios: ``<family>-<class|random|subject>`` for the families ``
 ``cancer``, ...), and for a family of your own, ``--family module:function`` (``function()`` returns an
 :class:`unlearn.bench.families.Family`: a model factory, a class count, records with subject ids, and the
 recipe; :func:`unlearn.bench.families.import_family`); plus ``digits-vit-continual``, ``fictitious-subjects``,
-``fictitious-customers`` and ``fictitious-patients`` (held out), and ``<name>-subject`` for an LM family of your own
-(``--family`` naming a function that returns an :class:`unlearn.lm.fictitious.LMFamily`). A ``<family>-class`` scenario erases
-``--forget-class``: 3 on the three families, 1 on held-out families and yours (every family has a class 1).
+``fictitious-customers`` and ``fictitious-patients`` (held out), and ``<name>-subject`` for an LM family of your
+own (``--family`` naming a function that returns an :class:`unlearn.lm.fictitious.LMFamily`). A
+``<family>-class`` scenario erases ``--forget-class``: 3 on the three families, 1 on held-out families and yours
+(every family has a class 1).
 
 With ``--json`` the last line of stdout is one JSON object: the run's result, or for a sweep
 (``--seeds``, ``--all-classes``) a summary holding every result and the means.
