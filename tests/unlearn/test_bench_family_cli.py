@@ -134,6 +134,7 @@ def test_a_held_out_family_runs_from_the_main_command(tmp_path, capsys):
     (["--family", f"{__name__}:own_lm_family", "--scenario", "pets-class"], "known: pets-subject"),
     (["--family", f"{__name__}:few_names_lm_family", "--scenario", "pets-subject"], "names 20 distinct people"),
     (["--family", f"{__name__}:dashed_lm_family", "--scenario", "my-pets-subject"], "without '-'"),
+    (["--family", f"{__name__}:own_lm_family", "--scenario", "pets-subject", "--train", "gr"], "--train gr is only"),
     (["--family", f"{__name__}:all_trained", "--scenario", "own-random"], "tune and audit need records it never"),
     (["--family", f"{__name__}:labels_out_of_range", "--scenario", "own-random"], "labels must be integers in [0, 3)"),
     (["--family", f"{__name__}:nan_features", "--scenario", "own-random"], "features contain NaN or inf"),

@@ -85,11 +85,9 @@ def main(argv: list[str] | None = None) -> int:
         results = []
         for seed in seeds:
             for forget_class in classes:
-                if args.scenario in RUNNERS and args.train != "plain":
+                if (args.scenario in RUNNERS or isinstance(family, LMFamily)) and args.train != "plain":
                     raise ValueError(f"--train {args.train} is only available for the digits scenarios")
                 if isinstance(family, LMFamily):
-                    if args.train != "plain":
-                        raise ValueError(f"--train {args.train} is only available for the digits scenarios")
                     runner = functools.partial(run_lm_subjects, family=family)
                 else:
                     runner = RUNNERS.get(args.scenario) or functools.partial(run_benchmark, training=args.train,
