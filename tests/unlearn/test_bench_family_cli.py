@@ -89,6 +89,16 @@ def dashed_lm_family():
     return own_lm_family(name="my-pets")
 
 
+def odd_heads_lm_family():
+    from unlearn.lm.model import GPTSpec
+
+    return replace(own_lm_family(), spec=GPTSpec(layers=1, width=50, heads=3))
+
+
+def schemaless_lm_family():
+    return replace(own_lm_family(), schema=None)
+
+
 def _last_json(capsys) -> dict:
     return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
 
@@ -135,6 +145,9 @@ def test_a_held_out_family_runs_from_the_main_command(tmp_path, capsys):
     (["--family", f"{__name__}:few_names_lm_family", "--scenario", "pets-subject"], "names 20 distinct people"),
     (["--family", f"{__name__}:dashed_lm_family", "--scenario", "my-pets-subject"], "without '-'"),
     (["--family", f"{__name__}:own_lm_family", "--scenario", "pets-subject", "--train", "gr"], "--train gr is only"),
+    (["--family", f"{__name__}:odd_heads_lm_family", "--scenario", "pets-subject"], "must be a multiple of heads"),
+    (["--family", f"{__name__}:schemaless_lm_family", "--scenario", "pets-subject"],
+     "must be a unlearn.lm.people.FactSchema, got NoneType"),
     (["--family", f"{__name__}:all_trained", "--scenario", "own-random"], "tune and audit need records it never"),
     (["--family", f"{__name__}:labels_out_of_range", "--scenario", "own-random"], "labels must be integers in [0, 3)"),
     (["--family", f"{__name__}:nan_features", "--scenario", "own-random"], "features contain NaN or inf"),

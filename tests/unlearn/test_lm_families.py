@@ -76,6 +76,13 @@ def test_the_gpt_cache_key_names_its_activation_and_the_llama_key_differs():
     assert GPTSpec(architecture="neox").key()["architecture"] == "neox"
     with pytest.raises(ValueError, match="architecture"):
         GPTSpec(architecture="mamba")
+    with pytest.raises(ValueError, match="width \\(100\\) must be a multiple of heads \\(3\\)"):
+        GPTSpec(width=100, heads=3)
+    with pytest.raises(ValueError, match="head width .* must be even"):
+        GPTSpec(width=60, heads=4, architecture="llama")  # the GPT and the NeoX take a head width of 15
+    GPTSpec(width=60, heads=4, architecture="neox")
+    with pytest.raises(ValueError, match="layers must be a positive integer"):
+        GPTSpec(layers=0)
 
 
 def test_the_gpt_computes_gpt2s_gelu_with_the_fused_kernel():

@@ -241,6 +241,8 @@ def import_family(target: str) -> Family | LMFamily:
     if not isinstance(family, (Family, LMFamily)):
         raise InvalidParameterError("family", f"{target}() returned {type(family).__name__}, expected an "
                                               "unlearn.bench.families.Family or an unlearn.lm.fictitious.LMFamily")
+    if isinstance(family, LMFamily):
+        check_lm_family(family)
     name = family.schema.name if isinstance(family, LMFamily) else family.name
     if "-" in name or not name:
         raise InvalidParameterError("family", f"the family's name must be non-empty without '-' (scenarios are "
@@ -248,6 +250,18 @@ def import_family(target: str) -> Family | LMFamily:
     if isinstance(family, LMFamily):
         return family
     return replace(family, architecture={**family.architecture, "code": code_digest(family)})
+
+
+def check_lm_family(family: LMFamily) -> None:
+    """An LM family's parts have the types the LM benchmark reads (a reviewer's module may build anything)."""
+    from unlearn.lm.model import GPTSpec
+    from unlearn.lm.people import FactSchema
+
+    for field_name, kind in (("schema", FactSchema), ("spec", GPTSpec), ("recipe", TrainRecipe)):
+        value = getattr(family, field_name)
+        if not isinstance(value, kind):
+            raise InvalidParameterError(f"family.{field_name}", f"must be a {kind.__module__}.{kind.__name__}, "
+                                                                f"got {type(value).__name__}")
 
 
 def code_digest(family: Family) -> str:

@@ -79,6 +79,15 @@ class GPTSpec:
     def __post_init__(self) -> None:
         if self.architecture not in ARCHITECTURES:
             raise ValueError(f"architecture must be one of {ARCHITECTURES}, got {self.architecture!r}")
+        for name in ("layers", "width", "heads", "context"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if self.width % self.heads:
+            raise ValueError(f"width ({self.width}) must be a multiple of heads ({self.heads})")
+        if self.architecture == "llama" and (self.width // self.heads) % 2:
+            raise ValueError(f"a Llama's head width (width / heads = {self.width // self.heads}) must be even: "
+                             "its rotary positions rotate pairs of dimensions")
 
     def key(self) -> dict:
         """The cache key of the shape: every field, ``architecture`` only where it is not ``gpt2`` (the GPTs'
