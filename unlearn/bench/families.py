@@ -241,15 +241,15 @@ def import_family(target: str) -> Family | LMFamily:
     if not isinstance(family, (Family, LMFamily)):
         raise InvalidParameterError("family", f"{target}() returned {type(family).__name__}, expected an "
                                               "unlearn.bench.families.Family or an unlearn.lm.fictitious.LMFamily")
-    if isinstance(family, LMFamily):
+    language_model = isinstance(family, LMFamily)
+    if language_model:
         check_lm_family(family)
-    name = family.schema.name if isinstance(family, LMFamily) else family.name
+    name = family.schema.name if language_model else family.name
     if "-" in name or not name:
         raise InvalidParameterError("family", f"the family's name must be non-empty without '-' (scenarios are "
                                               f"<name>-<class|random|subject>), got {name!r}")
-    if isinstance(family, LMFamily):
-        return family
-    return replace(family, architecture={**family.architecture, "code": code_digest(family)})
+    return family if language_model else replace(family, architecture={**family.architecture,
+                                                                       "code": code_digest(family)})
 
 
 def check_lm_family(family: LMFamily) -> None:
