@@ -291,9 +291,10 @@ def test_update_records_with_bad_paraphrase_columns_are_refused_naming_the_field
 
 # simnpo+rt and unseen-kd (the causal-LM default chain's first two methods) with the tiny problem's parameters
 # (tests/unlearn/test_lm_contract.py, tests/unlearn/test_unseen_kd.py); the GPT's gu+graddiff above loses too
-# much utility on this model.
+# much utility on this model. No warm-up: these parameters (lr 5e-3, 40 steps) were chosen without one, and with
+# unseen-kd's default of 5 steps the tiny Llama's run stops at step 6, inside the ramp, and fails the utility check.
 TINY_LM_PARAMS = {"lr": 5e-3, "retain_weight": 20.0, "max_steps": 40, "batch_size": 16, "retain_batch_size": 32,
-                  "check_every": 2}
+                  "check_every": 2, "warmup_steps": 0}
 
 
 @pytest.mark.parametrize("method, tag, subject", [("simnpo+rt", "llama", "member-02"),

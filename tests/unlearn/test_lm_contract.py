@@ -23,7 +23,7 @@ LM_CASES = {
     "simnpo+rt": {"lr": 1e-3, "max_steps": 4, "stop_at_target": False, "batch_size": 8, "retain_batch_size": 8,
                   "delta": 30.0, "retain_weight": 1.0},
     "unseen-kd": {"lr": 1e-3, "max_steps": 4, "stop_at_target": False, "batch_size": 8, "retain_batch_size": 8,
-                  "retain_weight": 1.0},
+                  "retain_weight": 1.0, "warmup_steps": 0},  # 4 steps at lr: the contract's budget, not the ramp's
     "gu+flat": {"lr": 1e-3, "max_steps": 4, "stop_at_target": False, "batch_size": 8, "basis_batch_size": 4,
                 "rank": 4, "basis_refresh_steps": 3},
     "gu+simnpo": {"lr": 1e-3, "max_steps": 4, "stop_at_target": False, "batch_size": 8, "basis_batch_size": 4,

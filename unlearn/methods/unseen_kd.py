@@ -8,15 +8,20 @@ Here the generic counterparts come from the ``tune`` records, which the model ne
 1. Neighbours. For each forget record ``(x_f, y_f)``, the ``neighbours`` tune prompts most similar to ``x_f``
    (``difflib`` ratio on token ids: on templated records, the same question about another person) among those
    that share none of the erased subject's name tokens (:func:`nearest_prompts`; the model's answer for a
-   never-seen "Corin Bramwell" leans on what it learnt about the erased "Corin Lockridge").
+   never-seen "Corin Bramwell" leans on what it learnt about the erased "Corin Lockridge"); among equally
+   similar ones, drawn for each record by a keyed hash (:func:`tie_rank`), so the neighbours are a sample of
+   never-seen people and not one person for every record of a question kind.
 2. Targets. The ORIGINAL model's next-token distributions over ``y_f``'s tokens after the neighbour's prompt:
    what it predicts for this answer when it does not know the person. At the positions where that
-   distribution gives ``y_f``'s own token less than ``swap_below`` (the fact, not the frame around it), the
-   probabilities of ``y_f``'s token and of the neighbour's own answer token are swapped
-   (:func:`swap_uncertain`): the erased value gets the probability the model gives a never-seen person's TRUE
-   value, and its log is that position's ``ceiling``. Averaged over the neighbours (default 1: an average of
-   peaked distributions is flatter than any one of them and makes the erased answers look known).
-3. Minimised, per step on the forget set and one retain mini-batch:
+   distribution gives ``y_f``'s own token less than ``swap_below`` (the fact, not the frame around it), and at
+   the first position where ``y_f`` and the neighbour's answer differ (the value's start, even where the model
+   guesses the erased value for the neighbour), the probabilities of ``y_f``'s token and of the neighbour's own
+   answer token are swapped (:func:`swap_uncertain`): the erased value gets the probability the model gives a
+   never-seen person's TRUE value, and its log is that position's ``ceiling``. Averaged over the neighbours
+   (default 1: an average of peaked distributions is flatter than any one of them and makes the erased answers
+   look known).
+3. Minimised with Adam, its learning rate warmed up linearly over the first ``warmup_steps``, per step on the
+   forget set and one retain mini-batch:
 
        L(theta) = (1 / |T_f|) * sum_{t in T_f} KL( q(. | x_f, y_f,<t) || p_theta(. | x_f, y_f,<t) )
                   + mu * (1 / |B_f|) * sum_{t in T_f} max(0, log p_theta(y_t | x_f, y_f,<t) - ceiling_t)
@@ -48,7 +53,10 @@ Defaults: ``retain_weight`` 50 and the rest chosen on seeds 0-1 of both LM famil
 raw ``docs/bench_lm_unseen_kd_tuning_2026-11-30.jsonl``): at 1 the retained answers collapsed (retained exact
 match 0.11-0.57 after, about 0.97 before), at 20 the gate's utility check failed 4 of 4, at 50 it passed 4 of 4
 (as did 20 with ``ceiling_weight`` 0.3; the one-parameter change was kept). Then judged on seeds 2-9 of both
-families without further change (docs/results/lm.md).
+families without further change (docs/results/lm.md). The tie draw, the swap at the value's first position and
+``warmup_steps`` 5 (2026-12-02) were measured on seeds 0-4 of both families, alone and together, against the
+code before them on the same originals (docs/results/lm.md, "Neighbours drawn among equals, the value's first
+token swapped and a warm-up"): the first attempt passed the gate on 10 of 10 instead of 5 of 10.
 
 Mutates in place: no (works on a copy; the caller's model is unchanged).
 
@@ -63,6 +71,7 @@ fixed number of steps.
 
 from __future__ import annotations
 
+import hashlib
 import math
 from dataclasses import dataclass
 from difflib import SequenceMatcher
@@ -91,6 +100,13 @@ class UnseenKDConfig:
     ceiling_weight: weight mu of the hinge on the fact positions' log-probabilities above their ceilings.
     retain_weight: weight lambda of the retain NLL.
     lr: Adam learning rate.
+    warmup_steps: the learning rate rises linearly to ``lr`` over the first this many optimiser steps
+        (``lr * k / warmup_steps`` at step k; 0 or 1: ``lr`` from the first step). Why: Adam's first updates move
+        every weight with any gradient by about ``lr``, whatever the gradient's size (its second-moment estimate
+        is one squared gradient); on the LM benchmark those first steps broke retained answers that later steps
+        had to repair, and the paraphrase probe still found one erased set (docs/results/lm.md, "Neighbours
+        drawn among equals, the value's first token swapped and a warm-up"; Liu et al. 2020, RAdam, on the
+        variance of Adam's early steps).
     optimizer: ``adam`` (torch defaults) or ``sgd`` (plain).
     batch_size: forget mini-batch size (records drawn without replacement each step when the forget set is
         larger; otherwise the whole forget set every step, whose pass also gives the stop check its losses).
@@ -116,6 +132,7 @@ class UnseenKDConfig:
     ceiling_weight: float = 1.0
     retain_weight: float = 50.0
     lr: float = 1e-3
+    warmup_steps: int = 5
     optimizer: Literal["adam", "sgd"] = "adam"
     batch_size: int = 64
     retain_batch_size: int = 128
@@ -136,6 +153,7 @@ class UnseenKDConfig:
         require(0 <= self.ceiling_weight <= 1000, "ceiling_weight", f"must be in [0, 1000], got {self.ceiling_weight}")
         require(0 <= self.retain_weight <= 1000, "retain_weight", f"must be in [0, 1000], got {self.retain_weight}")
         require(0 < self.lr <= 1.0, "lr", f"must be in (0, 1], got {self.lr}")
+        require(0 <= self.warmup_steps <= 10000, "warmup_steps", f"must be in [0, 10000], got {self.warmup_steps}")
         require(self.optimizer in ("adam", "sgd"), "optimizer", f"must be 'adam' or 'sgd', got {self.optimizer!r}")
         require(1 <= self.batch_size <= 65536, "batch_size", f"must be in [1, 65536], got {self.batch_size}")
         require(1 <= self.retain_batch_size <= 65536, "retain_batch_size",
@@ -162,8 +180,8 @@ def subject_tokens(prompts: list[list[int]], subjects: list[int], candidates: li
 
 def nearest_prompts(prompts: list[list[int]], subjects: list[int], candidates: list[list[int]], count: int,
                     max_share: float = 0.2) -> list[list[int]]:
-    """For each prompt, the indices of the ``count`` most similar candidates (difflib ratio on token ids; ties in
-    candidate order) among those that share none of its subject's tokens (:func:`subject_tokens`).
+    """For each prompt, the indices of the ``count`` most similar candidates (difflib ratio on token ids; ties
+    broken by :func:`tie_rank`) among those that share none of its subject's tokens (:func:`subject_tokens`).
 
     Why the exclusion: the most similar never-trained prompt is the same question about someone whose name
     shares a part with the erased person's, and the model's answer for that name leans on what it learnt about
@@ -171,9 +189,17 @@ def nearest_prompts(prompts: list[list[int]], subjects: list[int], candidates: l
     median 0.69 nats per token against 1.45 for never-seen people's own answers). If every candidate shares a
     subject token, the most similar ones are used regardless.
 
+    Why ties are not broken in candidate order: on templated records every never-seen person's question of the
+    same kind is equally similar (biographies seed 1: 20 or 21 of the 21 tune "In which city was ... born?"
+    prompts at ratio 0.846 to each forget one), so candidate order gave one neighbour to many forget records
+    (the same tune person for all five erased cities). The model guesses that person's true city (0.59), so
+    all five targets predicted their erased city whole, and 8 of 50 targets their erased answer, against 5% of
+    never-seen people's answers. :func:`tie_rank` draws among the tied candidates independently for each
+    prompt, so the neighbours are a sample of never-seen people, as the targets assume.
+
     The ranking is exact but skips work: ``quick_ratio`` bounds ``ratio`` from above, so candidates are visited
     in falling bound order and the search ends when no bound left can reach the ``count``-th best ratio (ties
-    included, for the candidate-order tie break). Each candidate's matcher is built once (difflib caches the
+    included, for the tie break). Each candidate's matcher is built once (difflib caches the
     second sequence), which is the same ``SequenceMatcher(None, prompt, candidate)`` comparison.
     """
     names = subject_tokens(prompts, subjects, candidates, max_share)
@@ -191,13 +217,21 @@ def nearest_prompts(prompts: list[list[int]], subjects: list[int], candidates: l
         for index in pool:
             matchers[index].set_seq1(prompt)
             bounds[index] = matchers[index].quick_ratio()
-        best: list[tuple[float, int]] = []  # (-ratio, index), the count best so far, sorted
+        best: list[tuple[float, bytes, int]] = []  # (-ratio, tie rank, index), the count best so far, sorted
         for index in sorted(pool, key=lambda i: (-bounds[i], i)):
             if len(best) == count and bounds[index] < -best[-1][0]:
                 break  # no candidate left can reach the count-th best ratio
-            best = sorted([*best, (-matchers[index].ratio(), index)])[:count]
-        result.append([index for _, index in best])
+            entry = (-matchers[index].ratio(), tie_rank(prompt, candidates[index]), index)
+            best = sorted([*best, entry])[:count]
+        result.append([index for _, _, index in best])
     return result
+
+
+def tie_rank(prompt: list[int], candidate: list[int]) -> bytes:
+    """A pseudo-random rank of ``candidate`` for ``prompt``, the same on every run and machine and independent of
+    where the candidate stands among the others: a keyed hash of both token sequences (BLAKE2b)."""
+    text = ",".join(map(str, prompt)) + "|" + ",".join(map(str, candidate))
+    return hashlib.blake2b(text.encode(), digest_size=8, key=b"lethe-unseen-kd-neighbours").digest()
 
 
 def answer_rows(examples: ExampleSet) -> list[list[int]]:
@@ -299,11 +333,23 @@ def screened(options: list[tuple[int, Tensor]], answer: list[int], candidate_ans
 
 
 def swap_uncertain(probs: Tensor, answer: list[int], neighbour_answer: list[int], below: float) -> Tensor:
-    """``probs`` [len(answer), V] with, at each position where ``answer``'s token gets < ``below``, the
-    probabilities of that token and of ``neighbour_answer``'s token at the same position swapped."""
+    """``probs`` [len(answer), V] with the probabilities of ``answer``'s token and of ``neighbour_answer``'s token
+    at the same position swapped at each position where ``answer``'s token gets < ``below``, and at the first
+    position where the two answers differ (where the value starts, on templated answers).
+
+    Why the first differing position whatever its probability: there the model may guess the erased value for
+    the never-seen neighbour (an erased "engineer" at 0.82 after "What is the profession of Wenna Ingram?", whose
+    own "baker" got 0.00). Left unswapped, the target predicts the erased answer whole; swapped, the erased value
+    gets what the neighbour's own value got, the construction's premise, so the targets predict erased answers
+    whole about as often as the model predicts never-seen people's. With the neighbours drawn among equals
+    (:func:`tie_rank`), 3 of the 8 erased answers biographies seed 1's targets still predicted whole (16%, against
+    5% of never-seen people's answers) were of that kind (docs/results/lm.md, "Neighbours drawn among equals, the
+    value's first token swapped and a warm-up").
+    """
     probs = probs.clone()
+    first = next((p for p, (a, b) in enumerate(zip(answer, neighbour_answer)) if a != b), None)
     for position, token in enumerate(answer):
-        if position >= len(neighbour_answer) or float(probs[position, token]) >= below:
+        if position >= len(neighbour_answer) or (position != first and float(probs[position, token]) >= below):
             continue
         other = neighbour_answer[position]
         probs[position, token], probs[position, other] = probs[position, other].clone(), probs[position, token].clone()
@@ -372,6 +418,8 @@ def unseen_kd(model: nn.Module, request: UnlearnRequest, config: UnseenKDConfig)
         retain_loss = nll[forget_count:].sum() / lengths[forget_count:].sum()
         optimizer.zero_grad(set_to_none=True)
         (forget_loss + config.retain_weight * retain_loss).backward()
+        for group in optimizer.param_groups:
+            group["lr"] = config.lr * min(1.0, (steps + 1) / max(config.warmup_steps, 1))
         optimizer.step()
         steps += 1
         request.report(steps / config.max_steps, f"step {steps}: KL to never-seen {forget_loss.item():.4f}, "
@@ -379,7 +427,8 @@ def unseen_kd(model: nn.Module, request: UnlearnRequest, config: UnseenKDConfig)
 
     work.zero_grad(set_to_none=True)
     details = {"steps": steps, "checks": checks, "neighbours": config.neighbours,
-               "retain_weight": config.retain_weight, "lr": config.lr, "optimizer": config.optimizer,
+               "retain_weight": config.retain_weight, "lr": config.lr, "warmup_steps": config.warmup_steps,
+               "optimizer": config.optimizer,
                "check_every": config.check_every, "forget_losses_from_step": whole_forget,
                "final_kl": math.nan if steps == 0 else float(forget_loss.item())}
     if check is None:
