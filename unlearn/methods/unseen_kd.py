@@ -325,11 +325,17 @@ def screened(options: list[tuple[int, Tensor]], answer: list[int], candidate_ans
     def guesses_it(option: tuple[int, Tensor]) -> bool:
         index, part = option
         other = candidate_answers[index]
-        first = next((p for p, (a, b) in enumerate(zip(answer, other)) if a != b), None)
+        first = first_difference(answer, other)
         return first is not None and float(part[first, answer[first]]) >= below  # part has a row per answer token
 
     kept = [option for option in options if not guesses_it(option)]
     return kept or options
+
+
+def first_difference(answer: list[int], other: list[int]) -> int | None:
+    """The first position where the two answers' tokens differ (where the value starts, on templated answers);
+    None when one answer begins the other."""
+    return next((position for position, (a, b) in enumerate(zip(answer, other)) if a != b), None)
 
 
 def swap_uncertain(probs: Tensor, answer: list[int], neighbour_answer: list[int], below: float) -> Tensor:
@@ -347,7 +353,7 @@ def swap_uncertain(probs: Tensor, answer: list[int], neighbour_answer: list[int]
     value's first token swapped and a warm-up").
     """
     probs = probs.clone()
-    first = next((p for p, (a, b) in enumerate(zip(answer, neighbour_answer)) if a != b), None)
+    first = first_difference(answer, neighbour_answer)
     for position, token in enumerate(answer):
         if position >= len(neighbour_answer) or (position != first and float(probs[position, token]) >= below):
             continue
