@@ -88,6 +88,7 @@ from unlearn.gradients import make_unlearning_optimizer, trainable_parameters
 from unlearn.lm.task import concat_batches, model_context_length
 from unlearn.methods.simnpo_rt import NeverSeenCheck, require_stop_rule
 from unlearn.registry import UnlearnRequest, UnlearnResult, copy_model, model_device, register, require
+from unlearn.training import lr_multiplier
 
 
 @dataclass(frozen=True)
@@ -424,8 +425,8 @@ def unseen_kd(model: nn.Module, request: UnlearnRequest, config: UnseenKDConfig)
         retain_loss = nll[forget_count:].sum() / lengths[forget_count:].sum()
         optimizer.zero_grad(set_to_none=True)
         (forget_loss + config.retain_weight * retain_loss).backward()
-        for group in optimizer.param_groups:
-            group["lr"] = config.lr * min(1.0, (steps + 1) / max(config.warmup_steps, 1))
+        for group in optimizer.param_groups:  # step k of the ramp at k / warmup_steps: the first step already moves
+            group["lr"] = config.lr * lr_multiplier("constant", steps + 1, config.max_steps, config.warmup_steps)
         optimizer.step()
         steps += 1
         request.report(steps / config.max_steps, f"step {steps}: KL to never-seen {forget_loss.item():.4f}, "
