@@ -25,7 +25,7 @@ people's on the same model, KS p-value >= the policy's ``min_forget_p``), the ga
 measured to know how often a retrained model passes it.
 
 Each ``retrained`` case also says whether the exact retrain meets the stop rule the LM methods run to
-(``stop_rule``: :func:`unlearn.methods.unseen_kd.never_seen_check` with ``unseen-kd``'s defaults, the forget
+(``stop_rule``: :meth:`unlearn.methods.simnpo_rt.NeverSeenCheck.for_config` with ``unseen-kd``'s defaults, the forget
 people against the ``tune`` people on the retrained weights): a rule that a model which never saw the forget
 people fails asks the methods to go beyond the exact baseline (docs/results/lm.md, "Does the stop rule ask for
 more than an exact retrain?").
@@ -55,7 +55,8 @@ from unlearn.lm.fictitious import LM_FAMILIES, load_family
 from unlearn.lm.metrics import ParaphraseProbe, split_truth_ratios
 from unlearn.lm.model import LMCache
 from unlearn.membership import knowledge_probe, membership_losses, membership_test
-from unlearn.methods.unseen_kd import UnseenKDConfig, never_seen_check
+from unlearn.methods.simnpo_rt import NeverSeenCheck
+from unlearn.methods.unseen_kd import UnseenKDConfig
 
 PSEUDO_FORGET_PEOPLE = 10
 
@@ -137,7 +138,7 @@ def stop_rule(task, model, forget, tune) -> dict:
     tune answers' (KS p-value, loss-attack AUC) and the answers predicted whole, and whether it would stop."""
     config = UnseenKDConfig()
     held = score(task, model, forget)
-    rule = never_seen_check(config, task, tune)
+    rule = NeverSeenCheck.for_config(config, task, tune, "unseen-kd")
     check = rule(model, held.losses, held.accuracy)
     return {"reached": check.reached, "over": check.over, "ks_p": check.membership.ks_p_value,
             "auc": check.membership.auc, "auc_limit": 0.5 + config.stop_auc_margin, "ks_min_p": config.stop_min_p,

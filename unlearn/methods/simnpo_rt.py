@@ -280,6 +280,16 @@ class NeverSeenCheck:
         self.calls = self.refreshes = 0
         self.initial, self.tune_scores = initial, provenance(initial)
 
+    @classmethod
+    def for_config(cls, config, task, tune: ExampleSet, method: str,
+                   initial: HeldOutScores | None = None) -> "NeverSeenCheck":
+        """The stop rule an LM method's config names (``stop_min_p``, ``stop_auc_margin``, ``stop_accuracy_p``,
+        ``stall_steps``, ``tune_refresh_every``: :func:`require_stop_rule`'s fields) on ``tune``, for record and
+        subject erasure (the LM methods refuse class erasure)."""
+        target = ForgetTarget(task, tune, None, 0.0, config.stop_min_p, config.stop_auc_margin, method,
+                              stop_accuracy_p=None)  # this class applies config.stop_accuracy_p
+        return cls(target, task, tune, config.tune_refresh_every, config.stop_accuracy_p, config.stall_steps, initial)
+
     def __call__(self, model: nn.Module, forget_losses: np.ndarray, forget_accuracy: float = math.nan,
                  step: int | None = None) -> ForgetCheck:
         fresh = self.tune_losses is None or self.calls % self.refresh_every == 0
@@ -375,11 +385,8 @@ def simnpo_rt(model: nn.Module, request: UnlearnRequest, config: SimNPORTConfig)
         raise InvalidDataError("task", f"simnpo+rt needs a causal-LM task, got {task.name!r}")
     work = copy_model(model)
     work.eval()  # gradients with frozen normalisation statistics, no dropout
-    target = (ForgetTarget(task, request.tune, None, config.class_forget_target, config.stop_min_p,
-                           config.stop_auc_margin, "simnpo+rt", stop_accuracy_p=None)  # NeverSeenCheck's own
-              if config.stop_at_target else None)
-    stop = (NeverSeenCheck(target, task, request.tune, config.tune_refresh_every, config.stop_accuracy_p,
-                           config.stall_steps, request.precomputed_tune_scores()) if target is not None else None)
+    stop = (NeverSeenCheck.for_config(config, task, request.tune, "simnpo+rt", request.precomputed_tune_scores())
+            if config.stop_at_target else None)
     if config.delta is not None:
         delta = config.delta
     else:  # beta times a quantile of the never-seen (tune) answers' NLLs, on the weights before any step
@@ -408,7 +415,7 @@ def simnpo_rt(model: nn.Module, request: UnlearnRequest, config: SimNPORTConfig)
         if stop is not None and (steps % config.check_every == 0 or steps >= config.max_steps):
             check = stop.after_pass(work, forget, scores, forget_count, whole_forget, steps)
             checks += 1
-            if target.done(check) or stop.stalled(steps):
+            if stop.target.done(check) or stop.stalled(steps):
                 break  # the weights the check judged; this step's gradient is not applied
         if steps >= config.max_steps:
             break

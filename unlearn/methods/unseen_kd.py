@@ -83,9 +83,7 @@ from torch import Tensor, nn
 
 from unlearn.data import ExampleSet
 from unlearn.errors import InvalidDataError
-from unlearn.forget_target import ForgetTarget
 from unlearn.gradients import make_unlearning_optimizer, trainable_parameters
-from unlearn.heldout import HeldOutScores
 from unlearn.lm.task import concat_batches, model_context_length
 from unlearn.methods.simnpo_rt import NeverSeenCheck, require_stop_rule
 from unlearn.registry import UnlearnRequest, UnlearnResult, copy_model, model_device, register, require
@@ -371,17 +369,6 @@ def distillation_loss(log_q: Tensor, targets: Tensor) -> Tensor:
     return (entropy_term - targets * log_q).sum(dim=-1).mean()
 
 
-def never_seen_check(config: UnseenKDConfig, task, tune: ExampleSet,
-                     initial: HeldOutScores | None = None) -> NeverSeenCheck:
-    """``unseen-kd``'s stop rule on ``tune``: the never-seen level of :mod:`unlearn.forget_target`, the
-    forget-accuracy condition at ``stop_accuracy_p`` and the stall rule (``initial``: the unchanged model's tune
-    scores when precomputed)."""
-    target = ForgetTarget(task, tune, None, 0.0, config.stop_min_p, config.stop_auc_margin, "unseen-kd",
-                          stop_accuracy_p=None)  # NeverSeenCheck applies config.stop_accuracy_p
-    return NeverSeenCheck(target, task, tune, config.tune_refresh_every, config.stop_accuracy_p, config.stall_steps,
-                          initial)
-
-
 @register("unseen-kd", UnseenKDConfig, needs_retain=True, tasks=("causal_lm",))
 def unseen_kd(model: nn.Module, request: UnlearnRequest, config: UnseenKDConfig) -> UnlearnResult:
     """Distil the model's answers for never-seen people onto the forget questions, stopped at the never-seen level."""
@@ -396,7 +383,8 @@ def unseen_kd(model: nn.Module, request: UnlearnRequest, config: UnseenKDConfig)
     work = copy_model(model)
     work.eval()  # gradients with frozen normalisation statistics, no dropout
     targets = unseen_targets(task, work, forget, tune, config.neighbours, config.swap_below, screen=config.screen)
-    stop = never_seen_check(config, task, tune, request.precomputed_tune_scores()) if config.stop_at_target else None
+    stop = (NeverSeenCheck.for_config(config, task, tune, "unseen-kd", request.precomputed_tune_scores())
+            if config.stop_at_target else None)
     optimizer = make_unlearning_optimizer(config.optimizer, trainable_parameters(work), config.lr)
     device = model_device(work)
     probs = [t.to(device) for t in targets.probs]
