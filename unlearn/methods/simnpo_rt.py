@@ -132,7 +132,6 @@ class SimNPORTConfig:
     tune_refresh_every: recompute the tune records' losses every this many checks (and before any verdict
         that stops the run); in between, checks reuse them (:class:`NeverSeenCheck`).
     stop_at_target: stop at the never-seen level (:mod:`unlearn.forget_target`).
-    class_forget_target: class erasure is done when forget accuracy <= this.
     stop_min_p, stop_auc_margin: record erasure is done when the forget set's per-example losses are
         indistinguishable from the ``tune`` records' (KS p-value >= stop_min_p and loss-attack AUC <= 0.5 +
         stop_auc_margin); the run also stops, with ``target_reached=False``, when it went beyond. Lethe
@@ -165,7 +164,6 @@ class SimNPORTConfig:
     check_every: int = 1
     tune_refresh_every: int = 5
     stop_at_target: bool = True
-    class_forget_target: float = 0.02
     stop_min_p: float = 0.1
     stop_auc_margin: float = 0.02
     stop_accuracy_p: float | None = 0.1
@@ -186,7 +184,6 @@ class SimNPORTConfig:
                 f"must be in [0, 1000], got {self.known_unlikelihood}")
         require(0 <= self.neighbour_weight <= 1000, "neighbour_weight",
                 f"must be in [0, 1000], got {self.neighbour_weight}")
-        require(0 <= self.class_forget_target <= 1, "class_forget_target", "must be in [0, 1]")
         require_stop_rule(self)
 
 
